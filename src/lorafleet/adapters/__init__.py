@@ -1,0 +1,1 @@
+"""Multi-adapter LoRA: the layer, model surgery, and PEFT adapter files."""

@@ -1,0 +1,128 @@
+"""Model surgery: wrap a base model's Linear layers so it carries a fleet of LoRA adapters.
+
+`LoRAFleet` finds the target Linear layers (below the language model only, so a VLM's vision tower
+is never adapted by accident), wraps each in a `MultiLoRALinear` on first use, and routes a batch's
+rows to adapters with `with fleet.route(segments): model(...)`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lorafleet.adapters.layer import MultiLoRALinear, Routing, Segment
+from lorafleet.errors import AdapterError
+
+
+@dataclass(frozen=True)
+class LoRAShape:
+    """What an adapter is, independent of its weights."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    modules: tuple[str, ...]  # full module names in the base model, e.g. model.layers.0.self_attn.q_proj
+
+
+def find_target_modules(model: nn.Module, language_prefix: str, target_modules: Sequence[str] | str) -> tuple[str, ...]:
+    """Resolve peft-style targets to full module names of Linear layers below `language_prefix`.
+
+    A list names modules by their last components (`q_proj`, `self_attn.o_proj`); a string is a
+    regular expression matched against the full name, as in peft. Unknown names are an error.
+    """
+    linears = [
+        name
+        for name, module in model.named_modules()
+        if name.startswith(language_prefix) and isinstance(module, (nn.Linear, MultiLoRALinear))
+        and not _inside_lora(name)
+    ]
+    if isinstance(target_modules, str):
+        found = tuple(name for name in linears if re.fullmatch(target_modules, name))
+        if not found:
+            raise AdapterError(f"target_modules regex {target_modules!r} matches no Linear layer of the language model")
+        return found
+    found: list[str] = []
+    for target in target_modules:
+        matches = [name for name in linears if name == target or name.endswith("." + target)]
+        if not matches:
+            available = sorted({name.rsplit(".", 1)[-1] for name in linears})
+            raise AdapterError(
+                f"target module {target!r} is not a Linear layer of the language model; "
+                f"available: {', '.join(available)}"
+            )
+        found.extend(matches)
+    return tuple(sorted(set(found), key=linears.index))
+
+
+def _inside_lora(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name or name.endswith("base_layer")
+
+
+class LoRAFleet:
+    """A base model with named LoRA adapters that can be trained or served side by side."""
+
+    def __init__(self, model: nn.Module, language_prefix: str = "") -> None:
+        self.model = model
+        self.language_prefix = language_prefix
+        self.routing = Routing()
+        self.shapes: dict[str, LoRAShape] = {}
+
+    def add_adapter(self, name: str, shape: LoRAShape, seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
+        """Attach a freshly initialised adapter; A is drawn from `seed` in module order."""
+        if name in self.shapes:
+            raise AdapterError(f"adapter {name!r} is already loaded")
+        generator = torch.Generator().manual_seed(seed)
+        for module_name in shape.modules:
+            self._wrapped(module_name).add_adapter(name, shape.rank, shape.alpha, shape.dropout, generator, dtype)
+        self.shapes[name] = shape
+
+    def remove_adapter(self, name: str) -> None:
+        for module_name in self.shapes.pop(name).modules:
+            self._wrapped(module_name).remove_adapter(name)
+
+    def parameters(self, name: str) -> list[nn.Parameter]:
+        """The trainable parameters of one adapter, in a stable order."""
+        return [weight for _, weight in self.named_weights(name)]
+
+    def named_weights(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
+        """(module_name.lora_A|lora_B, weight) for every layer the adapter touches."""
+        for module_name in self.shapes[name].modules:
+            layer = self._wrapped(module_name)
+            yield f"{module_name}.lora_A", layer.lora_A[name].weight
+            yield f"{module_name}.lora_B", layer.lora_B[name].weight
+
+    @contextmanager
+    def route(self, segments: Sequence[Segment]) -> Iterator[None]:
+        """Within the block, rows of every forward pass go to the adapters the segments name."""
+        unknown = {s.adapter for s in segments if s.adapter is not None} - set(self.shapes)
+        if unknown:
+            raise AdapterError(f"adapters {sorted(unknown)} are not loaded")
+        previous = self.routing.segments
+        self.routing.segments = tuple(segments)
+        try:
+            yield
+        finally:
+            self.routing.segments = previous
+
+    @contextmanager
+    def use(self, name: str | None, rows: int) -> Iterator[None]:
+        """Route all `rows` rows to one adapter (or to the base with None)."""
+        with self.route([Segment(name, 0, rows)]):
+            yield
+
+    def _wrapped(self, module_name: str) -> MultiLoRALinear:
+        parent_name, _, child_name = module_name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        child = getattr(parent, child_name)
+        if isinstance(child, MultiLoRALinear):
+            return child
+        if not isinstance(child, nn.Linear):
+            raise AdapterError(f"{module_name} is a {type(child).__name__}, not a Linear layer")
+        wrapped = MultiLoRALinear(child, self.routing)
+        setattr(parent, child_name, wrapped)
+        return wrapped

@@ -1,0 +1,119 @@
+"""Adapters on disk are PEFT adapter directories, in both directions.
+
+We write `adapter_config.json` with peft's own `LoraConfig` and the weights as
+`adapter_model.safetensors` under peft's key names (`base_model.model.<module>.lora_A.weight`),
+so `peft.PeftModel.from_pretrained(base, dir)` and vLLM load them as they are; and we read any peft
+LoRA directory that uses features our layer implements.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorafleet.adapters.fleet import LoRAFleet, LoRAShape
+from lorafleet.errors import AdapterError
+
+PEFT_PREFIX = "base_model.model."
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+
+
+def peft_target_modules(modules: tuple[str, ...], language_prefix: str) -> list[str] | str:
+    """The `target_modules` peft needs to wrap exactly `modules` and nothing else.
+
+    For a causal LM the short names suffice; below a VLM's language model a regex keeps peft off
+    the vision tower, whose attention has the same projection names.
+    """
+    short_names = sorted({name.rsplit(".", 1)[-1] for name in modules})
+    if not language_prefix:
+        return short_names
+    return re.escape(language_prefix) + r".*\.(?:" + "|".join(map(re.escape, short_names)) + ")"
+
+
+def save_adapter(fleet: LoRAFleet, name: str, out_dir: str | Path, base_path: str | Path) -> Path:
+    """Write adapter `name` as a PEFT LoRA directory."""
+    from peft import LoraConfig
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shape = fleet.shapes[name]
+    config = LoraConfig(
+        r=shape.rank,
+        lora_alpha=shape.alpha,
+        lora_dropout=shape.dropout,
+        target_modules=peft_target_modules(shape.modules, fleet.language_prefix),
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=str(base_path),
+    )
+    config.save_pretrained(out_dir)
+    tensors = {
+        f"{PEFT_PREFIX}{key}.weight": weight.detach().to("cpu").contiguous()
+        for key, weight in fleet.named_weights(name)
+    }
+    save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+    return out_dir
+
+
+def read_adapter(adapter_dir: str | Path) -> tuple[LoRAShape, dict[str, torch.Tensor]]:
+    """Read a PEFT LoRA directory: its shape and its weights keyed `module.lora_A|lora_B`."""
+    from peft import LoraConfig
+
+    adapter_dir = Path(adapter_dir)
+    weights_file = adapter_dir / "adapter_model.safetensors"
+    if not (adapter_dir / "adapter_config.json").exists() or not weights_file.exists():
+        raise AdapterError(
+            f"{adapter_dir} is not a PEFT adapter directory "
+            "(needs adapter_config.json and adapter_model.safetensors)"
+        )
+    config = LoraConfig.from_pretrained(str(adapter_dir))
+    unsupported = {
+        "use_dora": config.use_dora,
+        "use_rslora": config.use_rslora,
+        "modules_to_save": config.modules_to_save,
+        "rank_pattern": config.rank_pattern,
+        "alpha_pattern": config.alpha_pattern,
+    }
+    used = [key for key, value in unsupported.items() if value]
+    if used or config.bias != "none":
+        raise AdapterError(f"{adapter_dir}: adapter uses {used or ['bias']}, which lorafleet does not support yet")
+    weights: dict[str, torch.Tensor] = {}
+    for key, tensor in load_file(weights_file).items():
+        match = _KEY.match(key)
+        if match is None:
+            raise AdapterError(f"{weights_file}: unexpected tensor {key!r} in a LoRA adapter")
+        weights[f"{match['module']}.lora_{match['which']}"] = tensor
+    modules = tuple(sorted({key.rsplit(".", 1)[0] for key in weights}))
+    shape = LoRAShape(rank=config.r, alpha=config.lora_alpha, dropout=config.lora_dropout, modules=modules)
+    return shape, weights
+
+
+def load_adapter(fleet: LoRAFleet, name: str, adapter_dir: str | Path) -> LoRAShape:
+    """Attach the PEFT adapter in `adapter_dir` to the fleet under `name`."""
+    shape, weights = read_adapter(adapter_dir)
+    missing = [m for m in shape.modules if not _has_module(fleet, m)]
+    if missing:
+        raise AdapterError(f"{adapter_dir}: the base model has no module {missing[0]!r}; was it trained on another base?")
+    fleet.add_adapter(name, shape)
+    copy_weights(fleet, name, weights)
+    return shape
+
+
+def copy_weights(fleet: LoRAFleet, name: str, weights: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for key, param in fleet.named_weights(name):
+            source = weights[key]
+            if source.shape != param.shape:
+                raise AdapterError(f"adapter {name!r}: {key} has shape {tuple(source.shape)}, expected {tuple(param.shape)}")
+            param.copy_(source.to(param.dtype))
+
+
+def _has_module(fleet: LoRAFleet, module_name: str) -> bool:
+    try:
+        fleet.model.get_submodule(module_name)
+    except AttributeError:
+        return False
+    return True

@@ -1,0 +1,177 @@
+"""Typed job specs, validated once at the edge.
+
+A fleet YAML becomes a `FleetSpec` holding one `AdapterSpec` per adapter. Unknown keys, missing
+fields and out-of-range values are `ConfigError`s that name the file, the adapter and the field;
+inside lorafleet the specs are trusted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from lorafleet.errors import ConfigError
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class AdapterSpec:
+    """One adapter to train: its data and its hyperparameters."""
+
+    name: str
+    data: str
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] | str = field(default_factory=lambda: list(ALL_PROJECTIONS))
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    micro_batch_size: int = 1
+    grad_accum: int = 1
+    steps: int | None = None  # optimizer steps; when unset, `epochs` over the data decides
+    epochs: float | None = None
+    schedule: str = "linear"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    shuffle: bool = True
+    init_from: str | None = None  # a PEFT adapter directory to continue training
+    skip_bad_records: bool = False  # count and report malformed records instead of stopping
+
+    def validate(self, where: str) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ConfigError(f"{where}: name {self.name!r} must be a plain directory name")
+        for name in ("rank", "micro_batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}: {name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{where}: dropout must be in [0, 1), got {self.dropout}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"{where}: learning_rate must be positive, got {self.learning_rate}")
+        if self.steps is not None and self.epochs is not None:
+            raise ConfigError(f"{where}: give steps or epochs, not both")
+        if self.steps is not None and self.steps < 1 or self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"{where}: steps/epochs must be positive")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"{where}: schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ConfigError(f"{where}: target_modules is empty")
+
+
+@dataclass
+class FleetSpec:
+    """A training job: one base model and the adapters to train on it together."""
+
+    base: str
+    output: str
+    adapters: list[AdapterSpec]
+    max_concurrent: int = 8  # adapters in one batch at once; the rest wait their turn
+    max_seq_len: int = 4096  # a longer record is an error (never truncated: images would break)
+    max_tiles: int | None = None  # image tiles per image; default: the model's image processor
+    checkpoint_every: int = 100  # fleet steps between checkpoints; 0 turns them off
+    keep_checkpoints: int = 2
+    device: str | None = None  # default: cuda if available, else cpu
+    dtype: str | None = None  # default: bfloat16 on cuda, float32 on cpu
+
+    def validate(self, where: str) -> None:
+        if not self.adapters:
+            raise ConfigError(f"{where}: adapters is empty; list at least one adapter")
+        names = [adapter.name for adapter in self.adapters]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ConfigError(f"{where}: adapter names must be unique, repeated: {', '.join(duplicates)}")
+        if self.max_concurrent < 1:
+            raise ConfigError(f"{where}: max_concurrent must be at least 1")
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ConfigError(f"{where}: dtype {self.dtype!r} is not float32, bfloat16 or float16")
+        for index, adapter in enumerate(self.adapters):
+            adapter.validate(f"{where}: adapters[{index}] ({adapter.name})")
+
+
+def load_fleet_spec(path: str | Path) -> FleetSpec:
+    """Read and validate a fleet YAML; relative paths are taken from the YAML's directory."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"fleet spec {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    spec = fleet_spec_from_dict(raw, str(path))
+    root = path.parent
+    spec.base = _resolve(root, spec.base)
+    spec.output = _resolve(root, spec.output)
+    for adapter in spec.adapters:
+        adapter.data = _resolve(root, adapter.data)
+        adapter.init_from = _resolve(root, adapter.init_from) if adapter.init_from else None
+    return spec
+
+
+def fleet_spec_from_dict(raw: object, where: str = "fleet spec") -> FleetSpec:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping with base, output and adapters")
+    adapters_raw = raw.get("adapters")
+    if not isinstance(adapters_raw, list):
+        raise ConfigError(f"{where}: 'adapters' must be a list of adapter mappings")
+    adapters = [
+        _build(AdapterSpec, item, f"{where}: adapters[{index}]") for index, item in enumerate(adapters_raw)
+    ]
+    spec = _build(FleetSpec, {**raw, "adapters": adapters}, where)
+    spec.validate(where)
+    return spec
+
+
+def _resolve(root: Path, value: str) -> str:
+    candidate = Path(value).expanduser()
+    return str(candidate if candidate.is_absolute() else root / candidate)
+
+
+def _build(cls: type, raw: object, where: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(fields)}"
+            raise ConfigError(f"{where}: unknown field {key!r}{hint}")
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where}: missing required field {missing[0]!r}")
+    where_named = f"{where} ({raw['name']})" if "name" in raw else where
+    values = {key: _coerce(value, hints[key], f"{where_named}: {key}") for key, value in raw.items()}
+    return cls(**values)
+
+
+def _coerce(value: object, hint: object, where: str) -> object:
+    """Check `value` against a field's type; ints are accepted where floats are expected."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return None
+        origin = typing.get_origin(option)
+        if origin is list and isinstance(value, list):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option in (str, bool) and isinstance(value, option):
+            return value
+        if option not in (int, float, str, bool, type(None)) and origin is None:
+            return value  # nested specs, already built
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"{where} must be {names}, got {value!r}")

@@ -1,0 +1,1 @@
+"""Training data: chat records, tokenisation with label masks, image tiling, batches."""

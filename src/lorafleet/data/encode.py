@@ -1,0 +1,102 @@
+"""Turn a chat record into model inputs: token ids, loss labels and image tiles.
+
+Images are tiled by the model's own image processor (InternVL dynamic tiling: 1..max tiles by
+aspect ratio, plus a thumbnail when there is more than one tile), and each `<image>` placeholder
+becomes `<img>` + one image token per visual token + `</img>`. The text is rendered with the
+model's chat template; labels cover only the assistant turns (their content and end-of-turn token),
+found by rendering each conversation prefix, so any template that renders prefixes stably works.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lorafleet.data.records import IMAGE_PLACEHOLDER, ChatRecord
+from lorafleet.errors import DataError
+from lorafleet.models.loading import BaseModel
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Example:
+    input_ids: torch.Tensor  # (L,) long
+    labels: torch.Tensor  # (L,) long, IGNORE_INDEX outside assistant turns
+    pixel_values: torch.Tensor | None  # (tiles, 3, H, W) for all images of the record, in order
+    source: str = ""
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+
+def encode_record(record: ChatRecord, base: BaseModel, max_tiles: int | None = None, max_seq_len: int = 4096) -> Example:
+    messages = [{"role": m.role, "content": m.text} for m in record.messages]
+    pixel_values = None
+    if record.images:
+        if not base.is_multimodal:
+            raise DataError(f"{record.source}: record has images but the base model {base.path} is text-only")
+        pixel_values, tiles_per_image = tile_images(record, base, max_tiles)
+        expanded = iter(image_token_block(base, tiles) for tiles in tiles_per_image)
+        for message in messages:
+            pieces = message["content"].split(IMAGE_PLACEHOLDER)
+            message["content"] = pieces[0] + "".join(next(expanded) + piece for piece in pieces[1:])
+    input_ids, labels = tokenize_chat(messages, base.tokenizer)
+    if len(input_ids) > max_seq_len:
+        raise DataError(
+            f"{record.source}: {len(input_ids)} tokens exceed max_seq_len {max_seq_len}; "
+            "raise max_seq_len, lower max_tiles, or shorten the record"
+        )
+    if all(label == IGNORE_INDEX for label in labels):
+        raise DataError(f"{record.source}: the assistant turns are empty, nothing to learn")
+    return Example(torch.tensor(input_ids), torch.tensor(labels), pixel_values, record.source)
+
+
+def tile_images(record: ChatRecord, base: BaseModel, max_tiles: int | None) -> tuple[torch.Tensor, list[int]]:
+    kwargs = {"crop_to_patches": True}
+    if max_tiles is not None:
+        kwargs["max_patches"] = max_tiles
+    processed = base.image_processor(record.load_images(), return_tensors="pt", **kwargs)
+    return processed["pixel_values"].to(base.dtype), [int(n) for n in processed["num_patches"]]
+
+
+def image_token_block(base: BaseModel, tiles: int) -> str:
+    tokenizer = base.tokenizer
+    return tokenizer.start_image_token + base.image_token * (base.image_seq_length * tiles) + tokenizer.end_image_token
+
+
+def tokenize_chat(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids of the whole chat, and labels that keep only the assistant turns."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
+    for index, message in enumerate(messages):
+        if message["role"] == "assistant":
+            prompt = render(tokenizer, messages[:index], add_generation_prompt=True)
+            _append(prompt, rendered, tokenizer, input_ids, labels, learn=False)
+            rendered = prompt
+        full = render(tokenizer, messages[: index + 1], add_generation_prompt=False)
+        _append(full, rendered, tokenizer, input_ids, labels, learn=message["role"] == "assistant")
+        rendered = full
+    return input_ids, labels
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    if not messages:
+        return ""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _append(text: str, before: str, tokenizer, input_ids: list[int], labels: list[int], learn: bool) -> None:
+    if not text.startswith(before):
+        raise DataError("the chat template does not render conversation prefixes stably; cannot mask labels")
+    ids = tokenizer(text[len(before) :], add_special_tokens=False)["input_ids"]
+    input_ids.extend(ids)
+    if not learn:
+        labels.extend([IGNORE_INDEX] * len(ids))
+        return
+    # Learn the reply and its end-of-turn token, not what the template puts after it (a newline).
+    end = max((i for i, token in enumerate(ids) if token == tokenizer.eos_token_id), default=len(ids) - 1)
+    labels.extend(ids[: end + 1] + [IGNORE_INDEX] * (len(ids) - end - 1))

@@ -1,0 +1,182 @@
+"""Chat records from JSONL, in the InternVL/LLaVA layout or OpenAI's `messages` layout.
+
+InternVL/LLaVA:  {"image": "a.png" | ["a.png", ...], "conversations": [{"from": "human",
+                  "value": "<image>\\nWhat is this?"}, {"from": "gpt", "value": "A cat."}]}
+OpenAI:          {"messages": [{"role": "user", "content": "..." | [{"type": "text", "text": ...},
+                  {"type": "image_url", "image_url": {"url": "a.png" | "data:image/png;base64,..."}}]},
+                  {"role": "assistant", "content": "..."}]}
+
+Both become a `ChatRecord`: messages whose text carries one `<image>` placeholder per image, and
+the images in order. Every problem is a `DataError` naming the file and line.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from lorafleet.errors import DataError
+
+IMAGE_PLACEHOLDER = "<image>"
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass
+class Message:
+    role: str  # system | user | assistant
+    text: str
+
+
+@dataclass
+class ChatRecord:
+    messages: list[Message]
+    images: list[Path | bytes] = field(default_factory=list)  # a file, or the bytes of a data URL
+    source: str = ""  # "file:line", for error messages
+
+    def load_images(self) -> list[Image.Image]:
+        loaded = []
+        for image in self.images:
+            try:
+                opened = Image.open(io.BytesIO(image) if isinstance(image, bytes) else image)
+                loaded.append(opened.convert("RGB"))
+            except FileNotFoundError as err:
+                raise DataError(f"{self.source}: image {image} does not exist") from err
+            except OSError as err:
+                raise DataError(f"{self.source}: cannot read image {_describe(image)}: {err}") from err
+        return loaded
+
+
+def read_records(path: str | Path, skip_bad: bool = False) -> tuple[list[ChatRecord], list[str]]:
+    """All records of a JSONL file, and (with `skip_bad`) the errors of the ones skipped."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist")
+    records, skipped = [], []
+    for record_or_error in iter_records(path):
+        if isinstance(record_or_error, ChatRecord):
+            records.append(record_or_error)
+        elif skip_bad:
+            skipped.append(str(record_or_error))
+        else:
+            raise record_or_error
+    if not records:
+        raise DataError(f"{path}: no usable records" + (f" ({len(skipped)} skipped)" if skipped else ""))
+    return records, skipped
+
+
+def iter_records(path: Path) -> Iterator[ChatRecord | DataError]:
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            source = f"{path}:{number}"
+            try:
+                yield parse_record(line, path.parent, source)
+            except DataError as err:
+                yield err
+
+
+def parse_record(line: str, root: Path, source: str) -> ChatRecord:
+    try:
+        raw = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{source}: not valid JSON ({err.msg} at column {err.colno})") from err
+    if not isinstance(raw, dict):
+        raise DataError(f"{source}: a record must be a JSON object")
+    if "conversations" in raw:
+        record = _parse_internvl(raw, root, source)
+    elif "messages" in raw:
+        record = _parse_openai(raw, root, source)
+    else:
+        raise DataError(f"{source}: a record needs 'conversations' (InternVL/LLaVA) or 'messages' (OpenAI)")
+    _check(record)
+    return record
+
+
+def _parse_internvl(raw: dict, root: Path, source: str) -> ChatRecord:
+    turns = raw["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{source}: 'conversations' must be a non-empty list")
+    messages = []
+    for index, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get("from") not in _ROLES or not isinstance(turn.get("value"), str):
+            raise DataError(
+                f"{source}: conversations[{index}] needs 'from' (human/gpt/system) and a string 'value'"
+            )
+        messages.append(Message(_ROLES[turn["from"]], turn["value"]))
+    image_field = raw.get("image", [])
+    names = [image_field] if isinstance(image_field, str) else image_field
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise DataError(f"{source}: 'image' must be a path or a list of paths")
+    images: list[Path | bytes] = [root / name for name in names]
+    text = "".join(m.text for m in messages)
+    if images and IMAGE_PLACEHOLDER not in text:
+        # InternVL's convention: an image with no placeholder goes before the first user turn.
+        first_user = next((m for m in messages if m.role == "user"), None)
+        if first_user is not None:
+            first_user.text = (IMAGE_PLACEHOLDER + "\n") * len(images) + first_user.text
+    return ChatRecord(messages, images, source)
+
+
+def _parse_openai(raw: dict, root: Path, source: str) -> ChatRecord:
+    turns = raw["messages"]
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{source}: 'messages' must be a non-empty list")
+    messages, images = [], []
+    for index, turn in enumerate(turns):
+        where = f"{source}: messages[{index}]"
+        if not isinstance(turn, dict) or turn.get("role") not in ("system", "user", "assistant"):
+            raise DataError(f"{where} needs a 'role' of system, user or assistant")
+        content = turn.get("content")
+        if isinstance(content, str):
+            messages.append(Message(turn["role"], content))
+            continue
+        if not isinstance(content, list):
+            raise DataError(f"{where}: 'content' must be a string or a list of parts")
+        text = ""
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                text += part["text"]
+            elif kind == "image_url" and isinstance(part.get("image_url"), dict) and "url" in part["image_url"]:
+                images.append(_image_source(part["image_url"]["url"], root, where))
+                text += IMAGE_PLACEHOLDER + "\n"
+            else:
+                raise DataError(f"{where}: a content part must be {{'type': 'text', ...}} or {{'type': 'image_url', ...}}")
+        messages.append(Message(turn["role"], text))
+    return ChatRecord(messages, images, source)
+
+
+def _image_source(url: str, root: Path, where: str) -> Path | bytes:
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if ";base64" not in header:
+            raise DataError(f"{where}: data URLs must be base64 encoded")
+        try:
+            return base64.b64decode(payload, validate=True)
+        except binascii.Error as err:
+            raise DataError(f"{where}: image data URL is not valid base64") from err
+    if "://" in url and not url.startswith("file://"):
+        raise DataError(f"{where}: training data must be local; {url!r} is a remote URL")
+    return root / url.removeprefix("file://")
+
+
+def _check(record: ChatRecord) -> None:
+    placeholders = sum(m.text.count(IMAGE_PLACEHOLDER) for m in record.messages)
+    if placeholders != len(record.images):
+        raise DataError(
+            f"{record.source}: {placeholders} '<image>' placeholders but {len(record.images)} images"
+        )
+    if not any(m.role == "assistant" for m in record.messages):
+        raise DataError(f"{record.source}: no assistant turn, so nothing to learn from this record")
+
+
+def _describe(image: Path | bytes) -> str:
+    return str(image) if isinstance(image, Path) else f"(data URL, {len(image)} bytes)"

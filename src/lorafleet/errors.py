@@ -1,0 +1,27 @@
+"""The exceptions lorafleet raises for problems the user can fix.
+
+Every message says what was wrong, where (file:line, field, adapter name) and what to do; the
+CLI prints it without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class LorafleetError(Exception):
+    """Base class: a problem with the user's input or environment, not a bug in lorafleet."""
+
+
+class ConfigError(LorafleetError):
+    """A fleet spec (YAML or CLI) names an unknown field or holds an invalid value."""
+
+
+class ModelLoadError(LorafleetError):
+    """A model directory is missing, is not a model, or holds an unsupported architecture."""
+
+
+class DataError(LorafleetError):
+    """A training record is malformed or points at a file that cannot be read."""
+
+
+class AdapterError(LorafleetError):
+    """An adapter targets modules the base lacks, or an adapter directory cannot be used."""

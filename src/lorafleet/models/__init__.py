@@ -1,0 +1,1 @@
+"""Base models: loading local checkpoints and the built-in tiny models."""

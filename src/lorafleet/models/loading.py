@@ -1,0 +1,126 @@
+"""Load a frozen base model from a local Hugging Face directory, offline.
+
+Two families are supported: InternVL in the `-hf` layout (`InternVLForConditionalGeneration` with
+its processor) and any transformers causal LM (Qwen2/2.5/3, Llama, ...). The base is frozen and in
+eval mode; its dtype defaults to bf16 on CUDA and fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorafleet.errors import ModelLoadError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a model is a local directory, never a hub id
+
+INTERNVL_ARCHITECTURE = "InternVLForConditionalGeneration"
+
+
+@dataclass
+class BaseModel:
+    """A frozen base with what is needed to feed it: tokenizer and, for a VLM, the image processor."""
+
+    model: nn.Module
+    tokenizer: object
+    image_processor: object | None
+    path: Path
+    # Module-name prefix of the language model: LoRA targets are looked up below it, so that the
+    # vision tower's q/k/v projections are never adapted by accident.
+    language_prefix: str
+    image_seq_length: int = 0
+    image_token: str = ""
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.image_processor is not None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def read_model_config(path: Path) -> dict:
+    """Read `config.json`, with errors that say what the directory is missing."""
+    if not path.exists():
+        raise ModelLoadError(f"model directory {path} does not exist: pass a local model directory")
+    if not path.is_dir():
+        raise ModelLoadError(f"{path} is a file, not a model directory")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ModelLoadError(
+            f"{path} is not a Hugging Face model directory (no config.json); "
+            "lorafleet loads local checkpoints only, e.g. a snapshot of OpenGVLab/InternVL3-1B-hf"
+        )
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{config_file} is not valid JSON: {err}") from err
+
+
+def load_base(
+    path: str | Path,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> BaseModel:
+    """Load the model at `path`, frozen, with its tokenizer (and image processor for a VLM)."""
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        AutoTokenizer,
+    )
+
+    path = Path(path)
+    config = read_model_config(path)
+    architectures = config.get("architectures") or []
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    kwargs = dict(dtype=dtype, local_files_only=True)
+    if INTERNVL_ARCHITECTURE in architectures:
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        base = BaseModel(
+            model=model,
+            tokenizer=processor.tokenizer,
+            image_processor=processor.image_processor,
+            path=path,
+            language_prefix="model.language_model.",
+            image_seq_length=processor.image_seq_length,
+            image_token=processor.image_token,
+        )
+    elif any(name.endswith("ForCausalLM") for name in architectures):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except ValueError as err:
+            raise ModelLoadError(f"{path}: transformers cannot build {architectures}: {err}") from err
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        base = BaseModel(model, tokenizer, None, path, language_prefix="")
+    else:
+        raise ModelLoadError(
+            f"{path}: architecture {architectures or '(none)'} is not supported; lorafleet loads "
+            f"{INTERNVL_ARCHITECTURE} (InternVL -hf layout) or a transformers *ForCausalLM"
+        )
+    if base.tokenizer.pad_token is None:
+        base.tokenizer.pad_token = base.tokenizer.eos_token
+    model.requires_grad_(False)
+    model.eval()
+    model.to(device)
+    return base

@@ -1,0 +1,1 @@
+"""Training a fleet of adapters together over one frozen base."""

@@ -1,0 +1,221 @@
+"""The concurrent trainer: many adapters, one forward/backward over the frozen base per step.
+
+One fleet step stacks the next micro-batch of every active adapter into one batch, runs the base
+once with each adapter's LoRA update on its own rows, and backpropagates the sum of the adapters'
+losses (each divided by its own gradient accumulation). Adapter parameters are disjoint and rows
+do not interact, so each adapter receives exactly the gradient it would receive alone; then each
+adapter steps its own optimizer when its own accumulation is complete. Finished adapters are saved
+and leave the batch; queued ones join while fewer than `max_concurrent` are active.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from lorafleet.adapters.fleet import LoRAFleet, LoRAShape, find_target_modules
+from lorafleet.adapters.peft_io import load_adapter, save_adapter
+from lorafleet.config import AdapterSpec, FleetSpec
+from lorafleet.data.batch import stack_micro_batches
+from lorafleet.data.dataset import load_examples
+from lorafleet.data.encode import Example
+from lorafleet.data.stream import ExampleStream
+from lorafleet.errors import AdapterError, ConfigError
+from lorafleet.models.loading import BaseModel, load_base
+from lorafleet.train import checkpoint
+from lorafleet.train.job import AdapterJob
+from lorafleet.train.loss import segment_losses
+
+
+@dataclass
+class FleetResult:
+    adapters: dict[str, Path] = field(default_factory=dict)  # name -> PEFT directory
+    losses: dict[str, list[float]] = field(default_factory=dict)  # per optimizer step
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # bad records skipped, per adapter
+    fleet_steps: int = 0
+
+
+class FleetTrainer:
+    def __init__(
+        self,
+        spec: FleetSpec,
+        base: BaseModel | None = None,
+        progress: bool = True,
+        on_step: Callable[[int], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.base = base or load_base(spec.base, spec.device, getattr(torch, spec.dtype) if spec.dtype else None)
+        self.fleet = LoRAFleet(self.base.model, self.base.language_prefix)
+        self.output = Path(spec.output)
+        self.progress = progress
+        self.on_step = on_step
+        self.result = FleetResult()
+        self.targets = {a.name: self._targets(a) for a in spec.adapters if a.init_from is None}
+        self.examples = {a.name: self._load_examples(a) for a in spec.adapters}
+        self.pending: deque[AdapterSpec] = deque(spec.adapters)
+        self.active: list[AdapterJob] = []
+        self.bars: dict[str, tqdm] = {}
+        self.fleet_step = 0
+        self.started = time.perf_counter()
+
+    def run(self, resume: bool = False) -> FleetResult:
+        self._prepare_output(resume)
+        self._admit()
+        while self.active:
+            self._step()
+        for bar in self.bars.values():
+            bar.close()
+        self.result.fleet_steps = self.fleet_step
+        return self.result
+
+    # --- one fleet step -------------------------------------------------------------------
+
+    def _step(self) -> None:
+        micro_batches = [(job.name, job.stream.next_micro_batch()) for job in self.active]
+        batch, segments = stack_micro_batches(micro_batches, self.base.tokenizer.pad_token_id)
+        batch = batch.to(self.base.device)
+        with self.fleet.route(segments):
+            logits = self.base.model(**batch.model_inputs(), use_cache=False).logits
+        losses = segment_losses(logits, batch.labels, segments)
+        total = sum(loss / job.spec.grad_accum for loss, job in zip(losses, self.active, strict=True))
+        total.backward()
+        self.fleet_step += 1
+        for job, loss, segment in zip(list(self.active), losses, segments, strict=True):
+            tokens = int(batch.attention_mask[segment.start : segment.end].sum())
+            if job.record_micro_batch(loss.item(), tokens):
+                self._optimizer_step(job)
+        self._admit()
+        if self.spec.checkpoint_every and self.fleet_step % self.spec.checkpoint_every == 0 and self.active:
+            self._save_checkpoint()
+        if self.on_step is not None:
+            self.on_step(self.fleet_step)
+
+    def _optimizer_step(self, job: AdapterJob) -> None:
+        loss, lr = job.optimizer_step_now()
+        self.result.losses.setdefault(job.name, []).append(loss)
+        elapsed = time.perf_counter() - self.started
+        record = {
+            "adapter": job.name,
+            "step": job.optimizer_step,
+            "fleet_step": self.fleet_step,
+            "loss": loss,
+            "lr": lr,
+            "tokens": job.tokens,
+            "epoch": round(job.stream.epoch, 4),
+            "elapsed_s": round(elapsed, 3),
+        }
+        with (self.output / "metrics.jsonl").open("a") as log:
+            log.write(json.dumps(record) + "\n")
+        bar = self.bars[job.name]
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{job.tokens / max(elapsed, 1e-9):.0f}", refresh=False)
+        bar.update(1)
+        if job.done:
+            self._finish(job)
+
+    # --- admission and completion ---------------------------------------------------------
+
+    def _admit(self) -> None:
+        while self.pending and len(self.active) < self.spec.max_concurrent:
+            self._start(self.pending.popleft())
+
+    def _start(self, spec: AdapterSpec) -> AdapterJob:
+        if spec.init_from:
+            load_adapter(self.fleet, spec.name, spec.init_from)
+        else:
+            shape = LoRAShape(spec.rank, spec.alpha, spec.dropout, self.targets[spec.name])
+            self.fleet.add_adapter(spec.name, shape, seed=spec.seed)
+        stream = ExampleStream(self.examples[spec.name], spec.micro_batch_size, spec.seed, spec.shuffle)
+        job = AdapterJob(spec, stream, self.fleet.parameters(spec.name))
+        self.active.append(job)
+        self.bars[spec.name] = tqdm(
+            total=job.total_steps, desc=spec.name, position=len(self.bars), leave=True, disable=not self.progress,
+            dynamic_ncols=True,
+        )
+        return job
+
+    def _finish(self, job: AdapterJob) -> None:
+        directory = save_adapter(self.fleet, job.name, self.output / "adapters" / job.name, self.spec.base)
+        self.result.adapters[job.name] = directory
+        self.active.remove(job)
+        self.fleet.remove_adapter(job.name)
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def _save_checkpoint(self) -> None:
+        state = {
+            "fleet_step": self.fleet_step,
+            "spec": [dataclasses.asdict(a) for a in self.spec.adapters],
+            "finished": sorted(self.result.adapters),
+            "losses": self.result.losses,
+            "active": {job.name: job.state_dict() for job in self.active},
+            "rng": checkpoint.rng_state(),
+        }
+        checkpoint.save_checkpoint(self.output, state, self.spec.keep_checkpoints)
+
+    def _prepare_output(self, resume: bool) -> None:
+        latest = checkpoint.latest_checkpoint(self.output)
+        if not resume:
+            if latest is not None:
+                raise ConfigError(
+                    f"{self.output} holds checkpoints of an earlier run; resume it with --resume "
+                    "or choose another output directory"
+                )
+            self.output.mkdir(parents=True, exist_ok=True)
+            (self.output / "metrics.jsonl").unlink(missing_ok=True)
+            return
+        if latest is None:
+            raise ConfigError(f"--resume: no checkpoint in {checkpoint.checkpoint_dir(self.output)}")
+        self._restore(checkpoint.load_checkpoint(latest))
+
+    def _restore(self, state: dict) -> None:
+        if state["spec"] != [dataclasses.asdict(a) for a in self.spec.adapters]:
+            raise ConfigError("--resume: the fleet spec changed since the checkpoint; restore it or start a new output")
+        self.fleet_step = state["fleet_step"]
+        self.result.losses = state["losses"]
+        for name in state["finished"]:
+            self.result.adapters[name] = self.output / "adapters" / name
+        by_name = {a.name: a for a in self.spec.adapters}
+        for name, job_state in state["active"].items():
+            job = self._start(by_name[name])
+            job.load_state_dict(job_state)
+            self.bars[name].update(job.optimizer_step)
+        started = set(state["finished"]) | set(state["active"])
+        self.pending = deque(a for a in self.spec.adapters if a.name not in started)
+        checkpoint.restore_rng_state(state["rng"])
+        self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        log = self.output / "metrics.jsonl"
+        if log.exists():
+            kept = [line for line in log.read_text().splitlines() if json.loads(line)["fleet_step"] <= self.fleet_step]
+            log.write_text("".join(line + "\n" for line in kept))
+
+    # --- set-up ---------------------------------------------------------------------------
+
+    def _targets(self, spec: AdapterSpec) -> tuple[str, ...]:
+        try:
+            return find_target_modules(self.base.model, self.base.language_prefix, spec.target_modules)
+        except AdapterError as err:
+            raise AdapterError(f"adapter {spec.name!r}: {err}") from err
+
+    def _load_examples(self, spec: AdapterSpec) -> list[Example]:
+        examples, skipped = load_examples(
+            spec.data, self.base, self.spec.max_tiles, self.spec.max_seq_len, spec.skip_bad_records
+        )
+        if skipped:
+            self.result.skipped[spec.name] = skipped
+        return examples
+
+
+def train_fleet(spec: FleetSpec, resume: bool = False, progress: bool = True, base: BaseModel | None = None) -> FleetResult:
+    """Train every adapter of `spec` together; adapters land in `<output>/adapters/<name>/`."""
+    return FleetTrainer(spec, base=base, progress=progress).run(resume=resume)
+

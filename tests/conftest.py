@@ -1,0 +1,64 @@
+"""Shared fixtures: the tiny models are built once per session from their configs, never downloaded."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+from lorafleet.models.tiny import build_tiny_internvl, build_tiny_qwen2
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory) -> Path:
+    return build_tiny_internvl(tmp_path_factory.mktemp("tiny-internvl"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory) -> Path:
+    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"), seed=0)
+
+
+WORDS = "red green blue circle square triangle invoice contract policy total one two three".split()
+
+
+def write_text_dataset(path: Path, n: int, seed: int) -> Path:
+    """OpenAI-layout chats of varied lengths, some with a system turn and two exchanges."""
+    rng = random.Random(seed)
+    with path.open("w") as out:
+        for _ in range(n):
+            question = " ".join(rng.choices(WORDS, k=rng.randint(2, 12)))
+            answer = " ".join(rng.choices(WORDS, k=rng.randint(1, 6)))
+            messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+            if rng.random() < 0.3:
+                messages.insert(0, {"role": "system", "content": "Answer briefly."})
+            if rng.random() < 0.3:
+                messages += [{"role": "user", "content": "again"}, {"role": "assistant", "content": answer}]
+            out.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def write_image_dataset(path: Path, n: int, seed: int) -> Path:
+    """InternVL-layout records with images of several aspect ratios (so tile counts differ)."""
+    rng = random.Random(seed)
+    images = path.parent / f"{path.stem}-images"
+    images.mkdir(exist_ok=True)
+    with path.open("w") as out:
+        for i in range(n):
+            size = rng.choice([(64, 64), (128, 64), (64, 160), (96, 96)])
+            colour = rng.choice(["red", "green", "blue"])
+            image = Image.new("RGB", size, "white")
+            ImageDraw.Draw(image).ellipse([8, 8, size[0] - 8, size[1] - 8], fill=colour)
+            image.save(images / f"{i}.png")
+            record = {
+                "image": f"{images.name}/{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat colour is the shape?" + " please" * rng.randint(0, 4)},
+                    {"from": "gpt", "value": colour},
+                ],
+            }
+            out.write(json.dumps(record) + "\n")
+    return path
