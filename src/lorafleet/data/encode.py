@@ -33,16 +33,8 @@ class Example:
 
 
 def encode_record(record: ChatRecord, base: BaseModel, max_tiles: int | None = None, max_seq_len: int = 4096) -> Example:
-    messages = [{"role": m.role, "content": m.text} for m in record.messages]
-    pixel_values = None
-    if record.images:
-        if not base.is_multimodal:
-            raise DataError(f"{record.source}: record has images but the base model {base.path} is text-only")
-        pixel_values, tiles_per_image = tile_images(record, base, max_tiles)
-        expanded = iter(image_token_block(base, tiles) for tiles in tiles_per_image)
-        for message in messages:
-            pieces = message["content"].split(IMAGE_PLACEHOLDER)
-            message["content"] = pieces[0] + "".join(next(expanded) + piece for piece in pieces[1:])
+    """Tokens, labels (assistant turns only) and image tiles of a whole conversation."""
+    messages, pixel_values = expand_images(record, base, max_tiles)
     input_ids, labels = tokenize_chat(messages, base.tokenizer)
     if len(input_ids) > max_seq_len:
         raise DataError(
@@ -52,6 +44,29 @@ def encode_record(record: ChatRecord, base: BaseModel, max_tiles: int | None = N
     if all(label == IGNORE_INDEX for label in labels):
         raise DataError(f"{record.source}: the assistant turns are empty, nothing to learn")
     return Example(torch.tensor(input_ids), torch.tensor(labels), pixel_values, record.source)
+
+
+def encode_prompt(record: ChatRecord, base: BaseModel, max_tiles: int | None = None) -> Example:
+    """The conversation up to the start of the next assistant reply, for generation."""
+    messages, pixel_values = expand_images(record, base, max_tiles)
+    ids = base.tokenizer(render(base.tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)
+    input_ids = torch.tensor(ids["input_ids"])
+    return Example(input_ids, torch.full_like(input_ids, IGNORE_INDEX), pixel_values, record.source)
+
+
+def expand_images(record: ChatRecord, base: BaseModel, max_tiles: int | None) -> tuple[list[dict], torch.Tensor | None]:
+    """Chat-template messages with each `<image>` expanded to its image tokens, and the tiles."""
+    messages = [{"role": m.role, "content": m.text} for m in record.messages]
+    if not record.images:
+        return messages, None
+    if not base.is_multimodal:
+        raise DataError(f"{record.source}: record has images but the base model {base.path} is text-only")
+    pixel_values, tiles_per_image = tile_images(record, base, max_tiles)
+    expanded = iter(image_token_block(base, tiles) for tiles in tiles_per_image)
+    for message in messages:
+        pieces = message["content"].split(IMAGE_PLACEHOLDER)
+        message["content"] = pieces[0] + "".join(next(expanded) + piece for piece in pieces[1:])
+    return messages, pixel_values
 
 
 def tile_images(record: ChatRecord, base: BaseModel, max_tiles: int | None) -> tuple[torch.Tensor, list[int]]:

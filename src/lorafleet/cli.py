@@ -1,0 +1,102 @@
+"""The `lorafleet` command: one entry point for every stage of the fleet."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from lorafleet.errors import LorafleetError
+
+EXAMPLES = """\
+examples:
+  lorafleet demo                          tiny model, three departments, trained together (CPU, ~1 min)
+  lorafleet demo --out my-demo            keep everything in ./my-demo
+  lorafleet train fleet.yaml              train every adapter listed in fleet.yaml together
+  lorafleet train fleet.yaml --resume     continue an interrupted run from its last checkpoint
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    _quiet_libraries()
+    try:
+        return args.run(args)
+    except LorafleetError as err:
+        print(f"lorafleet: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lorafleet: interrupted; `lorafleet train FLEET.yaml --resume` continues from the last checkpoint",
+              file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorafleet",
+        description="Train, compress and serve a fleet of LoRA adapters on one frozen open model.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(command=None)
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="train three adapters together on the built-in tiny model")
+    demo.add_argument("--out", type=Path, default=Path("demo-out"), help="where to put everything (default: demo-out)")
+    demo.add_argument("--steps", type=int, default=None, help="optimizer steps per adapter")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.set_defaults(command="demo", run=_run_demo)
+
+    train = commands.add_parser(
+        "train",
+        help="train the adapters of a fleet YAML together",
+        description="Train every adapter of FLEET.yaml together in one batched pass over the frozen base.",
+    )
+    train.add_argument("fleet", type=Path, help="fleet spec (YAML): base, output, adapters")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.set_defaults(command="train", run=_run_train)
+    return parser
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from lorafleet.demo.run import run_demo
+
+    kwargs = {} if args.steps is None else {"steps": args.steps}
+    rows = run_demo(args.out, progress=not args.no_progress, **kwargs)
+    return 0 if all(row.adapter_accuracy > row.base_accuracy for row in rows) else 1
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from lorafleet.config import load_fleet_spec
+    from lorafleet.train.trainer import train_fleet
+
+    spec = load_fleet_spec(args.fleet)
+    result = train_fleet(spec, resume=args.resume, progress=not args.no_progress)
+    for name, directory in result.adapters.items():
+        losses = result.losses.get(name, [])
+        last = f"final loss {losses[-1]:.4f}" if losses else ""
+        print(f"{name}: {directory} {last}")
+    for name, problems in result.skipped.items():
+        print(f"{name}: skipped {len(problems)} bad records; first: {problems[0]}", file=sys.stderr)
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """Our progress bars and messages only: silence transformers' per-file bars and notices."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The built-in demo: synthetic departments, a fleet trained together, a before/after table."""
