@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="train three adapters together on the built-in tiny model")
     demo.add_argument("--out", type=Path, default=Path("demo-out"), help="where to put everything (default: demo-out)")
-    demo.add_argument("--steps", type=int, default=None, help="optimizer steps per adapter")
+    demo.add_argument("--steps", type=int, default=1000, help="optimizer steps per adapter (default: 1000)")
+    demo.add_argument("--train-size", type=int, default=1024, help="training pictures per department (default: 1024)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(command="demo", run=_run_demo)
 
@@ -68,8 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_demo(args: argparse.Namespace) -> int:
     from lorafleet.demo.run import run_demo
 
-    kwargs = {} if args.steps is None else {"steps": args.steps}
-    rows = run_demo(args.out, progress=not args.no_progress, **kwargs)
+    rows = run_demo(args.out, train_size=args.train_size, steps=args.steps, progress=not args.no_progress)
     return 0 if all(row.adapter_accuracy > row.base_accuracy for row in rows) else 1
 
 

@@ -78,6 +78,7 @@ class FleetSpec:
     max_tiles: int | None = None  # image tiles per image; default: the model's image processor
     checkpoint_every: int = 100  # fleet steps between checkpoints; 0 turns them off
     keep_checkpoints: int = 2
+    seed: int = 0  # seeds dropout; each adapter's own seed sets its initialisation and data order
     device: str | None = None  # default: cuda if available, else cpu
     dtype: str | None = None  # default: bfloat16 on cuda, float32 on cpu
 
@@ -139,6 +140,7 @@ def _build(cls: type, raw: object, where: str):
         raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
+    where = f"{where} ({raw['name']})" if "name" in raw else where
     for key in raw:
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
@@ -151,8 +153,7 @@ def _build(cls: type, raw: object, where: str):
     ]
     if missing:
         raise ConfigError(f"{where}: missing required field {missing[0]!r}")
-    where_named = f"{where} ({raw['name']})" if "name" in raw else where
-    values = {key: _coerce(value, hints[key], f"{where_named}: {key}") for key, value in raw.items()}
+    values = {key: _coerce(value, hints[key], f"{where}: {key}") for key, value in raw.items()}
     return cls(**values)
 
 

@@ -170,6 +170,7 @@ class FleetTrainer:
                 )
             self.output.mkdir(parents=True, exist_ok=True)
             (self.output / "metrics.jsonl").unlink(missing_ok=True)
+            torch.manual_seed(self.spec.seed)
             return
         if latest is None:
             raise ConfigError(f"--resume: no checkpoint in {checkpoint.checkpoint_dir(self.output)}")

@@ -1,0 +1,56 @@
+"""Fleet specs: unknown keys and bad values are errors naming the field; README's example parses."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorafleet.config import fleet_spec_from_dict, load_fleet_spec
+from lorafleet.errors import ConfigError
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+MINIMAL = {"base": "m", "output": "o", "adapters": [{"name": "finance", "data": "f.jsonl"}]}
+
+
+def test_defaults_fill_in_a_minimal_spec():
+    spec = fleet_spec_from_dict(MINIMAL)
+    assert spec.adapters[0].rank == 16 and spec.adapters[0].shuffle is True and spec.max_concurrent == 8
+
+
+def test_unknown_key_is_an_error_with_a_suggestion():
+    raw = {**MINIMAL, "adapters": [{"name": "finance", "data": "f.jsonl", "rnak": 8}]}
+    with pytest.raises(ConfigError, match=r"adapters\[0\] \(finance\): unknown field 'rnak'; did you mean 'rank'\?"):
+        fleet_spec_from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    ("adapter", "message"),
+    [
+        ({"name": "x"}, "missing required field 'data'"),
+        ({"name": "x", "data": "d", "rank": "big"}, "rank must be int"),
+        ({"name": "x", "data": "d", "rank": 0}, "rank must be at least 1"),
+        ({"name": "x", "data": "d", "steps": 3, "epochs": 1}, "steps or epochs, not both"),
+        ({"name": "x", "data": "d", "schedule": "exp"}, "schedule 'exp' is not one of"),
+        ({"name": "x", "data": "d", "dropout": 1.5}, r"dropout must be in \[0, 1\)"),
+    ],
+)
+def test_bad_adapter_fields_are_named(adapter, message):
+    with pytest.raises(ConfigError, match=message):
+        fleet_spec_from_dict({**MINIMAL, "adapters": [adapter]})
+
+
+def test_duplicate_adapter_names_are_an_error():
+    with pytest.raises(ConfigError, match="repeated: a"):
+        fleet_spec_from_dict({**MINIMAL, "adapters": [{"name": "a", "data": "x"}, {"name": "a", "data": "y"}]})
+
+
+def test_readme_fleet_example_is_a_valid_spec(tmp_path):
+    example = re.search(r"```yaml\n(# fleet\.yaml.*?)```", README.read_text(), re.S).group(1)
+    (tmp_path / "fleet.yaml").write_text(example)
+    spec = load_fleet_spec(tmp_path / "fleet.yaml")
+    assert [a.name for a in spec.adapters] == ["finance", "legal"]
+    assert spec.adapters[0].data == str(tmp_path / "data/finance.jsonl")
+    assert yaml.safe_load(example)["adapters"][1]["steps"] == spec.adapters[1].steps
