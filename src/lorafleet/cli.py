@@ -32,8 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lorafleet: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("lorafleet: interrupted; `lorafleet train FLEET.yaml --resume` continues from the last checkpoint",
-              file=sys.stderr)
+        print(
+            "lorafleet: interrupted; `lorafleet train FLEET.yaml --resume` continues from the last checkpoint",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -122,9 +122,7 @@ def fleet_spec_from_dict(raw: object, where: str = "fleet spec") -> FleetSpec:
     adapters_raw = raw.get("adapters")
     if not isinstance(adapters_raw, list):
         raise ConfigError(f"{where}: 'adapters' must be a list of adapter mappings")
-    adapters = [
-        _build(AdapterSpec, item, f"{where}: adapters[{index}]") for index, item in enumerate(adapters_raw)
-    ]
+    adapters = [_build(AdapterSpec, item, f"{where}: adapters[{index}]") for index, item in enumerate(adapters_raw)]
     spec = _build(FleetSpec, {**raw, "adapters": adapters}, where)
     spec.validate(where)
     return spec

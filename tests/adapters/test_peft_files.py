@@ -71,7 +71,9 @@ def test_mixed_batch_gives_each_row_its_own_adapter(tiny_lm_dir):
 
 def test_adapter_saved_by_peft_loads_with_the_same_logits(tiny_lm_dir, tmp_path):
     base = load_base(tiny_lm_dir)
-    reference = get_peft_model(copy.deepcopy(base.model), LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj", "o_proj"]))
+    reference = get_peft_model(
+        copy.deepcopy(base.model), LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj", "o_proj"])
+    )
     with torch.no_grad():
         for name, weight in reference.named_parameters():
             if "lora_B" in name:
@@ -90,7 +92,9 @@ def test_adapter_saved_by_peft_loads_with_the_same_logits(tiny_lm_dir, tmp_path)
 
 def test_unknown_target_module_is_a_clear_error(tiny_vlm_dir):
     base = load_base(tiny_vlm_dir)
-    with pytest.raises(AdapterError, match=r"'qkv_proj' is not a Linear layer of the language model; available: .*q_proj"):
+    with pytest.raises(
+        AdapterError, match=r"'qkv_proj' is not a Linear layer of the language model; available: .*q_proj"
+    ):
         find_target_modules(base.model, base.language_prefix, ["q_proj", "qkv_proj"])
 
 

@@ -13,17 +13,20 @@ from lorafleet.models.loading import load_base
 
 
 def lorafleet(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorafleet.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "lorafleet.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
 def test_demo_trains_adapters_that_beat_the_base(tmp_path):
     out = tmp_path / "demo"
     run = lorafleet("demo", "--out", str(out), "--steps", "300", "--train-size", "256", "--no-progress")
     assert run.returncode == 0, run.stderr
-    rows = [line.split() for line in run.stdout.splitlines() if line.startswith(("marketing", "facilities", "logistics"))]
+    rows = [
+        line.split() for line in run.stdout.splitlines() if line.startswith(("marketing", "facilities", "logistics"))
+    ]
     assert len(rows) == 3
-    for name, base_accuracy, adapter_accuracy in rows:
+    for _name, base_accuracy, adapter_accuracy in rows:
         assert int(adapter_accuracy.rstrip("%")) >= int(base_accuracy.rstrip("%")) + 20, run.stdout
     # The layout later stages rely on.
     assert (out / "base" / "config.json").exists()
@@ -41,16 +44,18 @@ def test_demo_trains_adapters_that_beat_the_base(tmp_path):
 
 
 def test_train_reports_bad_spec_without_a_traceback(tmp_path):
-    (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(
-        {"base": "m", "output": "o", "adapters": [{"name": "a", "data": "d.jsonl", "lr": 0.1}]}))
+    (tmp_path / "fleet.yaml").write_text(
+        yaml.safe_dump({"base": "m", "output": "o", "adapters": [{"name": "a", "data": "d.jsonl", "lr": 0.1}]})
+    )
     run = lorafleet("train", str(tmp_path / "fleet.yaml"))
     assert run.returncode == 2
     assert "unknown field 'lr'" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_train_reports_missing_model_directory(tmp_path):
-    (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(
-        {"base": "no-such-model", "output": "o", "adapters": [{"name": "a", "data": "d.jsonl"}]}))
+    (tmp_path / "fleet.yaml").write_text(
+        yaml.safe_dump({"base": "no-such-model", "output": "o", "adapters": [{"name": "a", "data": "d.jsonl"}]})
+    )
     run = lorafleet("train", str(tmp_path / "fleet.yaml"))
     assert run.returncode == 2
     assert "no-such-model does not exist" in run.stderr and "Traceback" not in run.stderr

@@ -16,25 +16,29 @@ from lorafleet.train.loss import segment_losses
 
 
 def test_only_assistant_replies_and_their_end_token_are_labelled(tiny_lm_dir, tmp_path):
-    chat = {"messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "What is the total?"},
-        {"role": "assistant", "content": "three"},
-        {"role": "user", "content": "And the colour?"},
-        {"role": "assistant", "content": "blue"},
-    ]}
+    chat = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is the total?"},
+            {"role": "assistant", "content": "three"},
+            {"role": "user", "content": "And the colour?"},
+            {"role": "assistant", "content": "blue"},
+        ]
+    }
     (tmp_path / "c.jsonl").write_text(json.dumps(chat) + "\n")
     base = load_base(tiny_lm_dir)
     [example], _ = load_examples(tmp_path / "c.jsonl", base)
-    labelled = [int(t) for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
+    labelled = [int(t) for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE_INDEX]
     assert base.tokenizer.decode(labelled) == "three<|im_end|>blue<|im_end|>"
     assert base.tokenizer.decode(example.input_ids).startswith("<|im_start|>system\nBe brief.<|im_end|>")
 
 
 def test_wide_image_is_tiled_with_a_thumbnail(tiny_vlm_dir, tmp_path):
     Image.new("RGB", (192, 64), "blue").save(tmp_path / "wide.png")
-    record = {"image": "wide.png", "conversations": [
-        {"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "blue"}]}
+    record = {
+        "image": "wide.png",
+        "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "blue"}],
+    }
     (tmp_path / "w.jsonl").write_text(json.dumps(record) + "\n")
     base = load_base(tiny_vlm_dir)
     [example], _ = load_examples(tmp_path / "w.jsonl", base)
@@ -47,8 +51,9 @@ def test_wide_image_is_tiled_with_a_thumbnail(tiny_vlm_dir, tmp_path):
 
 def test_loss_ignores_prompt_and_padding(tiny_lm_dir, tmp_path):
     base = load_base(tiny_lm_dir)
-    lines = [{"messages": [{"role": "user", "content": "q" * n}, {"role": "assistant", "content": "ok"}]}
-             for n in (1, 30)]
+    lines = [
+        {"messages": [{"role": "user", "content": "q" * n}, {"role": "assistant", "content": "ok"}]} for n in (1, 30)
+    ]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     examples, _ = load_examples(tmp_path / "p.jsonl", base)
     short_alone = collate(examples[:1], base.tokenizer.pad_token_id)
@@ -60,6 +65,10 @@ def test_loss_ignores_prompt_and_padding(tiny_lm_dir, tmp_path):
         scrambled = padded.clone()
         scrambled[0][short_padded.labels[0].roll(-1) == IGNORE_INDEX] = 1e3
     expected = base.model(**short_alone.model_inputs(), labels=short_alone.labels).loss
-    for logits, labels in ((alone, short_alone.labels), (padded, short_padded.labels), (scrambled, short_padded.labels)):
+    for logits, labels in (
+        (alone, short_alone.labels),
+        (padded, short_padded.labels),
+        (scrambled, short_padded.labels),
+    ):
         [loss] = segment_losses(logits[:1], labels[:1], [Segment("x", 0, 1)])
         torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)

@@ -47,8 +47,10 @@ def test_a_record_without_an_assistant_turn_is_an_error(tmp_path):
 
 
 def test_placeholder_count_must_match_images(tmp_path):
-    record = {"image": ["a.png", "b.png"], "conversations": [
-        {"from": "human", "value": "<image>\nwhat?"}, {"from": "gpt", "value": "x"}]}
+    record = {
+        "image": ["a.png", "b.png"],
+        "conversations": [{"from": "human", "value": "<image>\nwhat?"}, {"from": "gpt", "value": "x"}],
+    }
     with pytest.raises(DataError, match=r"1 '<image>' placeholders but 2 images"):
         read_records(write_lines(tmp_path / "p.jsonl", [record]))
 
@@ -56,8 +58,10 @@ def test_placeholder_count_must_match_images(tmp_path):
 def test_missing_image_is_reported_with_file_and_line(tiny_vlm_dir, tmp_path):
     from lorafleet.models.loading import load_base
 
-    record = {"image": "nowhere.png", "conversations": [
-        {"from": "human", "value": "<image>\nwhat?"}, {"from": "gpt", "value": "x"}]}
+    record = {
+        "image": "nowhere.png",
+        "conversations": [{"from": "human", "value": "<image>\nwhat?"}, {"from": "gpt", "value": "x"}],
+    }
     path = write_lines(tmp_path / "img.jsonl", [GOOD, record])
     with pytest.raises(DataError, match=r"img\.jsonl:2: image .*nowhere\.png does not exist"):
         load_examples(path, load_base(tiny_vlm_dir, device="cpu"))
@@ -68,12 +72,19 @@ def test_openai_and_internvl_layouts_give_the_same_tokens(tiny_vlm_dir, tmp_path
 
     Image.new("RGB", (64, 64), "red").save(tmp_path / "red.png")
     data_url = "data:image/png;base64," + base64.b64encode((tmp_path / "red.png").read_bytes()).decode()
-    internvl = {"image": "red.png", "conversations": [
-        {"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}]}
-    openai = {"messages": [
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}},
-                                     {"type": "text", "text": "Colour?"}]},
-        {"role": "assistant", "content": "red"}]}
+    internvl = {
+        "image": "red.png",
+        "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}],
+    }
+    openai = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": data_url}}, {"type": "text", "text": "Colour?"}],
+            },
+            {"role": "assistant", "content": "red"},
+        ]
+    }
     examples, _ = load_examples(write_lines(tmp_path / "both.jsonl", [internvl, openai]), load_base(tiny_vlm_dir))
     assert examples[0].input_ids.tolist() == examples[1].input_ids.tolist()
     assert examples[0].labels.tolist() == examples[1].labels.tolist()

@@ -26,15 +26,48 @@ SCHEDULE_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosin
 
 def three_adapters(data: list[Path]) -> list[AdapterSpec]:
     return [
-        AdapterSpec(name="finance", data=str(data[0]), rank=4, alpha=8, target_modules=["q_proj", "v_proj"],
-                    learning_rate=3e-3, micro_batch_size=2, grad_accum=2, steps=20, seed=1, schedule="linear",
-                    warmup_steps=3),
-        AdapterSpec(name="legal", data=str(data[1]), rank=8, alpha=32, target_modules=["o_proj", "gate_proj", "down_proj"],
-                    learning_rate=1e-3, micro_batch_size=3, grad_accum=1, steps=24, seed=2, schedule="cosine",
-                    max_grad_norm=0.5),
-        AdapterSpec(name="hr", data=str(data[2]), rank=2, alpha=4, target_modules=["k_proj", "up_proj", "q_proj"],
-                    learning_rate=5e-3, micro_batch_size=1, grad_accum=1, steps=21, seed=3, schedule="constant",
-                    shuffle=False),
+        AdapterSpec(
+            name="finance",
+            data=str(data[0]),
+            rank=4,
+            alpha=8,
+            target_modules=["q_proj", "v_proj"],
+            learning_rate=3e-3,
+            micro_batch_size=2,
+            grad_accum=2,
+            steps=20,
+            seed=1,
+            schedule="linear",
+            warmup_steps=3,
+        ),
+        AdapterSpec(
+            name="legal",
+            data=str(data[1]),
+            rank=8,
+            alpha=32,
+            target_modules=["o_proj", "gate_proj", "down_proj"],
+            learning_rate=1e-3,
+            micro_batch_size=3,
+            grad_accum=1,
+            steps=24,
+            seed=2,
+            schedule="cosine",
+            max_grad_norm=0.5,
+        ),
+        AdapterSpec(
+            name="hr",
+            data=str(data[2]),
+            rank=2,
+            alpha=4,
+            target_modules=["k_proj", "up_proj", "q_proj"],
+            learning_rate=5e-3,
+            micro_batch_size=1,
+            grad_accum=1,
+            steps=21,
+            seed=3,
+            schedule="constant",
+            shuffle=False,
+        ),
     ]
 
 
@@ -53,8 +86,9 @@ def train_alone_with_peft(model_dir: Path, spec: AdapterSpec, workdir: Path) -> 
     stream = ExampleStream(examples, spec.micro_batch_size, spec.seed, spec.shuffle)
     steps = total_optimizer_steps(spec, len(examples))
     optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
-    scheduler = get_scheduler(SCHEDULE_NAMES[spec.schedule], optimizer, num_warmup_steps=spec.warmup_steps,
-                              num_training_steps=steps)
+    scheduler = get_scheduler(
+        SCHEDULE_NAMES[spec.schedule], optimizer, num_warmup_steps=spec.warmup_steps, num_training_steps=steps
+    )
     for _ in range(steps):
         for _ in range(spec.grad_accum):
             batch = collate(stream.next_micro_batch(), base.tokenizer.pad_token_id)
@@ -78,8 +112,13 @@ def assert_fleet_matches_peft(model_dir: Path, data: list[Path], tmp_path: Path)
         ours = load_file(result.adapters[adapter.name] / "adapter_model.safetensors")
         reference = train_alone_with_peft(model_dir, adapter, tmp_path)
         assert ours.keys() == reference.keys()
-        moved = max((reference[k] - load_file(tmp_path / f"init-{adapter.name}" / "adapter_model.safetensors")[k])
-                    .abs().max().item() for k in reference)
+        moved = max(
+            (reference[k] - load_file(tmp_path / f"init-{adapter.name}" / "adapter_model.safetensors")[k])
+            .abs()
+            .max()
+            .item()
+            for k in reference
+        )
         assert moved > 1e-3, "training must actually change the weights for the comparison to mean anything"
         worst = max((ours[k] - reference[k]).abs().max().item() for k in ours)
         assert worst <= 1e-5, f"{adapter.name}: max |fleet - peft| = {worst:.2e}"

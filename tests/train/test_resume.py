@@ -23,8 +23,14 @@ def fleet_spec(tmp_path, output: str) -> FleetSpec:
         # Waits in the queue (max_concurrent=2) and joins when "b" finishes.
         AdapterSpec(name="c", data=str(data[2]), rank=3, micro_batch_size=2, steps=7, learning_rate=3e-3),
     ]
-    return FleetSpec(base="", output=str(tmp_path / output), adapters=adapters, max_concurrent=2,
-                     checkpoint_every=4, keep_checkpoints=1)
+    return FleetSpec(
+        base="",
+        output=str(tmp_path / output),
+        adapters=adapters,
+        max_concurrent=2,
+        checkpoint_every=4,
+        keep_checkpoints=1,
+    )
 
 
 def adapter_weights(result):
@@ -56,6 +62,8 @@ def test_a_second_run_into_the_same_output_asks_for_resume(tiny_lm_dir, tmp_path
     spec = fleet_spec(tmp_path, "out")
     spec.base = str(tiny_lm_dir)
     with pytest.raises(Crash):
-        FleetTrainer(spec, progress=False, on_step=lambda step: (_ for _ in ()).throw(Crash) if step == 5 else None).run()
+        FleetTrainer(
+            spec, progress=False, on_step=lambda step: (_ for _ in ()).throw(Crash) if step == 5 else None
+        ).run()
     with pytest.raises(ConfigError, match="--resume"):
         FleetTrainer(spec, progress=False).run()

@@ -38,7 +38,8 @@ def find_target_modules(model: nn.Module, language_prefix: str, target_modules: 
     linears = [
         name
         for name, module in model.named_modules()
-        if name.startswith(language_prefix) and isinstance(module, (nn.Linear, MultiLoRALinear))
+        if name.startswith(language_prefix)
+        and isinstance(module, (nn.Linear, MultiLoRALinear))
         and not _inside_lora(name)
     ]
     if isinstance(target_modules, str):

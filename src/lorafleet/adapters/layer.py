@@ -43,7 +43,9 @@ class LoRAWeights:
     scaling: float
 
 
-def lora_delta_reference(x: torch.Tensor, segments: tuple[Segment, ...], adapters: dict[str, LoRAWeights]) -> torch.Tensor:
+def lora_delta_reference(
+    x: torch.Tensor, segments: tuple[Segment, ...], adapters: dict[str, LoRAWeights]
+) -> torch.Tensor:
     """The LoRA update of a multi-adapter batch, in plain PyTorch.
 
     Semantics: x is (rows, ..., in_features); for every segment whose adapter is in `adapters`,

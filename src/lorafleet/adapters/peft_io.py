@@ -66,8 +66,7 @@ def read_adapter(adapter_dir: str | Path) -> tuple[LoRAShape, dict[str, torch.Te
     weights_file = adapter_dir / "adapter_model.safetensors"
     if not (adapter_dir / "adapter_config.json").exists() or not weights_file.exists():
         raise AdapterError(
-            f"{adapter_dir} is not a PEFT adapter directory "
-            "(needs adapter_config.json and adapter_model.safetensors)"
+            f"{adapter_dir} is not a PEFT adapter directory (needs adapter_config.json and adapter_model.safetensors)"
         )
     config = LoraConfig.from_pretrained(str(adapter_dir))
     unsupported = {
@@ -96,7 +95,9 @@ def load_adapter(fleet: LoRAFleet, name: str, adapter_dir: str | Path) -> LoRASh
     shape, weights = read_adapter(adapter_dir)
     missing = [m for m in shape.modules if not _has_module(fleet, m)]
     if missing:
-        raise AdapterError(f"{adapter_dir}: the base model has no module {missing[0]!r}; was it trained on another base?")
+        raise AdapterError(
+            f"{adapter_dir}: the base model has no module {missing[0]!r}; was it trained on another base?"
+        )
     fleet.add_adapter(name, shape)
     copy_weights(fleet, name, weights)
     return shape
@@ -107,7 +108,9 @@ def copy_weights(fleet: LoRAFleet, name: str, weights: dict[str, torch.Tensor]) 
         for key, param in fleet.named_weights(name):
             source = weights[key]
             if source.shape != param.shape:
-                raise AdapterError(f"adapter {name!r}: {key} has shape {tuple(source.shape)}, expected {tuple(param.shape)}")
+                raise AdapterError(
+                    f"adapter {name!r}: {key} has shape {tuple(source.shape)}, expected {tuple(param.shape)}"
+                )
             param.copy_(source.to(param.dtype))
 
 

@@ -32,7 +32,9 @@ class Example:
         return int(self.input_ids.numel())
 
 
-def encode_record(record: ChatRecord, base: BaseModel, max_tiles: int | None = None, max_seq_len: int = 4096) -> Example:
+def encode_record(
+    record: ChatRecord, base: BaseModel, max_tiles: int | None = None, max_seq_len: int = 4096
+) -> Example:
     """Tokens, labels (assistant turns only) and image tiles of a whole conversation."""
     messages, pixel_values = expand_images(record, base, max_tiles)
     input_ids, labels = tokenize_chat(messages, base.tokenizer)

@@ -107,9 +107,7 @@ def _parse_internvl(raw: dict, root: Path, source: str) -> ChatRecord:
     messages = []
     for index, turn in enumerate(turns):
         if not isinstance(turn, dict) or turn.get("from") not in _ROLES or not isinstance(turn.get("value"), str):
-            raise DataError(
-                f"{source}: conversations[{index}] needs 'from' (human/gpt/system) and a string 'value'"
-            )
+            raise DataError(f"{source}: conversations[{index}] needs 'from' (human/gpt/system) and a string 'value'")
         messages.append(Message(_ROLES[turn["from"]], turn["value"]))
     image_field = raw.get("image", [])
     names = [image_field] if isinstance(image_field, str) else image_field
@@ -149,7 +147,9 @@ def _parse_openai(raw: dict, root: Path, source: str) -> ChatRecord:
                 images.append(_image_source(part["image_url"]["url"], root, where))
                 text += IMAGE_PLACEHOLDER + "\n"
             else:
-                raise DataError(f"{where}: a content part must be {{'type': 'text', ...}} or {{'type': 'image_url', ...}}")
+                raise DataError(
+                    f"{where}: a content part must be {{'type': 'text', ...}} or {{'type': 'image_url', ...}}"
+                )
         messages.append(Message(turn["role"], text))
     return ChatRecord(messages, images, source)
 
@@ -171,9 +171,7 @@ def _image_source(url: str, root: Path, where: str) -> Path | bytes:
 def _check(record: ChatRecord) -> None:
     placeholders = sum(m.text.count(IMAGE_PLACEHOLDER) for m in record.messages)
     if placeholders != len(record.images):
-        raise DataError(
-            f"{record.source}: {placeholders} '<image>' placeholders but {len(record.images)} images"
-        )
+        raise DataError(f"{record.source}: {placeholders} '<image>' placeholders but {len(record.images)} images")
     if not any(m.role == "assistant" for m in record.messages):
         raise DataError(f"{record.source}: no assistant turn, so nothing to learn from this record")
 

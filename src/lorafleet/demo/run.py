@@ -55,8 +55,9 @@ def write_fleet_yaml(out: Path, steps: int) -> Path:
     return path
 
 
-def run_demo(out: str | Path, train_size: int = 1024, test_size: int = 60, steps: int = 1000,
-             progress: bool = True, log=print) -> list[DemoRow]:
+def run_demo(
+    out: str | Path, train_size: int = 1024, test_size: int = 60, steps: int = 1000, progress: bool = True, log=print
+) -> list[DemoRow]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -136,7 +136,11 @@ class FleetTrainer:
         job = AdapterJob(spec, stream, self.fleet.parameters(spec.name))
         self.active.append(job)
         self.bars[spec.name] = tqdm(
-            total=job.total_steps, desc=spec.name, position=len(self.bars), leave=True, disable=not self.progress,
+            total=job.total_steps,
+            desc=spec.name,
+            position=len(self.bars),
+            leave=True,
+            disable=not self.progress,
             dynamic_ncols=True,
         )
         return job
@@ -216,7 +220,8 @@ class FleetTrainer:
         return examples
 
 
-def train_fleet(spec: FleetSpec, resume: bool = False, progress: bool = True, base: BaseModel | None = None) -> FleetResult:
+def train_fleet(
+    spec: FleetSpec, resume: bool = False, progress: bool = True, base: BaseModel | None = None
+) -> FleetResult:
     """Train every adapter of `spec` together; adapters land in `<output>/adapters/<name>/`."""
     return FleetTrainer(spec, base=base, progress=progress).run(resume=resume)
-
