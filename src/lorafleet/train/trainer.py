@@ -41,6 +41,7 @@ class FleetResult:
     losses: dict[str, list[float]] = field(default_factory=dict)  # per optimizer step
     skipped: dict[str, list[str]] = field(default_factory=dict)  # bad records skipped, per adapter
     fleet_steps: int = 0
+    tokens: int = 0  # non-padding tokens of all adapters processed so far
 
 
 class FleetTrainer:
@@ -90,6 +91,7 @@ class FleetTrainer:
         self.fleet_step += 1
         for job, loss, segment in zip(list(self.active), losses, segments, strict=True):
             tokens = int(batch.attention_mask[segment.start : segment.end].sum())
+            self.result.tokens += tokens
             if job.record_micro_batch(loss.item(), tokens):
                 self._optimizer_step(job)
         self._admit()
