@@ -49,19 +49,21 @@ def lora_delta_reference(
     """The LoRA update of a multi-adapter batch, in plain PyTorch.
 
     Semantics: x is (rows, ..., in_features); for every segment whose adapter is in `adapters`,
-    delta[s:e] = B(A(dropout(x[s:e]))) * scaling, computed in the adapter's dtype; other rows get 0.
+    delta[s:e] = B(A(dropout(x[s:e])) * scaling), computed in the adapter's dtype; other rows get 0.
     Returns (rows, ..., out_features). A fused kernel replacing this must match it.
     """
+    dtype = weights_dtype(adapters)
+    out_features = next(iter(adapters.values())).lora_B.out_features
+    # split (not slicing) so that backward assembles grad_x with one cat instead of one
+    # zero-filled full-size tensor per segment; scaling on the rank-r side is the cheap side.
     pieces = []
-    for segment in segments:
+    for segment, rows in zip(segments, torch.split(x, [s.end - s.start for s in segments]), strict=True):
         weights = adapters.get(segment.adapter) if segment.adapter is not None else None
-        rows = x[segment.start : segment.end]
         if weights is None:
-            out_features = next(iter(adapters.values())).lora_B.out_features
-            pieces.append(rows.new_zeros(*rows.shape[:-1], out_features, dtype=weights_dtype(adapters)))
+            pieces.append(rows.new_zeros(*rows.shape[:-1], out_features, dtype=dtype))
             continue
-        rows = rows.to(weights.lora_A.weight.dtype)
-        pieces.append(weights.lora_B(weights.lora_A(weights.dropout(rows))) * weights.scaling)
+        low_rank = weights.lora_A(weights.dropout(rows.to(dtype)))
+        pieces.append(weights.lora_B(low_rank * weights.scaling))
     return torch.cat(pieces, dim=0)
 
 
