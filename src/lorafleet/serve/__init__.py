@@ -1,0 +1,1 @@
+"""Serving: the generation engine, the OpenAI-compatible gateway, tenants and limits."""

@@ -1,0 +1,296 @@
+"""The in-process generation engine: continuous batching over one base and many adapters.
+
+One background thread owns the model. Each iteration it (1) prefills newly arrived requests as one
+left-padded batch and merges their KV cache into the running batch, then (2) decodes one token for
+every running sequence in a single forward pass, each row with its own adapter (rows are kept
+sorted by adapter so that every adapter is one contiguous segment), and (3) retires finished rows.
+A request therefore joins the batch at the next token, not when the current batch ends.
+
+The KV cache is transformers' DynamicCache; merging and retiring rows are plain tensor operations on
+its per-layer keys/values (left padding, masked out by the attention mask).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from lorafleet.adapters.fleet import LoRAFleet
+from lorafleet.adapters.layer import Segment
+from lorafleet.data.encode import Example
+from lorafleet.models.loading import BaseModel
+from lorafleet.serve.sampling import SamplingParams, sample_next_token
+from lorafleet.serve.text import IncrementalText
+
+
+@dataclass
+class Event:
+    """A piece of a reply: new text, and on the last event the reason it ended and the usage."""
+
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class ReplyStream:
+    """The caller's handle on a submitted request: iterate to receive its events."""
+
+    def __init__(self) -> None:
+        self._events: queue.Queue[Event] = queue.Queue()
+        self.cancelled = False
+
+    def put(self, event: Event) -> None:
+        self._events.put(event)
+
+    def get(self, timeout: float | None = None) -> Event:
+        return self._events.get(timeout=timeout)
+
+    def __iter__(self) -> Iterator[Event]:
+        while True:
+            event = self._events.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class _Request:
+    prompt: Example
+    adapter: str | None
+    params: SamplingParams
+    stream: ReplyStream
+
+
+@dataclass
+class _Row:
+    """One running sequence of the batch."""
+
+    request: _Request
+    text: IncrementalText
+    generator: torch.Generator | None
+    position: int  # position id of the next token
+    generated: list[int] = field(default_factory=list)
+    next_token: int = -1  # sampled, accounted, not yet fed to the model
+    finish: str | None = None
+
+
+class Engine:
+    def __init__(self, base: BaseModel, fleet: LoRAFleet, max_batch: int = 32) -> None:
+        self.base = base
+        self.fleet = fleet
+        self.max_batch = max_batch
+        self.model_lock = threading.Lock()  # held for every forward and for adapter loads/unloads
+        self._waiting: list[_Request] = []
+        self._waiting_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._rows: list[_Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # (rows, cached length): 0 at left padding
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="lorafleet-engine", daemon=True)
+        generation_config = base.model.generation_config
+        eos = generation_config.eos_token_id
+        self.eos_ids = {base.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+        self.max_positions = base.model.config.get_text_config().max_position_embeddings
+
+    # --- public interface (any thread) ----------------------------------------------------
+
+    def start(self) -> Engine:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def submit(self, prompt: Example, adapter: str | None, params: SamplingParams) -> ReplyStream:
+        stream = ReplyStream()
+        with self._waiting_lock:
+            self._waiting.append(_Request(prompt, adapter, params, stream))
+        self._wake.set()
+        return stream
+
+    def adapters_in_use(self) -> set[str]:
+        with self._waiting_lock:
+            waiting = {r.adapter for r in self._waiting}
+        return {row.request.adapter for row in list(self._rows)} | waiting
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    # --- the engine thread ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if not self._rows and not self._waiting:
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                with self.model_lock, torch.no_grad():
+                    self._admit()
+                    if self._rows:
+                        self._decode_step()
+            except Exception as err:  # a failed step fails its requests, never the server
+                self._fail_all(f"{type(err).__name__}: {err}")
+
+    def _admit(self) -> None:
+        with self._waiting_lock:
+            room = self.max_batch - len(self._rows)
+            arriving, self._waiting = self._waiting[:room], self._waiting[room:]
+        arriving = [r for r in arriving if not r.stream.cancelled]
+        if not arriving:
+            return
+        arriving.sort(key=lambda r: r.adapter or "")
+        rows, cache, mask, logits = self._prefill(arriving)
+        self._sample(rows, logits)
+        self._merge(rows, cache, mask)
+        self._retire()
+
+    def _prefill(self, requests: list[_Request]):
+        prompts = [r.prompt for r in requests]
+        length = max(p.num_tokens for p in prompts)
+        input_ids = torch.full((len(prompts), length), self.base.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for i, prompt in enumerate(prompts):
+            input_ids[i, length - prompt.num_tokens :] = prompt.input_ids
+            mask[i, length - prompt.num_tokens :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions}
+        images = [p.pixel_values for p in prompts if p.pixel_values is not None]
+        if images:
+            inputs["pixel_values"] = torch.cat(images)
+        device = self.base.device
+        inputs = {key: value.to(device) for key, value in inputs.items()}
+        with self.fleet.route(_segments([r.adapter for r in requests])):
+            output = self.base.model(**inputs, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+        rows = [
+            _Row(r, IncrementalText(self.base.tokenizer, r.params.stop), _generator(r.params), p.num_tokens)
+            for r, p in zip(requests, prompts, strict=True)
+        ]
+        return rows, output.past_key_values, inputs["attention_mask"], output.logits[:, -1].float()
+
+    def _decode_step(self) -> None:
+        device = self.base.device
+        tokens = torch.tensor([[row.next_token] for row in self._rows], device=device)
+        positions = torch.tensor([[row.position] for row in self._rows], device=device)
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)
+        with self.fleet.route(_segments([row.request.adapter for row in self._rows])):
+            output = self.base.model(
+                input_ids=tokens,
+                attention_mask=self._mask,
+                position_ids=positions,
+                past_key_values=self._cache,
+                use_cache=True,
+            )
+        self._cache = output.past_key_values
+        for row in self._rows:
+            row.position += 1
+        self._sample(self._rows, output.logits[:, -1].float())
+        self._retire()
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Choose each row's next token, stream its text, and decide whether the row is done."""
+        for row, row_logits in zip(rows, logits, strict=True):
+            row.next_token = sample_next_token(row_logits, row.request.params, row.generator)
+            row.finish = self._account(row)
+
+    def _account(self, row: _Row) -> str | None:
+        token, params = row.next_token, row.request.params
+        finish = None
+        if token in self.eos_ids:
+            finish = "stop"
+        else:
+            row.generated.append(token)
+            if row.text.add(token):
+                finish = "stop"  # a stop string appeared
+            elif len(row.generated) >= params.max_tokens or row.position >= self.max_positions:
+                finish = "length"  # row.position is where this token would be fed
+        delta = row.text.flush() if finish else row.text.ready()
+        if delta or finish:
+            row.request.stream.put(Event(delta, finish, row.request.prompt.num_tokens, len(row.generated)))
+        return finish
+
+    def _retire(self) -> None:
+        keep = [i for i, row in enumerate(self._rows) if row.finish is None and not row.request.stream.cancelled]
+        if len(keep) < len(self._rows):
+            self._select(keep)
+
+    # --- batch bookkeeping ----------------------------------------------------------------
+
+    def _merge(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
+        if not self._rows:
+            self._rows, self._cache, self._mask = rows, cache, mask
+        else:
+            length = max(self._mask.shape[1], mask.shape[1])
+            for old, new in zip(self._cache.layers, cache.layers, strict=True):
+                old.keys = torch.cat([_left_pad(old.keys, length, 2), _left_pad(new.keys, length, 2)])
+                old.values = torch.cat([_left_pad(old.values, length, 2), _left_pad(new.values, length, 2)])
+            self._mask = torch.cat([_left_pad(self._mask, length, 1), _left_pad(mask, length, 1)])
+            self._rows = self._rows + rows
+        order = sorted(range(len(self._rows)), key=lambda i: self._rows[i].request.adapter or "")
+        if order != list(range(len(self._rows))):
+            self._select(order)
+
+    def _select(self, indices: list[int]) -> None:
+        self._rows = [self._rows[i] for i in indices]
+        if not self._rows:
+            self._cache, self._mask = None, None
+            return
+        index = torch.tensor(indices, device=self._mask.device)
+        self._mask = self._mask[index]
+        # Columns that are padding for every remaining row are dead weight: drop them.
+        first_live = int(self._mask.any(dim=0).nonzero()[0])
+        self._mask = self._mask[:, first_live:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[index, :, first_live:]
+            layer.values = layer.values[index, :, first_live:]
+
+    def _fail_all(self, message: str) -> None:
+        failed = [row.request for row in self._rows]
+        with self._waiting_lock:
+            failed += self._waiting
+            self._waiting = []
+        self._rows, self._cache, self._mask = [], None, None
+        for request in failed:
+            request.stream.put(Event("", "error", error=message))
+
+
+def _segments(adapters: list[str | None]) -> list[Segment]:
+    """Contiguous runs of the same adapter as routing segments (rows are sorted by adapter)."""
+    segments: list[Segment] = []
+    for row, adapter in enumerate(adapters):
+        if segments and segments[-1].adapter == adapter:
+            segments[-1] = Segment(adapter, segments[-1].start, row + 1)
+        else:
+            segments.append(Segment(adapter, row, row + 1))
+    return segments
+
+
+def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _generator(params: SamplingParams) -> torch.Generator | None:
+    if params.temperature == 0:
+        return None
+    seed = params.seed if params.seed is not None else time.time_ns() % 2**63
+    return torch.Generator().manual_seed(seed)
