@@ -16,6 +16,7 @@ examples:
   lorafleet demo --out my-demo            keep everything in ./my-demo
   lorafleet train fleet.yaml              train every adapter listed in fleet.yaml together
   lorafleet train fleet.yaml --resume     continue an interrupted run from its last checkpoint
+  lorafleet serve --fleet demo-out        OpenAI-compatible API on 127.0.0.1:8000 (base + adapters)
 """
 
 
@@ -65,6 +66,30 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(command="train", run=_run_train)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve the base and every adapter behind an OpenAI-compatible API",
+        description="Serve a fleet directory (base/ and adapters/<name>/) with an OpenAI-compatible API.",
+    )
+    serve.add_argument("--fleet", type=Path, required=True, help="fleet directory, e.g. demo-out")
+    serve.add_argument("--base", type=Path, help="base model directory (default: <fleet>/base)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--keys", type=Path, help="KEYS.yaml: tenants, their keys, adapters and limits")
+    serve.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default: 32)")
+    serve.add_argument("--log-content", action="store_true", help="also store prompts and replies in the log")
+    serve.add_argument(
+        "--allow-image-dir",
+        type=Path,
+        action="append",
+        default=[],
+        help="directory file:// image URLs may come from (repeatable)",
+    )
+    serve.add_argument(
+        "--allow-image-host", action="append", default=[], help="host http(s) image URLs may come from (repeatable)"
+    )
+    serve.set_defaults(command="serve", run=_run_serve)
     return parser
 
 
@@ -87,6 +112,13 @@ def _run_train(args: argparse.Namespace) -> int:
         print(f"{name}: {directory} {last}")
     for name, problems in result.skipped.items():
         print(f"{name}: skipped {len(problems)} bad records; first: {problems[0]}", file=sys.stderr)
+    return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from lorafleet.serve.run import serve
+
+    serve(args)
     return 0
 
 

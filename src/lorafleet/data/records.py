@@ -16,7 +16,7 @@ import base64
 import binascii
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,7 +124,16 @@ def _parse_internvl(raw: dict, root: Path, source: str) -> ChatRecord:
 
 
 def _parse_openai(raw: dict, root: Path, source: str) -> ChatRecord:
-    turns = raw["messages"]
+    messages, images = parse_openai_messages(
+        raw["messages"], source, lambda url, where: _image_source(url, root, where)
+    )
+    return ChatRecord(messages, images, source)
+
+
+def parse_openai_messages(
+    turns: object, source: str, resolve_image: Callable[[str, str], Path | bytes]
+) -> tuple[list[Message], list[Path | bytes]]:
+    """OpenAI chat messages as our messages and images; `resolve_image(url, where)` fetches an image."""
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{source}: 'messages' must be a non-empty list")
     messages, images = [], []
@@ -144,25 +153,27 @@ def _parse_openai(raw: dict, root: Path, source: str) -> ChatRecord:
             if kind == "text" and isinstance(part.get("text"), str):
                 text += part["text"]
             elif kind == "image_url" and isinstance(part.get("image_url"), dict) and "url" in part["image_url"]:
-                images.append(_image_source(part["image_url"]["url"], root, where))
+                images.append(resolve_image(part["image_url"]["url"], where))
                 text += IMAGE_PLACEHOLDER + "\n"
             else:
-                raise DataError(
-                    f"{where}: a content part must be {{'type': 'text', ...}} or {{'type': 'image_url', ...}}"
-                )
+                raise DataError(f"{where}: a content part must be {{'type': 'text'}} or {{'type': 'image_url'}}")
         messages.append(Message(turn["role"], text))
-    return ChatRecord(messages, images, source)
+    return messages, images
+
+
+def decode_data_url(url: str, where: str) -> bytes:
+    header, _, payload = url.partition(",")
+    if ";base64" not in header:
+        raise DataError(f"{where}: data URLs must be base64 encoded")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except binascii.Error as err:
+        raise DataError(f"{where}: image data URL is not valid base64") from err
 
 
 def _image_source(url: str, root: Path, where: str) -> Path | bytes:
     if url.startswith("data:"):
-        header, _, payload = url.partition(",")
-        if ";base64" not in header:
-            raise DataError(f"{where}: data URLs must be base64 encoded")
-        try:
-            return base64.b64decode(payload, validate=True)
-        except binascii.Error as err:
-            raise DataError(f"{where}: image data URL is not valid base64") from err
+        return decode_data_url(url, where)
     if "://" in url and not url.startswith("file://"):
         raise DataError(f"{where}: training data must be local; {url!r} is a remote URL")
     return root / url.removeprefix("file://")

@@ -12,6 +12,7 @@ its per-layer keys/values (left padding, masked out by the attention mask).
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
@@ -41,17 +42,28 @@ class Event:
 
 
 class ReplyStream:
-    """The caller's handle on a submitted request: iterate to receive its events."""
+    """The caller's handle on a submitted request: iterate (or `await next_event()`) for its events.
 
-    def __init__(self) -> None:
-        self._events: queue.Queue[Event] = queue.Queue()
+    Given an event loop, events are handed to it thread-safely, so async handlers never block a
+    thread waiting for the engine.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop
+        self._events: queue.Queue[Event] | asyncio.Queue[Event] = asyncio.Queue() if loop else queue.Queue()
         self.cancelled = False
 
     def put(self, event: Event) -> None:
-        self._events.put(event)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        else:
+            self._events.put(event)
 
     def get(self, timeout: float | None = None) -> Event:
         return self._events.get(timeout=timeout)
+
+    async def next_event(self) -> Event:
+        return await self._events.get()
 
     def __iter__(self) -> Iterator[Event]:
         while True:
@@ -115,8 +127,14 @@ class Engine:
         self._wake.set()
         self._thread.join(timeout=30)
 
-    def submit(self, prompt: Example, adapter: str | None, params: SamplingParams) -> ReplyStream:
-        stream = ReplyStream()
+    def submit(
+        self,
+        prompt: Example,
+        adapter: str | None,
+        params: SamplingParams,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> ReplyStream:
+        stream = ReplyStream(loop)
         with self._waiting_lock:
             self._waiting.append(_Request(prompt, adapter, params, stream))
         self._wake.set()

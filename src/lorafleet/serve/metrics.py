@@ -1,0 +1,43 @@
+"""Prometheus metrics per adapter: requests, tokens, latency, time to first token."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self, running: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "lorafleet_requests", "Chat completion requests", ["model", "status"], registry=self.registry
+        )
+        self.tokens = Counter("lorafleet_tokens", "Tokens processed", ["model", "kind"], registry=self.registry)
+        self.latency = Histogram(
+            "lorafleet_request_latency_seconds",
+            "Request latency",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.first_token = Histogram(
+            "lorafleet_time_to_first_token_seconds",
+            "Time to first token",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        running_gauge = Gauge("lorafleet_running_sequences", "Sequences in the running batch", registry=self.registry)
+        running_gauge.set_function(running)
+
+    def observe(self, model: str, status: int, prompt_tokens: int, completion_tokens: int, seconds: float) -> None:
+        self.requests.labels(model, str(status)).inc()
+        self.tokens.labels(model, "prompt").inc(prompt_tokens)
+        self.tokens.labels(model, "completion").inc(completion_tokens)
+        self.latency.labels(model).observe(seconds)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

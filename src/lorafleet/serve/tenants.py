@@ -1,0 +1,135 @@
+"""Who may call what: API keys (kept only as SHA-256 hashes), tenants' adapters, rate limits.
+
+KEYS.yaml:
+    tenants:
+      - name: finance-team
+        key_sha256: 9f86d0...          # or `key: sk-...` (hashed on load; prefer the hash)
+        adapters: [finance]            # or "*"
+        requests_per_minute: 60
+        tokens_per_minute: 20000
+      - name: ops
+        key_sha256: ...
+        adapters: "*"
+        admin: true                    # may load and unload adapters
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from lorafleet.errors import ConfigError
+
+WINDOW_SECONDS = 60.0
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass
+class Tenant:
+    name: str
+    key_sha256: str
+    adapters: frozenset[str] | None  # None: every adapter
+    admin: bool = False
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    _requests: deque[float] = field(default_factory=deque, repr=False)
+    _tokens: deque[tuple[float, int]] = field(default_factory=deque, repr=False)
+
+    def may_use(self, adapter: str) -> bool:
+        return self.adapters is None or adapter in self.adapters
+
+    def retry_after(self, now: float | None = None) -> float | None:
+        """Seconds until a request is allowed again, or None if it is allowed now."""
+        now = time.monotonic() if now is None else now
+        self._expire(now)
+        waits = []
+        if self.requests_per_minute is not None and len(self._requests) >= self.requests_per_minute:
+            waits.append(self._requests[0] + WINDOW_SECONDS - now)
+        if self.tokens_per_minute is not None and sum(n for _, n in self._tokens) >= self.tokens_per_minute:
+            waits.append(self._tokens[0][0] + WINDOW_SECONDS - now)
+        return max(waits) if waits else None
+
+    def record_request(self, now: float | None = None) -> None:
+        self._requests.append(time.monotonic() if now is None else now)
+
+    def record_tokens(self, tokens: int, now: float | None = None) -> None:
+        self._tokens.append((time.monotonic() if now is None else now, tokens))
+
+    def _expire(self, now: float) -> None:
+        while self._requests and self._requests[0] <= now - WINDOW_SECONDS:
+            self._requests.popleft()
+        while self._tokens and self._tokens[0][0] <= now - WINDOW_SECONDS:
+            self._tokens.popleft()
+
+
+class TenantDirectory:
+    def __init__(self, tenants: list[Tenant]) -> None:
+        self.tenants = tenants
+
+    def authenticate(self, key: str | None) -> Tenant | None:
+        if not key:
+            return None
+        digest = hash_key(key)
+        for tenant in self.tenants:
+            if hmac.compare_digest(tenant.key_sha256, digest):
+                return tenant
+        return None
+
+
+def load_tenants(path: str | Path) -> TenantDirectory:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"keys file {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    entries = raw.get("tenants") if isinstance(raw, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{path}: expected 'tenants:' with a list of tenants")
+    tenants = [_tenant(entry, f"{path}: tenants[{i}]") for i, entry in enumerate(entries)]
+    seen: set[str] = set()
+    for tenant in tenants:
+        if tenant.key_sha256 in seen:
+            raise ConfigError(f"{path}: two tenants share a key (second: {tenant.name})")
+        seen.add(tenant.key_sha256)
+    return TenantDirectory(tenants)
+
+
+_FIELDS = {"name", "key", "key_sha256", "adapters", "admin", "requests_per_minute", "tokens_per_minute"}
+
+
+def _tenant(entry: object, where: str) -> Tenant:
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise ConfigError(f"{where}: a tenant needs a 'name'")
+    where = f"{where} ({entry['name']})"
+    unknown = set(entry) - _FIELDS
+    if unknown:
+        raise ConfigError(f"{where}: unknown field {sorted(unknown)[0]!r}; known: {', '.join(sorted(_FIELDS))}")
+    if ("key" in entry) == ("key_sha256" in entry):
+        raise ConfigError(f"{where}: give exactly one of 'key' or 'key_sha256'")
+    digest = hash_key(str(entry["key"])) if "key" in entry else str(entry["key_sha256"]).lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ConfigError(f"{where}: key_sha256 must be 64 hex digits (lorafleet keys hash KEY prints it)")
+    adapters = entry.get("adapters", [])
+    if adapters != "*" and not (isinstance(adapters, list) and all(isinstance(a, str) for a in adapters)):
+        raise ConfigError(f'{where}: adapters must be a list of adapter names or "*"')
+    limits = {}
+    for name in ("requests_per_minute", "tokens_per_minute"):
+        value = entry.get(name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{where}: {name} must be a positive integer")
+        limits[name] = value
+    return Tenant(
+        name=entry["name"],
+        key_sha256=digest,
+        adapters=None if adapters == "*" else frozenset(adapters),
+        admin=bool(entry.get("admin", False)),
+        **limits,
+    )
