@@ -64,3 +64,45 @@ def test_train_reports_missing_model_directory(tmp_path):
 def test_help_shows_examples():
     run = lorafleet("--help")
     assert run.returncode == 0 and "lorafleet train fleet.yaml --resume" in run.stdout
+
+
+def test_serve_command_answers_the_openai_client(tmp_path):
+    import time
+
+    import httpx
+    import openai
+
+    from lorafleet.models.tiny import build_tiny_qwen2
+    from tests.serve.conftest import free_port
+
+    build_tiny_qwen2(tmp_path / "fleet" / "base")
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lorafleet.cli", "serve", "--fleet", str(tmp_path / "fleet"), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "lorafleet serve did not come up"
+            time.sleep(0.2)
+        chat = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        reply = chat.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        assert reply.choices[0].finish_reason in ("stop", "length")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert "no --keys given" in server.stderr.read()
+
+
+def test_serve_refuses_a_public_address_without_keys(tmp_path):
+    run = lorafleet("serve", "--fleet", str(tmp_path), "--host", "0.0.0.0")
+    assert run.returncode == 2 and "without --keys" in run.stderr
