@@ -62,7 +62,7 @@ def lora_delta_reference(
         if weights is None:
             pieces.append(rows.new_zeros(*rows.shape[:-1], out_features, dtype=dtype))
             continue
-        low_rank = weights.lora_A(weights.dropout(rows.to(dtype)))
+        low_rank = weights.lora_A(weights.dropout(rows if rows.dtype == dtype else rows.to(dtype)))
         pieces.append(weights.lora_B(low_rank * weights.scaling))
     return torch.cat(pieces, dim=0)
 
@@ -82,6 +82,7 @@ class MultiLoRALinear(nn.Module):
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
         self.routing = routing
+        self._weights: dict[str, LoRAWeights] = {}  # rebuilt on add/remove: forward runs per token
 
     @property
     def in_features(self) -> int:
@@ -116,14 +117,19 @@ class MultiLoRALinear(nn.Module):
         self.lora_B[name] = lora_B
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = alpha / rank
+        self._weights = self._collect_weights()
 
     def remove_adapter(self, name: str) -> None:
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
             if name in table:
                 del table[name]
         self.scaling.pop(name, None)
+        self._weights = self._collect_weights()
 
     def adapter_weights(self) -> dict[str, LoRAWeights]:
+        return self._weights
+
+    def _collect_weights(self) -> dict[str, LoRAWeights]:
         return {
             name: LoRAWeights(self.lora_A[name], self.lora_B[name], self.lora_dropout[name], self.scaling[name])
             for name in self.lora_A
@@ -132,7 +138,7 @@ class MultiLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         segments = self.routing.segments
-        if not any(segment.adapter in self.lora_A for segment in segments):
+        if not any(segment.adapter in self._weights for segment in segments):
             return result
-        delta = lora_delta_reference(x, segments, self.adapter_weights())
-        return (result + delta).to(result.dtype)
+        delta = lora_delta_reference(x, segments, self._weights)
+        return result + delta if delta.dtype == result.dtype else (result + delta).to(result.dtype)

@@ -222,14 +222,16 @@ class Engine:
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Choose each row's next token, stream its text, and decide whether the row is done."""
-        for row, row_logits in zip(rows, logits, strict=True):
-            row.next_token = sample_next_token(row_logits, row.request.params, row.generator)
+        greedy = logits.argmax(dim=-1).tolist()  # one call for the whole batch; most rows decode greedily
+        for row, row_logits, best in zip(rows, logits, greedy, strict=True):
+            sampled = row.generator is not None
+            row.next_token = sample_next_token(row_logits, row.request.params, row.generator) if sampled else best
             row.finish = self._account(row)
 
     def _account(self, row: _Row) -> str | None:
         token, params = row.next_token, row.request.params
         finish = None
-        if token in self.eos_ids:
+        if token in self.eos_ids and not params.ignore_eos:
             finish = "stop"
         else:
             row.generated.append(token)

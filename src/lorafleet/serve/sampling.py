@@ -14,6 +14,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None  # same seed, same prompt, same adapter: same reply
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
 
 
 def sample_next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
