@@ -89,6 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--allow-image-host", action="append", default=[], help="host http(s) image URLs may come from (repeatable)"
     )
+    serve.add_argument(
+        "--engine",
+        choices=["local", "vllm"],
+        default="local",
+        help="local: lorafleet's engine in this process; vllm: start vLLM with the fleet's adapters",
+    )
+    serve.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="attach to a running vLLM (or other OpenAI-compatible server) instead of generating here",
+    )
+    serve.add_argument("--vllm-port", type=int, default=8100, help="port for the vLLM process (default: 8100)")
     serve.set_defaults(command="serve", run=_run_serve)
     return parser
 

@@ -1,4 +1,4 @@
-"""A fleet being served: the base, its loaded adapters, the engine, tenants, the request log.
+"""A fleet being served: its backend (our engine, or vLLM upstream), tenants and request log.
 
 `lorafleet serve --fleet DIR` reads DIR as `lorafleet demo` or `lorafleet train` leave it:
 `adapters/<name>/` PEFT directories, and the base in `base/` or, failing that, the base path the
@@ -14,14 +14,13 @@ from pathlib import Path
 
 import torch
 
-from lorafleet.adapters.fleet import LoRAFleet
-from lorafleet.adapters.peft_io import load_adapter
 from lorafleet.errors import AdapterError, ConfigError
 from lorafleet.models.loading import load_base
-from lorafleet.serve.engine import Engine
 from lorafleet.serve.images import ImagePolicy
+from lorafleet.serve.local import LocalBackend
 from lorafleet.serve.request_log import RequestLog
 from lorafleet.serve.tenants import TenantDirectory
+from lorafleet.serve.upstream import UpstreamBackend, start_vllm
 
 BASE_ALIAS = "base"
 
@@ -37,6 +36,10 @@ class ServeOptions:
     max_image_pixels: int = 4096 * 4096
     device: str | None = None
     dtype: torch.dtype | None = None
+    engine: str = "local"  # local | vllm
+    upstream_url: str | None = None  # attach to a running vLLM (or any OpenAI-compatible server)
+    vllm_port: int = 8100
+    vllm_args: list[str] = field(default_factory=list)
 
 
 def find_base_dir(fleet_dir: Path) -> Path:
@@ -51,55 +54,74 @@ def find_base_dir(fleet_dir: Path) -> Path:
     )
 
 
+def fleet_adapters(fleet_dir: Path) -> dict[str, Path]:
+    return {c.parent.name: c.parent for c in sorted((fleet_dir / "adapters").glob("*/adapter_config.json"))}
+
+
 class FleetServer:
     def __init__(self, options: ServeOptions) -> None:
         self.options = options
-        fleet_dir = options.fleet_dir
-        if not fleet_dir.is_dir():
-            raise ConfigError(f"fleet directory {fleet_dir} does not exist")
-        base_dir = options.base_dir or find_base_dir(fleet_dir)
-        self.base_dir = base_dir
-        self.base = load_base(base_dir, options.device, options.dtype)
-        self.base_names = {BASE_ALIAS, base_dir.name}
-        self.fleet = LoRAFleet(self.base.model, self.base.language_prefix)
+        if not options.fleet_dir.is_dir():
+            raise ConfigError(f"fleet directory {options.fleet_dir} does not exist")
         self._admin_lock = threading.Lock()
-        self.engine = Engine(self.base, self.fleet, max_batch=options.max_batch)
-        for adapter_dir in sorted((fleet_dir / "adapters").glob("*/adapter_config.json")):
-            self.load_adapter(adapter_dir.parent.name, adapter_dir.parent)
-        self.request_log = RequestLog(fleet_dir / "lorafleet.sqlite", log_content=options.log_content)
+        self.backend = self._backend()
+        self.request_log = RequestLog(options.fleet_dir / "lorafleet.sqlite", log_content=options.log_content)
+
+    def _backend(self) -> LocalBackend | UpstreamBackend:
+        options = self.options
+        if options.upstream_url:
+            backend = UpstreamBackend(options.upstream_url)
+            self.base_name = backend.base_model
+            return backend
+        base_dir = options.base_dir or find_base_dir(options.fleet_dir)
+        self.base_name = base_dir.name
+        if options.engine == "vllm":
+            return start_vllm(base_dir, fleet_adapters(options.fleet_dir), options.vllm_port, options.vllm_args)
+        backend = LocalBackend(
+            load_base(base_dir, options.device, options.dtype),
+            options.image_policy,
+            options.max_image_pixels,
+            options.max_batch,
+        )
+        for name, path in fleet_adapters(options.fleet_dir).items():
+            backend.load_adapter(name, path)
+        return backend
+
+    @property
+    def base_names(self) -> set[str]:
+        return {BASE_ALIAS, self.base_name}
 
     @property
     def adapters(self) -> list[str]:
-        return sorted(self.fleet.shapes)
+        return self.backend.adapters
 
     def resolve_model(self, name: str) -> str | None:
         """The adapter a model name means (None: the base); KeyError when there is none."""
         if name in self.base_names:
             return None
-        if name in self.fleet.shapes:
+        if name in self.backend.adapters:
             return name
         raise KeyError(name)
 
-    def load_adapter(self, name: str, path: Path) -> None:
+    def load_adapter(self, name: str, path: str) -> None:
+        """Load a PEFT adapter; a relative path is taken from the fleet directory of whoever generates
+        (ours for the local engine, the upstream's for vLLM, which reads its own disk)."""
         if name in self.base_names:
             raise AdapterError(f"{name!r} is the base model's name; choose another adapter name")
-        with self._admin_lock, self.engine.model_lock:
-            if name in self.fleet.shapes:
-                raise AdapterError(f"adapter {name!r} is already loaded")
-            load_adapter(self.fleet, name, path)
+        with self._admin_lock:
+            if isinstance(self.backend, UpstreamBackend):
+                self.backend.load_adapter(name, path)
+            else:
+                self.backend.load_adapter(name, self.options.fleet_dir / path)
 
     def unload_adapter(self, name: str) -> None:
-        with self._admin_lock, self.engine.model_lock:
-            if name not in self.fleet.shapes:
-                raise KeyError(name)
-            if name in self.engine.adapters_in_use():
-                raise AdapterError(f"adapter {name!r} has requests in flight; retry when they finish")
-            self.fleet.remove_adapter(name)
+        with self._admin_lock:
+            self.backend.unload_adapter(name)
 
     def start(self) -> FleetServer:
-        self.engine.start()
+        self.backend.start()
         return self
 
     def close(self) -> None:
-        self.engine.stop()
+        self.backend.close()
         self.request_log.close()

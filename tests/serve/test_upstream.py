@@ -1,0 +1,98 @@
+"""The gateway in front of an upstream OpenAI-compatible engine (vLLM's place; here a lorafleet
+server on 127.0.0.1 stands in for it, so the relay is tested for real)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sqlite3
+
+import httpx
+import openai
+import pytest
+
+from lorafleet.errors import LorafleetError
+from lorafleet.serve.server import FleetServer, ServeOptions
+from lorafleet.serve.tenants import load_tenants
+from tests.serve.conftest import KEYS, running_server
+
+MESSAGES = [{"role": "user", "content": "What is the invoice total?"}]
+
+
+@pytest.fixture(scope="module")
+def upstream_and_gateway(fleet_dir, keys_file, tmp_path_factory):
+    gateway_dir = tmp_path_factory.mktemp("gateway")
+    with running_server(ServeOptions(fleet_dir=fleet_dir)) as (upstream_url, _):
+        options = ServeOptions(fleet_dir=gateway_dir, tenants=load_tenants(keys_file), upstream_url=upstream_url)
+        with running_server(options) as (gateway_url, _):
+            yield upstream_url, gateway_url, gateway_dir
+
+
+def chat_client(url: str, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def test_gateway_relays_replies_and_keeps_tenants_apart(upstream_and_gateway):
+    upstream, gateway, _ = upstream_and_gateway
+    direct = chat_client(upstream).chat.completions.create(
+        model="finance", messages=MESSAGES, temperature=0, max_tokens=6
+    )
+    relayed = chat_client(gateway, KEYS["finance-team"]).chat.completions.create(
+        model="finance", messages=MESSAGES, temperature=0, max_tokens=6
+    )
+    assert relayed.choices[0].message.content == direct.choices[0].message.content
+    assert relayed.usage.completion_tokens == direct.usage.completion_tokens
+    with pytest.raises(openai.NotFoundError):
+        chat_client(gateway, KEYS["finance-team"]).chat.completions.create(model="legal", messages=MESSAGES)
+    listed = {m.id for m in chat_client(gateway, KEYS["ops"]).models.list()}
+    assert {"finance", "legal", "base"} <= listed
+
+
+def test_gateway_relays_streams_and_accounts_usage(upstream_and_gateway):
+    _, gateway, gateway_dir = upstream_and_gateway
+    client = chat_client(gateway, KEYS["legal-team"])
+    with_usage = list(
+        client.chat.completions.create(
+            model="legal",
+            messages=MESSAGES,
+            temperature=0,
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    without = list(
+        client.chat.completions.create(model="legal", messages=MESSAGES, temperature=0, max_tokens=5, stream=True)
+    )
+    text = lambda chunks: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)  # noqa: E731
+    assert text(with_usage) == text(without)
+    assert with_usage[-1].usage is not None and all(c.usage is None for c in without)
+    assert all(c.model == "legal" for c in without)
+    rows = (
+        sqlite3.connect(gateway_dir / "lorafleet.sqlite")
+        .execute("SELECT completion_tokens FROM requests WHERE tenant = 'legal-team' AND status = 200")
+        .fetchall()
+    )
+    assert len(rows) >= 2 and all(tokens > 0 for (tokens,) in rows)
+
+
+def test_admin_unload_and_load_reach_the_upstream(upstream_and_gateway):
+    upstream, gateway, _ = upstream_and_gateway
+    admin = {"Authorization": f"Bearer {KEYS['ops']}"}
+    assert httpx.delete(f"{gateway}/v1/adapters/legal", headers=admin, timeout=60).status_code == 200
+    assert "legal" not in {m.id for m in chat_client(upstream).models.list()}
+    with pytest.raises(openai.NotFoundError):
+        chat_client(gateway, KEYS["ops"]).chat.completions.create(model="legal", messages=MESSAGES)
+    loaded = httpx.post(
+        f"{gateway}/v1/adapters",
+        headers=admin,
+        timeout=60,
+        json={"name": "legal", "path": "adapters/legal"},  # a path on the upstream's disk
+    )
+    assert loaded.status_code == 200, loaded.text
+    assert "legal" in {m.id for m in chat_client(upstream).models.list()}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_vllm_engine_without_vllm_says_how_to_install_it(fleet_dir):
+    with pytest.raises(LorafleetError, match="pip install vllm"):
+        FleetServer(ServeOptions(fleet_dir=fleet_dir, engine="vllm"))
