@@ -54,3 +54,12 @@ def test_readme_fleet_example_is_a_valid_spec(tmp_path):
     assert [a.name for a in spec.adapters] == ["finance", "legal"]
     assert spec.adapters[0].data == str(tmp_path / "data/finance.jsonl")
     assert yaml.safe_load(example)["adapters"][1]["steps"] == spec.adapters[1].steps
+
+
+def test_readme_keys_example_is_a_valid_keys_file(tmp_path):
+    from lorafleet.serve.tenants import load_tenants
+
+    example = re.search(r"```yaml\n(# keys\.yaml.*?)```", README.read_text(), re.S).group(1)
+    (tmp_path / "keys.yaml").write_text(example)
+    tenants = load_tenants(tmp_path / "keys.yaml").tenants
+    assert [t.name for t in tenants] == ["finance-team", "ops"] and tenants[1].admin

@@ -17,6 +17,8 @@ examples:
   lorafleet train fleet.yaml              train every adapter listed in fleet.yaml together
   lorafleet train fleet.yaml --resume     continue an interrupted run from its last checkpoint
   lorafleet serve --fleet demo-out        OpenAI-compatible API on 127.0.0.1:8000 (base + adapters)
+  lorafleet serve --fleet demo-out --keys keys.yaml --host 0.0.0.0    with tenants, keys and limits
+  lorafleet keys new                      a fresh API key and the hash that goes in keys.yaml
 """
 
 
@@ -102,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--vllm-port", type=int, default=8100, help="port for the vLLM process (default: 8100)")
     serve.set_defaults(command="serve", run=_run_serve)
+
+    keys = commands.add_parser("keys", help="make API keys for KEYS.yaml (only their hashes go in the file)")
+    keys.add_argument("action", choices=["new", "hash"], help="new: a fresh random key; hash: the hash of KEY")
+    keys.add_argument("key", nargs="?", help="the key to hash")
+    keys.set_defaults(command="keys", run=_run_keys)
     return parser
 
 
@@ -131,6 +138,21 @@ def _run_serve(args: argparse.Namespace) -> int:
     from lorafleet.serve.run import serve
 
     serve(args)
+    return 0
+
+
+def _run_keys(args: argparse.Namespace) -> int:
+    import secrets
+
+    from lorafleet.errors import ConfigError
+    from lorafleet.serve.tenants import hash_key
+
+    if args.action == "hash" and not args.key:
+        raise ConfigError("lorafleet keys hash needs the KEY to hash")
+    key = args.key if args.action == "hash" else "sk-lf-" + secrets.token_urlsafe(32)
+    if args.action == "new":
+        print(f"key:        {key}   (give this to the tenant; it is not stored)")
+    print(f"key_sha256: {hash_key(key)}")
     return 0
 
 

@@ -106,3 +106,12 @@ def test_serve_command_answers_the_openai_client(tmp_path):
 def test_serve_refuses_a_public_address_without_keys(tmp_path):
     run = lorafleet("serve", "--fleet", str(tmp_path), "--host", "0.0.0.0")
     assert run.returncode == 2 and "without --keys" in run.stderr
+
+
+def test_keys_new_prints_a_key_and_its_hash():
+    from lorafleet.serve.tenants import hash_key
+
+    run = lorafleet("keys", "new")
+    lines = dict(line.split(":", 1) for line in run.stdout.splitlines())
+    key = lines["key"].split()[0]
+    assert lines["key_sha256"].strip() == hash_key(key) and key.startswith("sk-lf-")
