@@ -1,0 +1,48 @@
+"""KEYS.yaml validation and the per-tenant sliding-window limits."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from lorafleet.errors import ConfigError
+from lorafleet.serve.tenants import Tenant, hash_key, load_tenants
+
+
+def write(tmp_path, tenants) -> str:
+    path = tmp_path / "keys.yaml"
+    path.write_text(yaml.safe_dump({"tenants": tenants}))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("tenant", "message"),
+    [
+        ({"name": "a", "key": "k", "key_sha256": hash_key("k")}, "exactly one of"),
+        ({"name": "a"}, "exactly one of"),
+        ({"name": "a", "key_sha256": "abc"}, "64 hex digits"),
+        ({"name": "a", "key": "k", "adpaters": ["x"]}, "unknown field 'adpaters'"),
+        ({"name": "a", "key": "k", "requests_per_minute": 0}, "positive integer"),
+    ],
+)
+def test_bad_tenants_are_named(tmp_path, tenant, message):
+    with pytest.raises(ConfigError, match=message):
+        load_tenants(write(tmp_path, [tenant]))
+
+
+def test_keys_are_kept_only_as_hashes(tmp_path):
+    directory = load_tenants(write(tmp_path, [{"name": "a", "key": "sk-secret", "adapters": ["x"]}]))
+    assert "sk-secret" not in repr(directory.tenants)
+    assert directory.authenticate("sk-secret").name == "a"
+    assert directory.authenticate("sk-other") is None and directory.authenticate(None) is None
+
+
+def test_limits_use_a_sliding_one_minute_window():
+    tenant = Tenant("t", hash_key("k"), None, requests_per_minute=2, tokens_per_minute=100)
+    tenant.record_request(now=0.0)
+    tenant.record_request(now=10.0)
+    assert tenant.retry_after(now=20.0) == pytest.approx(40.0)  # the first request leaves at t=60
+    assert tenant.retry_after(now=60.5) is None
+    tenant.record_tokens(150, now=61.0)
+    assert tenant.retry_after(now=62.0) == pytest.approx(59.0)
+    assert tenant.retry_after(now=121.5) is None
