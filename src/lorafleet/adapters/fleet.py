@@ -78,6 +78,7 @@ class LoRAFleet:
         if name in self.shapes:
             raise AdapterError(f"adapter {name!r} is already loaded")
         generator = torch.Generator().manual_seed(seed)
+        self._assign_slot(name)
         for module_name in shape.modules:
             self._wrapped(module_name).add_adapter(name, shape.rank, shape.alpha, shape.dropout, generator, dtype)
         self.shapes[name] = shape
@@ -85,6 +86,14 @@ class LoRAFleet:
     def remove_adapter(self, name: str) -> None:
         for module_name in self.shapes.pop(name).modules:
             self._wrapped(module_name).remove_adapter(name)
+        del self.routing.slots[name]
+        self.routing.slots_version += 1
+
+    def _assign_slot(self, name: str) -> None:
+        """The lowest free slot: stacked inference weights stay as small as the live fleet."""
+        taken = set(self.routing.slots.values())
+        self.routing.slots[name] = next(slot for slot in range(1, len(taken) + 2) if slot not in taken)
+        self.routing.slots_version += 1
 
     def parameters(self, name: str) -> list[nn.Parameter]:
         """The trainable parameters of one adapter, in a stable order."""

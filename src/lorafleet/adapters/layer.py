@@ -27,10 +27,28 @@ class Segment:
 
 
 class Routing:
-    """Which rows go to which adapter; one instance is shared by every layer of a model."""
+    """Which rows go to which adapter; one instance is shared by every layer of a model.
+
+    Adapters also have fleet-wide slot numbers (0: no adapter), which the gathered inference path
+    uses to address every layer's stacked adapter weights by row.
+    """
 
     def __init__(self) -> None:
         self.segments: tuple[Segment, ...] = ()
+        self.slots: dict[str, int] = {}
+        self.slots_version = 0
+        self._row_slots: tuple[tuple, torch.Tensor] | None = None
+        self.row_slots_version = 0  # bumped whenever row_slots changes, for caches keyed on it
+
+    def row_slots(self, device: torch.device) -> torch.Tensor:
+        """(rows,) long: each row's adapter slot, computed once per routing and device."""
+        key = (self.segments, self.slots_version, device)
+        if self._row_slots is None or self._row_slots[0] != key:
+            slots = torch.tensor([self.slots.get(s.adapter, 0) for s in self.segments])
+            lengths = torch.tensor([s.end - s.start for s in self.segments])
+            self._row_slots = (key, torch.repeat_interleave(slots, lengths).to(device))
+            self.row_slots_version += 1
+        return self._row_slots[1]
 
 
 @dataclass
@@ -67,6 +85,31 @@ def lora_delta_reference(
     return torch.cat(pieces, dim=0)
 
 
+def lora_delta_stacked(
+    x: torch.Tensor, feature_mask: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor
+) -> torch.Tensor:
+    """The same update for inference, every adapter at once: two dense matmuls, no Python loop.
+
+    Semantics: with S slots of r_max features each, a_cat is (S * r_max, in) holding slot s's A in
+    rows [(s-1)*r_max, s*r_max) (zero past its rank), b_cat is (S * r_max, out) holding its
+    scaling * B.T in the same rows, and feature_mask (rows, S * r_max) is 1 on the features of the
+    row's own slot (`slot_feature_mask`). Then delta[i] = x[i] @ A_s.T @ B_s.T * scaling_s for the
+    row's adapter s (0 for none): `lora_delta_reference` without dropout. Projecting every row on
+    every adapter costs S * r_max / out of the base matmul, a few percent for a handful of rank-16
+    adapters, and beats both a per-adapter loop and gathering weights per row.
+    """
+    rows = x.shape[0]
+    flat = x.reshape(rows, -1, x.shape[-1]).to(a_cat.dtype)
+    low_rank = (flat @ a_cat.T) * feature_mask[:, None, :]  # (rows, tokens, S * r_max)
+    return (low_rank @ b_cat).reshape(*x.shape[:-1], b_cat.shape[1])
+
+
+def slot_feature_mask(row_slots: torch.Tensor, slots: int, r_max: int, dtype: torch.dtype) -> torch.Tensor:
+    """(rows, slots * r_max): 1 where feature j belongs to the row's slot (slot s owns block s-1)."""
+    owner = torch.arange(slots * r_max, device=row_slots.device) // r_max + 1
+    return (owner[None, :] == row_slots[:, None]).to(dtype)
+
+
 def weights_dtype(adapters: dict[str, LoRAWeights]) -> torch.dtype:
     return next(iter(adapters.values())).lora_A.weight.dtype
 
@@ -83,6 +126,8 @@ class MultiLoRALinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self.routing = routing
         self._weights: dict[str, LoRAWeights] = {}  # rebuilt on add/remove: forward runs per token
+        self._stack: tuple | None = None  # (key, a_cat, b_cat, r_max) for lora_delta_stacked
+        self._mask: tuple | None = None  # (key, feature mask) for the current routing
 
     @property
     def in_features(self) -> int:
@@ -140,5 +185,39 @@ class MultiLoRALinear(nn.Module):
         segments = self.routing.segments
         if not any(segment.adapter in self._weights for segment in segments):
             return result
-        delta = lora_delta_reference(x, segments, self._weights)
+        if torch.is_grad_enabled():  # training: per-segment matmuls, autograd, dropout
+            delta = lora_delta_reference(x, segments, self._weights)
+        else:  # inference: two dense matmuls whatever the number of adapters
+            a_cat, b_cat, r_max = self.stacked_weights()
+            mask = self._feature_mask(r_max, a_cat.shape[0] // r_max, a_cat.dtype, x.device)
+            delta = lora_delta_stacked(x, mask, a_cat, b_cat)
         return result + delta if delta.dtype == result.dtype else (result + delta).to(result.dtype)
+
+    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(a_cat, b_cat, r_max) for `lora_delta_stacked`; rebuilt when adapters or weights change."""
+        versions = tuple((n, w.lora_A.weight._version, w.lora_B.weight._version) for n, w in self._weights.items())
+        key = (self.routing.slots_version, versions)
+        if self._stack is None or self._stack[0] != key:
+            self._stack = (key, *self._build_stack())
+        return self._stack[1], self._stack[2], self._stack[3]
+
+    def _build_stack(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        slots = self.routing.slots
+        r_max = max(w.lora_A.out_features for w in self._weights.values())
+        count = max(slots.values(), default=1)
+        reference = next(iter(self._weights.values())).lora_A.weight
+        a_cat = reference.new_zeros(count * r_max, self.in_features)
+        b_cat = reference.new_zeros(count * r_max, self.out_features)
+        with torch.no_grad():
+            for name, weights in self._weights.items():
+                start, rank = (slots[name] - 1) * r_max, weights.lora_A.out_features
+                a_cat[start : start + rank] = weights.lora_A.weight
+                b_cat[start : start + rank] = weights.lora_B.weight.T * weights.scaling
+        return a_cat, b_cat, r_max
+
+    def _feature_mask(self, r_max: int, slots: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        row_slots = self.routing.row_slots(device)
+        key = (self.routing.row_slots_version, r_max, slots, dtype)
+        if self._mask is None or self._mask[0] != key:
+            self._mask = (key, slot_feature_mask(row_slots, slots, r_max, dtype))
+        return self._mask[1]

@@ -1,8 +1,10 @@
 """Turning generated tokens into text that can be streamed safely.
 
-Text is re-decoded from all generated ids (so multi-byte characters split across tokens come out
-right); a stream never sends a trailing replacement character (an unfinished character) nor the
-last few characters that might still turn out to be the start of a stop string.
+Detokenisation is incremental and constant-time per token (the prefix/read offsets of TGI and
+vLLM): each new token is decoded together with a few tokens before it, so byte-level pieces of a
+multi-byte character come out right once complete, and a reply of n tokens costs O(n), not O(n²).
+A stream never sends the last few characters that might still turn out to be the start of a stop
+string.
 """
 
 from __future__ import annotations
@@ -15,27 +17,40 @@ class IncrementalText:
         self.ids: list[int] = []
         self.text = ""
         self.sent = 0
+        self._prefix_offset = 0  # ids[prefix_offset:read_offset] is context already turned into text
+        self._read_offset = 0
         self._holdback = max((len(s) for s in self.stop), default=1) - 1
+        self.stopped = False  # a stop string cut the text: nothing after it may be sent
 
     def add(self, token: int) -> bool:
         """Add a token; True when a stop string appeared (the text is cut before it)."""
         self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        hits = [i for i in (self.text.find(s, max(0, self.sent - self._holdback)) for s in self.stop) if i >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            return True
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
+        after = decode(self.ids[self._prefix_offset :], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):  # a complete character arrived
+            searched_from = max(0, len(self.text) - self._holdback)
+            self.text += after[len(before) :]
+            self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
+            hits = [i for i in (self.text.find(s, searched_from) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self.stopped = True
+                return True
         return False
 
     def ready(self) -> str:
         """Text that can be sent now."""
-        end = len(self.text) - self._holdback
-        while end > self.sent and self.text[end - 1] == "\ufffd":
-            end -= 1
-        return self._take(end)
+        return self._take(len(self.text) - self._holdback)
 
     def flush(self) -> str:
-        """All text not yet sent (the reply is finished)."""
+        """All text not yet sent (the reply is finished), including an unfinished character at the
+        end, which decodes as U+FFFD exactly as a one-shot decode shows it."""
+        if not self.stopped and self._read_offset < len(self.ids):
+            decode = self.tokenizer.decode
+            before = decode(self.ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
+            self.text += decode(self.ids[self._prefix_offset :], skip_special_tokens=True)[len(before) :]
+            self._read_offset = len(self.ids)
         return self._take(len(self.text))
 
     def _take(self, end: int) -> str:
