@@ -91,13 +91,14 @@ def time_engine(base, adapter_dirs, batch, names, tokens: int, max_batch: int) -
             engine.submit(Example(p, torch.full_like(p, IGNORE_INDEX), None), n, params)
             for p, n in zip(batch, names, strict=True)
         ]
-        counts = [list(s)[-1].completion_tokens for s in streams]
+        finals = [list(s)[-1] for s in streams]
+        counts = [final.completion_tokens for final in finals]
         seconds = time.perf_counter() - started
     finally:
         engine.stop()
         for name in list(fleet.shapes):
             fleet.remove_adapter(name)
-    assert counts == [tokens] * len(batch), counts
+    assert counts == [tokens] * len(batch), finals[0].error
     return seconds
 
 

@@ -6,8 +6,9 @@ every running sequence in a single forward pass, each row with its own adapter (
 sorted by adapter so that every adapter is one contiguous segment), and (3) retires finished rows.
 A request therefore joins the batch at the next token, not when the current batch ends.
 
-The KV cache is transformers' DynamicCache; merging and retiring rows are plain tensor operations on
-its per-layer keys/values (left padding, masked out by the attention mask).
+Prefill runs through transformers (images included); decode steps run the lean forward of
+`serve/decode.py` over a KV cache without padding. Merging and retiring rows are row selections
+of that cache.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from lorafleet.adapters.fleet import LoRAFleet
 from lorafleet.adapters.layer import Segment
 from lorafleet.data.encode import Example
 from lorafleet.models.loading import BaseModel
+from lorafleet.serve.decode import Decoder, KVCache, prefill
 from lorafleet.serve.sampling import SamplingParams, sample_next_token
 from lorafleet.serve.text import IncrementalText
 
@@ -107,8 +108,8 @@ class Engine:
         self._waiting_lock = threading.Lock()
         self._wake = threading.Event()
         self._rows: list[_Row] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # (rows, cached length): 0 at left padding
+        self._cache: KVCache | None = None
+        self.decoder = Decoder(base)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lorafleet-engine", daemon=True)
         generation_config = base.model.generation_config
@@ -173,51 +174,28 @@ class Engine:
         if not arriving:
             return
         arriving.sort(key=lambda r: r.adapter or "")
-        rows, cache, mask, logits = self._prefill(arriving)
+        rows, cache, logits = self._prefill(arriving)
         self._sample(rows, logits)
-        self._merge(rows, cache, mask)
+        self._merge(rows, cache)
         self._retire()
 
-    def _prefill(self, requests: list[_Request]):
+    def _prefill(self, requests: list[_Request]) -> tuple[list[_Row], KVCache, torch.Tensor]:
         prompts = [r.prompt for r in requests]
-        length = max(p.num_tokens for p in prompts)
-        input_ids = torch.full((len(prompts), length), self.base.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for i, prompt in enumerate(prompts):
-            input_ids[i, length - prompt.num_tokens :] = prompt.input_ids
-            mask[i, length - prompt.num_tokens :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions}
-        images = [p.pixel_values for p in prompts if p.pixel_values is not None]
-        if images:
-            inputs["pixel_values"] = torch.cat(images)
-        device = self.base.device
-        inputs = {key: value.to(device) for key, value in inputs.items()}
         with self.fleet.route(_segments([r.adapter for r in requests])):
-            output = self.base.model(**inputs, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+            logits, cache = prefill(self.base, prompts, self.base.device)
         rows = [
             _Row(r, IncrementalText(self.base.tokenizer, r.params.stop), _generator(r.params), p.num_tokens)
             for r, p in zip(requests, prompts, strict=True)
         ]
-        return rows, output.past_key_values, inputs["attention_mask"], output.logits[:, -1].float()
+        return rows, cache, logits
 
     def _decode_step(self) -> None:
-        device = self.base.device
-        tokens = torch.tensor([[row.next_token] for row in self._rows], device=device)
-        positions = torch.tensor([[row.position] for row in self._rows], device=device)
-        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)
+        tokens = torch.tensor([row.next_token for row in self._rows], device=self.base.device)
         with self.fleet.route(_segments([row.request.adapter for row in self._rows])):
-            output = self.base.model(
-                input_ids=tokens,
-                attention_mask=self._mask,
-                position_ids=positions,
-                past_key_values=self._cache,
-                use_cache=True,
-            )
-        self._cache = output.past_key_values
+            logits = self.decoder.step(tokens, self._cache)
         for row in self._rows:
             row.position += 1
-        self._sample(self._rows, output.logits[:, -1].float())
+        self._sample(self._rows, logits)
         self._retire()
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
@@ -251,16 +229,12 @@ class Engine:
 
     # --- batch bookkeeping ----------------------------------------------------------------
 
-    def _merge(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
+    def _merge(self, rows: list[_Row], cache: KVCache) -> None:
         if not self._rows:
-            self._rows, self._cache, self._mask = rows, cache, mask
+            self._rows, self._cache = rows, cache
         else:
-            length = max(self._mask.shape[1], mask.shape[1])
-            for old, new in zip(self._cache.layers, cache.layers, strict=True):
-                old.keys = torch.cat([_left_pad(old.keys, length, 2), _left_pad(new.keys, length, 2)])
-                old.values = torch.cat([_left_pad(old.values, length, 2), _left_pad(new.values, length, 2)])
-            self._mask = torch.cat([_left_pad(self._mask, length, 1), _left_pad(mask, length, 1)])
             self._rows = self._rows + rows
+            self._cache.extend(cache)
         order = sorted(range(len(self._rows)), key=lambda i: self._rows[i].request.adapter or "")
         if order != list(range(len(self._rows))):
             self._select(order)
@@ -268,23 +242,16 @@ class Engine:
     def _select(self, indices: list[int]) -> None:
         self._rows = [self._rows[i] for i in indices]
         if not self._rows:
-            self._cache, self._mask = None, None
+            self._cache = None
             return
-        index = torch.tensor(indices, device=self._mask.device)
-        self._mask = self._mask[index]
-        # Columns that are padding for every remaining row are dead weight: drop them.
-        first_live = int(self._mask.any(dim=0).nonzero()[0])
-        self._mask = self._mask[:, first_live:]
-        for layer in self._cache.layers:
-            layer.keys = layer.keys[index, :, first_live:]
-            layer.values = layer.values[index, :, first_live:]
+        self._cache.select(torch.tensor(indices, device=self._cache.lengths.device))
 
     def _fail_all(self, message: str) -> None:
         failed = [row.request for row in self._rows]
         with self._waiting_lock:
             failed += self._waiting
             self._waiting = []
-        self._rows, self._cache, self._mask = [], None, None
+        self._rows, self._cache = [], None
         for request in failed:
             request.stream.put(Event("", "error", error=message))
 
@@ -298,15 +265,6 @@ def _segments(adapters: list[str | None]) -> list[Segment]:
         else:
             segments.append(Segment(adapter, row, row + 1))
     return segments
-
-
-def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    missing = length - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 def _generator(params: SamplingParams) -> torch.Generator | None:
