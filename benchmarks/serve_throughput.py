@@ -77,28 +77,32 @@ def time_generate(model, inputs, tokens: int, pad_id: int, **kwargs) -> float:
 
 
 def time_engine(base, adapter_dirs, batch, names, tokens: int, max_batch: int) -> float:
-    """All streams submitted at once; `names[i]` is the adapter of stream i."""
+    """All streams submitted at once; `names[i]` is the adapter of stream i.
+
+    The engine runs in this thread (`run_until_idle`), as `generate` does: with two threads doing
+    torch work, the idle thread's OpenMP workers keep spinning and the 2-core machine measures
+    contention instead of the engine.
+    """
     fleet = LoRAFleet(base.model, base.language_prefix)
     for path in adapter_dirs:
         load_adapter(fleet, path.name, path)
-    engine = Engine(base, fleet, max_batch=max_batch).start()
+    engine = Engine(base, fleet, max_batch=max_batch)
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    prompt = lambda ids: Example(ids, torch.full_like(ids, IGNORE_INDEX), None)  # noqa: E731
     try:
-        warm = engine.submit(Example(batch[0], torch.full_like(batch[0], IGNORE_INDEX), None), names[0], params)
-        list(warm)
+        engine.submit(prompt(batch[0]), names[0], params)
+        engine.run_until_idle()  # warm-up
+        synchronize(base.device)
         started = time.perf_counter()
-        streams = [
-            engine.submit(Example(p, torch.full_like(p, IGNORE_INDEX), None), n, params)
-            for p, n in zip(batch, names, strict=True)
-        ]
-        finals = [list(s)[-1] for s in streams]
-        counts = [final.completion_tokens for final in finals]
+        streams = [engine.submit(prompt(p), n, params) for p, n in zip(batch, names, strict=True)]
+        engine.run_until_idle()
+        synchronize(base.device)
         seconds = time.perf_counter() - started
     finally:
-        engine.stop()
         for name in list(fleet.shapes):
             fleet.remove_adapter(name)
-    assert counts == [tokens] * len(batch), finals[0].error
+    finals = [list(s)[-1] for s in streams]
+    assert [f.completion_tokens for f in finals] == [tokens] * len(batch), finals[0].error
     return seconds
 
 

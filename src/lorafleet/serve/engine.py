@@ -152,19 +152,30 @@ class Engine:
 
     # --- the engine thread ----------------------------------------------------------------
 
+    def run_until_idle(self) -> None:
+        """Serve everything submitted so far in the calling thread (offline batch generation).
+
+        Use either this or `start()`, not both: one thread drives the model.
+        """
+        while self._rows or self._waiting:
+            self._iteration()
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             if not self._rows and not self._waiting:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
-            try:
-                with self.model_lock, torch.no_grad():
-                    self._admit()
-                    if self._rows:
-                        self._decode_step()
-            except Exception as err:  # a failed step fails its requests, never the server
-                self._fail_all(f"{type(err).__name__}: {err}")
+            self._iteration()
+
+    def _iteration(self) -> None:
+        try:
+            with self.model_lock, torch.no_grad():
+                self._admit()
+                if self._rows:
+                    self._decode_step()
+        except Exception as err:  # a failed step fails its requests, never the server
+            self._fail_all(f"{type(err).__name__}: {err}")
 
     def _admit(self) -> None:
         with self._waiting_lock:
