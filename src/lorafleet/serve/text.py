@@ -12,7 +12,13 @@ from __future__ import annotations
 
 class IncrementalText:
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()) -> None:
-        self.tokenizer = tokenizer
+        # The Rust tokenizer itself when there is one: transformers' decode wrapper costs several
+        # times the decoding, twice per token per stream.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+            self._decode = lambda ids: backend.decode(ids, skip_special_tokens=True)
+        else:
+            self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
         self.stop = tuple(s for s in stop if s)
         self.ids: list[int] = []
         self.text = ""
@@ -25,9 +31,8 @@ class IncrementalText:
     def add(self, token: int) -> bool:
         """Add a token; True when a stop string appeared (the text is cut before it)."""
         self.ids.append(token)
-        decode = self.tokenizer.decode
-        before = decode(self.ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
-        after = decode(self.ids[self._prefix_offset :], skip_special_tokens=True)
+        before = self._decode(self.ids[self._prefix_offset : self._read_offset])
+        after = self._decode(self.ids[self._prefix_offset :])
         if len(after) > len(before) and not after.endswith("\ufffd"):  # a complete character arrived
             searched_from = max(0, len(self.text) - self._holdback)
             self.text += after[len(before) :]
@@ -47,9 +52,8 @@ class IncrementalText:
         """All text not yet sent (the reply is finished), including an unfinished character at the
         end, which decodes as U+FFFD exactly as a one-shot decode shows it."""
         if not self.stopped and self._read_offset < len(self.ids):
-            decode = self.tokenizer.decode
-            before = decode(self.ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
-            self.text += decode(self.ids[self._prefix_offset :], skip_special_tokens=True)[len(before) :]
+            before = self._decode(self.ids[self._prefix_offset : self._read_offset])
+            self.text += self._decode(self.ids[self._prefix_offset :])[len(before) :]
             self._read_offset = len(self.ids)
         return self._take(len(self.text))
 
