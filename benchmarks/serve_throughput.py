@@ -90,8 +90,10 @@ def time_engine(base, adapter_dirs, batch, names, tokens: int, max_batch: int) -
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     prompt = lambda ids: Example(ids, torch.full_like(ids, IGNORE_INDEX), None)  # noqa: E731
     try:
-        engine.submit(prompt(batch[0]), names[0], params)
-        engine.run_until_idle()  # warm-up
+        warm_up = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+        for ids, name in zip(batch, names, strict=True):  # the same warm-up as generate gets: 2 tokens
+            engine.submit(prompt(ids), name, warm_up)
+        engine.run_until_idle()
         synchronize(base.device)
         started = time.perf_counter()
         streams = [engine.submit(prompt(p), n, params) for p, n in zip(batch, names, strict=True)]

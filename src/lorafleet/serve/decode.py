@@ -128,32 +128,40 @@ class Decoder:
         visible = (torch.arange(span, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
         for index, layer in enumerate(self.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(rows, 1, -1, attn.head_dim)
-            k = attn.k_proj(x).view(rows, 1, -1, attn.head_dim)
+            x = _rms_norm(layer.input_layernorm, hidden)
+            q = attn.q_proj(x).view(rows, -1, attn.head_dim)
+            k = attn.k_proj(x).view(rows, -1, attn.head_dim)
             if hasattr(attn, "q_norm"):  # Qwen3 normalises each head before the rotation
                 q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)
-            v = attn.v_proj(x).view(rows, 1, -1, attn.head_dim).transpose(1, 2)
-            cache.keys[index][row_index, :, positions] = k[:, :, 0]
-            cache.values[index][row_index, :, positions] = v[:, :, 0]
+            heads = q.shape[1]
+            q, k = _rotate(torch.cat([q, k], dim=1), cos, sin).split([heads, k.shape[1]], dim=1)
+            v = attn.v_proj(x).view(rows, -1, attn.head_dim)
+            cache.keys[index][row_index, :, positions] = k
+            cache.values[index][row_index, :, positions] = v
             out = F.scaled_dot_product_attention(
-                q,
+                q[:, :, None],
                 cache.keys[index][:, :, :span],
                 cache.values[index][:, :, :span],
                 attn_mask=visible,
                 scale=attn.scaling,
                 enable_gqa=True,
             )
-            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(rows, 1, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + attn.o_proj(out.reshape(rows, 1, -1))
+            hidden = hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
         cache.lengths = positions + 1
-        return self.lm_head(self.norm(hidden))[:, 0].float()
+        return self.lm_head(_rms_norm(self.norm, hidden))[:, 0].float()
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding as transformers applies it (rotate_half convention); x is (rows, heads, 1, dim)."""
-    cos, sin = cos[:, None], sin[:, None]
+    """Rotary embedding as transformers applies it (rotate_half convention); x is (rows, heads, dim),
+    cos and sin (rows, 1, dim)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's RMSNorm in one fused call: weight * (x / rms(x)) computed in fp32, as transformers does."""
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+    return norm.weight * normed.to(x.dtype)
