@@ -145,7 +145,12 @@ def run_fleet(args, base: BaseModel, specs: list[AdapterSpec], output: Path) -> 
         marks.append((time.perf_counter(), trainer.result.tokens))
 
     spec = FleetSpec(
-        base=str(base.path), output=str(output), adapters=specs, checkpoint_every=0, max_concurrent=len(specs)
+        base=str(base.path),
+        output=str(output),
+        adapters=specs,
+        checkpoint_every=0,
+        max_concurrent=len(specs),
+        packing=args.packing,
     )
     trainer = FleetTrainer(spec, base=base, progress=False, on_step=mark)
     trainer.run()
@@ -192,6 +197,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per adapter")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--packing", action="store_true", help="lorafleet packs sequences instead of padding")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM)")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
@@ -219,6 +225,7 @@ def main() -> None:
         "seq_len": args.seq_len,
         "rank": args.rank,
         "steps": args.steps,
+        "packing": args.packing,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -76,6 +76,7 @@ class FleetSpec:
     max_concurrent: int = 8  # adapters in one batch at once; the rest wait their turn
     max_seq_len: int = 4096  # a longer record is an error (never truncated: images would break)
     max_tiles: int | None = None  # image tiles per image; default: the model's image processor
+    packing: bool = False  # all sequences back to back in one row: no padding, no FLOPs wasted on it
     checkpoint_every: int = 100  # fleet steps between checkpoints; 0 turns them off
     keep_checkpoints: int = 2
     seed: int = 0  # seeds dropout; each adapter's own seed sets its initialisation and data order

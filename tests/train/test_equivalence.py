@@ -104,9 +104,11 @@ def train_alone_with_peft(model_dir: Path, spec: AdapterSpec, workdir: Path) -> 
     return load_file(out / "adapter_model.safetensors")
 
 
-def assert_fleet_matches_peft(model_dir: Path, data: list[Path], tmp_path: Path) -> None:
+def assert_fleet_matches_peft(model_dir: Path, data: list[Path], tmp_path: Path, packing: bool) -> None:
     adapters = three_adapters(data)
-    spec = FleetSpec(base=str(model_dir), output=str(tmp_path / "fleet"), adapters=adapters, checkpoint_every=0)
+    spec = FleetSpec(
+        base=str(model_dir), output=str(tmp_path / "fleet"), adapters=adapters, checkpoint_every=0, packing=packing
+    )
     result = train_fleet(spec, progress=False)
     for adapter in adapters:
         ours = load_file(result.adapters[adapter.name] / "adapter_model.safetensors")
@@ -124,12 +126,13 @@ def assert_fleet_matches_peft(model_dir: Path, data: list[Path], tmp_path: Path)
         assert worst <= 1e-5, f"{adapter.name}: max |fleet - peft| = {worst:.2e}"
 
 
-def test_adapters_trained_together_match_peft_alone_on_qwen2(tiny_lm_dir, tmp_path):
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_adapters_trained_together_match_peft_alone_on_qwen2(tiny_lm_dir, tmp_path, packing):
     data = [write_text_dataset(tmp_path / f"d{i}.jsonl", n=13 + 4 * i, seed=i) for i in range(3)]
-    assert_fleet_matches_peft(tiny_lm_dir, data, tmp_path)
+    assert_fleet_matches_peft(tiny_lm_dir, data, tmp_path, packing)
 
 
-@pytest.mark.slow
-def test_adapters_trained_together_match_peft_alone_on_internvl_with_images(tiny_vlm_dir, tmp_path):
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_adapters_trained_together_match_peft_alone_on_internvl_with_images(tiny_vlm_dir, tmp_path, packing):
     data = [write_image_dataset(tmp_path / f"d{i}.jsonl", n=11 + 3 * i, seed=i) for i in range(3)]
-    assert_fleet_matches_peft(tiny_vlm_dir, data, tmp_path)
+    assert_fleet_matches_peft(tiny_vlm_dir, data, tmp_path, packing)

@@ -107,17 +107,18 @@ class LoRAFleet:
             yield f"{module_name}.lora_B", layer.lora_B[name].weight
 
     @contextmanager
-    def route(self, segments: Sequence[Segment]) -> Iterator[None]:
-        """Within the block, rows of every forward pass go to the adapters the segments name."""
+    def route(self, segments: Sequence[Segment], by_token: bool = False) -> Iterator[None]:
+        """Within the block, rows (or, `by_token`, tokens of a packed batch) of every forward pass
+        go to the adapters the segments name."""
         unknown = {s.adapter for s in segments if s.adapter is not None} - set(self.shapes)
         if unknown:
             raise AdapterError(f"adapters {sorted(unknown)} are not loaded")
-        previous = self.routing.segments
-        self.routing.segments = tuple(segments)
+        previous = self.routing.segments, self.routing.by_token
+        self.routing.segments, self.routing.by_token = tuple(segments), by_token
         try:
             yield
         finally:
-            self.routing.segments = previous
+            self.routing.segments, self.routing.by_token = previous
 
     @contextmanager
     def use(self, name: str | None, rows: int) -> Iterator[None]:

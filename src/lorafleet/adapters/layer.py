@@ -19,7 +19,8 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Segment:
-    """Rows [start, end) of the batch belong to `adapter` (None: the base model alone)."""
+    """Rows [start, end) of the batch belong to `adapter` (None: the base model alone); with
+    `Routing.by_token`, tokens [start, end) of the flattened batch (packed sequences)."""
 
     adapter: str | None
     start: int
@@ -35,6 +36,7 @@ class Routing:
 
     def __init__(self) -> None:
         self.segments: tuple[Segment, ...] = ()
+        self.by_token = False  # segments count flattened tokens (a packed batch), not rows
         self.slots: dict[str, int] = {}
         self.slots_version = 0
         self._row_slots: tuple[tuple, torch.Tensor] | None = None
@@ -42,7 +44,7 @@ class Routing:
 
     def row_slots(self, device: torch.device) -> torch.Tensor:
         """(rows,) long: each row's adapter slot, computed once per routing and device."""
-        key = (self.segments, self.slots_version, device)
+        key = (self.segments, self.by_token, self.slots_version, device)
         if self._row_slots is None or self._row_slots[0] != key:
             slots = torch.tensor([self.slots.get(s.adapter, 0) for s in self.segments])
             lengths = torch.tensor([s.end - s.start for s in self.segments])
@@ -185,12 +187,15 @@ class MultiLoRALinear(nn.Module):
         segments = self.routing.segments
         if not any(segment.adapter in self._weights for segment in segments):
             return result
+        if self.routing.by_token:  # a packed batch: each token is a "row" of the segment maths
+            x = x.reshape(-1, 1, x.shape[-1])
         if torch.is_grad_enabled():  # training: per-segment matmuls, autograd, dropout
             delta = lora_delta_reference(x, segments, self._weights)
         else:  # inference: two dense matmuls whatever the number of adapters
             a_cat, b_cat, r_max = self.stacked_weights()
             mask = self._feature_mask(r_max, a_cat.shape[0] // r_max, a_cat.dtype, x.device)
             delta = lora_delta_stacked(x, mask, a_cat, b_cat)
+        delta = delta.view(result.shape)
         return result + delta if delta.dtype == result.dtype else (result + delta).to(result.dtype)
 
     def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -19,9 +19,10 @@ from lorafleet.data.encode import IGNORE_INDEX, Example
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # (B, L)
-    attention_mask: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor | None  # (B, L); None for a packed batch
     labels: torch.Tensor  # (B, L)
     pixel_values: torch.Tensor | None  # (tiles, 3, H, W), every image of every row in row order
+    position_ids: torch.Tensor | None = None  # (B, L), restarting at 0 per packed sequence
 
     @property
     def rows(self) -> int:
@@ -33,12 +34,22 @@ class Batch:
 
     def to(self, device: torch.device) -> Batch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Batch(move(self.input_ids), move(self.attention_mask), move(self.labels), move(self.pixel_values))
+        return Batch(
+            move(self.input_ids),
+            move(self.attention_mask),
+            move(self.labels),
+            move(self.pixel_values),
+            move(self.position_ids),
+        )
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
-        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
-        if self.pixel_values is not None:
-            inputs["pixel_values"] = self.pixel_values
+        inputs = {"input_ids": self.input_ids}
+        optional = {
+            "attention_mask": self.attention_mask,
+            "position_ids": self.position_ids,
+            "pixel_values": self.pixel_values,
+        }
+        inputs.update({key: value for key, value in optional.items() if value is not None})
         return inputs
 
 
@@ -55,6 +66,37 @@ def collate(examples: Sequence[Example], pad_id: int, length: int | None = None)
         attention_mask[row, :n] = 1
     images = [example.pixel_values for example in examples if example.pixel_values is not None]
     return Batch(input_ids, attention_mask, labels, torch.cat(images) if images else None)
+
+
+def pack_micro_batches(
+    micro_batches: Sequence[tuple[str, Sequence[Example]]],
+) -> tuple[Batch, list[Segment]]:
+    """Every sequence of every adapter back to back in one row, no padding at all.
+
+    Positions restart at 0 for each sequence, which is how transformers recognises packed
+    sequences and keeps attention inside each of them. The first token of every sequence is never
+    a label, so no prediction crosses from one sequence into the next. Segments count tokens.
+    """
+    ids, labels, positions, images, segments, start = [], [], [], [], [], 0
+    for adapter, group in micro_batches:
+        length = 0
+        for example in group:
+            ids.append(example.input_ids)
+            labels.append(torch.cat([torch.tensor([IGNORE_INDEX]), example.labels[1:]]))
+            positions.append(torch.arange(example.num_tokens))
+            if example.pixel_values is not None:
+                images.append(example.pixel_values)
+            length += example.num_tokens
+        segments.append(Segment(adapter, start, start + length))
+        start += length
+    batch = Batch(
+        torch.cat(ids)[None],
+        None,
+        torch.cat(labels)[None],
+        torch.cat(images) if images else None,
+        torch.cat(positions)[None],
+    )
+    return batch, segments
 
 
 def stack_micro_batches(

@@ -11,8 +11,11 @@ from lorafleet.adapters.layer import Segment
 from lorafleet.data.encode import IGNORE_INDEX
 
 
-def segment_losses(logits: torch.Tensor, labels: torch.Tensor, segments: Sequence[Segment]) -> list[torch.Tensor]:
-    """Semantics: for each segment, CE(logits[s:e, t], labels[s:e, t+1]) averaged over label tokens.
+def segment_losses(
+    logits: torch.Tensor, labels: torch.Tensor, segments: Sequence[Segment], by_token: bool = False
+) -> list[torch.Tensor]:
+    """Semantics: for each segment, CE(logits[s:e, t], labels[s:e, t+1]) averaged over label tokens;
+    `by_token` (one packed row): CE(logits[0, t], labels[0, t+1]) for t in [s, e).
 
     Prompt, image and padding positions carry IGNORE_INDEX and count for nothing.
     """
@@ -24,6 +27,8 @@ def segment_losses(logits: torch.Tensor, labels: torch.Tensor, segments: Sequenc
         ignore_index=IGNORE_INDEX,
         reduction="none",
     ).view(shift_labels.shape)
+    if by_token:  # the last token predicts the next sequence's first, which is never a label
+        per_token, shift_labels = per_token.reshape(-1, 1), shift_labels.reshape(-1, 1)
     losses = []
     for segment in segments:
         rows = slice(segment.start, segment.end)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from lorafleet.adapters.fleet import LoRAFleet, LoRAShape, find_target_modules
 from lorafleet.adapters.peft_io import load_adapter, save_adapter
 from lorafleet.config import AdapterSpec, FleetSpec
-from lorafleet.data.batch import stack_micro_batches
+from lorafleet.data.batch import pack_micro_batches, stack_micro_batches
 from lorafleet.data.dataset import load_examples
 from lorafleet.data.encode import Example
 from lorafleet.data.stream import ExampleStream
@@ -81,16 +81,22 @@ class FleetTrainer:
 
     def _step(self) -> None:
         micro_batches = [(job.name, job.stream.next_micro_batch()) for job in self.active]
-        batch, segments = stack_micro_batches(micro_batches, self.base.tokenizer.pad_token_id)
+        packed = self.spec.packing
+        if packed:
+            batch, segments = pack_micro_batches(micro_batches)
+        else:
+            batch, segments = stack_micro_batches(micro_batches, self.base.tokenizer.pad_token_id)
         batch = batch.to(self.base.device)
-        with self.fleet.route(segments):
+        with self.fleet.route(segments, by_token=packed):
             logits = self.base.model(**batch.model_inputs(), use_cache=False).logits
-        losses = segment_losses(logits, batch.labels, segments)
+        losses = segment_losses(logits, batch.labels, segments, by_token=packed)
         total = sum(loss / job.spec.grad_accum for loss, job in zip(losses, self.active, strict=True))
         total.backward()
         self.fleet_step += 1
         for job, loss, segment in zip(list(self.active), losses, segments, strict=True):
-            tokens = int(batch.attention_mask[segment.start : segment.end].sum())
+            tokens = (
+                segment.end - segment.start if packed else int(batch.attention_mask[segment.start : segment.end].sum())
+            )
             self.result.tokens += tokens
             if job.record_micro_batch(loss.item(), tokens):
                 self._optimizer_step(job)
