@@ -19,6 +19,8 @@ examples:
   lorafleet serve --fleet demo-out        OpenAI-compatible API on 127.0.0.1:8000 (base + adapters)
   lorafleet serve --fleet demo-out --keys keys.yaml --host 0.0.0.0    with tenants, keys and limits
   lorafleet keys new                      a fresh API key and the hash that goes in keys.yaml
+  lorafleet compress --base demo-out/base --calib demo-out/data/marketing.jsonl \
+      --prune-mlp 0.5 --prune-layers 1 --out small-base            a pruned base, ready to re-fit adapters
 """
 
 
@@ -105,6 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--vllm-port", type=int, default=8100, help="port for the vLLM process (default: 8100)")
     serve.set_defaults(command="serve", run=_run_serve)
 
+    compress = commands.add_parser(
+        "compress",
+        help="prune a base model (optionally with an adapter merged in) into a smaller HF model",
+        description="Minitron-style structured pruning of the language model, ranked on calibration data. "
+        "Distillation and quantization are the next stages and not part of this command yet.",
+    )
+    compress.add_argument("--base", type=Path, required=True, help="base model directory")
+    compress.add_argument("--adapter", type=Path, help="PEFT adapter to merge before compressing")
+    compress.add_argument("--out", type=Path, help="output model directory")
+    compress.add_argument("--calib", type=Path, help="calibration JSONL (training-data layout)")
+    compress.add_argument("--prune-mlp", type=float, default=0.0, help="fraction of MLP neurons to remove")
+    compress.add_argument("--prune-heads", type=float, default=0.0, help="fraction of key/value head groups to remove")
+    compress.add_argument("--prune-layers", type=int, default=0, help="number of decoder layers to remove")
+    compress.add_argument("--plan", action="store_true", help="show what would be removed; write nothing")
+    compress.set_defaults(command="compress", run=_run_compress)
+
     keys = commands.add_parser("keys", help="make API keys for KEYS.yaml (only their hashes go in the file)")
     keys.add_argument("action", choices=["new", "hash"], help="new: a fresh random key; hash: the hash of KEY")
     keys.add_argument("key", nargs="?", help="the key to hash")
@@ -138,6 +156,15 @@ def _run_serve(args: argparse.Namespace) -> int:
     from lorafleet.serve.run import serve
 
     serve(args)
+    return 0
+
+
+def _run_compress(args: argparse.Namespace) -> int:
+    from lorafleet.compress.prune import PruneRequest
+    from lorafleet.compress.run import CompressOptions, compress
+
+    request = PruneRequest(mlp=args.prune_mlp, heads=args.prune_heads, layers=args.prune_layers)
+    compress(CompressOptions(args.base, args.out, args.adapter, args.calib, request, plan_only=args.plan))
     return 0
 
 

@@ -41,6 +41,12 @@ class BaseModel:
         return self.image_processor is not None
 
     @property
+    def language_model(self) -> nn.Module:
+        """The decoder stack (embeddings, layers, norm, rotary) below any vision parts."""
+        inner = self.model.model
+        return getattr(inner, "language_model", inner)
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 

@@ -27,13 +27,8 @@ from lorafleet.models.loading import BaseModel
 SUPPORTED_LAYERS = ("Qwen2DecoderLayer", "Qwen3DecoderLayer", "LlamaDecoderLayer", "MistralDecoderLayer")
 
 
-def language_model(base: BaseModel) -> nn.Module:
-    inner = base.model.model
-    return getattr(inner, "language_model", inner)
-
-
 def check_supported(base: BaseModel) -> None:
-    lm = language_model(base)
+    lm = base.language_model
     kinds = {type(layer).__name__ for layer in lm.layers}
     unsupported = kinds - set(SUPPORTED_LAYERS)
     sliding = [i for i, layer in enumerate(lm.layers) if getattr(layer.self_attn, "sliding_window", None)]
@@ -111,7 +106,7 @@ class Decoder:
 
     def __init__(self, base: BaseModel) -> None:
         check_supported(base)
-        lm = language_model(base)
+        lm = base.language_model
         self.embed, self.layers, self.norm, self.rotary = lm.embed_tokens, lm.layers, lm.norm, lm.rotary_emb
         self.lm_head = base.model.get_output_embeddings()
 

@@ -1,0 +1,1 @@
+"""Compression: prune → distil → quantize for the base model (and adapted variants)."""

@@ -1,0 +1,106 @@
+"""`lorafleet compress`: prune a base (optionally with one adapter merged in) and report the cost.
+
+This covers the pruning stage of prune → distil → quantize; it writes an ordinary HF model
+directory plus `compress_report.json` (parameters, bytes on disk, calibration loss before/after).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorafleet.compress.prune import PruneRequest, apply_plan, measure_importance, plan_pruning
+from lorafleet.data.batch import collate
+from lorafleet.data.dataset import load_examples
+from lorafleet.data.encode import Example
+from lorafleet.errors import ConfigError
+from lorafleet.models.loading import BaseModel, load_base
+
+
+@dataclass
+class CompressOptions:
+    base: Path
+    out: Path | None
+    adapter: Path | None = None
+    calib: Path | None = None
+    prune: PruneRequest | None = None
+    plan_only: bool = False
+    calib_limit: int = 256
+
+
+def compress(options: CompressOptions, log=print) -> dict:
+    request = options.prune or PruneRequest()
+    base = load_base(options.base, device="cpu", dtype=torch.float32)
+    request.validate(base.language_model.config)
+    if options.adapter is not None:
+        _merge_adapter(base, options.adapter)
+    if options.calib is None:
+        raise ConfigError("--calib FILE is needed: pruning ranks neurons and heads by activations on real data")
+    examples, _ = load_examples(options.calib, base)
+    examples = examples[: options.calib_limit]
+    before = _stage(base, examples, options.base)
+    plan = plan_pruning(base.language_model.config, measure_importance(base, examples), request)
+    log("pruning plan:\n" + plan.describe())
+    report = {
+        "adapter_merged": str(options.adapter) if options.adapter else None,
+        "plan": plan.removed,
+        "stages": {"original": before},
+    }
+    if options.plan_only:
+        return report
+    if options.out is None:
+        raise ConfigError("--out DIR is needed (or --plan for a dry run)")
+    apply_plan(base, plan)
+    _save(base, options.out)
+    report["stages"]["pruned"] = _stage(base, examples, options.out)
+    (options.out / "compress_report.json").write_text(json.dumps(report, indent=2))
+    log(format_report(report))
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{'stage':<10} {'parameters':>12} {'bytes':>12} {'calib loss':>10}"]
+    for name, stage in report["stages"].items():
+        size = f"{stage['bytes']:,}" if stage["bytes"] is not None else "-"
+        lines.append(f"{name:<10} {stage['parameters']:>12,} {size:>12} {stage['calib_loss']:>10.4f}")
+    return "\n".join(lines)
+
+
+def _stage(base: BaseModel, examples: list[Example], directory: Path) -> dict:
+    files = list(Path(directory).glob("*.safetensors"))
+    return {
+        "parameters": sum(p.numel() for p in base.model.parameters()),
+        "bytes": sum(f.stat().st_size for f in files) if files else None,
+        "calib_loss": _mean_loss(base, examples),
+    }
+
+
+@torch.no_grad()
+def _mean_loss(base: BaseModel, examples: list[Example], batch_size: int = 8) -> float:
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start : start + batch_size], base.tokenizer.pad_token_id)
+        loss = base.model(**batch.model_inputs(), labels=batch.labels, use_cache=False).loss
+        tokens = int((batch.labels[:, 1:] != -100).sum())
+        total, count = total + float(loss) * tokens, count + tokens
+    return total / max(count, 1)
+
+
+def _merge_adapter(base: BaseModel, adapter: Path) -> None:
+    from peft import PeftModel
+
+    base.model = PeftModel.from_pretrained(base.model, adapter).merge_and_unload()
+
+
+def _save(base: BaseModel, out: Path) -> None:
+    from transformers import AutoProcessor
+
+    out.mkdir(parents=True, exist_ok=True)
+    base.model.save_pretrained(out)
+    if base.is_multimodal:
+        AutoProcessor.from_pretrained(base.path, local_files_only=True).save_pretrained(out)
+    else:
+        base.tokenizer.save_pretrained(out)
