@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         "compress",
         help="prune a base model (optionally with an adapter merged in) into a smaller HF model",
         description="Minitron-style structured pruning of the language model, ranked on calibration data. "
-        "Distillation and quantization are the next stages and not part of this command yet.",
+        "Optionally distils the pruned student toward the original (forward KL on logits). "
+        "Quantization is not part of this command yet.",
     )
     compress.add_argument("--base", type=Path, required=True, help="base model directory")
     compress.add_argument("--adapter", type=Path, help="PEFT adapter to merge before compressing")
@@ -120,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--prune-mlp", type=float, default=0.0, help="fraction of MLP neurons to remove")
     compress.add_argument("--prune-heads", type=float, default=0.0, help="fraction of key/value head groups to remove")
     compress.add_argument("--prune-layers", type=int, default=0, help="number of decoder layers to remove")
+    compress.add_argument("--distil-steps", type=int, default=0, help="distillation steps after pruning (0: none)")
+    compress.add_argument("--distil-data", type=Path, help="distillation JSONL (default: the calibration data)")
+    compress.add_argument("--distil-lr", type=float, default=1e-4, help="distillation learning rate")
     compress.add_argument("--plan", action="store_true", help="show what would be removed; write nothing")
     compress.set_defaults(command="compress", run=_run_compress)
 
@@ -160,11 +164,28 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _run_compress(args: argparse.Namespace) -> int:
+    from lorafleet.compress.distil import DistilOptions
     from lorafleet.compress.prune import PruneRequest
     from lorafleet.compress.run import CompressOptions, compress
 
     request = PruneRequest(mlp=args.prune_mlp, heads=args.prune_heads, layers=args.prune_layers)
-    compress(CompressOptions(args.base, args.out, args.adapter, args.calib, request, plan_only=args.plan))
+    distillation = DistilOptions(
+        steps=args.distil_steps,
+        learning_rate=args.distil_lr,
+        checkpoint=args.out / "distil-checkpoint.pt" if args.out else None,
+    )
+    compress(
+        CompressOptions(
+            args.base,
+            args.out,
+            args.adapter,
+            args.calib,
+            request,
+            plan_only=args.plan,
+            distil_data=args.distil_data,
+            distil=distillation,
+        )
+    )
     return 0
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from lorafleet.compress.distil import DistilOptions, distil, held_out_kl
 from lorafleet.compress.prune import PruneRequest, apply_plan, measure_importance, plan_pruning
 from lorafleet.data.batch import collate
 from lorafleet.data.dataset import load_examples
@@ -29,6 +30,8 @@ class CompressOptions:
     prune: PruneRequest | None = None
     plan_only: bool = False
     calib_limit: int = 256
+    distil_data: Path | None = None  # default: the calibration data
+    distil: DistilOptions | None = None  # None or steps == 0: no distillation
 
 
 def compress(options: CompressOptions, log=print) -> dict:
@@ -41,7 +44,7 @@ def compress(options: CompressOptions, log=print) -> dict:
         raise ConfigError("--calib FILE is needed: pruning ranks neurons and heads by activations on real data")
     examples, _ = load_examples(options.calib, base)
     examples = examples[: options.calib_limit]
-    before = _stage(base, examples, options.base)
+    before = _stage(base, examples, options.base, None)
     plan = plan_pruning(base.language_model.config, measure_importance(base, examples), request)
     log("pruning plan:\n" + plan.describe())
     report = {
@@ -53,29 +56,53 @@ def compress(options: CompressOptions, log=print) -> dict:
         return report
     if options.out is None:
         raise ConfigError("--out DIR is needed (or --plan for a dry run)")
+    teacher = _teacher(options) if options.distil is not None and options.distil.steps > 0 else None
     apply_plan(base, plan)
+    report["stages"]["pruned"] = _stage(base, examples, None, teacher)
+    if teacher is not None:
+        distil_examples = load_examples(options.distil_data, base)[0] if options.distil_data else examples
+        log(f"distilling for {options.distil.steps} steps on {len(distil_examples)} examples")
+        losses = distil(base, teacher, distil_examples, options.distil)
+        report["distil_loss"] = {"first": losses[0], "last": losses[-1]} if losses else None
+        report["stages"]["distilled"] = _stage(base, examples, None, teacher)
     _save(base, options.out)
-    report["stages"]["pruned"] = _stage(base, examples, options.out)
+    if options.distil is not None and options.distil.checkpoint is not None:
+        options.distil.checkpoint.unlink(missing_ok=True)  # the finished model supersedes it
+    last = list(report["stages"])[-1]
+    report["stages"][last]["bytes"] = _bytes(options.out)
     (options.out / "compress_report.json").write_text(json.dumps(report, indent=2))
     log(format_report(report))
     return report
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{'stage':<10} {'parameters':>12} {'bytes':>12} {'calib loss':>10}"]
+    lines = [f"{'stage':<10} {'parameters':>12} {'bytes':>12} {'calib loss':>10} {'KL to teacher':>14}"]
     for name, stage in report["stages"].items():
         size = f"{stage['bytes']:,}" if stage["bytes"] is not None else "-"
-        lines.append(f"{name:<10} {stage['parameters']:>12,} {size:>12} {stage['calib_loss']:>10.4f}")
+        kl = f"{stage['kl_to_teacher']:.4f}" if stage.get("kl_to_teacher") is not None else "-"
+        lines.append(f"{name:<10} {stage['parameters']:>12,} {size:>12} {stage['calib_loss']:>10.4f} {kl:>14}")
     return "\n".join(lines)
 
 
-def _stage(base: BaseModel, examples: list[Example], directory: Path) -> dict:
-    files = list(Path(directory).glob("*.safetensors"))
+def _stage(base: BaseModel, examples: list[Example], directory: Path | None, teacher: BaseModel | None) -> dict:
     return {
         "parameters": sum(p.numel() for p in base.model.parameters()),
-        "bytes": sum(f.stat().st_size for f in files) if files else None,
+        "bytes": _bytes(directory) if directory is not None else None,
         "calib_loss": _mean_loss(base, examples),
+        "kl_to_teacher": held_out_kl(base, teacher, examples) if teacher is not None else None,
     }
+
+
+def _bytes(directory: Path) -> int | None:
+    files = list(Path(directory).glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files) if files else None
+
+
+def _teacher(options: CompressOptions) -> BaseModel:
+    teacher = load_base(options.base, device="cpu", dtype=torch.float32)
+    if options.adapter is not None:
+        _merge_adapter(teacher, options.adapter)
+    return teacher
 
 
 @torch.no_grad()
