@@ -77,7 +77,7 @@ class ReplyStream:
         self.cancelled = True
 
 
-@dataclass
+@dataclass(eq=False)  # identity: requests are compared as handles, never by content
 class _Request:
     prompt: Example
     adapter: str | None
@@ -85,7 +85,7 @@ class _Request:
     stream: ReplyStream
 
 
-@dataclass
+@dataclass(eq=False)
 class _Row:
     """One running sequence of the batch."""
 
@@ -182,11 +182,20 @@ class Engine:
             room = self.max_batch - len(self._rows)
             arriving, self._waiting = self._waiting[:room], self._waiting[room:]
         arriving = [r for r in arriving if not r.stream.cancelled]
+        unloaded = [r for r in arriving if r.adapter is not None and r.adapter not in self.fleet.shapes]
+        for request in unloaded:  # unloaded between the gateway's check and now
+            request.stream.put(Event("", "error", error=f"adapter {request.adapter!r} is no longer loaded"))
+        arriving = [r for r in arriving if r not in unloaded]
         if not arriving:
             return
         arriving.sort(key=lambda r: r.adapter or "")
-        rows, cache, logits = self._prefill(arriving)
-        self._sample(rows, logits)
+        try:
+            rows, cache, logits = self._prefill(arriving)
+            self._sample(rows, logits)
+        except Exception as err:  # a prompt that breaks prefill fails its own batch, not the running rows
+            for request in arriving:
+                request.stream.put(Event("", "error", error=f"{type(err).__name__}: {err}"))
+            return
         self._merge(rows, cache)
         self._retire()
 
