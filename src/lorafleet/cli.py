@@ -19,8 +19,8 @@ examples:
   lorafleet serve --fleet demo-out        OpenAI-compatible API on 127.0.0.1:8000 (base + adapters)
   lorafleet serve --fleet demo-out --keys keys.yaml --host 0.0.0.0    with tenants, keys and limits
   lorafleet keys new                      a fresh API key and the hash that goes in keys.yaml
-  lorafleet compress --base demo-out/base --calib demo-out/data/marketing.jsonl \
-      --prune-mlp 0.5 --prune-layers 1 --out small-base            a pruned base, ready to re-fit adapters
+  lorafleet compress --base demo-out/base --calib demo-out/data/marketing.jsonl --prune-mlp 0.5 --plan
+                                          what pruning half the MLP would remove
 """
 
 
