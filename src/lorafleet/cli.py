@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="prune a base model (optionally with an adapter merged in) into a smaller HF model",
         description="Minitron-style structured pruning of the language model, ranked on calibration data. "
         "Optionally distils the pruned student toward the original (forward KL on logits). "
-        "Quantization is not part of this command yet.",
+        "--quantize int8 stores the language model's weights as int8 for lorafleet's engine and trainer.",
     )
     compress.add_argument("--base", type=Path, required=True, help="base model directory")
     compress.add_argument("--adapter", type=Path, help="PEFT adapter to merge before compressing")
@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--distil-steps", type=int, default=0, help="distillation steps after pruning (0: none)")
     compress.add_argument("--distil-data", type=Path, help="distillation JSONL (default: the calibration data)")
     compress.add_argument("--distil-lr", type=float, default=1e-4, help="distillation learning rate")
+    compress.add_argument("--quantize", choices=["int8"], help="weight-only int8 language model (lorafleet's engine)")
     compress.add_argument("--plan", action="store_true", help="show what would be removed; write nothing")
     compress.set_defaults(command="compress", run=_run_compress)
 
@@ -184,6 +185,7 @@ def _run_compress(args: argparse.Namespace) -> int:
             plan_only=args.plan,
             distil_data=args.distil_data,
             distil=distillation,
+            quantize=args.quantize,
         )
     )
     return 0

@@ -14,6 +14,7 @@ import torch
 
 from lorafleet.compress.distil import DistilOptions, distil, held_out_kl
 from lorafleet.compress.prune import PruneRequest, apply_plan, measure_importance, plan_pruning
+from lorafleet.compress.quantize import Int8Linear, quantize_int8, save_quantized
 from lorafleet.data.batch import collate
 from lorafleet.data.dataset import load_examples
 from lorafleet.data.encode import Example
@@ -32,6 +33,7 @@ class CompressOptions:
     calib_limit: int = 256
     distil_data: Path | None = None  # default: the calibration data
     distil: DistilOptions | None = None  # None or steps == 0: no distillation
+    quantize: str | None = None  # "int8": weight-only int8 language model
 
 
 def compress(options: CompressOptions, log=print) -> dict:
@@ -54,18 +56,25 @@ def compress(options: CompressOptions, log=print) -> dict:
     }
     if options.plan_only:
         return report
+    if options.quantize not in (None, "int8"):
+        raise ConfigError(f"--quantize {options.quantize!r} is not supported yet; use int8")
     if options.out is None:
         raise ConfigError("--out DIR is needed (or --plan for a dry run)")
-    teacher = _teacher(options) if options.distil is not None and options.distil.steps > 0 else None
+    distilling = options.distil is not None and options.distil.steps > 0
+    teacher = _teacher(options) if distilling or options.quantize else None
     apply_plan(base, plan)
     report["stages"]["pruned"] = _stage(base, examples, None, teacher)
-    if teacher is not None:
+    if distilling:
         distil_examples = load_examples(options.distil_data, base)[0] if options.distil_data else examples
         log(f"distilling for {options.distil.steps} steps on {len(distil_examples)} examples")
         losses = distil(base, teacher, distil_examples, options.distil)
         report["distil_loss"] = {"first": losses[0], "last": losses[-1]} if losses else None
         report["stages"]["distilled"] = _stage(base, examples, None, teacher)
-    _save(base, options.out)
+    quantized = None
+    if options.quantize:
+        quantized = quantize_int8(base.language_model)
+        report["stages"]["quantized"] = _stage(base, examples, None, teacher)
+    _save(base, options.out, quantized)
     if options.distil is not None and options.distil.checkpoint is not None:
         options.distil.checkpoint.unlink(missing_ok=True)  # the finished model supersedes it
     last = list(report["stages"])[-1]
@@ -86,15 +95,21 @@ def format_report(report: dict) -> str:
 
 def _stage(base: BaseModel, examples: list[Example], directory: Path | None, teacher: BaseModel | None) -> dict:
     return {
-        "parameters": sum(p.numel() for p in base.model.parameters()),
+        "parameters": _weights_count(base.model),
         "bytes": _bytes(directory) if directory is not None else None,
         "calib_loss": _mean_loss(base, examples),
         "kl_to_teacher": held_out_kl(base, teacher, examples) if teacher is not None else None,
     }
 
 
+def _weights_count(model: torch.nn.Module) -> int:
+    """Parameters, counting int8-stored weights too (they are buffers, not parameters)."""
+    int8 = sum(m.weight_int8.numel() for m in model.modules() if isinstance(m, Int8Linear))
+    return sum(p.numel() for p in model.parameters()) + int8
+
+
 def _bytes(directory: Path) -> int | None:
-    files = list(Path(directory).glob("*.safetensors"))
+    files = list(Path(directory).glob("*.safetensors"))  # model.safetensors or quantized.safetensors
     return sum(f.stat().st_size for f in files) if files else None
 
 
@@ -122,11 +137,15 @@ def _merge_adapter(base: BaseModel, adapter: Path) -> None:
     base.model = PeftModel.from_pretrained(base.model, adapter).merge_and_unload()
 
 
-def _save(base: BaseModel, out: Path) -> None:
+def _save(base: BaseModel, out: Path, quantized: list[str] | None) -> None:
     from transformers import AutoProcessor
 
     out.mkdir(parents=True, exist_ok=True)
-    base.model.save_pretrained(out)
+    if quantized is None:
+        base.model.save_pretrained(out)
+    else:
+        prefix = next(name for name, module in base.model.named_modules() if module is base.language_model)
+        save_quantized(base.model, prefix, quantized, out)
     if base.is_multimodal:
         AutoProcessor.from_pretrained(base.path, local_files_only=True).save_pretrained(out)
     else:

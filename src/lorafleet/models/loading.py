@@ -101,7 +101,7 @@ def load_base(
     dtype = dtype or default_dtype(device)
     kwargs = dict(dtype=dtype, local_files_only=True)
     if INTERNVL_ARCHITECTURE in architectures:
-        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        model = _from_pretrained(AutoModelForImageTextToText, path, kwargs)
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
         base = BaseModel(
             model=model,
@@ -114,7 +114,7 @@ def load_base(
         )
     elif any(name.endswith("ForCausalLM") for name in architectures):
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            model = _from_pretrained(AutoModelForCausalLM, path, kwargs)
         except ValueError as err:
             raise ModelLoadError(f"{path}: transformers cannot build {architectures}: {err}") from err
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -130,3 +130,17 @@ def load_base(
     model.eval()
     model.to(device)
     return base
+
+
+def _from_pretrained(auto_class, path: Path, kwargs: dict) -> nn.Module:
+    """transformers' loader, or ours for a model that `lorafleet compress --quantize` wrote."""
+    from lorafleet.compress.quantize import QUANTIZATION_FILE, load_quantized
+
+    if not (path / QUANTIZATION_FILE).exists():
+        return auto_class.from_pretrained(path, **kwargs)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    model = auto_class.from_config(config, dtype=kwargs["dtype"])
+    load_quantized(model, path)
+    return model
