@@ -47,6 +47,7 @@ def test_pruned_model_reloads_with_a_config_that_matches_its_weights(tiny_vlm_di
     stages = report["stages"]
     assert stages["pruned"]["parameters"] < stages["original"]["parameters"]
     assert stages["pruned"]["bytes"] < stages["original"]["bytes"]
+    assert all(stage["tokens_per_s"] > 0 for stage in stages.values())
     reloaded = load_base(tmp_path / "small")
     assert sum(p.numel() for p in reloaded.model.parameters()) == stages["pruned"]["parameters"]
     assert torch.isfinite(logits(tmp_path / "small", calib)).all()

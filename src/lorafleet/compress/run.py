@@ -7,6 +7,7 @@ directory plus `compress_report.json` (parameters, bytes on disk, calibration lo
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,11 +86,15 @@ def compress(options: CompressOptions, log=print) -> dict:
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{'stage':<10} {'parameters':>12} {'bytes':>12} {'calib loss':>10} {'KL to teacher':>14}"]
+    header = f"{'stage':<10} {'weights':>12} {'bytes':>12} {'calib loss':>10} {'KL to teacher':>14} {'tokens/s':>9}"
+    lines = [header]
     for name, stage in report["stages"].items():
         size = f"{stage['bytes']:,}" if stage["bytes"] is not None else "-"
         kl = f"{stage['kl_to_teacher']:.4f}" if stage.get("kl_to_teacher") is not None else "-"
-        lines.append(f"{name:<10} {stage['parameters']:>12,} {size:>12} {stage['calib_loss']:>10.4f} {kl:>14}")
+        lines.append(
+            f"{name:<10} {stage['parameters']:>12,} {size:>12} {stage['calib_loss']:>10.4f} {kl:>14}"
+            f" {stage['tokens_per_s']:>9.0f}"
+        )
     return "\n".join(lines)
 
 
@@ -99,7 +104,26 @@ def _stage(base: BaseModel, examples: list[Example], directory: Path | None, tea
         "bytes": _bytes(directory) if directory is not None else None,
         "calib_loss": _mean_loss(base, examples),
         "kl_to_teacher": held_out_kl(base, teacher, examples) if teacher is not None else None,
+        "tokens_per_s": _engine_speed(base, examples),
     }
+
+
+def _engine_speed(base: BaseModel, examples: list[Example], streams: int = 16, tokens: int = 16) -> float:
+    """Decode throughput of lorafleet's engine on this model: `streams` prompts, `tokens` each."""
+    from lorafleet.adapters.fleet import LoRAFleet
+    from lorafleet.serve.engine import Engine
+    from lorafleet.serve.sampling import SamplingParams
+
+    engine = Engine(base, LoRAFleet(base.model), max_batch=streams)
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    prompts = [examples[i % len(examples)] for i in range(streams)]
+    engine.submit(prompts[0], None, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    engine.run_until_idle()  # warm-up
+    started = time.perf_counter()
+    replies = [engine.submit(prompt, None, params) for prompt in prompts]
+    engine.run_until_idle()
+    seconds = time.perf_counter() - started
+    return sum(list(reply)[-1].completion_tokens for reply in replies) / seconds
 
 
 def _weights_count(model: torch.nn.Module) -> int:
