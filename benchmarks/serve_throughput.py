@@ -28,6 +28,7 @@ from lorafleet.adapters.fleet import LoRAFleet, LoRAShape, find_target_modules
 from lorafleet.adapters.peft_io import load_adapter, save_adapter
 from lorafleet.config import ALL_PROJECTIONS
 from lorafleet.data.encode import IGNORE_INDEX, Example
+from lorafleet.evaluate import left_padded_inputs
 from lorafleet.serve.engine import Engine
 from lorafleet.serve.sampling import SamplingParams
 
@@ -54,14 +55,8 @@ def prompts(base, streams: int, length: int) -> list[torch.Tensor]:
     return [torch.randint(10, vocab - 10, (length + i % 7,), generator=generator) for i in range(streams)]
 
 
-def left_padded(batch: list[torch.Tensor], pad_id: int, device) -> dict[str, torch.Tensor]:
-    length = max(len(p) for p in batch)
-    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(batch):
-        ids[row, length - len(p) :] = p
-        mask[row, length - len(p) :] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+def as_prompt(ids: torch.Tensor) -> Example:
+    return Example(ids, torch.full_like(ids, IGNORE_INDEX), None)
 
 
 def time_generate(model, inputs, tokens: int, pad_id: int, **kwargs) -> float:
@@ -88,15 +83,14 @@ def time_engine(base, adapter_dirs, batch, names, tokens: int, max_batch: int) -
         load_adapter(fleet, path.name, path)
     engine = Engine(base, fleet, max_batch=max_batch)
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-    prompt = lambda ids: Example(ids, torch.full_like(ids, IGNORE_INDEX), None)  # noqa: E731
     try:
         warm_up = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
         for ids, name in zip(batch, names, strict=True):  # the same warm-up as generate gets: 2 tokens
-            engine.submit(prompt(ids), name, warm_up)
+            engine.submit(as_prompt(ids), name, warm_up)
         engine.run_until_idle()
         synchronize(base.device)
         started = time.perf_counter()
-        streams = [engine.submit(prompt(p), n, params) for p, n in zip(batch, names, strict=True)]
+        streams = [engine.submit(as_prompt(p), n, params) for p, n in zip(batch, names, strict=True)]
         engine.run_until_idle()
         synchronize(base.device)
         seconds = time.perf_counter() - started
@@ -130,7 +124,7 @@ def main() -> None:
     names = [f"a{i % args.adapters}" for i in range(args.streams)]
     order = sorted(range(args.streams), key=lambda i: names[i])  # peft wants nothing; sorting is free
     batch, names = [batch[i] for i in order], [names[i] for i in order]
-    inputs = left_padded(batch, pad, device)
+    inputs = left_padded_inputs([as_prompt(ids) for ids in batch], pad, device)
     output_tokens = args.streams * args.tokens
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dirs = write_adapters(base, Path(tmp), args.adapters, args.rank)

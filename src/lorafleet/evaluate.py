@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from lorafleet.adapters.fleet import LoRAFleet
-from lorafleet.data.encode import encode_prompt
+from lorafleet.data.encode import Example, encode_prompt
 from lorafleet.data.records import ChatRecord
 from lorafleet.models.loading import BaseModel
 
@@ -25,7 +25,7 @@ def generate_replies(
     replies: list[str] = []
     for start in range(0, len(records), batch_size):
         prompts = [encode_prompt(_without_last_reply(r), base) for r in records[start : start + batch_size]]
-        inputs = _left_padded(prompts, base.tokenizer.pad_token_id, base.device)
+        inputs = left_padded_inputs(prompts, base.tokenizer.pad_token_id, base.device)
         with fleet.use(adapter, len(prompts)):
             output = base.model.generate(
                 **inputs,
@@ -58,7 +58,8 @@ def _without_last_reply(record: ChatRecord) -> ChatRecord:
     return ChatRecord(record.messages[:-1], record.images, record.source)
 
 
-def _left_padded(prompts, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+def left_padded_inputs(prompts: Sequence[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Model inputs for `generate`: prompts left-padded so that every row ends where generation starts."""
     length = max(p.num_tokens for p in prompts)
     input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)

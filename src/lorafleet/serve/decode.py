@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
+from lorafleet.data.batch import collate
 from lorafleet.errors import ModelLoadError
 from lorafleet.models.loading import BaseModel
 
@@ -81,19 +82,10 @@ class KVCache:
 @torch.no_grad()
 def prefill(base: BaseModel, prompts: list, device: torch.device) -> tuple[torch.Tensor, KVCache]:
     """Run the prompts (right-padded) through the model: last-token logits (rows, vocab) and the cache."""
-    lengths = torch.tensor([p.num_tokens for p in prompts])
-    width = int(lengths.max())
-    input_ids = torch.full((len(prompts), width), base.tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, : prompt.num_tokens] = prompt.input_ids
-        mask[row, : prompt.num_tokens] = 1
-    inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
-    images = [p.pixel_values for p in prompts if p.pixel_values is not None]
-    if images:
-        inputs["pixel_values"] = torch.cat(images).to(device)
+    batch = collate(prompts, base.tokenizer.pad_token_id).to(device)
+    inputs = batch.model_inputs()
+    lengths = batch.attention_mask.sum(dim=1)
     output = base.model.model(**inputs, past_key_values=DynamicCache(), use_cache=True)
-    lengths = lengths.to(device)
     last = output.last_hidden_state[torch.arange(len(prompts), device=device), lengths - 1]
     logits = base.model.get_output_embeddings()(last).float()
     layers = output.past_key_values.layers
