@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="prune a base model (optionally with an adapter merged in) into a smaller HF model",
         description="Minitron-style structured pruning of the language model, ranked on calibration data. "
         "Optionally distils the pruned student toward the original (forward KL on logits). "
-        "--quantize int8 stores the language model's weights as int8 for lorafleet's engine and trainer.",
+        "--quantize stores the language model's Linear weights as int8, int4 (w4a16) or fp8 in the "
+        "compressed-tensors format: vLLM serves it, and lorafleet's engine and trainer run on it.",
     )
     compress.add_argument("--base", type=Path, required=True, help="base model directory")
     compress.add_argument("--adapter", type=Path, help="PEFT adapter to merge before compressing")
@@ -124,7 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--distil-steps", type=int, default=0, help="distillation steps after pruning (0: none)")
     compress.add_argument("--distil-data", type=Path, help="distillation JSONL (default: the calibration data)")
     compress.add_argument("--distil-lr", type=float, default=1e-4, help="distillation learning rate")
-    compress.add_argument("--quantize", choices=["int8"], help="weight-only int8 language model (lorafleet's engine)")
+    compress.add_argument(
+        "--quantize",
+        choices=["int8", "int4", "w4a16", "w8a16", "fp8"],
+        help="weight-only quantization of the language model (int4 = w4a16: groups of 128; int8, fp8: per channel)",
+    )
+    compress.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        help="on-disk dtype of the weights that stay unquantized (default: bfloat16 with --quantize, else as loaded)",
+    )
+    compress.add_argument(
+        "--rtn", action="store_true", help="round int8/int4 weights to nearest instead of GPTQ on the calibration data"
+    )
+    compress.add_argument("--eval", type=Path, help="held-out chat JSONL: exact-match accuracy after every stage")
     compress.add_argument("--plan", action="store_true", help="show what would be removed; write nothing")
     compress.set_defaults(command="compress", run=_run_compress)
 
@@ -165,6 +179,8 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _run_compress(args: argparse.Namespace) -> int:
+    import torch
+
     from lorafleet.compress.distil import DistilOptions
     from lorafleet.compress.prune import PruneRequest
     from lorafleet.compress.run import CompressOptions, compress
@@ -186,6 +202,9 @@ def _run_compress(args: argparse.Namespace) -> int:
             distil_data=args.distil_data,
             distil=distillation,
             quantize=args.quantize,
+            dtype=getattr(torch, args.dtype) if args.dtype else None,
+            eval_data=args.eval,
+            gptq=not args.rtn,
         )
     )
     return 0

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lorafleet.adapters.layer import MultiLoRALinear, Routing, Segment
-from lorafleet.compress.quantize import Int8Linear
+from lorafleet.compress.quantize import QuantizedLinear
 from lorafleet.errors import AdapterError
 
 
@@ -40,7 +40,7 @@ def find_target_modules(model: nn.Module, language_prefix: str, target_modules: 
         name
         for name, module in model.named_modules()
         if name.startswith(language_prefix)
-        and isinstance(module, (nn.Linear, MultiLoRALinear, Int8Linear))
+        and isinstance(module, (nn.Linear, MultiLoRALinear, QuantizedLinear))
         and not _inside_lora(name)
     ]
     if isinstance(target_modules, str):
@@ -133,7 +133,7 @@ class LoRAFleet:
         child = getattr(parent, child_name)
         if isinstance(child, MultiLoRALinear):
             return child
-        if not isinstance(child, (nn.Linear, Int8Linear)):
+        if not isinstance(child, (nn.Linear, QuantizedLinear)):
             raise AdapterError(f"{module_name} is a {type(child).__name__}, not a Linear layer")
         wrapped = MultiLoRALinear(child, self.routing)
         setattr(parent, child_name, wrapped)

@@ -1,11 +1,13 @@
-"""`lorafleet compress`: prune a base (optionally with one adapter merged in) and report the cost.
+"""`lorafleet compress`: prune → distil → quantize a base (optionally with one adapter merged in).
 
-This covers the pruning stage of prune → distil → quantize; it writes an ordinary HF model
-directory plus `compress_report.json` (parameters, bytes on disk, calibration loss before/after).
+Writes an ordinary HF model directory plus `compress_report.json`: per stage the weights, bytes
+on disk, calibration loss, KL to the uncompressed model, exact-match accuracy on held-out data
+(with --eval) and decode tokens/s in lorafleet's engine.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -13,13 +15,24 @@ from pathlib import Path
 
 import torch
 
+from lorafleet.adapters.fleet import LoRAFleet
 from lorafleet.compress.distil import DistilOptions, distil, held_out_kl
+from lorafleet.compress.gptq import input_hessians
 from lorafleet.compress.prune import PruneRequest, apply_plan, measure_importance, plan_pruning
-from lorafleet.compress.quantize import Int8Linear, quantize_int8, save_quantized
+from lorafleet.compress.quantize import (
+    QuantizedLinear,
+    linear_names,
+    quantize_language_model,
+    round_unquantized,
+    save_quantized,
+    scheme_named,
+)
 from lorafleet.data.batch import collate
 from lorafleet.data.dataset import load_examples
 from lorafleet.data.encode import Example
+from lorafleet.data.records import ChatRecord, read_records
 from lorafleet.errors import ConfigError
+from lorafleet.evaluate import exact_match_accuracy, generate_replies, reference_answers
 from lorafleet.models.loading import BaseModel, load_base
 
 
@@ -34,7 +47,12 @@ class CompressOptions:
     calib_limit: int = 256
     distil_data: Path | None = None  # default: the calibration data
     distil: DistilOptions | None = None  # None or steps == 0: no distillation
-    quantize: str | None = None  # "int8": weight-only int8 language model
+    quantize: str | None = None  # int8 | int4 (w4a16) | fp8: weight-only, compressed-tensors on disk
+    # On-disk dtype of the weights that are not quantized; None: bf16 when quantizing, else as loaded.
+    dtype: torch.dtype | None = None
+    gptq: bool = True  # int8/int4 by GPTQ on the calibration data; False: round to nearest
+    eval_data: Path | None = None  # held-out chat JSONL: exact-match accuracy per stage
+    eval_limit: int = 64
 
 
 def compress(options: CompressOptions, log=print) -> dict:
@@ -47,35 +65,47 @@ def compress(options: CompressOptions, log=print) -> dict:
         raise ConfigError("--calib FILE is needed: pruning ranks neurons and heads by activations on real data")
     examples, _ = load_examples(options.calib, base)
     examples = examples[: options.calib_limit]
-    before = _stage(base, examples, options.base, None)
+    held_out = read_records(options.eval_data)[0][: options.eval_limit] if options.eval_data else None
+    scheme = scheme_named(options.quantize) if options.quantize else None
+    store_dtype = options.dtype or (torch.bfloat16 if scheme else None)
+    stage = functools.partial(_stage, examples=examples, held_out=held_out)
+    before = stage(base, directory=options.base)
     plan = plan_pruning(base.language_model.config, measure_importance(base, examples), request)
     log("pruning plan:\n" + plan.describe())
     report = {
         "adapter_merged": str(options.adapter) if options.adapter else None,
+        "adapters": "merged into the compressed model"
+        if options.adapter
+        else "none merged: re-fit the fleet on the result",
+        "quantization": _describe(scheme, options.gptq),
+        "stored_dtype": str(store_dtype).removeprefix("torch.") if store_dtype else None,
         "plan": plan.removed,
         "stages": {"original": before},
     }
     if options.plan_only:
         return report
-    if options.quantize not in (None, "int8"):
-        raise ConfigError(f"--quantize {options.quantize!r} is not supported yet; use int8")
     if options.out is None:
         raise ConfigError("--out DIR is needed (or --plan for a dry run)")
     distilling = options.distil is not None and options.distil.steps > 0
-    teacher = _teacher(options) if distilling or options.quantize else None
+    teacher = _teacher(options) if distilling or scheme else None
     apply_plan(base, plan)
-    report["stages"]["pruned"] = _stage(base, examples, None, teacher)
+    report["stages"]["pruned"] = stage(base, teacher=teacher)
     if distilling:
         distil_examples = load_examples(options.distil_data, base)[0] if options.distil_data else examples
         log(f"distilling for {options.distil.steps} steps on {len(distil_examples)} examples")
         losses = distil(base, teacher, distil_examples, options.distil)
         report["distil_loss"] = {"first": losses[0], "last": losses[-1]} if losses else None
-        report["stages"]["distilled"] = _stage(base, examples, None, teacher)
-    quantized = None
-    if options.quantize:
-        quantized = quantize_int8(base.language_model)
-        report["stages"]["quantized"] = _stage(base, examples, None, teacher)
-    _save(base, options.out, quantized)
+        report["stages"]["distilled"] = stage(base, teacher=teacher)
+    if store_dtype is not None:
+        round_unquantized(base.model, store_dtype)  # measure what will be on disk
+    if scheme:
+        hessians = None
+        if options.gptq and scheme.kind == "int":
+            log(f"GPTQ: collecting input statistics of the language model's layers on {len(examples)} examples")
+            hessians = input_hessians(base, linear_names(base.language_model), examples)
+        quantize_language_model(base.language_model, scheme, scale_dtype=store_dtype, hessians=hessians)
+        report["stages"]["quantized"] = stage(base, teacher=teacher)
+    _save(base, options.out, scheme is not None, store_dtype)
     if options.distil is not None and options.distil.checkpoint is not None:
         options.distil.checkpoint.unlink(missing_ok=True)  # the finished model supersedes it
     last = list(report["stages"])[-1]
@@ -85,32 +115,55 @@ def compress(options: CompressOptions, log=print) -> dict:
     return report
 
 
+def _describe(scheme, gptq: bool) -> str | None:
+    if scheme is None:
+        return None
+    return f"{scheme.name}, " + ("GPTQ" if gptq and scheme.kind == "int" else "round to nearest")
+
+
 def format_report(report: dict) -> str:
-    header = f"{'stage':<10} {'weights':>12} {'bytes':>12} {'calib loss':>10} {'KL to teacher':>14} {'tokens/s':>9}"
+    header = (
+        f"{'stage':<10} {'weights':>12} {'bytes':>12} {'calib loss':>10} {'KL to teacher':>14} "
+        f"{'accuracy':>8} {'tokens/s':>9}"
+    )
     lines = [header]
     for name, stage in report["stages"].items():
         size = f"{stage['bytes']:,}" if stage["bytes"] is not None else "-"
         kl = f"{stage['kl_to_teacher']:.4f}" if stage.get("kl_to_teacher") is not None else "-"
+        accuracy = f"{stage['accuracy']:.1%}" if stage.get("accuracy") is not None else "-"
         lines.append(
             f"{name:<10} {stage['parameters']:>12,} {size:>12} {stage['calib_loss']:>10.4f} {kl:>14}"
-            f" {stage['tokens_per_s']:>9.0f}"
+            f" {accuracy:>8} {stage['tokens_per_s']:>9.0f}"
         )
+    first, last = report["stages"]["original"], report["stages"][list(report["stages"])[-1]]
+    if first["bytes"] and last["bytes"]:
+        lines.append(f"{first['bytes'] / last['bytes']:.2f}× smaller on disk")
     return "\n".join(lines)
 
 
-def _stage(base: BaseModel, examples: list[Example], directory: Path | None, teacher: BaseModel | None) -> dict:
+def _stage(
+    base: BaseModel,
+    examples: list[Example],
+    held_out: list[ChatRecord] | None,
+    directory: Path | None = None,
+    teacher: BaseModel | None = None,
+) -> dict:
+    accuracy = None
+    if held_out:
+        replies = generate_replies(base, LoRAFleet(base.model), None, held_out)
+        accuracy = exact_match_accuracy(replies, reference_answers(held_out))
     return {
         "parameters": _weights_count(base.model),
         "bytes": _bytes(directory) if directory is not None else None,
         "calib_loss": _mean_loss(base, examples),
         "kl_to_teacher": held_out_kl(base, teacher, examples) if teacher is not None else None,
+        "accuracy": accuracy,
         "tokens_per_s": _engine_speed(base, examples),
     }
 
 
 def _engine_speed(base: BaseModel, examples: list[Example], streams: int = 16, tokens: int = 16) -> float:
     """Decode throughput of lorafleet's engine on this model: `streams` prompts, `tokens` each."""
-    from lorafleet.adapters.fleet import LoRAFleet
     from lorafleet.serve.engine import Engine
     from lorafleet.serve.sampling import SamplingParams
 
@@ -127,13 +180,13 @@ def _engine_speed(base: BaseModel, examples: list[Example], streams: int = 16, t
 
 
 def _weights_count(model: torch.nn.Module) -> int:
-    """Parameters, counting int8-stored weights too (they are buffers, not parameters)."""
-    int8 = sum(m.weight_int8.numel() for m in model.modules() if isinstance(m, Int8Linear))
-    return sum(p.numel() for p in model.parameters()) + int8
+    """Parameters, counting quantized weights too (they are buffers, not parameters)."""
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
+    return sum(p.numel() for p in model.parameters()) + quantized
 
 
 def _bytes(directory: Path) -> int | None:
-    files = list(Path(directory).glob("*.safetensors"))  # model.safetensors or quantized.safetensors
+    files = list(Path(directory).glob("*.safetensors"))  # one file, or the shards of a large model
     return sum(f.stat().st_size for f in files) if files else None
 
 
@@ -161,15 +214,14 @@ def _merge_adapter(base: BaseModel, adapter: Path) -> None:
     base.model = PeftModel.from_pretrained(base.model, adapter).merge_and_unload()
 
 
-def _save(base: BaseModel, out: Path, quantized: list[str] | None) -> None:
+def _save(base: BaseModel, out: Path, quantized: bool, store_dtype: torch.dtype | None) -> None:
     from transformers import AutoProcessor
 
     out.mkdir(parents=True, exist_ok=True)
-    if quantized is None:
-        base.model.save_pretrained(out)
+    if quantized:
+        save_quantized(base.model, out, store_dtype)
     else:
-        prefix = next(name for name, module in base.model.named_modules() if module is base.language_model)
-        save_quantized(base.model, prefix, quantized, out)
+        base.model.to(store_dtype or base.dtype).save_pretrained(out)
     if base.is_multimodal:
         AutoProcessor.from_pretrained(base.path, local_files_only=True).save_pretrained(out)
     else:

@@ -101,7 +101,7 @@ def load_base(
     dtype = dtype or default_dtype(device)
     kwargs = dict(dtype=dtype, local_files_only=True)
     if INTERNVL_ARCHITECTURE in architectures:
-        model = _from_pretrained(AutoModelForImageTextToText, path, kwargs)
+        model = _from_pretrained(AutoModelForImageTextToText, path, config, kwargs)
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
         base = BaseModel(
             model=model,
@@ -114,7 +114,7 @@ def load_base(
         )
     elif any(name.endswith("ForCausalLM") for name in architectures):
         try:
-            model = _from_pretrained(AutoModelForCausalLM, path, kwargs)
+            model = _from_pretrained(AutoModelForCausalLM, path, config, kwargs)
         except ValueError as err:
             raise ModelLoadError(f"{path}: transformers cannot build {architectures}: {err}") from err
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -132,15 +132,17 @@ def load_base(
     return base
 
 
-def _from_pretrained(auto_class, path: Path, kwargs: dict) -> nn.Module:
-    """transformers' loader, or ours for a model that `lorafleet compress --quantize` wrote."""
-    from lorafleet.compress.quantize import QUANTIZATION_FILE, load_quantized
+def _from_pretrained(auto_class, path: Path, config: dict, kwargs: dict) -> nn.Module:
+    """transformers' loader, or ours for a compressed-tensors checkpoint (`lorafleet compress
+    --quantize`): its weights stay quantized in memory and compressed-tensors is not needed."""
+    from lorafleet.compress.quantize import is_quantized_checkpoint, load_quantized
 
-    if not (path / QUANTIZATION_FILE).exists():
+    if not is_quantized_checkpoint(config):
         return auto_class.from_pretrained(path, **kwargs)
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    model = auto_class.from_config(config, dtype=kwargs["dtype"])
-    load_quantized(model, path)
+    model_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    del model_config.quantization_config  # the layers are swapped below, not by a transformers quantizer
+    model = auto_class.from_config(model_config, dtype=kwargs["dtype"])
+    load_quantized(model, path, config)
     return model

@@ -1,0 +1,49 @@
+"""The whole prune → distil → quantize pipeline on the demo fleet: each department's adapter merged
+and compressed keeps its held-out accuracy within a stated margin while the model on disk shrinks
+at least 3×."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorafleet.compress.distil import DistilOptions
+from lorafleet.compress.prune import PruneRequest
+from lorafleet.compress.run import CompressOptions, compress
+from lorafleet.demo.run import run_demo
+from lorafleet.models.loading import load_base
+
+ACCURACY_MARGIN = 0.10  # at most 10 points of held-out exact match lost
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    rows = run_demo(out, train_size=256, steps=300, progress=False, log=lambda *_: None)
+    return out, {row.adapter: row.adapter_accuracy for row in rows}
+
+
+@pytest.mark.parametrize("department", ["marketing", "facilities", "logistics"])
+def test_compressed_adapter_model_keeps_accuracy_and_is_3x_smaller(demo, department, tmp_path):
+    out, trained_accuracy = demo
+    data = out / "data"
+    report = compress(
+        CompressOptions(
+            out / "base",
+            tmp_path / "small",
+            adapter=out / "adapters" / department,
+            calib=data / f"{department}.jsonl",
+            calib_limit=64,
+            prune=PruneRequest(mlp=0.5),
+            distil_data=data / f"{department}.jsonl",
+            distil=DistilOptions(steps=100, learning_rate=3e-3),
+            quantize="int4",
+            eval_data=data / f"{department}-test.jsonl",
+        ),
+        log=lambda _: None,
+    )
+    stages = report["stages"]
+    assert stages["original"]["accuracy"] == pytest.approx(trained_accuracy[department])  # the merged adapter, unchanged
+    assert stages["quantized"]["accuracy"] >= stages["original"]["accuracy"] - ACCURACY_MARGIN
+    assert stages["original"]["bytes"] >= 3 * stages["quantized"]["bytes"]
+    assert report["adapters"].startswith("merged")
+    assert load_base(tmp_path / "small").is_multimodal  # serve and train read it back
