@@ -77,6 +77,12 @@ class FleetSpec:
     max_seq_len: int = 4096  # a longer record is an error (never truncated: images would break)
     max_tiles: int | None = None  # image tiles per image; default: the model's image processor
     packing: bool = False  # all sequences back to back in one row: no padding, no FLOPs wasted on it
+    # Loss through the output head only at label positions, in chunks recomputed in backward:
+    # the full (tokens × vocabulary) logits never exist.
+    chunked_loss: bool = True
+    # Recompute each decoder layer's activations in backward instead of keeping them: less
+    # memory for longer sequences or more adapters, about a third more compute.
+    activation_checkpointing: bool = False
     checkpoint_every: int = 100  # fleet steps between checkpoints; 0 turns them off
     keep_checkpoints: int = 2
     seed: int = 0  # seeds dropout; each adapter's own seed sets its initialisation and data order

@@ -104,11 +104,19 @@ def train_alone_with_peft(model_dir: Path, spec: AdapterSpec, workdir: Path) -> 
     return load_file(out / "adapter_model.safetensors")
 
 
-def assert_fleet_matches_peft(model_dir: Path, data: list[Path], tmp_path: Path, packing: bool) -> None:
+# Every fast path of the trainer, alone and together; each must still equal peft.
+MODES = {
+    "padded": {},
+    "packed": {"packing": True},
+    "full-logits": {"chunked_loss": False},
+    "recomputed": {"activation_checkpointing": True},
+    "packed+recomputed": {"packing": True, "activation_checkpointing": True},
+}
+
+
+def assert_fleet_matches_peft(model_dir: Path, data: list[Path], tmp_path: Path, mode: dict) -> None:
     adapters = three_adapters(data)
-    spec = FleetSpec(
-        base=str(model_dir), output=str(tmp_path / "fleet"), adapters=adapters, checkpoint_every=0, packing=packing
-    )
+    spec = FleetSpec(base=str(model_dir), output=str(tmp_path / "fleet"), adapters=adapters, checkpoint_every=0, **mode)
     result = train_fleet(spec, progress=False)
     for adapter in adapters:
         ours = load_file(result.adapters[adapter.name] / "adapter_model.safetensors")
@@ -126,13 +134,13 @@ def assert_fleet_matches_peft(model_dir: Path, data: list[Path], tmp_path: Path,
         assert worst <= 1e-5, f"{adapter.name}: max |fleet - peft| = {worst:.2e}"
 
 
-@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
-def test_adapters_trained_together_match_peft_alone_on_qwen2(tiny_lm_dir, tmp_path, packing):
+@pytest.mark.parametrize("mode", ["padded", "packed", "full-logits", "recomputed"])
+def test_adapters_trained_together_match_peft_alone_on_qwen2(tiny_lm_dir, tmp_path, mode):
     data = [write_text_dataset(tmp_path / f"d{i}.jsonl", n=13 + 4 * i, seed=i) for i in range(3)]
-    assert_fleet_matches_peft(tiny_lm_dir, data, tmp_path, packing)
+    assert_fleet_matches_peft(tiny_lm_dir, data, tmp_path, MODES[mode])
 
 
-@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
-def test_adapters_trained_together_match_peft_alone_on_internvl_with_images(tiny_vlm_dir, tmp_path, packing):
+@pytest.mark.parametrize("mode", ["padded", "packed+recomputed"])
+def test_adapters_trained_together_match_peft_alone_on_internvl_with_images(tiny_vlm_dir, tmp_path, mode):
     data = [write_image_dataset(tmp_path / f"d{i}.jsonl", n=11 + 3 * i, seed=i) for i in range(3)]
-    assert_fleet_matches_peft(tiny_vlm_dir, data, tmp_path, packing)
+    assert_fleet_matches_peft(tiny_vlm_dir, data, tmp_path, MODES[mode])

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from lorafleet.adapters.layer import Segment
 from lorafleet.data.encode import IGNORE_INDEX
@@ -35,3 +36,46 @@ def segment_losses(
         count = (shift_labels[rows] != IGNORE_INDEX).sum().clamp(min=1)
         losses.append(per_token[rows].sum() / count)
     return losses
+
+
+# Logit elements per chunk: 16M fp32 values = 64 MiB, ~110 rows of a 150k vocabulary.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def chunked_segment_losses(
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    labels: torch.Tensor,
+    segments: Sequence[Segment],
+    by_token: bool = False,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> list[torch.Tensor]:
+    """`segment_losses(head(hidden), labels, ...)` without the full logits: only positions that
+    predict a label go through the output head, a chunk of rows at a time, and each chunk's logits
+    are recomputed in backward instead of kept (the 150k-wide logits of Qwen2.5 would otherwise be
+    the largest tensor of a step)."""
+    shift_labels = labels[:, 1:]
+    segment_of = torch.full(shift_labels.shape, -1, dtype=torch.long, device=labels.device)
+    for index, segment in enumerate(segments):
+        if by_token:
+            segment_of[0, segment.start : segment.end] = index
+        else:
+            segment_of[segment.start : segment.end] = index
+    wanted = (shift_labels != IGNORE_INDEX) & (segment_of >= 0)
+    rows, targets, owners = hidden[:, :-1][wanted], shift_labels[wanted], segment_of[wanted]
+    chunk = max(1, chunk_elements // head.out_features)
+    per_token = [
+        checkpoint(_token_losses, head, rows[i : i + chunk], targets[i : i + chunk], use_reentrant=False)
+        for i in range(0, rows.shape[0], chunk)
+    ]
+    per_token = torch.cat(per_token) if per_token else hidden.new_zeros(0, dtype=torch.float32)
+    sums = torch.zeros(len(segments), dtype=per_token.dtype, device=per_token.device).index_add(0, owners, per_token)
+    counts = torch.bincount(owners, minlength=len(segments)).clamp(min=1)
+    losses = sums / counts
+    if rows.shape[0] == 0:  # keep the graph connected to the hidden states
+        losses = losses + hidden.sum() * 0
+    return list(losses.unbind())
+
+
+def _token_losses(head: torch.nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(rows).float(), targets, reduction="none")

@@ -11,6 +11,7 @@ and leave the batch; queued ones join while fewer than `max_concurrent` are acti
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from collections import deque
@@ -19,9 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
 from lorafleet.adapters.fleet import LoRAFleet, LoRAShape, find_target_modules
+from lorafleet.adapters.layer import MultiLoRALinear
 from lorafleet.adapters.peft_io import load_adapter, save_adapter
 from lorafleet.config import AdapterSpec, FleetSpec
 from lorafleet.data.batch import pack_micro_batches, stack_micro_batches
@@ -32,7 +35,7 @@ from lorafleet.errors import AdapterError, ConfigError
 from lorafleet.models.loading import BaseModel, load_base
 from lorafleet.train import checkpoint
 from lorafleet.train.job import AdapterJob
-from lorafleet.train.loss import segment_losses
+from lorafleet.train.loss import chunked_segment_losses, segment_losses
 
 
 @dataclass
@@ -55,6 +58,8 @@ class FleetTrainer:
         self.spec = spec
         self.base = base or load_base(spec.base, spec.device, getattr(torch, spec.dtype) if spec.dtype else None)
         self.fleet = LoRAFleet(self.base.model, self.base.language_prefix)
+        if spec.activation_checkpointing:
+            checkpoint_decoder_layers(self.base.language_model)
         self.output = Path(spec.output)
         self.progress = progress
         self.on_step = on_step
@@ -87,11 +92,12 @@ class FleetTrainer:
         else:
             batch, segments = stack_micro_batches(micro_batches, self.base.tokenizer.pad_token_id)
         batch = batch.to(self.base.device)
+        # Backward runs inside the routing too: recomputed layers (activation checkpointing) and
+        # the chunked loss run their forward again there.
         with self.fleet.route(segments, by_token=packed):
-            logits = self.base.model(**batch.model_inputs(), use_cache=False).logits
-        losses = segment_losses(logits, batch.labels, segments, by_token=packed)
-        total = sum(loss / job.spec.grad_accum for loss, job in zip(losses, self.active, strict=True))
-        total.backward()
+            losses = self._losses(batch, segments, packed)
+            total = sum(loss / job.spec.grad_accum for loss, job in zip(losses, self.active, strict=True))
+            total.backward()
         self.fleet_step += 1
         for job, loss, segment in zip(list(self.active), losses, segments, strict=True):
             tokens = (
@@ -105,6 +111,14 @@ class FleetTrainer:
             self._save_checkpoint()
         if self.on_step is not None:
             self.on_step(self.fleet_step)
+
+    def _losses(self, batch, segments, packed: bool) -> list[torch.Tensor]:
+        head = self.base.model.get_output_embeddings()
+        if self.spec.chunked_loss and not isinstance(head, MultiLoRALinear):
+            hidden = self.base.model.model(**batch.model_inputs(), use_cache=False).last_hidden_state
+            return chunked_segment_losses(hidden, head, batch.labels, segments, by_token=packed)
+        logits = self.base.model(**batch.model_inputs(), use_cache=False).logits
+        return segment_losses(logits, batch.labels, segments, by_token=packed)
 
     def _optimizer_step(self, job: AdapterJob) -> None:
         loss, lr = job.optimizer_step_now()
@@ -233,3 +247,13 @@ def train_fleet(
 ) -> FleetResult:
     """Train every adapter of `spec` together; adapters land in `<output>/adapters/<name>/`."""
     return FleetTrainer(spec, base=base, progress=progress).run(resume=resume)
+
+
+def checkpoint_decoder_layers(language_model: torch.nn.Module) -> None:
+    """Recompute every decoder layer in backward (transformers' own checkpointing hook, non-reentrant).
+    Only the layers are put in training mode, which that hook requires; the frozen base otherwise
+    stays in eval mode. LoRA dropout masks are reproduced exactly (the RNG state is preserved)."""
+    for layer in language_model.layers:
+        layer.gradient_checkpointing = True
+        layer._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+        layer.training = True
