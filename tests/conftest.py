@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
+
+if not torch.cuda.is_available():
+    # Without a GPU, Triton kernels are checked in Triton's interpreter; the switch only takes
+    # effect if set before Triton is first imported (peft imports it).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from lorafleet.models.tiny import build_tiny_internvl, build_tiny_qwen2
 

@@ -144,3 +144,19 @@ def test_adapters_trained_together_match_peft_alone_on_qwen2(tiny_lm_dir, tmp_pa
 def test_adapters_trained_together_match_peft_alone_on_internvl_with_images(tiny_vlm_dir, tmp_path, mode):
     data = [write_image_dataset(tmp_path / f"d{i}.jsonl", n=11 + 3 * i, seed=i) for i in range(3)]
     assert_fleet_matches_peft(tiny_vlm_dir, data, tmp_path, MODES[mode])
+
+
+@pytest.mark.slow
+def test_fused_kernel_trains_the_same_adapters_as_peft(tiny_lm_dir, tmp_path, monkeypatch):
+    """The whole trainer on the fused Triton path (GPU, or Triton's interpreter on CPU)."""
+    from lorafleet.adapters import fused
+
+    monkeypatch.setenv("LORAFLEET_FUSED_LORA", "1")
+    if not fused.is_enabled(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
+        pytest.skip("the fused path needs CUDA or TRITON_INTERPRET=1")
+    calls = []
+    original = fused.fused_lora_delta
+    monkeypatch.setattr(fused, "fused_lora_delta", lambda *a: calls.append(1) or original(*a))
+    data = [write_text_dataset(tmp_path / f"d{i}.jsonl", n=13 + 4 * i, seed=i) for i in range(3)]
+    assert_fleet_matches_peft(tiny_lm_dir, data, tmp_path, {"packing": True})
+    assert calls, "the fused kernels must actually have run"

@@ -16,6 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+try:  # Triton ships with CUDA builds of PyTorch; without it training uses the reference path
+    from lorafleet.adapters import fused
+except ImportError:
+    fused = None
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -189,7 +194,9 @@ class MultiLoRALinear(nn.Module):
             return result
         if self.routing.by_token:  # a packed batch: each token is a "row" of the segment maths
             x = x.reshape(-1, 1, x.shape[-1])
-        if torch.is_grad_enabled():  # training: per-segment matmuls, autograd, dropout
+        if torch.is_grad_enabled() and self._fusable(segments, x.device):  # training on a GPU
+            delta = fused.fused_lora_delta(x, segments, self._weights)
+        elif torch.is_grad_enabled():  # training: per-segment matmuls, autograd, dropout
             delta = lora_delta_reference(x, segments, self._weights)
         else:  # inference: two dense matmuls whatever the number of adapters
             a_cat, b_cat, r_max = self.stacked_weights()
@@ -197,6 +204,14 @@ class MultiLoRALinear(nn.Module):
             delta = lora_delta_stacked(x, mask, a_cat, b_cat)
         delta = delta.view(result.shape)
         return result + delta if delta.dtype == result.dtype else (result + delta).to(result.dtype)
+
+    def _fusable(self, segments: tuple[Segment, ...], device: torch.device) -> bool:
+        """The fused Triton kernels serve this step: available, enabled for the device, no dropout."""
+        if fused is None or not fused.is_enabled(device):
+            return False
+        return all(
+            isinstance(self._weights[s.adapter].dropout, nn.Identity) for s in segments if s.adapter in self._weights
+        )
 
     def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(a_cat, b_cat, r_max) for `lora_delta_stacked`; rebuilt when adapters or weights change."""
