@@ -74,3 +74,7 @@ def test_fused_lora_matches_the_reference_layer(dtype, shape):
         assert_close(ours[2][name][1], reference[2][name][1], dtype, f"grad B {name}")
     base_rows = slice(cuts[1], cuts[2])
     assert torch.all(ours[0][base_rows] == 0) and torch.all(ours[1][base_rows] == 0)
+
+
+def test_the_self_check_that_guards_the_gpu_path_passes_here():
+    assert fused._self_check_error(DEVICE) < 1e-5
