@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import resource
@@ -89,14 +90,16 @@ def build_base(preset: str, device: torch.device, dtype: torch.dtype) -> BaseMod
     return BaseModel(model, tokenizer, None, Path(preset), language_prefix="")
 
 
-def write_data(directory: Path, name: str, rows: int, seq_len: int, seed: int) -> Path:
-    """Chats of about seq_len tokens: a question of 3/4 of them, an answer of 1/4."""
+def write_data(directory: Path, name: str, rows: int, seq_len: int, seed: int, min_len: int | None = None) -> Path:
+    """Chats of about seq_len tokens (or, with min_len, uniformly between min_len and seq_len):
+    a question of 3/4 of them, an answer of 1/4."""
     rng = random.Random(seed)
     path = directory / f"{name}.jsonl"
     with path.open("w") as out:
         for _ in range(rows):
-            question = " ".join(rng.choices(WORDS, k=seq_len * 3 // 4 - 12))
-            answer = " ".join(rng.choices(WORDS, k=seq_len // 4))
+            length = rng.randint(min_len, seq_len) if min_len else seq_len
+            question = " ".join(rng.choices(WORDS, k=max(length * 3 // 4 - 12, 1)))
+            answer = " ".join(rng.choices(WORDS, k=max(length // 4, 1)))
             chat = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
             out.write(json.dumps({"messages": chat}) + "\n")
     return path
@@ -151,6 +154,8 @@ def run_fleet(args, base: BaseModel, specs: list[AdapterSpec], output: Path) -> 
         checkpoint_every=0,
         max_concurrent=len(specs),
         packing=args.packing,
+        chunked_loss=not args.full_logits,
+        activation_checkpointing=args.activation_checkpointing,
     )
     trainer = FleetTrainer(spec, base=base, progress=False, on_step=mark)
     trainer.run()
@@ -198,10 +203,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per adapter")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--packing", action="store_true", help="lorafleet packs sequences instead of padding")
+    parser.add_argument("--min-len", type=int, help="mixed lengths: sequences between this and --seq-len tokens")
+    parser.add_argument("--full-logits", action="store_true", help="lorafleet computes full logits (no chunked loss)")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="lorafleet recomputes decoder layers")
+    parser.add_argument("--no-fused", action="store_true", help="lorafleet without the fused Triton LoRA kernels")
+    parser.add_argument("--skip-peft", action="store_true", help="measure lorafleet only (e.g. padding vs packing)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM)")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
     logging.set_verbosity_error()
+    if args.no_fused:
+        os.environ["LORAFLEET_FUSED_LORA"] = "0"
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -209,11 +221,13 @@ def main() -> None:
     base = build_base(args.model, device, dtype)
     n_params = sum(p.numel() for p in base.model.parameters()) - base.model.lm_head.weight.numel()
     with tempfile.TemporaryDirectory() as tmp:
-        data = [write_data(Path(tmp), f"adapter{i}", 64, args.seq_len, i) for i in range(args.adapters)]
+        data = [write_data(Path(tmp), f"adapter{i}", 64, args.seq_len, i, args.min_len) for i in range(args.adapters)]
         specs = adapter_specs(args, data)
-        reset_peak(device)
-        peft = run_peft_sequential(args, base, specs)
-        peft["peak_memory_gib"] = peak_memory_gib(device)
+        peft = {"tokens_per_s": float("nan")}
+        if not args.skip_peft:
+            reset_peak(device)
+            peft = run_peft_sequential(args, base, specs)
+            peft["peak_memory_gib"] = peak_memory_gib(device)
         reset_peak(device)
         fleet = run_fleet(args, base, specs, Path(tmp) / "fleet")
         fleet["peak_memory_gib"] = peak_memory_gib(device)
@@ -226,6 +240,10 @@ def main() -> None:
         "rank": args.rank,
         "steps": args.steps,
         "packing": args.packing,
+        "min_len": args.min_len,
+        "chunked_loss": not args.full_logits,
+        "activation_checkpointing": args.activation_checkpointing,
+        "fused_lora": device.type == "cuda" and not args.no_fused,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -235,7 +253,7 @@ def main() -> None:
         "speedup": fleet["tokens_per_s"] / peft["tokens_per_s"],
     }
     if device.type == "cuda":
-        for run in (peft, fleet):
+        for run in (peft, fleet) if not args.skip_peft else (fleet,):
             run["mfu"] = 4 * n_params * run["tokens_per_s"] / (args.peak_tflops * 1e12)
     print(json.dumps(result, indent=2))
     print(
