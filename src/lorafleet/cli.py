@@ -71,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(command="train", run=_run_train)
 
+    plan = commands.add_parser(
+        "plan",
+        help="predict a fleet's peak training memory and how many adapters fit",
+        description="Read FLEET.yaml and its data (no weights are loaded) and predict peak memory per "
+        "adapter, for the adapters trained together, and how many adapters like the largest fit the budget.",
+    )
+    plan.add_argument("fleet", type=Path, help="fleet spec (YAML)")
+    plan.add_argument(
+        "--budget-gb", type=float, help="memory to plan for (default: memory_budget_gb, or 90%% of this GPU)"
+    )
+    plan.add_argument(
+        "--dtype", choices=["bfloat16", "float16", "float32"], help="compute dtype (default: the spec's, else bfloat16)"
+    )
+    plan.set_defaults(command="plan", run=_run_plan)
+
     serve = commands.add_parser(
         "serve",
         help="serve the base and every adapter behind an OpenAI-compatible API",
@@ -168,6 +183,18 @@ def _run_train(args: argparse.Namespace) -> int:
         print(f"{name}: {directory} {last}")
     for name, problems in result.skipped.items():
         print(f"{name}: skipped {len(problems)} bad records; first: {problems[0]}", file=sys.stderr)
+    return 0
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from lorafleet.config import load_fleet_spec
+    from lorafleet.train.plan import format_plan, plan_fleet
+
+    spec = load_fleet_spec(args.fleet)
+    fleet_plan = plan_fleet(spec, args.budget_gb, getattr(torch, args.dtype) if args.dtype else None)
+    print(format_plan(fleet_plan, spec))
     return 0
 
 

@@ -83,6 +83,9 @@ class FleetSpec:
     # Recompute each decoder layer's activations in backward instead of keeping them: less
     # memory for longer sequences or more adapters, about a third more compute.
     activation_checkpointing: bool = False
+    # Adapters join the running batch only while the predicted peak memory (train/memory.py)
+    # stays within this many GiB; default: 90% of the GPU, no limit on CPU.
+    memory_budget_gb: float | None = None
     checkpoint_every: int = 100  # fleet steps between checkpoints; 0 turns them off
     keep_checkpoints: int = 2
     seed: int = 0  # seeds dropout; each adapter's own seed sets its initialisation and data order
@@ -98,6 +101,8 @@ class FleetSpec:
             raise ConfigError(f"{where}: adapter names must be unique, repeated: {', '.join(duplicates)}")
         if self.max_concurrent < 1:
             raise ConfigError(f"{where}: max_concurrent must be at least 1")
+        if self.memory_budget_gb is not None and self.memory_budget_gb <= 0:
+            raise ConfigError(f"{where}: memory_budget_gb must be positive (or left out for the default)")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ConfigError(f"{where}: dtype {self.dtype!r} is not float32, bfloat16 or float16")
         for index, adapter in enumerate(self.adapters):

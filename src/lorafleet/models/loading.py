@@ -85,8 +85,11 @@ def load_base(
     path: str | Path,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    weights: bool = True,
 ) -> BaseModel:
-    """Load the model at `path`, frozen, with its tokenizer (and image processor for a VLM)."""
+    """Load the model at `path`, frozen, with its tokenizer (and image processor for a VLM).
+    `weights=False` builds the model on the meta device instead: shapes and data handling without
+    reading or allocating any weight (for planning)."""
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForImageTextToText,
@@ -99,7 +102,7 @@ def load_base(
     architectures = config.get("architectures") or []
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    kwargs = dict(dtype=dtype, local_files_only=True)
+    kwargs = dict(dtype=dtype, local_files_only=True, weights=weights)
     if INTERNVL_ARCHITECTURE in architectures:
         model = _from_pretrained(AutoModelForImageTextToText, path, config, kwargs)
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
@@ -128,21 +131,27 @@ def load_base(
         base.tokenizer.pad_token = base.tokenizer.eos_token
     model.requires_grad_(False)
     model.eval()
-    model.to(device)
+    if weights:
+        model.to(device)
     return base
 
 
 def _from_pretrained(auto_class, path: Path, config: dict, kwargs: dict) -> nn.Module:
     """transformers' loader, or ours for a compressed-tensors checkpoint (`lorafleet compress
     --quantize`): its weights stay quantized in memory and compressed-tensors is not needed."""
-    from lorafleet.compress.quantize import is_quantized_checkpoint, load_quantized
-
-    if not is_quantized_checkpoint(config):
-        return auto_class.from_pretrained(path, **kwargs)
     from transformers import AutoConfig
 
+    from lorafleet.compress.quantize import is_quantized_checkpoint, load_quantized
+
+    load_weights = kwargs.pop("weights")
+    if load_weights and not is_quantized_checkpoint(config):
+        return auto_class.from_pretrained(path, **kwargs)
     model_config = AutoConfig.from_pretrained(path, local_files_only=True)
-    del model_config.quantization_config  # the layers are swapped below, not by a transformers quantizer
+    if hasattr(model_config, "quantization_config"):
+        del model_config.quantization_config  # layers are swapped by load_quantized, not by transformers
+    if not load_weights:
+        with torch.device("meta"):
+            return auto_class.from_config(model_config, dtype=kwargs["dtype"])
     model = auto_class.from_config(model_config, dtype=kwargs["dtype"])
     load_quantized(model, path, config)
     return model

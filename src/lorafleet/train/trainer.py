@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +35,7 @@ from lorafleet.data.encode import Example
 from lorafleet.data.stream import ExampleStream
 from lorafleet.errors import AdapterError, ConfigError
 from lorafleet.models.loading import BaseModel, load_base
-from lorafleet.train import checkpoint
+from lorafleet.train import checkpoint, memory
 from lorafleet.train.job import AdapterJob
 from lorafleet.train.loss import chunked_segment_losses, segment_losses
 
@@ -67,6 +69,11 @@ class FleetTrainer:
         self.targets = {a.name: self._targets(a) for a in spec.adapters if a.init_from is None}
         self.examples = {a.name: self._load_examples(a) for a in spec.adapters}
         self.pending: deque[AdapterSpec] = deque(spec.adapters)
+        self.shape = memory.model_shape(self.base.model)
+        budget_gb = spec.memory_budget_gb
+        self.memory_budget = int(budget_gb * memory.GIB) if budget_gb else memory.default_budget(self.base.device)
+        self.loads: dict[str, memory.AdapterLoad] = {}
+        self.waiting: set[str] = set()
         self.active: list[AdapterJob] = []
         self.bars: dict[str, tqdm] = {}
         self.fleet_step = 0
@@ -145,8 +152,48 @@ class FleetTrainer:
     # --- admission and completion ---------------------------------------------------------
 
     def _admit(self) -> None:
+        """Start waiting adapters while there is room: fewer than max_concurrent running, and the
+        predicted peak memory with the newcomer within the budget. A fleet step never goes out of
+        memory because an adapter joined; the first adapter always starts (with a warning when
+        even it alone is predicted not to fit)."""
         while self.pending and len(self.active) < self.spec.max_concurrent:
+            candidate = self.pending[0]
+            prediction = self.predicted_memory([*(job.spec for job in self.active), candidate])
+            if self.memory_budget is not None and prediction.total > self.memory_budget:
+                budget = f"budget {self.memory_budget / memory.GIB:.2f} GiB"
+                if self.active:
+                    if candidate.name not in self.waiting:
+                        self.waiting.add(candidate.name)
+                        tqdm.write(f"{candidate.name} waits: predicted peak {prediction.describe()} > {budget}")
+                    return
+                warnings.warn(
+                    f"{candidate.name} alone is predicted to need {prediction.describe()} > {budget}; "
+                    "starting it anyway (lower micro_batch_size or max_seq_len, or turn on activation_checkpointing)",
+                    stacklevel=2,
+                )
             self._start(self.pending.popleft())
+
+    def predicted_memory(self, adapters: list[AdapterSpec]) -> memory.MemoryEstimate:
+        """Peak memory of a fleet step running `adapters` together (train/memory.py)."""
+        return memory.estimate(
+            self.shape,
+            [self._load(spec) for spec in adapters],
+            dtype_bytes=self.base.dtype.itemsize,
+            packing=self.spec.packing,
+            chunked_loss=self.spec.chunked_loss,
+            activation_checkpointing=self.spec.activation_checkpointing,
+        )
+
+    def _load(self, spec: AdapterSpec) -> memory.AdapterLoad:
+        if spec.name not in self.loads:
+            if spec.init_from:
+                rank, parameters = adapter_file_size(spec.init_from)
+            else:
+                rank = spec.rank
+                parameters = memory.lora_parameters(self.base.model, self.targets[spec.name], rank)
+            longest = max(example.num_tokens for example in self.examples[spec.name])
+            self.loads[spec.name] = memory.AdapterLoad(spec.name, rank, parameters, spec.micro_batch_size, longest)
+        return self.loads[spec.name]
 
     def _start(self, spec: AdapterSpec) -> AdapterJob:
         if spec.init_from:
@@ -257,3 +304,14 @@ def checkpoint_decoder_layers(language_model: torch.nn.Module) -> None:
         layer.gradient_checkpointing = True
         layer._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
         layer.training = True
+
+
+def adapter_file_size(directory: str | Path) -> tuple[int, int]:
+    """(rank, parameters) of a saved PEFT adapter, read from its files without loading weights."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    rank = json.loads((directory / "adapter_config.json").read_text())["r"]
+    with safe_open(directory / "adapter_model.safetensors", "pt") as tensors:
+        parameters = sum(math.prod(tensors.get_slice(key).get_shape()) for key in tensors.keys())
+    return rank, parameters

@@ -1,0 +1,151 @@
+"""Peak memory of a fleet step, predicted from the model's shape, the adapters and the tokens.
+
+The trainer admits another adapter only while the prediction stays within the memory budget, and
+`lorafleet plan` answers "does this fleet fit, and how many adapters like these would?" before
+anything is loaded. The model is analytic; its terms, per fleet step:
+
+- weights: every parameter of the base (vision tower included) in the compute dtype;
+- adapter state: fp32 LoRA weights, their gradients and AdamW's two moments (16 bytes/parameter);
+- activations kept for backward, per token and decoder layer, for a Qwen2/Llama-style layer with
+  LoRA on its projections and a flash/memory-efficient attention kernel (linear in tokens):
+  two norm inputs, the attention input, q, k, v and attention output, the MLP input, gate, up,
+  SiLU(gate) and their product, and two rank-r tensors per adapted projection:
+  7·hidden + 2·kv_width + 4·intermediate + 14·rank elements. With activation checkpointing only
+  each layer's input is kept, plus one layer's activations while it is recomputed;
+- the loss: chunks of logits (chunked loss) or the full tokens × vocabulary logits in the compute
+  dtype, their fp32 copy and its gradient;
+- a margin for the allocator and kernels' workspaces: 10% plus 512 MiB.
+
+tests/train/test_memory.py holds the activation term to what autograd really keeps (measured with
+saved-tensor hooks) on CPU. On CUDA the CUDA context (~0.5 GiB) is outside PyTorch's allocator and
+outside this prediction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lorafleet.train.loss import CHUNK_ELEMENTS
+
+GIB = 2**30
+ADAPTER_STATE_BYTES = 16  # fp32 weight + gradient + AdamW exp_avg + exp_avg_sq
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    parameters: int  # all of them, vision tower included
+    hidden: int
+    intermediate: int
+    layers: int
+    q_width: int  # attention heads × head_dim
+    kv_width: int  # key/value heads × head_dim
+    vocab: int
+
+    @classmethod
+    def from_config(cls, config, parameters: int) -> ModelShape:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        return cls(
+            parameters=parameters,
+            hidden=text.hidden_size,
+            intermediate=text.intermediate_size,
+            layers=text.num_hidden_layers,
+            q_width=text.num_attention_heads * head_dim,
+            kv_width=text.num_key_value_heads * head_dim,
+            vocab=text.vocab_size,
+        )
+
+
+@dataclass(frozen=True)
+class AdapterLoad:
+    """What one adapter adds to a fleet step."""
+
+    name: str
+    rank: int
+    lora_parameters: int
+    rows: int  # sequences per step (micro-batch size)
+    longest: int  # tokens of its longest sequence
+
+
+@dataclass
+class MemoryEstimate:
+    weights: int
+    adapter_state: int
+    activations: int
+    loss: int
+    margin: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.adapter_state + self.activations + self.loss + self.margin
+
+    def describe(self) -> str:
+        parts = ("weights", "adapter_state", "activations", "loss", "margin")
+        detail = ", ".join(f"{part.replace('_', ' ')} {getattr(self, part) / GIB:.2f}" for part in parts)
+        return f"{self.total / GIB:.2f} GiB ({detail})"
+
+
+def activation_elements_per_token(shape: ModelShape, rank: int) -> int:
+    """Elements autograd keeps per token and decoder layer (see the module docstring)."""
+    return 7 * shape.hidden + 2 * shape.kv_width + 4 * shape.intermediate + 14 * rank
+
+
+def step_tokens(loads: Sequence[AdapterLoad], packing: bool) -> int:
+    """Tokens one fleet step computes: padded to the longest sequence of the step, or packed."""
+    if packing:
+        return sum(load.rows * load.longest for load in loads)
+    return sum(load.rows for load in loads) * max((load.longest for load in loads), default=0)
+
+
+def estimate(
+    shape: ModelShape,
+    loads: Sequence[AdapterLoad],
+    dtype_bytes: int,
+    packing: bool = False,
+    chunked_loss: bool = True,
+    activation_checkpointing: bool = False,
+) -> MemoryEstimate:
+    tokens = step_tokens(loads, packing)
+    rank = max((load.rank for load in loads), default=0)
+    per_layer = activation_elements_per_token(shape, rank) * dtype_bytes
+    if activation_checkpointing:
+        activations = tokens * (shape.layers * shape.hidden * dtype_bytes + per_layer)
+    else:
+        activations = tokens * shape.layers * per_layer
+    if chunked_loss:
+        loss = 3 * 4 * min(CHUNK_ELEMENTS, tokens * shape.vocab) + tokens * shape.hidden * dtype_bytes
+    else:
+        loss = tokens * shape.vocab * (dtype_bytes + 4 + 4)
+    state = sum(load.lora_parameters for load in loads) * ADAPTER_STATE_BYTES
+    weights = shape.parameters * dtype_bytes
+    subtotal = weights + state + activations + loss
+    return MemoryEstimate(weights, state, activations, loss, margin=subtotal // 10 + 512 * 2**20)
+
+
+def model_shape(model: torch.nn.Module) -> ModelShape:
+    """The shape of a built model (real or on the meta device); quantized weights count as weights."""
+    from lorafleet.compress.quantize import QuantizedLinear
+
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
+    parameters = sum(p.numel() for p in model.parameters()) + quantized
+    return ModelShape.from_config(model.config, parameters)
+
+
+def lora_parameters(model: torch.nn.Module, targets: Sequence[str], rank: int) -> int:
+    """Parameters of a rank-`rank` LoRA adapter on the named Linear modules of `model`."""
+    total = 0
+    for name in targets:
+        module = model.get_submodule(name)
+        base = getattr(module, "base_layer", module)
+        total += rank * (base.in_features + base.out_features)
+    return total
+
+
+def default_budget(device: torch.device) -> int | None:
+    """90% of the GPU's memory; None (no limit) on CPU."""
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.get_device_properties(device).total_memory * 0.9)

@@ -1,0 +1,103 @@
+"""`lorafleet plan`: will this fleet fit in memory, and how many adapters like these would?
+
+Reads the fleet spec and the data (tokenised as the trainer will), builds the base on the meta
+device (no weights read), and prints the memory model's prediction (train/memory.py) for each
+adapter alone, for the adapters the trainer would run together, and the largest number of copies
+of the fleet's biggest adapter that fit in the budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lorafleet.config import FleetSpec
+from lorafleet.models.loading import load_base
+from lorafleet.train import memory
+from lorafleet.train.trainer import FleetTrainer
+
+
+@dataclass
+class FleetPlan:
+    weights: int
+    alone: dict[str, memory.MemoryEstimate]
+    together: list[str]  # the first batch of adapters the trainer admits
+    together_estimate: memory.MemoryEstimate
+    budget: int | None
+    fit_count: int | None  # copies of the largest adapter that fit in the budget
+    loads: dict[str, memory.AdapterLoad]
+
+
+def plan_fleet(spec: FleetSpec, budget_gb: float | None = None, dtype: torch.dtype | None = None) -> FleetPlan:
+    dtype = dtype or (getattr(torch, spec.dtype) if spec.dtype else torch.bfloat16)
+    base = load_base(spec.base, dtype=dtype, weights=False)
+    trainer = FleetTrainer(spec, base=base, progress=False)
+    budget_gb = budget_gb or spec.memory_budget_gb
+    budget = int(budget_gb * memory.GIB) if budget_gb else _local_gpu_budget()
+    trainer.memory_budget = budget
+    alone = {a.name: trainer.predicted_memory([a]) for a in spec.adapters}
+    together = []
+    for adapter in spec.adapters[: spec.max_concurrent]:
+        estimate = trainer.predicted_memory([*together, adapter])
+        if together and budget is not None and estimate.total > budget:
+            break
+        together.append(adapter)
+    loads = {a.name: trainer._load(a) for a in spec.adapters}
+    return FleetPlan(
+        weights=alone[spec.adapters[0].name].weights,
+        alone=alone,
+        together=[a.name for a in together],
+        together_estimate=trainer.predicted_memory(together),
+        budget=budget,
+        fit_count=_copies_that_fit(trainer, spec, loads, budget) if budget is not None else None,
+        loads=loads,
+    )
+
+
+def _copies_that_fit(trainer: FleetTrainer, spec: FleetSpec, loads: dict, budget: int) -> int:
+    largest = max(loads.values(), key=lambda load: load.lora_parameters * 16 + load.rows * load.longest)
+
+    def total(count: int) -> int:
+        copies = [memory.AdapterLoad(f"copy{i}", largest.rank, largest.lora_parameters, largest.rows, largest.longest)
+                  for i in range(count)]  # fmt: skip
+        return memory.estimate(
+            trainer.shape,
+            copies,
+            dtype_bytes=trainer.base.dtype.itemsize,
+            packing=spec.packing,
+            chunked_loss=spec.chunked_loss,
+            activation_checkpointing=spec.activation_checkpointing,
+        ).total
+
+    count = 0
+    while count < 10_000 and total(count + 1) <= budget:
+        count += 1
+    return count
+
+
+def _local_gpu_budget() -> int | None:
+    return memory.default_budget(torch.device("cuda")) if torch.cuda.is_available() else None
+
+
+def format_plan(plan: FleetPlan, spec: FleetSpec) -> str:
+    gib = memory.GIB
+    lines = [f"base {spec.base}: weights {plan.weights / gib:.2f} GiB", ""]
+    lines.append(f"{'adapter':<16} {'rank':>4} {'LoRA params':>12} {'seqs x longest':>15} {'alone':>10}")
+    for name, estimate in plan.alone.items():
+        load = plan.loads[name]
+        shape = f"{load.rows} x {load.longest}"
+        lines.append(
+            f"{name:<16} {load.rank:>4} {load.lora_parameters:>12,} {shape:>15} {estimate.total / gib:>6.2f} GiB"
+        )
+    lines.append("")
+    lines.append(f"running together ({', '.join(plan.together)}): peak {plan.together_estimate.describe()}")
+    if len(plan.together) < len(plan.alone):
+        lines.append(f"the other {len(plan.alone) - len(plan.together)} wait for a place (max_concurrent or memory)")
+    if plan.budget is None:
+        lines.append("no budget: pass --budget-gb (or set memory_budget_gb) to check the fit")
+    else:
+        verdict = "fits" if plan.together_estimate.total <= plan.budget else "does NOT fit"
+        lines.append(f"budget {plan.budget / gib:.2f} GiB: {verdict}")
+        lines.append(f"adapters like the largest one that fit at once: {plan.fit_count}")
+    return "\n".join(lines)

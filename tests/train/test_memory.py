@@ -1,0 +1,118 @@
+"""The memory model against what autograd really keeps, admission under a budget, `lorafleet plan`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from lorafleet.adapters.fleet import LoRAFleet, LoRAShape, find_target_modules
+from lorafleet.adapters.layer import Segment
+from lorafleet.config import ALL_PROJECTIONS, AdapterSpec, FleetSpec
+from lorafleet.train import memory
+from lorafleet.train.loss import chunked_segment_losses
+from lorafleet.train.trainer import FleetTrainer, checkpoint_decoder_layers, train_fleet
+from tests.conftest import write_text_dataset
+from tests.train.test_loss import saved_bytes
+
+
+def small_model_with_adapters(rank: int, adapters: int):
+    config = Qwen2Config(
+        hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=1024, attn_implementation="sdpa",
+    )  # fmt: skip
+    model = Qwen2ForCausalLM(config).eval().requires_grad_(False)
+    fleet = LoRAFleet(model, "")
+    targets = find_target_modules(model, "", list(ALL_PROJECTIONS))
+    for index in range(adapters):
+        fleet.add_adapter(f"a{index}", LoRAShape(rank, 2 * rank, 0.0, targets), seed=index)
+    return model, fleet, targets
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["kept", "recomputed"])
+def test_predicted_activations_match_what_autograd_keeps(checkpointing):
+    rank, rows, length = 16, 4, 256
+    model, fleet, targets = small_model_with_adapters(rank, rows)
+    if checkpointing:
+        checkpoint_decoder_layers(model.model)
+    ids = torch.randint(0, 1024, (rows, length), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, : length * 3 // 4] = -100
+    segments = [Segment(f"a{i}", i, i + 1) for i in range(rows)]
+
+    def step():
+        with fleet.route(segments):
+            hidden = model.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+            chunked_segment_losses(hidden, model.lm_head, labels, segments)
+
+    measured = saved_bytes(step)
+    shape = memory.model_shape(model)
+    parameters = memory.lora_parameters(model, targets, rank)
+    loads = [memory.AdapterLoad(f"a{i}", rank, parameters, 1, length) for i in range(rows)]
+    predicted = memory.estimate(shape, loads, dtype_bytes=4, activation_checkpointing=checkpointing)
+    tokens = rows * length
+    if checkpointing:  # forward keeps each layer's input; one layer's worth is recomputed in backward
+        kept = tokens * shape.layers * shape.hidden * 4
+        assert kept <= measured <= 1.5 * kept
+        assert measured <= predicted.activations
+    else:
+        assert 0.85 * measured <= predicted.activations <= 1.15 * measured
+
+
+def test_lora_parameter_count_matches_the_adapter():
+    model, fleet, targets = small_model_with_adapters(rank=8, adapters=1)
+    counted = sum(p.numel() for p in fleet.parameters("a0"))
+    assert memory.lora_parameters(model, targets, 8) == counted
+
+
+def fleet_spec(base, tmp_path, data, **options):
+    adapters = [
+        AdapterSpec(name=f"a{i}", data=str(data), rank=4, steps=4, learning_rate=1e-2, micro_batch_size=2, seed=i)
+        for i in range(3)
+    ]
+    return FleetSpec(base=str(base), output=str(tmp_path), adapters=adapters, checkpoint_every=0, **options)
+
+
+def test_admission_keeps_the_predicted_peak_within_the_budget(tiny_lm_dir, tmp_path):
+    data = write_text_dataset(tmp_path / "d.jsonl", n=8, seed=0)
+    probe = FleetTrainer(fleet_spec(tiny_lm_dir, tmp_path / "probe", data), progress=False)
+    two = probe.predicted_memory(probe.spec.adapters[:2]).total
+    three = probe.predicted_memory(probe.spec.adapters).total
+    assert two < three
+    budget_gb = (two + three) / 2 / memory.GIB
+
+    spec = fleet_spec(tiny_lm_dir, tmp_path / "tight", data, memory_budget_gb=budget_gb)
+    trainer = FleetTrainer(spec, progress=False)
+    running = []
+    trainer.on_step = lambda _: running.append(len(trainer.active))
+    limited = trainer.run()
+    assert max(running) == 2 and sorted(limited.adapters) == ["a0", "a1", "a2"]
+
+    free = train_fleet(fleet_spec(tiny_lm_dir, tmp_path / "free", data), progress=False)
+    for name in ("a0", "a1", "a2"):  # who trains alongside whom never changes an adapter
+        ours = load_file(limited.adapters[name] / "adapter_model.safetensors")
+        reference = load_file(free.adapters[name] / "adapter_model.safetensors")
+        assert all(torch.allclose(ours[k], reference[k], atol=1e-5) for k in ours)
+
+
+def test_plan_command_reports_per_adapter_and_how_many_fit(tiny_lm_dir, tmp_path):
+    data = write_text_dataset(tmp_path / "d.jsonl", n=8, seed=0)
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(
+        f"base: {tiny_lm_dir}\noutput: {tmp_path / 'out'}\nadapters:\n"
+        + "".join(f"  - {{name: a{i}, data: {data}, rank: {4 * (i + 1)}}}\n" for i in range(3))
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "lorafleet.cli", "plan", str(fleet), "--budget-gb", "0.55"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert all(f"a{i}" in run.stdout for i in range(3))
+    assert "budget 0.55 GiB: fits" in run.stdout
+    fit = int(run.stdout.rsplit(":", 1)[1])
+    assert fit >= 3
+    assert not (tmp_path / "out").exists()  # planning trains nothing and writes nothing
