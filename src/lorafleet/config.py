@@ -86,6 +86,9 @@ class FleetSpec:
     # Adapters join the running batch only while the predicted peak memory (train/memory.py)
     # stays within this many GiB; default: 90% of the GPU, no limit on CPU.
     memory_budget_gb: float | None = None
+    # QLoRA: "nf4" loads the frozen base's language-model Linears as 4-bit NormalFloat
+    # (bitsandbytes, double-quantized); adapters stay fp32 and save in the same PEFT format.
+    quantize_base: str | None = None
     checkpoint_every: int = 100  # fleet steps between checkpoints; 0 turns them off
     keep_checkpoints: int = 2
     seed: int = 0  # seeds dropout; each adapter's own seed sets its initialisation and data order
@@ -101,6 +104,10 @@ class FleetSpec:
             raise ConfigError(f"{where}: adapter names must be unique, repeated: {', '.join(duplicates)}")
         if self.max_concurrent < 1:
             raise ConfigError(f"{where}: max_concurrent must be at least 1")
+        if self.quantize_base not in (None, "nf4"):
+            raise ConfigError(
+                f"{where}: quantize_base {self.quantize_base!r} is not supported; use nf4 or leave it out"
+            )
         if self.memory_budget_gb is not None and self.memory_budget_gb <= 0:
             raise ConfigError(f"{where}: memory_budget_gb must be positive (or left out for the default)")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):

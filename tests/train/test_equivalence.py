@@ -71,9 +71,11 @@ def three_adapters(data: list[Path]) -> list[AdapterSpec]:
     ]
 
 
-def train_alone_with_peft(model_dir: Path, spec: AdapterSpec, workdir: Path) -> dict[str, torch.Tensor]:
-    """The reference: one adapter, plain peft + torch, the textbook loop."""
-    base = load_base(model_dir, device="cpu")
+def train_alone_with_peft(
+    model_dir: Path, spec: AdapterSpec, workdir: Path, quantize: str | None = None
+) -> dict[str, torch.Tensor]:
+    """The reference: one adapter, plain peft + torch, the textbook loop (QLoRA: on the same NF4 base)."""
+    base = load_base(model_dir, device="cpu", quantize=quantize)
     # Start from the same initial weights: our init, written as a PEFT directory, loaded by peft.
     init_fleet = LoRAFleet(load_base(model_dir, device="cpu").model, base.language_prefix)
     targets = find_target_modules(init_fleet.model, base.language_prefix, spec.target_modules)
@@ -114,13 +116,15 @@ MODES = {
 }
 
 
-def assert_fleet_matches_peft(model_dir: Path, data: list[Path], tmp_path: Path, mode: dict) -> None:
-    adapters = three_adapters(data)
+def assert_fleet_matches_peft(
+    model_dir: Path, data: list[Path], tmp_path: Path, mode: dict, only: str | None = None, tolerance: float = 1e-5
+) -> None:
+    adapters = [a for a in three_adapters(data) if only in (None, a.name)]
     spec = FleetSpec(base=str(model_dir), output=str(tmp_path / "fleet"), adapters=adapters, checkpoint_every=0, **mode)
     result = train_fleet(spec, progress=False)
     for adapter in adapters:
         ours = load_file(result.adapters[adapter.name] / "adapter_model.safetensors")
-        reference = train_alone_with_peft(model_dir, adapter, tmp_path)
+        reference = train_alone_with_peft(model_dir, adapter, tmp_path, mode.get("quantize_base"))
         assert ours.keys() == reference.keys()
         moved = max(
             (reference[k] - load_file(tmp_path / f"init-{adapter.name}" / "adapter_model.safetensors")[k])
@@ -131,7 +135,7 @@ def assert_fleet_matches_peft(model_dir: Path, data: list[Path], tmp_path: Path,
         )
         assert moved > 1e-3, "training must actually change the weights for the comparison to mean anything"
         worst = max((ours[k] - reference[k]).abs().max().item() for k in ours)
-        assert worst <= 1e-5, f"{adapter.name}: max |fleet - peft| = {worst:.2e}"
+        assert worst <= tolerance, f"{adapter.name}: max |fleet - peft| = {worst:.2e}"
 
 
 @pytest.mark.parametrize("mode", ["padded", "packed", "full-logits", "recomputed"])
@@ -160,3 +164,17 @@ def test_fused_kernel_trains_the_same_adapters_as_peft(tiny_lm_dir, tmp_path, mo
     data = [write_text_dataset(tmp_path / f"d{i}.jsonl", n=13 + 4 * i, seed=i) for i in range(3)]
     assert_fleet_matches_peft(tiny_lm_dir, data, tmp_path, {"packing": True})
     assert calls, "the fused kernels must actually have run"
+
+
+def test_qlora_adapter_matches_peft_qlora_on_the_same_nf4_base(tiny_lm_dir, tmp_path):
+    """QLoRA: the fleet trainer on an NF4 base (bitsandbytes) equals peft on the same NF4 base."""
+    from bitsandbytes.nn import Linear4bit
+
+    base = load_base(tiny_lm_dir, device="cpu", quantize="nf4")
+    assert isinstance(base.model.model.layers[0].mlp.down_proj, Linear4bit)
+    assert not isinstance(base.model.lm_head, Linear4bit)
+    data = [write_text_dataset(tmp_path / f"d{i}.jsonl", n=13 + 4 * i, seed=i) for i in range(3)]
+    # One adapter: bitsandbytes' CPU 4-bit matmul is not exactly batch-invariant (its result for a
+    # row shifts by ~1e-5 with the batch around it), so on CPU the exact comparison is for an
+    # adapter trained alone; trained alongside two others the same adapter drifts to ~4e-3.
+    assert_fleet_matches_peft(tiny_lm_dir, data, tmp_path, {"quantize_base": "nf4"}, only="legal", tolerance=1e-6)

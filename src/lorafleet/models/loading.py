@@ -86,10 +86,13 @@ def load_base(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     weights: bool = True,
+    quantize: str | None = None,
 ) -> BaseModel:
     """Load the model at `path`, frozen, with its tokenizer (and image processor for a VLM).
     `weights=False` builds the model on the meta device instead: shapes and data handling without
-    reading or allocating any weight (for planning)."""
+    reading or allocating any weight (for planning). `quantize="nf4"` loads the language model's
+    Linear layers as 4-bit NormalFloat with bitsandbytes (QLoRA); the vision tower, projector and
+    output head stay in `dtype`."""
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForImageTextToText,
@@ -103,6 +106,8 @@ def load_base(
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     kwargs = dict(dtype=dtype, local_files_only=True, weights=weights)
+    if quantize is not None and weights:
+        kwargs |= {"quantization_config": _nf4_config(dtype), "device_map": str(device)}
     if INTERNVL_ARCHITECTURE in architectures:
         model = _from_pretrained(AutoModelForImageTextToText, path, config, kwargs)
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
@@ -131,9 +136,25 @@ def load_base(
         base.tokenizer.pad_token = base.tokenizer.eos_token
     model.requires_grad_(False)
     model.eval()
-    if weights:
-        model.to(device)
+    if weights and quantize is None:
+        model.to(device)  # a bitsandbytes model is placed by device_map and refuses .to()
     return base
+
+
+def _nf4_config(dtype: torch.dtype):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ModelLoadError("quantize_base: nf4 needs bitsandbytes: pip install bitsandbytes") from err
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"],
+    )
 
 
 def _from_pretrained(auto_class, path: Path, config: dict, kwargs: dict) -> nn.Module:

@@ -4,7 +4,8 @@ The trainer admits another adapter only while the prediction stays within the me
 `lorafleet plan` answers "does this fleet fit, and how many adapters like these would?" before
 anything is loaded. The model is analytic; its terms, per fleet step:
 
-- weights: every parameter of the base (vision tower included) in the compute dtype;
+- weights: every parameter and buffer of the base (vision tower included) as held in memory
+  (int8/int4/NF4 weights at their stored size);
 - adapter state: fp32 LoRA weights, their gradients and AdamW's two moments (16 bytes/parameter);
 - activations kept for backward, per token and decoder layer, for a Qwen2/Llama-style layer with
   LoRA on its projections and a flash/memory-efficient attention kernel (linear in tokens):
@@ -37,6 +38,7 @@ ADAPTER_STATE_BYTES = 16  # fp32 weight + gradient + AdamW exp_avg + exp_avg_sq
 @dataclass(frozen=True)
 class ModelShape:
     parameters: int  # all of them, vision tower included
+    weight_bytes: int  # as held in memory: quantized weights count at their stored size
     hidden: int
     intermediate: int
     layers: int
@@ -45,11 +47,12 @@ class ModelShape:
     vocab: int
 
     @classmethod
-    def from_config(cls, config, parameters: int) -> ModelShape:
+    def from_config(cls, config, parameters: int, weight_bytes: int) -> ModelShape:
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         return cls(
             parameters=parameters,
+            weight_bytes=weight_bytes,
             hidden=text.hidden_size,
             intermediate=text.intermediate_size,
             layers=text.num_hidden_layers,
@@ -120,7 +123,7 @@ def estimate(
     else:
         loss = tokens * shape.vocab * (dtype_bytes + 4 + 4)
     state = sum(load.lora_parameters for load in loads) * ADAPTER_STATE_BYTES
-    weights = shape.parameters * dtype_bytes
+    weights = shape.weight_bytes
     subtotal = weights + state + activations + loss
     return MemoryEstimate(weights, state, activations, loss, margin=subtotal // 10 + 512 * 2**20)
 
@@ -131,7 +134,8 @@ def model_shape(model: torch.nn.Module) -> ModelShape:
 
     quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
     parameters = sum(p.numel() for p in model.parameters()) + quantized
-    return ModelShape.from_config(model.config, parameters)
+    tensors = [*model.parameters(), *model.buffers()]
+    return ModelShape.from_config(model.config, parameters, sum(t.numel() * t.element_size() for t in tensors))
 
 
 def lora_parameters(model: torch.nn.Module, targets: Sequence[str], rank: int) -> int:

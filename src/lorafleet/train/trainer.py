@@ -58,7 +58,8 @@ class FleetTrainer:
         on_step: Callable[[int], None] | None = None,
     ) -> None:
         self.spec = spec
-        self.base = base or load_base(spec.base, spec.device, getattr(torch, spec.dtype) if spec.dtype else None)
+        dtype = getattr(torch, spec.dtype) if spec.dtype else None
+        self.base = base or load_base(spec.base, spec.device, dtype, quantize=spec.quantize_base)
         self.fleet = LoRAFleet(self.base.model, self.base.language_prefix)
         if spec.activation_checkpointing:
             checkpoint_decoder_layers(self.base.language_model)
