@@ -108,6 +108,7 @@ class Engine:
         self._waiting_lock = threading.Lock()
         self._wake = threading.Event()
         self._rows: list[_Row] = []
+        self._segments_for: tuple[tuple, list[Segment]] = ((), [])
         self._cache: KVCache | None = None
         self.decoder = Decoder(base)
         self._stop = threading.Event()
@@ -211,7 +212,10 @@ class Engine:
 
     def _decode_step(self) -> None:
         tokens = torch.tensor([row.next_token for row in self._rows], device=self.base.device)
-        with self.fleet.route(_segments([row.request.adapter for row in self._rows])):
+        key = tuple(row.request.adapter for row in self._rows)
+        if self._segments_for[0] != key:  # the batch's composition changed: rows joined or left
+            self._segments_for = (key, _segments(list(key)))
+        with self.fleet.route(self._segments_for[1]):
             logits = self.decoder.step(tokens, self._cache)
         for row in self._rows:
             row.position += 1
@@ -221,9 +225,11 @@ class Engine:
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Choose each row's next token, stream its text, and decide whether the row is done."""
         greedy = logits.argmax(dim=-1).tolist()  # one call for the whole batch; most rows decode greedily
-        for row, row_logits, best in zip(rows, logits, greedy, strict=True):
-            sampled = row.generator is not None
-            row.next_token = sample_next_token(row_logits, row.request.params, row.generator) if sampled else best
+        for index, (row, best) in enumerate(zip(rows, greedy, strict=True)):
+            if row.generator is None:
+                row.next_token = best
+            else:
+                row.next_token = sample_next_token(logits[index], row.request.params, row.generator)
             row.finish = self._account(row)
 
     def _account(self, row: _Row) -> str | None:
