@@ -105,9 +105,10 @@ class FusedProjections:
     to the group's common slot count and rank) and mask keeps each row's own slot. On a small
     model a decode step is launch-bound: this turns 15 operations for q/k/v into 5. Modules are
     looked up on every call (loading an adapter at run time wraps them) and the fused weights are
-    rebuilt whenever a module, an adapter or a weight changes. The LoRA products run in the base's
-    dtype (as vLLM's do). Only plain Linear bases fuse; other groups (quantized bases) run module
-    by module."""
+    rebuilt whenever a module changes or an adapter is loaded or unloaded (the routing's slot
+    version): as in the engine, adapter weights are not modified in place while serving. The LoRA
+    products run in the base's dtype (as vLLM's do). Only plain Linear bases fuse; other groups
+    (quantized bases) run module by module."""
 
     def __init__(self, parent: nn.Module, names: list[str]) -> None:
         self.parent, self.names = parent, names
@@ -116,29 +117,31 @@ class FusedProjections:
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         modules = [getattr(self.parent, name) for name in self.names]
-        bases = [m.base_layer if isinstance(m, MultiLoRALinear) else m for m in modules]
-        if not all(type(b) is nn.Linear for b in bases):
+        routing = next((m.routing for m in modules if isinstance(m, MultiLoRALinear)), None)
+        key = (tuple(map(id, modules)), routing.slots_version if routing is not None else -1)
+        if self._weights is None or self._weights[0] != key:
+            self._weights = (key, modules, self._prepare(modules))  # `modules` keeps the ids valid
+        prepared = self._weights[2]
+        if prepared is None:
             return [module(x) for module in modules]
-        weight, bias, b_blockdiag, slots, rank, splits = self._fused_weights(modules, bases)
+        weight, bias, b_blockdiag, slots, rank, splits = prepared
         if b_blockdiag is None:
             return list(F.linear(x, weight, bias).split(splits, dim=-1))
         z = F.linear(x, weight)
         out = sum(splits)
         base = z[..., :out] if bias is None else z[..., :out] + bias
-        routing = next(m.routing for m in modules if isinstance(m, MultiLoRALinear))
         mask = self._feature_mask(routing, slots, rank, x.dtype, x.device, len(modules))
         y = base + (z[..., out:] * mask) @ b_blockdiag
         return list(y.split(splits, dim=-1))
 
-    def _fused_weights(self, modules: list[nn.Module], bases: list[nn.Linear]) -> tuple:
+    def _prepare(self, modules: list[nn.Module]) -> tuple | None:
+        bases = [m.base_layer if isinstance(m, MultiLoRALinear) else m for m in modules]
+        if not all(type(b) is nn.Linear for b in bases):
+            return None
         stacks = [
             m.stacked_weights() if isinstance(m, MultiLoRALinear) and m.adapter_weights() else None for m in modules
         ]
-        held = (*modules, *bases, *(stack[0] for stack in stacks if stack is not None))
-        key = tuple(id(t) for t in held) + tuple(b.weight._version for b in bases)
-        if self._weights is None or self._weights[0] != key:
-            self._weights = (key, held, *self._build(stacks, bases))  # `held` keeps the ids valid
-        return self._weights[2:]
+        return self._build(stacks, bases)
 
     @staticmethod
     def _build(stacks: list, bases: list[nn.Linear]) -> tuple:
