@@ -18,6 +18,7 @@ import yaml
 
 from lorafleet.errors import ConfigError
 
+ATTENTION_KERNELS = (None, "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -89,6 +90,10 @@ class FleetSpec:
     # QLoRA: "nf4" loads the frozen base's language-model Linears as 4-bit NormalFloat
     # (bitsandbytes, double-quantized); adapters stay fp32 and save in the same PEFT format.
     quantize_base: str | None = None
+    # transformers' attention kernel: sdpa (default), eager, or flash_attention_2 (needs the
+    # flash-attn package and a GPU) — with packing, flash-attention runs each sequence on its own
+    # (variable-length kernel) instead of masking one long row.
+    attention: str | None = None
     checkpoint_every: int = 100  # fleet steps between checkpoints; 0 turns them off
     keep_checkpoints: int = 2
     seed: int = 0  # seeds dropout; each adapter's own seed sets its initialisation and data order
@@ -104,6 +109,9 @@ class FleetSpec:
             raise ConfigError(f"{where}: adapter names must be unique, repeated: {', '.join(duplicates)}")
         if self.max_concurrent < 1:
             raise ConfigError(f"{where}: max_concurrent must be at least 1")
+        if self.attention not in ATTENTION_KERNELS:
+            known = ", ".join(k for k in ATTENTION_KERNELS if k)
+            raise ConfigError(f"{where}: attention {self.attention!r} is not one of {known}")
         if self.quantize_base not in (None, "nf4"):
             raise ConfigError(
                 f"{where}: quantize_base {self.quantize_base!r} is not supported; use nf4 or leave it out"

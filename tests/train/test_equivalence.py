@@ -113,6 +113,7 @@ MODES = {
     "full-logits": {"chunked_loss": False},
     "recomputed": {"activation_checkpointing": True},
     "packed+recomputed": {"packing": True, "activation_checkpointing": True},
+    "packed+eager": {"packing": True, "attention": "eager"},
 }
 
 
@@ -138,7 +139,7 @@ def assert_fleet_matches_peft(
         assert worst <= tolerance, f"{adapter.name}: max |fleet - peft| = {worst:.2e}"
 
 
-@pytest.mark.parametrize("mode", ["padded", "packed", "full-logits", "recomputed"])
+@pytest.mark.parametrize("mode", ["padded", "packed", "full-logits", "recomputed", "packed+eager"])
 def test_adapters_trained_together_match_peft_alone_on_qwen2(tiny_lm_dir, tmp_path, mode):
     data = [write_text_dataset(tmp_path / f"d{i}.jsonl", n=13 + 4 * i, seed=i) for i in range(3)]
     assert_fleet_matches_peft(tiny_lm_dir, data, tmp_path, MODES[mode])

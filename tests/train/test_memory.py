@@ -116,3 +116,15 @@ def test_plan_command_reports_per_adapter_and_how_many_fit(tiny_lm_dir, tmp_path
     fit = int(run.stdout.rsplit(":", 1)[1])
     assert fit >= 3
     assert not (tmp_path / "out").exists()  # planning trains nothing and writes nothing
+
+
+def test_plan_counts_an_nf4_base_at_half_a_byte_per_weight(tiny_lm_dir, tmp_path):
+    from lorafleet.train.plan import plan_fleet
+
+    data = write_text_dataset(tmp_path / "d.jsonl", n=4, seed=0)
+    plain = plan_fleet(fleet_spec(tiny_lm_dir, tmp_path / "a", data), budget_gb=1.0, dtype=torch.bfloat16)
+    nf4 = plan_fleet(fleet_spec(tiny_lm_dir, tmp_path / "b", data, quantize_base="nf4"), 1.0, torch.bfloat16)
+    base = FleetTrainer(fleet_spec(tiny_lm_dir, tmp_path / "c", data), progress=False).base
+    linear = sum(m.weight.numel() for m in base.language_model.modules() if type(m) is torch.nn.Linear)
+    saved = plain.weights - nf4.weights
+    assert linear * (2 - 0.6) < saved < linear * (2 - 0.5)  # bf16 → ~0.52 bytes per weight

@@ -87,6 +87,7 @@ def load_base(
     dtype: torch.dtype | None = None,
     weights: bool = True,
     quantize: str | None = None,
+    attention: str | None = None,
 ) -> BaseModel:
     """Load the model at `path`, frozen, with its tokenizer (and image processor for a VLM).
     `weights=False` builds the model on the meta device instead: shapes and data handling without
@@ -108,6 +109,8 @@ def load_base(
     kwargs = dict(dtype=dtype, local_files_only=True, weights=weights)
     if quantize is not None and weights:
         kwargs |= {"quantization_config": _nf4_config(dtype), "device_map": str(device)}
+    if attention is not None:
+        kwargs["attn_implementation"] = attention
     if INTERNVL_ARCHITECTURE in architectures:
         model = _from_pretrained(AutoModelForImageTextToText, path, config, kwargs)
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
@@ -170,9 +173,10 @@ def _from_pretrained(auto_class, path: Path, config: dict, kwargs: dict) -> nn.M
     model_config = AutoConfig.from_pretrained(path, local_files_only=True)
     if hasattr(model_config, "quantization_config"):
         del model_config.quantization_config  # layers are swapped by load_quantized, not by transformers
+    build = dict(dtype=kwargs["dtype"], attn_implementation=kwargs.get("attn_implementation"))
     if not load_weights:
         with torch.device("meta"):
-            return auto_class.from_config(model_config, dtype=kwargs["dtype"])
-    model = auto_class.from_config(model_config, dtype=kwargs["dtype"])
+            return auto_class.from_config(model_config, **build)
+    model = auto_class.from_config(model_config, **build)
     load_quantized(model, path, config)
     return model

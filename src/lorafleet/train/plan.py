@@ -8,6 +8,7 @@ of the fleet's biggest adapter that fit in the budget.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,8 @@ def plan_fleet(spec: FleetSpec, budget_gb: float | None = None, dtype: torch.dty
     dtype = dtype or (getattr(torch, spec.dtype) if spec.dtype else torch.bfloat16)
     base = load_base(spec.base, dtype=dtype, weights=False)
     trainer = FleetTrainer(spec, base=base, progress=False)
+    if spec.quantize_base == "nf4":  # the skeleton is unquantized: count its language-model Linears as NF4
+        trainer.shape = _with_nf4_weights(trainer.shape, base.language_model, dtype)
     budget_gb = budget_gb or spec.memory_budget_gb
     budget = int(budget_gb * memory.GIB) if budget_gb else _local_gpu_budget()
     trainer.memory_budget = budget
@@ -74,6 +77,13 @@ def _copies_that_fit(trainer: FleetTrainer, spec: FleetSpec, loads: dict, budget
     while count < 10_000 and total(count + 1) <= budget:
         count += 1
     return count
+
+
+def _with_nf4_weights(shape: memory.ModelShape, language_model: torch.nn.Module, dtype: torch.dtype):
+    """NF4 stores half a byte per weight plus, with double quantization, about 0.127 bits of scales."""
+    linear = sum(m.weight.numel() for m in language_model.modules() if type(m) is torch.nn.Linear)
+    nf4_bytes = int(linear * (4 + 0.127) / 8)
+    return dataclasses.replace(shape, weight_bytes=shape.weight_bytes - linear * dtype.itemsize + nf4_bytes)
 
 
 def _local_gpu_budget() -> int | None:

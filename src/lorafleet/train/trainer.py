@@ -59,7 +59,9 @@ class FleetTrainer:
     ) -> None:
         self.spec = spec
         dtype = getattr(torch, spec.dtype) if spec.dtype else None
-        self.base = base or load_base(spec.base, spec.device, dtype, quantize=spec.quantize_base)
+        self.base = base or load_base(
+            spec.base, spec.device, dtype, quantize=spec.quantize_base, attention=spec.attention
+        )
         self.fleet = LoRAFleet(self.base.model, self.base.language_prefix)
         if spec.activation_checkpointing:
             checkpoint_decoder_layers(self.base.language_model)
