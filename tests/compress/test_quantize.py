@@ -164,3 +164,14 @@ def test_gptq_has_lower_output_error_than_rounding_on_its_calibration_inputs():
         gptq_error = (gptq(x) - reference).pow(2).mean()
         assert gptq_error < 0.3 * rtn_error, scheme
         assert gptq.weight_scale.shape == rtn.weight_scale.shape == (32, 2)
+
+
+def test_gptq_model_is_closer_to_the_original_than_rounding(tiny_vlm_dir, tmp_path):
+    images = write_image_dataset(tmp_path / "calib.jsonl", n=16, seed=0)
+    kl = {}
+    for gptq in (False, True):
+        options = CompressOptions(
+            tiny_vlm_dir, tmp_path / f"q{gptq}", calib=images, prune=PruneRequest(), quantize="int4", gptq=gptq
+        )
+        kl[gptq] = compress(options, log=lambda _: None)["stages"]["quantized"]["kl_to_teacher"]
+    assert kl[True] < 0.8 * kl[False]

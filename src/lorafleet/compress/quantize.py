@@ -151,29 +151,28 @@ def linear_names(language_model: nn.Module) -> list[str]:
     return [name for name, module in language_model.named_modules() if type(module) is nn.Linear]
 
 
-def quantize_language_model(
-    language_model: nn.Module,
-    scheme: WeightScheme,
-    scale_dtype: torch.dtype = torch.bfloat16,
-    hessians: dict[str, torch.Tensor] | None = None,
-) -> list[str]:
-    """Replace every Linear below `language_model` by a QuantizedLinear; returns their names.
-    With `hessians` (see gptq.input_hessians) integer schemes use GPTQ, else round-to-nearest."""
-    from lorafleet.compress.gptq import gptq_linear
+def model_group_size(language_model: nn.Module, scheme: WeightScheme) -> int | None:
+    """One group size for the whole model (compressed-tensors has one per scheme): the scheme's,
+    or the largest power-of-two divisor of every layer's input width below it; None: per channel."""
+    if scheme.group_size is None:
+        return None
+    widths = (language_model.get_submodule(n).in_features for n in linear_names(language_model))
+    group = math.gcd(scheme.group_size, *widths)
+    if group < 8:
+        raise ConfigError(f"{scheme.name} needs layer widths that are multiples of 8; groups would be {group} wide")
+    return group
 
+
+def quantize_language_model(
+    language_model: nn.Module, scheme: WeightScheme, scale_dtype: torch.dtype = torch.bfloat16
+) -> list[str]:
+    """Replace every Linear below `language_model` by a QuantizedLinear rounded to nearest;
+    returns their names. (GPTQ: `compress.gptq.gptq_language_model`.)"""
     names = linear_names(language_model)
-    group = None
-    if scheme.group_size is not None:
-        group = math.gcd(scheme.group_size, *(language_model.get_submodule(n).in_features for n in names))
-        if group < 8:
-            raise ConfigError(f"{scheme.name} needs layer widths that are multiples of 8; groups would be {group} wide")
+    group = model_group_size(language_model, scheme)
     for name in names:
         linear = language_model.get_submodule(name)
-        if hessians is not None and scheme.kind == "int":
-            quantized = gptq_linear(linear, hessians[name], scheme, group, scale_dtype)
-        else:
-            quantized = QuantizedLinear.from_linear(linear, scheme, group, scale_dtype)
-        language_model.set_submodule(name, quantized)
+        language_model.set_submodule(name, QuantizedLinear.from_linear(linear, scheme, group, scale_dtype))
     return names
 
 

@@ -17,11 +17,10 @@ import torch
 
 from lorafleet.adapters.fleet import LoRAFleet
 from lorafleet.compress.distil import DistilOptions, distil, held_out_kl
-from lorafleet.compress.gptq import input_hessians
+from lorafleet.compress.gptq import gptq_language_model
 from lorafleet.compress.prune import PruneRequest, apply_plan, measure_importance, plan_pruning
 from lorafleet.compress.quantize import (
     QuantizedLinear,
-    linear_names,
     quantize_language_model,
     round_unquantized,
     save_quantized,
@@ -51,6 +50,7 @@ class CompressOptions:
     # On-disk dtype of the weights that are not quantized; None: bf16 when quantizing, else as loaded.
     dtype: torch.dtype | None = None
     gptq: bool = True  # int8/int4 by GPTQ on the calibration data; False: round to nearest
+    progress: bool = True
     eval_data: Path | None = None  # held-out chat JSONL: exact-match accuracy per stage
     eval_limit: int = 64
 
@@ -99,11 +99,11 @@ def compress(options: CompressOptions, log=print) -> dict:
     if store_dtype is not None:
         round_unquantized(base.model, store_dtype)  # measure what will be on disk
     if scheme:
-        hessians = None
         if options.gptq and scheme.kind == "int":
-            log(f"GPTQ: collecting input statistics of the language model's layers on {len(examples)} examples")
-            hessians = input_hessians(base, linear_names(base.language_model), examples)
-        quantize_language_model(base.language_model, scheme, scale_dtype=store_dtype, hessians=hessians)
+            log(f"GPTQ on {len(examples)} calibration examples, one decoder layer at a time")
+            gptq_language_model(base, scheme, examples, scale_dtype=store_dtype, progress=options.progress)
+        else:
+            quantize_language_model(base.language_model, scheme, scale_dtype=store_dtype)
         report["stages"]["quantized"] = stage(base, teacher=teacher)
     _save(base, options.out, scheme is not None, store_dtype)
     if options.distil is not None and options.distil.checkpoint is not None:
