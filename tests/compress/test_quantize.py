@@ -175,3 +175,24 @@ def test_gptq_model_is_closer_to_the_original_than_rounding(tiny_vlm_dir, tmp_pa
         )
         kl[gptq] = compress(options, log=lambda _: None)["stages"]["quantized"]["kl_to_teacher"]
     assert kl[True] < 0.8 * kl[False]
+
+
+def test_lorafleet_serve_answers_with_a_compressed_model(tiny_vlm_dir, tmp_path):
+    from openai import OpenAI
+
+    from lorafleet.serve.server import ServeOptions
+    from tests.serve.conftest import running_server
+
+    images = write_image_dataset(tmp_path / "calib.jsonl", n=6, seed=0)
+    out = tmp_path / "small"
+    compress(
+        CompressOptions(tiny_vlm_dir, out, calib=images, prune=PruneRequest(mlp=0.5), quantize="int4", gptq=False),
+        log=lambda _: None,
+    )
+    with running_server(ServeOptions(fleet_dir=out)) as (url, _):
+        client = OpenAI(base_url=f"{url}/v1", api_key="none")
+        assert "small" in {m.id for m in client.models.list().data}  # and its alias, "base"
+        reply = client.chat.completions.create(
+            model="small", messages=[{"role": "user", "content": "hello"}], max_tokens=4, temperature=0
+        )
+        assert reply.usage.completion_tokens > 0

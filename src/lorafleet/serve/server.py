@@ -2,7 +2,8 @@
 
 `lorafleet serve --fleet DIR` reads DIR as `lorafleet demo` or `lorafleet train` leave it:
 `adapters/<name>/` PEFT directories, and the base in `base/` or, failing that, the base path the
-adapters were trained on (`base_model_name_or_path`).
+adapters were trained on (`base_model_name_or_path`). A plain model directory (`lorafleet
+compress` output, any HF checkpoint) is served as a base without adapters.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class ServeOptions:
 def find_base_dir(fleet_dir: Path) -> Path:
     if (fleet_dir / "base" / "config.json").exists():
         return fleet_dir / "base"
+    if (fleet_dir / "config.json").exists():  # a model directory itself
+        return fleet_dir
     for config in sorted((fleet_dir / "adapters").glob("*/adapter_config.json")):
         recorded = json.loads(config.read_text()).get("base_model_name_or_path")
         if recorded and Path(recorded).exists():
