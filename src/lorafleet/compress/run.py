@@ -112,6 +112,7 @@ def compress(options: CompressOptions, log=print) -> dict:
     report["stages"][last]["bytes"] = _bytes(options.out)
     (options.out / "compress_report.json").write_text(json.dumps(report, indent=2))
     log(format_report(report))
+    log(f"adapters: {report['adapters']}; quantization: {report['quantization'] or 'none'}; wrote {options.out}")
     return report
 
 
