@@ -169,6 +169,21 @@ def segment_outer(a: torch.Tensor, b: torch.Tensor, segs: _Segments, m: torch.Te
     return out
 
 
+_SEGMENTS: dict[tuple, _Segments] = {}
+
+
+def _segments_on_device(bounds: list, slots: list, ranks: list, device: torch.device) -> _Segments:
+    """Every layer of a step routes the same segments: copy their metadata to the device once per
+    step, not once per layer (each copy from host memory is a synchronising transfer on CUDA)."""
+    key = (tuple(bounds), tuple(slots), tuple(ranks), str(device))
+    segs = _SEGMENTS.get(key)
+    if segs is None:
+        if len(_SEGMENTS) >= 64:
+            _SEGMENTS.clear()
+        segs = _SEGMENTS[key] = _Segments(bounds, slots, ranks, device)
+    return segs
+
+
 class _FusedLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, segs: _Segments, scalings: list[float], *weights):
@@ -275,7 +290,7 @@ def fused_lora_delta(x: torch.Tensor, segments, adapters: dict) -> torch.Tensor:
             slots.append(order.index(segment.adapter))
             ranks.append(adapters[segment.adapter].lora_A.out_features)
     weights = [adapters[name] for name in order]
-    segs = _Segments(bounds, slots, ranks, x.device)
+    segs = _segments_on_device(bounds, slots, ranks, x.device)
     delta = _FusedLoRA.apply(
         flat,
         segs,
