@@ -101,6 +101,9 @@ class FleetTrainer:
             batch, segments = pack_micro_batches(micro_batches)
         else:
             batch, segments = stack_micro_batches(micro_batches, self.base.tokenizer.pad_token_id)
+        # Token counts from the batch while it is still on the host: no device round trip per adapter.
+        counted = batch.attention_mask.sum(dim=1).tolist() if not packed else None
+        tokens = [s.end - s.start if packed else int(sum(counted[s.start : s.end])) for s in segments]
         batch = batch.to(self.base.device)
         # Backward runs inside the routing too: recomputed layers (activation checkpointing) and
         # the chunked loss run their forward again there.
@@ -109,12 +112,10 @@ class FleetTrainer:
             total = sum(loss / job.spec.grad_accum for loss, job in zip(losses, self.active, strict=True))
             total.backward()
         self.fleet_step += 1
-        for job, loss, segment in zip(list(self.active), losses, segments, strict=True):
-            tokens = (
-                segment.end - segment.start if packed else int(batch.attention_mask[segment.start : segment.end].sum())
-            )
-            self.result.tokens += tokens
-            if job.record_micro_batch(loss.item(), tokens):
+        values = torch.stack([loss.detach() for loss in losses]).tolist()  # one synchronisation per step
+        for job, value, count in zip(list(self.active), values, tokens, strict=True):
+            self.result.tokens += count
+            if job.record_micro_batch(value, count):
                 self._optimizer_step(job)
         self._admit()
         if self.spec.checkpoint_every and self.fleet_step % self.spec.checkpoint_every == 0 and self.active:
