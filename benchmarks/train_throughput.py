@@ -206,14 +206,14 @@ def main() -> None:
     parser.add_argument("--min-len", type=int, help="mixed lengths: sequences between this and --seq-len tokens")
     parser.add_argument("--full-logits", action="store_true", help="lorafleet computes full logits (no chunked loss)")
     parser.add_argument("--activation-checkpointing", action="store_true", help="lorafleet recomputes decoder layers")
-    parser.add_argument("--no-fused", action="store_true", help="lorafleet without the fused Triton LoRA kernels")
+    parser.add_argument("--fused", action="store_true", help="lorafleet with the fused Triton LoRA kernels (CUDA)")
     parser.add_argument("--skip-peft", action="store_true", help="measure lorafleet only (e.g. padding vs packing)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM)")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
     logging.set_verbosity_error()
-    if args.no_fused:
-        os.environ["LORAFLEET_FUSED_LORA"] = "0"
+    if args.fused:
+        os.environ["LORAFLEET_FUSED_LORA"] = "1"
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -243,7 +243,7 @@ def main() -> None:
         "min_len": args.min_len,
         "chunked_loss": not args.full_logits,
         "activation_checkpointing": args.activation_checkpointing,
-        "fused_lora": device.type == "cuda" and not args.no_fused,
+        "fused_lora": device.type == "cuda" and args.fused,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -34,14 +34,14 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def is_enabled(device: torch.device) -> bool:
-    """On CUDA by default (LORAFLEET_FUSED_LORA=0 turns it off); on CPU only when asked for with
-    LORAFLEET_FUSED_LORA=1 under TRITON_INTERPRET=1 (slow: for checking the kernels)."""
-    choice = os.environ.get("LORAFLEET_FUSED_LORA")
-    if choice == "0":
+    """Opt-in with LORAFLEET_FUSED_LORA=1: on CUDA (after a one-time self-check), or on CPU under
+    TRITON_INTERPRET=1 (slow: for checking the kernels). Off by default until a GPU benchmark shows
+    it beats the per-adapter PyTorch path (`benchmarks/train_throughput.py --fused`)."""
+    if os.environ.get("LORAFLEET_FUSED_LORA") != "1":
         return False
     if device.type == "cuda":
         return _passes_self_check(device)
-    return choice == "1" and INTERPRETED
+    return INTERPRETED
 
 
 @triton.jit
