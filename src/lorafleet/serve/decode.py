@@ -44,10 +44,13 @@ def check_supported(base: BaseModel) -> None:
 
 class KVCache:
     """Per layer, keys and values of shape (rows, kv_heads, capacity, head_dim); row i is valid
-    on [0, lengths[i]). Capacity grows by doubling; rows come and go with the batch."""
+    on [0, lengths[i]). Capacity grows by doubling; rows come and go with the batch. The lengths
+    are kept on the host too (`host_lengths`), so that sizing a step never waits for the device."""
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: torch.Tensor) -> None:
-        self.keys, self.values, self.lengths = keys, values, lengths
+    def __init__(
+        self, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: torch.Tensor, host_lengths: list[int]
+    ) -> None:
+        self.keys, self.values, self.lengths, self.host_lengths = keys, values, lengths, host_lengths
 
     @property
     def rows(self) -> int:
@@ -63,10 +66,12 @@ class KVCache:
         self.keys = [grow(k) for k in self.keys]
         self.values = [grow(v) for v in self.values]
 
-    def select(self, rows: torch.Tensor) -> None:
+    def select(self, rows: list[int]) -> None:
         """Keep only `rows`, in that order, and drop capacity nobody needs any more."""
+        self.host_lengths = [self.host_lengths[row] for row in rows]
+        rows = torch.tensor(rows, device=self.lengths.device)
         self.lengths = self.lengths[rows]
-        used = int(self.lengths.max()) + 1 if self.lengths.numel() else 1
+        used = max(self.host_lengths, default=0) + 1
         self.keys = [k[rows, :, :used] for k in self.keys]
         self.values = [v[rows, :, :used] for v in self.values]
 
@@ -78,19 +83,22 @@ class KVCache:
         self.keys = [torch.cat([a, b]) for a, b in zip(self.keys, other.keys, strict=True)]
         self.values = [torch.cat([a, b]) for a, b in zip(self.values, other.values, strict=True)]
         self.lengths = torch.cat([self.lengths, other.lengths])
+        self.host_lengths = self.host_lengths + other.host_lengths
 
 
 @torch.no_grad()
 def prefill(base: BaseModel, prompts: list, device: torch.device) -> tuple[torch.Tensor, KVCache]:
     """Run the prompts (right-padded) through the model: last-token logits (rows, vocab) and the cache."""
-    batch = collate(prompts, base.tokenizer.pad_token_id).to(device)
+    batch = collate(prompts, base.tokenizer.pad_token_id)
+    host_lengths = batch.attention_mask.sum(dim=1).tolist()
+    batch = batch.to(device)
     inputs = batch.model_inputs()
     lengths = batch.attention_mask.sum(dim=1)
     output = base.model.model(**inputs, past_key_values=DynamicCache(), use_cache=True)
     last = output.last_hidden_state[torch.arange(len(prompts), device=device), lengths - 1]
     logits = base.model.get_output_embeddings()(last).float()
     layers = output.past_key_values.layers
-    cache = KVCache([layer.keys for layer in layers], [layer.values for layer in layers], lengths)
+    cache = KVCache([layer.keys for layer in layers], [layer.values for layer in layers], lengths, host_lengths)
     return logits, cache
 
 
@@ -196,11 +204,11 @@ class Decoder:
         """Feed tokens (rows,) at positions cache.lengths; returns logits (rows, vocab) in fp32."""
         rows = tokens.shape[0]
         positions = cache.lengths
-        cache.ensure_capacity(int(positions.max()) + 1)
+        span = max(cache.host_lengths) + 1  # the longest row after this token
+        cache.ensure_capacity(span)
         hidden = self.embed(tokens)[:, None]  # (rows, 1, hidden)
         cos, sin = self.rotary(hidden, positions[:, None])
         row_index = torch.arange(rows, device=tokens.device)
-        span = int(positions.max()) + 1
         visible = (torch.arange(span, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
         for index, layer in enumerate(self.layers):
             attn = layer.self_attn
@@ -227,6 +235,7 @@ class Decoder:
             gate, up = self.gate_up[index](_rms_norm(layer.post_attention_layernorm, hidden))
             hidden = hidden + self.down[index](layer.mlp.act_fn(gate) * up)[0]
         cache.lengths = positions + 1
+        cache.host_lengths = [length + 1 for length in cache.host_lengths]
         return self.lm_head(_rms_norm(self.norm, hidden))[:, 0].float()
 
 

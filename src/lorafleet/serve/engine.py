@@ -270,7 +270,7 @@ class Engine:
         if not self._rows:
             self._cache = None
             return
-        self._cache.select(torch.tensor(indices, device=self._cache.lengths.device))
+        self._cache.select(indices)
 
     def _fail_all(self, message: str) -> None:
         failed = [row.request for row in self._rows]
