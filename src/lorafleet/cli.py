@@ -16,11 +16,15 @@ examples:
   lorafleet demo --out my-demo            keep everything in ./my-demo
   lorafleet train fleet.yaml              train every adapter listed in fleet.yaml together
   lorafleet train fleet.yaml --resume     continue an interrupted run from its last checkpoint
+  lorafleet plan fleet.yaml --budget-gb 80   predicted peak memory; how many adapters like these fit
   lorafleet serve --fleet demo-out        OpenAI-compatible API on 127.0.0.1:8000 (base + adapters)
   lorafleet serve --fleet demo-out --keys keys.yaml --host 0.0.0.0    with tenants, keys and limits
   lorafleet keys new                      a fresh API key and the hash that goes in keys.yaml
   lorafleet compress --base demo-out/base --calib demo-out/data/marketing.jsonl --prune-mlp 0.5 --plan
                                           what pruning half the MLP would remove
+  lorafleet compress --base demo-out/base --adapter demo-out/adapters/marketing --calib demo-out/data/marketing.jsonl
+      --eval demo-out/data/marketing-test.jsonl --prune-mlp 0.5 --distil-steps 100 --quantize int4 --out small
+                                          merged, pruned, distilled, int4 (GPTQ), compressed-tensors
 """
 
 
@@ -124,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     compress = commands.add_parser(
         "compress",
-        help="prune a base model (optionally with an adapter merged in) into a smaller HF model",
+        help="prune, distil and quantize a base (optionally with an adapter merged in) into a smaller model",
         description="Minitron-style structured pruning of the language model, ranked on calibration data. "
         "Optionally distils the pruned student toward the original (forward KL on logits). "
         "--quantize stores the language model's Linear weights as int8, int4 (w4a16) or fp8 in the "
