@@ -46,7 +46,7 @@ def plan_fleet(spec: FleetSpec, budget_gb: float | None = None, dtype: torch.dty
         if together and budget is not None and estimate.total > budget:
             break
         together.append(adapter)
-    loads = {a.name: trainer._load(a) for a in spec.adapters}
+    loads = {a.name: trainer.adapter_load(a) for a in spec.adapters}
     return FleetPlan(
         weights=alone[spec.adapters[0].name].weights,
         alone=alone,

@@ -181,14 +181,15 @@ class FleetTrainer:
         """Peak memory of a fleet step running `adapters` together (train/memory.py)."""
         return memory.estimate(
             self.shape,
-            [self._load(spec) for spec in adapters],
+            [self.adapter_load(spec) for spec in adapters],
             dtype_bytes=self.base.dtype.itemsize,
             packing=self.spec.packing,
             chunked_loss=self.spec.chunked_loss,
             activation_checkpointing=self.spec.activation_checkpointing,
         )
 
-    def _load(self, spec: AdapterSpec) -> memory.AdapterLoad:
+    def adapter_load(self, spec: AdapterSpec) -> memory.AdapterLoad:
+        """What `spec` adds to a fleet step, for the memory model (computed once per adapter)."""
         if spec.name not in self.loads:
             if spec.init_from:
                 rank, parameters = adapter_file_size(spec.init_from)
