@@ -156,7 +156,13 @@ def run_fleet(args, base: BaseModel, specs: list[AdapterSpec], output: Path) -> 
         packing=args.packing,
         chunked_loss=not args.full_logits,
         activation_checkpointing=args.activation_checkpointing,
+        attention=args.attention,
     )
+    attention = args.attention or ("varlen" if args.packing else None)  # the trainer's default
+    if attention:  # the base is built here, not loaded: switch its kernel the way load_base would
+        from lorafleet.models import varlen
+
+        base.model.set_attn_implementation(varlen.register() if attention == "varlen" else attention)
     trainer = FleetTrainer(spec, base=base, progress=False, on_step=mark)
     trainer.run()
     # The last step also writes the finished adapters to disk: time up to the step before it.
@@ -206,6 +212,7 @@ def main() -> None:
     parser.add_argument("--min-len", type=int, help="mixed lengths: sequences between this and --seq-len tokens")
     parser.add_argument("--full-logits", action="store_true", help="lorafleet computes full logits (no chunked loss)")
     parser.add_argument("--activation-checkpointing", action="store_true", help="lorafleet recomputes decoder layers")
+    parser.add_argument("--attention", help="lorafleet's attention kernel (e.g. varlen with --packing)")
     parser.add_argument("--fused", action="store_true", help="lorafleet with the fused Triton LoRA kernels (CUDA)")
     parser.add_argument("--skip-peft", action="store_true", help="measure lorafleet only (e.g. padding vs packing)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM)")
@@ -241,6 +248,7 @@ def main() -> None:
         "steps": args.steps,
         "packing": args.packing,
         "min_len": args.min_len,
+        "attention": args.attention or ("varlen" if args.packing else "sdpa"),
         "chunked_loss": not args.full_logits,
         "activation_checkpointing": args.activation_checkpointing,
         "fused_lora": device.type == "cuda" and args.fused,

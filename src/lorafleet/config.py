@@ -18,7 +18,7 @@ import yaml
 
 from lorafleet.errors import ConfigError
 
-ATTENTION_KERNELS = (None, "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+ATTENTION_KERNELS = (None, "sdpa", "varlen", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -90,9 +90,9 @@ class FleetSpec:
     # QLoRA: "nf4" loads the frozen base's language-model Linears as 4-bit NormalFloat
     # (bitsandbytes, double-quantized); adapters stay fp32 and save in the same PEFT format.
     quantize_base: str | None = None
-    # transformers' attention kernel: sdpa (default), eager, or flash_attention_2 (needs the
-    # flash-attn package and a GPU) — with packing, flash-attention runs each sequence on its own
-    # (variable-length kernel) instead of masking one long row.
+    # Attention kernel: sdpa, varlen (ours: with packing, SDPA on each packed sequence alone
+    # instead of one masked (total length)² matrix), eager, or flash_attention_2 (flash-attn on a
+    # GPU: the same per-sequence attention in one kernel). Default: varlen when packing, else sdpa.
     attention: str | None = None
     checkpoint_every: int = 100  # fleet steps between checkpoints; 0 turns them off
     keep_checkpoints: int = 2

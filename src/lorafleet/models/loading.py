@@ -109,6 +109,10 @@ def load_base(
     kwargs = dict(dtype=dtype, local_files_only=True, weights=weights)
     if quantize is not None and weights:
         kwargs |= {"quantization_config": _nf4_config(dtype), "device_map": str(device)}
+    if attention == "varlen":
+        from lorafleet.models import varlen
+
+        attention = varlen.register()
     if attention is not None:
         kwargs["attn_implementation"] = attention
     if INTERNVL_ARCHITECTURE in architectures:

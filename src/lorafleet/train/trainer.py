@@ -59,9 +59,8 @@ class FleetTrainer:
     ) -> None:
         self.spec = spec
         dtype = getattr(torch, spec.dtype) if spec.dtype else None
-        self.base = base or load_base(
-            spec.base, spec.device, dtype, quantize=spec.quantize_base, attention=spec.attention
-        )
+        attention = spec.attention or ("varlen" if spec.packing else None)
+        self.base = base or load_base(spec.base, spec.device, dtype, quantize=spec.quantize_base, attention=attention)
         self.fleet = LoRAFleet(self.base.model, self.base.language_prefix)
         if spec.activation_checkpointing:
             checkpoint_decoder_layers(self.base.language_model)
