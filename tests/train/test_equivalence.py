@@ -180,3 +180,17 @@ def test_qlora_adapter_matches_peft_qlora_on_the_same_nf4_base(tiny_lm_dir, tmp_
     # row shifts by ~1e-5 with the batch around it), so on CPU the exact comparison is for an
     # adapter trained alone; trained alongside two others the same adapter drifts to ~4e-3.
     assert_fleet_matches_peft(tiny_lm_dir, data, tmp_path, {"quantize_base": "nf4"}, only="legal", tolerance=1e-6)
+
+
+def test_qlora_on_internvl_quantizes_the_language_model_only(tiny_vlm_dir, tmp_path):
+    from bitsandbytes.nn import Linear4bit
+
+    base = load_base(tiny_vlm_dir, device="cpu", quantize="nf4")
+    kinds = {name: type(m) for name, m in base.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert all(kind is Linear4bit for name, kind in kinds.items() if name.startswith("model.language_model."))
+    assert not any(kind is Linear4bit for name, kind in kinds.items() if not name.startswith("model.language_model."))
+    data = write_image_dataset(tmp_path / "d.jsonl", n=8, seed=0)
+    adapters = [AdapterSpec(name="a", data=str(data), rank=4, steps=6, learning_rate=1e-2, micro_batch_size=4)]
+    spec = FleetSpec(base=str(tiny_vlm_dir), output=str(tmp_path / "out"), adapters=adapters, quantize_base="nf4")
+    result = train_fleet(spec, progress=False)
+    assert result.losses["a"][-1] < result.losses["a"][0]

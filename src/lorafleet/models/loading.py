@@ -160,7 +160,8 @@ def _nf4_config(dtype: torch.dtype):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype,
-        llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"],
+        # matched from the start of module names, as regexes: the vision tower, projector and head stay
+        llm_int8_skip_modules=[r".*vision_tower", r".*multi_modal_projector", "lm_head"],
     )
 
 
