@@ -230,7 +230,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = [write_data(Path(tmp), f"adapter{i}", 64, args.seq_len, i, args.min_len) for i in range(args.adapters)]
         specs = adapter_specs(args, data)
-        peft = {"tokens_per_s": float("nan")}
+        peft = None
         if not args.skip_peft:
             reset_peak(device)
             peft = run_peft_sequential(args, base, specs)
@@ -258,16 +258,17 @@ def main() -> None:
         "peft": peft,
         "lorafleet": fleet,
         "process_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "speedup": fleet["tokens_per_s"] / peft["tokens_per_s"],
+        "speedup": fleet["tokens_per_s"] / peft["tokens_per_s"] if peft else None,
     }
     if device.type == "cuda":
-        for run in (peft, fleet) if not args.skip_peft else (fleet,):
+        for run in (peft, fleet) if peft else (fleet,):
             run["mfu"] = 4 * n_params * run["tokens_per_s"] / (args.peak_tflops * 1e12)
     print(json.dumps(result, indent=2))
+    compared = f"peft sequential {peft['tokens_per_s']:.0f} tok/s, " if peft else ""
+    ratio = f" ({result['speedup']:.2f}x)" if peft else ""
     print(
         f"\n{args.model}, {args.adapters} adapters x {args.seqs} seq x ~{args.seq_len} tokens, rank {args.rank}: "
-        f"peft sequential {peft['tokens_per_s']:.0f} tok/s, lorafleet {fleet['tokens_per_s']:.0f} tok/s "
-        f"({result['speedup']:.2f}x)",
+        f"{compared}lorafleet {fleet['tokens_per_s']:.0f} tok/s{ratio}",
         file=sys.stderr,
     )
     if args.json:
