@@ -46,3 +46,22 @@ def test_training_with_varlen_runs_sdpa_once_per_packed_sequence(tiny_lm_dir, tm
     train_fleet(spec, progress=False)
     layers, sequences = 2, 2 * 3
     assert len(calls) == layers * sequences
+
+
+def test_right_padded_rows_attend_over_their_real_tokens_only():
+    generator = torch.Generator().manual_seed(1)
+    lengths, total = [7, 3, 10], 10
+    query = torch.randn(3, 4, total, 8, generator=generator)
+    key, value = (torch.randn(3, 2, total, 8, generator=generator) for _ in range(2))
+    real = torch.arange(total)[None, :] < torch.tensor(lengths)[:, None]
+    causal = torch.arange(total)[:, None] >= torch.arange(total)[None, :]
+    mask = (causal[None] & real[:, None, :])[:, None]  # (rows, 1, query, key), as transformers builds it
+
+    ours, _ = varlen.varlen_attention(Attention().eval(), query, key, value, mask)
+    for row, length in enumerate(lengths):
+        reference = F.scaled_dot_product_attention(
+            query[row : row + 1, :, :length], key[row : row + 1, :, :length], value[row : row + 1, :, :length],
+            is_causal=True, enable_gqa=True,
+        )  # fmt: skip
+        torch.testing.assert_close(ours[row : row + 1, :length], reference.transpose(1, 2), rtol=1e-5, atol=1e-6)
+        assert torch.all(ours[row, length:] == 0)

@@ -115,6 +115,7 @@ MODES = {
     "packed+recomputed": {"packing": True, "activation_checkpointing": True},
     "packed+eager": {"packing": True, "attention": "eager"},
     "packed+sdpa": {"packing": True, "attention": "sdpa"},  # one masked row
+    "padded+varlen": {"attention": "varlen"},
 }
 
 
@@ -140,13 +141,15 @@ def assert_fleet_matches_peft(
         assert worst <= tolerance, f"{adapter.name}: max |fleet - peft| = {worst:.2e}"
 
 
-@pytest.mark.parametrize("mode", ["padded", "packed", "full-logits", "recomputed", "packed+eager", "packed+sdpa"])
+@pytest.mark.parametrize(
+    "mode", ["padded", "packed", "full-logits", "recomputed", "packed+eager", "packed+sdpa", "padded+varlen"]
+)
 def test_adapters_trained_together_match_peft_alone_on_qwen2(tiny_lm_dir, tmp_path, mode):
     data = [write_text_dataset(tmp_path / f"d{i}.jsonl", n=13 + 4 * i, seed=i) for i in range(3)]
     assert_fleet_matches_peft(tiny_lm_dir, data, tmp_path, MODES[mode])
 
 
-@pytest.mark.parametrize("mode", ["padded", "packed+recomputed", "packed+sdpa"])
+@pytest.mark.parametrize("mode", ["padded", "packed+recomputed", "packed+sdpa", "padded+varlen"])
 def test_adapters_trained_together_match_peft_alone_on_internvl_with_images(tiny_vlm_dir, tmp_path, mode):
     data = [write_image_dataset(tmp_path / f"d{i}.jsonl", n=11 + 3 * i, seed=i) for i in range(3)]
     assert_fleet_matches_peft(tiny_vlm_dir, data, tmp_path, MODES[mode])
