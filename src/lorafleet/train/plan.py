@@ -58,25 +58,35 @@ def plan_fleet(spec: FleetSpec, budget_gb: float | None = None, dtype: torch.dty
     )
 
 
-def _copies_that_fit(trainer: FleetTrainer, spec: FleetSpec, loads: dict, budget: int) -> int:
-    largest = max(loads.values(), key=lambda load: load.lora_parameters * 16 + load.rows * load.longest)
+def _copies_that_fit(trainer: FleetTrainer, spec: FleetSpec, loads: dict, budget: int, limit: int = 100_000) -> int:
+    """The most copies of the fleet's largest adapter whose step fits the budget (the prediction
+    grows with every copy, so a doubling then bisection search finds it)."""
+    largest = max(
+        loads.values(), key=lambda load: load.lora_parameters * memory.ADAPTER_STATE_BYTES + load.rows * load.longest
+    )
 
-    def total(count: int) -> int:
-        copies = [memory.AdapterLoad(f"copy{i}", largest.rank, largest.lora_parameters, largest.rows, largest.longest)
-                  for i in range(count)]  # fmt: skip
-        return memory.estimate(
+    def fits(count: int) -> bool:
+        copies = [dataclasses.replace(largest, name=f"copy{i}") for i in range(count)]
+        prediction = memory.estimate(
             trainer.shape,
             copies,
             dtype_bytes=trainer.base.dtype.itemsize,
             packing=spec.packing,
             chunked_loss=spec.chunked_loss,
             activation_checkpointing=spec.activation_checkpointing,
-        ).total
+        )
+        return prediction.total <= budget
 
-    count = 0
-    while count < 10_000 and total(count + 1) <= budget:
-        count += 1
-    return count
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    high = min(high, limit + 1)
+    while high - low > 1:  # fits(low) and not fits(high)
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
 
 
 def _with_nf4_weights(shape: memory.ModelShape, language_model: torch.nn.Module, dtype: torch.dtype):
