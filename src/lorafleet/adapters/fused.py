@@ -130,7 +130,7 @@ def _segment_outer_kernel(
 
 
 class _Segments:
-    """Per-segment metadata as device tensors (one small copy per call)."""
+    """Per-segment metadata as device tensors (built once per step, see `_segments_on_device`)."""
 
     def __init__(self, bounds: list[tuple[int, int]], slots: list[int], ranks: list[int], device) -> None:
         self.count = len(bounds)
