@@ -196,3 +196,12 @@ def test_lorafleet_serve_answers_with_a_compressed_model(tiny_vlm_dir, tmp_path)
             model="small", messages=[{"role": "user", "content": "hello"}], max_tokens=4, temperature=0
         )
         assert reply.usage.completion_tokens > 0
+
+
+def test_gptq_survives_degenerate_input_statistics():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 8, bias=False)
+    x = torch.randn(4, 1).repeat(1, 32)  # every input channel identical: a rank-1 Hessian
+    hessian = 2 * x.T @ x / x.shape[0]
+    quantized = gptq_linear(linear, hessian, SCHEMES["int4"], 32, torch.float32)
+    assert torch.isfinite(quantized.weight).all()

@@ -113,6 +113,20 @@ def _layer_hessians(layer: nn.Module, names: list[str], inputs: list, masks: lis
     return {name: hessians[name] / max(counts[name], 1) for name in names}
 
 
+def _inverse_cholesky(hessian: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of H⁻¹, damping the diagonal more each time H is not positive
+    definite enough (near-duplicate inputs, few calibration tokens)."""
+    identity = torch.eye(hessian.shape[0], device=hessian.device)
+    mean_diagonal = torch.diag(hessian).mean()
+    for damping in (DAMPING, 0.1, 1.0, 10.0):
+        try:
+            lower = torch.linalg.cholesky(hessian + damping * mean_diagonal * identity)
+            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+    raise ConfigError("GPTQ: a layer's input statistics are degenerate even with heavy damping; use --rtn")
+
+
 def _hidden(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
@@ -131,8 +145,7 @@ def gptq_quantize(
     dead = torch.diag(hessian) == 0  # inputs that never fire: their weights cannot matter
     hessian[dead, dead] = 1
     weight[:, dead] = 0
-    hessian += DAMPING * torch.diag(hessian).mean() * torch.eye(columns, device=weight.device)
-    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+    inverse = _inverse_cholesky(hessian)
     values = torch.zeros(rows, columns, device=weight.device)
     scales = torch.zeros(rows, columns // group, device=weight.device)
     block = max(BLOCK // group, 1) * group  # blocks hold whole groups
