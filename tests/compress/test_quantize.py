@@ -205,3 +205,34 @@ def test_gptq_survives_degenerate_input_statistics():
     hessian = 2 * x.T @ x / x.shape[0]
     quantized = gptq_linear(linear, hessian, SCHEMES["int4"], 32, torch.float32)
     assert torch.isfinite(quantized.weight).all()
+
+
+def test_engine_serves_adapters_on_an_int4_base_as_the_model_computes(tiny_lm_dir, data, tmp_path):
+    """Quantized bases cannot fuse projections in the decode step; the adapter layers take over."""
+    from lorafleet.adapters.fleet import LoRAFleet, LoRAShape, find_target_modules
+    from lorafleet.serve.engine import Engine
+    from lorafleet.serve.sampling import SamplingParams
+
+    compress(
+        CompressOptions(tiny_lm_dir, tmp_path / "q", calib=data, prune=PruneRequest(), quantize="int4", gptq=False),
+        log=lambda _: None,
+    )
+    base = load_base(tmp_path / "q")
+    fleet = LoRAFleet(base.model)
+    fleet.add_adapter("a", LoRAShape(8, 16.0, 0.0, find_target_modules(base.model, "", ["q_proj", "up_proj"])), seed=0)
+    with torch.no_grad():
+        for weight in fleet.parameters("a"):
+            weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    examples, _ = load_examples(data, base)
+    prompt = examples[0]
+    engine = Engine(base, fleet)
+    reply = engine.submit(prompt, "a", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    engine.run_until_idle()
+    events = list(reply)
+    with fleet.use("a", 1), torch.no_grad():
+        expected = base.model.generate(
+            prompt.input_ids[None], attention_mask=torch.ones_like(prompt.input_ids)[None], max_new_tokens=6,
+            do_sample=False, min_new_tokens=6, pad_token_id=base.tokenizer.pad_token_id,
+        )[0, prompt.num_tokens :]  # fmt: skip
+    assert base.tokenizer.decode(expected, skip_special_tokens=True) == "".join(e.text for e in events)
+    assert events[-1].completion_tokens == 6
