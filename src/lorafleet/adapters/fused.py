@@ -45,6 +45,19 @@ def is_enabled(device: torch.device) -> bool:
 
 
 @triton.jit
+def _accumulate(acc, a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b: IEEE fp32 products for fp32 tiles, fp32 widening in the interpreter (see
+    INTERPRETED), tensor-core products otherwise."""
+    if IEEE:
+        acc += tl.dot(a, b, input_precision="ieee")
+    elif UPCAST:
+        acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        acc += tl.dot(a, b)
+    return acc
+
+
+@triton.jit
 def _segment_matmul_kernel(
     x_ptr, w_ptr, out_ptr,
     seg_start_ptr, seg_end_ptr, seg_slot_ptr, seg_k_ptr, seg_n_ptr,
@@ -74,12 +87,7 @@ def _segment_matmul_kernel(
                 mask=(ks[:, None] < k_size) & (cols[None, :] < n_size),
                 other=0.0,
             )
-            if IEEE:
-                acc += tl.dot(x, w, input_precision="ieee")
-            elif UPCAST:
-                acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(x, w)
+            acc = _accumulate(acc, x, w, IEEE, UPCAST)
         tl.store(
             out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
             acc.to(out_ptr.dtype.element_ty),
@@ -116,12 +124,7 @@ def _segment_outer_kernel(
                 mask=(ts[:, None] < end) & (ns[None, :] < n_size),
                 other=0.0,
             )
-            if IEEE:
-                acc += tl.dot(a, b, input_precision="ieee")
-            elif UPCAST:
-                acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(a, b)
+            acc = _accumulate(acc, a, b, IEEE, UPCAST)
         tl.store(
             out_ptr + segment * stride_os + ms[:, None] * stride_ok + ns[None, :] * stride_on,
             acc.to(out_ptr.dtype.element_ty),
