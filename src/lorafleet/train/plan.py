@@ -40,10 +40,9 @@ def plan_fleet(spec: FleetSpec, budget_gb: float | None = None, dtype: torch.dty
     budget = int(budget_gb * memory.GIB) if budget_gb else _local_gpu_budget()
     trainer.memory_budget = budget
     alone = {a.name: trainer.predicted_memory([a]) for a in spec.adapters}
-    together = []
+    together = []  # the first adapters the trainer admits: the first always, then while they fit
     for adapter in spec.adapters[: spec.max_concurrent]:
-        estimate = trainer.predicted_memory([*together, adapter])
-        if together and budget is not None and estimate.total > budget:
+        if together and not trainer.within_budget([*together, adapter]):
             break
         together.append(adapter)
     loads = {a.name: trainer.adapter_load(a) for a in spec.adapters}
@@ -53,12 +52,12 @@ def plan_fleet(spec: FleetSpec, budget_gb: float | None = None, dtype: torch.dty
         together=[a.name for a in together],
         together_estimate=trainer.predicted_memory(together),
         budget=budget,
-        fit_count=_copies_that_fit(trainer, spec, loads, budget) if budget is not None else None,
+        fit_count=_copies_that_fit(trainer, loads, budget) if budget is not None else None,
         loads=loads,
     )
 
 
-def _copies_that_fit(trainer: FleetTrainer, spec: FleetSpec, loads: dict, budget: int, limit: int = 100_000) -> int:
+def _copies_that_fit(trainer: FleetTrainer, loads: dict, budget: int, limit: int = 100_000) -> int:
     """The most copies of the fleet's largest adapter whose step fits the budget (the prediction
     grows with every copy, so a doubling then bisection search finds it)."""
     largest = max(
@@ -67,15 +66,7 @@ def _copies_that_fit(trainer: FleetTrainer, spec: FleetSpec, loads: dict, budget
 
     def fits(count: int) -> bool:
         copies = [dataclasses.replace(largest, name=f"copy{i}") for i in range(count)]
-        prediction = memory.estimate(
-            trainer.shape,
-            copies,
-            dtype_bytes=trainer.base.dtype.itemsize,
-            packing=spec.packing,
-            chunked_loss=spec.chunked_loss,
-            activation_checkpointing=spec.activation_checkpointing,
-        )
-        return prediction.total <= budget
+        return trainer.predicted_memory_of(copies).total <= budget
 
     if not fits(1):
         return 0

@@ -178,9 +178,15 @@ class FleetTrainer:
 
     def predicted_memory(self, adapters: list[AdapterSpec]) -> memory.MemoryEstimate:
         """Peak memory of a fleet step running `adapters` together (train/memory.py)."""
+        return self.predicted_memory_of([self.adapter_load(spec) for spec in adapters])
+
+    def within_budget(self, adapters: list[AdapterSpec]) -> bool:
+        return self.memory_budget is None or self.predicted_memory(adapters).total <= self.memory_budget
+
+    def predicted_memory_of(self, loads: list[memory.AdapterLoad]) -> memory.MemoryEstimate:
         return memory.estimate(
             self.shape,
-            [self.adapter_load(spec) for spec in adapters],
+            loads,
             dtype_bytes=self.base.dtype.itemsize,
             packing=self.spec.packing,
             chunked_loss=self.spec.chunked_loss,
