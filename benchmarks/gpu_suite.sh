@@ -1,40 +1,66 @@
 #!/usr/bin/env bash
-# Every GPU measurement the training-speed and serving issues ask for, in one go, each result as
-# JSON in $OUT (default ./gpu-results), and the GPU tests first (the fused kernels, bf16 training,
-# the memory model against the measured CUDA peak). Run from the repository root on a machine with
-# an NVIDIA GPU, after `pip install -e '.[test]'`. A failing step is reported and the rest still run.
+# Every GPU check and measurement of the training and serving issues in one run that fits a short
+# lease: highest priority first, each row under its own timeout and all under a global deadline
+# (DEADLINE seconds, default 330), results packed into $OUT/gpu-results.tgz after every row so that
+# a kill still returns what finished, and a one-line summary per row in summary.txt (also printed).
+#
+#   OUT=/tmp/out benchmarks/gpu_suite.sh              # from the repository root, on a CUDA machine
+#   ROWS="tests t-1.5b-4x1" benchmarks/gpu_suite.sh   # only some rows
+#
+# Wheels in .whl/ (if any) are installed to /tmp/site first: for a machine whose transformers/peft
+# are older than the suite needs (pip download them elsewhere, carry the folder).
 set -u
+DEADLINE=${DEADLINE:-330}
 OUT=${OUT:-gpu-results}
-mkdir -p "$OUT"
-failed=0
+R=/tmp/lorafleet-gpu
+rm -rf $R && mkdir -p $R "$OUT"
+cd "$(dirname "$0")/.."
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        >$R/pip.log 2>&1 || { cat $R/pip.log; exit 1; }
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD/src:$PWD:$PWD/benchmarks:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi >$R/nvidia-smi.txt 2>&1
+python3 -c "import torch,transformers,peft;print(torch.__version__,transformers.__version__,peft.__version__,torch.cuda.get_device_name())" \
+    >$R/versions.txt 2>&1
+cat $R/versions.txt
 
-step() {  # step NAME COMMAND...: run, keep its log, note a failure
-    local name=$1
-    shift
-    echo "== $name: $*"
-    if ! "$@" >"$OUT/$name.log" 2>&1; then
-        echo "   FAILED (see $OUT/$name.log)"
-        failed=1
+pack() { tar -czf "$OUT/gpu-results.tgz" -C /tmp lorafleet-gpu 2>/dev/null; }
+wanted() { [ -z "${ROWS:-}" ] || [[ " $ROWS " == *" $1 "* ]]; }
+row() {  # row NAME MAXSECONDS COMMAND...
+    local name=$1 max=$2
+    shift 2
+    wanted "$name" || return 0
+    local left=$((DEADLINE - SECONDS - 5))
+    if [ $left -lt 20 ]; then
+        echo "$name: skipped, no time left ($SECONDS s used)" | tee -a $R/summary.txt
+        return
     fi
-    tail -n 2 "$OUT/$name.log"
+    [ "$max" -gt $left ] && max=$left
+    local t0=$SECONDS
+    timeout "$max" "$@" >$R/$name.log 2>&1
+    local rc=$?
+    local said
+    said=$(grep -E 'tok/s|passed|failed|error|Error' $R/$name.log | tail -n 2 | tr '\n' ' ' | cut -c1-400)
+    echo "$name: rc=$rc $((SECONDS - t0))s $said" | tee -a $R/summary.txt
+    pack
 }
 
-nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || true
-step gpu-tests python -m pytest -q tests/adapters/test_fused.py tests/train/test_gpu.py tests/train/test_equivalence.py
-
-train() {  # train NAME ARGS...: one training-throughput row
-    local name=$1
-    shift
-    step "train-$name" python benchmarks/train_throughput.py "$@" --json "$OUT/train-$name.json"
-}
-train 1.5b-4x1 --model qwen2.5-1.5b --adapters 4 --seqs 1
-train 1.5b-4x1-fused --model qwen2.5-1.5b --adapters 4 --seqs 1 --fused
-train 7b-4x1 --model qwen2.5-7b --adapters 4 --seqs 1
-train 7b-4x2 --model qwen2.5-7b --adapters 4 --seqs 2
-train 7b-4x2-fused --model qwen2.5-7b --adapters 4 --seqs 2 --fused
-train 7b-8x4-recomputed --model qwen2.5-7b --adapters 8 --seqs 4 --activation-checkpointing --steps 10
-train 1.5b-mixed-padded --model qwen2.5-1.5b --min-len 64 --seq-len 2048 --skip-peft
-train 1.5b-mixed-packed --model qwen2.5-1.5b --min-len 64 --seq-len 2048 --skip-peft --packing
-
-step serve-1.5b python benchmarks/serve_throughput.py --model qwen2.5-1.5b --json "$OUT/serve-1.5b.json"
-exit $failed
+T="python3 benchmarks/train_throughput.py"
+S="python3 benchmarks/serve_throughput.py"
+M15=${M15:-qwen2.5-1.5b} M7=${M7:-qwen2.5-7b}
+row tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/train/test_gpu.py tests/adapters/test_fused.py
+row t-1.5b-4x1 70 $T --model $M15 --adapters 4 --seqs 1 --steps 8 --warmup 3 --json $R/t-1.5b-4x1.json
+row t-7b-4x2 90 $T --model $M7 --adapters 4 --seqs 2 --steps 6 --warmup 3 --json $R/t-7b-4x2.json
+row t-7b-4x1 80 $T --model $M7 --adapters 4 --seqs 1 --steps 6 --warmup 3 --json $R/t-7b-4x1.json
+row t-7b-8x4-ckpt 60 $T --model $M7 --adapters 8 --seqs 4 --steps 4 --warmup 3 --skip-peft --activation-checkpointing \
+    --json $R/t-7b-8x4-ckpt.json
+row serve-1.5b 90 $S --model $M15 --json $R/serve-1.5b.json
+row t-1.5b-mix-pad 45 $T --model $M15 --min-len 64 --seq-len 2048 --skip-peft --steps 6 --warmup 3 \
+    --json $R/t-1.5b-mix-pad.json
+row t-1.5b-mix-pack 45 $T --model $M15 --min-len 64 --seq-len 2048 --skip-peft --steps 6 --warmup 3 --packing \
+    --json $R/t-1.5b-mix-pack.json
+row profile-1.5b 60 python3 benchmarks/profile_train.py --model $M15 --adapters 4 --seqs 1
+echo "total ${SECONDS}s" | tee -a $R/summary.txt
+pack

@@ -31,6 +31,7 @@ from lorafleet.config import ALL_PROJECTIONS, AdapterSpec, FleetSpec
 from lorafleet.data.batch import collate
 from lorafleet.data.dataset import load_examples
 from lorafleet.data.stream import ExampleStream
+from lorafleet.models.attention import TRAINING_BACKENDS, training_attention
 from lorafleet.models.loading import BaseModel
 from lorafleet.models.tiny import build_tokenizer
 from lorafleet.train.trainer import FleetTrainer
@@ -139,13 +140,42 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+class KernelWatch:
+    """Profiles one step (the second: never inside the timed window) and keeps the names of the
+    attention kernels the GPU ran, so the report says which SDPA backend each side really used."""
+
+    PATTERNS = ("flash", "fmha", "cudnn", "attention", "attn", "sdpa")
+
+    def __init__(self, device: torch.device) -> None:
+        self.enabled = device.type == "cuda"
+        self.profiler = None
+        self.kernels: list[str] = []
+
+    def before_step(self, index: int) -> None:
+        if self.enabled and index == 1:
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            self.profiler.start()
+
+    def after_step(self, index: int) -> None:
+        if self.profiler is not None and index == 1:
+            torch.cuda.synchronize()
+            self.profiler.stop()
+            names = {event.key for event in self.profiler.key_averages()}
+            self.kernels = sorted(n for n in names if any(p in n.lower() for p in self.PATTERNS))[:8]
+            self.profiler = None
+
+
 def run_fleet(args, base: BaseModel, specs: list[AdapterSpec], output: Path) -> dict:
     """lorafleet: every adapter in each fleet step; timed after `warmup` steps."""
     marks: list[tuple[float, int]] = []  # (time, tokens so far) after each fleet step
+    watch = KernelWatch(base.device)
+    watch.before_step(0)
 
     def mark(step: int) -> None:
         synchronize(base.device)
         marks.append((time.perf_counter(), trainer.result.tokens))
+        watch.after_step(step - 1)
+        watch.before_step(step)
 
     spec = FleetSpec(
         base=str(base.path),
@@ -157,6 +187,7 @@ def run_fleet(args, base: BaseModel, specs: list[AdapterSpec], output: Path) -> 
         chunked_loss=not args.full_logits,
         activation_checkpointing=args.activation_checkpointing,
         attention=args.attention,
+        length_multiple=args.length_multiple,
     )
     attention = args.attention or ("varlen" if args.packing else None)  # the trainer's default
     if attention:  # the base is built here, not loaded: switch its kernel the way load_base would
@@ -164,15 +195,28 @@ def run_fleet(args, base: BaseModel, specs: list[AdapterSpec], output: Path) -> 
 
         base.model.set_attn_implementation(varlen.register() if attention == "varlen" else attention)
     trainer = FleetTrainer(spec, base=base, progress=False, on_step=mark)
+    predicted = trainer.predicted_memory(specs)
     trainer.run()
     # The last step also writes the finished adapters to disk: time up to the step before it.
     (start, start_tokens), (end, end_tokens) = marks[args.warmup - 1], marks[-2]
-    return {"tokens_per_s": (end_tokens - start_tokens) / (end - start), "seconds": end - start}
+    return {
+        "tokens_per_s": (end_tokens - start_tokens) / (end - start),
+        "seconds": end - start,
+        "step_ms": [round(1000 * (b[0] - a[0]), 1) for a, b in zip(marks, marks[1:], strict=False)],
+        "predicted_peak_gib": predicted.total / 2**30,
+        "predicted": {part: getattr(predicted, part) / 2**30 for part in PREDICTED_PARTS},
+        "attention_kernels": watch.kernels,
+    }
+
+
+PREDICTED_PARTS = ("weights", "adapter_state", "activations", "loss", "margin")
 
 
 def run_peft_sequential(args, base: BaseModel, specs: list[AdapterSpec]) -> dict:
-    """peft: one adapter after another, each a plain training loop; timed after `warmup` steps each."""
+    """peft: one adapter after another, each a plain training loop; timed after `warmup` steps each.
+    It gets the same SDPA backends as lorafleet (flash, memory-efficient, math; not cuDNN)."""
     seconds, tokens = 0.0, 0
+    watch = KernelWatch(base.device)
     for spec in specs:
         examples, _ = load_examples(spec.data, base)
         config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(ALL_PROJECTIONS))
@@ -184,19 +228,24 @@ def run_peft_sequential(args, base: BaseModel, specs: list[AdapterSpec]) -> dict
             if step == args.warmup:
                 synchronize(base.device)
                 started = time.perf_counter()
+            if spec is specs[0]:
+                watch.before_step(step)
             batch = collate(stream.next_micro_batch(), base.tokenizer.pad_token_id).to(base.device)
-            loss = model(**batch.model_inputs(), labels=batch.labels).loss
-            loss.backward()
+            with training_attention():  # the same SDPA backends as lorafleet's trainer
+                loss = model(**batch.model_inputs(), labels=batch.labels).loss
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             loss.item()  # the fleet trainer reads each loss too
+            if spec is specs[0]:
+                watch.after_step(step)
             if step >= args.warmup:
                 tokens += int(batch.attention_mask.sum())
         synchronize(base.device)
         seconds += time.perf_counter() - started
         base.model = model.unload()
-    return {"tokens_per_s": tokens / seconds, "seconds": seconds}
+    return {"tokens_per_s": tokens / seconds, "seconds": seconds, "attention_kernels": watch.kernels}
 
 
 def main() -> None:
@@ -213,6 +262,7 @@ def main() -> None:
     parser.add_argument("--full-logits", action="store_true", help="lorafleet computes full logits (no chunked loss)")
     parser.add_argument("--activation-checkpointing", action="store_true", help="lorafleet recomputes decoder layers")
     parser.add_argument("--attention", help="lorafleet's attention kernel (e.g. varlen with --packing)")
+    parser.add_argument("--length-multiple", type=int, default=64, help="lorafleet pads lengths to a multiple of this")
     parser.add_argument("--fused", action="store_true", help="lorafleet with the fused Triton LoRA kernels (CUDA)")
     parser.add_argument("--skip-peft", action="store_true", help="measure lorafleet only (e.g. padding vs packing)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM)")
@@ -251,6 +301,8 @@ def main() -> None:
         "attention": args.attention or ("varlen" if args.packing else "sdpa"),
         "chunked_loss": not args.full_logits,
         "activation_checkpointing": args.activation_checkpointing,
+        "length_multiple": args.length_multiple,
+        "sdpa_backends": [backend.name for backend in TRAINING_BACKENDS],
         "fused_lora": device.type == "cuda" and args.fused,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
@@ -263,6 +315,7 @@ def main() -> None:
     if device.type == "cuda":
         for run in (peft, fleet) if peft else (fleet,):
             run["mfu"] = 4 * n_params * run["tokens_per_s"] / (args.peak_tflops * 1e12)
+        fleet["measured_over_predicted"] = fleet["peak_memory_gib"] / fleet["predicted_peak_gib"]
     print(json.dumps(result, indent=2))
     compared = f"peft sequential {peft['tokens_per_s']:.0f} tok/s, " if peft else ""
     ratio = f" ({result['speedup']:.2f}x)" if peft else ""

@@ -78,6 +78,9 @@ class FleetSpec:
     max_seq_len: int = 4096  # a longer record is an error (never truncated: images would break)
     max_tiles: int | None = None  # image tiles per image; default: the model's image processor
     packing: bool = False  # all sequences back to back in one row: no padding, no FLOPs wasted on it
+    # Padded (or packed) lengths are rounded up to a multiple of this, so that the GPU sees a few
+    # distinct shapes instead of a new one every step (each costs kernel plans, graphs, compiles).
+    length_multiple: int = 64
     # Loss through the output head only at label positions, in chunks recomputed in backward:
     # the full (tokens × vocabulary) logits never exist.
     chunked_loss: bool = True
@@ -107,6 +110,8 @@ class FleetSpec:
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ConfigError(f"{where}: adapter names must be unique, repeated: {', '.join(duplicates)}")
+        if self.length_multiple < 1:
+            raise ConfigError(f"{where}: length_multiple must be at least 1")
         if self.max_concurrent < 1:
             raise ConfigError(f"{where}: max_concurrent must be at least 1")
         if self.attention not in ATTENTION_KERNELS:

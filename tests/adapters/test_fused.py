@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lorafleet.adapters import fused
-from lorafleet.adapters.layer import LoRAWeights, Segment, lora_delta_reference
+from lorafleet.adapters.reference import LoRAWeights, lora_delta_reference
+from lorafleet.segments import Segment
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}

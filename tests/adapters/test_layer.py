@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from lorafleet.adapters.layer import MultiLoRALinear, Routing, Segment, lora_delta_reference
+from lorafleet.adapters.layer import MultiLoRALinear, Routing
+from lorafleet.adapters.reference import lora_delta_reference
+from lorafleet.segments import Segment
 
 
 def layer_with_adapters(dtype: torch.dtype) -> MultiLoRALinear:
@@ -39,7 +41,9 @@ def test_stacked_path_matches_the_reference(dtype, tolerance):
     with torch.no_grad():
         stacked = layer(x)
     torch.testing.assert_close(stacked, expected, rtol=tolerance, atol=tolerance)
-    assert (stacked[3] - layer.base_layer(x[3])).abs().max() == 0  # no adapter: exactly the base
+    # No adapter: exactly the base's output for that row, from the same batched call (a row computed
+    # alone may round differently: BLAS picks its kernel by shape).
+    assert torch.equal(stacked[3], layer.base_layer(x)[3])
 
 
 def test_stacked_weights_follow_in_place_updates():

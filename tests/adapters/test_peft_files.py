@@ -9,12 +9,12 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from lorafleet.adapters.fleet import LoRAFleet, LoRAShape, find_target_modules
-from lorafleet.adapters.layer import Segment
 from lorafleet.adapters.peft_io import load_adapter, save_adapter
 from lorafleet.data.batch import collate
 from lorafleet.data.dataset import load_examples
 from lorafleet.errors import AdapterError
 from lorafleet.models.loading import load_base
+from lorafleet.segments import Segment
 from tests.conftest import write_image_dataset
 
 

@@ -7,11 +7,11 @@ import json
 import torch
 from PIL import Image
 
-from lorafleet.adapters.layer import Segment
 from lorafleet.data.batch import collate
 from lorafleet.data.dataset import load_examples
 from lorafleet.data.encode import IGNORE_INDEX
 from lorafleet.models.loading import load_base
+from lorafleet.segments import Segment
 from lorafleet.train.loss import segment_losses
 
 

@@ -39,7 +39,7 @@ def test_decode_steps_match_the_full_forward_for_rows_of_different_lengths(tiny_
 
 def test_fused_projections_match_the_adapter_layers_and_follow_adapter_reloads(tiny_lm_dir):
     from lorafleet.adapters.fleet import LoRAFleet, LoRAShape, find_target_modules
-    from lorafleet.adapters.layer import Segment
+    from lorafleet.segments import Segment
 
     base = load_base(tiny_lm_dir)
     fleet = LoRAFleet(base.model)

@@ -72,10 +72,15 @@ def three_adapters(data: list[Path]) -> list[AdapterSpec]:
 
 
 def train_alone_with_peft(
-    model_dir: Path, spec: AdapterSpec, workdir: Path, quantize: str | None = None
+    model_dir: Path,
+    spec: AdapterSpec,
+    workdir: Path,
+    quantize: str | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """The reference: one adapter, plain peft + torch, the textbook loop (QLoRA: on the same NF4 base)."""
-    base = load_base(model_dir, device="cpu", quantize=quantize)
+    base = load_base(model_dir, device=device, dtype=dtype, quantize=quantize)
     # Start from the same initial weights: our init, written as a PEFT directory, loaded by peft.
     init_fleet = LoRAFleet(load_base(model_dir, device="cpu").model, base.language_prefix)
     targets = find_target_modules(init_fleet.model, base.language_prefix, spec.target_modules)
@@ -93,7 +98,7 @@ def train_alone_with_peft(
     )
     for _ in range(steps):
         for _ in range(spec.grad_accum):
-            batch = collate(stream.next_micro_batch(), base.tokenizer.pad_token_id)
+            batch = collate(stream.next_micro_batch(), base.tokenizer.pad_token_id).to(base.device)
             loss = model(**batch.model_inputs(), labels=batch.labels).loss
             (loss / spec.grad_accum).backward()
         if spec.max_grad_norm:

@@ -5,17 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafleet.adapters.layer import Segment
 from lorafleet.data.encode import IGNORE_INDEX
+from lorafleet.segments import Segment
 from lorafleet.train.loss import chunked_segment_losses, segment_losses
 
 
-def saved_bytes(fn) -> int:
-    """Bytes of the distinct tensors autograd keeps for backward while `fn` runs."""
+def saved_bytes(fn, exclude: set[int] = frozenset()) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward while `fn` runs (storages whose
+    address is in `exclude` left out)."""
     storages = {}
 
     def pack(tensor):
-        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        if tensor.untyped_storage().data_ptr() not in exclude:
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lorafleet.adapters.layer import MultiLoRALinear, Routing, Segment
+from lorafleet.adapters.layer import MultiLoRALinear, Routing
 from lorafleet.compress.quantize import QuantizedLinear
 from lorafleet.errors import AdapterError
+from lorafleet.segments import Segment
 
 
 @dataclass(frozen=True)

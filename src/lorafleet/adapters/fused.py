@@ -27,6 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
+from lorafleet.adapters.reference import LoRAWeights, lora_delta_reference
+from lorafleet.segments import Segment
+
 BLOCK_M, BLOCK_N, BLOCK_K = 32, 64, 32
 # Triton's CPU interpreter multiplies bf16 tiles wrongly in tl.dot; there the tiles are widened to
 # fp32 first (exact products, fp32 sums: what bf16 tensor cores compute too).
@@ -252,8 +255,6 @@ def _passes_self_check(device: torch.device) -> bool:
 
 
 def _self_check_error(device: torch.device) -> float:
-    from lorafleet.adapters.layer import LoRAWeights, Segment, lora_delta_reference
-
     generator = torch.Generator().manual_seed(0)
     adapters = {}
     for name, rank in (("a", 8), ("b", 16)):

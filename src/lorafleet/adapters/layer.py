@@ -11,25 +11,18 @@ per row at inference, without gradients), so we wrap the Linear ourselves.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-try:  # Triton ships with CUDA builds of PyTorch; without it training uses the reference path
+from lorafleet.adapters import batched
+from lorafleet.adapters.reference import LoRAWeights, lora_delta_stacked, slot_feature_mask
+from lorafleet.segments import Segment
+
+try:  # Triton ships with CUDA builds of PyTorch; without it the fused kernels are unavailable
     from lorafleet.adapters import fused
 except ImportError:
     fused = None
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Rows [start, end) of the batch belong to `adapter` (None: the base model alone); with
-    `Routing.by_token`, tokens [start, end) of the flattened batch (packed sequences)."""
-
-    adapter: str | None
-    start: int
-    end: int
 
 
 class Routing:
@@ -40,12 +33,24 @@ class Routing:
     """
 
     def __init__(self) -> None:
-        self.segments: tuple[Segment, ...] = ()
+        self._segments: tuple[Segment, ...] = ()
         self.by_token = False  # segments count flattened tokens (a packed batch), not rows
+        # What every layer derives from the segments alone (batched-path layouts, row weights):
+        # computed by the first layer that needs it, emptied whenever the segments change.
+        self.step_cache: dict = {}
         self.slots: dict[str, int] = {}
         self.slots_version = 0
         self._row_slots: tuple[tuple, torch.Tensor] | None = None
         self.row_slots_version = 0  # bumped whenever row_slots changes, for caches keyed on it
+
+    @property
+    def segments(self) -> tuple[Segment, ...]:
+        return self._segments
+
+    @segments.setter
+    def segments(self, segments: tuple[Segment, ...]) -> None:
+        self._segments = tuple(segments)
+        self.step_cache = {}
 
     def row_slots(self, device: torch.device) -> torch.Tensor:
         """(rows,) long: each row's adapter slot, computed once per routing and device."""
@@ -56,69 +61,6 @@ class Routing:
             self._row_slots = (key, torch.repeat_interleave(slots, lengths).to(device))
             self.row_slots_version += 1
         return self._row_slots[1]
-
-
-@dataclass
-class LoRAWeights:
-    """The trainable part of one adapter on one layer."""
-
-    lora_A: nn.Linear
-    lora_B: nn.Linear
-    dropout: nn.Module
-    scaling: float
-
-
-def lora_delta_reference(
-    x: torch.Tensor, segments: tuple[Segment, ...], adapters: dict[str, LoRAWeights]
-) -> torch.Tensor:
-    """The LoRA update of a multi-adapter batch, in plain PyTorch.
-
-    Semantics: x is (rows, ..., in_features); for every segment whose adapter is in `adapters`,
-    delta[s:e] = B(A(dropout(x[s:e])) * scaling), computed in the adapter's dtype; other rows get 0.
-    Returns (rows, ..., out_features). A fused kernel replacing this must match it.
-    """
-    dtype = weights_dtype(adapters)
-    out_features = next(iter(adapters.values())).lora_B.out_features
-    # split (not slicing) so that backward assembles grad_x with one cat instead of one
-    # zero-filled full-size tensor per segment; scaling on the rank-r side is the cheap side.
-    pieces = []
-    for segment, rows in zip(segments, torch.split(x, [s.end - s.start for s in segments]), strict=True):
-        weights = adapters.get(segment.adapter) if segment.adapter is not None else None
-        if weights is None:
-            pieces.append(rows.new_zeros(*rows.shape[:-1], out_features, dtype=dtype))
-            continue
-        low_rank = weights.lora_A(weights.dropout(rows if rows.dtype == dtype else rows.to(dtype)))
-        pieces.append(weights.lora_B(low_rank * weights.scaling))
-    return torch.cat(pieces, dim=0)
-
-
-def lora_delta_stacked(
-    x: torch.Tensor, feature_mask: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor
-) -> torch.Tensor:
-    """The same update for inference, every adapter at once: two dense matmuls, no Python loop.
-
-    Semantics: with S slots of r_max features each, a_cat is (S * r_max, in) holding slot s's A in
-    rows [(s-1)*r_max, s*r_max) (zero past its rank), b_cat is (S * r_max, out) holding its
-    scaling * B.T in the same rows, and feature_mask (rows, S * r_max) is 1 on the features of the
-    row's own slot (`slot_feature_mask`). Then delta[i] = x[i] @ A_s.T @ B_s.T * scaling_s for the
-    row's adapter s (0 for none): `lora_delta_reference` without dropout. Projecting every row on
-    every adapter costs S * r_max / out of the base matmul, a few percent for a handful of rank-16
-    adapters, and beats both a per-adapter loop and gathering weights per row.
-    """
-    rows = x.shape[0]
-    flat = x.reshape(rows, -1, x.shape[-1]).to(a_cat.dtype)
-    low_rank = (flat @ a_cat.T) * feature_mask[:, None, :]  # (rows, tokens, S * r_max)
-    return (low_rank @ b_cat).reshape(*x.shape[:-1], b_cat.shape[1])
-
-
-def slot_feature_mask(row_slots: torch.Tensor, slots: int, r_max: int, dtype: torch.dtype) -> torch.Tensor:
-    """(rows, slots * r_max): 1 where feature j belongs to the row's slot (slot s owns block s-1)."""
-    owner = torch.arange(slots * r_max, device=row_slots.device) // r_max + 1
-    return (owner[None, :] == row_slots[:, None]).to(dtype)
-
-
-def weights_dtype(adapters: dict[str, LoRAWeights]) -> torch.dtype:
-    return next(iter(adapters.values())).lora_A.weight.dtype
 
 
 class MultiLoRALinear(nn.Module):
@@ -194,16 +136,36 @@ class MultiLoRALinear(nn.Module):
             return result
         if self.routing.by_token:  # a packed batch: each token is a "row" of the segment maths
             x = x.reshape(-1, 1, x.shape[-1])
-        if torch.is_grad_enabled() and self._fusable(segments, x.device):  # training on a GPU
+        if torch.is_grad_enabled() and self._fusable(segments, x.device):  # opt-in Triton kernels
             delta = fused.fused_lora_delta(x, segments, self._weights)
-        elif torch.is_grad_enabled():  # training: per-segment matmuls, autograd, dropout
-            delta = lora_delta_reference(x, segments, self._weights)
+        elif torch.is_grad_enabled():  # training: every adapter at once, in x's dtype
+            layout, row_weights = self._training_layout(segments, x.dtype, x.device)
+            delta = batched.lora_delta_batched(x, segments, self._weights, layout, row_weights)
         else:  # inference: two dense matmuls whatever the number of adapters
             a_cat, b_cat, r_max = self.stacked_weights()
             mask = self._feature_mask(r_max, a_cat.shape[0] // r_max, a_cat.dtype, x.device)
             delta = lora_delta_stacked(x, mask, a_cat, b_cat)
         delta = delta.view(result.shape)
         return result + delta if delta.dtype == result.dtype else (result + delta).to(result.dtype)
+
+    def _training_layout(
+        self, segments: tuple[Segment, ...], dtype: torch.dtype, device: torch.device
+    ) -> tuple[batched.Layout, torch.Tensor | None]:
+        """The batched path's layout and row weights for this routing, shared by every layer that
+        carries the same adapters (a step builds them once, not once per layer)."""
+        carried = tuple(
+            (s.adapter, self._weights[s.adapter].lora_A.out_features, self._weights[s.adapter].scaling)
+            for s in segments
+            if s.adapter in self._weights
+        )
+        key = ("batched", carried, dtype, device)
+        cache = self.routing.step_cache
+        if key not in cache:
+            layout = batched.plan(segments, self._weights)
+            scalings = [self._weights[name].scaling for name in layout.names]
+            row_weights = None if layout.equal else batched.row_feature_weights(layout, scalings, dtype, device)
+            cache[key] = (layout, row_weights)
+        return cache[key]
 
     def _fusable(self, segments: tuple[Segment, ...], device: torch.device) -> bool:
         """The fused Triton kernels serve this step: available, enabled for the device, no dropout."""

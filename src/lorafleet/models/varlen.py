@@ -1,35 +1,56 @@
-"""Variable-length attention without flash-attn: `attention: varlen`.
+"""Variable-length attention for packed rows: `attention: varlen` (the default with packing).
 
 A packed batch is one row holding many sequences back to back, each restarting its positions at
-0. transformers keeps them apart with a block-diagonal mask, so SDPA still computes (and masks)
-the full (total length)² score matrix: with mixed lengths most of that work is thrown away. This
-attention function finds the sequences from the position ids and runs causal SDPA on each one
-alone: attention costs Σ lengthᵢ² instead of (Σ lengthᵢ)², on any device, with the mask never
-used. A right-padded batch is handled the same way, each row's real tokens alone (its length read
-from the mask once per forward). Anything else (left padding, a cache in use, cross-attention)
-goes to transformers' own SDPA path unchanged. flash-attn's varlen kernel (`attention: flash_attention_2`) does the same
-in one launch on a GPU where it is installed.
+0. transformers keeps them apart with a block-diagonal mask, so SDPA computes (and masks) the
+full (total length)² score matrix: with mixed lengths most of that work is thrown away. This
+attention function runs causal attention on each sequence alone — Σ lengthᵢ² instead of
+(Σ lengthᵢ)², the mask never built:
+
+- on CUDA in bf16/fp16, one launch of PyTorch's own variable-length flash kernel
+  (`torch.nn.attention.varlen.varlen_attn`, torch ≥ 2.10) over cumulative sequence offsets;
+- elsewhere (CPU, fp32, an older torch), causal SDPA on each sequence in a Python loop: the
+  reference the fast kernel is held to (tests/models/test_varlen.py, and on a GPU
+  tests/train/test_gpu.py).
+
+The sequence boundaries come from the trainer, computed on the host (`cu_seq_lens_q` and
+`max_length_q` in the forward's keyword arguments, the names transformers' flash-attention
+integration uses); without them they are read from the position ids, once per forward pass.
+Anything else (a batch of several rows, a cache in use, cross-attention) goes to transformers'
+own SDPA path unchanged.
 """
 
 from __future__ import annotations
 
+import inspect
+import warnings
 import weakref
 
 import torch
 import torch.nn.functional as F
 
 NAME = "lorafleet_varlen"
-_bounds: tuple[weakref.ref, list[int]] | None = None  # the last position ids seen and their sequence starts
+_bounds: tuple[weakref.ref, list[int] | None] | None = None  # the last position ids seen and their sequence starts
 
 
 def register() -> str:
-    """Make `attn_implementation="lorafleet_varlen"` known to transformers; returns the name."""
+    """Make `attn_implementation="lorafleet_varlen"` known to transformers; returns the name.
+
+    No mask function is registered with it, so transformers builds no mask for it at all: neither
+    the (total length)² block-diagonal one of a packed row, nor the packed-sequence detection that
+    reads the position ids back from the device. This is a training kernel: rows are packed, or
+    right-padded under plain causal attention (exact for every real token)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     AttentionInterface.register(NAME, varlen_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # padded batches still get SDPA's mask
     return NAME
+
+
+def sequence_offsets(lengths: list[int], device: torch.device) -> dict:
+    """The keyword arguments that tell `varlen_attention` where a packed row's sequences are."""
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    offsets = offsets.to(device, non_blocking=True)
+    longest = max(lengths)
+    return {"cu_seq_lens_q": offsets, "cu_seq_lens_k": offsets, "max_length_q": longest, "max_length_k": longest}
 
 
 def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
@@ -40,32 +61,35 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     tokens = query.shape[2]
     self_attention = tokens == key.shape[2] and getattr(module, "is_causal", True)
     if self_attention and query.shape[0] == 1:
-        starts = _sequence_starts(kwargs.get("position_ids"))
-        if starts is not None and len(starts) > 1:
-            return _per_span(
-                module, query, key, value, scaling, dropout, [(0, s, e) for s, e in _spans(starts, tokens)]
-            )
-    if self_attention and query.shape[0] > 1 and attention_mask is not None:
-        lengths = _right_padded_lengths(attention_mask)
-        if lengths is not None:
-            return _per_span(module, query, key, value, scaling, dropout, [(r, 0, n) for r, n in enumerate(lengths)])
+        offsets, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+        if offsets is None:
+            starts = _sequence_starts(kwargs.get("position_ids"))
+            if starts is not None and len(starts) > 1:
+                bounds = [*starts, tokens]
+                offsets, longest = bounds, max(e - s for s, e in zip(bounds, bounds[1:], strict=False))
+        if offsets is not None:
+            dropout = dropout if module.training else 0.0
+            if dropout == 0.0 and _flash_varlen_usable(query):
+                out = _flash_varlen(query, key, value, offsets, longest, scaling)
+                if out is not None:
+                    return out, None
+            bounds = offsets.tolist() if torch.is_tensor(offsets) else offsets
+            return _per_sequence(query, key, value, scaling, dropout, bounds)
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
     )
 
 
-def _per_span(module, query, key, value, scaling, dropout, spans: list[tuple[int, int, int]]):
-    """Causal SDPA on each (row, start, end) span alone; positions outside every span get 0
-    (padding, whose outputs no real token ever reads)."""
-    out = query.new_zeros(query.shape)
+def _per_sequence(query, key, value, scaling, dropout, bounds: list[int]):
+    """Causal SDPA on each packed sequence alone: the reference."""
+    out = query.new_empty(query.shape)
     groups = query.shape[1] // key.shape[1]
-    dropout = dropout if module.training else 0.0
-    for row, start, end in spans:
+    for start, end in zip(bounds, bounds[1:], strict=False):
         if end > start:
-            out[row : row + 1, :, start:end] = F.scaled_dot_product_attention(
-                query[row : row + 1, :, start:end],
-                key[row : row + 1, :, start:end],
-                value[row : row + 1, :, start:end],
+            out[:, :, start:end] = F.scaled_dot_product_attention(
+                query[:, :, start:end],
+                key[:, :, start:end],
+                value[:, :, start:end],
                 is_causal=True,
                 scale=scaling,
                 dropout_p=dropout,
@@ -74,28 +98,44 @@ def _per_span(module, query, key, value, scaling, dropout, spans: list[tuple[int
     return out.transpose(1, 2).contiguous(), None
 
 
-def _spans(starts: list[int], tokens: int) -> list[tuple[int, int]]:
-    return list(zip(starts, [*starts[1:], tokens], strict=True))
+_FLASH_VARLEN: dict = {}  # "fn": the kernel (or None), "kwargs": how this torch spells causal / GQA
 
 
-_lengths: tuple[weakref.ref, list[int] | None] | None = None  # the last mask seen and its row lengths
+def _flash_varlen_usable(query: torch.Tensor) -> bool:
+    if query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if "fn" not in _FLASH_VARLEN:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:  # torch < 2.10
+            varlen_attn = None
+        _FLASH_VARLEN["fn"] = varlen_attn
+        if varlen_attn is not None:
+            parameters = inspect.signature(varlen_attn).parameters
+            # torch 2.10 spells causal `is_causal=True`; later versions `window_size=(-1, 0)`.
+            causal = {"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True}
+            _FLASH_VARLEN["kwargs"] = causal
+            _FLASH_VARLEN["gqa"] = "enable_gqa" in parameters
+    return _FLASH_VARLEN["fn"] is not None
 
 
-def _right_padded_lengths(mask: torch.Tensor) -> list[int] | None:
-    """Each row's real length when the 4-D mask is causal over a right-padded batch (real keys a
-    prefix of the row); None for anything else, which then goes to plain SDPA."""
-    global _lengths
-    if _lengths is not None and _lengths[0]() is mask:
-        return _lengths[1]
-    lengths = None
-    if mask.dim() == 4 and mask.dtype == torch.bool and mask.shape[1] == 1:
-        visible = mask[:, 0, -1, :]  # the last query sees every real key of its row
-        counts = visible.sum(dim=-1)
-        prefix = torch.arange(visible.shape[-1], device=mask.device)[None, :] < counts[:, None]
-        if torch.equal(visible, prefix):
-            lengths = counts.tolist()
-    _lengths = (weakref.ref(mask), lengths)
-    return lengths
+def _flash_varlen(query, key, value, offsets, longest, scaling):
+    """One launch for every sequence; None (and the reference from then on) if the kernel refuses."""
+    fn = _FLASH_VARLEN["fn"]
+    if not torch.is_tensor(offsets):
+        offsets = torch.tensor(offsets, dtype=torch.int32, device=query.device)
+    kwargs = dict(_FLASH_VARLEN["kwargs"], scale=scaling)
+    if _FLASH_VARLEN["gqa"] and key.shape[1] != query.shape[1]:
+        kwargs["enable_gqa"] = True
+    # (1, heads, tokens, dim) -> (tokens, heads, dim): views, the head dimension stays contiguous.
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    try:
+        out = fn(q, k, v, offsets, offsets, int(longest), int(longest), **kwargs)
+    except (RuntimeError, TypeError, ValueError) as err:
+        warnings.warn(f"flash varlen attention unavailable ({err}); packing uses per-sequence SDPA", stacklevel=2)
+        _FLASH_VARLEN["fn"] = None
+        return None
+    return out[None]
 
 
 def _sequence_starts(position_ids: torch.Tensor | None) -> list[int] | None:

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from lorafleet.adapters.layer import MultiLoRALinear, slot_feature_mask
+from lorafleet.adapters.layer import MultiLoRALinear
+from lorafleet.adapters.reference import slot_feature_mask
 from lorafleet.data.batch import collate
 from lorafleet.errors import ModelLoadError
 from lorafleet.models.loading import BaseModel

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import torch
 
 from lorafleet.adapters.fleet import LoRAFleet
-from lorafleet.adapters.layer import Segment
 from lorafleet.data.encode import Example
 from lorafleet.models.loading import BaseModel
+from lorafleet.segments import Segment
 from lorafleet.serve.decode import Decoder, KVCache, prefill
 from lorafleet.serve.sampling import SamplingParams, sample_next_token
 from lorafleet.serve.text import IncrementalText

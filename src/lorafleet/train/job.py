@@ -1,7 +1,8 @@
 """One adapter's training job: its data stream, optimizer, schedule and counters.
 
-The fleet trainer owns the shared forward/backward; everything that is an adapter's own (when it
-steps, how it clips, its learning rate) lives here, so adapters never affect each other.
+The fleet trainer owns the shared forward/backward and the fleet's optimizer; everything that is
+an adapter's own (when it steps, its schedule, its optimizer state) lives here or under its name
+in the optimizer, so adapters never affect each other.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from transformers import get_scheduler
 
 from lorafleet.config import AdapterSpec
 from lorafleet.data.stream import ExampleStream
+from lorafleet.train.optimizer import FleetAdamW
 
 _SCHEDULER_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
@@ -24,29 +26,37 @@ def total_optimizer_steps(spec: AdapterSpec, num_examples: int) -> int:
     return max(1, math.ceil(epochs * num_examples / (spec.micro_batch_size * spec.grad_accum)))
 
 
-def build_optimizer(spec: AdapterSpec, params: list[torch.nn.Parameter], total_steps: int):
-    """AdamW and its learning-rate schedule, as the peft reference run builds them too."""
-    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
-    scheduler = get_scheduler(
+def build_schedule(spec: AdapterSpec, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The adapter's learning-rate schedule, transformers' own (as the peft reference run uses).
+    The fleet's optimizer reads the rate from it; the optimizer the schedule drives is a stand-in
+    that holds no weights."""
+    stand_in = torch.optim.SGD([torch.nn.Parameter(torch.zeros(0))], lr=spec.learning_rate)
+    schedule = get_scheduler(
         _SCHEDULER_NAMES[spec.schedule],
-        optimizer,
+        stand_in,
         num_warmup_steps=spec.warmup_steps,
         num_training_steps=total_steps,
     )
-    return optimizer, scheduler
+    stand_in.step()  # a no-op (no gradient) that tells the schedule its optimizer is in use
+    return schedule
 
 
 class AdapterJob:
-    def __init__(self, spec: AdapterSpec, stream: ExampleStream, params: list[torch.nn.Parameter]) -> None:
+    def __init__(
+        self, spec: AdapterSpec, stream: ExampleStream, params: list[torch.nn.Parameter], optimizer: FleetAdamW
+    ) -> None:
         self.spec = spec
         self.stream = stream
         self.params = params
         self.total_steps = total_optimizer_steps(spec, len(stream.examples))
-        self.optimizer, self.scheduler = build_optimizer(spec, params, self.total_steps)
+        self.optimizer = optimizer  # the fleet's, shared: this job's state is the entry under its name
+        optimizer.add(spec.name, params, spec.weight_decay, spec.max_grad_norm)
+        self.scheduler = build_schedule(spec, self.total_steps)
         self.micro_step = 0
         self.optimizer_step = 0
         self.tokens = 0  # label tokens trained on
         self.loss_sum = 0.0  # over the micro-batches of the current optimizer step
+        self.last_learning_rate = spec.learning_rate  # of the last optimizer step taken
 
     @property
     def name(self) -> str:
@@ -56,31 +66,36 @@ class AdapterJob:
     def done(self) -> bool:
         return self.optimizer_step >= self.total_steps
 
-    def record_micro_batch(self, loss: float, tokens: int) -> bool:
+    def record_micro_batch(self, tokens: int) -> bool:
         """Count one micro-batch; True when it completes an optimizer step."""
         self.micro_step += 1
         self.tokens += tokens
-        self.loss_sum += loss
         return self.micro_step % self.spec.grad_accum == 0
 
-    def optimizer_step_now(self) -> tuple[float, float]:
-        """Clip, step, advance the schedule; returns (mean loss of the step, learning rate used)."""
-        if self.spec.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.spec.max_grad_norm)
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+    def add_loss(self, loss: float) -> None:
+        """The loss of the micro-batch just counted (read from the device after the step)."""
+        self.loss_sum += loss
+
+    @property
+    def learning_rate(self) -> float:
+        """The rate of the coming optimizer step."""
+        return self.scheduler.get_last_lr()[0]
+
+    def optimizer_stepped(self) -> float:
+        """Advance the schedule after the fleet optimizer stepped this adapter; returns the mean
+        loss of the step."""
+        self.last_learning_rate = self.learning_rate
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_step += 1
         loss = self.loss_sum / self.spec.grad_accum
         self.loss_sum = 0.0
-        return loss, lr
+        return loss
 
     def state_dict(self) -> dict:
         return {
             "weights": [p.detach().cpu().clone() for p in self.params],
             "grads": [None if p.grad is None else p.grad.detach().cpu().clone() for p in self.params],
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict(self.name),
             "scheduler": self.scheduler.state_dict(),
             "position": self.stream.position,
             "micro_step": self.micro_step,
@@ -94,7 +109,7 @@ class AdapterJob:
             for param, weight, grad in zip(self.params, state["weights"], state["grads"], strict=True):
                 param.copy_(weight)
                 param.grad = None if grad is None else grad.to(param.device)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(self.name, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.stream.position = state["position"]
         self.micro_step = state["micro_step"]

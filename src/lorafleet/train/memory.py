@@ -6,15 +6,23 @@ anything is loaded. The model is analytic; its terms, per fleet step:
 
 - weights: every parameter and buffer of the base (vision tower included) as held in memory
   (int8/int4/NF4 weights at their stored size);
-- adapter state: fp32 LoRA weights, their gradients and AdamW's two moments (16 bytes/parameter);
+- adapter state: fp32 LoRA weights, their gradients and AdamW's two moments (16 bytes/parameter),
+  plus the compute-dtype copy of every adapter's weights that the batched LoRA path
+  (adapters/batched.py) keeps for backward;
 - activations kept for backward, per token and decoder layer, for a Qwen2/Llama-style layer with
-  LoRA on its projections and a flash/memory-efficient attention kernel (linear in tokens):
-  two norm inputs, the attention input, q, k, v and attention output, the MLP input, gate, up,
-  SiLU(gate) and their product, and two rank-r tensors per adapted projection:
-  7·hidden + 2·kv_width + 4·intermediate + 14·rank elements. With activation checkpointing only
-  each layer's input is kept, plus one layer's activations while it is recomputed;
-- the loss: chunks of logits (chunked loss) or the full tokens × vocabulary logits in the compute
-  dtype, their fp32 copy and its gradient;
+  LoRA on its projections and flash attention (linear in tokens), counted from what autograd
+  really saves (tests/train/test_memory.py lists them with saved-tensor hooks, in fp32 and bf16):
+  in the compute dtype the attention input, q, k, v and the attention output (which is also
+  o_proj's input), the MLP input, gate, up, SiLU(gate) and their product, and the rank-r
+  features of each of the seven projections (K·r where the step's rows are not equal blocks
+  per adapter: packing, unequal micro-batches); in fp32 the two RMSNorm inputs (transformers
+  normalises in fp32), their reciprocal RMS and attention's log-sum-exp per head:
+  dtype·(2·hidden + 2·q_width + 2·kv_width + 4·intermediate + 7·r) + 4·(2·hidden + heads + 2)
+  bytes. With activation checkpointing only each layer's input is kept, plus one layer's
+  activations while it is recomputed;
+- the loss: the final norm's fp32 input and the hidden states, and chunks of logits (chunked
+  loss) or the full tokens × vocabulary logits in the compute dtype, their fp32 copy and its
+  gradient;
 - a margin for the allocator and kernels' workspaces: 10% plus 512 MiB.
 
 tests/train/test_memory.py holds the activation term to what autograd really keeps (measured with
@@ -45,6 +53,7 @@ class ModelShape:
     q_width: int  # attention heads × head_dim
     kv_width: int  # key/value heads × head_dim
     vocab: int
+    heads: int = 0  # attention heads
 
     @classmethod
     def from_config(cls, config, parameters: int, weight_bytes: int) -> ModelShape:
@@ -59,6 +68,7 @@ class ModelShape:
             q_width=text.num_attention_heads * head_dim,
             kv_width=text.num_key_value_heads * head_dim,
             vocab=text.vocab_size,
+            heads=text.num_attention_heads,
         )
 
 
@@ -91,9 +101,21 @@ class MemoryEstimate:
         return f"{self.total / GIB:.2f} GiB ({detail})"
 
 
-def activation_elements_per_token(shape: ModelShape, rank: int) -> int:
-    """Elements autograd keeps per token and decoder layer (see the module docstring)."""
-    return 7 * shape.hidden + 2 * shape.kv_width + 4 * shape.intermediate + 14 * rank
+def activation_bytes_per_token(shape: ModelShape, features: int, dtype_bytes: int) -> int:
+    """Bytes autograd keeps per token and decoder layer, with `features` LoRA features per
+    projection and token (see the module docstring)."""
+    compute = 2 * shape.hidden + 2 * shape.q_width + 2 * shape.kv_width + 4 * shape.intermediate + 7 * features
+    return dtype_bytes * compute + 4 * (2 * shape.hidden + shape.heads + 2)
+
+
+def lora_features(loads: Sequence[AdapterLoad], packing: bool) -> int:
+    """LoRA features per token and projection: the largest rank when every adapter's rows form an
+    equal block (one batched matmul over adapters), else every adapter's (the row-weighted path)."""
+    if not loads:
+        return 0
+    rank = max(load.rank for load in loads)
+    equal_blocks = not packing and len({load.rows for load in loads}) == 1
+    return rank if equal_blocks else rank * len(loads)
 
 
 def step_tokens(loads: Sequence[AdapterLoad], packing: bool) -> int:
@@ -112,17 +134,18 @@ def estimate(
     activation_checkpointing: bool = False,
 ) -> MemoryEstimate:
     tokens = step_tokens(loads, packing)
-    rank = max((load.rank for load in loads), default=0)
-    per_layer = activation_elements_per_token(shape, rank) * dtype_bytes
+    per_layer = activation_bytes_per_token(shape, lora_features(loads, packing), dtype_bytes)
     if activation_checkpointing:
         activations = tokens * (shape.layers * shape.hidden * dtype_bytes + per_layer)
     else:
         activations = tokens * shape.layers * per_layer
+    final_norm = tokens * shape.hidden * (4 + dtype_bytes)
     if chunked_loss:
-        loss = 3 * 4 * min(CHUNK_ELEMENTS, tokens * shape.vocab) + tokens * shape.hidden * dtype_bytes
+        loss = 3 * 4 * min(CHUNK_ELEMENTS, tokens * shape.vocab) + final_norm
     else:
-        loss = tokens * shape.vocab * (dtype_bytes + 4 + 4)
-    state = sum(load.lora_parameters for load in loads) * ADAPTER_STATE_BYTES
+        loss = tokens * shape.vocab * (dtype_bytes + 4 + 4) + final_norm
+    lora = sum(load.lora_parameters for load in loads)
+    state = lora * (ADAPTER_STATE_BYTES + dtype_bytes)
     weights = shape.weight_bytes
     subtotal = weights + state + activations + loss
     return MemoryEstimate(weights, state, activations, loss, margin=subtotal // 10 + 512 * 2**20)

@@ -29,15 +29,32 @@ from lorafleet.adapters.fleet import LoRAFleet, LoRAShape, find_target_modules
 from lorafleet.adapters.layer import MultiLoRALinear
 from lorafleet.adapters.peft_io import load_adapter, save_adapter
 from lorafleet.config import AdapterSpec, FleetSpec
-from lorafleet.data.batch import pack_micro_batches, stack_micro_batches
+from lorafleet.data.batch import Batch, pack_micro_batches, stack_micro_batches
 from lorafleet.data.dataset import load_examples
 from lorafleet.data.encode import Example
 from lorafleet.data.stream import ExampleStream
 from lorafleet.errors import AdapterError, ConfigError
+from lorafleet.models import varlen
+from lorafleet.models.attention import training_attention
 from lorafleet.models.loading import BaseModel, load_base
+from lorafleet.segments import Segment
 from lorafleet.train import checkpoint, memory
 from lorafleet.train.job import AdapterJob
-from lorafleet.train.loss import chunked_segment_losses, segment_losses
+from lorafleet.train.loss import LabelPositions, chunked_segment_losses, label_positions, segment_losses
+from lorafleet.train.optimizer import FleetAdamW
+
+
+@dataclass
+class StepInputs:
+    """One fleet step, assembled on the host."""
+
+    batch: Batch  # on the device
+    segments: list[Segment]  # routing: every adapter's rows or tokens (and a packed row's padding tail)
+    adapter_segments: list[Segment]  # one per active adapter, in job order: the losses
+    tokens: list[int]  # real tokens per adapter
+    where: LabelPositions | None  # label positions for the chunked loss (on the device)
+    extra: dict  # model keyword arguments (packed sequence offsets for varlen attention)
+    packed: bool
 
 
 @dataclass
@@ -59,8 +76,10 @@ class FleetTrainer:
     ) -> None:
         self.spec = spec
         dtype = getattr(torch, spec.dtype) if spec.dtype else None
-        attention = spec.attention or ("varlen" if spec.packing else None)
-        self.base = base or load_base(spec.base, spec.device, dtype, quantize=spec.quantize_base, attention=attention)
+        self._attention = spec.attention or ("varlen" if spec.packing else None)
+        self.base = base or load_base(
+            spec.base, spec.device, dtype, quantize=spec.quantize_base, attention=self._attention
+        )
         self.fleet = LoRAFleet(self.base.model, self.base.language_prefix)
         if spec.activation_checkpointing:
             checkpoint_decoder_layers(self.base.language_model)
@@ -77,6 +96,7 @@ class FleetTrainer:
         self.loads: dict[str, memory.AdapterLoad] = {}
         self.waiting: set[str] = set()
         self.active: list[AdapterJob] = []
+        self.optimizer = FleetAdamW()
         self.bars: dict[str, tqdm] = {}
         self.fleet_step = 0
         self.started = time.perf_counter()
@@ -94,63 +114,92 @@ class FleetTrainer:
     # --- one fleet step -------------------------------------------------------------------
 
     def _step(self) -> None:
-        micro_batches = [(job.name, job.stream.next_micro_batch()) for job in self.active]
-        packed = self.spec.packing
-        if packed:
-            batch, segments = pack_micro_batches(micro_batches)
-        else:
-            batch, segments = stack_micro_batches(micro_batches, self.base.tokenizer.pad_token_id)
-        # Token counts from the batch while it is still on the host: no device round trip per adapter.
-        counted = batch.attention_mask.sum(dim=1).tolist() if not packed else None
-        tokens = [s.end - s.start if packed else int(sum(counted[s.start : s.end])) for s in segments]
-        batch = batch.to(self.base.device)
-        # Backward runs inside the routing too: recomputed layers (activation checkpointing) and
-        # the chunked loss run their forward again there.
-        with self.fleet.route(segments, by_token=packed):
-            losses = self._losses(batch, segments, packed)
-            total = sum(loss / job.spec.grad_accum for loss, job in zip(losses, self.active, strict=True))
-            total.backward()
+        step = self._prepare_step()
+        losses = self._forward_backward(step)
         self.fleet_step += 1
-        values = torch.stack([loss.detach() for loss in losses]).tolist()  # one synchronisation per step
-        for job, value, count in zip(list(self.active), values, tokens, strict=True):
-            self.result.tokens += count
-            if job.record_micro_batch(value, count):
-                self._optimizer_step(job)
+        due = [job for job, count in zip(self.active, step.tokens, strict=True) if job.record_micro_batch(count)]
+        if due:  # queued behind backward on the device: the host does not wait for either
+            rates = {job.name: job.learning_rate for job in due}
+            self.optimizer.step(rates)
+            self.optimizer.zero_grad(list(rates))
+        values = torch.stack([loss.detach() for loss in losses]).tolist()  # the step's one synchronisation
+        for job, value in zip(self.active, values, strict=True):
+            job.add_loss(value)
+        self.result.tokens += sum(step.tokens)
+        if due:
+            self._optimizer_stepped(due)
         self._admit()
         if self.spec.checkpoint_every and self.fleet_step % self.spec.checkpoint_every == 0 and self.active:
             self._save_checkpoint()
         if self.on_step is not None:
             self.on_step(self.fleet_step)
 
-    def _losses(self, batch, segments, packed: bool) -> list[torch.Tensor]:
+    def _prepare_step(self) -> StepInputs:
+        """The next micro-batch of every active adapter as one batch, and everything the step
+        needs to know about its shape, read here on the host (token counts, label positions,
+        sequence bounds) so that the step itself never waits for the device."""
+        micro_batches = [(job.name, job.stream.next_micro_batch()) for job in self.active]
+        packed = self.spec.packing
+        pad_id, multiple = self.base.tokenizer.pad_token_id, self.spec.length_multiple
+        if packed:
+            batch, segments = pack_micro_batches(micro_batches, pad_id, multiple)
+        else:
+            batch, segments = stack_micro_batches(micro_batches, pad_id, multiple)
+        tokens = [sum(example.num_tokens for example in group) for _, group in micro_batches]
+        adapter_segments = [segment for segment in segments if segment.adapter is not None]
+        where = None
+        if self.spec.chunked_loss:
+            where = label_positions(batch.labels, adapter_segments, by_token=packed).to(self.base.device)
+        extra = {}
+        if packed and self._attention == "varlen":
+            extra = varlen.sequence_offsets(packed_sequence_lengths(micro_batches, batch), self.base.device)
+        return StepInputs(batch.to(self.base.device), segments, adapter_segments, tokens, where, extra, packed)
+
+    def _forward_backward(self, step: StepInputs) -> list[torch.Tensor]:
+        """Forward and backward of one fleet step: device work only (tests/train/test_gpu.py runs
+        it with CUDA's synchronisation check set to error)."""
+        # Backward runs inside the routing too: recomputed layers (activation checkpointing) and
+        # the chunked loss run their forward again there.
+        with self.fleet.route(step.segments, by_token=step.packed), training_attention():
+            losses = self._losses(step.batch, step.adapter_segments, step.packed, step.where, step.extra)
+            total = sum(loss / job.spec.grad_accum for loss, job in zip(losses, self.active, strict=True))
+            total.backward()
+        return losses
+
+    def _losses(self, batch, segments, packed: bool, where, extra: dict) -> list[torch.Tensor]:
+        """One loss per adapter segment. The batch goes in without an attention mask: its rows are
+        right-padded or packed, so causal attention alone is exact for every real token."""
         head = self.base.model.get_output_embeddings()
+        inputs = batch.causal_inputs() | extra
         if self.spec.chunked_loss and not isinstance(head, MultiLoRALinear):
-            hidden = self.base.model.model(**batch.model_inputs(), use_cache=False).last_hidden_state
-            return chunked_segment_losses(hidden, head, batch.labels, segments, by_token=packed)
-        logits = self.base.model(**batch.model_inputs(), use_cache=False).logits
+            hidden = self.base.model.model(**inputs, use_cache=False).last_hidden_state
+            return chunked_segment_losses(hidden, head, batch.labels, segments, by_token=packed, where=where)
+        logits = self.base.model(**inputs, use_cache=False).logits
         return segment_losses(logits, batch.labels, segments, by_token=packed)
 
-    def _optimizer_step(self, job: AdapterJob) -> None:
-        loss, lr = job.optimizer_step_now()
-        self.result.losses.setdefault(job.name, []).append(loss)
+    def _optimizer_stepped(self, jobs: list[AdapterJob]) -> None:
+        """Record the optimizer step just taken by each of `jobs`; save and retire finished ones."""
         elapsed = time.perf_counter() - self.started
-        record = {
-            "adapter": job.name,
-            "step": job.optimizer_step,
-            "fleet_step": self.fleet_step,
-            "loss": loss,
-            "lr": lr,
-            "tokens": job.tokens,
-            "epoch": round(job.stream.epoch, 4),
-            "elapsed_s": round(elapsed, 3),
-        }
-        with (self.output / "metrics.jsonl").open("a") as log:
-            log.write(json.dumps(record) + "\n")
-        bar = self.bars[job.name]
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{job.tokens / max(elapsed, 1e-9):.0f}", refresh=False)
-        bar.update(1)
-        if job.done:
-            self._finish(job)
+        for job in jobs:
+            loss = job.optimizer_stepped()
+            self.result.losses.setdefault(job.name, []).append(loss)
+            record = {
+                "adapter": job.name,
+                "step": job.optimizer_step,
+                "fleet_step": self.fleet_step,
+                "loss": loss,
+                "lr": job.last_learning_rate,
+                "tokens": job.tokens,
+                "epoch": round(job.stream.epoch, 4),
+                "elapsed_s": round(elapsed, 3),
+            }
+            with (self.output / "metrics.jsonl").open("a") as log:
+                log.write(json.dumps(record) + "\n")
+            bar = self.bars[job.name]
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{job.tokens / max(elapsed, 1e-9):.0f}", refresh=False)
+            bar.update(1)
+            if job.done:
+                self._finish(job)
 
     # --- admission and completion ---------------------------------------------------------
 
@@ -212,7 +261,7 @@ class FleetTrainer:
             shape = LoRAShape(spec.rank, spec.alpha, spec.dropout, self.targets[spec.name])
             self.fleet.add_adapter(spec.name, shape, seed=spec.seed)
         stream = ExampleStream(self.examples[spec.name], spec.micro_batch_size, spec.seed, spec.shuffle)
-        job = AdapterJob(spec, stream, self.fleet.parameters(spec.name))
+        job = AdapterJob(spec, stream, self.fleet.parameters(spec.name), self.optimizer)
         self.active.append(job)
         self.bars[spec.name] = tqdm(
             total=job.total_steps,
@@ -228,6 +277,7 @@ class FleetTrainer:
         directory = save_adapter(self.fleet, job.name, self.output / "adapters" / job.name, self.spec.base)
         self.result.adapters[job.name] = directory
         self.active.remove(job)
+        self.optimizer.remove(job.name)
         self.fleet.remove_adapter(job.name)
 
     # --- checkpoints ----------------------------------------------------------------------
@@ -304,6 +354,13 @@ def train_fleet(
 ) -> FleetResult:
     """Train every adapter of `spec` together; adapters land in `<output>/adapters/<name>/`."""
     return FleetTrainer(spec, base=base, progress=progress).run(resume=resume)
+
+
+def packed_sequence_lengths(micro_batches, batch) -> list[int]:
+    """Lengths of the sequences of a packed row, in order, its padding tail included."""
+    lengths = [example.num_tokens for _, group in micro_batches for example in group]
+    tail = batch.input_ids.shape[1] - sum(lengths)
+    return lengths + [tail] if tail else lengths
 
 
 def checkpoint_decoder_layers(language_model: torch.nn.Module) -> None:
