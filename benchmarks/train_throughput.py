@@ -188,6 +188,7 @@ def run_fleet(args, base: BaseModel, specs: list[AdapterSpec], output: Path) -> 
         activation_checkpointing=args.activation_checkpointing,
         attention=args.attention,
         length_multiple=args.length_multiple,
+        compile=args.compile,
     )
     attention = args.attention or ("varlen" if args.packing else None)  # the trainer's default
     if attention:  # the base is built here, not loaded: switch its kernel the way load_base would
@@ -263,6 +264,7 @@ def main() -> None:
     parser.add_argument("--activation-checkpointing", action="store_true", help="lorafleet recomputes decoder layers")
     parser.add_argument("--attention", help="lorafleet's attention kernel (e.g. varlen with --packing)")
     parser.add_argument("--length-multiple", type=int, default=64, help="lorafleet pads lengths to a multiple of this")
+    parser.add_argument("--compile", action="store_true", help="lorafleet compiles each decoder layer")
     parser.add_argument("--fused", action="store_true", help="lorafleet with the fused Triton LoRA kernels (CUDA)")
     parser.add_argument("--skip-peft", action="store_true", help="measure lorafleet only (e.g. padding vs packing)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM)")
@@ -302,6 +304,7 @@ def main() -> None:
         "chunked_loss": not args.full_logits,
         "activation_checkpointing": args.activation_checkpointing,
         "length_multiple": args.length_multiple,
+        "compile": args.compile,
         "sdpa_backends": [backend.name for backend in TRAINING_BACKENDS],
         "fused_lora": device.type == "cuda" and args.fused,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),

@@ -87,6 +87,9 @@ class FleetSpec:
     # Recompute each decoder layer's activations in backward instead of keeping them: less
     # memory for longer sequences or more adapters, about a third more compute.
     activation_checkpointing: bool = False
+    # Regional torch.compile: each decoder layer compiled once (every layer reuses the code), so a
+    # step launches fused kernels instead of one per operation. The first steps pay the compile.
+    compile: bool = False
     # Adapters join the running batch only while the predicted peak memory (train/memory.py)
     # stays within this many GiB; default: 90% of the GPU, no limit on CPU.
     memory_budget_gb: float | None = None

@@ -83,6 +83,8 @@ class FleetTrainer:
         self.fleet = LoRAFleet(self.base.model, self.base.language_prefix)
         if spec.activation_checkpointing:
             checkpoint_decoder_layers(self.base.language_model)
+        if spec.compile:
+            compile_decoder_layers(self.base.language_model)
         self.output = Path(spec.output)
         self.progress = progress
         self.on_step = on_step
@@ -361,6 +363,15 @@ def packed_sequence_lengths(micro_batches, batch) -> list[int]:
     lengths = [example.num_tokens for _, group in micro_batches for example in group]
     tail = batch.input_ids.shape[1] - sum(lengths)
     return lengths + [tail] if tail else lengths
+
+
+def compile_decoder_layers(language_model: torch.nn.Module) -> None:
+    """Regional compilation: every decoder layer through torch.compile. The layers share their
+    code, so one compiled graph serves all of them; a new routing (adapters joining or leaving, a
+    new padded length) compiles once more, hence the larger cache."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for layer in language_model.layers:
+        layer.compile()
 
 
 def checkpoint_decoder_layers(language_model: torch.nn.Module) -> None:
