@@ -92,18 +92,31 @@ def build_base(preset: str, device: torch.device, dtype: torch.dtype) -> BaseMod
 
 
 def write_data(directory: Path, name: str, rows: int, seq_len: int, seed: int, min_len: int | None = None) -> Path:
-    """Chats of about seq_len tokens (or, with min_len, uniformly between min_len and seq_len):
-    a question of 3/4 of them, an answer of 1/4."""
+    """Chats of about seq_len tokens of the built-in tokenizer, chat template included (or, with
+    min_len, uniformly between min_len and seq_len): a question of 3/4 of them, an answer of 1/4."""
     rng = random.Random(seed)
+    per_word, overhead = _tokens_per_word()
     path = directory / f"{name}.jsonl"
     with path.open("w") as out:
         for _ in range(rows):
             length = rng.randint(min_len, seq_len) if min_len else seq_len
-            question = " ".join(rng.choices(WORDS, k=max(length * 3 // 4 - 12, 1)))
-            answer = " ".join(rng.choices(WORDS, k=max(length // 4, 1)))
+            words = max((length - overhead) / per_word, 2)
+            question = " ".join(rng.choices(WORDS, k=max(round(words * 3 / 4), 1)))
+            answer = " ".join(rng.choices(WORDS, k=max(round(words / 4), 1)))
             chat = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
             out.write(json.dumps({"messages": chat}) + "\n")
     return path
+
+
+def _tokens_per_word() -> tuple[float, int]:
+    """(tokens per word of WORDS, tokens the chat template adds) for the built-in tokenizer."""
+    tokenizer = build_tokenizer()
+    sample = " ".join(WORDS * 20)
+    per_word = len(tokenizer(sample)["input_ids"]) / (len(WORDS) * 20)
+    chat = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "x"}]
+    rendered = tokenizer.apply_chat_template(chat, tokenize=True)
+    rendered = rendered["input_ids"] if hasattr(rendered, "keys") else rendered
+    return per_word, len(rendered) - 2
 
 
 def adapter_specs(args, data: list[Path]) -> list[AdapterSpec]:

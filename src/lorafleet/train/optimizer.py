@@ -109,6 +109,20 @@ class FleetAdamW:
 
     def load_state_dict(self, name: str, saved: dict) -> None:
         state = self.adapters[name]
+        if "param_groups" in saved:  # a checkpoint written with one torch.optim.AdamW per adapter
+            saved = _from_torch_adamw(saved, len(state.params))
         state.step = saved["step"]
         state.exp_avg = [t.to(p.device) for t, p in zip(saved["exp_avg"], state.params, strict=True)]
         state.exp_avg_sq = [t.to(p.device) for t, p in zip(saved["exp_avg_sq"], state.params, strict=True)]
+
+
+def _from_torch_adamw(saved: dict, count: int) -> dict:
+    """`torch.optim.AdamW.state_dict()` of one adapter in this optimizer's form."""
+    per_param = [saved["state"].get(index) for index in range(count)]
+    if not all(per_param):
+        return {"step": 0, "exp_avg": [], "exp_avg_sq": []}
+    return {
+        "step": int(per_param[0]["step"]),
+        "exp_avg": [entry["exp_avg"] for entry in per_param],
+        "exp_avg_sq": [entry["exp_avg_sq"] for entry in per_param],
+    }
