@@ -4,10 +4,12 @@ N concurrent streams spread over K adapters, each generating exactly --tokens to
 ignored), on the same random-weight base in the same process. Reports output tokens/s for
   - peft: one `generate` call over all streams with `adapter_names` (peft's mixed-adapter batches),
   - plain HF `generate` without any LoRA (the ceiling of the transformers path),
-  - lorafleet's engine: all streams submitted at once, continuous batching.
+  - lorafleet's engine: all streams submitted at once, continuous batching (a CUDA graph per
+    decode bucket on a GPU), with each stream's time to first token (p50, p99) under that load.
 
     python benchmarks/serve_throughput.py                       # CPU, tiny model
     python benchmarks/serve_throughput.py --model qwen2.5-1.5b  # CUDA
+    python benchmarks/serve_throughput.py --model qwen2.5-1.5b --adapters 32 --engine-only
 """
 
 from __future__ import annotations
@@ -71,8 +73,9 @@ def time_generate(model, inputs, tokens: int, pad_id: int, **kwargs) -> float:
     return time.perf_counter() - started
 
 
-def time_engine(base, adapter_dirs, batch, names, tokens: int, max_batch: int) -> float:
-    """All streams submitted at once; `names[i]` is the adapter of stream i.
+def time_engine(base, adapter_dirs, batch, names, tokens: int, max_batch: int) -> tuple[float, list[float]]:
+    """All streams submitted at once; `names[i]` is the adapter of stream i. Returns the seconds
+    it took and each stream's time to its first token.
 
     The engine runs in this thread (`run_until_idle`), as `generate` does: with two threads doing
     torch work, the idle thread's OpenMP workers keep spinning and the 2-core machine measures
@@ -81,16 +84,18 @@ def time_engine(base, adapter_dirs, batch, names, tokens: int, max_batch: int) -
     fleet = LoRAFleet(base.model, base.language_prefix)
     for path in adapter_dirs:
         load_adapter(fleet, path.name, path)
-    engine = Engine(base, fleet, max_batch=max_batch)
+    engine = Engine(base, fleet, max_batch=max_batch, max_seq_len=max(len(p) for p in batch) + tokens + 8)
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     try:
-        warm_up = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
-        for ids, name in zip(batch, names, strict=True):  # the same warm-up as generate gets: 2 tokens
-            engine.submit(as_prompt(ids), name, warm_up)
+        # One untimed run of the same requests first: on a GPU it captures the CUDA graph of every
+        # (rows, span) bucket the timed run meets — once per server lifetime, not per request.
+        for ids, name in zip(batch, names, strict=True):
+            engine.submit(as_prompt(ids), name, params)
         engine.run_until_idle()
         synchronize(base.device)
         started = time.perf_counter()
         streams = [engine.submit(as_prompt(p), n, params) for p, n in zip(batch, names, strict=True)]
+        first_token = stamp_first_tokens(engine, streams)
         engine.run_until_idle()
         synchronize(base.device)
         seconds = time.perf_counter() - started
@@ -99,7 +104,25 @@ def time_engine(base, adapter_dirs, batch, names, tokens: int, max_batch: int) -
             fleet.remove_adapter(name)
     finals = [list(s)[-1] for s in streams]
     assert [f.completion_tokens for f in finals] == [tokens] * len(batch), finals[0].error
-    return seconds
+    return seconds, [first_token[id(stream)] - started for stream in streams]
+
+
+def stamp_first_tokens(engine: Engine, streams: list) -> dict[int, float]:
+    """Records, per stream, when the engine produced its first token (streamed text may come
+    later: random weights make incomplete UTF-8 that is held back until it is whole)."""
+    stamps, account = {}, engine._account
+
+    def timed_account(row):
+        stamps.setdefault(id(row.request.stream), time.perf_counter())
+        return account(row)
+
+    engine._account = timed_account
+    return stamps
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def main() -> None:
@@ -110,6 +133,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=64, help="tokens generated per stream")
+    parser.add_argument("--engine-only", action="store_true", help="measure lorafleet's engine alone")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     logging.set_verbosity_error()
@@ -126,18 +150,20 @@ def main() -> None:
     batch, names = [batch[i] for i in order], [names[i] for i in order]
     inputs = left_padded_inputs([as_prompt(ids) for ids in batch], pad, device)
     output_tokens = args.streams * args.tokens
+    plain = peft_seconds = None
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dirs = write_adapters(base, Path(tmp), args.adapters, args.rank)
-        time_generate(base.model, inputs, 2, pad)  # warm-up
-        plain = time_generate(base.model, inputs, args.tokens, pad)
-        peft_model = PeftModel.from_pretrained(base.model, adapter_dirs[0], adapter_name="a0")
-        for i, path in enumerate(adapter_dirs[1:], start=1):
-            peft_model.load_adapter(path, adapter_name=f"a{i}")
-        peft_model.eval()
-        time_generate(peft_model, inputs, 2, pad, adapter_names=names)
-        peft_seconds = time_generate(peft_model, inputs, args.tokens, pad, adapter_names=names)
-        base.model = peft_model.unload()
-        ours = time_engine(base, adapter_dirs, batch, names, args.tokens, max_batch=args.streams)
+        if not args.engine_only:
+            time_generate(base.model, inputs, 2, pad)  # warm-up
+            plain = time_generate(base.model, inputs, args.tokens, pad)
+            peft_model = PeftModel.from_pretrained(base.model, adapter_dirs[0], adapter_name="a0")
+            for i, path in enumerate(adapter_dirs[1:], start=1):
+                peft_model.load_adapter(path, adapter_name=f"a{i}")
+            peft_model.eval()
+            time_generate(peft_model, inputs, 2, pad, adapter_names=names)
+            peft_seconds = time_generate(peft_model, inputs, args.tokens, pad, adapter_names=names)
+            base.model = peft_model.unload()
+        ours, first_token = time_engine(base, adapter_dirs, batch, names, args.tokens, max_batch=args.streams)
 
     result = {
         "model": args.model,
@@ -146,13 +172,16 @@ def main() -> None:
         "rank": args.rank,
         "prompt_len": args.prompt_len,
         "tokens": args.tokens,
-        "device": str(device),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else str(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "hf_generate_no_lora_tok_s": output_tokens / plain,
-        "peft_mixed_generate_tok_s": output_tokens / peft_seconds,
+        "hf_generate_no_lora_tok_s": output_tokens / plain if plain else None,
+        "peft_mixed_generate_tok_s": output_tokens / peft_seconds if peft_seconds else None,
         "lorafleet_engine_tok_s": output_tokens / ours,
-        "speedup_vs_peft": peft_seconds / ours,
+        "lorafleet_ms_per_token_step": 1000 * ours / args.tokens,
+        "time_to_first_token_s": {"p50": percentile(first_token, 0.5), "p99": percentile(first_token, 0.99)},
+        "speedup_vs_peft": peft_seconds / ours if peft_seconds else None,
+        "speedup_vs_hf_generate": plain / ours if plain else None,
     }
     print(json.dumps(result, indent=2))
     if args.json:

@@ -101,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--keys", type=Path, help="KEYS.yaml: tenants, their keys, adapters and limits")
     serve.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default: 32)")
+    serve.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=4096,
+        help="tokens per request, prompt and reply (default: 4096, at most the model's context); "
+        "the KV cache holds this many for each of --max-batch rows, allocated at start",
+    )
     serve.add_argument("--log-content", action="store_true", help="also store prompts and replies in the log")
     serve.add_argument(
         "--allow-image-dir",

@@ -38,6 +38,76 @@ def test_a_prompt_that_breaks_prefill_does_not_stop_running_requests(tiny_lm_dir
     running = engine.submit(prompt([5, 6, 7]), None, params)
     engine._iteration()  # the first request is now decoding
     broken = engine.submit(prompt([10**9]), None, params)  # token id outside the vocabulary
+    beside = engine.submit(prompt([8, 9]), None, params)  # arrives with it: prefilled in the same batch
     engine.run_until_idle()
     assert list(broken)[-1].finish_reason == "error"
     assert list(running)[-1].completion_tokens == 6
+    assert list(beside)[-1].completion_tokens == 6, "a broken prompt fails alone, not its admission batch"
+
+
+def poison(base, token: int) -> None:
+    """Make `token`'s embedding NaN: any row that feeds it gets non-finite logits (the output head
+    is untied first, or every row's logit for `token` would be NaN too)."""
+    head = base.model.get_output_embeddings()
+    if head.weight is base.model.get_input_embeddings().weight:
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    with torch.no_grad():
+        base.model.get_input_embeddings().weight[token] = float("nan")
+
+
+def greedy_tokens(base, ids: list[int], count: int) -> list[int]:
+    ids = list(ids)
+    for _ in range(count):
+        with torch.no_grad():
+            ids.append(int(base.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids
+
+
+def test_a_row_with_non_finite_logits_fails_alone_at_prefill_and_in_decode(tiny_lm_dir):
+    base = load_base(tiny_lm_dir)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    healthy_tokens = greedy_tokens(base, [5, 6, 7], 6)
+    doomed_first = greedy_tokens(base, [8, 9, 10, 11], 1)[-1]  # fed at the doomed row's first decode step
+    assert doomed_first not in healthy_tokens and 399 not in healthy_tokens, "the test needs disjoint tokens"
+    engine = Engine(base, LoRAFleet(base.model))
+    healthy = engine.submit(prompt([5, 6, 7]), None, params)
+    engine._iteration()
+    running = engine.submit(prompt([8, 9, 10, 11]), None, params)
+    engine._iteration()  # prefilled: its first token is sampled, not yet fed
+    poison(base, doomed_first)
+    poison(base, 399)
+    at_prefill = engine.submit(prompt([12, 399, 13]), None, params)
+    engine.run_until_idle()
+    for doomed in (running, at_prefill):
+        final = list(doomed)[-1]
+        assert final.finish_reason == "error" and "non-finite" in final.error
+    final = list(healthy)[-1]
+    assert final.finish_reason == "length" and final.completion_tokens == 6
+
+
+def test_a_seeded_reply_is_the_same_whoever_shares_the_batch(tiny_lm_dir):
+    base = load_base(tiny_lm_dir)
+    params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=2**64 - 1, ignore_eos=True)
+    replies = []
+    for companions in (0, 5):
+        engine = Engine(base, LoRAFleet(base.model))
+        for i in range(companions):
+            engine.submit(prompt([20 + i, 21, 22]), None, SamplingParams(max_tokens=9, temperature=1.0))
+        stream = engine.submit(prompt([5, 6, 7, 8]), None, params)
+        engine.run_until_idle()
+        events = list(stream)
+        assert events[-1].finish_reason == "length"
+        replies.append("".join(event.text for event in events))
+    assert replies[0] == replies[1]
+
+
+def test_a_prompt_longer_than_the_cache_is_refused_alone(tiny_lm_dir):
+    base = load_base(tiny_lm_dir)
+    engine = Engine(base, LoRAFleet(base.model), max_seq_len=16)
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    long = engine.submit(prompt(list(range(5, 25))), None, params)
+    short = engine.submit(prompt([5, 6, 7]), None, params)
+    engine.run_until_idle()
+    assert "at most 16" in list(long)[-1].error
+    final = list(short)[-1]
+    assert final.finish_reason == "length" and final.completion_tokens == 16 - 3 + 1  # the last is never fed

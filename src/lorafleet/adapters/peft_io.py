@@ -93,6 +93,9 @@ def read_adapter(adapter_dir: str | Path) -> tuple[LoRAShape, dict[str, torch.Te
 def load_adapter(fleet: LoRAFleet, name: str, adapter_dir: str | Path) -> LoRAShape:
     """Attach the PEFT adapter in `adapter_dir` to the fleet under `name`."""
     shape, weights = read_adapter(adapter_dir)
+    broken = sorted(key for key, tensor in weights.items() if not torch.isfinite(tensor).all())
+    if broken:  # served beside others, one NaN adapter would poison every row of the batch
+        raise AdapterError(f"{adapter_dir}: weights {broken[0]!r} (and {len(broken) - 1} more) are not finite")
     missing = [m for m in shape.modules if not _has_module(fleet, m)]
     if missing:
         raise AdapterError(

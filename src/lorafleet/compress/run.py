@@ -168,7 +168,7 @@ def _engine_speed(base: BaseModel, examples: list[Example], streams: int = 16, t
     from lorafleet.serve.engine import Engine
     from lorafleet.serve.sampling import SamplingParams
 
-    engine = Engine(base, LoRAFleet(base.model), max_batch=streams)
+    engine = Engine(base, LoRAFleet(base.model), max_batch=streams, fuse_weights=False)  # the model is saved later
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     prompts = [examples[i % len(examples)] for i in range(streams)]
     engine.submit(prompts[0], None, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))

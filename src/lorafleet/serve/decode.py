@@ -1,17 +1,26 @@
-"""A lean decode step over the model's own modules, with a KV cache that has no padding.
+"""The decode step: static shapes, every adapter of the fleet, sampling included — one graph.
 
-transformers' forward rebuilds attention masks, cache objects and output records on every call,
-which dominates a decode step for a batch of single tokens (measured: a 1-row step cost half a
-32-row one on CPU). For decoder layers of the Llama/Qwen2/Qwen3 shape we run the step ourselves,
-gpt-fast style, calling the model's own submodules (so LoRA-wrapped projections, RMSNorm and the
-rotary embedding are exactly the model's): embed → per layer [norm → q/k/v → rope → write the new
-key/value at each row's length → attention over each row's own prefix → o_proj → norm → MLP] →
-norm → lm_head. Each row's keys sit at positions [0, length) of its cache row, so the attention
-mask is a length comparison and nothing is ever left-padded.
+transformers' forward rebuilds masks, cache objects and output records on every call, and a
+cache that grows by `cat` gives every step new shapes: on a GPU each new shape costs attention
+plans and each operation a launch from Python, so a 1.5B model decoded 32 streams at ~1% of
+what the GPU can do. Here, gpt-fast and vLLM style, the step is ours, over the model's own
+modules (so RMSNorm, rotary embedding and weights are exactly the model's):
 
-Prefill stays with transformers (it handles images and is one call per arrival, not per token):
-`prefill` runs the inner model on right-padded prompts and hands back each row's last hidden
-state and its keys/values, already in this layout.
+    embed → per layer [norm → q/k/v (+ every row's own adapter) → rope → write k/v at each row's
+    position in its KV-cache slot → attention over its slot's first `span` positions → o_proj →
+    norm → gate/up → down] → norm → head → next token per row (on the device) + finite check
+
+Every input is a tensor of fixed shape for a (rows, span) bucket — tokens, slots, positions,
+adapter slots, sampling parameters — and every weight lives at a fixed address, adapters
+included (`ProjectionGroup`: each projection's adapters stacked by fleet slot, refreshed in place
+when an adapter is loaded or reloaded). So on CUDA `GraphDecoder` captures the step once per
+bucket and replays it: one graph launch and one host read (the ids) per step. On CPU the same
+function runs eagerly; tests/serve/test_decode.py holds both to the model's own forward and the
+graph to the eager step.
+
+Prefill stays with transformers (it handles images, once per arrival, not per token): `prefill`
+runs the inner model on right-padded prompts; the engine copies the keys/values into the rows'
+slots.
 """
 
 from __future__ import annotations
@@ -22,12 +31,15 @@ from torch import nn
 from transformers import DynamicCache
 
 from lorafleet.adapters.layer import MultiLoRALinear
-from lorafleet.adapters.reference import slot_feature_mask
 from lorafleet.data.batch import collate
 from lorafleet.errors import ModelLoadError
 from lorafleet.models.loading import BaseModel
+from lorafleet.serve.device_sampling import finite_rows, sample_rows, sampling_mode
+from lorafleet.serve.kv_cache import SlotKVCache
 
 SUPPORTED_LAYERS = ("Qwen2DecoderLayer", "Qwen3DecoderLayer", "LlamaDecoderLayer", "MistralDecoderLayer")
+GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
+          ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))  # fmt: skip
 
 
 def check_supported(base: BaseModel) -> None:
@@ -43,201 +55,305 @@ def check_supported(base: BaseModel) -> None:
         )
 
 
-class KVCache:
-    """Per layer, keys and values of shape (rows, kv_heads, capacity, head_dim); row i is valid
-    on [0, lengths[i]). Capacity grows by doubling; rows come and go with the batch. The lengths
-    are kept on the host too (`host_lengths`), so that sizing a step never waits for the device."""
-
-    def __init__(
-        self, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: torch.Tensor, host_lengths: list[int]
-    ) -> None:
-        self.keys, self.values, self.lengths, self.host_lengths = keys, values, lengths, host_lengths
-
-    @property
-    def rows(self) -> int:
-        return int(self.lengths.shape[0])
-
-    def ensure_capacity(self, needed: int) -> None:
-        capacity = self.keys[0].shape[2]
-        if needed > capacity:
-            self._resize(max(needed, 2 * capacity))
-
-    def _resize(self, capacity: int) -> None:
-        grow = lambda t: F.pad(t, (0, 0, 0, capacity - t.shape[2]))  # noqa: E731
-        self.keys = [grow(k) for k in self.keys]
-        self.values = [grow(v) for v in self.values]
-
-    def select(self, rows: list[int]) -> None:
-        """Keep only `rows`, in that order, and drop capacity nobody needs any more."""
-        self.host_lengths = [self.host_lengths[row] for row in rows]
-        rows = torch.tensor(rows, device=self.lengths.device)
-        self.lengths = self.lengths[rows]
-        used = max(self.host_lengths, default=0) + 1
-        self.keys = [k[rows, :, :used] for k in self.keys]
-        self.values = [v[rows, :, :used] for v in self.values]
-
-    def extend(self, other: KVCache) -> None:
-        """Append the rows of `other` after ours."""
-        capacity = max(self.keys[0].shape[2], other.keys[0].shape[2])
-        self._resize(capacity)
-        other._resize(capacity)
-        self.keys = [torch.cat([a, b]) for a, b in zip(self.keys, other.keys, strict=True)]
-        self.values = [torch.cat([a, b]) for a, b in zip(self.values, other.values, strict=True)]
-        self.lengths = torch.cat([self.lengths, other.lengths])
-        self.host_lengths = self.host_lengths + other.host_lengths
-
-
 @torch.no_grad()
-def prefill(base: BaseModel, prompts: list, device: torch.device) -> tuple[torch.Tensor, KVCache]:
-    """Run the prompts (right-padded) through the model: last-token logits (rows, vocab) and the cache."""
-    batch = collate(prompts, base.tokenizer.pad_token_id)
-    host_lengths = batch.attention_mask.sum(dim=1).tolist()
-    batch = batch.to(device)
-    inputs = batch.model_inputs()
+def prefill(base: BaseModel, prompts: list, device: torch.device):
+    """Run the prompts (right-padded) through the model: last-token logits (rows, vocab) in fp32,
+    and per layer the keys and values (rows, kv_heads, padded length, head_dim)."""
+    batch = collate(prompts, base.tokenizer.pad_token_id).to(device)
     lengths = batch.attention_mask.sum(dim=1)
-    output = base.model.model(**inputs, past_key_values=DynamicCache(), use_cache=True)
+    output = base.model.model(**batch.model_inputs(), past_key_values=DynamicCache(), use_cache=True)
     last = output.last_hidden_state[torch.arange(len(prompts), device=device), lengths - 1]
     logits = base.model.get_output_embeddings()(last).float()
     layers = output.past_key_values.layers
-    cache = KVCache([layer.keys for layer in layers], [layer.values for layer in layers], lengths, host_lengths)
-    return logits, cache
+    return logits, [layer.keys for layer in layers], [layer.values for layer in layers]
 
 
-class FusedProjections:
-    """Projections that read the same input (q/k/v; gate/up), with every adapter they carry, as
-    one matmul for base and LoRA-down together plus one for LoRA-up:
+class ProjectionGroup:
+    """Projections that read the same input (q/k/v; o; gate/up; down), with every adapter of the
+    fleet, in few operations at fixed addresses:
 
-        z = x @ [W_1; ...; W_m; A_1; ...; A_m].T      base outputs and every slot's rank features
-        y = z[:, :out] + bias + (z[:, out:] * mask) @ blockdiag(B_1, ..., B_m)
+        z = x @ [W_1; ...; W_m; A].T + [bias; 0]      every base output and every adapter feature
+        y_j = z_j + where(own, z_A,j, 0) @ B_j        B_j: (capacity · rank, out_j), scaling folded in
 
-    where A_j, B_j are module j's slot-stacked adapters (`lora_delta_stacked`'s layout, re-padded
-    to the group's common slot count and rank) and mask keeps each row's own slot. On a small
-    model a decode step is launch-bound: this turns 15 operations for q/k/v into 5. Modules are
-    looked up on every call (loading an adapter at run time wraps them) and the fused weights are
-    rebuilt whenever a module changes or an adapter is loaded or unloaded (the routing's slot
-    version): as in the engine, adapter weights are not modified in place while serving. The LoRA
-    products run in the base's dtype (as vLLM's do). Only plain Linear bases fuse; other groups
-    (quantized bases) run module by module."""
+    A holds, per projection, every fleet slot's A (slot s in block s-1, zero past its rank); `own`
+    (rows, capacity · rank) keeps each row's own slot's features. With `fuse_weights` the base
+    weights move into the same buffer as A (the modules keep working: their weights become views of
+    it, nothing is duplicated), so the base matmuls and the shrink are one matmul; otherwise (a
+    quantized base, or a model the caller keeps using elsewhere) the bases run as they are.
+    Buffers are sized for `capacity` slots of the largest rank seen and rewritten in place when
+    adapters change, so captured graphs stay valid; they grow (and `version` changes, so graphs
+    are captured again) only when a slot or rank beyond them arrives."""
 
-    def __init__(self, parent: nn.Module, names: list[str]) -> None:
-        self.parent, self.names = parent, names
-        self._weights: tuple | None = None  # (key, tensors the key refers to, fused weights...)
-        self._mask: tuple | None = None
+    def __init__(self, parent: nn.Module, names: tuple[str, ...], dtype, device, fuse_weights: bool) -> None:
+        self.parent, self.names, self.dtype, self.device = parent, names, dtype, device
+        bases = self.bases()
+        self.fused = fuse_weights and all(type(b) is nn.Linear and b.weight.dtype == dtype for b in bases)
+        self.splits = [b.out_features for b in bases]
+        self.base_rows = sum(self.splits) if self.fused else 0
+        self.weight: torch.Tensor | None = None  # [W_1; ...; W_m; A] (fused) or A alone
+        self.bias: torch.Tensor | None = None  # [bias; 0] (fused, when any base has a bias)
+        self.b: list[torch.Tensor] = []
+        self.capacity = self.rank = 0
+        self.version = 0
+        if self.fused:
+            self._allocate(rank=0, capacity=0)
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        modules = [getattr(self.parent, name) for name in self.names]
-        routing = next((m.routing for m in modules if isinstance(m, MultiLoRALinear)), None)
-        key = (tuple(map(id, modules)), routing.slots_version if routing is not None else -1)
-        if self._weights is None or self._weights[0] != key:
-            self._weights = (key, modules, self._prepare(modules))  # `modules` keeps the ids valid
-        prepared = self._weights[2]
-        if prepared is None:
-            return [module(x) for module in modules]
-        weight, bias, b_blockdiag, slots, rank, splits = prepared
-        if b_blockdiag is None:
-            return list(F.linear(x, weight, bias).split(splits, dim=-1))
-        z = F.linear(x, weight)
-        out = sum(splits)
-        base = z[..., :out] if bias is None else z[..., :out] + bias
-        mask = self._feature_mask(routing, slots, rank, x.dtype, x.device, len(modules))
-        y = base + (z[..., out:] * mask) @ b_blockdiag
-        return list(y.split(splits, dim=-1))
+    def modules(self) -> list[nn.Module]:
+        return [getattr(self.parent, name) for name in self.names]
 
-    def _prepare(self, modules: list[nn.Module]) -> tuple | None:
-        bases = [m.base_layer if isinstance(m, MultiLoRALinear) else m for m in modules]
-        if not all(type(b) is nn.Linear for b in bases):
-            return None
-        stacks = [
-            m.stacked_weights() if isinstance(m, MultiLoRALinear) and m.adapter_weights() else None for m in modules
-        ]
-        return self._build(stacks, bases)
+    def bases(self) -> list[nn.Module]:
+        return [m.base_layer if isinstance(m, MultiLoRALinear) else m for m in self.modules()]
 
-    @staticmethod
-    def _build(stacks: list, bases: list[nn.Linear]) -> tuple:
-        splits = [b.out_features for b in bases]
-        weights = [b.weight for b in bases]
-        bias = None
-        if any(b.bias is not None for b in bases):
-            bias = torch.cat([b.bias if b.bias is not None else b.weight.new_zeros(b.out_features) for b in bases])
-        present = [stack for stack in stacks if stack is not None]
-        if not present:
-            return torch.cat(weights), bias, None, 0, 0, splits
-        rank = max(r for _, _, r in present)
-        slots = max(a.shape[0] // r for a, _, r in present)
-        a_all = weights[0].new_zeros(len(bases) * slots * rank, weights[0].shape[1])
-        b_blockdiag = weights[0].new_zeros(len(bases) * slots * rank, sum(splits))
-        column = 0
-        for index, stack in enumerate(stacks):
-            if stack is not None:
-                a_cat, b_cat, r = stack
-                for slot in range(a_cat.shape[0] // r):
-                    row = (index * slots + slot) * rank
-                    a_all[row : row + r] = a_cat[slot * r : (slot + 1) * r]
-                    b_blockdiag[row : row + r, column : column + splits[index]] = b_cat[slot * r : (slot + 1) * r]
-            column += splits[index]
-        return torch.cat([*weights, a_all]), bias, b_blockdiag, slots, rank, splits
+    @property
+    def features(self) -> int:
+        return self.capacity * self.rank
 
-    def _feature_mask(self, routing, slots: int, rank: int, dtype, device, groups: int) -> torch.Tensor:
-        row_slots = routing.row_slots(device)  # first: it may bump row_slots_version
-        key = (routing.row_slots_version, slots, rank, dtype)
-        if self._mask is None or self._mask[0] != key:
-            mask = slot_feature_mask(row_slots, slots, rank, dtype).repeat(1, groups)
-            self._mask = (key, mask[:, None, :])
-        return self._mask[1]
+    def refresh(self, slots: dict[str, int], slot_capacity: int) -> None:
+        """Make the buffers hold the fleet's adapters as they are now."""
+        weights = [m.adapter_weights() if isinstance(m, MultiLoRALinear) else {} for m in self.modules()]
+        rank = max((w.lora_A.out_features for table in weights for w in table.values()), default=0)
+        if rank > self.rank or (rank and slot_capacity > self.capacity):
+            self._allocate(max(rank, self.rank), max(slot_capacity, self.capacity))
+        if not self.features:
+            return
+        with torch.no_grad():
+            adapters = self.weight[self.base_rows :]
+            adapters.zero_()
+            for b in self.b:
+                b.zero_()
+            for index, table in enumerate(weights):
+                for name, w in table.items():
+                    start = (slots[name] - 1) * self.rank
+                    rank_here = w.lora_A.out_features
+                    row = index * self.features + start
+                    adapters[row : row + rank_here] = w.lora_A.weight
+                    self.b[index][start : start + rank_here] = w.lora_B.weight.T * w.scaling
+
+    def _allocate(self, rank: int, capacity: int) -> None:
+        bases = self.bases()
+        in_features, groups = bases[0].in_features, len(bases)
+        zeros = lambda *shape: torch.zeros(*shape, dtype=self.dtype, device=self.device)  # noqa: E731
+        weight = zeros(self.base_rows + groups * capacity * rank, in_features)
+        if self.fused:  # the base weights move into the new buffer; the modules see views of it
+            bias = None
+            if any(b.bias is not None for b in bases):
+                bias = zeros(weight.shape[0])
+            with torch.no_grad():
+                row = 0
+                for base in bases:
+                    weight[row : row + base.out_features] = base.weight
+                    base.weight = nn.Parameter(weight[row : row + base.out_features], requires_grad=False)
+                    if base.bias is not None:
+                        bias[row : row + base.out_features] = base.bias
+                        base.bias = nn.Parameter(bias[row : row + base.out_features], requires_grad=False)
+                    row += base.out_features
+            self.bias = bias
+        self.weight = weight
+        self.rank, self.capacity = rank, capacity
+        self.b = [zeros(capacity * rank, out) for out in self.splits]
+        self.version += 1
+
+    def __call__(self, x: torch.Tensor, owners: RowOwners) -> list[torch.Tensor]:
+        if self.fused:
+            z = F.linear(x, self.weight, self.bias)
+            outputs = list(z[..., : self.base_rows].split(self.splits, dim=-1))
+            low = z[..., self.base_rows :]
+        else:
+            outputs = [base(x) for base in self.bases()]
+            low = F.linear(x.to(self.dtype), self.weight) if self.features else None
+        if not self.features:
+            return outputs
+        own = owners.mask(self.capacity, self.rank)  # (rows, 1, features)
+        low = low.unflatten(-1, (len(self.splits), self.features))
+        # where, not a multiply: an overflow in another adapter's features must not reach this row
+        low = torch.where(own[..., None, :], low, 0)
+        pairs = zip(outputs, self.b, strict=True)
+        return [out + (low[..., j, :] @ b).to(out.dtype) for j, (out, b) in enumerate(pairs)]
 
 
-class Decoder:
-    """One decode step for every row: the model's modules, our cache, no transformers forward."""
+class RowOwners:
+    """Which stacked adapter features belong to each row, for one step: (rows, 1, capacity·rank)
+    masks, made once per step for each stack layout and shared by every layer."""
 
-    def __init__(self, base: BaseModel) -> None:
+    def __init__(self, row_slots: torch.Tensor) -> None:
+        self.row_slots, self._masks = row_slots, {}
+
+    def mask(self, capacity: int, rank: int) -> torch.Tensor:
+        if (capacity, rank) not in self._masks:
+            owner = torch.arange(capacity * rank, device=self.row_slots.device) // rank + 1
+            self._masks[capacity, rank] = (owner[None, :] == self.row_slots[:, None])[:, None, :]
+        return self._masks[capacity, rank]
+
+
+class StaticDecoder:
+    """One decode step for a bucket of rows, every shape fixed by (rows, span)."""
+
+    def __init__(self, base: BaseModel, cache: SlotKVCache, fuse_weights: bool = True) -> None:
         check_supported(base)
         lm = base.language_model
+        self.base, self.cache = base, cache
         self.embed, self.layers, self.norm, self.rotary = lm.embed_tokens, lm.layers, lm.norm, lm.rotary_emb
         self.lm_head = base.model.get_output_embeddings()
-        self.qkv = [FusedProjections(layer.self_attn, ["q_proj", "k_proj", "v_proj"]) for layer in self.layers]
-        self.gate_up = [FusedProjections(layer.mlp, ["gate_proj", "up_proj"]) for layer in self.layers]
-        # single projections too: one matmul fewer than the generic adapter layer, and cached masks
-        self.o = [FusedProjections(layer.self_attn, ["o_proj"]) for layer in self.layers]
-        self.down = [FusedProjections(layer.mlp, ["down_proj"]) for layer in self.layers]
+        dtype, device = self.embed.weight.dtype, self.embed.weight.device
+        self.stacks = [
+            [ProjectionGroup(getattr(layer, part), names, dtype, device, fuse_weights) for part, names in GROUPS]
+            for layer in self.layers
+        ]
+        self._slots_version: int | None = None
+        self._version = 0
+
+    def refresh_adapters(self, slots: dict[str, int], slots_version: int | None = None) -> int:
+        """Bring every stack up to date with the fleet when its adapters changed (`slots_version`,
+        the routing's: bumped by every load and unload; adapter weights are not edited in place
+        while serving); returns a version that changes whenever buffers were reallocated
+        (captured graphs then refer to stale memory)."""
+        if slots_version is None or slots_version != self._slots_version:
+            capacity = _capacity_for(max(slots.values(), default=0))
+            for layer in self.stacks:
+                for stack in layer:
+                    stack.refresh(slots, capacity)
+            self._slots_version = slots_version
+            self._version = sum(stack.version for layer in self.stacks for stack in layer)
+        return self._version
 
     @torch.no_grad()
-    def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Feed tokens (rows,) at positions cache.lengths; returns logits (rows, vocab) in fp32."""
+    def step(self, inputs: dict[str, torch.Tensor], span: int, mode: str) -> torch.Tensor:
+        """inputs: tokens, slots, positions, adapters, seeds (rows,) int64; temperature, top_p
+        (rows,) float32; `mode` as `device_sampling.sample_rows` takes it. Returns (2, rows)
+        int64: next token, and 1 where the row's logits were all finite."""
+        tokens, slots, positions = inputs["tokens"], inputs["slots"], inputs["positions"]
         rows = tokens.shape[0]
-        positions = cache.lengths
-        span = max(cache.host_lengths) + 1  # the longest row after this token
-        cache.ensure_capacity(span)
         hidden = self.embed(tokens)[:, None]  # (rows, 1, hidden)
         cos, sin = self.rotary(hidden, positions[:, None])
-        row_index = torch.arange(rows, device=tokens.device)
         visible = (torch.arange(span, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+        owners = RowOwners(inputs["adapters"])
         for index, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            x = _rms_norm(layer.input_layernorm, hidden)
-            q, k, v = self.qkv[index](x)
+            attn, (qkv, o, gate_up, down) = layer.self_attn, self.stacks[index]
+            q, k, v = qkv(_rms_norm(layer.input_layernorm, hidden), owners)
             q = q.reshape(rows, -1, attn.head_dim)
             k = k.reshape(rows, -1, attn.head_dim)
             if hasattr(attn, "q_norm"):  # Qwen3 normalises each head before the rotation
                 q, k = attn.q_norm(q), attn.k_norm(k)
             heads = q.shape[1]
             q, k = _rotate(torch.cat([q, k], dim=1), cos, sin).split([heads, k.shape[1]], dim=1)
-            v = v.reshape(rows, -1, attn.head_dim)
-            cache.keys[index][row_index, :, positions] = k
-            cache.values[index][row_index, :, positions] = v
+            keys, values = self.cache.keys[index], self.cache.values[index]
+            keys[slots, :, positions] = k
+            values[slots, :, positions] = v.reshape(rows, -1, attn.head_dim)
             out = F.scaled_dot_product_attention(
                 q[:, :, None],
-                cache.keys[index][:, :, :span],
-                cache.values[index][:, :, :span],
+                keys[:, :, :span].index_select(0, slots),  # each row's own slot
+                values[:, :, :span].index_select(0, slots),
                 attn_mask=visible,
                 scale=attn.scaling,
                 enable_gqa=True,
             )
-            hidden = hidden + self.o[index](out.reshape(rows, 1, -1))[0]
-            gate, up = self.gate_up[index](_rms_norm(layer.post_attention_layernorm, hidden))
-            hidden = hidden + self.down[index](layer.mlp.act_fn(gate) * up)[0]
-        cache.lengths = positions + 1
-        cache.host_lengths = [length + 1 for length in cache.host_lengths]
-        return self.lm_head(_rms_norm(self.norm, hidden))[:, 0].float()
+            (attended,) = o(out.reshape(rows, 1, -1), owners)
+            hidden = hidden + attended
+            gate, up = gate_up(_rms_norm(layer.post_attention_layernorm, hidden), owners)
+            (mlp,) = down(layer.mlp.act_fn(gate) * up, owners)
+            hidden = hidden + mlp
+        logits = self.lm_head(_rms_norm(self.norm, hidden))[:, 0].float()
+        ids = sample_rows(logits, inputs["temperature"], inputs["top_p"], inputs["seeds"], positions, mode)
+        return torch.stack([ids, finite_rows(logits).long()])
+
+
+class GraphDecoder:
+    """Runs `StaticDecoder.step` for any set of rows: padded up to a bucket of rows, the span a
+    power of two; on CUDA each (rows, span, sampling mode) bucket is captured once as a CUDA graph
+    and replayed with its inputs copied into place, elsewhere the step runs eagerly. Adapter
+    slots, positions and lengths are graph inputs: loading an adapter or a changing batch never
+    captures again within a bucket (only a reallocation of the adapter stacks does)."""
+
+    ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+    def __init__(
+        self, base: BaseModel, cache: SlotKVCache, graphs: bool | None = None, fuse_weights: bool = True
+    ) -> None:
+        self.decoder = StaticDecoder(base, cache, fuse_weights)
+        self.cache, self.device = cache, base.device
+        self.graphs = self.device.type == "cuda" if graphs is None else graphs
+        self._captured: dict[tuple, tuple] = {}  # bucket -> (graph, packed inputs, output)
+        self._pool = None
+        self._version = -1
+
+    def bucket_rows(self, rows: int) -> int:
+        return next((b for b in self.ROW_BUCKETS if b >= rows), rows)
+
+    def step(
+        self, host: dict[str, list], adapter_slots: dict[str, int], slots_version: int | None = None
+    ) -> tuple[list[int], list[bool]]:
+        """host: per row tokens, slots, positions, adapters (fleet slot, 0 for the base), seeds,
+        temperature, top_p. Returns each row's next token and whether its logits were finite."""
+        version = self.decoder.refresh_adapters(adapter_slots, slots_version)
+        if version != self._version:  # adapter buffers moved: every captured graph is stale
+            self._captured.clear()
+            self._version = version
+        rows = len(host["tokens"])
+        bucket = self.bucket_rows(rows)
+        span = self.cache.span(host["slots"])
+        mode = sampling_mode(host["temperature"], host["top_p"])
+        packed = _pack(host, bucket, self.cache.scratch)
+        if not self.graphs:
+            out = self.decoder.step(_unpack(*(t.to(self.device) for t in packed)), span, mode)
+        else:
+            out = self._replay((bucket, span, mode), packed)
+        ids, finite = out.tolist()  # the step's one host transfer
+        return ids[:rows], [bool(f) for f in finite[:rows]]
+
+    def _replay(self, key: tuple, packed: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        if key not in self._captured:
+            self._captured[key] = self._capture(key, tuple(t.to(self.device) for t in packed))
+        graph, static, output = self._captured[key]
+        for target, value in zip(static, packed, strict=True):
+            target.copy_(value, non_blocking=True)
+        graph.replay()
+        return output
+
+    def _capture(self, key: tuple, static: tuple[torch.Tensor, torch.Tensor]) -> tuple:
+        _, span, mode = key
+        inputs = _unpack(*static)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up kernels and workspaces off the capture
+            for _ in range(2):
+                self.decoder.step(inputs, span, mode)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool):
+            output = self.decoder.step(inputs, span, mode)
+        return graph, static, output
+
+
+INTEGER_INPUTS = ("tokens", "slots", "positions", "adapters", "seeds")
+FLOAT_INPUTS = ("temperature", "top_p")
+# A bucket's padding rows: the scratch slot at position 0, no adapter, greedy.
+FILLER = {"tokens": 0, "positions": 0, "adapters": 0, "seeds": 0, "temperature": 0.0, "top_p": 1.0}
+
+
+def _pack(host: dict[str, list], bucket: int, scratch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's inputs as two host tensors (one copy each to the device), padded to the bucket."""
+    extra = bucket - len(host["tokens"])
+    pad = lambda name: list(host[name]) + [scratch if name == "slots" else FILLER[name]] * extra  # noqa: E731
+    integers = torch.tensor([pad(name) for name in INTEGER_INPUTS], dtype=torch.long)
+    floats = torch.tensor([pad(name) for name in FLOAT_INPUTS], dtype=torch.float32)
+    return integers, floats
+
+
+def _unpack(integers: torch.Tensor, floats: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {name: integers[i] for i, name in enumerate(INTEGER_INPUTS)} | {
+        name: floats[i] for i, name in enumerate(FLOAT_INPUTS)
+    }
+
+
+def _capacity_for(slots: int) -> int:
+    """Adapter slots the stacks hold: the next power of two (at least 4), so that loading adapters
+    one by one reallocates (and captures graphs again) only a few times."""
+    capacity = 4
+    while capacity < slots:
+        capacity *= 2
+    return capacity
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

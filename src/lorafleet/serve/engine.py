@@ -1,14 +1,16 @@
 """The in-process generation engine: continuous batching over one base and many adapters.
 
-One background thread owns the model. Each iteration it (1) prefills newly arrived requests as one
-left-padded batch and merges their KV cache into the running batch, then (2) decodes one token for
-every running sequence in a single forward pass, each row with its own adapter (rows are kept
-sorted by adapter so that every adapter is one contiguous segment), and (3) retires finished rows.
-A request therefore joins the batch at the next token, not when the current batch ends.
+One background thread owns the model. Each iteration it (1) admits newly arrived requests: each
+takes a slot of the static KV cache (`serve/kv_cache.py`), their prompts are prefilled as one
+right-padded batch (a bounded number of prompt tokens per iteration, so that a burst of arrivals
+never stalls the running streams for long) and their keys/values copied into their slots; then
+(2) decodes one token for every running row in one step of `serve/decode.py` (a CUDA graph on a
+GPU), each row with its own adapter and its own sampling, the next tokens chosen on the device;
+and (3) retires finished rows, whose slots are free at once. A request therefore joins the batch
+at the next token, not when the current batch ends.
 
-Prefill runs through transformers (images included); decode steps run the lean forward of
-`serve/decode.py` over a KV cache without padding. Merging and retiring rows are row selections
-of that cache.
+A row whose logits are not finite, or whose prompt does not fit, ends with an error alone; the
+other rows go on.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from lorafleet.adapters.fleet import LoRAFleet
 from lorafleet.data.encode import Example
 from lorafleet.models.loading import BaseModel
 from lorafleet.segments import Segment
-from lorafleet.serve.decode import Decoder, KVCache, prefill
-from lorafleet.serve.sampling import SamplingParams, sample_next_token
+from lorafleet.serve.decode import GraphDecoder, prefill
+from lorafleet.serve.device_sampling import finite_rows, sample_rows, sampling_mode
+from lorafleet.serve.kv_cache import SlotKVCache
+from lorafleet.serve.sampling import SamplingParams
 from lorafleet.serve.text import IncrementalText
 
 
@@ -91,15 +95,34 @@ class _Row:
 
     request: _Request
     text: IncrementalText
-    generator: torch.Generator | None
+    seed: int  # of its sampling (32 bits)
+    slot: int  # its KV-cache slot
     position: int  # position id of the next token
     generated: list[int] = field(default_factory=list)
     next_token: int = -1  # sampled, accounted, not yet fed to the model
     finish: str | None = None
 
 
+# Prompt tokens prefilled per iteration (at least one request's): between two prefill batches the
+# running streams decode a token, so arrivals delay them by one bounded prefill at a time.
+PREFILL_TOKENS = 8192
+
+
 class Engine:
-    def __init__(self, base: BaseModel, fleet: LoRAFleet, max_batch: int = 32) -> None:
+    def __init__(
+        self,
+        base: BaseModel,
+        fleet: LoRAFleet,
+        max_batch: int = 32,
+        max_seq_len: int = 4096,
+        graphs: bool | None = None,
+        fuse_weights: bool = True,
+    ) -> None:
+        """`max_seq_len`: tokens per request (prompt and reply) the KV cache holds, for every one of
+        `max_batch` slots. `graphs`: capture the decode step as CUDA graphs (default: on CUDA).
+        `fuse_weights`: let the decode step move each projection group's base weights into one
+        buffer with the adapters (the model keeps working, on views of it); turn off when the
+        model is used for anything that needs its own parameter storage afterwards (saving)."""
         self.base = base
         self.fleet = fleet
         self.max_batch = max_batch
@@ -108,15 +131,16 @@ class Engine:
         self._waiting_lock = threading.Lock()
         self._wake = threading.Event()
         self._rows: list[_Row] = []
-        self._segments_for: tuple[tuple, list[Segment]] = ((), [])
-        self._cache: KVCache | None = None
-        self.decoder = Decoder(base)
+        text_config = base.model.config.get_text_config()
+        # A row ends at the model's context or the cache's capacity, whichever comes first.
+        self.max_positions = min(text_config.max_position_embeddings, max_seq_len)
+        self.cache = SlotKVCache.for_model(base.language_model, max_batch, self.max_positions, base.dtype, base.device)
+        self.decoder = GraphDecoder(base, self.cache, graphs, fuse_weights)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lorafleet-engine", daemon=True)
         generation_config = base.model.generation_config
         eos = generation_config.eos_token_id
         self.eos_ids = {base.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
-        self.max_positions = base.model.config.get_text_config().max_position_embeddings
 
     # --- public interface (any thread) ----------------------------------------------------
 
@@ -180,56 +204,109 @@ class Engine:
 
     def _admit(self) -> None:
         with self._waiting_lock:
-            room = self.max_batch - len(self._rows)
-            arriving, self._waiting = self._waiting[:room], self._waiting[room:]
+            arriving, budget = [], PREFILL_TOKENS
+            while self._waiting and len(arriving) < self.cache.free_slots:
+                cost = self._waiting[0].prompt.num_tokens
+                if arriving and cost > budget:
+                    break
+                arriving.append(self._waiting.pop(0))
+                budget -= cost
         arriving = [r for r in arriving if not r.stream.cancelled]
-        unloaded = [r for r in arriving if r.adapter is not None and r.adapter not in self.fleet.shapes]
-        for request in unloaded:  # unloaded between the gateway's check and now
-            request.stream.put(Event("", "error", error=f"adapter {request.adapter!r} is no longer loaded"))
-        arriving = [r for r in arriving if r not in unloaded]
+        refused = {}
+        for request in arriving:
+            if request.adapter is not None and request.adapter not in self.fleet.shapes:
+                refused[id(request)] = f"adapter {request.adapter!r} is no longer loaded"  # unloaded meanwhile
+            elif request.prompt.num_tokens >= self.max_positions:
+                refused[id(request)] = (
+                    f"the prompt has {request.prompt.num_tokens} tokens; this server holds at most "
+                    f"{self.max_positions} per request (prompt and reply)"
+                )
+        for request in arriving:
+            if id(request) in refused:
+                request.stream.put(Event("", "error", error=refused[id(request)]))
+        arriving = [r for r in arriving if id(r) not in refused]
         if not arriving:
             return
-        arriving.sort(key=lambda r: r.adapter or "")
+        arriving.sort(key=lambda r: r.adapter or "")  # one routing segment per adapter for prefill
         try:
-            rows, cache, logits = self._prefill(arriving)
-            self._sample(rows, logits)
-        except Exception as err:  # a prompt that breaks prefill fails its own batch, not the running rows
+            self._start(arriving)
+        except Exception:  # one of them breaks prefill: find it, never fail the others with it
             for request in arriving:
-                request.stream.put(Event("", "error", error=f"{type(err).__name__}: {err}"))
-            return
-        self._merge(rows, cache)
+                try:
+                    self._start([request])
+                except Exception as err:
+                    request.stream.put(Event("", "error", error=f"{type(err).__name__}: {err}"))
         self._retire()
 
-    def _prefill(self, requests: list[_Request]) -> tuple[list[_Row], KVCache, torch.Tensor]:
+    def _start(self, requests: list[_Request]) -> None:
+        """Prefill `requests` into free slots and choose their first tokens (all start, or none)."""
+        slots = [self.cache.take() for _ in requests]
+        try:
+            rows, logits = self._prefill(requests, slots)
+            host = self._sampling_inputs(rows)
+            device = logits.device
+            ids = sample_rows(
+                logits,
+                torch.tensor(host["temperature"], device=device),
+                torch.tensor(host["top_p"], device=device),
+                torch.tensor(host["seeds"], device=device),
+                torch.tensor([row.position - 1 for row in rows], device=device),  # the last prompt token
+                sampling_mode(host["temperature"], host["top_p"]),
+            )
+            tokens, finite = torch.stack([ids, finite_rows(logits).long()]).tolist()
+        except Exception:
+            for slot in slots:
+                self.cache.release(slot)
+            raise
+        self._rows += rows
+        self._take_tokens(rows, tokens, finite)
+
+    def _prefill(self, requests: list[_Request], slots: list[int]) -> tuple[list[_Row], torch.Tensor]:
         prompts = [r.prompt for r in requests]
         with self.fleet.route(_segments([r.adapter for r in requests])):
-            logits, cache = prefill(self.base, prompts, self.base.device)
+            logits, keys, values = prefill(self.base, prompts, self.base.device)
+        lengths = [p.num_tokens for p in prompts]
+        self.cache.write_prompts(slots, keys, values, lengths)
         rows = [
-            _Row(r, IncrementalText(self.base.tokenizer, r.params.stop), _generator(r.params), p.num_tokens)
-            for r, p in zip(requests, prompts, strict=True)
+            _Row(r, IncrementalText(self.base.tokenizer, r.params.stop), _seed(r.params), slot, length)
+            for r, slot, length in zip(requests, slots, lengths, strict=True)
         ]
-        return rows, cache, logits
+        return rows, logits
 
     def _decode_step(self) -> None:
-        tokens = torch.tensor([row.next_token for row in self._rows], device=self.base.device)
-        key = tuple(row.request.adapter for row in self._rows)
-        if self._segments_for[0] != key:  # the batch's composition changed: rows joined or left
-            self._segments_for = (key, _segments(list(key)))
-        with self.fleet.route(self._segments_for[1]):
-            logits = self.decoder.step(tokens, self._cache)
+        slots = self.fleet.routing.slots
+        host = self._sampling_inputs(self._rows)
+        host |= {
+            "tokens": [row.next_token for row in self._rows],
+            "slots": [row.slot for row in self._rows],
+            "positions": [row.position for row in self._rows],
+            "adapters": [slots.get(row.request.adapter, 0) for row in self._rows],
+        }
+        tokens, finite = self.decoder.step(host, slots, self.fleet.routing.slots_version)
+        self.cache.advance(host["slots"])
         for row in self._rows:
             row.position += 1
-        self._sample(self._rows, logits)
+        self._take_tokens(self._rows, tokens, finite)
         self._retire()
 
-    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Choose each row's next token, stream its text, and decide whether the row is done."""
-        greedy = logits.argmax(dim=-1).tolist()  # one call for the whole batch; most rows decode greedily
-        for index, (row, best) in enumerate(zip(rows, greedy, strict=True)):
-            if row.generator is None:
-                row.next_token = best
-            else:
-                row.next_token = sample_next_token(logits[index], row.request.params, row.generator)
+    @staticmethod
+    def _sampling_inputs(rows: list[_Row]) -> dict[str, list]:
+        return {
+            "temperature": [float(row.request.params.temperature) for row in rows],
+            "top_p": [float(row.request.params.top_p) for row in rows],
+            "seeds": [row.seed for row in rows],
+        }
+
+    def _take_tokens(self, rows: list[_Row], tokens: list[int], finite: list[bool]) -> None:
+        """Each row's next token: stream its text and decide whether the row is done."""
+        for row, token, ok in zip(rows, tokens, finite, strict=True):
+            if not ok:
+                row.finish = "error"
+                row.request.stream.put(
+                    Event("", "error", error="the model produced non-finite logits for this request")
+                )
+                continue
+            row.next_token = token
             row.finish = self._account(row)
 
     def _account(self, row: _Row) -> str | None:
@@ -249,35 +326,22 @@ class Engine:
         return finish
 
     def _retire(self) -> None:
-        keep = [i for i, row in enumerate(self._rows) if row.finish is None and not row.request.stream.cancelled]
-        if len(keep) < len(self._rows):
-            self._select(keep)
-
-    # --- batch bookkeeping ----------------------------------------------------------------
-
-    def _merge(self, rows: list[_Row], cache: KVCache) -> None:
-        if not self._rows:
-            self._rows, self._cache = rows, cache
-        else:
-            self._rows = self._rows + rows
-            self._cache.extend(cache)
-        order = sorted(range(len(self._rows)), key=lambda i: self._rows[i].request.adapter or "")
-        if order != list(range(len(self._rows))):
-            self._select(order)
-
-    def _select(self, indices: list[int]) -> None:
-        self._rows = [self._rows[i] for i in indices]
-        if not self._rows:
-            self._cache = None
-            return
-        self._cache.select(indices)
+        kept = []
+        for row in self._rows:
+            if row.finish is None and not row.request.stream.cancelled:
+                kept.append(row)
+            else:
+                self.cache.release(row.slot)
+        self._rows = kept
 
     def _fail_all(self, message: str) -> None:
         failed = [row.request for row in self._rows]
+        for row in self._rows:
+            self.cache.release(row.slot)
         with self._waiting_lock:
             failed += self._waiting
             self._waiting = []
-        self._rows, self._cache = [], None
+        self._rows = []
         for request in failed:
             request.stream.put(Event("", "error", error=message))
 
@@ -293,8 +357,7 @@ def _segments(adapters: list[str | None]) -> list[Segment]:
     return segments
 
 
-def _generator(params: SamplingParams) -> torch.Generator | None:
-    if params.temperature == 0:
-        return None
-    seed = params.seed if params.seed is not None else time.time_ns() % 2**63
-    return torch.Generator().manual_seed(seed)
+def _seed(params: SamplingParams) -> int:
+    """The row's sampling seed, 32 bits (a request without one gets a fresh one)."""
+    seed = params.seed if params.seed is not None else time.time_ns()
+    return seed % 2**32

@@ -35,10 +35,12 @@ DEFAULT_MAX_TOKENS = 256
 
 
 class LocalBackend:
-    def __init__(self, base: BaseModel, image_policy: ImagePolicy, max_image_pixels: int, max_batch: int) -> None:
+    def __init__(
+        self, base: BaseModel, image_policy: ImagePolicy, max_image_pixels: int, max_batch: int, max_seq_len: int = 4096
+    ) -> None:
         self.base = base
         self.fleet = LoRAFleet(base.model, base.language_prefix)
-        self.engine = Engine(base, self.fleet, max_batch=max_batch)
+        self.engine = Engine(base, self.fleet, max_batch=max_batch, max_seq_len=max_seq_len)
         self.image_policy = image_policy
         self.max_image_pixels = max_image_pixels
 
@@ -127,8 +129,8 @@ class LocalBackend:
         if room < 1 or max_tokens > room:
             raise APIError(
                 400,
-                f"the prompt has {prompt.num_tokens} tokens; with max_tokens {max_tokens} it "
-                f"exceeds the model's context of {limit}",
+                f"the prompt has {prompt.num_tokens} tokens; with max_tokens {max_tokens} it exceeds "
+                f"this server's {limit} tokens per request (the model's context, or --max-seq-len)",
                 "context_length_exceeded",
                 "messages",
             )

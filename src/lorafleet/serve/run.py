@@ -36,6 +36,7 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         image_policy=policy,
         log_content=args.log_content,
         max_batch=args.max_batch,
+        max_seq_len=args.max_seq_len,
     )
 
 

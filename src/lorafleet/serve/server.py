@@ -34,6 +34,7 @@ class ServeOptions:
     image_policy: ImagePolicy = field(default_factory=ImagePolicy)
     log_content: bool = False
     max_batch: int = 32
+    max_seq_len: int = 4096  # tokens per request (prompt and reply): the KV cache's capacity per row
     max_image_pixels: int = 4096 * 4096
     device: str | None = None
     dtype: torch.dtype | None = None
@@ -85,6 +86,7 @@ class FleetServer:
             options.image_policy,
             options.max_image_pixels,
             options.max_batch,
+            options.max_seq_len,
         )
         for name, path in fleet_adapters(options.fleet_dir).items():
             backend.load_adapter(name, path)

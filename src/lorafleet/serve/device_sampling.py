@@ -1,0 +1,87 @@
+"""Choosing every row's next token on the device, in one batched pass with static shapes.
+
+The semantics are `sampling.sample_next_token`'s: greedy at temperature 0, else a draw from
+softmax(logits / T) restricted to the smallest set of tokens whose probability reaches top_p. The
+draw is a Gumbel-max over counter-based uniforms: u = hash(seed, position, token), so a row's
+reply depends only on its own seed, prompt and adapter — not on the rows decoded beside it, nor on
+the order the engine happens to run them in — and no host random generator (nor any
+synchronisation) is involved. A captured CUDA graph can hold the whole of it.
+
+Temperatures below `MIN_TEMPERATURE` decode greedily: logits / 1e-38 overflow to inf and the
+softmax to NaN, and at 1e-4 the distribution is already a point mass in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MIN_TEMPERATURE = 1e-4
+_MASK32 = 0xFFFFFFFF
+
+
+MODES = ("greedy", "sample", "nucleus")
+
+
+def sampling_mode(temperature: list[float], top_p: list[float]) -> str:
+    """The least work that serves these rows: all greedy; sampling without top-p; or top-p too."""
+    warm = [p for t, p in zip(temperature, top_p, strict=True) if t >= MIN_TEMPERATURE]
+    if not warm:
+        return "greedy"
+    return "nucleus" if any(p < 1.0 for p in warm) else "sample"
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    seeds: torch.Tensor,
+    positions: torch.Tensor,
+    mode: str = "nucleus",
+) -> torch.Tensor:
+    """(rows,) next tokens for logits (rows, vocab) in fp32; temperature and top_p (rows,) float,
+    seeds and positions (rows,) int64 (seed below 2**32). `mode` (from `sampling_mode`) skips the
+    work no row needs: "greedy" (every row cold), "sample" (no row with top_p < 1)."""
+    greedy = logits.argmax(dim=-1)
+    if mode == "greedy":
+        return greedy
+    nucleus = mode == "nucleus"
+    cold = temperature < MIN_TEMPERATURE
+    scaled = logits / torch.where(cold, 1.0, temperature)[:, None]
+    if nucleus:
+        probs = torch.softmax(scaled, dim=-1)
+        sorted_probs, _ = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
+        kept = before < top_p[:, None]
+        smallest = torch.where(kept, sorted_probs, torch.inf).amin(dim=-1, keepdim=True)
+        scaled = scaled.masked_fill(probs < smallest, -torch.inf)
+    drawn = (scaled + _gumbel(seeds, positions, logits.shape[-1], logits.device)).argmax(dim=-1)
+    return torch.where(cold, greedy, drawn)
+
+
+def finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """(rows,) bool: the row's logits are all finite (a row that is not retires with an error)."""
+    return torch.isfinite(logits).all(dim=-1)
+
+
+def _gumbel(seeds: torch.Tensor, positions: torch.Tensor, vocab: int, device: torch.device) -> torch.Tensor:
+    token = torch.arange(vocab, device=device)
+    x = _mix(seeds[:, None] & _MASK32)
+    x = _mix(x ^ (positions[:, None] & _MASK32))
+    x = _mix(x ^ token[None, :])
+    uniform = ((x >> 8).to(torch.float32) + 0.5) / float(1 << 24)  # in (0, 1), 24 random bits
+    return -torch.log(-torch.log(uniform))
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finaliser, in int64 arithmetic that never overflows."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """(x * constant) mod 2**32 for 32-bit x: in 16-bit halves, so no product passes 2**48."""
+    low, high = x & 0xFFFF, x >> 16
+    return (low * constant + ((high * (constant & 0xFFFF)) << 16)) & _MASK32
