@@ -32,7 +32,7 @@ from lorafleet.data.batch import collate
 from lorafleet.data.dataset import load_examples
 from lorafleet.data.stream import ExampleStream
 from lorafleet.models.attention import TRAINING_BACKENDS, training_attention
-from lorafleet.models.loading import BaseModel
+from lorafleet.models.loading import FrozenBase
 from lorafleet.models.tiny import build_tokenizer
 from lorafleet.train.trainer import FleetTrainer
 
@@ -82,13 +82,13 @@ PRESETS = {
 WORDS = "the invoice total contract policy team report shape colour red blue green one two three".split()
 
 
-def build_base(preset: str, device: torch.device, dtype: torch.dtype) -> BaseModel:
+def build_base(preset: str, device: torch.device, dtype: torch.dtype) -> FrozenBase:
     tokenizer = build_tokenizer()
     config = Qwen2Config(**PRESETS[preset], max_position_embeddings=8192, tie_word_embeddings=False)
     with torch.device(device):
         model = Qwen2ForCausalLM(config).to(dtype)
     model.requires_grad_(False).eval()
-    return BaseModel(model, tokenizer, None, Path(preset), language_prefix="")
+    return FrozenBase(model, tokenizer, None, Path(preset), language_prefix="")
 
 
 def write_data(directory: Path, name: str, rows: int, seq_len: int, seed: int, min_len: int | None = None) -> Path:
@@ -178,7 +178,7 @@ class KernelWatch:
             self.profiler = None
 
 
-def run_fleet(args, base: BaseModel, specs: list[AdapterSpec], output: Path) -> dict:
+def run_fleet(args, base: FrozenBase, specs: list[AdapterSpec], output: Path) -> dict:
     """lorafleet: every adapter in each fleet step; timed after `warmup` steps."""
     marks: list[tuple[float, int]] = []  # (time, tokens so far) after each fleet step
     watch = KernelWatch(base.device)
@@ -226,7 +226,7 @@ def run_fleet(args, base: BaseModel, specs: list[AdapterSpec], output: Path) -> 
 PREDICTED_PARTS = ("weights", "adapter_state", "activations", "loss", "margin")
 
 
-def run_peft_sequential(args, base: BaseModel, specs: list[AdapterSpec]) -> dict:
+def run_peft_sequential(args, base: FrozenBase, specs: list[AdapterSpec]) -> dict:
     """peft: one adapter after another, each a plain training loop; timed after `warmup` steps each.
     It gets the same SDPA backends as lorafleet (flash, memory-efficient, math; not cuDNN)."""
     seconds, tokens = 0.0, 0

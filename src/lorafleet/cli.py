@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_demo(args: argparse.Namespace) -> int:
     from lorafleet.demo.run import run_demo
 
-    rows = run_demo(args.out, train_size=args.train_size, steps=args.steps, progress=not args.no_progress)
+    rows = run_demo(args.out, train_size=args.train_size, steps=args.steps, progress=not args.no_progress, log=print)
     return 0 if all(row.adapter_accuracy > row.base_accuracy for row in rows) else 1
 
 
@@ -210,9 +210,24 @@ def _run_plan(args: argparse.Namespace) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    from lorafleet.serve.images import ImagePolicy
     from lorafleet.serve.run import serve
+    from lorafleet.serve.server import ServeOptions
+    from lorafleet.serve.tenants import load_tenants
 
-    serve(args)
+    options = ServeOptions(
+        fleet_dir=args.fleet,
+        base_dir=args.base,
+        tenants=load_tenants(args.keys) if args.keys else None,
+        image_policy=ImagePolicy(allowed_dirs=list(args.allow_image_dir), allowed_hosts=list(args.allow_image_host)),
+        log_content=args.log_content,
+        max_batch=args.max_batch,
+        max_seq_len=args.max_seq_len,
+        engine=args.engine,
+        upstream_url=args.upstream,
+        vllm_port=args.vllm_port,
+    )
+    serve(options, args.host, args.port, log=lambda message: print(message, file=sys.stderr))
     return 0
 
 
@@ -222,6 +237,7 @@ def _run_compress(args: argparse.Namespace) -> int:
     from lorafleet.compress.distil import DistilOptions
     from lorafleet.compress.prune import PruneRequest
     from lorafleet.compress.run import CompressOptions, compress
+    from lorafleet.serve.engine import decode_speed
 
     request = PruneRequest(mlp=args.prune_mlp, heads=args.prune_heads, layers=args.prune_layers)
     distillation = DistilOptions(
@@ -243,7 +259,9 @@ def _run_compress(args: argparse.Namespace) -> int:
             dtype=getattr(torch, args.dtype) if args.dtype else None,
             eval_data=args.eval,
             gptq=not args.rtn,
-        )
+        ),
+        log=print,
+        decode_speed=decode_speed,
     )
     return 0
 

@@ -9,12 +9,12 @@ import torch
 from lorafleet.adapters.fleet import LoRAFleet
 from lorafleet.data.encode import Example, encode_prompt
 from lorafleet.data.records import ChatRecord
-from lorafleet.models.loading import BaseModel
+from lorafleet.models.loading import FrozenBase
 
 
 @torch.no_grad()
 def generate_replies(
-    base: BaseModel,
+    base: FrozenBase,
     fleet: LoRAFleet,
     adapter: str | None,
     records: Sequence[ChatRecord],

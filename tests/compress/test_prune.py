@@ -16,6 +16,7 @@ from lorafleet.data.batch import collate
 from lorafleet.data.dataset import load_examples
 from lorafleet.errors import ConfigError
 from lorafleet.models.loading import load_base
+from lorafleet.serve.engine import decode_speed
 from lorafleet.train.trainer import train_fleet
 from tests.conftest import write_image_dataset
 
@@ -40,7 +41,8 @@ def test_pruning_nothing_is_an_identity(tiny_vlm_dir, calib, tmp_path):
 
 def test_pruned_model_reloads_with_a_config_that_matches_its_weights(tiny_vlm_dir, calib, tmp_path):
     request = PruneRequest(mlp=0.5, heads=0.5, layers=1)
-    report = compress(CompressOptions(tiny_vlm_dir, tmp_path / "small", calib=calib, prune=request), log=lambda _: None)
+    options = CompressOptions(tiny_vlm_dir, tmp_path / "small", calib=calib, prune=request)
+    report = compress(options, decode_speed=decode_speed)
     config = json.loads((tmp_path / "small" / "config.json").read_text())["text_config"]
     assert (config["num_hidden_layers"], config["intermediate_size"]) == (1, 64)
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (2, 1, 16)

@@ -11,13 +11,14 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 from lorafleet.compress.gptq import gptq_linear
 from lorafleet.compress.prune import PruneRequest
-from lorafleet.compress.quantize import SCHEMES, QuantizedLinear, quantize_language_model
+from lorafleet.compress.quantize import quantize_language_model
 from lorafleet.compress.run import CompressOptions, compress
 from lorafleet.config import AdapterSpec, FleetSpec
 from lorafleet.data.batch import collate
 from lorafleet.data.dataset import load_examples
 from lorafleet.errors import ConfigError
 from lorafleet.models.loading import load_base
+from lorafleet.models.quantized import SCHEMES, QuantizedLinear
 from lorafleet.train.trainer import train_fleet
 from tests.conftest import write_image_dataset, write_text_dataset
 

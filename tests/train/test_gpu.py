@@ -22,13 +22,13 @@ def qwen2_on_cuda(tmp_path, **dims):
     """A random-weight Qwen2 in bf16 on the GPU, wrapped as a base (nothing downloaded)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from lorafleet.models.loading import BaseModel
+    from lorafleet.models.loading import FrozenBase
     from lorafleet.models.tiny import build_tokenizer
 
     config = Qwen2Config(tie_word_embeddings=False, **dims)
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config).to("cuda", torch.bfloat16).requires_grad_(False).eval()
-    return BaseModel(model, build_tokenizer(), None, tmp_path, language_prefix="")
+    return FrozenBase(model, build_tokenizer(), None, tmp_path, language_prefix="")
 
 
 SMALL = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from lorafleet.adapters.layer import MultiLoRALinear, Routing
-from lorafleet.compress.quantize import QuantizedLinear
 from lorafleet.errors import AdapterError
+from lorafleet.models.quantized import QuantizedLinear
 from lorafleet.segments import Segment
 
 

@@ -9,7 +9,6 @@ student's weights, the optimizer, the step and the RNG, so a killed run resumes 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,8 @@ from tqdm.auto import tqdm
 from lorafleet.data.batch import Batch, collate
 from lorafleet.data.encode import Example
 from lorafleet.data.stream import ExampleStream
-from lorafleet.models.loading import BaseModel
+from lorafleet.models.loading import FrozenBase
+from lorafleet.state import load_state, restore_rng_state, rng_state, save_state
 
 
 @dataclass
@@ -53,7 +53,9 @@ def text_positions(batch: Batch, image_token_id: int | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def held_out_kl(student: BaseModel, teacher: BaseModel, examples: Sequence[Example], temperature: float = 1.0) -> float:
+def held_out_kl(
+    student: FrozenBase, teacher: FrozenBase, examples: Sequence[Example], temperature: float = 1.0
+) -> float:
     """Mean per-position KL(teacher ∥ student) over `examples`."""
     total, count = 0.0, 0
     image_token = _image_token_id(student)
@@ -71,8 +73,8 @@ def held_out_kl(student: BaseModel, teacher: BaseModel, examples: Sequence[Examp
 
 
 def distil(
-    student: BaseModel,
-    teacher: BaseModel,
+    student: FrozenBase,
+    teacher: FrozenBase,
     examples: Sequence[Example],
     options: DistilOptions,
     on_step: Callable[[int], None] | None = None,
@@ -121,28 +123,26 @@ def distil(
     return losses
 
 
-def _image_token_id(model: BaseModel) -> int | None:
+def _image_token_id(model: FrozenBase) -> int | None:
     return model.tokenizer.convert_tokens_to_ids(model.image_token) if model.is_multimodal else None
 
 
-def _save(path: Path, student: BaseModel, optimizer, stream: ExampleStream, step: int, losses: list[float]) -> None:
+def _save(path: Path, student: FrozenBase, optimizer, stream: ExampleStream, step: int, losses: list[float]) -> None:
     state = {
         "weights": {k: v.detach().cpu() for k, v in student.language_model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "position": stream.position,
         "step": step,
         "losses": losses,
-        "rng": torch.get_rng_state(),
+        "rng": rng_state(),
     }
-    partial = path.with_suffix(".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
+    save_state(state, path)
 
 
-def _restore(path: Path, student: BaseModel, optimizer, stream: ExampleStream) -> tuple[int, list[float]]:
-    state = torch.load(path, map_location="cpu", weights_only=False)
+def _restore(path: Path, student: FrozenBase, optimizer, stream: ExampleStream) -> tuple[int, list[float]]:
+    state = load_state(path)
     student.language_model.load_state_dict(state["weights"])
     optimizer.load_state_dict(state["optimizer"])
     stream.position = state["position"]
-    torch.set_rng_state(state["rng"])
+    restore_rng_state(state["rng"])
     return state["step"], state["losses"]

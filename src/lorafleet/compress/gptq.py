@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from lorafleet.data.batch import collate
 from lorafleet.data.encode import Example
 from lorafleet.errors import ConfigError
-from lorafleet.models.loading import BaseModel
+from lorafleet.models.loading import FrozenBase
 
 DAMPING = 0.01  # of the mean diagonal, added to H so that its Cholesky factor exists
 BLOCK = 128  # columns updated together (lazy batch updates)
@@ -30,7 +30,7 @@ class _Caught(Exception):
 
 @torch.no_grad()
 def gptq_language_model(
-    base: BaseModel,
+    base: FrozenBase,
     scheme,
     examples: Sequence[Example],
     scale_dtype: torch.dtype,
@@ -65,7 +65,7 @@ def gptq_language_model(
     return names
 
 
-def _first_layer_inputs(base: BaseModel, examples: Sequence[Example], batch_size: int):
+def _first_layer_inputs(base: FrozenBase, examples: Sequence[Example], batch_size: int):
     caught, masks = [], []
 
     def catch(_, args, kwargs):
@@ -171,7 +171,7 @@ def gptq_quantize(
 
 def gptq_linear(linear: nn.Linear, hessian: torch.Tensor, scheme, group: int | None, scale_dtype: torch.dtype):
     """A QuantizedLinear holding GPTQ's values for `linear` (int schemes only)."""
-    from lorafleet.compress.quantize import QuantizedLinear
+    from lorafleet.models.quantized import QuantizedLinear
 
     quantized = QuantizedLinear(
         linear.in_features, linear.out_features, linear.bias is not None, scheme, group, linear.weight.device

@@ -24,7 +24,7 @@ from torch import nn
 from lorafleet.data.batch import collate
 from lorafleet.data.encode import Example
 from lorafleet.errors import ConfigError
-from lorafleet.models.loading import BaseModel
+from lorafleet.models.loading import FrozenBase
 
 MARLIN_MULTIPLE = 128  # vLLM's quantized kernels need widths divisible by this
 
@@ -74,7 +74,7 @@ class PrunePlan:
 
 
 @torch.no_grad()
-def measure_importance(base: BaseModel, examples: Sequence[Example], batch_size: int = 4) -> Importance:
+def measure_importance(base: FrozenBase, examples: Sequence[Example], batch_size: int = 4) -> Importance:
     """Run calibration examples and collect activation-based importance for neurons, groups, layers."""
     lm = base.language_model
     config = lm.config
@@ -151,7 +151,7 @@ def plan_pruning(config, importance: Importance, request: PruneRequest) -> Prune
 
 
 @torch.no_grad()
-def apply_plan(base: BaseModel, plan: PrunePlan) -> None:
+def apply_plan(base: FrozenBase, plan: PrunePlan) -> None:
     """Slice the language model in place and rewrite its config to match."""
     lm = base.language_model
     config = lm.config

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,20 +19,15 @@ from lorafleet.adapters.fleet import LoRAFleet
 from lorafleet.compress.distil import DistilOptions, distil, held_out_kl
 from lorafleet.compress.gptq import gptq_language_model
 from lorafleet.compress.prune import PruneRequest, apply_plan, measure_importance, plan_pruning
-from lorafleet.compress.quantize import (
-    QuantizedLinear,
-    quantize_language_model,
-    round_unquantized,
-    save_quantized,
-    scheme_named,
-)
+from lorafleet.compress.quantize import quantize_language_model, round_unquantized, save_quantized
 from lorafleet.data.batch import collate
 from lorafleet.data.dataset import load_examples
 from lorafleet.data.encode import Example
 from lorafleet.data.records import ChatRecord, read_records
 from lorafleet.errors import ConfigError
 from lorafleet.evaluate import exact_match_accuracy, generate_replies, reference_answers
-from lorafleet.models.loading import BaseModel, load_base
+from lorafleet.models.loading import FrozenBase, load_base
+from lorafleet.models.quantized import QuantizedLinear, scheme_named
 
 
 @dataclass
@@ -55,7 +50,18 @@ class CompressOptions:
     eval_limit: int = 64
 
 
-def compress(options: CompressOptions, log=print) -> dict:
+def _quiet(message: str) -> None:
+    pass
+
+
+def compress(
+    options: CompressOptions,
+    log: Callable[[str], None] = _quiet,
+    decode_speed: Callable[[FrozenBase, list[Example]], float] | None = None,
+) -> dict:
+    """Prune, distil, quantize (as `options` asks) and report every stage. `log` receives progress
+    lines; `decode_speed(model, prompts)`, when given, measures each stage's tokens/s (the CLI
+    passes the serving engine's: compression itself does not depend on serving)."""
     request = options.prune or PruneRequest()
     base = load_base(options.base, device="cpu", dtype=torch.float32)
     request.validate(base.language_model.config)
@@ -68,7 +74,7 @@ def compress(options: CompressOptions, log=print) -> dict:
     held_out = read_records(options.eval_data)[0][: options.eval_limit] if options.eval_data else None
     scheme = scheme_named(options.quantize) if options.quantize else None
     store_dtype = options.dtype or (torch.bfloat16 if scheme else None)
-    stage = functools.partial(_stage, examples=examples, held_out=held_out)
+    stage = functools.partial(_stage, examples=examples, held_out=held_out, decode_speed=decode_speed)
     before = stage(base, directory=options.base)
     plan = plan_pruning(base.language_model.config, measure_importance(base, examples), request)
     log("pruning plan:\n" + plan.describe())
@@ -132,9 +138,10 @@ def format_report(report: dict) -> str:
         size = f"{stage['bytes']:,}" if stage["bytes"] is not None else "-"
         kl = f"{stage['kl_to_teacher']:.4f}" if stage.get("kl_to_teacher") is not None else "-"
         accuracy = f"{stage['accuracy']:.1%}" if stage.get("accuracy") is not None else "-"
+        speed = f"{stage['tokens_per_s']:.0f}" if stage.get("tokens_per_s") is not None else "-"
         lines.append(
             f"{name:<10} {stage['parameters']:>12,} {size:>12} {stage['calib_loss']:>10.4f} {kl:>14}"
-            f" {accuracy:>8} {stage['tokens_per_s']:>9.0f}"
+            f" {accuracy:>8} {speed:>9}"
         )
     first, last = report["stages"]["original"], report["stages"][list(report["stages"])[-1]]
     if first["bytes"] and last["bytes"]:
@@ -143,11 +150,12 @@ def format_report(report: dict) -> str:
 
 
 def _stage(
-    base: BaseModel,
+    base: FrozenBase,
     examples: list[Example],
     held_out: list[ChatRecord] | None,
     directory: Path | None = None,
-    teacher: BaseModel | None = None,
+    teacher: FrozenBase | None = None,
+    decode_speed: Callable[[FrozenBase, list[Example]], float] | None = None,
 ) -> dict:
     accuracy = None
     if held_out:
@@ -159,25 +167,8 @@ def _stage(
         "calib_loss": _mean_loss(base, examples),
         "kl_to_teacher": held_out_kl(base, teacher, examples) if teacher is not None else None,
         "accuracy": accuracy,
-        "tokens_per_s": _engine_speed(base, examples),
+        "tokens_per_s": decode_speed(base, examples) if decode_speed is not None else None,
     }
-
-
-def _engine_speed(base: BaseModel, examples: list[Example], streams: int = 16, tokens: int = 16) -> float:
-    """Decode throughput of lorafleet's engine on this model: `streams` prompts, `tokens` each."""
-    from lorafleet.serve.engine import Engine
-    from lorafleet.serve.sampling import SamplingParams
-
-    engine = Engine(base, LoRAFleet(base.model), max_batch=streams, fuse_weights=False)  # the model is saved later
-    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-    prompts = [examples[i % len(examples)] for i in range(streams)]
-    engine.submit(prompts[0], None, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
-    engine.run_until_idle()  # warm-up
-    started = time.perf_counter()
-    replies = [engine.submit(prompt, None, params) for prompt in prompts]
-    engine.run_until_idle()
-    seconds = time.perf_counter() - started
-    return sum(list(reply)[-1].completion_tokens for reply in replies) / seconds
 
 
 def _weights_count(model: torch.nn.Module) -> int:
@@ -191,7 +182,7 @@ def _bytes(directory: Path) -> int | None:
     return sum(f.stat().st_size for f in files) if files else None
 
 
-def _teacher(options: CompressOptions) -> BaseModel:
+def _teacher(options: CompressOptions) -> FrozenBase:
     teacher = load_base(options.base, device="cpu", dtype=torch.float32)
     if options.adapter is not None:
         _merge_adapter(teacher, options.adapter)
@@ -199,7 +190,7 @@ def _teacher(options: CompressOptions) -> BaseModel:
 
 
 @torch.no_grad()
-def _mean_loss(base: BaseModel, examples: list[Example], batch_size: int = 8) -> float:
+def _mean_loss(base: FrozenBase, examples: list[Example], batch_size: int = 8) -> float:
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size], base.tokenizer.pad_token_id)
@@ -209,13 +200,13 @@ def _mean_loss(base: BaseModel, examples: list[Example], batch_size: int = 8) ->
     return total / max(count, 1)
 
 
-def _merge_adapter(base: BaseModel, adapter: Path) -> None:
+def _merge_adapter(base: FrozenBase, adapter: Path) -> None:
     from peft import PeftModel
 
     base.model = PeftModel.from_pretrained(base.model, adapter).merge_and_unload()
 
 
-def _save(base: BaseModel, out: Path, quantized: bool, store_dtype: torch.dtype | None) -> None:
+def _save(base: FrozenBase, out: Path, quantized: bool, store_dtype: torch.dtype | None) -> None:
     from transformers import AutoProcessor
 
     out.mkdir(parents=True, exist_ok=True)

@@ -7,12 +7,12 @@ from pathlib import Path
 from lorafleet.data.encode import Example, encode_record
 from lorafleet.data.records import read_records
 from lorafleet.errors import DataError
-from lorafleet.models.loading import BaseModel
+from lorafleet.models.loading import FrozenBase
 
 
 def load_examples(
     path: str | Path,
-    base: BaseModel,
+    base: FrozenBase,
     max_tiles: int | None = None,
     max_seq_len: int = 4096,
     skip_bad: bool = False,

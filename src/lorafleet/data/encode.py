@@ -15,7 +15,7 @@ import torch
 
 from lorafleet.data.records import IMAGE_PLACEHOLDER, ChatRecord
 from lorafleet.errors import DataError
-from lorafleet.models.loading import BaseModel
+from lorafleet.models.loading import FrozenBase
 
 IGNORE_INDEX = -100
 
@@ -33,7 +33,7 @@ class Example:
 
 
 def encode_record(
-    record: ChatRecord, base: BaseModel, max_tiles: int | None = None, max_seq_len: int = 4096
+    record: ChatRecord, base: FrozenBase, max_tiles: int | None = None, max_seq_len: int = 4096
 ) -> Example:
     """Tokens, labels (assistant turns only) and image tiles of a whole conversation."""
     messages, pixel_values = expand_images(record, base, max_tiles)
@@ -48,7 +48,7 @@ def encode_record(
     return Example(torch.tensor(input_ids), torch.tensor(labels), pixel_values, record.source)
 
 
-def encode_prompt(record: ChatRecord, base: BaseModel, max_tiles: int | None = None) -> Example:
+def encode_prompt(record: ChatRecord, base: FrozenBase, max_tiles: int | None = None) -> Example:
     """The conversation up to the start of the next assistant reply, for generation."""
     messages, pixel_values = expand_images(record, base, max_tiles)
     ids = base.tokenizer(render(base.tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)
@@ -56,7 +56,9 @@ def encode_prompt(record: ChatRecord, base: BaseModel, max_tiles: int | None = N
     return Example(input_ids, torch.full_like(input_ids, IGNORE_INDEX), pixel_values, record.source)
 
 
-def expand_images(record: ChatRecord, base: BaseModel, max_tiles: int | None) -> tuple[list[dict], torch.Tensor | None]:
+def expand_images(
+    record: ChatRecord, base: FrozenBase, max_tiles: int | None
+) -> tuple[list[dict], torch.Tensor | None]:
     """Chat-template messages with each `<image>` expanded to its image tokens, and the tiles."""
     messages = [{"role": m.role, "content": m.text} for m in record.messages]
     if not record.images:
@@ -71,7 +73,7 @@ def expand_images(record: ChatRecord, base: BaseModel, max_tiles: int | None) ->
     return messages, pixel_values
 
 
-def tile_images(record: ChatRecord, base: BaseModel, max_tiles: int | None) -> tuple[torch.Tensor, list[int]]:
+def tile_images(record: ChatRecord, base: FrozenBase, max_tiles: int | None) -> tuple[torch.Tensor, list[int]]:
     kwargs = {"crop_to_patches": True}
     if max_tiles is not None:
         kwargs["max_patches"] = max_tiles
@@ -79,7 +81,7 @@ def tile_images(record: ChatRecord, base: BaseModel, max_tiles: int | None) -> t
     return processed["pixel_values"].to(base.dtype), [int(n) for n in processed["num_patches"]]
 
 
-def image_token_block(base: BaseModel, tiles: int) -> str:
+def image_token_block(base: FrozenBase, tiles: int) -> str:
     tokenizer = base.tokenizer
     return tokenizer.start_image_token + base.image_token * (base.image_seq_length * tiles) + tokenizer.end_image_token
 

@@ -9,6 +9,7 @@ and later stages read): base/, data/, fleet.yaml, adapters/<name>/, metrics.json
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +57,12 @@ def write_fleet_yaml(out: Path, steps: int) -> Path:
 
 
 def run_demo(
-    out: str | Path, train_size: int = 1024, test_size: int = 60, steps: int = 1000, progress: bool = True, log=print
+    out: str | Path,
+    train_size: int = 1024,
+    test_size: int = 60,
+    steps: int = 1000,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda message: None,
 ) -> list[DemoRow]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lorafleet.errors import ModelLoadError
+from lorafleet.models import hf_compat
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a model is a local directory, never a hub id
 
@@ -23,7 +24,7 @@ INTERNVL_ARCHITECTURE = "InternVLForConditionalGeneration"
 
 
 @dataclass
-class BaseModel:
+class FrozenBase:
     """A frozen base with what is needed to feed it: tokenizer and, for a VLM, the image processor."""
 
     model: nn.Module
@@ -43,8 +44,7 @@ class BaseModel:
     @property
     def language_model(self) -> nn.Module:
         """The decoder stack (embeddings, layers, norm, rotary) below any vision parts."""
-        inner = self.model.model
-        return getattr(inner, "language_model", inner)
+        return hf_compat.language_model(self.model)
 
     @property
     def device(self) -> torch.device:
@@ -88,7 +88,7 @@ def load_base(
     weights: bool = True,
     quantize: str | None = None,
     attention: str | None = None,
-) -> BaseModel:
+) -> FrozenBase:
     """Load the model at `path`, frozen, with its tokenizer (and image processor for a VLM).
     `weights=False` builds the model on the meta device instead: shapes and data handling without
     reading or allocating any weight (for planning). `quantize="nf4"` loads the language model's
@@ -118,7 +118,7 @@ def load_base(
     if INTERNVL_ARCHITECTURE in architectures:
         model = _from_pretrained(AutoModelForImageTextToText, path, config, kwargs)
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-        base = BaseModel(
+        base = FrozenBase(
             model=model,
             tokenizer=processor.tokenizer,
             image_processor=processor.image_processor,
@@ -133,7 +133,7 @@ def load_base(
         except ValueError as err:
             raise ModelLoadError(f"{path}: transformers cannot build {architectures}: {err}") from err
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        base = BaseModel(model, tokenizer, None, path, language_prefix="")
+        base = FrozenBase(model, tokenizer, None, path, language_prefix="")
     else:
         raise ModelLoadError(
             f"{path}: architecture {architectures or '(none)'} is not supported; lorafleet loads "
@@ -170,7 +170,7 @@ def _from_pretrained(auto_class, path: Path, config: dict, kwargs: dict) -> nn.M
     --quantize`): its weights stay quantized in memory and compressed-tensors is not needed."""
     from transformers import AutoConfig
 
-    from lorafleet.compress.quantize import is_quantized_checkpoint, load_quantized
+    from lorafleet.models.quantized import is_quantized_checkpoint, load_quantized
 
     load_weights = kwargs.pop("weights")
     if load_weights and not is_quantized_checkpoint(config):

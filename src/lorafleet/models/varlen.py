@@ -28,6 +28,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from lorafleet.models.hf_compat import register_attention, sdpa_attention
+
 NAME = "lorafleet_varlen"
 _bounds: tuple[weakref.ref, list[int] | None] | None = None  # the last position ids seen and their sequence starts
 
@@ -39,9 +41,7 @@ def register() -> str:
     the (total length)² block-diagonal one of a packed row, nor the packed-sequence detection that
     reads the position ids back from the device. This is a training kernel: rows are packed, or
     right-padded under plain causal attention (exact for every real token)."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(NAME, varlen_attention)
+    register_attention(NAME, varlen_attention)
     return NAME
 
 
@@ -56,8 +56,6 @@ def sequence_offsets(lengths: list[int], device: torch.device) -> dict:
 def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' attention-function signature: query/key/value (batch, heads, tokens, head_dim)
     in, (batch, tokens, heads, head_dim) out."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     tokens = query.shape[2]
     self_attention = tokens == key.shape[2] and getattr(module, "is_causal", True)
     if self_attention and query.shape[0] == 1:
@@ -75,7 +73,7 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
                     return out, None
             bounds = offsets.tolist() if torch.is_tensor(offsets) else offsets
             return _per_sequence(query, key, value, scaling, dropout, bounds)
-    return sdpa_attention_forward(
+    return sdpa_attention(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
     )
 

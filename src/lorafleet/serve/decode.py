@@ -28,12 +28,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache
 
 from lorafleet.adapters.layer import MultiLoRALinear
 from lorafleet.data.batch import collate
 from lorafleet.errors import ModelLoadError
-from lorafleet.models.loading import BaseModel
+from lorafleet.models.hf_compat import prefill_with_cache
+from lorafleet.models.loading import FrozenBase
 from lorafleet.serve.device_sampling import finite_rows, sample_rows, sampling_mode
 from lorafleet.serve.kv_cache import SlotKVCache
 
@@ -42,7 +42,7 @@ GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj"
           ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))  # fmt: skip
 
 
-def check_supported(base: BaseModel) -> None:
+def check_supported(base: FrozenBase) -> None:
     lm = base.language_model
     kinds = {type(layer).__name__ for layer in lm.layers}
     unsupported = kinds - set(SUPPORTED_LAYERS)
@@ -56,16 +56,15 @@ def check_supported(base: BaseModel) -> None:
 
 
 @torch.no_grad()
-def prefill(base: BaseModel, prompts: list, device: torch.device):
+def prefill(base: FrozenBase, prompts: list, device: torch.device):
     """Run the prompts (right-padded) through the model: last-token logits (rows, vocab) in fp32,
     and per layer the keys and values (rows, kv_heads, padded length, head_dim)."""
     batch = collate(prompts, base.tokenizer.pad_token_id).to(device)
     lengths = batch.attention_mask.sum(dim=1)
-    output = base.model.model(**batch.model_inputs(), past_key_values=DynamicCache(), use_cache=True)
-    last = output.last_hidden_state[torch.arange(len(prompts), device=device), lengths - 1]
+    hidden, keys, values = prefill_with_cache(base.model, batch.model_inputs())
+    last = hidden[torch.arange(len(prompts), device=device), lengths - 1]
     logits = base.model.get_output_embeddings()(last).float()
-    layers = output.past_key_values.layers
-    return logits, [layer.keys for layer in layers], [layer.values for layer in layers]
+    return logits, keys, values
 
 
 class ProjectionGroup:
@@ -188,7 +187,7 @@ class RowOwners:
 class StaticDecoder:
     """One decode step for a bucket of rows, every shape fixed by (rows, span)."""
 
-    def __init__(self, base: BaseModel, cache: SlotKVCache, fuse_weights: bool = True) -> None:
+    def __init__(self, base: FrozenBase, cache: SlotKVCache, fuse_weights: bool = True) -> None:
         check_supported(base)
         lm = base.language_model
         self.base, self.cache = base, cache
@@ -267,7 +266,7 @@ class GraphDecoder:
     ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
     def __init__(
-        self, base: BaseModel, cache: SlotKVCache, graphs: bool | None = None, fuse_weights: bool = True
+        self, base: FrozenBase, cache: SlotKVCache, graphs: bool | None = None, fuse_weights: bool = True
     ) -> None:
         self.decoder = StaticDecoder(base, cache, fuse_weights)
         self.cache, self.device = cache, base.device

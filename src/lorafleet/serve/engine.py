@@ -26,7 +26,7 @@ import torch
 
 from lorafleet.adapters.fleet import LoRAFleet
 from lorafleet.data.encode import Example
-from lorafleet.models.loading import BaseModel
+from lorafleet.models.loading import FrozenBase
 from lorafleet.segments import Segment
 from lorafleet.serve.decode import GraphDecoder, prefill
 from lorafleet.serve.device_sampling import finite_rows, sample_rows, sampling_mode
@@ -111,7 +111,7 @@ PREFILL_TOKENS = 8192
 class Engine:
     def __init__(
         self,
-        base: BaseModel,
+        base: FrozenBase,
         fleet: LoRAFleet,
         max_batch: int = 32,
         max_seq_len: int = 4096,
@@ -361,3 +361,18 @@ def _seed(params: SamplingParams) -> int:
     """The row's sampling seed, 32 bits (a request without one gets a fresh one)."""
     seed = params.seed if params.seed is not None else time.time_ns()
     return seed % 2**32
+
+
+def decode_speed(base: FrozenBase, prompts: list[Example], streams: int = 16, tokens: int = 16) -> float:
+    """Greedy decode tokens/s of this engine on `base` (no adapters): `streams` of the prompts at
+    once, `tokens` each, after a warm-up. The model is left as it was (no weight fusion)."""
+    engine = Engine(base, LoRAFleet(base.model), max_batch=streams, fuse_weights=False)
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    batch = [prompts[i % len(prompts)] for i in range(streams)]
+    engine.submit(batch[0], None, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    engine.run_until_idle()
+    started = time.perf_counter()
+    replies = [engine.submit(prompt, None, params) for prompt in batch]
+    engine.run_until_idle()
+    seconds = time.perf_counter() - started
+    return sum(list(reply)[-1].completion_tokens for reply in replies) / seconds

@@ -23,7 +23,7 @@ from lorafleet.adapters.peft_io import load_adapter
 from lorafleet.data.encode import IGNORE_INDEX, Example, encode_prompt
 from lorafleet.data.records import ChatRecord, parse_openai_messages
 from lorafleet.errors import AdapterError, DataError
-from lorafleet.models.loading import BaseModel
+from lorafleet.models.loading import FrozenBase
 from lorafleet.serve.calls import Call
 from lorafleet.serve.engine import Engine, Event, ReplyStream
 from lorafleet.serve.errors import APIError
@@ -36,7 +36,12 @@ DEFAULT_MAX_TOKENS = 256
 
 class LocalBackend:
     def __init__(
-        self, base: BaseModel, image_policy: ImagePolicy, max_image_pixels: int, max_batch: int, max_seq_len: int = 4096
+        self,
+        base: FrozenBase,
+        image_policy: ImagePolicy,
+        max_image_pixels: int,
+        max_batch: int,
+        max_seq_len: int = 4096,
     ) -> None:
         self.base = base
         self.fleet = LoRAFleet(base.model, base.language_prefix)

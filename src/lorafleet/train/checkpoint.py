@@ -7,11 +7,10 @@ adapters, the fleet step and the RNG state, so a resumed run continues exactly.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
-import torch
+from lorafleet.state import load_state, save_state
 
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
 
@@ -23,10 +22,7 @@ def checkpoint_dir(output: str | Path) -> Path:
 def save_checkpoint(output: str | Path, state: dict, keep: int) -> Path:
     directory = checkpoint_dir(output)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"step-{state['fleet_step']:08d}.pt"
-    partial = path.with_suffix(".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)  # a crash mid-write never leaves a truncated checkpoint behind
+    path = save_state(state, directory / f"step-{state['fleet_step']:08d}.pt")
     for old in list_checkpoints(output)[:-keep] if keep > 0 else []:
         old.unlink()
     return path
@@ -45,17 +41,4 @@ def latest_checkpoint(output: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    return load_state(path)

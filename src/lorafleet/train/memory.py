@@ -153,7 +153,7 @@ def estimate(
 
 def model_shape(model: torch.nn.Module) -> ModelShape:
     """The shape of a built model (real or on the meta device); quantized weights count as weights."""
-    from lorafleet.compress.quantize import QuantizedLinear
+    from lorafleet.models.quantized import QuantizedLinear
 
     quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
     parameters = sum(p.numel() for p in model.parameters()) + quantized

@@ -11,7 +11,6 @@ and leave the batch; queued ones join while fewer than `max_concurrent` are acti
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import time
@@ -36,8 +35,10 @@ from lorafleet.data.stream import ExampleStream
 from lorafleet.errors import AdapterError, ConfigError
 from lorafleet.models import varlen
 from lorafleet.models.attention import training_attention
-from lorafleet.models.loading import BaseModel, load_base
+from lorafleet.models.hf_compat import checkpoint_layer, inner_model
+from lorafleet.models.loading import FrozenBase, load_base
 from lorafleet.segments import Segment
+from lorafleet.state import restore_rng_state, rng_state
 from lorafleet.train import checkpoint, memory
 from lorafleet.train.job import AdapterJob
 from lorafleet.train.loss import LabelPositions, chunked_segment_losses, label_positions, segment_losses
@@ -70,7 +71,7 @@ class FleetTrainer:
     def __init__(
         self,
         spec: FleetSpec,
-        base: BaseModel | None = None,
+        base: FrozenBase | None = None,
         progress: bool = True,
         on_step: Callable[[int], None] | None = None,
     ) -> None:
@@ -174,7 +175,7 @@ class FleetTrainer:
         head = self.base.model.get_output_embeddings()
         inputs = batch.causal_inputs() | extra
         if self.spec.chunked_loss and not isinstance(head, MultiLoRALinear):
-            hidden = self.base.model.model(**inputs, use_cache=False).last_hidden_state
+            hidden = inner_model(self.base.model)(**inputs, use_cache=False).last_hidden_state
             return chunked_segment_losses(hidden, head, batch.labels, segments, by_token=packed, where=where)
         logits = self.base.model(**inputs, use_cache=False).logits
         return segment_losses(logits, batch.labels, segments, by_token=packed)
@@ -291,7 +292,7 @@ class FleetTrainer:
             "finished": sorted(self.result.adapters),
             "losses": self.result.losses,
             "active": {job.name: job.state_dict() for job in self.active},
-            "rng": checkpoint.rng_state(),
+            "rng": rng_state(),
         }
         checkpoint.save_checkpoint(self.output, state, self.spec.keep_checkpoints)
 
@@ -325,7 +326,7 @@ class FleetTrainer:
             self.bars[name].update(job.optimizer_step)
         started = set(state["finished"]) | set(state["active"])
         self.pending = deque(a for a in self.spec.adapters if a.name not in started)
-        checkpoint.restore_rng_state(state["rng"])
+        restore_rng_state(state["rng"])
         self._truncate_metrics()
 
     def _truncate_metrics(self) -> None:
@@ -352,7 +353,7 @@ class FleetTrainer:
 
 
 def train_fleet(
-    spec: FleetSpec, resume: bool = False, progress: bool = True, base: BaseModel | None = None
+    spec: FleetSpec, resume: bool = False, progress: bool = True, base: FrozenBase | None = None
 ) -> FleetResult:
     """Train every adapter of `spec` together; adapters land in `<output>/adapters/<name>/`."""
     return FleetTrainer(spec, base=base, progress=progress).run(resume=resume)
@@ -379,9 +380,7 @@ def checkpoint_decoder_layers(language_model: torch.nn.Module) -> None:
     Only the layers are put in training mode, which that hook requires; the frozen base otherwise
     stays in eval mode. LoRA dropout masks are reproduced exactly (the RNG state is preserved)."""
     for layer in language_model.layers:
-        layer.gradient_checkpointing = True
-        layer._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-        layer.training = True
+        checkpoint_layer(layer)
 
 
 def adapter_file_size(directory: str | Path) -> tuple[int, int]:

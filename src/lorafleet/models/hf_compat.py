@@ -1,0 +1,75 @@
+"""Every use of a transformers internal, in one place, each with its own test.
+
+lorafleet builds on transformers' model definitions but reaches past their public API in a few
+places: the decoder without its head, the per-layer gradient-checkpointing hook, the KV cache a
+prefill returns, the attention-function registry, the SDPA attention function, and the weight-name
+conversion of checkpoints. Those change between releases (`past_key_values` became `cache` in
+5.23 and goes away in 5.40), so nothing else imports them: when a release moves one, this module
+and tests/models/test_hf_compat.py are what change. pyproject pins transformers to the releases
+the suite has passed on.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def inner_model(model: nn.Module) -> nn.Module:
+    """The model without its output head: `*ForCausalLM.model`, `InternVLForConditionalGeneration.model`
+    (whose forward returns the last hidden state, images merged)."""
+    return model.model
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The decoder stack (embeddings, layers, norm, rotary) below any vision parts."""
+    inner = inner_model(model)
+    return getattr(inner, "language_model", inner)
+
+
+def checkpoint_layer(layer: nn.Module) -> None:
+    """Recompute `layer` in backward: transformers' `GradientCheckpointingLayer` hook, non-reentrant
+    (which keeps the RNG state, so dropout masks are reproduced). The hook only acts on a layer in
+    training mode, so that one module is put in it."""
+    layer.gradient_checkpointing = True
+    layer._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    layer.training = True
+
+
+def prefill_with_cache(model: nn.Module, inputs: dict) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Run the inner model over `inputs` with a fresh KV cache: the last hidden states, and per
+    layer the keys and values (rows, kv_heads, tokens, head_dim)."""
+    from transformers import DynamicCache
+
+    inner = inner_model(model)
+    keyword = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+    output = inner(**inputs, **{keyword: DynamicCache()}, use_cache=True)
+    cache = getattr(output, "cache", None) or output.past_key_values
+    return output.last_hidden_state, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+
+
+def register_attention(name: str, function: Callable) -> None:
+    """Make `attn_implementation=name` known to transformers (no mask function registered with it:
+    transformers then builds no mask for it)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(name, function)
+
+
+def sdpa_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers' own SDPA attention function (the fallback of a custom attention function)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def revert_weight_conversion(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """State-dict tensors of `model` under the checkpoint's own key names (transformers renames
+    some on load, e.g. InternVL's vision tower)."""
+    from transformers.core_model_loading import revert_weight_conversion as revert
+
+    return revert(model, tensors)
