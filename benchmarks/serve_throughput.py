@@ -31,8 +31,8 @@ from lorafleet.adapters.peft_io import load_adapter, save_adapter
 from lorafleet.config import ALL_PROJECTIONS
 from lorafleet.data.encode import IGNORE_INDEX, Example
 from lorafleet.evaluate import left_padded_inputs
-from lorafleet.serve.engine import Engine
-from lorafleet.serve.sampling import SamplingParams
+from lorafleet.serve.engine.engine import Engine
+from lorafleet.serve.engine.sampling import SamplingParams
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_throughput import PRESETS, build_base, synchronize  # noqa: E402

@@ -18,6 +18,11 @@ if not torch.cuda.is_available():
 
 from lorafleet.models.tiny import build_tiny_internvl, build_tiny_qwen2
 
+if os.environ.get("LORAFLEET_TEST_DETERMINISTIC") == "1":
+    # The suite must pass with deterministic kernels as well as with the defaults (and with any
+    # number of threads): no test may depend on one machine's summation order.
+    torch.use_deterministic_algorithms(True)
+
 
 @pytest.fixture(scope="session")
 def tiny_vlm_dir(tmp_path_factory) -> Path:

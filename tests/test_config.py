@@ -57,7 +57,7 @@ def test_readme_fleet_example_is_a_valid_spec(tmp_path):
 
 
 def test_readme_keys_example_is_a_valid_keys_file(tmp_path):
-    from lorafleet.serve.tenants import load_tenants
+    from lorafleet.serve.gateway.tenants import load_tenants
 
     example = re.search(r"```yaml\n(# keys\.yaml.*?)```", README.read_text(), re.S).group(1)
     (tmp_path / "keys.yaml").write_text(example)

@@ -210,10 +210,10 @@ def _run_plan(args: argparse.Namespace) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from lorafleet.serve.images import ImagePolicy
-    from lorafleet.serve.run import serve
-    from lorafleet.serve.server import ServeOptions
-    from lorafleet.serve.tenants import load_tenants
+    from lorafleet.serve.gateway.images import ImagePolicy
+    from lorafleet.serve.gateway.run import serve
+    from lorafleet.serve.gateway.server import ServeOptions
+    from lorafleet.serve.gateway.tenants import load_tenants
 
     options = ServeOptions(
         fleet_dir=args.fleet,
@@ -237,7 +237,7 @@ def _run_compress(args: argparse.Namespace) -> int:
     from lorafleet.compress.distil import DistilOptions
     from lorafleet.compress.prune import PruneRequest
     from lorafleet.compress.run import CompressOptions, compress
-    from lorafleet.serve.engine import decode_speed
+    from lorafleet.serve.engine.engine import decode_speed
 
     request = PruneRequest(mlp=args.prune_mlp, heads=args.prune_heads, layers=args.prune_layers)
     distillation = DistilOptions(
@@ -270,7 +270,7 @@ def _run_keys(args: argparse.Namespace) -> int:
     import secrets
 
     from lorafleet.errors import ConfigError
-    from lorafleet.serve.tenants import hash_key
+    from lorafleet.serve.gateway.tenants import hash_key
 
     if args.action == "hash" and not args.key:
         raise ConfigError("lorafleet keys hash needs the KEY to hash")

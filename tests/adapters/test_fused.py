@@ -8,9 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafleet.adapters import fused
-from lorafleet.adapters.reference import LoRAWeights, lora_delta_reference
-from lorafleet.segments import Segment
+pytest.importorskip("triton", reason="the fused kernels need Triton (shipped with CUDA builds of PyTorch)")
+
+from lorafleet.adapters import fused  # noqa: E402
+from lorafleet.adapters.reference import LoRAWeights, lora_delta_reference  # noqa: E402
+from lorafleet.segments import Segment  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 from peft import PeftModel
 
@@ -18,6 +19,7 @@ def lorafleet(*args: str, cwd=None) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_demo_trains_adapters_that_beat_the_base(tmp_path):
     out = tmp_path / "demo"
     run = lorafleet("demo", "--out", str(out), "--steps", "300", "--train-size", "256", "--no-progress")
@@ -43,6 +45,7 @@ def test_demo_trains_adapters_that_beat_the_base(tmp_path):
     PeftModel.from_pretrained(load_base(out / "base").model, out / "adapters" / "marketing")
 
 
+@pytest.mark.slow
 def test_train_reports_bad_spec_without_a_traceback(tmp_path):
     (tmp_path / "fleet.yaml").write_text(
         yaml.safe_dump({"base": "m", "output": "o", "adapters": [{"name": "a", "data": "d.jsonl", "lr": 0.1}]})
@@ -52,6 +55,7 @@ def test_train_reports_bad_spec_without_a_traceback(tmp_path):
     assert "unknown field 'lr'" in run.stderr and "Traceback" not in run.stderr
 
 
+@pytest.mark.slow
 def test_train_reports_missing_model_directory(tmp_path):
     (tmp_path / "fleet.yaml").write_text(
         yaml.safe_dump({"base": "no-such-model", "output": "o", "adapters": [{"name": "a", "data": "d.jsonl"}]})
@@ -66,6 +70,7 @@ def test_help_shows_examples():
     assert run.returncode == 0 and "lorafleet train fleet.yaml --resume" in run.stdout
 
 
+@pytest.mark.slow
 def test_serve_command_answers_the_openai_client(tmp_path):
     import time
 
@@ -103,13 +108,14 @@ def test_serve_command_answers_the_openai_client(tmp_path):
     assert "no --keys given" in server.stderr.read()
 
 
+@pytest.mark.slow
 def test_serve_refuses_a_public_address_without_keys(tmp_path):
     run = lorafleet("serve", "--fleet", str(tmp_path), "--host", "0.0.0.0")
     assert run.returncode == 2 and "without --keys" in run.stderr
 
 
 def test_keys_new_prints_a_key_and_its_hash():
-    from lorafleet.serve.tenants import hash_key
+    from lorafleet.serve.gateway.tenants import hash_key
 
     run = lorafleet("keys", "new")
     lines = dict(line.split(":", 1) for line in run.stdout.splitlines())

@@ -15,6 +15,9 @@ from lorafleet.models.loading import load_base
 ACCURACY_MARGIN = 0.10  # at most 10 points of held-out exact match lost
 
 
+pytestmark = pytest.mark.slow  # trains the demo fleet once, then compresses it three ways
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")

@@ -16,7 +16,7 @@ from lorafleet.data.batch import collate
 from lorafleet.data.dataset import load_examples
 from lorafleet.errors import ConfigError
 from lorafleet.models.loading import load_base
-from lorafleet.serve.engine import decode_speed
+from lorafleet.serve.engine.engine import decode_speed
 from lorafleet.train.trainer import train_fleet
 from tests.conftest import write_image_dataset
 
@@ -84,6 +84,7 @@ def test_calibration_data_is_required(tiny_vlm_dir, tmp_path):
         compress(CompressOptions(tiny_vlm_dir, tmp_path / "x", prune=PruneRequest(mlp=0.5)), log=lambda _: None)
 
 
+@pytest.mark.slow
 def test_plan_shows_what_would_go_and_writes_nothing(tiny_vlm_dir, calib, tmp_path):
     run = subprocess.run(
         [

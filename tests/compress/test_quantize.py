@@ -181,7 +181,7 @@ def test_gptq_model_is_closer_to_the_original_than_rounding(tiny_vlm_dir, tmp_pa
 def test_lorafleet_serve_answers_with_a_compressed_model(tiny_vlm_dir, tmp_path):
     from openai import OpenAI
 
-    from lorafleet.serve.server import ServeOptions
+    from lorafleet.serve.gateway.server import ServeOptions
     from tests.serve.conftest import running_server
 
     images = write_image_dataset(tmp_path / "calib.jsonl", n=6, seed=0)
@@ -211,8 +211,8 @@ def test_gptq_survives_degenerate_input_statistics():
 def test_engine_serves_adapters_on_an_int4_base_as_the_model_computes(tiny_lm_dir, data, tmp_path):
     """Quantized bases cannot fuse projections in the decode step; the adapter layers take over."""
     from lorafleet.adapters.fleet import LoRAFleet, LoRAShape, find_target_modules
-    from lorafleet.serve.engine import Engine
-    from lorafleet.serve.sampling import SamplingParams
+    from lorafleet.serve.engine.engine import Engine
+    from lorafleet.serve.engine.sampling import SamplingParams
 
     compress(
         CompressOptions(tiny_lm_dir, tmp_path / "q", calib=data, prune=PruneRequest(), quantize="int4", gptq=False),

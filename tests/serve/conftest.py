@@ -18,9 +18,9 @@ import yaml
 from lorafleet.adapters.fleet import LoRAFleet, LoRAShape, find_target_modules
 from lorafleet.adapters.peft_io import save_adapter
 from lorafleet.models.loading import load_base
-from lorafleet.serve.api import create_app
-from lorafleet.serve.server import FleetServer, ServeOptions
-from lorafleet.serve.tenants import hash_key, load_tenants
+from lorafleet.serve.gateway.api import create_app
+from lorafleet.serve.gateway.server import FleetServer, ServeOptions
+from lorafleet.serve.gateway.tenants import hash_key, load_tenants
 
 ADAPTERS = {"finance": (["q_proj", "v_proj", "down_proj"], 4), "legal": (["o_proj", "up_proj"], 8)}
 KEYS = {"finance-team": "sk-finance", "legal-team": "sk-legal", "ops": "sk-admin", "tight": "sk-tight"}

@@ -14,8 +14,8 @@ from lorafleet.adapters.fleet import LoRAFleet, LoRAShape, find_target_modules
 from lorafleet.data.encode import IGNORE_INDEX, Example
 from lorafleet.models.loading import load_base
 from lorafleet.segments import Segment
-from lorafleet.serve.decode import GraphDecoder, StaticDecoder, prefill
-from lorafleet.serve.kv_cache import SlotKVCache
+from lorafleet.serve.engine.decode import GraphDecoder, StaticDecoder, prefill
+from lorafleet.serve.engine.kv_cache import SlotKVCache
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

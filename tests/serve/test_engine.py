@@ -7,8 +7,8 @@ import torch
 from lorafleet.adapters.fleet import LoRAFleet, LoRAShape, find_target_modules
 from lorafleet.data.encode import IGNORE_INDEX, Example
 from lorafleet.models.loading import load_base
-from lorafleet.serve.engine import Engine
-from lorafleet.serve.sampling import SamplingParams
+from lorafleet.serve.engine.engine import Engine
+from lorafleet.serve.engine.sampling import SamplingParams
 
 
 def prompt(ids: list[int]) -> Example:

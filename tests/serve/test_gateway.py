@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from lorafleet.data.encode import encode_prompt
 from lorafleet.data.records import ChatRecord, Message
 from lorafleet.models.loading import load_base
-from lorafleet.serve.server import ServeOptions
+from lorafleet.serve.gateway.server import ServeOptions
 from tests.serve.conftest import KEYS, running_server
 
 QUESTION = "What is the invoice total?"
@@ -267,6 +267,7 @@ def test_health_ready_metrics_and_request_log(keyed_server, fleet_dir):
     assert all(r[3] > 0 and r[4] is None for r in rows if r[2] == 200)
 
 
+@pytest.mark.slow
 def test_a_burst_of_200_concurrent_requests_gets_no_server_errors(keyed_server):
     url, _ = keyed_server
     models = ["finance", "legal", "base", "finance-typo"]

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from lorafleet.serve.device_sampling import finite_rows, sample_rows
+from lorafleet.serve.engine.device_sampling import finite_rows, sample_rows
 
 
 def draw(logits: torch.Tensor, temperature: float, top_p: float, seeds: range, position: int = 7) -> torch.Tensor:

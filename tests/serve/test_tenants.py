@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from lorafleet.errors import ConfigError
-from lorafleet.serve.tenants import Tenant, hash_key, load_tenants
+from lorafleet.serve.gateway.tenants import Tenant, hash_key, load_tenants
 
 
 def write(tmp_path, tenants) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lorafleet.models.tiny import build_tokenizer
-from lorafleet.serve.text import IncrementalText
+from lorafleet.serve.engine.text import IncrementalText
 
 TEXT = "Grüße aus Köln — 東京 🚀 total: 42 EUR. The contract was signed."
 

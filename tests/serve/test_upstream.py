@@ -11,8 +11,8 @@ import openai
 import pytest
 
 from lorafleet.errors import LorafleetError
-from lorafleet.serve.server import FleetServer, ServeOptions
-from lorafleet.serve.tenants import load_tenants
+from lorafleet.serve.gateway.server import FleetServer, ServeOptions
+from lorafleet.serve.gateway.tenants import load_tenants
 from tests.serve.conftest import KEYS, running_server
 
 MESSAGES = [{"role": "user", "content": "What is the invoice total?"}]

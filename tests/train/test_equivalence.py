@@ -146,14 +146,20 @@ def assert_fleet_matches_peft(
         assert worst <= tolerance, f"{adapter.name}: max |fleet - peft| = {worst:.2e}"
 
 
+SLOW = pytest.mark.slow  # the fast loop keeps one padded and one packed mode
+
+
 @pytest.mark.parametrize(
-    "mode", ["padded", "packed", "full-logits", "recomputed", "packed+eager", "packed+sdpa", "padded+varlen"]
-)
+    "mode",
+    ["padded", "packed", *(pytest.param(m, marks=SLOW) for m in ("full-logits", "recomputed", "packed+eager",
+                                                                "packed+sdpa", "padded+varlen"))],
+)  # fmt: skip
 def test_adapters_trained_together_match_peft_alone_on_qwen2(tiny_lm_dir, tmp_path, mode):
     data = [write_text_dataset(tmp_path / f"d{i}.jsonl", n=13 + 4 * i, seed=i) for i in range(3)]
     assert_fleet_matches_peft(tiny_lm_dir, data, tmp_path, MODES[mode])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["padded", "packed+recomputed", "packed+sdpa", "padded+varlen"])
 def test_adapters_trained_together_match_peft_alone_on_internvl_with_images(tiny_vlm_dir, tmp_path, mode):
     data = [write_image_dataset(tmp_path / f"d{i}.jsonl", n=11 + 3 * i, seed=i) for i in range(3)]
@@ -163,6 +169,7 @@ def test_adapters_trained_together_match_peft_alone_on_internvl_with_images(tiny
 @pytest.mark.slow
 def test_fused_kernel_trains_the_same_adapters_as_peft(tiny_lm_dir, tmp_path, monkeypatch):
     """The whole trainer on the fused Triton path (GPU, or Triton's interpreter on CPU)."""
+    pytest.importorskip("triton", reason="the fused kernels need Triton")
     from lorafleet.adapters import fused
 
     monkeypatch.setenv("LORAFLEET_FUSED_LORA", "1")

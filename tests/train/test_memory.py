@@ -107,6 +107,7 @@ def test_admission_keeps_the_predicted_peak_within_the_budget(tiny_lm_dir, tmp_p
         assert all(torch.allclose(ours[k], reference[k], atol=1e-5) for k in ours)
 
 
+@pytest.mark.slow
 def test_plan_command_reports_per_adapter_and_how_many_fit(tiny_lm_dir, tmp_path):
     data = write_text_dataset(tmp_path / "d.jsonl", n=8, seed=0)
     fleet = tmp_path / "fleet.yaml"

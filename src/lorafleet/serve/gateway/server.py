@@ -12,18 +12,44 @@ import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
+from fastapi.responses import Response
 
 from lorafleet.errors import AdapterError, ConfigError
 from lorafleet.models.loading import load_base
-from lorafleet.serve.images import ImagePolicy
-from lorafleet.serve.local import LocalBackend
-from lorafleet.serve.request_log import RequestLog
-from lorafleet.serve.tenants import TenantDirectory
-from lorafleet.serve.upstream import UpstreamBackend, start_vllm
+from lorafleet.serve.gateway.calls import Call
+from lorafleet.serve.gateway.images import ImagePolicy
+from lorafleet.serve.gateway.local import LocalBackend
+from lorafleet.serve.gateway.request_log import RequestLog
+from lorafleet.serve.gateway.tenants import TenantDirectory
+from lorafleet.serve.gateway.upstream import UpstreamBackend, start_vllm
 
 BASE_ALIAS = "base"
+
+
+class Backend(Protocol):
+    """What generates for the gateway: lorafleet's engine in this process (`LocalBackend`) or an
+    OpenAI-compatible server such as vLLM (`UpstreamBackend`)."""
+
+    @property
+    def adapters(self) -> list[str]: ...
+
+    @property
+    def running(self) -> int: ...  # requests being generated now
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    async def ready_problem(self) -> str | None: ...  # None when a real generation succeeds
+
+    def load_adapter(self, name: str, path) -> None: ...
+
+    def unload_adapter(self, name: str) -> None: ...  # KeyError when it is not loaded
+
+    async def chat(self, body, adapter: str | None, call: Call) -> Response: ...
 
 
 @dataclass
@@ -71,7 +97,7 @@ class FleetServer:
         self.backend = self._backend()
         self.request_log = RequestLog(options.fleet_dir / "lorafleet.sqlite", log_content=options.log_content)
 
-    def _backend(self) -> LocalBackend | UpstreamBackend:
+    def _backend(self) -> Backend:
         options = self.options
         if options.upstream_url:
             backend = UpstreamBackend(options.upstream_url)

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lorafleet.serve.tenants import Tenant
+from lorafleet.serve.gateway.tenants import Tenant
 
 
 @dataclass

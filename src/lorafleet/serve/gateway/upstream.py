@@ -20,8 +20,8 @@ import httpx
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from lorafleet.errors import AdapterError, LorafleetError
-from lorafleet.serve.calls import Call
-from lorafleet.serve.errors import APIError
+from lorafleet.serve.gateway.calls import Call
+from lorafleet.serve.gateway.errors import APIError
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 STARTUP_TIMEOUT_S = 900.0

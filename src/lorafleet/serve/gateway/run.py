@@ -7,7 +7,7 @@ import ipaddress
 from collections.abc import Callable
 
 from lorafleet.errors import ConfigError
-from lorafleet.serve.server import FleetServer, ServeOptions
+from lorafleet.serve.gateway.server import FleetServer, ServeOptions
 
 
 def is_loopback(host: str) -> bool:
@@ -35,7 +35,7 @@ def _quiet(message: str) -> None:
 def serve(options: ServeOptions, host: str, port: int, log: Callable[[str], None] = _quiet) -> None:
     import uvicorn
 
-    from lorafleet.serve.api import create_app
+    from lorafleet.serve.gateway.api import create_app
 
     check_address(host, options)
     server = FleetServer(options).start()

@@ -19,12 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from lorafleet.errors import LorafleetError
-from lorafleet.serve.calls import Call
-from lorafleet.serve.errors import APIError, error_response
-from lorafleet.serve.metrics import Metrics
-from lorafleet.serve.request_log import RequestRecord
-from lorafleet.serve.server import FleetServer
-from lorafleet.serve.tenants import Tenant
+from lorafleet.serve.gateway.calls import Call
+from lorafleet.serve.gateway.errors import APIError, error_response
+from lorafleet.serve.gateway.metrics import Metrics
+from lorafleet.serve.gateway.request_log import RequestRecord
+from lorafleet.serve.gateway.server import FleetServer
+from lorafleet.serve.gateway.tenants import Tenant
 
 
 class ChatCompletionRequest(BaseModel):

@@ -28,11 +28,11 @@ from lorafleet.adapters.fleet import LoRAFleet
 from lorafleet.data.encode import Example
 from lorafleet.models.loading import FrozenBase
 from lorafleet.segments import Segment
-from lorafleet.serve.decode import GraphDecoder, prefill
-from lorafleet.serve.device_sampling import finite_rows, sample_rows, sampling_mode
-from lorafleet.serve.kv_cache import SlotKVCache
-from lorafleet.serve.sampling import SamplingParams
-from lorafleet.serve.text import IncrementalText
+from lorafleet.serve.engine.decode import GraphDecoder, prefill
+from lorafleet.serve.engine.device_sampling import finite_rows, sample_rows, sampling_mode
+from lorafleet.serve.engine.kv_cache import SlotKVCache
+from lorafleet.serve.engine.sampling import SamplingParams
+from lorafleet.serve.engine.text import IncrementalText
 
 
 @dataclass

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
-import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import torch
@@ -24,11 +21,12 @@ from lorafleet.data.encode import IGNORE_INDEX, Example, encode_prompt
 from lorafleet.data.records import ChatRecord, parse_openai_messages
 from lorafleet.errors import AdapterError, DataError
 from lorafleet.models.loading import FrozenBase
-from lorafleet.serve.calls import Call
-from lorafleet.serve.engine import Engine, Event, ReplyStream
-from lorafleet.serve.errors import APIError
-from lorafleet.serve.images import ImagePolicy
-from lorafleet.serve.sampling import SamplingParams
+from lorafleet.serve.engine.engine import Engine
+from lorafleet.serve.engine.sampling import SamplingParams
+from lorafleet.serve.gateway import openai_format
+from lorafleet.serve.gateway.calls import Call
+from lorafleet.serve.gateway.errors import APIError
+from lorafleet.serve.gateway.images import ImagePolicy
 
 READY_TIMEOUT_S = 60.0
 DEFAULT_MAX_TOKENS = 256
@@ -86,7 +84,7 @@ class LocalBackend:
             prompt, None, SamplingParams(max_tokens=1, temperature=0), asyncio.get_running_loop()
         )
         try:
-            _, event = await asyncio.wait_for(_collect(stream), READY_TIMEOUT_S)
+            _, event = await asyncio.wait_for(openai_format.collect(stream), READY_TIMEOUT_S)
         except TimeoutError:
             return "the engine did not answer in time"
         return f"the engine failed: {event.error}" if event.finish_reason == "error" else None
@@ -100,23 +98,14 @@ class LocalBackend:
         stream = self.engine.submit(prompt, adapter, params, asyncio.get_running_loop())
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_sse(call, stream, include_usage), media_type="text/event-stream")
-        text, event = await _collect(stream)
+            events = openai_format.server_sent_events(call, stream, include_usage)
+            return StreamingResponse(events, media_type="text/event-stream")
+        text, event = await openai_format.collect(stream)
         call.completion_tokens = event.completion_tokens
         if event.finish_reason == "error":
             raise APIError(500, f"generation failed: {event.error}", "engine_error")
         call.finish(200)
-        message = {"role": "assistant", "content": text}
-        return JSONResponse(
-            {
-                "id": call.request_id,
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": call.model,
-                "choices": [{"index": 0, "message": message, "finish_reason": event.finish_reason, "logprobs": None}],
-                "usage": call.usage(),
-            }
-        )
+        return JSONResponse(openai_format.completion(call, text, event.finish_reason))
 
     def _encode(self, messages: list[dict]) -> Example:
         try:
@@ -150,76 +139,3 @@ def _check_pixels(image: bytes, limit: int) -> None:
         raise DataError(f"request: an image could not be decoded ({err})") from err
     if width * height > limit:
         raise DataError(f"request: image of {width}x{height} pixels is over the limit of {limit} pixels")
-
-
-async def _collect(stream: ReplyStream) -> tuple[str, Event]:
-    pieces = []
-    while True:
-        event = await stream.next_event()
-        pieces.append(event.text)
-        if event.finish_reason is not None:
-            return "".join(pieces), event
-
-
-def sse(payload: dict | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
-
-
-async def _sse(call: Call, stream: ReplyStream, include_usage: bool) -> AsyncIterator[str]:
-    def chunk(delta: dict, finish_reason: str | None, **extra) -> str:
-        return sse(
-            {
-                "id": call.request_id,
-                "object": "chat.completion.chunk",
-                "created": int(time.time()),
-                "model": call.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
-                **extra,
-            }
-        )
-
-    status, error = 200, None
-    try:
-        yield chunk({"role": "assistant", "content": ""}, None)
-        while True:
-            event = await stream.next_event()
-            call.completion_tokens = event.completion_tokens
-            if event.finish_reason == "error":
-                status, error = 500, event.error
-                yield sse(
-                    {
-                        "error": {
-                            "message": f"generation failed: {error}",
-                            "type": "server_error",
-                            "param": None,
-                            "code": "engine_error",
-                        }
-                    }
-                )
-                break
-            if event.text:
-                if call.first_token_seconds is None:
-                    call.first_token_seconds = call.seconds
-                yield chunk({"content": event.text}, None)
-            if event.finish_reason is not None:
-                yield chunk({}, event.finish_reason)
-                break
-        if include_usage and status == 200:
-            yield sse(
-                {
-                    "id": call.request_id,
-                    "object": "chat.completion.chunk",
-                    "created": int(time.time()),
-                    "model": call.model,
-                    "choices": [],
-                    "usage": call.usage(),
-                }
-            )
-        call.finish(status, error)  # before [DONE]: a client that hangs up on it must not beat the log
-        yield sse("[DONE]")
-    except asyncio.CancelledError:
-        stream.cancel()  # the client went away: stop generating for it
-        status, error = 499, "client closed the connection"
-        raise
-    finally:
-        call.finish(status, error)

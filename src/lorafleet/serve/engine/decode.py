@@ -34,8 +34,8 @@ from lorafleet.data.batch import collate
 from lorafleet.errors import ModelLoadError
 from lorafleet.models.hf_compat import prefill_with_cache
 from lorafleet.models.loading import FrozenBase
-from lorafleet.serve.device_sampling import finite_rows, sample_rows, sampling_mode
-from lorafleet.serve.kv_cache import SlotKVCache
+from lorafleet.serve.engine.device_sampling import finite_rows, sample_rows, sampling_mode
+from lorafleet.serve.engine.kv_cache import SlotKVCache
 
 SUPPORTED_LAYERS = ("Qwen2DecoderLayer", "Qwen3DecoderLayer", "LlamaDecoderLayer", "MistralDecoderLayer")
 GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
