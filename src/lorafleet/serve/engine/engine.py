@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -44,6 +45,14 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+
+
+class EventSource(Protocol):
+    """A reply as it is generated: `ReplyStream` here, or a relay of another server's stream."""
+
+    async def next_event(self) -> Event: ...
+
+    def cancel(self) -> None: ...
 
 
 class ReplyStream:

@@ -14,11 +14,12 @@ import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from lorafleet.errors import LorafleetError
+from lorafleet.serve.gateway import openai_format
 from lorafleet.serve.gateway.calls import Call
 from lorafleet.serve.gateway.errors import APIError, error_response
 from lorafleet.serve.gateway.metrics import Metrics
@@ -165,7 +166,18 @@ def create_app(server: FleetServer) -> FastAPI:
             call.tenant = authenticate(request)
             _check_rate(call.tenant)
             adapter = resolve(call.tenant, body.model)
-            return await server.backend.chat(body, adapter, call)
+            events = await server.backend.chat(body, adapter, call)
+            if body.stream:
+                include_usage = bool((body.stream_options or {}).get("include_usage"))
+                sse = openai_format.server_sent_events(call, events, include_usage)
+                return StreamingResponse(sse, media_type="text/event-stream")
+            text, final = await openai_format.collect(events)
+            call.completion_tokens = final.completion_tokens
+            call.prompt_tokens = final.prompt_tokens or call.prompt_tokens
+            if final.finish_reason == "error":
+                raise APIError(500, f"generation failed: {final.error}", "engine_error")
+            call.finish(200)
+            return JSONResponse(openai_format.completion(call, text, final.finish_reason))
         except APIError as err:
             call.finish(err.status, err.message)
             raise

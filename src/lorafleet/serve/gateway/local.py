@@ -12,7 +12,6 @@ import io
 from pathlib import Path
 
 import torch
-from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
 
 from lorafleet.adapters.fleet import LoRAFleet
@@ -21,7 +20,7 @@ from lorafleet.data.encode import IGNORE_INDEX, Example, encode_prompt
 from lorafleet.data.records import ChatRecord, parse_openai_messages
 from lorafleet.errors import AdapterError, DataError
 from lorafleet.models.loading import FrozenBase
-from lorafleet.serve.engine.engine import Engine
+from lorafleet.serve.engine.engine import Engine, ReplyStream
 from lorafleet.serve.engine.sampling import SamplingParams
 from lorafleet.serve.gateway import openai_format
 from lorafleet.serve.gateway.calls import Call
@@ -91,21 +90,12 @@ class LocalBackend:
 
     # --- chat completions -----------------------------------------------------------------
 
-    async def chat(self, body, adapter: str | None, call: Call) -> Response:
+    async def chat(self, body, adapter: str | None, call: Call) -> ReplyStream:
+        """Validate and submit the request; its reply comes as the engine's events."""
         prompt = await asyncio.to_thread(self._encode, body.messages)
         params = self._sampling(body, prompt)
         call.prompt_tokens = prompt.num_tokens
-        stream = self.engine.submit(prompt, adapter, params, asyncio.get_running_loop())
-        if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-            events = openai_format.server_sent_events(call, stream, include_usage)
-            return StreamingResponse(events, media_type="text/event-stream")
-        text, event = await openai_format.collect(stream)
-        call.completion_tokens = event.completion_tokens
-        if event.finish_reason == "error":
-            raise APIError(500, f"generation failed: {event.error}", "engine_error")
-        call.finish(200)
-        return JSONResponse(openai_format.completion(call, text, event.finish_reason))
+        return self.engine.submit(prompt, adapter, params, asyncio.get_running_loop())
 
     def _encode(self, messages: list[dict]) -> Example:
         try:

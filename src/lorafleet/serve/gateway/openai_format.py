@@ -1,6 +1,6 @@
-"""OpenAI's chat-completion shapes, built in one place from the engine's events: the JSON reply,
-the SSE chunks of a stream, the usage chunk and the in-stream error. A backend that generates
-(the local engine) hands its events here; a relay backend forwards its upstream's own."""
+"""OpenAI's chat-completion shapes, built in one place from a backend's events (the local
+engine's, or an upstream's stream turned into the same events): the JSON reply, the SSE chunks of
+a stream, the usage chunk and the in-stream error."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 
-from lorafleet.serve.engine.engine import Event, ReplyStream
+from lorafleet.serve.engine.engine import Event, EventSource
 from lorafleet.serve.gateway.calls import Call
 
 
@@ -38,7 +38,7 @@ def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-async def collect(stream: ReplyStream) -> tuple[str, Event]:
+async def collect(stream: EventSource) -> tuple[str, Event]:
     """Every event of a reply: its text and the final event."""
     pieces = []
     while True:
@@ -48,7 +48,7 @@ async def collect(stream: ReplyStream) -> tuple[str, Event]:
             return "".join(pieces), event
 
 
-async def server_sent_events(call: Call, stream: ReplyStream, include_usage: bool) -> AsyncIterator[str]:
+async def server_sent_events(call: Call, stream: EventSource, include_usage: bool) -> AsyncIterator[str]:
     """A reply as SSE chunks: the role, each piece of text, the finish reason, the usage if asked,
     then [DONE]. The call is finished (logged, counted) before [DONE], and a client that hangs up
     cancels the request in the engine."""
@@ -58,6 +58,7 @@ async def server_sent_events(call: Call, stream: ReplyStream, include_usage: boo
         while True:
             event = await stream.next_event()
             call.completion_tokens = event.completion_tokens
+            call.prompt_tokens = event.prompt_tokens or call.prompt_tokens
             if event.finish_reason == "error":
                 status, error = 500, event.error
                 yield sse(stream_error(f"generation failed: {error}"))

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from fastapi.responses import Response
 
 from lorafleet.errors import AdapterError, ConfigError
 from lorafleet.models.loading import load_base
+from lorafleet.serve.engine.engine import EventSource
 from lorafleet.serve.gateway.calls import Call
 from lorafleet.serve.gateway.images import ImagePolicy
 from lorafleet.serve.gateway.local import LocalBackend
@@ -49,7 +49,10 @@ class Backend(Protocol):
 
     def unload_adapter(self, name: str) -> None: ...  # KeyError when it is not loaded
 
-    async def chat(self, body, adapter: str | None, call: Call) -> Response: ...
+    async def chat(self, body, adapter: str | None, call: Call) -> EventSource:
+        """Start generating the reply (or raise APIError): its text as events, the last one with
+        the finish reason and token counts."""
+        ...
 
 
 @dataclass

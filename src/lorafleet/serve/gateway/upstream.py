@@ -2,24 +2,25 @@
 
 vLLM serves the fleet's PEFT adapters itself (`--enable-lora --lora-modules name=path`); what it
 lacks is tenants, per-key limits and our request log, so the gateway stays in front and forwards
-each authorised request, JSON or stream, with the adapter's name as the model. Either lorafleet
+each authorised request with the adapter's name as the model, always streamed; the stream comes
+back as the same events the local engine produces, which the gateway formats as JSON or SSE. Either lorafleet
 starts vLLM (`start_vllm`) or attaches to one already running (`--upstream URL`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
-from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from lorafleet.errors import AdapterError, LorafleetError
+from lorafleet.serve.engine.engine import Event
 from lorafleet.serve.gateway.calls import Call
 from lorafleet.serve.gateway.errors import APIError
 
@@ -71,62 +72,69 @@ class UpstreamBackend:
         _post_json(f"{self.url}/v1/unload_lora_adapter", {"lora_name": name})
         self._adapters.discard(name)
 
-    async def chat(self, body, adapter: str | None, call: Call) -> Response:
+    async def chat(self, body, adapter: str | None, call: Call) -> UpstreamEvents:
+        """Send the request on with the adapter's name as the model, always as a stream with usage
+        (what the gateway formats, counts and logs is the same for every backend)."""
         payload = body.model_dump(exclude_none=True)
         payload["model"] = adapter or self.base_model
-        if body.stream:
-            payload["stream_options"] = {**(body.stream_options or {}), "include_usage": True}  # for accounting
+        payload["stream"] = True
+        payload["stream_options"] = {"include_usage": True}
         request = self._client.build_request("POST", "/v1/chat/completions", json=payload)
         try:
-            response = await self._client.send(request, stream=body.stream)
+            response = await self._client.send(request, stream=True)
         except httpx.TransportError as err:
             raise APIError(503, f"the generation backend is unreachable: {err}", "upstream_unavailable") from err
         if response.status_code >= 400:
             await response.aread()
+            await response.aclose()
             raise APIError(response.status_code, _upstream_message(response), "upstream_error")
-        if not body.stream:
-            reply = response.json()
-            reply["model"] = call.model
-            usage = reply.get("usage") or {}
-            call.prompt_tokens, call.completion_tokens = (
-                usage.get("prompt_tokens", 0),
-                usage.get("completion_tokens", 0),
-            )
-            call.finish(200)
-            return JSONResponse(reply)
-        wants_usage = bool((body.stream_options or {}).get("include_usage"))
-        return StreamingResponse(_relay(response, call, wants_usage), media_type="text/event-stream")
+        return UpstreamEvents(response)
 
 
-async def _relay(response: httpx.Response, call: Call, wants_usage: bool) -> AsyncIterator[str]:
-    """Forward the upstream's events, renaming the model and taking the usage for accounting."""
-    status, error = 200, None
-    try:
-        async for line in response.aiter_lines():
+class UpstreamEvents:
+    """An upstream's SSE stream as the engine's events: each piece of text as it comes, then one
+    final event with the finish reason and the usage (which arrives after the finish reason)."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self._lines = response.aiter_lines()
+        self._finish: str | None = None
+        self._usage: dict = {}
+
+    async def next_event(self) -> Event:
+        while True:
+            try:
+                line = await anext(self._lines)
+            except StopAsyncIteration:
+                await self._response.aclose()
+                if self._finish is None:
+                    return Event("", "error", error="the upstream ended the stream early")
+                return self._final()
             if not line.startswith("data: "):
                 continue
             data = line[len("data: ") :]
             if data == "[DONE]":
-                call.finish(status, error)  # before [DONE]: a client that hangs up on it must not beat the log
-                yield "data: [DONE]\n\n"
-                break
+                await self._response.aclose()
+                return self._final()
             chunk = json.loads(data)
             if "error" in chunk:
-                status, error = 500, str(chunk["error"].get("message"))
-            if chunk.get("usage"):
-                call.prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
-                call.completion_tokens = chunk["usage"].get("completion_tokens", 0)
-                if not chunk.get("choices") and not wants_usage:
-                    continue  # we asked for usage on our own account; the client did not
-            if call.first_token_seconds is None and any(
-                c.get("delta", {}).get("content") for c in chunk.get("choices", [])
-            ):
-                call.first_token_seconds = call.seconds
-            chunk["model"] = call.model
-            yield f"data: {json.dumps(chunk)}\n\n"
-    finally:
-        await response.aclose()
-        call.finish(status, error)
+                await self._response.aclose()
+                return Event("", "error", error=str(chunk["error"].get("message")))
+            self._usage = chunk.get("usage") or self._usage
+            for choice in chunk.get("choices", []):
+                self._finish = choice.get("finish_reason") or self._finish
+                text = (choice.get("delta") or {}).get("content")
+                if text:
+                    return Event(text, None, *self._counts())
+
+    def cancel(self) -> None:
+        asyncio.get_running_loop().create_task(self._response.aclose())  # the client went away
+
+    def _final(self) -> Event:
+        return Event("", self._finish or "stop", *self._counts())
+
+    def _counts(self) -> tuple[int, int]:
+        return self._usage.get("prompt_tokens", 0), self._usage.get("completion_tokens", 0)
 
 
 def start_vllm(base_dir: Path, adapters: dict[str, Path], port: int, extra_args: list[str]) -> UpstreamBackend:
