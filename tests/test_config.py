@@ -35,11 +35,26 @@ def test_unknown_key_is_an_error_with_a_suggestion():
         ({"name": "x", "data": "d", "steps": 3, "epochs": 1}, "steps or epochs, not both"),
         ({"name": "x", "data": "d", "schedule": "exp"}, "schedule 'exp' is not one of"),
         ({"name": "x", "data": "d", "dropout": 1.5}, r"dropout must be in \[0, 1\)"),
+        ({"name": "x", "data": "d", "learning_rate": float("inf")}, "learning_rate must be a finite number"),
+        ({"name": "x", "data": "d", "learning_rate": float("nan")}, "learning_rate must be a finite number"),
+        ({"name": "x", "data": "d", "weight_decay": -0.1}, "weight_decay must be a finite number, at least 0"),
+        ({"name": "x", "data": "d", "max_grad_norm": -1.0}, "max_grad_norm must be a finite number, positive"),
+        ({"name": "x", "data": "d", "alpha": -2.0}, "alpha must be a finite number, positive"),
+        ({"name": "x", "data": "d", "warmup_steps": -3}, "warmup_steps must be at least 0"),
+        ({"name": "v1.2", "data": "d"}, r"adapter name 'v1.2' must be 1-64 letters"),
+        ({"name": "base", "data": "d"}, "reserved for the base model"),
+        ({"name": "../x", "data": "d"}, "must be 1-64 letters"),
     ],
 )
 def test_bad_adapter_fields_are_named(adapter, message):
     with pytest.raises(ConfigError, match=message):
         fleet_spec_from_dict({**MINIMAL, "adapters": [adapter]})
+
+
+def test_yaml_infinities_are_refused_too(tmp_path):
+    (tmp_path / "fleet.yaml").write_text("base: m\noutput: o\nadapters:\n  - {name: a, data: d, learning_rate: .inf}\n")
+    with pytest.raises(ConfigError, match="learning_rate must be a finite number"):
+        load_fleet_spec(tmp_path / "fleet.yaml")
 
 
 def test_duplicate_adapter_names_are_an_error():

@@ -117,7 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory file:// image URLs may come from (repeatable)",
     )
     serve.add_argument(
-        "--allow-image-host", action="append", default=[], help="host http(s) image URLs may come from (repeatable)"
+        "--allow-image-host",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="host (and port; default the scheme's) http(s) image URLs may come from (repeatable); "
+        "redirects are never followed",
+    )
+    serve.add_argument("--max-images", type=int, default=8, help="images per request (default: 8)")
+    serve.add_argument("--max-body-mb", type=float, default=32, help="request body size limit, MiB (default: 32)")
+    serve.add_argument(
+        "--public-metrics", action="store_true", help="with --keys, serve /metrics without a key (default: key needed)"
     )
     serve.add_argument(
         "--engine",
@@ -223,6 +233,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         log_content=args.log_content,
         max_batch=args.max_batch,
         max_seq_len=args.max_seq_len,
+        max_images=args.max_images,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        public_metrics=args.public_metrics,
         engine=args.engine,
         upstream_url=args.upstream,
         vllm_port=args.vllm_port,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -48,15 +50,23 @@ class AdapterSpec:
     skip_bad_records: bool = False  # count and report malformed records instead of stopping
 
     def validate(self, where: str) -> None:
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            raise ConfigError(f"{where}: name {self.name!r} must be a plain directory name")
+        problem = adapter_name_problem(self.name)
+        if problem:
+            raise ConfigError(f"{where}: {problem}")
         for name in ("rank", "micro_batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}: {name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"{where}: dropout must be in [0, 1), got {self.dropout}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"{where}: learning_rate must be positive, got {self.learning_rate}")
+        for name, minimum in (("learning_rate", None), ("alpha", None), ("weight_decay", 0.0), ("max_grad_norm", None)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not math.isfinite(value) or (value <= 0 if minimum is None else value < minimum):
+                bound = "positive" if minimum is None else f"at least {minimum:g}"
+                raise ConfigError(f"{where}: {name} must be a finite number, {bound}; got {value}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{where}: warmup_steps must be at least 0, got {self.warmup_steps}")
         if self.steps is not None and self.epochs is not None:
             raise ConfigError(f"{where}: give steps or epochs, not both")
         if self.steps is not None and self.steps < 1 or self.epochs is not None and self.epochs <= 0:
@@ -65,6 +75,24 @@ class AdapterSpec:
             raise ConfigError(f"{where}: schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ConfigError(f"{where}: target_modules is empty")
+
+
+# An adapter's name is a directory name, a model name clients send and a key of PyTorch module
+# tables (which cannot hold a "."), so one rule holds everywhere: config, training, serving, admin.
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+RESERVED_NAMES = ("base",)  # the served base model answers to it
+
+
+def adapter_name_problem(name: object) -> str | None:
+    """Why `name` cannot name an adapter, or None when it can."""
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+        return (
+            f"adapter name {name!r} must be 1-64 letters, digits, '_' or '-', starting with a letter or digit "
+            "(no '.', '/' or spaces)"
+        )
+    if name in RESERVED_NAMES:
+        return f"adapter name {name!r} is reserved for the base model"
+    return None
 
 
 @dataclass

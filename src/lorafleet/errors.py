@@ -23,5 +23,9 @@ class DataError(LorafleetError):
     """A training record is malformed or points at a file that cannot be read."""
 
 
+class TrainingError(LorafleetError):
+    """Training cannot go on sensibly (a loss that is no longer a number); nothing bad is saved."""
+
+
 class AdapterError(LorafleetError):
     """An adapter targets modules the base lacks, or an adapter directory cannot be used."""

@@ -255,7 +255,7 @@ def test_health_ready_metrics_and_request_log(keyed_server, fleet_dir):
     )
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
     assert httpx.get(f"{url}/ready", timeout=60).status_code == 200
-    metrics = httpx.get(f"{url}/metrics").text
+    metrics = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEYS['ops']}"}).text  # keyed
     assert 'lorafleet_requests_total{model="finance",status="200"}' in metrics
     assert 'lorafleet_tokens_total{kind="completion",model="finance"}' in metrics
     rows = (

@@ -67,3 +67,16 @@ def test_a_second_run_into_the_same_output_asks_for_resume(tiny_lm_dir, tmp_path
         ).run()
     with pytest.raises(ConfigError, match="--resume"):
         FleetTrainer(spec, progress=False).run()
+
+
+def test_a_loss_that_is_no_longer_a_number_stops_training_and_saves_nothing(tiny_lm_dir, tmp_path):
+    """A learning rate so large that the weights overflow: the run stops with a clear error before
+    the broken adapter (or a checkpoint of it) is written."""
+    from lorafleet.errors import TrainingError
+
+    data = write_text_dataset(tmp_path / "d.jsonl", n=8, seed=0)
+    adapters = [AdapterSpec(name="wild", data=str(data), rank=4, steps=30, learning_rate=1e30, max_grad_norm=None)]
+    spec = FleetSpec(base=str(tiny_lm_dir), output=str(tmp_path / "out"), adapters=adapters, checkpoint_every=0)
+    with pytest.raises(TrainingError, match="adapter 'wild': the loss became"):
+        train_fleet(spec, progress=False)
+    assert not (tmp_path / "out" / "adapters" / "wild").exists()

@@ -143,7 +143,7 @@ def parse_openai_messages(
             raise DataError(f"{where} needs a 'role' of system, user or assistant")
         content = turn.get("content")
         if isinstance(content, str):
-            messages.append(Message(turn["role"], content))
+            messages.append(Message(turn["role"], _plain_text(content, where)))
             continue
         if not isinstance(content, list):
             raise DataError(f"{where}: 'content' must be a string or a list of parts")
@@ -151,14 +151,29 @@ def parse_openai_messages(
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
-                text += part["text"]
+                text += _plain_text(part["text"], where)
             elif kind == "image_url" and isinstance(part.get("image_url"), dict) and "url" in part["image_url"]:
-                images.append(resolve_image(part["image_url"]["url"], where))
+                url = part["image_url"]["url"]
+                if not isinstance(url, str):
+                    raise DataError(f"{where}: image_url.url must be a string (a data: URL), got {type(url).__name__}")
+                images.append(resolve_image(url, where))
                 text += IMAGE_PLACEHOLDER + "\n"
             else:
                 raise DataError(f"{where}: a content part must be {{'type': 'text'}} or {{'type': 'image_url'}}")
         messages.append(Message(turn["role"], text))
     return messages, images
+
+
+def _plain_text(text: str, where: str) -> str:
+    """Text of an OpenAI-layout message: valid Unicode, and no image placeholder (images come as
+    image_url parts; a typed one would be taken for an image that is not there)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataError(f"{where}: the text is not valid Unicode ({err.reason} at character {err.start})") from err
+    if IMAGE_PLACEHOLDER in text:
+        raise DataError(f"{where}: the text contains {IMAGE_PLACEHOLDER}; send images as image_url parts")
+    return text
 
 
 def decode_data_url(url: str, where: str) -> bytes:

@@ -32,7 +32,7 @@ from lorafleet.data.batch import Batch, pack_micro_batches, stack_micro_batches
 from lorafleet.data.dataset import load_examples
 from lorafleet.data.encode import Example
 from lorafleet.data.stream import ExampleStream
-from lorafleet.errors import AdapterError, ConfigError
+from lorafleet.errors import AdapterError, ConfigError, TrainingError
 from lorafleet.models import varlen
 from lorafleet.models.attention import training_attention
 from lorafleet.models.hf_compat import checkpoint_layer, inner_model
@@ -127,6 +127,13 @@ class FleetTrainer:
             self.optimizer.zero_grad(list(rates))
         values = torch.stack([loss.detach() for loss in losses]).tolist()  # the step's one synchronisation
         for job, value in zip(self.active, values, strict=True):
+            if not math.isfinite(value):  # stop before anything of it is saved
+                raise TrainingError(
+                    f"adapter {job.name!r}: the loss became {value} at fleet step {self.fleet_step} "
+                    f"(optimizer step {job.optimizer_step + 1}); its weights are not saved. Lower its "
+                    f"learning_rate ({job.spec.learning_rate:g}) or keep max_grad_norm on, and train "
+                    "again (or --resume from the last checkpoint)"
+                )
             job.add_loss(value)
         self.result.tokens += sum(step.tokens)
         if due:

@@ -10,14 +10,16 @@ the matching status, and a bad request never disturbs the requests around it.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
+from lorafleet.config import adapter_name_problem
 from lorafleet.errors import LorafleetError
 from lorafleet.serve.gateway import openai_format
 from lorafleet.serve.gateway.calls import Call
@@ -45,17 +47,18 @@ class ChatCompletionRequest(BaseModel):
 
 
 class AdapterLoadRequest(BaseModel):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    name: str  # checked by config.adapter_name_problem, as in fleet specs
     path: str
 
 
 class VLLMLoadRequest(BaseModel):
-    lora_name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    lora_name: str
     lora_path: str = ""
 
 
 def create_app(server: FleetServer) -> FastAPI:
-    app = FastAPI(title="lorafleet", version="1")
+    # No /docs or /redoc pages (they fetch /openapi.json without a key); /openapi.json needs one.
+    app = FastAPI(title="lorafleet", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = Metrics(server.backend.running)
     _install_error_handlers(app)
 
@@ -82,25 +85,35 @@ def create_app(server: FleetServer) -> FastAPI:
 
     def record(call: Call, status: int, error: str | None) -> None:
         if call.tenant is not None:
-            call.tenant.record_tokens(call.prompt_tokens + call.completion_tokens)
-        metrics.observe(call.model, status, call.prompt_tokens, call.completion_tokens, call.seconds)
+            call.tenant.settle(call.reservation, call.prompt_tokens + call.completion_tokens)
+        # Metric labels only for models that exist and the caller may use: a client cannot mint
+        # label values (each one is a time series held in memory and rendered on every scrape).
+        label = call.model if call.known_model else UNKNOWN_MODEL
+        metrics.observe(label, status, call.prompt_tokens, call.completion_tokens, call.seconds)
         if call.first_token_seconds is not None:
-            metrics.first_token.labels(call.model).observe(call.first_token_seconds)
+            metrics.first_token.labels(label).observe(call.first_token_seconds)
+        content = None
+        if call.content is not None:
+            content = call.content | ({"reply": call.reply} if call.reply is not None else {})
         server.request_log.record(
             RequestRecord(
                 call.request_id,
                 call.tenant.name if call.tenant else None,
-                call.model,
+                call.model[:200],
                 call.prompt_tokens,
                 call.completion_tokens,
                 call.seconds * 1000,
                 status,
                 error,
+                content,
             )
         )
 
     async def load(request: Request, name: str, path: str) -> dict:
         _require_admin(authenticate(request))
+        problem = adapter_name_problem(name)
+        if problem:
+            raise APIError(400, problem, "invalid_adapter_name", "name")
         try:
             await asyncio.to_thread(server.load_adapter, name, path)
         except LorafleetError as err:
@@ -129,8 +142,15 @@ def create_app(server: FleetServer) -> FastAPI:
         return JSONResponse({"status": "ready", "adapters": server.adapters})
 
     @app.get("/metrics")
-    async def prometheus() -> Response:
+    async def prometheus(request: Request) -> Response:
+        if not server.options.public_metrics:
+            authenticate(request)
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/openapi.json")
+    async def openapi(request: Request) -> JSONResponse:
+        authenticate(request)
+        return JSONResponse(app.openapi())
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict:
@@ -160,12 +180,20 @@ def create_app(server: FleetServer) -> FastAPI:
         return await unload(request, body.lora_name)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
-        call = Call(f"chatcmpl-{uuid.uuid4().hex[:24]}", body.model, on_finish=record)
+    async def chat_completions(request: Request) -> Response:
+        # The body is read after the key is checked: an unauthenticated client learns nothing
+        # about request validation and costs no parsing.
+        call = Call(f"chatcmpl-{uuid.uuid4().hex[:24]}", UNKNOWN_MODEL, on_finish=record)
         try:
             call.tenant = authenticate(request)
-            _check_rate(call.tenant)
+            body = await _read_body(request, server.options.max_body_bytes)
+            call.model = body.model
             adapter = resolve(call.tenant, body.model)
+            call.known_model = True
+            _check_rate(call.tenant)
+            if server.options.log_content:
+                call.content = {"messages": body.messages}
+            call.on_start = lambda: _reserve_tokens(call, body)
             events = await server.backend.chat(body, adapter, call)
             if body.stream:
                 include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -174,6 +202,7 @@ def create_app(server: FleetServer) -> FastAPI:
             text, final = await openai_format.collect(events)
             call.completion_tokens = final.completion_tokens
             call.prompt_tokens = final.prompt_tokens or call.prompt_tokens
+            call.reply = text
             if final.finish_reason == "error":
                 raise APIError(500, f"generation failed: {final.error}", "engine_error")
             call.finish(200)
@@ -183,6 +212,50 @@ def create_app(server: FleetServer) -> FastAPI:
             raise
 
     return app
+
+
+UNKNOWN_MODEL = "unknown"
+
+
+async def _read_body(request: Request, limit: int) -> ChatCompletionRequest:
+    """The request body, at most `limit` bytes, as a validated request (400 / 413 otherwise)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is over the limit of {limit} bytes", "request_too_large")
+    raw = bytearray()
+    async for piece in request.stream():
+        raw += piece
+        if len(raw) > limit:
+            raise APIError(413, f"the request body is over the limit of {limit} bytes", "request_too_large")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise APIError(400, "the request body is not valid JSON", "invalid_request") from err
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0] if err.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        message = f"{where}: {first.get('msg', 'invalid request')}" if where else "invalid request"
+        raise APIError(400, message, "invalid_request", where or None) from err
+
+
+def _reserve_tokens(call: Call, body: ChatCompletionRequest) -> None:
+    """Hold the most this request can use against the tenant's tokens per minute before it runs
+    (settled to what it really used when it ends), so a burst cannot overrun the limit."""
+    tenant = call.tenant
+    if tenant is None or tenant.tokens_per_minute is None:
+        return
+    most = call.prompt_tokens + (body.max_completion_tokens or body.max_tokens or call.max_tokens or 0)
+    reservation, wait = tenant.reserve(most)
+    if reservation is None:
+        raise APIError(
+            429,
+            f"Token rate limit reached for tenant {tenant.name}; retry in {wait:.0f} s.",
+            "rate_limit_exceeded",
+            headers={"Retry-After": str(max(1, int(wait + 0.999)))},
+        )
+    call.reservation = reservation
 
 
 def _check_rate(tenant: Tenant | None) -> None:

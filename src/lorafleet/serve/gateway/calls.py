@@ -23,7 +23,19 @@ class Call:
     completion_tokens: int = 0
     first_token_seconds: float | None = None  # streaming only
     on_finish: Callable[[Call, int, str | None], None] | None = None
+    on_start: Callable[[], None] | None = None
     finished: bool = False
+    known_model: bool = False  # the model exists and the caller may use it (a metric label then)
+    max_tokens: int | None = None  # the reply's cap, as the backend settled it
+    reservation: object = None  # the tenant's token reservation (`Tenant.reserve`)
+    content: dict | None = None  # the request's messages, kept only with --log-content
+    reply: str | None = None  # the reply's text, kept only with --log-content
+
+    def starting(self) -> None:
+        """Called by the backend once the request is valid, just before generation starts; may
+        refuse it (APIError), e.g. when the tenant's token budget cannot hold it."""
+        if self.on_start is not None:
+            self.on_start()
 
     def finish(self, status: int, error: str | None = None) -> None:
         if self.finished:

@@ -3,6 +3,9 @@ from the directories and hosts the operator allowed. Nothing else is ever opened
 
 from __future__ import annotations
 
+import http.client
+import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,8 +44,49 @@ class ImagePolicy:
         return resolved.read_bytes()
 
     def _fetch(self, url: str, where: str) -> bytes:
-        host = urlparse(url).hostname or ""
-        if host not in self.allowed_hosts:
-            raise DataError(f"{where}: images from {host or url} are not allowed")
-        with urllib.request.urlopen(url, timeout=self.fetch_timeout_s) as response:  # noqa: S310 (allowlisted)
-            return response.read(self.max_bytes + 1)
+        """GET an allowed image URL: the host and port must be on the allow-list (an entry without a
+        port allows the scheme's default port only), redirects are never followed, the whole fetch
+        is bounded in bytes and in time, and every failure reads the same to the client (a refused
+        port and a silent one are indistinguishable: no port scanning through the server)."""
+        target = urlparse(url)
+        if not self._allowed(target):
+            raise DataError(f"{where}: images from {target.netloc or url} are not allowed")
+        refused = DataError(f"{where}: the image could not be fetched from {target.netloc}")
+        deadline = time.monotonic() + self.fetch_timeout_s
+        try:
+            with _NO_REDIRECTS.open(url, timeout=self.fetch_timeout_s) as response:
+                if response.status != 200:
+                    raise refused
+                data = bytearray()
+                while len(data) <= self.max_bytes:
+                    if time.monotonic() > deadline:
+                        raise refused
+                    piece = response.read(64 * 1024)
+                    if not piece:
+                        break
+                    data += piece
+                return bytes(data)
+        except (OSError, ValueError, http.client.HTTPException) as err:  # URLError, timeouts, resets, redirects
+            raise refused from err
+
+    def _allowed(self, target) -> bool:
+        if target.scheme not in ("http", "https") or not target.hostname:
+            return False
+        try:
+            port = target.port or (443 if target.scheme == "https" else 80)
+        except ValueError:
+            return False
+        for entry in self.allowed_hosts:
+            host, _, allowed_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+            default = 443 if target.scheme == "https" else 80
+            if target.hostname == host and port == (int(allowed_port) if allowed_port else default):
+                return True
+        return False
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise urllib.error.HTTPError(newurl, code, "redirects are not followed", headers, fp)
+
+
+_NO_REDIRECTS = urllib.request.build_opener(_RefuseRedirects)

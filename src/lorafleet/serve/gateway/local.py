@@ -17,7 +17,7 @@ from PIL import Image
 from lorafleet.adapters.fleet import LoRAFleet
 from lorafleet.adapters.peft_io import load_adapter
 from lorafleet.data.encode import IGNORE_INDEX, Example, encode_prompt
-from lorafleet.data.records import ChatRecord, parse_openai_messages
+from lorafleet.data.records import IMAGE_PLACEHOLDER, ChatRecord, parse_openai_messages
 from lorafleet.errors import AdapterError, DataError
 from lorafleet.models.loading import FrozenBase
 from lorafleet.serve.engine.engine import Engine, ReplyStream
@@ -39,12 +39,19 @@ class LocalBackend:
         max_image_pixels: int,
         max_batch: int,
         max_seq_len: int = 4096,
+        max_images: int = 8,
     ) -> None:
         self.base = base
         self.fleet = LoRAFleet(base.model, base.language_prefix)
         self.engine = Engine(base, self.fleet, max_batch=max_batch, max_seq_len=max_seq_len)
         self.image_policy = image_policy
         self.max_image_pixels = max_image_pixels
+        self.max_images = max_images
+        tokenizer = base.tokenizer
+        specials = set(getattr(tokenizer, "all_special_tokens", [])) | {
+            t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special
+        }
+        self._special_tokens = sorted((t for t in specials if t and len(t) > 1), key=len, reverse=True)
 
     # --- the fleet ------------------------------------------------------------------------
 
@@ -94,17 +101,29 @@ class LocalBackend:
         """Validate and submit the request; its reply comes as the engine's events."""
         prompt = await asyncio.to_thread(self._encode, body.messages)
         params = self._sampling(body, prompt)
-        call.prompt_tokens = prompt.num_tokens
+        call.prompt_tokens, call.max_tokens = prompt.num_tokens, params.max_tokens
+        call.starting()
         return self.engine.submit(prompt, adapter, params, asyncio.get_running_loop())
 
     def _encode(self, messages: list[dict]) -> Example:
         try:
+            _count_images(messages, self.max_images)
             parsed, images = parse_openai_messages(messages, "request", self.image_policy.resolve)
+            self._refuse_special_tokens(parsed)
             for image in images:
                 _check_pixels(image, self.max_image_pixels)
             return encode_prompt(ChatRecord(parsed, images, "request"), self.base)
         except DataError as err:
             raise APIError(400, str(err), "invalid_request", "messages") from err
+
+    def _refuse_special_tokens(self, messages) -> None:
+        """The model's own control strings typed into a message (role markers, image tokens) would
+        be read as control tokens: a forged turn, or an image that is not there."""
+        for index, message in enumerate(messages):
+            text = message.text.replace(IMAGE_PLACEHOLDER, "")  # the parser's own, one per image part
+            found = next((token for token in self._special_tokens if token in text), None)
+            if found:
+                raise DataError(f"request: messages[{index}] contains the model's special token {found!r}")
 
     def _sampling(self, body, prompt: Example) -> SamplingParams:
         limit = self.engine.max_positions
@@ -122,10 +141,20 @@ class LocalBackend:
         return SamplingParams(max_tokens, body.temperature, body.top_p, stop, body.seed)
 
 
+def _count_images(messages: object, limit: int) -> None:
+    """Refuse more than `limit` images before any is decoded or fetched."""
+    parts = [part for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+             for part in m["content"]] if isinstance(messages, list) else []  # fmt: skip
+    count = sum(1 for part in parts if isinstance(part, dict) and part.get("type") == "image_url")
+    if count > limit:
+        raise DataError(f"request: {count} images; this server takes at most {limit} per request")
+
+
 def _check_pixels(image: bytes, limit: int) -> None:
     try:
         width, height = Image.open(io.BytesIO(image)).size  # reads the header only
-    except OSError as err:
-        raise DataError(f"request: an image could not be decoded ({err})") from err
+    except (OSError, Image.DecompressionBombError, ValueError) as err:
+        # PIL's messages name the in-memory file object (with its address): say it plainly instead
+        raise DataError("request: an image could not be decoded (not a PNG, JPEG, GIF or WebP image?)") from err
     if width * height > limit:
         raise DataError(f"request: image of {width}x{height} pixels is over the limit of {limit} pixels")

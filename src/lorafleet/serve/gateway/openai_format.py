@@ -52,7 +52,7 @@ async def server_sent_events(call: Call, stream: EventSource, include_usage: boo
     """A reply as SSE chunks: the role, each piece of text, the finish reason, the usage if asked,
     then [DONE]. The call is finished (logged, counted) before [DONE], and a client that hangs up
     cancels the request in the engine."""
-    status, error = 200, None
+    status, error, pieces = 200, None, []
     try:
         yield sse(chunk(call, {"role": "assistant", "content": ""}, None))
         while True:
@@ -66,6 +66,9 @@ async def server_sent_events(call: Call, stream: EventSource, include_usage: boo
             if event.text:
                 if call.first_token_seconds is None:
                     call.first_token_seconds = call.seconds
+                if call.content is not None:  # --log-content
+                    pieces.append(event.text)
+                    call.reply = "".join(pieces)
                 yield sse(chunk(call, {"content": event.text}, None))
             if event.finish_reason is not None:
                 yield sse(chunk(call, {}, event.finish_reason))

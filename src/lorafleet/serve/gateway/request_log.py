@@ -6,6 +6,7 @@ Content (prompt and reply) is stored only when the operator asks for it.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -48,6 +49,10 @@ class RequestLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.log_content = log_content
         self._lock = threading.Lock()
+        # Owner-only: the log names tenants and, with --log-content, holds what they sent. SQLite
+        # gives its -wal and -shm files the database's mode.
+        self.path.touch(mode=0o600, exist_ok=True)
+        os.chmod(self.path, 0o600)
         self._db = sqlite3.connect(self.path, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(SCHEMA)

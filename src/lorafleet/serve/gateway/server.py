@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from lorafleet.config import adapter_name_problem
 from lorafleet.errors import AdapterError, ConfigError
 from lorafleet.models.loading import load_base
 from lorafleet.serve.engine.engine import EventSource
@@ -65,6 +66,9 @@ class ServeOptions:
     max_batch: int = 32
     max_seq_len: int = 4096  # tokens per request (prompt and reply): the KV cache's capacity per row
     max_image_pixels: int = 4096 * 4096
+    max_images: int = 8  # per request
+    max_body_bytes: int = 32 * 2**20  # a request body over this gets 413 before it is parsed
+    public_metrics: bool = False  # with keys, /metrics needs one unless this is set
     device: str | None = None
     dtype: torch.dtype | None = None
     engine: str = "local"  # local | vllm
@@ -88,7 +92,14 @@ def find_base_dir(fleet_dir: Path) -> Path:
 
 
 def fleet_adapters(fleet_dir: Path) -> dict[str, Path]:
-    return {c.parent.name: c.parent for c in sorted((fleet_dir / "adapters").glob("*/adapter_config.json"))}
+    """The fleet's adapters by name; a directory whose name cannot name an adapter is an error at
+    start-up, not a crash at the first request."""
+    found = {c.parent.name: c.parent for c in sorted((fleet_dir / "adapters").glob("*/adapter_config.json"))}
+    for name, path in found.items():
+        problem = adapter_name_problem(name)
+        if problem:
+            raise ConfigError(f"{path}: {problem}; rename the directory")
+    return found
 
 
 class FleetServer:
@@ -116,6 +127,7 @@ class FleetServer:
             options.max_image_pixels,
             options.max_batch,
             options.max_seq_len,
+            options.max_images,
         )
         for name, path in fleet_adapters(options.fleet_dir).items():
             backend.load_adapter(name, path)

@@ -42,7 +42,7 @@ class Tenant:
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     _requests: deque[float] = field(default_factory=deque, repr=False)
-    _tokens: deque[tuple[float, int]] = field(default_factory=deque, repr=False)
+    _tokens: deque[list] = field(default_factory=deque, repr=False)  # [time, tokens]: reserved, then settled
 
     def may_use(self, adapter: str) -> bool:
         return self.adapters is None or adapter in self.adapters
@@ -54,7 +54,7 @@ class Tenant:
         waits = []
         if self.requests_per_minute is not None and len(self._requests) >= self.requests_per_minute:
             waits.append(self._requests[0] + WINDOW_SECONDS - now)
-        if self.tokens_per_minute is not None and sum(n for _, n in self._tokens) >= self.tokens_per_minute:
+        if self.tokens_per_minute is not None and self._tokens_used() >= self.tokens_per_minute:
             waits.append(self._tokens[0][0] + WINDOW_SECONDS - now)
         return max(waits) if waits else None
 
@@ -62,7 +62,30 @@ class Tenant:
         self._requests.append(time.monotonic() if now is None else now)
 
     def record_tokens(self, tokens: int, now: float | None = None) -> None:
-        self._tokens.append((time.monotonic() if now is None else now, tokens))
+        self._tokens.append([time.monotonic() if now is None else now, tokens])
+
+    def reserve(self, tokens: int, now: float | None = None) -> tuple[list | None, float]:
+        """Hold `tokens` against the per-minute limit before a request runs: (the reservation, 0),
+        or (None, seconds to wait) when they do not fit. A request larger than the whole limit
+        runs only when nothing else is counted in the window."""
+        now = time.monotonic() if now is None else now
+        self._expire(now)
+        used = self._tokens_used()
+        if self.tokens_per_minute is not None and used and used + tokens > self.tokens_per_minute:
+            return None, max(self._tokens[0][0] + WINDOW_SECONDS - now, 0.0)
+        entry = [now, tokens]
+        self._tokens.append(entry)
+        return entry, 0.0
+
+    def settle(self, reservation: list | None, tokens: int) -> None:
+        """What a finished request really used: its reservation becomes that (or it is recorded)."""
+        if reservation is None:
+            self.record_tokens(tokens)
+        else:
+            reservation[1] = tokens
+
+    def _tokens_used(self) -> int:
+        return sum(n for _, n in self._tokens)
 
     def _expire(self, now: float) -> None:
         while self._requests and self._requests[0] <= now - WINDOW_SECONDS:

@@ -79,6 +79,7 @@ class UpstreamBackend:
         payload["model"] = adapter or self.base_model
         payload["stream"] = True
         payload["stream_options"] = {"include_usage": True}
+        call.starting()
         request = self._client.build_request("POST", "/v1/chat/completions", json=payload)
         try:
             response = await self._client.send(request, stream=True)
