@@ -141,6 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="attach to a running vLLM (or other OpenAI-compatible server) instead of generating here",
     )
     serve.add_argument("--vllm-port", type=int, default=8100, help="port for the vLLM process (default: 8100)")
+    serve.add_argument(
+        "--vllm-max-loras",
+        type=int,
+        help="adapters vLLM holds on the GPU at once (default: the fleet's size, at most 8)",
+    )
+    serve.add_argument(
+        "--vllm-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an argument for `vllm serve`, after lorafleet's (repeatable; "
+        "e.g. --vllm-arg=--gpu-memory-utilization=0.8)",
+    )
     serve.set_defaults(command="serve", run=_run_serve)
 
     compress = commands.add_parser(
@@ -239,6 +252,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         engine=args.engine,
         upstream_url=args.upstream,
         vllm_port=args.vllm_port,
+        vllm_args=list(args.vllm_arg),
+        vllm_gpu_slots=args.vllm_max_loras,
     )
     serve(options, args.host, args.port, log=lambda message: print(message, file=sys.stderr))
     return 0

@@ -96,3 +96,68 @@ def test_admin_unload_and_load_reach_the_upstream(upstream_and_gateway):
 def test_vllm_engine_without_vllm_says_how_to_install_it(fleet_dir):
     with pytest.raises(LorafleetError, match="pip install vllm"):
         FleetServer(ServeOptions(fleet_dir=fleet_dir, engine="vllm"))
+
+
+def test_vllm_is_started_as_vllm_serve_with_runtime_loading_and_lora_slots(fleet_dir):
+    from lorafleet.serve.gateway.server import fleet_adapters
+    from lorafleet.serve.gateway.upstream import vllm_command
+
+    adapters = fleet_adapters(fleet_dir)
+    command, environment = vllm_command(fleet_dir / "base", adapters, 8100, None, ["--gpu-memory-utilization=0.8"])
+    assert "serve" in command and str(fleet_dir / "base") == command[command.index("serve") + 1]
+    assert "vllm.entrypoints.openai.api_server" not in command, "the deprecated entry point"
+    assert environment["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    gpu, cpu = int(command[command.index("--max-loras") + 1]), int(command[command.index("--max-cpu-loras") + 1])
+    assert gpu == len(adapters) and cpu >= len(adapters) + 8, "room for adapters loaded at runtime"
+    assert command[command.index("--max-lora-rank") + 1] == "8"  # the fleet's ranks are 4 and 8
+    assert {f"{name}={path}" for name, path in adapters.items()} <= set(command)
+    assert command[-1] == "--gpu-memory-utilization=0.8", "the user's arguments come last, so they win"
+    many = {f"a{i}": next(iter(adapters.values())) for i in range(20)}
+    command, _ = vllm_command(fleet_dir / "base", many, 8100, None, [])
+    assert command[command.index("--max-loras") + 1] == "8", "GPU slots, not the whole fleet"
+
+
+def serve_command(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "lorafleet.cli", "serve", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+def test_the_cli_serves_through_an_upstream_and_refuses_a_dead_one(fleet_dir, keys_file, tmp_path):
+    import time
+
+    from tests.serve.conftest import free_port
+
+    dead = serve_command("--fleet", str(tmp_path), "--upstream", f"http://127.0.0.1:{free_port()}")
+    _, errors = dead.communicate(timeout=120)
+    assert dead.returncode == 2 and "cannot reach the upstream" in errors
+
+    with running_server(ServeOptions(fleet_dir=fleet_dir)) as (upstream, _):
+        port = free_port()
+        gateway = serve_command("--fleet", str(tmp_path), "--upstream", upstream, "--port", str(port),
+                                "--keys", str(keys_file))  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                assert gateway.poll() is None, gateway.stderr.read()
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=30).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "the gateway did not come up"
+                time.sleep(0.2)
+            ask = dict(model="finance", messages=MESSAGES, temperature=0, max_tokens=6)
+            relayed = chat_client(f"http://127.0.0.1:{port}", KEYS["finance-team"]).chat.completions.create(**ask)
+            direct = chat_client(upstream).chat.completions.create(**ask)
+        finally:
+            gateway.terminate()
+            gateway.wait(timeout=30)
+    assert relayed.choices[0].message.content == direct.choices[0].message.content

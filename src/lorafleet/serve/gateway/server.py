@@ -74,7 +74,8 @@ class ServeOptions:
     engine: str = "local"  # local | vllm
     upstream_url: str | None = None  # attach to a running vLLM (or any OpenAI-compatible server)
     vllm_port: int = 8100
-    vllm_args: list[str] = field(default_factory=list)
+    vllm_args: list[str] = field(default_factory=list)  # passed to `vllm serve` after ours
+    vllm_gpu_slots: int | None = None  # vLLM's --max-loras; default: the fleet's size, at most 8
 
 
 def find_base_dir(fleet_dir: Path) -> Path:
@@ -120,7 +121,8 @@ class FleetServer:
         base_dir = options.base_dir or find_base_dir(options.fleet_dir)
         self.base_name = base_dir.name
         if options.engine == "vllm":
-            return start_vllm(base_dir, fleet_adapters(options.fleet_dir), options.vllm_port, options.vllm_args)
+            adapters = fleet_adapters(options.fleet_dir)
+            return start_vllm(base_dir, adapters, options.vllm_port, options.vllm_args, options.vllm_gpu_slots)
         backend = LocalBackend(
             load_base(base_dir, options.device, options.dtype),
             options.image_policy,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +28,8 @@ from lorafleet.serve.gateway.errors import APIError
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 STARTUP_TIMEOUT_S = 900.0
+DEFAULT_GPU_LORA_SLOTS = 8  # adapters vLLM keeps on the GPU at once (its --max-loras)
+RUNTIME_LORA_HEADROOM = 8  # CPU-side room for adapters an admin loads at runtime
 BASE_NAME = "base"
 
 
@@ -138,38 +142,48 @@ class UpstreamEvents:
         return self._usage.get("prompt_tokens", 0), self._usage.get("completion_tokens", 0)
 
 
-def start_vllm(base_dir: Path, adapters: dict[str, Path], port: int, extra_args: list[str]) -> UpstreamBackend:
+def vllm_command(
+    base_dir: Path, adapters: dict[str, Path], port: int, gpu_slots: int | None, extra_args: list[str]
+) -> tuple[list[str], dict[str, str]]:
+    """The `vllm serve` command line and environment for the fleet: every adapter registered, a
+    few of them on the GPU at once (`--max-loras`, the GPU's LoRA slots; vLLM swaps the others in
+    from CPU memory, `--max-cpu-loras`, which also leaves room for adapters loaded at runtime),
+    runtime loading allowed, and the user's own arguments last (so they win)."""
+    ranks = [json.loads((path / "adapter_config.json").read_text())["r"] for path in adapters.values()]
+    max_rank = next((r for r in VLLM_LORA_RANKS if r >= max(ranks, default=8)), None)
+    if max_rank is None:
+        raise AdapterError(f"vLLM supports LoRA ranks up to {VLLM_LORA_RANKS[-1]}; the fleet has rank {max(ranks)}")
+    gpu_slots = gpu_slots or max(1, min(len(adapters), DEFAULT_GPU_LORA_SLOTS))
+    cpu_slots = max(gpu_slots, len(adapters) + RUNTIME_LORA_HEADROOM)
+    executable = shutil.which("vllm")
+    command = [executable] if executable else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+    command += [
+        "serve", str(base_dir),
+        "--served-model-name", BASE_NAME,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--enable-lora",
+        "--max-lora-rank", str(max_rank),
+        "--max-loras", str(gpu_slots),
+        "--max-cpu-loras", str(cpu_slots),
+    ]  # fmt: skip
+    if adapters:
+        command += ["--lora-modules", *[f"{name}={path}" for name, path in adapters.items()]]
+    environment = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")  # admin loads at runtime
+    return [*command, *extra_args], environment
+
+
+def start_vllm(
+    base_dir: Path, adapters: dict[str, Path], port: int, extra_args: list[str], gpu_slots: int | None = None
+) -> UpstreamBackend:
     """Start `vllm serve` on 127.0.0.1 with the fleet's adapters and wait until it answers."""
     if importlib.util.find_spec("vllm") is None:
         raise LorafleetError(
             "--engine vllm needs vLLM, which is not installed here. On a Linux machine with a CUDA GPU: "
             "pip install vllm. Or start vLLM yourself and attach with --upstream http://HOST:PORT"
         )
-    ranks = [json.loads((path / "adapter_config.json").read_text())["r"] for path in adapters.values()]
-    max_rank = next((r for r in VLLM_LORA_RANKS if r >= max(ranks, default=8)), None)
-    if max_rank is None:
-        raise AdapterError(f"vLLM supports LoRA ranks up to {VLLM_LORA_RANKS[-1]}; the fleet has rank {max(ranks)}")
-    command = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(base_dir),
-        "--served-model-name",
-        BASE_NAME,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--enable-lora",
-        "--max-lora-rank",
-        str(max_rank),
-        "--max-loras",
-        str(max(1, len(adapters))),
-    ]
-    if adapters:
-        command += ["--lora-modules", *[f"{name}={path}" for name, path in adapters.items()]]
-    process = subprocess.Popen([*command, *extra_args])
+    command, environment = vllm_command(base_dir, adapters, port, gpu_slots, extra_args)
+    process = subprocess.Popen(command, env=environment)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
