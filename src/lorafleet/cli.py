@@ -8,6 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from lorafleet import __version__
 from lorafleet.errors import LorafleetError
 
 EXAMPLES = """\
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"lorafleet {__version__}")
     parser.set_defaults(command=None)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
@@ -86,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget-gb", type=float, help="memory to plan for (default: memory_budget_gb, or 90%% of this GPU)"
     )
     plan.add_argument(
-        "--dtype", choices=["bfloat16", "float16", "float32"], help="compute dtype (default: the spec's, else bfloat16)"
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        help="compute dtype (default: what training would use: the spec's, else bfloat16 on a GPU, float32 on CPU)",
     )
     plan.set_defaults(command="plan", run=_run_plan)
 

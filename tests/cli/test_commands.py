@@ -121,3 +121,10 @@ def test_keys_new_prints_a_key_and_its_hash():
     lines = dict(line.split(":", 1) for line in run.stdout.splitlines())
     key = lines["key"].split()[0]
     assert lines["key_sha256"].strip() == hash_key(key) and key.startswith("sk-lf-")
+
+
+def test_version():
+    from lorafleet import __version__
+
+    run = lorafleet("--version")
+    assert run.returncode == 0 and run.stdout.strip() == f"lorafleet {__version__}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from lorafleet.config import FleetSpec
-from lorafleet.models.loading import load_base
+from lorafleet.models.loading import default_device, default_dtype, load_base
 from lorafleet.train import memory
 from lorafleet.train.trainer import FleetTrainer
 
@@ -28,10 +28,20 @@ class FleetPlan:
     budget: int | None
     fit_count: int | None  # copies of the largest adapter that fit in the budget
     loads: dict[str, memory.AdapterLoad]
+    dtype: str = "bfloat16"  # what the prediction computes in
+
+
+def training_dtype(spec: FleetSpec) -> torch.dtype:
+    """The dtype `lorafleet train` would compute in: the spec's, else bf16 on CUDA and fp32 on CPU
+    (the spec's device, else this machine's)."""
+    if spec.dtype:
+        return getattr(torch, spec.dtype)
+    device = torch.device(spec.device) if spec.device else default_device()
+    return default_dtype(device)
 
 
 def plan_fleet(spec: FleetSpec, budget_gb: float | None = None, dtype: torch.dtype | None = None) -> FleetPlan:
-    dtype = dtype or (getattr(torch, spec.dtype) if spec.dtype else torch.bfloat16)
+    dtype = dtype or training_dtype(spec)
     base = load_base(spec.base, dtype=dtype, weights=False)
     trainer = FleetTrainer(spec, base=base, progress=False)
     if spec.quantize_base == "nf4":  # the skeleton is unquantized: count its language-model Linears as NF4
@@ -47,6 +57,7 @@ def plan_fleet(spec: FleetSpec, budget_gb: float | None = None, dtype: torch.dty
         together.append(adapter)
     loads = {a.name: trainer.adapter_load(a) for a in spec.adapters}
     return FleetPlan(
+        dtype=str(dtype).removeprefix("torch."),
         weights=alone[spec.adapters[0].name].weights,
         alone=alone,
         together=[a.name for a in together],
@@ -93,7 +104,7 @@ def _local_gpu_budget() -> int | None:
 
 def format_plan(plan: FleetPlan, spec: FleetSpec) -> str:
     gib = memory.GIB
-    lines = [f"base {spec.base}: weights {plan.weights / gib:.2f} GiB", ""]
+    lines = [f"base {spec.base}: weights {plan.weights / gib:.2f} GiB, computing in {plan.dtype}", ""]
     lines.append(f"{'adapter':<16} {'rank':>4} {'LoRA params':>12} {'seqs x longest':>15} {'alone':>10}")
     for name, estimate in plan.alone.items():
         load = plan.loads[name]
