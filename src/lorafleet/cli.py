@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         "redirects are never followed",
     )
     serve.add_argument("--max-images", type=int, default=8, help="images per request (default: 8)")
+    serve.add_argument(
+        "--max-tiles", type=int, help="image tiles for every model (default: as each adapter was trained)"
+    )
     serve.add_argument("--max-body-mb", type=float, default=32, help="request body size limit, MiB (default: 32)")
     serve.add_argument(
         "--public-metrics", action="store_true", help="with --keys, serve /metrics without a key (default: key needed)"
@@ -251,6 +254,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_seq_len=args.max_seq_len,
         max_images=args.max_images,
+        max_tiles=args.max_tiles,
         max_body_bytes=int(args.max_body_mb * 2**20),
         public_metrics=args.public_metrics,
         engine=args.engine,

@@ -170,7 +170,7 @@ def load_fleet_spec(path: str | Path) -> FleetSpec:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     spec = fleet_spec_from_dict(raw, str(path))
-    root = path.parent
+    root = path.resolve().parent  # absolute: adapters record the base as a path any directory resolves
     spec.base = _resolve(root, spec.base)
     spec.output = _resolve(root, spec.output)
     for adapter in spec.adapters:

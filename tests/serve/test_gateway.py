@@ -294,3 +294,30 @@ def test_a_burst_of_200_concurrent_requests_gets_no_server_errors(keyed_server):
 
     statuses = asyncio.run(burst())
     assert statuses.count(200) == 150 and statuses.count(404) == 50
+
+
+def test_images_are_tiled_as_the_adapter_was_trained(tiny_vlm_dir, tmp_path):
+    """An adapter trained with max_tiles: 1 sees a wide image as one tile (plus the thumbnail) when
+    served, not the processor's default tiling; --max-tiles overrides."""
+    from lorafleet.config import AdapterSpec, FleetSpec
+    from lorafleet.train.trainer import train_fleet
+    from tests.conftest import write_image_dataset
+
+    data = write_image_dataset(tmp_path / "d.jsonl", n=4, seed=0)
+    spec = FleetSpec(base=str(tiny_vlm_dir), output=str(tmp_path / "fleet"), max_tiles=1, checkpoint_every=0,
+                     adapters=[AdapterSpec(name="narrow", data=str(data), rank=2, steps=1)])  # fmt: skip
+    train_fleet(spec, progress=False)
+    wide = [{"type": "image_url", "image_url": {"url": png_data_url((320, 64))}}, {"type": "text", "text": "?"}]
+
+    def prompt_tokens(url, model):
+        reply = client(url).chat.completions.create(
+            model=model, messages=[{"role": "user", "content": wide}], max_tokens=1
+        )
+        return reply.usage.prompt_tokens
+
+    with running_server(ServeOptions(fleet_dir=tmp_path / "fleet", base_dir=tiny_vlm_dir)) as (url, _):
+        narrow, default = prompt_tokens(url, "narrow"), prompt_tokens(url, "base")
+    with running_server(ServeOptions(fleet_dir=tmp_path / "fleet", base_dir=tiny_vlm_dir, max_tiles=1)) as (url, _):
+        forced = prompt_tokens(url, "base")
+    assert narrow < default, "the adapter's own tiling, not the processor's default"
+    assert forced == narrow

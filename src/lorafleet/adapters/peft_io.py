@@ -8,6 +8,7 @@ LoRA directory that uses features our layer implements.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -33,8 +34,14 @@ def peft_target_modules(modules: tuple[str, ...], language_prefix: str) -> list[
     return re.escape(language_prefix) + r".*\.(?:" + "|".join(map(re.escape, short_names)) + ")"
 
 
-def save_adapter(fleet: LoRAFleet, name: str, out_dir: str | Path, base_path: str | Path) -> Path:
-    """Write adapter `name` as a PEFT LoRA directory."""
+TRAINING_FILE = "lorafleet.json"  # beside the PEFT files: how the adapter's inputs were prepared
+
+
+def save_adapter(
+    fleet: LoRAFleet, name: str, out_dir: str | Path, base_path: str | Path, training: dict | None = None
+) -> Path:
+    """Write adapter `name` as a PEFT LoRA directory; `training` (e.g. the image tiling it was
+    trained with) goes to lorafleet.json, for the server to prepare requests the same way."""
     from peft import LoraConfig
 
     out_dir = Path(out_dir)
@@ -55,7 +62,15 @@ def save_adapter(fleet: LoRAFleet, name: str, out_dir: str | Path, base_path: st
         for key, weight in fleet.named_weights(name)
     }
     save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+    if training is not None:
+        (out_dir / TRAINING_FILE).write_text(json.dumps(training, indent=2) + "\n")
     return out_dir
+
+
+def training_settings(adapter_dir: str | Path) -> dict:
+    """What lorafleet.json recorded about the adapter's training ({} for any other PEFT adapter)."""
+    path = Path(adapter_dir) / TRAINING_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def read_adapter(adapter_dir: str | Path) -> tuple[LoRAShape, dict[str, torch.Tensor]]:

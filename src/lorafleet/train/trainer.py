@@ -284,7 +284,13 @@ class FleetTrainer:
         return job
 
     def _finish(self, job: AdapterJob) -> None:
-        directory = save_adapter(self.fleet, job.name, self.output / "adapters" / job.name, self.spec.base)
+        directory = save_adapter(
+            self.fleet,
+            job.name,
+            self.output / "adapters" / job.name,
+            self.spec.base,
+            {"max_tiles": self.spec.max_tiles},
+        )
         self.result.adapters[job.name] = directory
         self.active.remove(job)
         self.optimizer.remove(job.name)

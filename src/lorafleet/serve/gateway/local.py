@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from lorafleet.adapters.fleet import LoRAFleet
-from lorafleet.adapters.peft_io import load_adapter
+from lorafleet.adapters.peft_io import load_adapter, training_settings
 from lorafleet.data.encode import IGNORE_INDEX, Example, encode_prompt
 from lorafleet.data.records import IMAGE_PLACEHOLDER, ChatRecord, parse_openai_messages
 from lorafleet.errors import AdapterError, DataError
@@ -40,6 +40,7 @@ class LocalBackend:
         max_batch: int,
         max_seq_len: int = 4096,
         max_images: int = 8,
+        max_tiles: int | None = None,
     ) -> None:
         self.base = base
         self.fleet = LoRAFleet(base.model, base.language_prefix)
@@ -47,6 +48,8 @@ class LocalBackend:
         self.image_policy = image_policy
         self.max_image_pixels = max_image_pixels
         self.max_images = max_images
+        self.max_tiles = max_tiles  # every model's, when given
+        self._max_tiles: dict[str, int | None] = {}  # each adapter's, from its training
         tokenizer = base.tokenizer
         specials = set(getattr(tokenizer, "all_special_tokens", [])) | {
             t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special
@@ -64,6 +67,9 @@ class LocalBackend:
             if name in self.fleet.shapes:
                 raise AdapterError(f"adapter {name!r} is already loaded")
             load_adapter(self.fleet, name, path)
+            # Images are tiled as the adapter was trained (the same picture can be 3x the tokens
+            # with another tiling); --max-tiles overrides for every model.
+            self._max_tiles[name] = training_settings(path).get("max_tiles")
 
     def unload_adapter(self, name: str) -> None:
         with self.engine.model_lock:
@@ -72,6 +78,7 @@ class LocalBackend:
             if name in self.engine.adapters_in_use():
                 raise AdapterError(f"adapter {name!r} has requests in flight; retry when they finish")
             self.fleet.remove_adapter(name)
+            self._max_tiles.pop(name, None)
 
     def running(self) -> int:
         return self.engine.running
@@ -99,20 +106,21 @@ class LocalBackend:
 
     async def chat(self, body, adapter: str | None, call: Call) -> ReplyStream:
         """Validate and submit the request; its reply comes as the engine's events."""
-        prompt = await asyncio.to_thread(self._encode, body.messages)
+        prompt = await asyncio.to_thread(self._encode, body.messages, adapter)
         params = self._sampling(body, prompt)
         call.prompt_tokens, call.max_tokens = prompt.num_tokens, params.max_tokens
         call.starting()
         return self.engine.submit(prompt, adapter, params, asyncio.get_running_loop())
 
-    def _encode(self, messages: list[dict]) -> Example:
+    def _encode(self, messages: list[dict], adapter: str | None = None) -> Example:
         try:
             _count_images(messages, self.max_images)
             parsed, images = parse_openai_messages(messages, "request", self.image_policy.resolve)
             self._refuse_special_tokens(parsed)
             for image in images:
                 _check_pixels(image, self.max_image_pixels)
-            return encode_prompt(ChatRecord(parsed, images, "request"), self.base)
+            tiles = self.max_tiles or self._max_tiles.get(adapter)
+            return encode_prompt(ChatRecord(parsed, images, "request"), self.base, tiles)
         except DataError as err:
             raise APIError(400, str(err), "invalid_request", "messages") from err
 

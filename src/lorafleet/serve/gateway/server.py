@@ -67,6 +67,7 @@ class ServeOptions:
     max_seq_len: int = 4096  # tokens per request (prompt and reply): the KV cache's capacity per row
     max_image_pixels: int = 4096 * 4096
     max_images: int = 8  # per request
+    max_tiles: int | None = None  # image tiles for every model; default: each adapter's training setting
     max_body_bytes: int = 32 * 2**20  # a request body over this gets 413 before it is parsed
     public_metrics: bool = False  # with keys, /metrics needs one unless this is set
     device: str | None = None
@@ -130,6 +131,7 @@ class FleetServer:
             options.max_batch,
             options.max_seq_len,
             options.max_images,
+            options.max_tiles,
         )
         for name, path in fleet_adapters(options.fleet_dir).items():
             backend.load_adapter(name, path)
