@@ -42,7 +42,7 @@ row() {  # row NAME MAXSECONDS COMMAND...
     timeout "$max" "$@" >$R/$name.log 2>&1
     local rc=$?
     local said
-    said=$(grep -E 'tok/s|passed|failed|error|Error' $R/$name.log | tail -n 2 | tr '\n' ' ' | cut -c1-400)
+    said=$(grep -E 'tok/s|engine_tok_s|passed|failed|error|Error' $R/$name.log | tail -n 2 | tr '\n' ' ' | cut -c1-400)
     echo "$name: rc=$rc $((SECONDS - t0))s $said" | tee -a $R/summary.txt
     pack
 }
