@@ -57,3 +57,20 @@ def test_rows_with_non_finite_logits_are_flagged():
     logits[1, 4] = float("nan")
     logits[2, 0] = float("inf")
     assert finite_rows(logits).tolist() == [True, False, False]
+
+
+def test_the_device_sampler_draws_what_the_reference_sampler_draws():
+    """sampling.sample_next_token is the plain reference (one row, a host generator): over many
+    draws both give the same tokens with the same frequencies, with and without top-p."""
+    from lorafleet.serve.engine.sampling import SamplingParams, sample_next_token
+
+    logits = torch.randn(1, 12, generator=torch.Generator().manual_seed(3)) * 2
+    for temperature, top_p in ((0.8, 1.0), (1.3, 0.6)):
+        params = SamplingParams(temperature=temperature, top_p=top_p)
+        generator = torch.Generator().manual_seed(0)
+        reference = torch.tensor([sample_next_token(logits[0], params, generator) for _ in range(6000)])
+        ours = draw(logits, temperature, top_p, range(6000))
+        want = torch.bincount(reference, minlength=12).float() / 6000
+        got = torch.bincount(ours, minlength=12).float() / 6000
+        assert set(reference.tolist()) == set(ours.tolist())
+        assert torch.allclose(got, want, atol=0.025), (got, want)

@@ -1,4 +1,6 @@
-"""Choosing the next token: greedy, or temperature and nucleus (top-p) sampling with a seed."""
+"""Sampling parameters, and the plain reference of choosing the next token: greedy, or
+temperature and nucleus (top-p) sampling with a seed. The engine samples on the device
+(device_sampling.py); tests/serve/test_sampling.py holds it to `sample_next_token`."""
 
 from __future__ import annotations
 
