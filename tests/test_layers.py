@@ -13,7 +13,7 @@ PACKAGE = Path(lorafleet.__file__).parent
 # Floor of each top-level room, bottom up; rooms on one floor stand side by side.
 FLOORS = {
     "errors": 0,
-    "segments": 1, "state": 1, "config": 1,
+    "segments": 1, "state": 1, "config": 1, "cost": 1,
     "models": 2,
     "data": 3,
     "adapters": 4,
