@@ -14,7 +14,7 @@ from lorafleet.adapters.fleet import LoRAFleet, LoRAShape, find_target_modules
 from lorafleet.data.encode import IGNORE_INDEX, Example
 from lorafleet.models.loading import load_base
 from lorafleet.segments import Segment
-from lorafleet.serve.engine.decode import GraphDecoder, StaticDecoder, prefill
+from lorafleet.serve.engine.decode import GraphDecoder, StaticDecoder, StepKind, prefill
 from lorafleet.serve.engine.kv_cache import SlotKVCache
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -59,7 +59,7 @@ def decode_greedily(base, fleet, prompts, adapters, slots, steps, cache=None, de
         host = {"tokens": tokens, "slots": slots, "positions": positions,
                 "adapters": [fleet.routing.slots.get(a, 0) for a in adapters],
                 "temperature": [0.0] * rows, "top_p": [1.0] * rows, "seeds": [0] * rows}  # fmt: skip
-        tokens, finite = decoder.step(host, fleet.routing.slots)
+        tokens, finite, _ = decoder.step(host, fleet.routing.slots)
         assert all(finite)
         cache.advance(slots)
         positions = [p + 1 for p in positions]
@@ -142,7 +142,7 @@ def test_the_step_is_static_its_signatures_do_not_grow_with_tokens(tiny_lm_dir):
     for _ in range(60):
         span = cache.span(inputs["slots"][:rows].tolist())
         with Signatures() as signatures:
-            inputs["tokens"] = decoder.step(inputs, span, "nucleus")[0]
+            inputs["tokens"] = decoder.step(inputs, span, StepKind("nucleus"))[0][0]
         per_step.append((span, frozenset(signatures.seen.items())))
         cache.advance(inputs["slots"][:rows].tolist())
         inputs["positions"] = inputs["positions"] + torch.tensor([1] * rows + [0] * 3)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafleet.data.records import IMAGE_PLACEHOLDER, ChatRecord
+from lorafleet.data.records import IMAGE_PLACEHOLDER, ChatRecord, Message
 from lorafleet.errors import DataError
 from lorafleet.models.loading import FrozenBase
 
@@ -48,10 +48,14 @@ def encode_record(
     return Example(torch.tensor(input_ids), torch.tensor(labels), pixel_values, record.source)
 
 
-def encode_prompt(record: ChatRecord, base: FrozenBase, max_tiles: int | None = None) -> Example:
-    """The conversation up to the start of the next assistant reply, for generation."""
+def encode_prompt(
+    record: ChatRecord, base: FrozenBase, max_tiles: int | None = None, tools: list[dict] | None = None
+) -> Example:
+    """The conversation up to the start of the next assistant reply, for generation; `tools`
+    (OpenAI's function list) are offered as the chat template describes them."""
     messages, pixel_values = expand_images(record, base, max_tiles)
-    ids = base.tokenizer(render(base.tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)
+    text = render(base.tokenizer, messages, add_generation_prompt=True, tools=tools)
+    ids = base.tokenizer(text, add_special_tokens=False)
     input_ids = torch.tensor(ids["input_ids"])
     return Example(input_ids, torch.full_like(input_ids, IGNORE_INDEX), pixel_values, record.source)
 
@@ -60,7 +64,7 @@ def expand_images(
     record: ChatRecord, base: FrozenBase, max_tiles: int | None
 ) -> tuple[list[dict], torch.Tensor | None]:
     """Chat-template messages with each `<image>` expanded to its image tokens, and the tiles."""
-    messages = [{"role": m.role, "content": m.text} for m in record.messages]
+    messages = [template_message(m) for m in record.messages]
     if not record.images:
         return messages, None
     if not base.is_multimodal:
@@ -102,10 +106,21 @@ def tokenize_chat(messages: list[dict], tokenizer) -> tuple[list[int], list[int]
     return input_ids, labels
 
 
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+def template_message(message: Message) -> dict:
+    turn = {"role": message.role, "content": message.text}
+    if message.tool_calls:
+        turn["tool_calls"] = message.tool_calls
+    if message.tool_call_id is not None:
+        turn["tool_call_id"] = message.tool_call_id
+    return turn
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
     if not messages:
         return ""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        messages, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def _append(text: str, before: str, tokenizer, input_ids: list[int], labels: list[int], learn: bool) -> None:

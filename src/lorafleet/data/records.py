@@ -5,6 +5,8 @@ InternVL/LLaVA:  {"image": "a.png" | ["a.png", ...], "conversations": [{"from": 
 OpenAI:          {"messages": [{"role": "user", "content": "..." | [{"type": "text", "text": ...},
                   {"type": "image_url", "image_url": {"url": "a.png" | "data:image/png;base64,..."}}]},
                   {"role": "assistant", "content": "..."}]}
+                 (also "developer" turns, read as system turns; assistant turns with "tool_calls"
+                 and "tool" turns with the results, rendered by the model's chat template)
 
 Both become a `ChatRecord`: messages whose text carries one `<image>` placeholder per image, and
 the images in order. Every problem is a `DataError` naming the file and line.
@@ -30,8 +32,12 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
 
 @dataclass
 class Message:
-    role: str  # system | user | assistant
+    role: str  # system | user | assistant | tool
     text: str
+    # assistant turns: the calls it made, as chat templates take them:
+    # [{"type": "function", "function": {"name": ..., "arguments": {...}}}]
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None  # tool turns: the call this result answers
 
 
 @dataclass
@@ -139,11 +145,14 @@ def parse_openai_messages(
     messages, images = [], []
     for index, turn in enumerate(turns):
         where = f"{source}: messages[{index}]"
-        if not isinstance(turn, dict) or turn.get("role") not in ("system", "user", "assistant"):
-            raise DataError(f"{where} needs a 'role' of system, user or assistant")
+        if not isinstance(turn, dict) or turn.get("role") not in _OPENAI_ROLES:
+            raise DataError(f"{where} needs a 'role' of system, developer, user, assistant or tool")
+        role = _OPENAI_ROLES[turn["role"]]
         content = turn.get("content")
-        if isinstance(content, str):
-            messages.append(Message(turn["role"], _plain_text(content, where)))
+        calls = _tool_calls(turn.get("tool_calls"), where) if role == "assistant" else None
+        if isinstance(content, str) or (content is None and calls):
+            text = _plain_text(content or "", where)
+            messages.append(Message(role, text, calls, _tool_call_id(turn, role, where)))
             continue
         if not isinstance(content, list):
             raise DataError(f"{where}: 'content' must be a string or a list of parts")
@@ -160,8 +169,41 @@ def parse_openai_messages(
                 text += IMAGE_PLACEHOLDER + "\n"
             else:
                 raise DataError(f"{where}: a content part must be {{'type': 'text'}} or {{'type': 'image_url'}}")
-        messages.append(Message(turn["role"], text))
+        messages.append(Message(role, text, calls, _tool_call_id(turn, role, where)))
     return messages, images
+
+
+_OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+
+
+def _tool_calls(calls: object, where: str) -> list[dict] | None:
+    """An assistant turn's OpenAI `tool_calls` as chat templates take them (arguments as an object)."""
+    if calls is None:
+        return None
+    if not isinstance(calls, list):
+        raise DataError(f"{where}: 'tool_calls' must be a list")
+    converted = []
+    for number, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise DataError(f"{where}: tool_calls[{number}] needs a 'function' with a 'name'")
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments or "{}")
+            except ValueError as err:
+                raise DataError(f"{where}: tool_calls[{number}].function.arguments is not valid JSON") from err
+        function = {"name": function["name"], "arguments": arguments}
+        converted.append({"type": "function", "id": call.get("id"), "function": function})
+    return converted
+
+
+def _tool_call_id(turn: dict, role: str, where: str) -> str | None:
+    if role != "tool":
+        return None
+    if not isinstance(turn.get("tool_call_id"), str):
+        raise DataError(f"{where}: a tool turn needs the 'tool_call_id' of the call it answers")
+    return turn["tool_call_id"]
 
 
 def _plain_text(text: str, where: str) -> str:

@@ -9,6 +9,7 @@ modules (so RMSNorm, rotary embedding and weights are exactly the model's):
     embed → per layer [norm → q/k/v (+ every row's own adapter) → rope → write k/v at each row's
     position in its KV-cache slot → attention over its slot's first `span` positions → o_proj →
     norm → gate/up → down] → norm → head → next token per row (on the device) + finite check
+    (+ a grammar's token mask, + log-probabilities, in the steps whose rows ask for them)
 
 Every input is a tensor of fixed shape for a (rows, span) bucket — tokens, slots, positions,
 adapter slots, sampling parameters — and every weight lives at a fixed address, adapters
@@ -25,6 +26,8 @@ slots.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,7 +37,13 @@ from lorafleet.data.batch import collate
 from lorafleet.errors import ModelLoadError
 from lorafleet.models.hf_compat import prefill_with_cache
 from lorafleet.models.loading import FrozenBase
-from lorafleet.serve.engine.device_sampling import finite_rows, sample_rows, sampling_mode
+from lorafleet.serve.engine.device_sampling import (
+    allowed_tokens,
+    finite_rows,
+    sample_rows,
+    sampling_mode,
+    token_logprobs,
+)
 from lorafleet.serve.engine.kv_cache import SlotKVCache
 
 SUPPORTED_LAYERS = ("Qwen2DecoderLayer", "Qwen3DecoderLayer", "LlamaDecoderLayer", "MistralDecoderLayer")
@@ -53,6 +62,20 @@ def check_supported(base: FrozenBase) -> None:
             f"{base.path}: the local engine does not support {reason} yet "
             f"(supported: {', '.join(SUPPORTED_LAYERS)}); serve this model with --engine vllm"
         )
+
+
+def choose_tokens(
+    logits: torch.Tensor, inputs: dict[str, torch.Tensor], positions: torch.Tensor, kind: StepKind
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Every row's next token from its fp32 logits (rows, vocab), at `positions` (where the token
+    will be fed; a draw depends on it): (2, rows) int64 of tokens and finite flags, and the
+    log-probabilities when `kind` asks."""
+    allowed = allowed_tokens(inputs["bitmask"], logits.shape[-1]) if kind.masked else None
+    ids = sample_rows(
+        logits, inputs["temperature"], inputs["top_p"], inputs["seeds"], positions, kind.sampling, allowed
+    )
+    chosen = torch.stack([ids, finite_rows(logits).long()])
+    return chosen, token_logprobs(logits, ids) if kind.logprobs else None
 
 
 @torch.no_grad()
@@ -184,6 +207,14 @@ class RowOwners:
         return self._masks[capacity, rank]
 
 
+class StepKind(NamedTuple):
+    """What a step computes beyond the forward: one compiled variant (one CUDA graph per bucket) each."""
+
+    sampling: str  # device_sampling.MODES
+    masked: bool = False  # some row is under a grammar: the inputs carry its token bitmask
+    logprobs: bool = False  # some row asked for log-probabilities
+
+
 class StaticDecoder:
     """One decode step for a bucket of rows, every shape fixed by (rows, span)."""
 
@@ -216,10 +247,13 @@ class StaticDecoder:
         return self._version
 
     @torch.no_grad()
-    def step(self, inputs: dict[str, torch.Tensor], span: int, mode: str) -> torch.Tensor:
+    def step(
+        self, inputs: dict[str, torch.Tensor], span: int, kind: StepKind
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """inputs: tokens, slots, positions, adapters, seeds (rows,) int64; temperature, top_p
-        (rows,) float32; `mode` as `device_sampling.sample_rows` takes it. Returns (2, rows)
-        int64: next token, and 1 where the row's logits were all finite."""
+        (rows,) float32; with `kind.masked` also bitmask (rows, words) int32. Returns (2, rows)
+        int64: next token, and 1 where the row's logits were all finite; and with `kind.logprobs`
+        `device_sampling.token_logprobs` of each row (else None)."""
         tokens, slots, positions = inputs["tokens"], inputs["slots"], inputs["positions"]
         rows = tokens.shape[0]
         hidden = self.embed(tokens)[:, None]  # (rows, 1, hidden)
@@ -252,8 +286,7 @@ class StaticDecoder:
             (mlp,) = down(layer.mlp.act_fn(gate) * up, owners)
             hidden = hidden + mlp
         logits = self.lm_head(_rms_norm(self.norm, hidden))[:, 0].float()
-        ids = sample_rows(logits, inputs["temperature"], inputs["top_p"], inputs["seeds"], positions, mode)
-        return torch.stack([ids, finite_rows(logits).long()])
+        return choose_tokens(logits, inputs, positions, kind)
 
 
 class GraphDecoder:
@@ -279,10 +312,17 @@ class GraphDecoder:
         return next((b for b in self.ROW_BUCKETS if b >= rows), rows)
 
     def step(
-        self, host: dict[str, list], adapter_slots: dict[str, int], slots_version: int | None = None
-    ) -> tuple[list[int], list[bool]]:
+        self,
+        host: dict[str, list],
+        adapter_slots: dict[str, int],
+        slots_version: int | None = None,
+        bitmask: torch.Tensor | None = None,
+        logprobs: bool = False,
+    ) -> tuple[list[int], list[bool], list[list[float]] | None]:
         """host: per row tokens, slots, positions, adapters (fleet slot, 0 for the base), seeds,
-        temperature, top_p. Returns each row's next token and whether its logits were finite."""
+        temperature, top_p; `bitmask` (rows, words) int32, the tokens each row may take (a row
+        without a grammar: all bits set). Returns each row's next token, whether its logits were
+        finite, and (with `logprobs`) each row's `device_sampling.token_logprobs`."""
         version = self.decoder.refresh_adapters(adapter_slots, slots_version)
         if version != self._version:  # adapter buffers moved: every captured graph is stale
             self._captured.clear()
@@ -290,16 +330,17 @@ class GraphDecoder:
         rows = len(host["tokens"])
         bucket = self.bucket_rows(rows)
         span = self.cache.span(host["slots"])
-        mode = sampling_mode(host["temperature"], host["top_p"])
-        packed = _pack(host, bucket, self.cache.scratch)
+        kind = StepKind(sampling_mode(host["temperature"], host["top_p"]), bitmask is not None, logprobs)
+        packed = _pack(host, bucket, self.cache.scratch, bitmask)
         if not self.graphs:
-            out = self.decoder.step(_unpack(*(t.to(self.device) for t in packed)), span, mode)
+            chosen, scores = self.decoder.step(_unpack(*(t.to(self.device) for t in packed)), span, kind)
         else:
-            out = self._replay((bucket, span, mode), packed)
-        ids, finite = out.tolist()  # the step's one host transfer
-        return ids[:rows], [bool(f) for f in finite[:rows]]
+            chosen, scores = self._replay((bucket, span, kind), packed)
+        ids, finite = chosen.tolist()  # the step's one host transfer (two with logprobs)
+        scores = scores[:rows].tolist() if scores is not None else None
+        return ids[:rows], [bool(f) for f in finite[:rows]], scores
 
-    def _replay(self, key: tuple, packed: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def _replay(self, key: tuple, packed: tuple[torch.Tensor, ...]) -> tuple:
         if key not in self._captured:
             self._captured[key] = self._capture(key, tuple(t.to(self.device) for t in packed))
         graph, static, output = self._captured[key]
@@ -308,20 +349,20 @@ class GraphDecoder:
         graph.replay()
         return output
 
-    def _capture(self, key: tuple, static: tuple[torch.Tensor, torch.Tensor]) -> tuple:
-        _, span, mode = key
+    def _capture(self, key: tuple, static: tuple[torch.Tensor, ...]) -> tuple:
+        _, span, kind = key
         inputs = _unpack(*static)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm up kernels and workspaces off the capture
             for _ in range(2):
-                self.decoder.step(inputs, span, mode)
+                self.decoder.step(inputs, span, kind)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self._pool):
-            output = self.decoder.step(inputs, span, mode)
+            output = self.decoder.step(inputs, span, kind)
         return graph, static, output
 
 
@@ -331,19 +372,24 @@ FLOAT_INPUTS = ("temperature", "top_p")
 FILLER = {"tokens": 0, "positions": 0, "adapters": 0, "seeds": 0, "temperature": 0.0, "top_p": 1.0}
 
 
-def _pack(host: dict[str, list], bucket: int, scratch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The step's inputs as two host tensors (one copy each to the device), padded to the bucket."""
+def _pack(
+    host: dict[str, list], bucket: int, scratch: int, bitmask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
+    """The step's inputs as two host tensors (one copy each to the device), padded to the bucket,
+    and the bitmask as a third (padding rows allow every token)."""
     extra = bucket - len(host["tokens"])
     pad = lambda name: list(host[name]) + [scratch if name == "slots" else FILLER[name]] * extra  # noqa: E731
     integers = torch.tensor([pad(name) for name in INTEGER_INPUTS], dtype=torch.long)
     floats = torch.tensor([pad(name) for name in FLOAT_INPUTS], dtype=torch.float32)
-    return integers, floats
+    if bitmask is None:
+        return integers, floats
+    return integers, floats, torch.cat([bitmask, bitmask.new_full((extra, bitmask.shape[1]), -1)])
 
 
-def _unpack(integers: torch.Tensor, floats: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {name: integers[i] for i, name in enumerate(INTEGER_INPUTS)} | {
-        name: floats[i] for i, name in enumerate(FLOAT_INPUTS)
-    }
+def _unpack(integers: torch.Tensor, floats: torch.Tensor, bitmask: torch.Tensor | None = None) -> dict:
+    inputs = {name: integers[i] for i, name in enumerate(INTEGER_INPUTS)}
+    inputs |= {name: floats[i] for i, name in enumerate(FLOAT_INPUTS)}
+    return inputs | ({"bitmask": bitmask} if bitmask is not None else {})
 
 
 def _capacity_for(slots: int) -> int:

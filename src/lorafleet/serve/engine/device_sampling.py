@@ -7,6 +7,11 @@ reply depends only on its own seed, prompt and adapter — not on the rows decod
 the order the engine happens to run them in — and no host random generator (nor any
 synchronisation) is involved. A captured CUDA graph can hold the whole of it.
 
+A row under a grammar (structured output, forced tool calls) brings a bitmask of the tokens it may
+take next (`allowed_tokens`), applied before greedy and sampled choice alike. Log-probabilities,
+when asked for, are the model's own (log-softmax of the raw logits, before temperature or mask),
+as OpenAI and vLLM report them.
+
 Temperatures below `MIN_TEMPERATURE` decode greedily: logits / 1e-38 overflow to inf and the
 softmax to NaN, and at 1e-4 the distribution is already a point mass in fp32.
 """
@@ -20,6 +25,7 @@ _MASK32 = 0xFFFFFFFF
 
 
 MODES = ("greedy", "sample", "nucleus")
+LOGPROBS_TOP = 20  # alternatives computed per token when any row asks for logprobs (OpenAI's maximum)
 
 
 def sampling_mode(temperature: list[float], top_p: list[float]) -> str:
@@ -37,10 +43,14 @@ def sample_rows(
     seeds: torch.Tensor,
     positions: torch.Tensor,
     mode: str = "nucleus",
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(rows,) next tokens for logits (rows, vocab) in fp32; temperature and top_p (rows,) float,
     seeds and positions (rows,) int64 (seed below 2**32). `mode` (from `sampling_mode`) skips the
-    work no row needs: "greedy" (every row cold), "sample" (no row with top_p < 1)."""
+    work no row needs: "greedy" (every row cold), "sample" (no row with top_p < 1). `allowed`
+    (rows, vocab) bool, when given: the only tokens each row may take."""
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, -torch.inf)
     greedy = logits.argmax(dim=-1)
     if mode == "greedy":
         return greedy
@@ -56,6 +66,22 @@ def sample_rows(
         scaled = scaled.masked_fill(probs < smallest, -torch.inf)
     drawn = (scaled + _gumbel(seeds, positions, logits.shape[-1], logits.device)).argmax(dim=-1)
     return torch.where(cold, greedy, drawn)
+
+
+def allowed_tokens(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(rows, vocab) bool from a (rows, ceil(vocab / 32)) int32 bitmask, bit t % 32 of word t // 32
+    set when token t is allowed (the layout grammar libraries fill)."""
+    token = torch.arange(vocab, device=bitmask.device)
+    words = bitmask.index_select(1, token // 32)
+    return ((words >> (token % 32).to(torch.int32)) & 1).bool()
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, top: int = LOGPROBS_TOP) -> torch.Tensor:
+    """(rows, 1 + 2·top) float32: the chosen token's log-probability, the `top` most likely tokens'
+    log-probabilities, and their ids (exact as floats below 2**24)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    best = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
+    return torch.cat([logprobs.gather(1, ids[:, None]), best.values, best.indices.float()], dim=1)
 
 
 def finite_rows(logits: torch.Tensor) -> torch.Tensor:

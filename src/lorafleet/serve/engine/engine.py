@@ -5,8 +5,9 @@ takes a slot of the static KV cache (`serve/kv_cache.py`), their prompts are pre
 right-padded batch (a bounded number of prompt tokens per iteration, so that a burst of arrivals
 never stalls the running streams for long) and their keys/values copied into their slots; then
 (2) decodes one token for every running row in one step of `serve/decode.py` (a CUDA graph on a
-GPU), each row with its own adapter and its own sampling, the next tokens chosen on the device;
-and (3) retires finished rows, whose slots are free at once. A request therefore joins the batch
+GPU), each row with its own adapter and its own sampling, the next tokens chosen on the device
+(under the row's grammar when it has one: `grammar.py`); and (3) retires finished rows, whose
+slots are free at once. A request therefore joins the batch
 at the next token, not when the current batch ends.
 
 A row whose logits are not finite, or whose prompt does not fit, ends with an error alone; the
@@ -29,11 +30,12 @@ from lorafleet.adapters.fleet import LoRAFleet
 from lorafleet.data.encode import Example
 from lorafleet.models.loading import FrozenBase
 from lorafleet.segments import Segment
-from lorafleet.serve.engine.decode import GraphDecoder, prefill
-from lorafleet.serve.engine.device_sampling import finite_rows, sample_rows, sampling_mode
+from lorafleet.serve.engine.decode import GraphDecoder, StepKind, choose_tokens, prefill
+from lorafleet.serve.engine.device_sampling import LOGPROBS_TOP, sampling_mode
+from lorafleet.serve.engine.grammar import Grammars, RowGrammar, bitmask_for
 from lorafleet.serve.engine.kv_cache import SlotKVCache
 from lorafleet.serve.engine.sampling import SamplingParams
-from lorafleet.serve.engine.text import IncrementalText
+from lorafleet.serve.engine.text import IncrementalText, token_bytes
 
 
 @dataclass
@@ -45,6 +47,9 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    # OpenAI's per-token entries ({"token", "logprob", "bytes", "top_logprobs"}) of the tokens
+    # this event completes, when the request asked for logprobs
+    logprobs: list[dict] | None = None
 
 
 class EventSource(Protocol):
@@ -110,6 +115,8 @@ class _Row:
     generated: list[int] = field(default_factory=list)
     next_token: int = -1  # sampled, accounted, not yet fed to the model
     finish: str | None = None
+    grammar: RowGrammar | None = None
+    logprobs: list[dict] = field(default_factory=list)  # entries not yet sent
 
 
 # Prompt tokens prefilled per iteration (at least one request's): between two prefill batches the
@@ -150,6 +157,17 @@ class Engine:
         generation_config = base.model.generation_config
         eos = generation_config.eos_token_id
         self.eos_ids = {base.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+        self.vocab_size = base.model.get_output_embeddings().weight.shape[0]
+        self._grammars: Grammars | None = None
+        self._token_texts: dict[int, dict] = {}  # logprob entries' text of each token id seen
+
+    @property
+    def grammars(self) -> Grammars:
+        """The compiler of this model's constraints (built on first use: about a second for a
+        150k-token vocabulary)."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.base.tokenizer, self.vocab_size)
+        return self._grammars
 
     # --- public interface (any thread) ----------------------------------------------------
 
@@ -253,22 +271,22 @@ class Engine:
         try:
             rows, logits = self._prefill(requests, slots)
             host = self._sampling_inputs(rows)
+            bitmask = self._bitmask(rows)
+            kind = StepKind(sampling_mode(host["temperature"], host["top_p"]), bitmask is not None, host["logprobs"])
             device = logits.device
-            ids = sample_rows(
-                logits,
-                torch.tensor(host["temperature"], device=device),
-                torch.tensor(host["top_p"], device=device),
-                torch.tensor(host["seeds"], device=device),
-                torch.tensor([row.position - 1 for row in rows], device=device),  # the last prompt token
-                sampling_mode(host["temperature"], host["top_p"]),
-            )
-            tokens, finite = torch.stack([ids, finite_rows(logits).long()]).tolist()
+            inputs = {name: torch.tensor(host[name], device=device) for name in ("temperature", "top_p", "seeds")}
+            if bitmask is not None:
+                inputs["bitmask"] = bitmask.to(device)
+            positions = torch.tensor([row.position - 1 for row in rows], device=device)  # the last prompt token
+            chosen, scores = choose_tokens(logits, inputs, positions, kind)
+            tokens, finite = chosen.tolist()
+            scores = scores.tolist() if scores is not None else None
         except Exception:
             for slot in slots:
                 self.cache.release(slot)
             raise
         self._rows += rows
-        self._take_tokens(rows, tokens, finite)
+        self._take_tokens(rows, tokens, finite, scores)
 
     def _prefill(self, requests: list[_Request], slots: list[int]) -> tuple[list[_Row], torch.Tensor]:
         prompts = [r.prompt for r in requests]
@@ -280,6 +298,9 @@ class Engine:
             _Row(r, IncrementalText(self.base.tokenizer, r.params.stop), _seed(r.params), slot, length)
             for r, slot, length in zip(requests, slots, lengths, strict=True)
         ]
+        for row in rows:
+            if row.request.params.grammar is not None:
+                row.grammar = self.grammars.matcher(row.request.params.grammar)
         return rows, logits
 
     def _decode_step(self) -> None:
@@ -291,24 +312,40 @@ class Engine:
             "positions": [row.position for row in self._rows],
             "adapters": [slots.get(row.request.adapter, 0) for row in self._rows],
         }
-        tokens, finite = self.decoder.step(host, slots, self.fleet.routing.slots_version)
+        bitmask = self._bitmask(self._rows)
+        tokens, finite, scores = self.decoder.step(
+            host, slots, self.fleet.routing.slots_version, bitmask, host["logprobs"]
+        )
         self.cache.advance(host["slots"])
         for row in self._rows:
             row.position += 1
-        self._take_tokens(self._rows, tokens, finite)
+        self._take_tokens(self._rows, tokens, finite, scores)
         self._retire()
 
     @staticmethod
-    def _sampling_inputs(rows: list[_Row]) -> dict[str, list]:
+    def _sampling_inputs(rows: list[_Row]) -> dict:
         return {
             "temperature": [float(row.request.params.temperature) for row in rows],
             "top_p": [float(row.request.params.top_p) for row in rows],
             "seeds": [row.seed for row in rows],
+            "logprobs": any(row.request.params.logprobs is not None for row in rows),
         }
 
-    def _take_tokens(self, rows: list[_Row], tokens: list[int], finite: list[bool]) -> None:
+    def _bitmask(self, rows: list[_Row]) -> torch.Tensor | None:
+        """The tokens each row may take next, when any row is under a grammar (else None)."""
+        if all(row.grammar is None for row in rows):
+            return None
+        bitmask = bitmask_for(len(rows), self.vocab_size)
+        for index, row in enumerate(rows):
+            if row.grammar is not None:
+                row.grammar.fill(bitmask, index)
+        return bitmask
+
+    def _take_tokens(
+        self, rows: list[_Row], tokens: list[int], finite: list[bool], scores: list[list[float]] | None
+    ) -> None:
         """Each row's next token: stream its text and decide whether the row is done."""
-        for row, token, ok in zip(rows, tokens, finite, strict=True):
+        for index, (row, token, ok) in enumerate(zip(rows, tokens, finite, strict=True)):
             if not ok:
                 row.finish = "error"
                 row.request.stream.put(
@@ -316,23 +353,48 @@ class Engine:
                 )
                 continue
             row.next_token = token
-            row.finish = self._account(row)
+            row.finish = self._account(row, scores[index] if scores is not None else None)
 
-    def _account(self, row: _Row) -> str | None:
+    def _account(self, row: _Row, scores: list[float] | None) -> str | None:
         token, params = row.next_token, row.request.params
         finish = None
         if token in self.eos_ids and not params.ignore_eos:
             finish = "stop"
         else:
             row.generated.append(token)
+            if params.logprobs is not None and scores is not None:
+                row.logprobs.append(self._logprob_entry(token, scores, params.logprobs))
+            if row.grammar is not None and not row.grammar.accept(token):
+                row.finish = "error"
+                row.request.stream.put(Event("", "error", error=f"the grammar refused a token: {row.grammar.error}"))
+                return "error"
             if row.text.add(token):
                 finish = "stop"  # a stop string appeared
+            elif row.grammar is not None and row.grammar.finished:
+                finish = "stop"  # the structured reply is complete
             elif len(row.generated) >= params.max_tokens or row.position >= self.max_positions:
                 finish = "length"  # row.position is where this token would be fed
         delta = row.text.flush() if finish else row.text.ready()
         if delta or finish:
-            row.request.stream.put(Event(delta, finish, row.request.prompt.num_tokens, len(row.generated)))
+            logprobs, row.logprobs = (row.logprobs, []) if params.logprobs is not None else (None, row.logprobs)
+            prompt_tokens = row.request.prompt.num_tokens
+            row.request.stream.put(Event(delta, finish, prompt_tokens, len(row.generated), logprobs=logprobs))
         return finish
+
+    def _logprob_entry(self, token: int, scores: list[float], top: int) -> dict:
+        """OpenAI's entry for one token from `device_sampling.token_logprobs`' row."""
+        best = [(int(i), lp) for lp, i in zip(scores[1 : 1 + LOGPROBS_TOP], scores[1 + LOGPROBS_TOP :], strict=True)]
+        return {
+            **self._token_text(token),
+            "logprob": scores[0],
+            "top_logprobs": [{**self._token_text(i), "logprob": lp} for i, lp in best[:top]],
+        }
+
+    def _token_text(self, token: int) -> dict:
+        if token not in self._token_texts:
+            raw = token_bytes(self.base.tokenizer, token)
+            self._token_texts[token] = {"token": raw.decode("utf-8", errors="replace"), "bytes": list(raw)}
+        return self._token_texts[token]
 
     def _retire(self) -> None:
         kept = []

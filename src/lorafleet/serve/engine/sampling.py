@@ -17,6 +17,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None  # same seed, same prompt, same adapter: same reply
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
+    grammar: str | None = None  # the reply must match it (`grammar.Grammars` compiles one)
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives
 
 
 def sample_next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

@@ -62,3 +62,30 @@ class IncrementalText:
             return ""
         delta, self.sent = self.text[self.sent : end], end
         return delta
+
+
+def token_bytes(tokenizer, token: int) -> bytes:
+    """The bytes one token stands for (a piece of a multi-byte character included, which a decode
+    of the token alone shows as U+FFFD): byte-level BPE vocabularies (GPT-2, Qwen, Llama 3) spell
+    each byte as one printable character; other tokens are their text."""
+    piece = tokenizer.convert_ids_to_tokens(token)
+    if piece is None:
+        return b""
+    table = _byte_level_alphabet()
+    if token not in getattr(tokenizer, "added_tokens_decoder", {}) and all(c in table for c in piece):
+        return bytes(table[c] for c in piece)
+    return tokenizer.decode([token]).encode("utf-8")
+
+
+_ALPHABET: dict[str, int] = {}
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-to-character table, reversed: printable bytes stand for themselves, the others
+    for 256 + their rank."""
+    if not _ALPHABET:
+        printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+        others = [b for b in range(256) if b not in printable]
+        _ALPHABET.update({chr(b): b for b in printable})
+        _ALPHABET.update({chr(256 + n): b for n, b in enumerate(others)})
+    return _ALPHABET
