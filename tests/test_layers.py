@@ -14,7 +14,7 @@ PACKAGE = Path(lorafleet.__file__).parent
 FLOORS = {
     "errors": 0,
     "segments": 1, "state": 1, "config": 1, "cost": 1,
-    "models": 2,
+    "models": 2, "governance": 2,
     "data": 3,
     "adapters": 4,
     "evaluate": 5,

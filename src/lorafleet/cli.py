@@ -205,7 +205,44 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("key", nargs="?", help="the key to hash")
     keys.set_defaults(command="keys", run=_run_keys)
     _add_cost_parser(commands)
+    _add_governance_parsers(commands)
     return parser
+
+
+def _add_governance_parsers(commands: argparse._SubParsersAction) -> None:
+    audit = commands.add_parser(
+        "audit",
+        help="verify, export, sign or prune a fleet's hash-chained audit log",
+        description="The audit log in DIR/audit/ records training, serving and administration, each entry "
+        "holding the SHA-256 of the one before it.",
+    )
+    actions = audit.add_subparsers(title="actions", metavar="ACTION", required=True)
+    verify = actions.add_parser("verify", help="check the chain; exit 1 naming the first bad entry")
+    verify.add_argument("dir", type=Path, help="fleet directory (or its audit/ directory, or an exported file)")
+    verify.add_argument("--public-key", type=Path, help="also check the signed checkpoints with this public key")
+    verify.set_defaults(run=_run_audit_verify)
+    export = actions.add_parser("export", help="copy the entries of a time range to one JSONL file")
+    export.add_argument("dir", type=Path, help="fleet directory")
+    export.add_argument("--since", help="first time included (ISO 8601, UTC unless given, e.g. 2026-11-01)")
+    export.add_argument("--until", help="first time excluded (ISO 8601)")
+    export.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
+    export.set_defaults(run=_run_audit_export)
+    keygen = actions.add_parser("keygen", help="a new Ed25519 key pair for signing checkpoints")
+    keygen.add_argument("key", type=Path, help="private key file to create (the public key goes to KEY.pub)")
+    keygen.set_defaults(run=_run_audit_keygen)
+    sign = actions.add_parser("sign", help="sign the chain's newest entry (run periodically, e.g. from cron)")
+    sign.add_argument("dir", type=Path, help="fleet directory")
+    sign.add_argument("--key", type=Path, required=True, help="Ed25519 private key (lorafleet audit keygen)")
+    sign.set_defaults(run=_run_audit_sign)
+    prune = actions.add_parser(
+        "prune",
+        help="delete whole months of entries older than the retention period",
+        description="Deployers of high-risk systems keep logs at least six months (EU AI Act Art. 19, 26(6)).",
+    )
+    prune.add_argument("dir", type=Path, help="fleet directory")
+    prune.add_argument("--keep-days", type=int, required=True, help="keep entries at least this many days old")
+    prune.set_defaults(run=_run_audit_prune)
+    audit.set_defaults(command="audit")
 
 
 def _add_cost_parser(commands: argparse._SubParsersAction) -> None:
@@ -372,6 +409,55 @@ def _run_cost(args: argparse.Namespace) -> int:
     )
     report = cost.estimate(inputs)
     print(json.dumps(report.to_json(), indent=2) if args.json else cost.format_report(report))
+    return 0
+
+
+def _run_audit_verify(args: argparse.Namespace) -> int:
+    from lorafleet.errors import AuditError
+    from lorafleet.governance.audit import verify_chain
+    from lorafleet.governance.signing import load_public_key, verify_checkpoints
+
+    try:
+        report = verify_chain(args.dir)
+        signed = verify_checkpoints(args.dir, load_public_key(args.public_key), report) if args.public_key else None
+    except AuditError as err:
+        print(f"lorafleet: audit log NOT valid: {err}", file=sys.stderr)
+        return 1
+    print(f"audit log valid: {report.entries} entries, seq {report.first_seq}..{report.last_seq}")
+    if signed is not None:
+        print(f"signed checkpoints: {signed.checked} verified, {signed.before_retention} before retention")
+    return 0
+
+
+def _run_audit_export(args: argparse.Namespace) -> int:
+    from lorafleet.governance.audit import export_entries
+
+    count = export_entries(args.dir, args.out, args.since, args.until)
+    print(f"{count} entries written to {args.out}")
+    return 0
+
+
+def _run_audit_keygen(args: argparse.Namespace) -> int:
+    from lorafleet.governance.signing import generate_key
+
+    public = generate_key(args.key)
+    print(f"private key: {args.key}   (keep it off the fleet's host)\npublic key:  {public}")
+    return 0
+
+
+def _run_audit_sign(args: argparse.Namespace) -> int:
+    from lorafleet.governance.signing import load_private_key, sign_checkpoint
+
+    checkpoint = sign_checkpoint(args.dir, load_private_key(args.key))
+    print(f"signed entry seq {checkpoint['seq']} ({checkpoint['hash'][:16]}...)")
+    return 0
+
+
+def _run_audit_prune(args: argparse.Namespace) -> int:
+    from lorafleet.governance.audit import prune
+
+    deleted = prune(args.dir, args.keep_days)
+    print(f"deleted {len(deleted)} monthly segments: {', '.join(p.name for p in deleted) or 'none'}")
     return 0
 
 

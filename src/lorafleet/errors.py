@@ -29,3 +29,11 @@ class TrainingError(LorafleetError):
 
 class AdapterError(LorafleetError):
     """An adapter targets modules the base lacks, or an adapter directory cannot be used."""
+
+
+class AuditError(LorafleetError):
+    """The audit log fails verification (names the first bad entry), or a signature does not check out."""
+
+
+class RegistryError(LorafleetError):
+    """The lineage registry does not know an adapter, or its records cannot be read."""

@@ -1,0 +1,1 @@
+"""Governance: the audit log, the lineage registry and the documents generated from it."""
