@@ -50,6 +50,7 @@ class Event:
     # OpenAI's per-token entries ({"token", "logprob", "bytes", "top_logprobs"}) of the tokens
     # this event completes, when the request asked for logprobs
     logprobs: list[dict] | None = None
+    tool_calls: list[dict] | None = None  # tool-call deltas an upstream server parsed itself (relayed)
 
 
 class EventSource(Protocol):

@@ -30,6 +30,7 @@ class Call:
     reservation: object = None  # the tenant's token reservation (`Tenant.reserve`)
     content: dict | None = None  # the request's messages, kept only with --log-content
     reply: str | None = None  # the reply's text, kept only with --log-content
+    fingerprint: str = "lorafleet"  # the replies' system_fingerprint: this server's build and base
 
     def starting(self) -> None:
         """Called by the backend once the request is valid, just before generation starts; may

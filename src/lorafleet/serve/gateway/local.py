@@ -8,7 +8,9 @@ into OpenAI's JSON reply or its server-sent-event stream.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
+import secrets
 from pathlib import Path
 
 import torch
@@ -16,16 +18,17 @@ from PIL import Image
 
 from lorafleet.adapters.fleet import LoRAFleet
 from lorafleet.adapters.peft_io import load_adapter, training_settings
-from lorafleet.data.encode import IGNORE_INDEX, Example, encode_prompt
+from lorafleet.data.encode import IGNORE_INDEX, Example, encode_prompt, render
 from lorafleet.data.records import IMAGE_PLACEHOLDER, ChatRecord, parse_openai_messages
 from lorafleet.errors import AdapterError, DataError
 from lorafleet.models.loading import FrozenBase
 from lorafleet.serve.engine.engine import Engine, ReplyStream
+from lorafleet.serve.engine.grammar import GrammarError
 from lorafleet.serve.engine.sampling import SamplingParams
-from lorafleet.serve.gateway import openai_format
 from lorafleet.serve.gateway.calls import Call
 from lorafleet.serve.gateway.errors import APIError
 from lorafleet.serve.gateway.images import ImagePolicy
+from lorafleet.serve.gateway.tools import ToolUse
 
 READY_TIMEOUT_S = 60.0
 DEFAULT_MAX_TOKENS = 256
@@ -97,22 +100,44 @@ class LocalBackend:
             prompt, None, SamplingParams(max_tokens=1, temperature=0), asyncio.get_running_loop()
         )
         try:
-            _, event = await asyncio.wait_for(openai_format.collect(stream), READY_TIMEOUT_S)
+            event = await asyncio.wait_for(_last_event(stream), READY_TIMEOUT_S)
         except TimeoutError:
             return "the engine did not answer in time"
         return f"the engine failed: {event.error}" if event.finish_reason == "error" else None
 
     # --- chat completions -----------------------------------------------------------------
 
-    async def chat(self, body, adapter: str | None, call: Call) -> ReplyStream:
-        """Validate and submit the request; its reply comes as the engine's events."""
-        prompt = await asyncio.to_thread(self._encode, body.messages, adapter)
-        params = self._sampling(body, prompt)
-        call.prompt_tokens, call.max_tokens = prompt.num_tokens, params.max_tokens
-        call.starting()
-        return self.engine.submit(prompt, adapter, params, asyncio.get_running_loop())
+    async def chat(self, body, adapter: str | None, call: Call, tools: ToolUse | None) -> list[ReplyStream]:
+        """Validate and submit the request (its `n` choices); each reply comes as the engine's events."""
+        prompt = await asyncio.to_thread(self._encode, body.messages, adapter, tools)
+        grammar = await asyncio.to_thread(self._grammar, body.response_format, tools)
+        params = self._sampling(body, prompt, grammar)
+        return self._submit([prompt], adapter, params, body.n, call)
 
-    def _encode(self, messages: list[dict], adapter: str | None = None) -> Example:
+    async def complete(self, body, adapter: str | None, call: Call) -> list[ReplyStream]:
+        """A text completion: each prompt as it is (no chat template), `n` choices of each."""
+        prompts = [self._raw_prompt(prompt) for prompt in _prompt_list(body.prompt)]
+        params = self._sampling(body, max(prompts, key=lambda p: p.num_tokens))
+        return self._submit(prompts, adapter, params, body.n, call)
+
+    def _submit(
+        self, prompts: list[Example], adapter: str | None, params: SamplingParams, n: int, call: Call
+    ) -> list[ReplyStream]:
+        """n choices of every prompt, in OpenAI's order; each choice with its own seed (seed + i
+        when the client gave one, so that a seeded request is reproducible)."""
+        call.prompt_tokens = sum(p.num_tokens for p in prompts)  # each prompt counted once, as OpenAI does
+        call.max_tokens = params.max_tokens * n * len(prompts)
+        call.starting()
+        base_seed = params.seed if params.seed is not None else secrets.randbits(32)
+        loop = asyncio.get_running_loop()
+        streams = []
+        for prompt in prompts:
+            for choice in range(n):
+                seeded = dataclasses.replace(params, seed=base_seed + choice)
+                streams.append(self.engine.submit(prompt, adapter, seeded, loop))
+        return streams
+
+    def _encode(self, messages: list[dict], adapter: str | None = None, tools: ToolUse | None = None) -> Example:
         try:
             _count_images(messages, self.max_images)
             parsed, images = parse_openai_messages(messages, "request", self.image_policy.resolve)
@@ -120,9 +145,57 @@ class LocalBackend:
             for image in images:
                 _check_pixels(image, self.max_image_pixels)
             tiles = self.max_tiles or self._max_tiles.get(adapter)
-            return encode_prompt(ChatRecord(parsed, images, "request"), self.base, tiles)
+            record = ChatRecord(parsed, images, "request")
+            if tools is not None:
+                self._check_template_takes_tools(record, tools)
+            return encode_prompt(record, self.base, tiles, tools.tools if tools else None)
         except DataError as err:
             raise APIError(400, str(err), "invalid_request", "messages") from err
+
+    def _check_template_takes_tools(self, record: ChatRecord, tools: ToolUse) -> None:
+        """A chat template that ignores `tools` would let the model answer blind: refuse instead."""
+        messages = [{"role": m.role, "content": m.text} for m in record.messages if m.role != "tool"] or [
+            {"role": "user", "content": ""}
+        ]
+        tokenizer = self.base.tokenizer
+        if render(tokenizer, messages, True, tools.tools) == render(tokenizer, messages, True):
+            raise APIError(
+                400,
+                f"the chat template of {self.base.path.name} does not describe tools, so the model cannot call "
+                "them; serve a model whose template supports tools (Qwen2.5, InternVL3) or send no tools",
+                "unsupported_parameter",
+                "tools",
+            )
+
+    def _grammar(self, response_format: dict | None, tools: ToolUse | None) -> str | None:
+        """The grammar the reply must follow: a JSON schema, JSON mode, or forced tool calls."""
+        try:
+            if tools is not None and tools.forced:
+                return self.engine.grammars.tool_calls(tools.tools, tools.only, tools.parallel)
+            kind = (response_format or {}).get("type", "text")
+            if kind == "json_object":
+                return self.engine.grammars.json_schema(None)
+            if kind == "json_schema":
+                spec = response_format.get("json_schema")
+                if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                    raise GrammarError("response_format.json_schema must be {'name': ..., 'schema': {...}}")
+                return self.engine.grammars.json_schema(spec.get("schema") or {"type": "object"})
+        except GrammarError as err:
+            param = "tools" if tools is not None and tools.forced else "response_format"
+            raise APIError(400, str(err), "invalid_request", param) from err
+        return None
+
+    def _raw_prompt(self, prompt: str | list[int]) -> Example:
+        if isinstance(prompt, str):
+            ids = torch.tensor(self.base.tokenizer(prompt)["input_ids"], dtype=torch.long)
+        else:
+            if any(not 0 <= token < self.engine.vocab_size for token in prompt):
+                raise APIError(400, f"prompt token ids must be in [0, {self.engine.vocab_size})", "invalid_request",
+                               "prompt")  # fmt: skip
+            ids = torch.tensor(prompt, dtype=torch.long)
+        if ids.numel() == 0:
+            raise APIError(400, "the prompt is empty", "invalid_request", "prompt")
+        return Example(ids, torch.full_like(ids, IGNORE_INDEX), None, "request")
 
     def _refuse_special_tokens(self, messages) -> None:
         """The model's own control strings typed into a message (role markers, image tokens) would
@@ -133,10 +206,10 @@ class LocalBackend:
             if found:
                 raise DataError(f"request: messages[{index}] contains the model's special token {found!r}")
 
-    def _sampling(self, body, prompt: Example) -> SamplingParams:
+    def _sampling(self, body, prompt: Example, grammar: str | None = None) -> SamplingParams:
         limit = self.engine.max_positions
         room = limit - prompt.num_tokens
-        max_tokens = body.max_completion_tokens or body.max_tokens or min(DEFAULT_MAX_TOKENS, max(room, 0))
+        max_tokens = body.reply_tokens or min(DEFAULT_MAX_TOKENS, max(room, 0))
         if room < 1 or max_tokens > room:
             raise APIError(
                 400,
@@ -146,7 +219,24 @@ class LocalBackend:
                 "messages",
             )
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        return SamplingParams(max_tokens, body.temperature, body.top_p, stop, body.seed)
+        return SamplingParams(
+            max_tokens, body.temperature, body.top_p, stop, body.seed, grammar=grammar, logprobs=body.top_alternatives
+        )
+
+
+async def _last_event(stream: ReplyStream):
+    while (event := await stream.next_event()).finish_reason is None:
+        pass
+    return event
+
+
+def _prompt_list(prompt: str | list) -> list[str | list[int]]:
+    """A text completion's prompts: one text, several texts, one list of token ids, or several."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "the prompt is empty", "invalid_request", "prompt")
+    return list(prompt)
 
 
 def _count_images(messages: object, limit: int) -> None:

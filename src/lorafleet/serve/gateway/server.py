@@ -8,6 +8,7 @@ compress` output, any HF checkpoint) is served as a base without adapters.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from lorafleet.serve.gateway.images import ImagePolicy
 from lorafleet.serve.gateway.local import LocalBackend
 from lorafleet.serve.gateway.request_log import RequestLog
 from lorafleet.serve.gateway.tenants import TenantDirectory
+from lorafleet.serve.gateway.tools import ToolUse
 from lorafleet.serve.gateway.upstream import UpstreamBackend, start_vllm
 
 BASE_ALIAS = "base"
@@ -50,9 +52,13 @@ class Backend(Protocol):
 
     def unload_adapter(self, name: str) -> None: ...  # KeyError when it is not loaded
 
-    async def chat(self, body, adapter: str | None, call: Call) -> EventSource:
-        """Start generating the reply (or raise APIError): its text as events, the last one with
-        the finish reason and token counts."""
+    async def chat(self, body, adapter: str | None, call: Call, tools: ToolUse | None) -> list[EventSource]:
+        """Start generating the reply's `body.n` choices (or raise APIError): each one's text as
+        events, the last one with the finish reason and token counts."""
+        ...
+
+    async def complete(self, body, adapter: str | None, call: Call) -> list[EventSource]:
+        """The same for a text completion: `body.n` choices for each of its prompts."""
         ...
 
 
@@ -140,6 +146,12 @@ class FleetServer:
     @property
     def base_names(self) -> set[str]:
         return {BASE_ALIAS, self.base_name}
+
+    @property
+    def fingerprint(self) -> str:
+        """What the replies' `system_fingerprint` names: the backend and the base it serves."""
+        kind = "upstream" if isinstance(self.backend, UpstreamBackend) else "local"
+        return f"{kind}-{hashlib.sha256(self.base_name.encode()).hexdigest()[:8]}"
 
     @property
     def adapters(self) -> list[str]:

@@ -31,6 +31,7 @@ STARTUP_TIMEOUT_S = 900.0
 DEFAULT_GPU_LORA_SLOTS = 8  # adapters vLLM keeps on the GPU at once (its --max-loras)
 RUNTIME_LORA_HEADROOM = 8  # CPU-side room for adapters an admin loads at runtime
 BASE_NAME = "base"
+DEFAULT_REPLY_TOKENS = 256  # the reply cap assumed for a tenant's token budget when the client sets none
 
 
 class UpstreamBackend:
@@ -76,15 +77,40 @@ class UpstreamBackend:
         _post_json(f"{self.url}/v1/unload_lora_adapter", {"lora_name": name})
         self._adapters.discard(name)
 
-    async def chat(self, body, adapter: str | None, call: Call) -> UpstreamEvents:
+    async def chat(self, body, adapter: str | None, call: Call, tools=None) -> list[UpstreamEvents]:
         """Send the request on with the adapter's name as the model, always as a stream with usage
-        (what the gateway formats, counts and logs is the same for every backend)."""
+        (what the gateway formats, counts and logs is the same for every backend); tools,
+        response_format and logprobs go as they came, for the upstream to honour."""
+        return await self._relay("/v1/chat/completions", body, adapter, call)
+
+    async def complete(self, body, adapter: str | None, call: Call) -> list[UpstreamEvents]:
+        if not isinstance(body.prompt, str):
+            raise APIError(400, "this server relays one text prompt per completion request", "invalid_request",
+                           "prompt")  # fmt: skip
+        return await self._relay("/v1/completions", body, adapter, call)
+
+    async def _relay(self, route: str, body, adapter: str | None, call: Call) -> list[UpstreamEvents]:
+        """One upstream stream per choice (n = 1 each, seeds seed + i), so every backend's choices
+        arrive the same way."""
         payload = body.model_dump(exclude_none=True)
-        payload["model"] = adapter or self.base_model
-        payload["stream"] = True
-        payload["stream_options"] = {"include_usage": True}
+        payload |= {"model": adapter or self.base_model, "stream": True, "stream_options": {"include_usage": True}}
+        payload["n"] = 1
+        call.max_tokens = (body.reply_tokens or DEFAULT_REPLY_TOKENS) * body.n
         call.starting()
-        request = self._client.build_request("POST", "/v1/chat/completions", json=payload)
+        streams: list[UpstreamEvents] = []
+        try:
+            for choice in range(body.n):
+                if body.seed is not None:
+                    payload["seed"] = body.seed + choice
+                streams.append(await self._open(route, payload))
+        except APIError:
+            for stream in streams:
+                stream.cancel()
+            raise
+        return streams
+
+    async def _open(self, route: str, payload: dict) -> UpstreamEvents:
+        request = self._client.build_request("POST", route, json=payload)
         try:
             response = await self._client.send(request, stream=True)
         except httpx.TransportError as err:
@@ -97,8 +123,9 @@ class UpstreamBackend:
 
 
 class UpstreamEvents:
-    """An upstream's SSE stream as the engine's events: each piece of text as it comes, then one
-    final event with the finish reason and the usage (which arrives after the finish reason)."""
+    """An upstream's SSE stream as the engine's events: each piece of text (with its logprobs and
+    any tool-call deltas the upstream parsed) as it comes, then one final event with the finish
+    reason and the usage (which arrives after the finish reason)."""
 
     def __init__(self, response: httpx.Response) -> None:
         self._response = response
@@ -128,9 +155,11 @@ class UpstreamEvents:
             self._usage = chunk.get("usage") or self._usage
             for choice in chunk.get("choices", []):
                 self._finish = choice.get("finish_reason") or self._finish
-                text = (choice.get("delta") or {}).get("content")
-                if text:
-                    return Event(text, None, *self._counts())
+                delta = choice.get("delta") or {}
+                text = delta.get("content") or choice.get("text") or ""
+                logprobs = _logprob_entries(choice.get("logprobs"))
+                if text or logprobs or delta.get("tool_calls"):
+                    return Event(text, None, *self._counts(), logprobs=logprobs, tool_calls=delta.get("tool_calls"))
 
     def cancel(self) -> None:
         asyncio.get_running_loop().create_task(self._response.aclose())  # the client went away
@@ -140,6 +169,22 @@ class UpstreamEvents:
 
     def _counts(self) -> tuple[int, int]:
         return self._usage.get("prompt_tokens", 0), self._usage.get("completion_tokens", 0)
+
+
+def _logprob_entries(logprobs: dict | None) -> list[dict] | None:
+    """An upstream chunk's logprobs as chat entries (text completions send the legacy layout)."""
+    if not logprobs:
+        return None
+    if "content" in logprobs:
+        return logprobs["content"] or None
+    tokens, scores = logprobs.get("tokens", []), logprobs.get("token_logprobs", [])
+    tops = logprobs.get("top_logprobs") or [{} for _ in tokens]
+    entries = []
+    for token, logprob, top in zip(tokens, scores, tops, strict=True):
+        alternatives = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in (top or {}).items()]
+        entry = {"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": alternatives}
+        entries.append(entry)
+    return entries or None
 
 
 def vllm_command(
