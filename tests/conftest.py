@@ -34,6 +34,17 @@ def tiny_lm_dir(tmp_path_factory) -> Path:
     return build_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"), seed=0)
 
 
+@pytest.fixture(scope="session")
+def trained_demo(tmp_path_factory):
+    """The demo fleet trained once per session (300 steps, 256 pictures per department), and the
+    demo's own table of it: for the slow tests that compress or evaluate a trained fleet."""
+    from lorafleet.demo.run import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    rows = run_demo(out, train_size=256, steps=300, progress=False, log=lambda *_: None)
+    return out, rows
+
+
 WORDS = "red green blue circle square triangle invoice contract policy total one two three".split()
 
 

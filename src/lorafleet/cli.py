@@ -26,6 +26,8 @@ examples:
   lorafleet compress --base demo-out/base --adapter demo-out/adapters/marketing --calib demo-out/data/marketing.jsonl
       --eval demo-out/data/marketing-test.jsonl --prune-mlp 0.5 --distil-steps 100 --quantize int4 --out small
                                           merged, pruned, distilled, int4 (GPTQ), compressed-tensors
+  lorafleet eval --fleet demo-out --data demo-out/data/marketing-test.jsonl
+                                          base and every adapter on the same held-out questions (or MMMU)
   lorafleet cost --gpu-price 3.5 --gpus 2 --tokens-per-s 1700 --api-input-price 3 --api-output-price 15
                                           self-hosted cost per million tokens and break-even against the API
 """
@@ -205,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("key", nargs="?", help="the key to hash")
     keys.set_defaults(command="keys", run=_run_keys)
     _add_cost_parser(commands)
+    _add_eval_parser(commands)
     _add_governance_parsers(commands)
     return parser
 
@@ -243,6 +246,25 @@ def _add_governance_parsers(commands: argparse._SubParsersAction) -> None:
     prune.add_argument("--keep-days", type=int, required=True, help="keep entries at least this many days old")
     prune.set_defaults(run=_run_audit_prune)
     audit.set_defaults(command="audit")
+
+
+def _add_eval_parser(commands: argparse._SubParsersAction) -> None:
+    evaluate = commands.add_parser(
+        "eval",
+        help="the base and each adapter on the same held-out questions (chat JSONL or MMMU format)",
+        description="Decode a held-out file with the base and each adapter, batched together by lorafleet's "
+        "engine, and score them: exact match and token F1 for chat JSONL, MMMU's rules for MMMU-format "
+        "JSONL or Parquet (id, question, options, answer, image_1..image_7).",
+    )
+    evaluate.add_argument("--fleet", type=Path, required=True, help="fleet directory (base/ and adapters/<name>/)")
+    evaluate.add_argument("--data", type=Path, required=True, help="held-out JSONL (chat or MMMU) or MMMU Parquet")
+    evaluate.add_argument("--adapters", help="comma-separated adapters to evaluate (default: all)")
+    evaluate.add_argument("--base", type=Path, help="base model directory (default: <fleet>/base)")
+    evaluate.add_argument("--max-tokens", type=int, default=64, help="tokens per answer (default: 64)")
+    evaluate.add_argument("--max-batch", type=int, default=32, help="answers decoded together (default: 32)")
+    evaluate.add_argument("--json", type=Path, help="also write the scores and every answer as JSON here")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evaluate.set_defaults(command="eval", run=_run_eval)
 
 
 def _add_cost_parser(commands: argparse._SubParsersAction) -> None:
@@ -383,6 +405,21 @@ def _run_keys(args: argparse.Namespace) -> int:
     if args.action == "new":
         print(f"key:        {key}   (give this to the tenant; it is not stored)")
     print(f"key_sha256: {hash_key(key)}")
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from lorafleet.eval.run import EvalOptions, evaluate, format_report
+
+    adapters = [name.strip() for name in args.adapters.split(",") if name.strip()] if args.adapters else None
+    options = EvalOptions(args.fleet, args.data, adapters, args.base, args.max_tokens, args.max_batch)
+    report = evaluate(options, progress=not args.no_progress)
+    print(format_report(report))
+    if args.json:
+        args.json.write_text(json.dumps(report.to_json(), indent=2))
+        print(f"scores and answers in {args.json}")
     return 0
 
 

@@ -9,7 +9,6 @@ import pytest
 from lorafleet.compress.distil import DistilOptions
 from lorafleet.compress.prune import PruneRequest
 from lorafleet.compress.run import CompressOptions, compress
-from lorafleet.demo.run import run_demo
 from lorafleet.models.loading import load_base
 
 ACCURACY_MARGIN = 0.10  # at most 10 points of held-out exact match lost
@@ -19,9 +18,8 @@ pytestmark = pytest.mark.slow  # trains the demo fleet once, then compresses it 
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    rows = run_demo(out, train_size=256, steps=300, progress=False, log=lambda *_: None)
+def demo(trained_demo):
+    out, rows = trained_demo
     return out, {row.adapter: row.adapter_accuracy for row in rows}
 
 

@@ -1,0 +1,1 @@
+"""`lorafleet eval`: the base and every adapter on the same held-out questions."""

@@ -1,0 +1,225 @@
+"""Evaluate the base and a fleet's adapters on one held-out file, decoded by the serving engine.
+
+Every (question, model) pair is submitted to lorafleet's engine at once, so the base and all the
+adapters are decoded together in mixed batches, greedily, as `lorafleet serve` would answer them
+(images tiled as each adapter was trained). Scores are tallied per model, overall and per
+subfield, with the number of answers that could not be parsed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from lorafleet.adapters.fleet import LoRAFleet
+from lorafleet.adapters.peft_io import load_adapter, training_settings
+from lorafleet.data.encode import Example, encode_prompt
+from lorafleet.data.records import ChatRecord
+from lorafleet.errors import ConfigError, DataError
+from lorafleet.eval.chat import read_chats
+from lorafleet.eval.mmmu import is_mmmu_file, read_mmmu
+from lorafleet.models.loading import FrozenBase, load_base
+from lorafleet.serve.engine.engine import Engine
+from lorafleet.serve.engine.sampling import SamplingParams
+from lorafleet.serve.gateway.server import find_base_dir, fleet_adapters
+
+BASE = "base"
+
+
+@dataclass
+class Judgement:
+    correct: bool
+    parsed: bool = True
+    f1: float | None = None
+
+
+@dataclass
+class Item:
+    id: str
+    prompt: ChatRecord
+    subfield: str
+    judge: Callable[[str], Judgement]
+
+
+@dataclass
+class Tally:
+    questions: int = 0
+    correct: int = 0
+    unparseable: int = 0
+    f1_sum: float = 0.0
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.questions if self.questions else 0.0
+
+    def add(self, judgement: Judgement) -> None:
+        self.questions += 1
+        self.correct += judgement.correct
+        self.unparseable += not judgement.parsed
+        self.f1_sum += judgement.f1 or 0.0
+
+
+@dataclass
+class EvalOptions:
+    fleet_dir: Path
+    data: Path
+    adapters: list[str] | None = None  # None: every adapter of the fleet
+    base_dir: Path | None = None  # default: <fleet>/base, or the base the adapters name
+    max_tokens: int = 64
+    max_batch: int = 32
+
+
+@dataclass
+class EvalReport:
+    data: str
+    format: str  # "chat" | "mmmu"
+    models: list[str]
+    overall: dict[str, Tally]
+    by_subfield: dict[str, dict[str, Tally]]
+    answers: list[dict] = field(default_factory=list)  # id, model, reply, correct, parsed
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds else 0.0
+
+    def to_json(self) -> dict:
+        def tallies(by_model: dict[str, Tally]) -> dict:
+            return {m: {**asdict(t), "accuracy": t.accuracy} | _f1(t, self.format) for m, t in by_model.items()}
+
+        report = {k: v for k, v in asdict(self).items() if k not in ("overall", "by_subfield")}
+        report["overall"] = tallies(self.overall)
+        report["by_subfield"] = {name: tallies(by_model) for name, by_model in self.by_subfield.items()}
+        report["tokens_per_s"] = self.tokens_per_s
+        return report
+
+
+def _f1(tally: Tally, kind: str) -> dict:
+    return {"token_f1": tally.f1_sum / tally.questions if tally.questions else 0.0} if kind == "chat" else {}
+
+
+def read_items(path: Path) -> tuple[str, list[Item]]:
+    if not path.exists():
+        raise DataError(f"evaluation data {path} does not exist")
+    if is_mmmu_file(path):
+        return "mmmu", [Item(q.id, q.prompt(), q.subfield, _mmmu_judge(q)) for q in read_mmmu(path)]
+    return "chat", [Item(q.id, q.record, "", _chat_judge(q)) for q in read_chats(path)]
+
+
+def _mmmu_judge(question) -> Callable[[str], Judgement]:
+    return lambda reply: Judgement(*question.score(reply))
+
+
+def _chat_judge(question) -> Callable[[str], Judgement]:
+    def judge(reply: str) -> Judgement:
+        exact, f1 = question.score(reply)
+        return Judgement(exact, bool(reply.strip()), f1)
+
+    return judge
+
+
+def evaluate(options: EvalOptions, progress: bool = True) -> EvalReport:
+    kind, items = read_items(options.data)
+    base = load_base(options.base_dir or find_base_dir(options.fleet_dir))
+    fleet = LoRAFleet(base.model, base.language_prefix)
+    tiling = {BASE: None} | _load_adapters(fleet, options)
+    replies, (prompt_tokens, completion_tokens, seconds) = decode_all(base, fleet, items, tiling, options, progress)
+    report = score(str(options.data), kind, items, list(tiling), replies)
+    report.prompt_tokens, report.completion_tokens, report.seconds = prompt_tokens, completion_tokens, seconds
+    return report
+
+
+def score(data: str, kind: str, items: list[Item], models: list[str], replies: list[str]) -> EvalReport:
+    """Tally the replies of every model to every item (item-major, as `decode_all` returns them)."""
+    report = EvalReport(data, kind, models, {m: Tally() for m in models}, {})
+    for (item, model), reply in zip([(i, m) for i in items for m in models], replies, strict=True):
+        judgement = item.judge(reply)
+        report.overall[model].add(judgement)
+        if item.subfield:
+            report.by_subfield.setdefault(item.subfield, {m: Tally() for m in models})[model].add(judgement)
+        report.answers.append(
+            {"id": item.id, "model": model, "reply": reply, "correct": judgement.correct, "parsed": judgement.parsed}
+        )
+    return report
+
+
+def _load_adapters(fleet: LoRAFleet, options: EvalOptions) -> dict[str, int | None]:
+    available = fleet_adapters(options.fleet_dir) if (options.fleet_dir / "adapters").exists() else {}
+    names = options.adapters if options.adapters is not None else sorted(available)
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        raise ConfigError(
+            f"--adapters: {', '.join(unknown)} not in {options.fleet_dir / 'adapters'} "
+            f"(it holds: {', '.join(sorted(available)) or 'none'})"
+        )
+    tiling = {}
+    for name in names:
+        load_adapter(fleet, name, available[name])
+        tiling[name] = training_settings(available[name]).get("max_tiles")  # as `lorafleet serve` tiles
+    return tiling
+
+
+def decode_all(
+    base: FrozenBase,
+    fleet: LoRAFleet,
+    items: list[Item],
+    tiling: dict[str, int | None],
+    options: EvalOptions,
+    progress: bool,
+) -> tuple[list[str], tuple[int, int, float]]:
+    """Greedy replies of every model to every item (item-major), and (prompt tokens, completion
+    tokens, seconds) of the decoding."""
+    prompts: dict[tuple[int, int | None], Example] = {}
+    for index, item in enumerate(items):
+        for tiles in set(tiling.values()):
+            prompts[index, tiles] = encode_prompt(item.prompt, base, tiles)
+    longest = max(prompt.num_tokens for prompt in prompts.values())
+    engine = Engine(base, fleet, max_batch=options.max_batch, max_seq_len=longest + options.max_tokens)
+    params = SamplingParams(max_tokens=options.max_tokens, temperature=0)
+    started = time.perf_counter()
+    pairs = [(index, model) for index in range(len(items)) for model in tiling]
+    streams = [engine.submit(prompts[i, tiling[model]], None if model == BASE else model, params) for i, model in pairs]
+    engine.start()
+    replies, prompt_tokens, completion_tokens = [], 0, 0
+    try:
+        for (index, model), stream in tqdm(
+            list(zip(pairs, streams, strict=True)), desc="evaluating", unit="answer", disable=not progress
+        ):
+            events = list(stream)
+            if events[-1].finish_reason == "error":
+                raise DataError(f"{items[index].id} ({model}): the engine failed: {events[-1].error}")
+            replies.append("".join(event.text for event in events).strip())
+            prompt_tokens += events[-1].prompt_tokens
+            completion_tokens += events[-1].completion_tokens
+    finally:
+        engine.stop()
+    return replies, (prompt_tokens, completion_tokens, time.perf_counter() - started)
+
+
+def format_report(report: EvalReport) -> str:
+    """Accuracy of every model, overall and per subfield, with counts and unparseable answers."""
+    width = max(12, *(len(m) for m in report.models))
+    header = f"{'':<24} {'questions':>9} " + " ".join(f"{m:>{width}}" for m in report.models)
+    lines = [header, "-" * len(header)]
+    rows = [("overall", report.overall)] + sorted(report.by_subfield.items())
+    for name, by_model in rows:
+        questions = next(iter(by_model.values())).questions
+        cells = [f"{t.accuracy:>6.1%} ({t.correct})".rjust(width) for t in by_model.values()]
+        lines.append(f"{name[:24]:<24} {questions:>9} " + " ".join(cells))
+    lines.append(
+        f"{'unparseable':<24} {'':>9} " + " ".join(f"{t.unparseable:>{width}}" for t in report.overall.values())
+    )
+    if report.format == "chat":
+        f1 = [f"{t.f1_sum / max(t.questions, 1):.3f}".rjust(width) for t in report.overall.values()]
+        lines.append(f"{'token F1':<24} {'':>9} " + " ".join(f1))
+    lines.append(
+        f"{report.completion_tokens} tokens generated in {report.seconds:.1f} s: {report.tokens_per_s:,.1f} tokens/s "
+        f"({report.prompt_tokens} prompt tokens)"
+    )
+    return "\n".join(lines)
