@@ -19,7 +19,7 @@ FLOORS = {
     "adapters": 4,
     "evaluate": 5,
     "train": 6, "serve": 6, "compress": 6,
-    "demo": 7, "eval": 7,
+    "demo": 7, "eval": 7, "report": 7,
     "cli": 8,
 }  # fmt: skip
 

@@ -208,6 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     keys.set_defaults(command="keys", run=_run_keys)
     _add_cost_parser(commands)
     _add_eval_parser(commands)
+    report = commands.add_parser(
+        "report",
+        help="one self-contained HTML page of a training run: curves, throughput, admission, evals",
+        description="Draw a training run (the output directory of `lorafleet train`) as one HTML file with "
+        "embedded plots: loss and learning rate per adapter, tokens/s, which adapters ran together, "
+        "checkpoints and resumes, and the tables of any eval*.json written there by `lorafleet eval --json`.",
+    )
+    report.add_argument("run_dir", type=Path, help="the training output directory (holds metrics.jsonl)")
+    report.add_argument("--out", type=Path, help="the HTML file to write (default: RUN_DIR/report.html)")
+    report.set_defaults(command="report", run=_run_report)
     _add_governance_parsers(commands)
     return parser
 
@@ -305,6 +315,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def _run_train(args: argparse.Namespace) -> int:
     from lorafleet.config import load_fleet_spec
+    from lorafleet.report import write_report
     from lorafleet.train.trainer import train_fleet
 
     spec = load_fleet_spec(args.fleet)
@@ -315,6 +326,7 @@ def _run_train(args: argparse.Namespace) -> int:
         print(f"{name}: {directory} {last}")
     for name, problems in result.skipped.items():
         print(f"{name}: skipped {len(problems)} bad records; first: {problems[0]}", file=sys.stderr)
+    print(f"report: {write_report(spec.output)}")
     return 0
 
 
@@ -405,6 +417,13 @@ def _run_keys(args: argparse.Namespace) -> int:
     if args.action == "new":
         print(f"key:        {key}   (give this to the tenant; it is not stored)")
     print(f"key_sha256: {hash_key(key)}")
+    return 0
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from lorafleet.report import write_report
+
+    print(write_report(args.run_dir, args.out))
     return 0
 
 

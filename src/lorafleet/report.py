@@ -1,0 +1,214 @@
+"""`lorafleet report`: one self-contained HTML page of a training run, for people who were not there.
+
+It reads what the trainer leaves in its output directory — `metrics.jsonl` (one line per optimizer
+step of each adapter: loss, learning rate, tokens so far, fleet step, seconds since the process
+started), `checkpoints/step-*.pt`, and any `eval*.json` written by `lorafleet eval --json` — and
+draws loss and learning-rate curves per adapter, the fleet's tokens/s over time and which adapters
+ran together, as PNGs embedded in the page (base64), so the file can be mailed or archived alone.
+
+A resume shows in the metrics as the clock starting again: the trainer keeps the lines up to the
+checkpoint it resumes from, and the new process counts seconds from zero.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorafleet.errors import ConfigError
+
+REPORT_FILE = "report.html"
+STEP_FIELDS = {"adapter", "step", "fleet_step", "loss", "lr", "tokens", "elapsed_s"}  # an optimizer step's line
+_CHECKPOINT = re.compile(r"^step-(\d+)\.pt$")
+
+
+@dataclass
+class RunRecord:
+    directory: Path
+    steps: list[dict]  # metrics.jsonl, in file order
+    checkpoints: list[int]  # fleet steps of the checkpoints still on disk
+    resumes: list[int] = field(default_factory=list)  # fleet steps a run resumed from
+    evals: dict[str, dict] = field(default_factory=dict)  # file name -> `lorafleet eval --json` output
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(dict.fromkeys(step["adapter"] for step in self.steps))
+
+    def of(self, adapter: str) -> list[dict]:
+        return [step for step in self.steps if step["adapter"] == adapter]
+
+
+def read_run(directory: str | Path) -> RunRecord:
+    directory = Path(directory)
+    metrics = directory / "metrics.jsonl"
+    if not metrics.exists():
+        raise ConfigError(f"{metrics} does not exist: give the output directory of `lorafleet train`")
+    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    steps = [line for line in lines if STEP_FIELDS <= line.keys()]  # other kinds of line are not drawn
+    if not steps:
+        raise ConfigError(f"{metrics} is empty: the run has not finished an optimizer step yet")
+    found = [_CHECKPOINT.match(p.name) for p in (directory / "checkpoints").glob("step-*.pt")]
+    evals = {}
+    for path in sorted(directory.glob("eval*.json")):
+        content = json.loads(path.read_text())
+        if isinstance(content, dict) and "overall" in content:
+            evals[path.name] = content
+    return RunRecord(directory, steps, sorted(int(m.group(1)) for m in found if m), _resumes(steps), evals)
+
+
+def _resumes(steps: list[dict]) -> list[int]:
+    resumes = []
+    for before, after in zip(steps, steps[1:], strict=False):
+        if after["elapsed_s"] < before["elapsed_s"]:
+            resumes.append(before["fleet_step"])
+    return resumes
+
+
+def wall_clock(steps: list[dict]) -> list[float]:
+    """Seconds since the run began, with each resumed process's clock continuing the last one."""
+    offset, previous, times = 0.0, 0.0, []
+    for step in steps:
+        if step["elapsed_s"] < previous - offset:
+            offset = times[-1]
+        times.append(offset + step["elapsed_s"])
+        previous = times[-1]
+    return times
+
+
+def fleet_tokens_per_s(steps: list[dict], window: int = 10) -> tuple[list[float], list[float]]:
+    """The fleet's tokens/s (all adapters) over time, averaged over `window` optimizer steps."""
+    times, latest, totals = wall_clock(steps), {}, []
+    for step in steps:
+        latest[step["adapter"]] = step["tokens"]
+        totals.append(sum(latest.values()))
+    points = [
+        (times[i], (totals[i] - totals[i - window]) / (times[i] - times[i - window]))
+        for i in range(window, len(steps))
+        if times[i] > times[i - window]
+    ]
+    return [t for t, _ in points], [rate for _, rate in points]
+
+
+def write_report(directory: str | Path, out: str | Path | None = None) -> Path:
+    run = read_run(directory)
+    out = Path(out) if out else run.directory / REPORT_FILE
+    out.write_text(render(run))
+    return out
+
+
+def render(run: RunRecord) -> str:
+    title = f"Training run {run.directory.name}"
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
+        f"<p>{len(run.adapters)} adapters, {max(s['fleet_step'] for s in run.steps)} fleet steps, "
+        f"{wall_clock(run.steps)[-1]:.0f} s of training; directory <code>{html.escape(str(run.directory))}</code></p>",
+        "<h2>Final metrics</h2>",
+        _table(["adapter", "steps", "final loss", "mean loss, last 10", "tokens", "fleet steps"], _final_rows(run)),
+        "<h2>Loss and learning rate</h2>",
+        _img(_curves(run), "loss and learning rate per adapter"),
+        "<h2>Throughput and admission</h2>",
+        _img(_timeline(run), "tokens/s over time and which adapters ran together"),
+        "<h2>Checkpoints and resumes</h2>",
+        f"<p>Checkpoints on disk at fleet steps: {', '.join(map(str, run.checkpoints)) or 'none'}. "
+        f"Resumed from fleet steps: {', '.join(map(str, run.resumes)) or 'never resumed'}.</p>",
+    ]
+    for name, content in run.evals.items():
+        parts += [f"<h2>Evaluation: {html.escape(name)}</h2>", _eval_table(content)]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _final_rows(run: RunRecord) -> list[list[str]]:
+    rows = []
+    for adapter in run.adapters:
+        steps = run.of(adapter)
+        last = [s["loss"] for s in steps[-10:]]
+        span = f"{steps[0]['fleet_step']}–{steps[-1]['fleet_step']}"
+        rows.append([adapter, str(steps[-1]["step"]), f"{steps[-1]['loss']:.4f}", f"{sum(last) / len(last):.4f}",
+                     f"{steps[-1]['tokens']:,}", span])  # fmt: skip
+    return rows
+
+
+def _eval_table(content: dict) -> str:
+    models = content.get("models", list(content["overall"]))
+    rows = [["overall", *(_score(content["overall"][m]) for m in models)]]
+    rows += [[name, *(_score(tallies[m]) for m in models)] for name, tallies in content.get("by_subfield", {}).items()]
+    caption = f"<p>{html.escape(str(content.get('data', '')))}: {content.get('tokens_per_s', 0):,.1f} tokens/s</p>"
+    return caption + _table(["", *models], rows)
+
+
+def _score(tally: dict) -> str:
+    return f"{tally['accuracy']:.1%} of {tally['questions']} ({tally['unparseable']} unparseable)"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+
+
+def _curves(run: RunRecord) -> bytes:
+    figure, (loss, lr) = _figure(2)
+    for adapter in run.adapters:
+        steps = run.of(adapter)
+        loss.plot([s["step"] for s in steps], [s["loss"] for s in steps], label=adapter)
+        lr.plot([s["step"] for s in steps], [s["lr"] for s in steps], label=adapter)
+    loss.set(title="loss", xlabel="optimizer step", yscale="log")
+    lr.set(title="learning rate", xlabel="optimizer step")
+    loss.legend()
+    return _png(figure)
+
+
+def _timeline(run: RunRecord) -> bytes:
+    figure, (speed, admission) = _figure(2)
+    times, rates = fleet_tokens_per_s(run.steps)
+    speed.plot(times, rates)
+    speed.set(title="fleet tokens/s", xlabel="seconds")
+    for row, adapter in enumerate(run.adapters):
+        fleet_steps = [s["fleet_step"] for s in run.of(adapter)]
+        span = (fleet_steps[0], fleet_steps[-1] - fleet_steps[0] + 1)
+        admission.broken_barh([span], (row - 0.4, 0.8), color=f"C{row % 10}")
+    for step in run.checkpoints:
+        admission.axvline(step, color="grey", linestyle=":", label="checkpoint" if step == run.checkpoints[0] else None)
+    for step in run.resumes:
+        admission.axvline(step, color="red", label="resumed" if step == run.resumes[0] else None)
+    admission.set(title="adapters running together", xlabel="fleet step", yticks=range(len(run.adapters)))
+    admission.set_yticklabels(run.adapters)
+    if run.checkpoints or run.resumes:
+        admission.legend()
+    return _png(figure)
+
+
+def _figure(panels: int):
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display, no GUI toolkit
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, panels, figsize=(6 * panels, 3.6), layout="constrained")
+
+
+def _png(figure) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:2em;max-width:1280px}"
+    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
+    "td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+)

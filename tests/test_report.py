@@ -1,0 +1,128 @@
+"""`lorafleet report`: a run killed and resumed is drawn as one self-contained HTML page whose
+plots are real pictures, in the page and in a browser."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from lorafleet.cli import main
+from lorafleet.config import load_fleet_spec
+from lorafleet.report import read_run
+from lorafleet.train.trainer import FleetTrainer
+from tests.conftest import write_text_dataset
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory, tiny_lm_dir):
+    """Three adapters, two at a time ("c" queues until "b" finishes), killed at fleet step 10 and
+    resumed from the checkpoint at step 8 by `lorafleet train --resume`, which writes the report."""
+    root = tmp_path_factory.mktemp("run")
+    for i in range(3):
+        write_text_dataset(root / f"d{i}.jsonl", n=9 + i, seed=i)
+    adapters = [
+        {"name": "a", "data": "d0.jsonl", "rank": 4, "micro_batch_size": 2, "grad_accum": 3, "steps": 6},
+        {"name": "b", "data": "d1.jsonl", "rank": 2, "steps": 5},
+        {"name": "c", "data": "d2.jsonl", "rank": 3, "micro_batch_size": 2, "steps": 7},
+    ]
+    for adapter in adapters:
+        adapter["learning_rate"] = 3e-3
+    spec = {"base": str(tiny_lm_dir), "output": "out", "adapters": adapters, "max_concurrent": 2}
+    (root / "fleet.yaml").write_text(yaml.safe_dump(spec | {"checkpoint_every": 4, "keep_checkpoints": 2}))
+
+    def crash_at_step_10(step: int) -> None:
+        if step == 10:
+            raise Crash
+
+    with pytest.raises(Crash):
+        FleetTrainer(load_fleet_spec(root / "fleet.yaml"), progress=False, on_step=crash_at_step_10).run()
+    assert main(["train", str(root / "fleet.yaml"), "--resume", "--no-progress"]) == 0
+    return root / "out"
+
+
+class Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sources, self.text = [], []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.sources.append(dict(attrs)["src"])
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_the_run_record_shows_the_queue_the_checkpoints_and_the_resume(resumed_run):
+    run = read_run(resumed_run)
+    assert set(run.adapters[:2]) == {"a", "b"} and run.adapters[2] == "c"
+    assert run.resumes == [8]
+    assert run.checkpoints and all(step % 4 == 0 for step in run.checkpoints)
+    b_done = run.of("b")[-1]["fleet_step"]
+    assert run.of("c")[0]["fleet_step"] > b_done, "c joins only when b has finished"
+
+
+def test_train_writes_a_self_contained_report_with_real_plots(resumed_run):
+    page = (resumed_run / "report.html").read_text()
+    parser = Images()
+    parser.feed(page)
+    assert "src='http" not in page and "<script" not in page, "nothing to fetch: the file stands alone"
+    assert len(parser.sources) == 2
+    for source in parser.sources:
+        assert source.startswith("data:image/png;base64,")
+        picture = Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1])))
+        assert picture.format == "PNG"
+        pixels = np.asarray(picture.convert("RGB"))
+        assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20, "a plot, not a blank"
+    cells = [t.strip() for t in parser.text]
+    assert "Resumed from fleet steps: 8." in " ".join(cells)
+    assert {"a", "b", "c"} <= set(cells), "a row of final metrics per adapter"
+
+
+def test_report_command_takes_eval_results_into_the_page(resumed_run, tmp_path):
+    evaluation = {
+        "data": "held-out.jsonl",
+        "models": ["base", "a"],
+        "overall": {m: {"accuracy": acc, "questions": 4, "unparseable": 1} for m, acc in [("base", 0.0), ("a", 0.75)]},
+        "by_subfield": {},
+        "tokens_per_s": 123.4,
+    }
+    (resumed_run / "eval-held-out.json").write_text(json.dumps(evaluation))
+    out = tmp_path / "r.html"
+    assert main(["report", str(resumed_run), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "Evaluation: eval-held-out.json" in page and "75.0% of 4 (1 unparseable)" in page
+    (resumed_run / "eval-held-out.json").unlink()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install -y chromium) to render")
+def test_the_report_renders_in_headless_chromium_with_plots_on_screen(resumed_run, tmp_path):
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1300,1200",
+         f"--screenshot={shot}", (resumed_run / "report.html").as_uri()],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    # The plots sit below the heading and the table; matplotlib's first line colour (tab:blue,
+    # 31 119 180) must be on screen there, among many other colours.
+    plot_area = pixels[300:1200]
+    blue = (np.abs(plot_area - [31, 119, 180]).sum(axis=-1) < 30).sum()
+    assert blue > 200, "no plot lines on screen"
+    assert len(np.unique(plot_area.reshape(-1, 3), axis=0)) > 50
