@@ -75,6 +75,38 @@ def test_gateway_relays_streams_and_accounts_usage(upstream_and_gateway):
     assert len(rows) >= 2 and all(tokens > 0 for (tokens,) in rows)
 
 
+def test_gateway_relays_tool_calls_logprobs_structured_output_and_n(upstream_and_gateway):
+    """What vLLM does itself (grammars, tool parsing, logprobs) passes through the gateway intact."""
+    upstream, gateway, _ = upstream_and_gateway
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"],
+        "additionalProperties": False}}}  # fmt: skip
+    ask = {"model": "finance", "messages": MESSAGES, "max_tokens": 80, "tools": [weather], "temperature": 0,
+           "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}  # fmt: skip
+    direct = chat_client(upstream).chat.completions.create(**ask)
+    relayed = chat_client(gateway, KEYS["finance-team"]).chat.completions.create(**ask)
+    streamed = chat_client(gateway, KEYS["finance-team"]).chat.completions.create(**ask, stream=True)
+    deltas = [d for c in streamed if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    for reply in (direct, relayed):
+        assert reply.choices[0].finish_reason == "tool_calls"
+        assert reply.choices[0].message.tool_calls[0].function.name == "get_weather"
+    assert relayed.choices[0].message.tool_calls[0].function.arguments == "".join(d.function.arguments for d in deltas)
+    scored = chat_client(gateway, KEYS["finance-team"]).chat.completions.create(
+        model="finance", messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2, n=2
+    )
+    assert len(scored.choices) == 2 and len(scored.choices[1].logprobs.content) == scored.usage.completion_tokens // 2
+    completion = chat_client(gateway, KEYS["finance-team"]).completions.create(
+        model="finance", prompt="The invoice", max_tokens=3, temperature=0
+    )
+    assert (
+        completion.choices[0].text
+        == chat_client(upstream)
+        .completions.create(model="finance", prompt="The invoice", max_tokens=3, temperature=0)
+        .choices[0]
+        .text
+    )
+
+
 def test_admin_unload_and_load_reach_the_upstream(upstream_and_gateway):
     upstream, gateway, _ = upstream_and_gateway
     admin = {"Authorization": f"Bearer {KEYS['ops']}"}

@@ -67,7 +67,8 @@ def tool_use(tools: list | None, tool_choice: object, parallel_tool_calls: bool 
     if choice not in ("auto", "required") and choice not in names:
         raise APIError(400, f"tool_choice names {choice!r}, which is not among the tools", "invalid_request",
                        "tool_choice")  # fmt: skip
-    return ToolUse(tools, choice, parallel_tool_calls is not False)
+    # A named function is one call of it; otherwise as many as the model makes, unless told one.
+    return ToolUse(tools, choice, parallel_tool_calls is not False and choice in ("auto", "required"))
 
 
 def _names_a_function(choice: object) -> bool:
