@@ -193,8 +193,10 @@ def test_qlora_adapter_matches_peft_qlora_on_the_same_nf4_base(tiny_lm_dir, tmp_
     data = [write_text_dataset(tmp_path / f"d{i}.jsonl", n=13 + 4 * i, seed=i) for i in range(3)]
     # One adapter: bitsandbytes' CPU 4-bit matmul is not exactly batch-invariant (its result for a
     # row shifts by ~1e-5 with the batch around it), so on CPU the exact comparison is for an
-    # adapter trained alone; trained alongside two others the same adapter drifts to ~4e-3.
-    assert_fleet_matches_peft(tiny_lm_dir, data, tmp_path, {"quantize_base": "nf4"}, only="legal", tolerance=1e-6)
+    # adapter trained alone; trained alongside two others the same adapter drifts to ~4e-3. Alone it
+    # agrees to ~1e-7 with some bitsandbytes builds and ~2e-6 with others (the kernel's summation
+    # order depends on the padded batch length), so the tolerance is the one every mode is held to.
+    assert_fleet_matches_peft(tiny_lm_dir, data, tmp_path, {"quantize_base": "nf4"}, only="legal")
 
 
 def test_qlora_on_internvl_quantizes_the_language_model_only(tiny_vlm_dir, tmp_path):

@@ -28,6 +28,7 @@ def test_each_adapter_steps_as_torch_adamw_alone_even_when_others_skip_steps():
         alone[name] = torch.optim.AdamW(reference[name], lr=lr, weight_decay=decay)
     generator = torch.Generator().manual_seed(1)
     for step in range(6):
+        norms = {}
         due = [name for name in SETTINGS if name != "b" or step % 2 == 0]  # b accumulates over 2 steps
         for name in due:
             for mine, theirs in zip(ours[name], reference[name], strict=True):
@@ -35,9 +36,13 @@ def test_each_adapter_steps_as_torch_adamw_alone_even_when_others_skip_steps():
                 mine.grad, theirs.grad = grad.clone(), grad.clone()
             _, _, clip = SETTINGS[name]
             if clip:
-                torch.nn.utils.clip_grad_norm_(reference[name], clip)
+                norms[name] = torch.nn.utils.clip_grad_norm_(reference[name], clip)
+            else:
+                norms[name] = torch.nn.utils.get_total_norm([p.grad for p in reference[name]])
             alone[name].step()
-        fleet.step({name: SETTINGS[name][0] for name in due})
+        reported = fleet.step({name: SETTINGS[name][0] for name in due})
+        # the gradient norm each adapter logs: clip_grad_norm_'s, before clipping, clipped or not
+        torch.testing.assert_close(reported, torch.stack([norms[name] for name in due]))
         fleet.zero_grad(due)
     for name in SETTINGS:
         for mine, theirs in zip(ours[name], reference[name], strict=True):

@@ -57,6 +57,7 @@ class AdapterJob:
         self.tokens = 0  # label tokens trained on
         self.loss_sum = 0.0  # over the micro-batches of the current optimizer step
         self.last_learning_rate = spec.learning_rate  # of the last optimizer step taken
+        self.last_grad_norm: float | None = None  # of the last optimizer step, before clipping
 
     @property
     def name(self) -> str:

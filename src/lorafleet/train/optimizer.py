@@ -50,10 +50,12 @@ class FleetAdamW:
                 param.grad = None
 
     @torch.no_grad()
-    def step(self, learning_rates: dict[str, float]) -> None:
-        """One AdamW step for each adapter named in `learning_rates`, at that learning rate."""
+    def step(self, learning_rates: dict[str, float]) -> torch.Tensor:
+        """One AdamW step for each adapter named in `learning_rates`, at that learning rate.
+        Returns each adapter's gradient norm before clipping, (adapters,) on the device (read
+        it with the step's other results: nothing here waits for the device)."""
         due = [self.adapters[name] for name in learning_rates]
-        self._clip([state for state in due if state.max_grad_norm])
+        norms = self._clip(due)
         beta1, beta2 = self.betas
         params, grads, exp_avgs, exp_avg_sqs, decay, step_sizes, corrections = [], [], [], [], [], [], []
         for name, state in zip(learning_rates, due, strict=True):
@@ -78,19 +80,22 @@ class FleetAdamW:
         torch._foreach_div_(denominators, corrections)
         torch._foreach_add_(denominators, self.eps)
         torch._foreach_addcdiv_(params, exp_avgs, denominators, step_sizes)
+        return norms
 
-    def _clip(self, states: list[_AdapterState]) -> None:
-        """`clip_grad_norm_(state.params, state.max_grad_norm)` for each state, in a few operations."""
-        if not states:
-            return
+    def _clip(self, states: list[_AdapterState]) -> torch.Tensor:
+        """Each state's total gradient norm (what `clip_grad_norm_` returns), and
+        `clip_grad_norm_(state.params, state.max_grad_norm)` for each state that clips, in a few
+        operations."""
         grads = [[p.grad for p in state.params] for state in states]
         norms = torch.stack(torch._foreach_norm([g for group in grads for g in group]))
         owner, limits = self._clip_tensors(states, norms)
         squares = torch.zeros(len(states), dtype=norms.dtype, device=norms.device)
         totals = squares.index_add_(0, owner, norms * norms).sqrt()
         coefficients = torch.clamp(limits / (totals + 1e-6), max=1.0)
-        for group, coefficient in zip(grads, coefficients.unbind(), strict=True):
-            torch._foreach_mul_(group, coefficient)
+        for state, group, coefficient in zip(states, grads, coefficients.unbind(), strict=True):
+            if state.max_grad_norm:
+                torch._foreach_mul_(group, coefficient)
+        return totals
 
     def _clip_tensors(self, states: list[_AdapterState], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(each gradient's adapter, each adapter's limit) on the device, made once per set of adapters."""
@@ -98,7 +103,8 @@ class FleetAdamW:
         if key not in self._clip_indices:
             counts = torch.tensor([len(state.params) for state in states])
             owner = torch.repeat_interleave(torch.arange(len(states)), counts).to(like.device)
-            limits = torch.tensor([state.max_grad_norm for state in states], dtype=like.dtype).to(like.device)
+            limits = [state.max_grad_norm or math.inf for state in states]  # inf: measured, not clipped
+            limits = torch.tensor(limits, dtype=like.dtype).to(like.device)
             self._clip_indices[key] = (owner, limits)
         return self._clip_indices[key]
 

@@ -43,6 +43,7 @@ from lorafleet.train import checkpoint, memory
 from lorafleet.train.job import AdapterJob
 from lorafleet.train.loss import LabelPositions, chunked_segment_losses, label_positions, segment_losses
 from lorafleet.train.optimizer import FleetAdamW
+from lorafleet.train.provenance import TrainingProvenance
 
 
 @dataclass
@@ -106,12 +107,14 @@ class FleetTrainer:
 
     def run(self, resume: bool = False) -> FleetResult:
         self._prepare_output(resume)
+        self.provenance.run_started(self.fleet_step if resume else None)
         self._admit()
         while self.active:
             self._step()
         for bar in self.bars.values():
             bar.close()
         self.result.fleet_steps = self.fleet_step
+        self.provenance.run_finished(self.fleet_step, self.result.tokens, self.result.adapters)
         return self.result
 
     # --- one fleet step -------------------------------------------------------------------
@@ -121,11 +124,16 @@ class FleetTrainer:
         losses = self._forward_backward(step)
         self.fleet_step += 1
         due = [job for job, count in zip(self.active, step.tokens, strict=True) if job.record_micro_batch(count)]
+        read = torch.stack([loss.detach() for loss in losses])
         if due:  # queued behind backward on the device: the host does not wait for either
             rates = {job.name: job.learning_rate for job in due}
-            self.optimizer.step(rates)
+            grad_norms = self.optimizer.step(rates)
             self.optimizer.zero_grad(list(rates))
-        values = torch.stack([loss.detach() for loss in losses]).tolist()  # the step's one synchronisation
+            read = torch.cat([read, grad_norms.to(read.dtype)])
+        read = read.tolist()  # the step's one synchronisation: losses, then gradient norms
+        values = read[: len(losses)]
+        for job, grad_norm in zip(due, read[len(losses) :], strict=True):
+            job.last_grad_norm = grad_norm
         for job, value in zip(self.active, values, strict=True):
             if not math.isfinite(value):  # stop before anything of it is saved
                 raise TrainingError(
@@ -198,6 +206,7 @@ class FleetTrainer:
                 "step": job.optimizer_step,
                 "fleet_step": self.fleet_step,
                 "loss": loss,
+                "grad_norm": job.last_grad_norm,  # before clipping
                 "lr": job.last_learning_rate,
                 "tokens": job.tokens,
                 "epoch": round(job.stream.epoch, 4),
@@ -273,6 +282,7 @@ class FleetTrainer:
         stream = ExampleStream(self.examples[spec.name], spec.micro_batch_size, spec.seed, spec.shuffle)
         job = AdapterJob(spec, stream, self.fleet.parameters(spec.name), self.optimizer)
         self.active.append(job)
+        self.provenance.adapter_started(spec.name)
         self.bars[spec.name] = tqdm(
             total=job.total_steps,
             desc=spec.name,
@@ -292,6 +302,7 @@ class FleetTrainer:
             {"max_tiles": self.spec.max_tiles},
         )
         self.result.adapters[job.name] = directory
+        self.provenance.adapter_saved(job, directory, self.fleet_step, self.result.losses.get(job.name, []))
         self.active.remove(job)
         self.optimizer.remove(job.name)
         self.fleet.remove_adapter(job.name)
@@ -307,9 +318,11 @@ class FleetTrainer:
             "active": {job.name: job.state_dict() for job in self.active},
             "rng": rng_state(),
         }
-        checkpoint.save_checkpoint(self.output, state, self.spec.keep_checkpoints)
+        path = checkpoint.save_checkpoint(self.output, state, self.spec.keep_checkpoints)
+        self.provenance.checkpoint_saved(path, self.fleet_step, [job.name for job in self.active])
 
     def _prepare_output(self, resume: bool) -> None:
+        self.provenance = TrainingProvenance(self.spec, self.base, self.examples, self.result.skipped)
         latest = checkpoint.latest_checkpoint(self.output)
         if not resume:
             if latest is not None:

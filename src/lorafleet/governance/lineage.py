@@ -1,0 +1,170 @@
+"""What made an adapter: the facts its `lineage.json` records, gathered where they are known.
+
+A lineage record names the base (path and SHA-256 of its weight files), every data file (SHA-256,
+records, tokens, images and their combined SHA-256, skipped records), the full adapter and fleet
+config, the seeds, the software (lorafleet's version and git commit where there is one), the
+hardware, start and end, the loss (final and per epoch), the compute used, and parent links
+(`init_from`, a compressed model's base and adapter). Training writes it beside each adapter and
+into the fleet's registry (governance/registry.py); the model card and the Annex IV draft are
+generated from it (governance/documents.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import lorafleet
+from lorafleet.errors import RegistryError
+
+LINEAGE_FILE = "lineage.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+@dataclass
+class DataFile:
+    path: str
+    sha256: str
+    records: int  # encoded and trained on
+    tokens: int  # in those records, prompt and reply
+    images: int
+    images_sha256: str | None  # SHA-256 over the images' own SHA-256s, in record order
+    skipped: int  # bad records skipped (skip_bad_records)
+
+
+@dataclass
+class Lineage:
+    name: str
+    kind: str  # "adapter" (trained) or "model" (compressed)
+    directory: str
+    weights_sha256: dict[str, str]  # file name -> SHA-256
+    base: dict  # {"path": ..., "weights_sha256": {...}}
+    data: list[DataFile] = field(default_factory=list)
+    adapter_config: dict = field(default_factory=dict)
+    fleet_config: dict = field(default_factory=dict)
+    seeds: dict = field(default_factory=dict)
+    software: dict = field(default_factory=dict)
+    hardware: dict = field(default_factory=dict)
+    started: str | None = None
+    finished: str | None = None
+    loss: dict = field(default_factory=dict)  # {"final": x, "per_epoch": [...], "steps": n}
+    compute: dict = field(default_factory=dict)  # tokens, seconds, estimated FLOPs
+    evaluation: dict = field(default_factory=dict)  # metric -> value, when evaluated
+    parents: list[dict] = field(default_factory=list)  # {"relation", "name", "path", "id"}
+
+    @property
+    def id(self) -> str:
+        """Content address: SHA-256 over the weight files' hashes (the same weights, the same id)."""
+        joined = "".join(f"{name}:{digest}\n" for name, digest in sorted(self.weights_sha256.items()))
+        return hashlib.sha256(joined.encode()).hexdigest()
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, **asdict(self)}
+
+    @staticmethod
+    def from_dict(raw: dict) -> Lineage:
+        values = {key: value for key, value in raw.items() if key != "id"}
+        values["data"] = [DataFile(**item) for item in values.get("data", [])]
+        return Lineage(**values)
+
+
+def write_lineage(lineage: Lineage, directory: str | Path) -> Path:
+    path = Path(directory) / LINEAGE_FILE
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(lineage.to_dict(), indent=2, sort_keys=False) + "\n")
+    os.replace(partial, path)
+    return path
+
+
+def read_lineage(directory: str | Path) -> Lineage:
+    path = Path(directory) / LINEAGE_FILE
+    if not path.exists():
+        raise RegistryError(f"{path} does not exist; lineage is written when lorafleet trains or compresses")
+    try:
+        return Lineage.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise RegistryError(f"{path}: not a lineage record ({err})") from err
+
+
+# --- facts --------------------------------------------------------------------------------
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weight_hashes(directory: str | Path) -> dict[str, str]:
+    """SHA-256 of every weight file in a model or adapter directory, by file name."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    return {path.name: sha256_file(path) for path in files}
+
+
+def combined_sha256(digests: list[str]) -> str:
+    return hashlib.sha256("".join(digest + "\n" for digest in digests).encode()).hexdigest()
+
+
+def software() -> dict:
+    import torch
+    import transformers
+
+    return {
+        "lorafleet": lorafleet.__version__,
+        "git_commit": git_commit(Path(lorafleet.__file__).parent),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def git_commit(directory: Path) -> str | None:
+    """The commit lorafleet runs from, "+dirty" with uncommitted changes; None outside a checkout."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(directory), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode != 0:
+            return None
+        status = subprocess.run(
+            ["git", "-C", str(directory), "status", "--porcelain", "--untracked-files=no", "."],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return commit.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+
+
+def hardware(device: str) -> dict:
+    import torch
+
+    facts = {"device": device, "platform": platform.platform(), "cpu": platform.machine(), "cpus": os.cpu_count()}
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        facts["gpu"] = torch.cuda.get_device_name()
+        facts["gpus"] = torch.cuda.device_count()
+        facts["cuda"] = torch.version.cuda
+    return facts
+
+
+def per_epoch_loss(metrics_file: str | Path, adapter: str) -> list[float]:
+    """Mean loss of each (whole or partial) epoch of `adapter`, from the trainer's metrics.jsonl."""
+    path = Path(metrics_file)
+    if not path.exists():
+        return []
+    epochs: dict[int, list[float]] = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record["adapter"] == adapter:
+            # `epoch` is the stream's position after the step: the step belongs to the epoch it ran in.
+            epochs.setdefault(int(max(record["epoch"] - 1e-9, 0)), []).append(record["loss"])
+    return [sum(losses) / len(losses) for _, losses in sorted(epochs.items())]

@@ -1,0 +1,119 @@
+"""The fleet's lineage registry: every adapter and model lorafleet made, in the fleet's SQLite file.
+
+One row per set of weights (its id is the SHA-256 over its weight files, so retraining under the
+same name adds a row rather than overwriting one), holding the whole lineage record as JSON, and
+one row per parent -> child link (init_from, compression). `lineage.json` beside each adapter holds
+the same record, so the registry can be rebuilt from the directories and the files travel with
+the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+from lorafleet.errors import RegistryError
+from lorafleet.governance.lineage import Lineage
+
+DATABASE = "lorafleet.sqlite"  # shared with the request log: the fleet's one database
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS lineage (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    directory TEXT NOT NULL,
+    finished TEXT,
+    record TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS lineage_links (
+    parent TEXT NOT NULL,  -- the parent's id when it is registered, else its path
+    child TEXT NOT NULL,
+    relation TEXT NOT NULL,
+    PRIMARY KEY (parent, child, relation)
+);
+"""
+
+
+class Registry:
+    def __init__(self, fleet_dir: str | Path) -> None:
+        self.path = Path(fleet_dir) / DATABASE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=30)
+        self._db.executescript(SCHEMA)
+
+    def add(self, lineage: Lineage) -> None:
+        with self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO lineage (id, name, kind, directory, finished, record) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    lineage.id,
+                    lineage.name,
+                    lineage.kind,
+                    lineage.directory,
+                    lineage.finished,
+                    json.dumps(lineage.to_dict()),
+                ),
+            )
+            for parent in lineage.parents:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO lineage_links (parent, child, relation) VALUES (?, ?, ?)",
+                    (parent.get("id") or parent["path"], lineage.id, parent["relation"]),
+                )
+
+    def all(self) -> list[Lineage]:
+        rows = self._db.execute("SELECT record FROM lineage ORDER BY finished, name").fetchall()
+        return [Lineage.from_dict(json.loads(record)) for (record,) in rows]
+
+    def find(self, name_or_id: str) -> Lineage:
+        """The newest record named `name_or_id`, or the one whose id starts with it."""
+        row = self._db.execute(
+            "SELECT record FROM lineage WHERE name = ? ORDER BY finished DESC LIMIT 1", (name_or_id,)
+        ).fetchone()
+        if row is None and len(name_or_id) >= 8:
+            rows = self._db.execute("SELECT record FROM lineage WHERE id LIKE ?", (name_or_id + "%",)).fetchall()
+            row = rows[0] if len(rows) == 1 else None
+        if row is None:
+            known = sorted({lineage.name for lineage in self.all()})
+            raise RegistryError(
+                f"{self.path}: no adapter or model named {name_or_id!r} (nor an id starting with it); "
+                f"registered: {', '.join(known) or 'none'}"
+            )
+        return Lineage.from_dict(json.loads(row[0]))
+
+    def children(self, lineage: Lineage) -> list[tuple[str, str]]:
+        """(child id, relation) of everything made from `lineage`."""
+        rows = self._db.execute(
+            "SELECT child, relation FROM lineage_links WHERE parent IN (?, ?) ORDER BY child",
+            (lineage.id, lineage.directory),
+        )
+        return rows.fetchall()
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def diff(a: Lineage, b: Lineage) -> list[tuple[str, object, object]]:
+    """(field, value in a, value in b) for every leaf that differs, fields as dotted paths."""
+    left, right = flatten(a.to_dict()), flatten(b.to_dict())
+    missing = object()
+    changed = []
+    for key in sorted(left.keys() | right.keys()):
+        x, y = left.get(key, missing), right.get(key, missing)
+        if x != y:
+            changed.append((key, None if x is missing else x, None if y is missing else y))
+    return changed
+
+
+def flatten(value: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = ((str(index), item) for index, item in enumerate(value))
+    else:
+        return {prefix: value}
+    flat: dict[str, object] = {}
+    for key, item in items:
+        flat.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    return flat

@@ -1,0 +1,166 @@
+"""What a training run records for governance: audit entries and each adapter's lineage.
+
+The trainer calls one method per event (run started or resumed, checkpoint saved, adapter saved,
+run finished); this module turns them into entries of the fleet's audit log and, per finished
+adapter, a `lineage.json` beside it and a row in the fleet's registry. The data files, their
+images and the base's weight files are hashed once, when the run starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from datetime import UTC, datetime
+from pathlib import Path
+
+from lorafleet.config import FleetSpec
+from lorafleet.data.encode import Example
+from lorafleet.data.records import read_records
+from lorafleet.governance.audit import AuditLog, utc_now
+from lorafleet.governance.lineage import (
+    LINEAGE_FILE,
+    DataFile,
+    Lineage,
+    combined_sha256,
+    hardware,
+    per_epoch_loss,
+    read_lineage,
+    sha256_file,
+    software,
+    weight_hashes,
+    write_lineage,
+)
+from lorafleet.governance.registry import Registry
+from lorafleet.models.loading import FrozenBase
+from lorafleet.train.job import AdapterJob
+
+
+class TrainingProvenance:
+    def __init__(
+        self, spec: FleetSpec, base: FrozenBase, examples: dict[str, list[Example]], skipped: dict[str, list[str]]
+    ) -> None:
+        self.spec = spec
+        self.output = Path(spec.output)
+        self.audit = AuditLog(self.output)
+        self.device = str(base.device)
+        self.base_parameters = sum(parameter.numel() for parameter in base.model.parameters())
+        self.base = {"path": spec.base, "weights_sha256": weight_hashes(spec.base) if Path(spec.base).is_dir() else {}}
+        self.data = {
+            adapter.name: describe_data(adapter.data, examples[adapter.name], len(skipped.get(adapter.name, [])))
+            for adapter in spec.adapters
+        }
+        self.started: dict[str, str] = {}
+
+    def run_started(self, resumed_at: int | None) -> None:
+        """`resumed_at`: the fleet step of the checkpoint a resumed run continues from."""
+        facts = {
+            "output": str(self.output),
+            "base": self.base,
+            "adapters": [adapter.name for adapter in self.spec.adapters],
+            "data": {name: dataclasses.asdict(data) for name, data in self.data.items()},
+            "device": self.device,
+        }
+        if resumed_at is None:
+            self.audit.append("train.start", facts)
+        else:
+            self.audit.append("train.resume", facts | {"fleet_step": resumed_at})
+
+    def adapter_started(self, name: str) -> None:
+        self.started[name] = utc_now()
+
+    def checkpoint_saved(self, path: Path, fleet_step: int, active: list[str]) -> None:
+        self.audit.append(
+            "train.checkpoint",
+            {"path": str(path), "sha256": sha256_file(path), "fleet_step": fleet_step, "active": active},
+        )
+
+    def adapter_saved(self, job: AdapterJob, directory: Path, fleet_step: int, step_losses: list[float]) -> Lineage:
+        """Write the finished adapter's lineage beside it, register it, and log it."""
+        spec = job.spec
+        final_loss = step_losses[-1] if step_losses else None
+        started = self.started.get(spec.name)
+        finished = utc_now()
+        losses = per_epoch_loss(self.output / "metrics.jsonl", spec.name)
+        seconds = (_parse(finished) - _parse(started)).total_seconds() if started else None
+        lineage = Lineage(
+            name=spec.name,
+            kind="adapter",
+            directory=str(Path(directory).resolve()),
+            weights_sha256=weight_hashes(directory),
+            base=self.base,
+            data=[self.data[spec.name]],
+            adapter_config=dataclasses.asdict(spec),
+            fleet_config=dataclasses.asdict(self.spec),
+            seeds={"adapter": spec.seed, "fleet": self.spec.seed},
+            software=software(),
+            hardware=hardware(self.device),
+            started=started,
+            finished=finished,
+            loss={"final": final_loss, "per_epoch": losses, "optimizer_steps": job.optimizer_step},
+            compute={
+                "tokens": job.tokens,
+                "seconds": seconds,
+                # Frozen base: forward 2·N·T and the input gradients 2·N·T; LoRA's own FLOPs are noise.
+                "estimated_flops": 4 * self.base_parameters * job.tokens,
+                "base_parameters": self.base_parameters,
+            },
+            parents=[parent_link(spec.init_from, "init_from")] if spec.init_from else [],
+        )
+        write_lineage(lineage, directory)
+        registry = Registry(self.output)
+        try:
+            registry.add(lineage)
+        finally:
+            registry.close()
+        self.audit.append(
+            "train.adapter_saved",
+            {
+                "adapter": spec.name,
+                "directory": lineage.directory,
+                "lineage_id": lineage.id,
+                "weights_sha256": lineage.weights_sha256,
+                "final_loss": final_loss,
+                "optimizer_steps": job.optimizer_step,
+                "fleet_step": fleet_step,
+            },
+        )
+        return lineage
+
+    def run_finished(self, fleet_steps: int, tokens: int, adapters: dict[str, Path]) -> None:
+        self.audit.append(
+            "train.finish",
+            {"fleet_steps": fleet_steps, "tokens": tokens, "adapters": {k: str(v) for k, v in adapters.items()}},
+        )
+
+
+def describe_data(path: str | Path, examples: list[Example], skipped: int) -> DataFile:
+    """The data file as it was trained on: its hash, what it held, and its images' combined hash."""
+    records, _ = read_records(path, skip_bad=True)
+    image_hashes = [
+        hashlib.sha256(image).hexdigest() if isinstance(image, bytes) else sha256_file(image)
+        for record in records
+        for image in record.images
+        if isinstance(image, bytes) or Path(image).exists()
+    ]
+    return DataFile(
+        path=str(Path(path).resolve()),
+        sha256=sha256_file(path),
+        records=len(examples),
+        tokens=sum(example.num_tokens for example in examples),
+        images=len(image_hashes),
+        images_sha256=combined_sha256(image_hashes) if image_hashes else None,
+        skipped=skipped,
+    )
+
+
+def parent_link(path: str | Path, relation: str) -> dict:
+    """A link to the adapter or model something was made from: its lineage id when it has one."""
+    link = {"relation": relation, "path": str(Path(path).resolve()), "weights_sha256": weight_hashes(path)}
+    if (Path(path) / LINEAGE_FILE).exists():
+        parent = read_lineage(path)
+        link |= {"id": parent.id, "name": parent.name}
+    return link
+
+
+def _parse(moment: str) -> datetime:
+    return datetime.fromisoformat(moment.replace("Z", "+00:00")).astimezone(UTC)
