@@ -257,6 +257,31 @@ def _add_governance_parsers(commands: argparse._SubParsersAction) -> None:
     prune.set_defaults(run=_run_audit_prune)
     audit.set_defaults(command="audit")
 
+    registry = commands.add_parser(
+        "registry",
+        help="what made each adapter and model: data and base hashes, configs, losses, parents, children",
+        description="Read the lineage registry (lorafleet.sqlite) of one or more fleet directories.",
+    )
+    actions = registry.add_subparsers(title="actions", metavar="ACTION", required=True)
+    for name, helptext, names in (
+        ("list", "every adapter and model registered", []),
+        ("show", "one record: base, data, configs, loss, compute, parents and children", ["name"]),
+        ("diff", "the fields in which two records differ", ["a", "b"]),
+    ):
+        action = actions.add_parser(name, help=helptext)
+        for positional in names:
+            action.add_argument(positional, help="a name, or the start of an id (8 characters or more)")
+        action.add_argument(
+            "--fleet",
+            type=Path,
+            action="append",
+            required=True,
+            help="fleet directory; repeat to look in several (children are found in every one)",
+        )
+        action.add_argument("--json", action="store_true", help="print JSON")
+        action.set_defaults(run=_run_registry, action=name)
+    registry.set_defaults(command="registry")
+
 
 def _add_eval_parser(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser(
@@ -514,6 +539,39 @@ def _run_audit_prune(args: argparse.Namespace) -> int:
 
     deleted = prune(args.dir, args.keep_days)
     print(f"deleted {len(deleted)} monthly segments: {', '.join(p.name for p in deleted) or 'none'}")
+    return 0
+
+
+def _run_registry(args: argparse.Namespace) -> int:
+    import json
+
+    from lorafleet.governance import registry as lineage_registry
+
+    registries = [lineage_registry.Registry.open(fleet) for fleet in args.fleet]
+    if args.action == "list":
+        records = [lineage for registry in registries for lineage in registry.all()]
+        print(
+            json.dumps([r.to_dict() for r in records], indent=2)
+            if args.json
+            else lineage_registry.format_table(records)
+        )
+    elif args.action == "show":
+        lineage, _ = lineage_registry.find_in(registries, args.name)
+        children = lineage_registry.children_in(registries, lineage)
+        if args.json:
+            links = [{"relation": relation, "name": name, "id": child} for relation, name, child in children]
+            print(json.dumps(lineage.to_dict() | {"children": links}, indent=2))
+        else:
+            print(lineage_registry.format_record(lineage, children))
+    else:
+        (a, _), (b, _) = lineage_registry.find_in(registries, args.a), lineage_registry.find_in(registries, args.b)
+        changed = lineage_registry.diff(a, b)
+        if args.json:
+            print(json.dumps([{"field": key, "a": x, "b": y} for key, x, y in changed], indent=2))
+        else:
+            print(f"{len(changed)} fields differ between {a.name} ({a.id[:12]}) and {b.name} ({b.id[:12]})")
+            for key, x, y in changed:
+                print(f"  {key}: {x!r} -> {y!r}")
     return 0
 
 

@@ -5,37 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 
-import pytest
-
-from lorafleet.config import AdapterSpec, FleetSpec
 from lorafleet.governance.audit import verify_chain
 from lorafleet.governance.lineage import read_lineage
 from lorafleet.governance.registry import Registry, diff
-from lorafleet.train.provenance import describe_data
-from lorafleet.train.trainer import train_fleet
-from tests.conftest import write_image_dataset, write_text_dataset
+from lorafleet.train.provenance import describe_training_data
+from tests.conftest import write_image_dataset
 
 
 def sha256(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def trained_fleet(tiny_lm_dir, tmp_path_factory):
-    """Two adapters trained together, then, in a second fleet, one continued from the first (init_from)."""
-    root = tmp_path_factory.mktemp("governed")
-    data = write_text_dataset(root / "hr.jsonl", n=8, seed=0)
-    other = write_text_dataset(root / "ops.jsonl", n=6, seed=1)
-    adapters = [
-        AdapterSpec(name="hr", data=str(data), rank=4, target_modules=["q_proj"], steps=4, seed=3),
-        AdapterSpec(name="ops", data=str(other), rank=2, target_modules=["v_proj"], steps=2, learning_rate=1e-3),
-    ]
-    fleet = root / "fleet"
-    train_fleet(FleetSpec(base=str(tiny_lm_dir), output=str(fleet), adapters=adapters, checkpoint_every=2), False)
-    more = AdapterSpec(name="hr2", data=str(data), steps=1, init_from=str(fleet / "adapters" / "hr"))
-    continued = root / "continued"
-    train_fleet(FleetSpec(base=str(tiny_lm_dir), output=str(continued), adapters=[more], checkpoint_every=0), False)
-    return fleet, continued
 
 
 def test_registry_rows_match_the_files_real_hashes(trained_fleet, tiny_lm_dir):
@@ -96,7 +74,7 @@ def test_the_audit_log_records_the_whole_run(trained_fleet):
 
 def test_data_description_counts_and_hashes_images(tmp_path):
     data = write_image_dataset(tmp_path / "shapes.jsonl", n=3, seed=0)
-    described = describe_data(data, [], skipped=0)
+    described = describe_training_data(data, [], skipped=0)
     images = [tmp_path / "shapes-images" / f"{index}.png" for index in range(3)]
     digests = "".join(sha256(image) + "\n" for image in images)
     assert described.images == 3

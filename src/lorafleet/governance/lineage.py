@@ -54,8 +54,9 @@ class Lineage:
     finished: str | None = None
     loss: dict = field(default_factory=dict)  # {"final": x, "per_epoch": [...], "steps": n}
     compute: dict = field(default_factory=dict)  # tokens, seconds, estimated FLOPs
-    evaluation: dict = field(default_factory=dict)  # metric -> value, when evaluated
+    evaluation: dict = field(default_factory=dict)  # held-out file name -> its scores, when evaluated
     parents: list[dict] = field(default_factory=list)  # {"relation", "name", "path", "id"}
+    compression: dict = field(default_factory=dict)  # a compressed model's settings and stages
 
     @property
     def id(self) -> str:
@@ -111,6 +112,35 @@ def weight_hashes(directory: str | Path) -> dict[str, str]:
 
 def combined_sha256(digests: list[str]) -> str:
     return hashlib.sha256("".join(digest + "\n" for digest in digests).encode()).hexdigest()
+
+
+def describe_data(path: str | Path, records: list, examples: list, skipped: int) -> DataFile:
+    """A data file as it was used: its hash, what it held (`records` as read, each with `.images`;
+    `examples` as encoded, each with `.num_tokens`) and its images' combined hash."""
+    image_hashes = [
+        hashlib.sha256(image).hexdigest() if isinstance(image, bytes) else sha256_file(image)
+        for record in records
+        for image in record.images
+        if isinstance(image, bytes) or Path(image).exists()
+    ]
+    return DataFile(
+        path=str(Path(path).resolve()),
+        sha256=sha256_file(path),
+        records=len(examples),
+        tokens=sum(example.num_tokens for example in examples),
+        images=len(image_hashes),
+        images_sha256=combined_sha256(image_hashes) if image_hashes else None,
+        skipped=skipped,
+    )
+
+
+def parent_link(path: str | Path, relation: str) -> dict:
+    """A link to the adapter or model something was made from: its lineage id when it has one."""
+    link = {"relation": relation, "path": str(Path(path).resolve()), "weights_sha256": weight_hashes(path)}
+    if (Path(path) / LINEAGE_FILE).exists():
+        parent = read_lineage(path)
+        link |= {"id": parent.id, "name": parent.name}
+    return link
 
 
 def software() -> dict:

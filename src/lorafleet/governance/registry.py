@@ -36,6 +36,16 @@ CREATE TABLE IF NOT EXISTS lineage_links (
 
 
 class Registry:
+    @staticmethod
+    def open(fleet_dir: str | Path) -> Registry:
+        """The registry of a fleet directory that has one (reading never creates one)."""
+        if not (Path(fleet_dir) / DATABASE).exists():
+            raise RegistryError(
+                f"{fleet_dir} has no registry ({DATABASE}); pass the fleet directory that `lorafleet train` "
+                "or `lorafleet compress` wrote to"
+            )
+        return Registry(fleet_dir)
+
     def __init__(self, fleet_dir: str | Path) -> None:
         self.path = Path(fleet_dir) / DATABASE
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,6 +92,10 @@ class Registry:
             )
         return Lineage.from_dict(json.loads(row[0]))
 
+    def get(self, lineage_id: str) -> Lineage | None:
+        row = self._db.execute("SELECT record FROM lineage WHERE id = ?", (lineage_id,)).fetchone()
+        return Lineage.from_dict(json.loads(row[0])) if row else None
+
     def children(self, lineage: Lineage) -> list[tuple[str, str]]:
         """(child id, relation) of everything made from `lineage`."""
         rows = self._db.execute(
@@ -117,3 +131,80 @@ def flatten(value: object, prefix: str = "") -> dict[str, object]:
     for key, item in items:
         flat.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
     return flat
+
+
+def find_in(registries: list[Registry], name_or_id: str) -> tuple[Lineage, Registry]:
+    """The record from the first registry that knows `name_or_id`; the error lists every registry's names."""
+    for registry in registries:
+        try:
+            return registry.find(name_or_id), registry
+        except RegistryError:
+            continue
+    known = sorted({lineage.name for registry in registries for lineage in registry.all()})
+    where = ", ".join(str(registry.path) for registry in registries)
+    raise RegistryError(
+        f"no adapter or model named {name_or_id!r} (nor an id starting with it) in {where}; "
+        f"registered: {', '.join(known) or 'none'}"
+    )
+
+
+def children_in(registries: list[Registry], lineage: Lineage) -> list[tuple[str, str, str]]:
+    """(relation, child name, child id) of everything made from `lineage`, in any of the registries."""
+    found = set()
+    for registry in registries:
+        for child_id, relation in registry.children(lineage):
+            child = registry.get(child_id)
+            found.add((relation, child.name if child else "?", child_id))
+    return sorted(found)
+
+
+# --- how the CLI shows records ---------------------------------------------------------------
+
+
+def format_table(records: list[Lineage]) -> str:
+    header = f"{'name':<20} {'kind':<8} {'id':<12} {'finished':<20} {'final loss':>10}  parents"
+    lines = [header]
+    for lineage in records:
+        final = lineage.loss.get("final")
+        parents = ", ".join(f"{p['relation']} {p.get('name') or p['path']}" for p in lineage.parents) or "-"
+        lines.append(
+            f"{lineage.name:<20} {lineage.kind:<8} {lineage.id[:12]:<12} {(lineage.finished or '-')[:19]:<20} "
+            f"{f'{final:.4f}' if final is not None else '-':>10}  {parents}"
+        )
+    return "\n".join(lines)
+
+
+def format_record(lineage: Lineage, children: list[tuple[str, str, str]]) -> str:
+    """One record, readably: what it is, what made it, and what was made from it."""
+    lines = [
+        f"{lineage.name} ({lineage.kind}) id {lineage.id}",
+        f"  directory: {lineage.directory}",
+        "  weights:   " + ", ".join(f"{name} {digest[:16]}" for name, digest in lineage.weights_sha256.items()),
+        f"  base:      {lineage.base.get('path')} "
+        + " ".join(f"{name} {digest[:16]}" for name, digest in lineage.base.get("weights_sha256", {}).items()),
+    ]
+    for data in lineage.data:
+        lines.append(
+            f"  data:      {data.path} sha256 {data.sha256[:16]}: {data.records} records, {data.tokens} tokens, "
+            f"{data.images} images, {data.skipped} skipped"
+        )
+    if lineage.started or lineage.finished:
+        lines.append(f"  trained:   {lineage.started} .. {lineage.finished}")
+    if lineage.loss:
+        per_epoch = ", ".join(f"{loss:.4f}" for loss in lineage.loss.get("per_epoch", []))
+        lines.append(f"  loss:      final {lineage.loss.get('final')}, per epoch [{per_epoch}]")
+    if lineage.compute:
+        lines.append("  compute:   " + ", ".join(f"{key} {value}" for key, value in lineage.compute.items()))
+    if lineage.seeds:
+        lines.append("  seeds:     " + ", ".join(f"{key} {value}" for key, value in lineage.seeds.items()))
+    software = lineage.software
+    if software:
+        lines.append("  software:  " + ", ".join(f"{key} {value}" for key, value in software.items()))
+    for data_name, scores in lineage.evaluation.items():
+        shown = ", ".join(f"{key} {value}" for key, value in scores.items() if not isinstance(value, dict))
+        lines.append(f"  eval:      {data_name}: {shown}")
+    for parent in lineage.parents:
+        lines.append(f"  parent:    {parent['relation']} <- {parent.get('name') or '?'} ({parent['path']})")
+    for relation, name, child_id in children:
+        lines.append(f"  child:     {relation} -> {name} ({child_id[:12]})")
+    return "\n".join(lines)

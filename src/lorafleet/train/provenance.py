@@ -9,7 +9,6 @@ images and the base's weight files are hashed once, when the run starts.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,13 +17,12 @@ from lorafleet.data.encode import Example
 from lorafleet.data.records import read_records
 from lorafleet.governance.audit import AuditLog, utc_now
 from lorafleet.governance.lineage import (
-    LINEAGE_FILE,
     DataFile,
     Lineage,
-    combined_sha256,
+    describe_data,
     hardware,
+    parent_link,
     per_epoch_loss,
-    read_lineage,
     sha256_file,
     software,
     weight_hashes,
@@ -46,8 +44,8 @@ class TrainingProvenance:
         self.base_parameters = sum(parameter.numel() for parameter in base.model.parameters())
         self.base = {"path": spec.base, "weights_sha256": weight_hashes(spec.base) if Path(spec.base).is_dir() else {}}
         self.data = {
-            adapter.name: describe_data(adapter.data, examples[adapter.name], len(skipped.get(adapter.name, [])))
-            for adapter in spec.adapters
+            a.name: describe_training_data(a.data, examples[a.name], len(skipped.get(a.name, [])))
+            for a in spec.adapters
         }
         self.started: dict[str, str] = {}
 
@@ -133,33 +131,9 @@ class TrainingProvenance:
         )
 
 
-def describe_data(path: str | Path, examples: list[Example], skipped: int) -> DataFile:
-    """The data file as it was trained on: its hash, what it held, and its images' combined hash."""
+def describe_training_data(path: str | Path, examples: list[Example], skipped: int) -> DataFile:
     records, _ = read_records(path, skip_bad=True)
-    image_hashes = [
-        hashlib.sha256(image).hexdigest() if isinstance(image, bytes) else sha256_file(image)
-        for record in records
-        for image in record.images
-        if isinstance(image, bytes) or Path(image).exists()
-    ]
-    return DataFile(
-        path=str(Path(path).resolve()),
-        sha256=sha256_file(path),
-        records=len(examples),
-        tokens=sum(example.num_tokens for example in examples),
-        images=len(image_hashes),
-        images_sha256=combined_sha256(image_hashes) if image_hashes else None,
-        skipped=skipped,
-    )
-
-
-def parent_link(path: str | Path, relation: str) -> dict:
-    """A link to the adapter or model something was made from: its lineage id when it has one."""
-    link = {"relation": relation, "path": str(Path(path).resolve()), "weights_sha256": weight_hashes(path)}
-    if (Path(path) / LINEAGE_FILE).exists():
-        parent = read_lineage(path)
-        link |= {"id": parent.id, "name": parent.name}
-    return link
+    return describe_data(path, records, examples, skipped)
 
 
 def _parse(moment: str) -> datetime:
