@@ -23,6 +23,7 @@ from lorafleet.errors import ConfigError
 ATTENTION_KERNELS = (None, "sdpa", "varlen", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SCHEDULES = ("constant", "linear", "cosine")
+REPORT_TARGETS = ("tensorboard",)  # where metrics go besides metrics.jsonl
 
 
 @dataclass
@@ -48,6 +49,8 @@ class AdapterSpec:
     shuffle: bool = True
     init_from: str | None = None  # a PEFT adapter directory to continue training
     skip_bad_records: bool = False  # count and report malformed records instead of stopping
+    eval_data: str | None = None  # held-out records: their loss after the last step (and every eval_every)
+    eval_every: int | None = None  # optimizer steps between held-out evaluations
 
     def validate(self, where: str) -> None:
         problem = adapter_name_problem(self.name)
@@ -75,6 +78,8 @@ class AdapterSpec:
             raise ConfigError(f"{where}: schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ConfigError(f"{where}: target_modules is empty")
+        if self.eval_every is not None and (self.eval_data is None or self.eval_every < 1):
+            raise ConfigError(f"{where}: eval_every needs eval_data (a held-out file) and must be at least 1")
 
 
 # An adapter's name is a directory name, a model name clients send and a key of PyTorch module
@@ -133,6 +138,7 @@ class FleetSpec:
     seed: int = 0  # seeds dropout; each adapter's own seed sets its initialisation and data order
     device: str | None = None  # default: cuda if available, else cpu
     dtype: str | None = None  # default: bfloat16 on cuda, float32 on cpu
+    report_to: list[str] | str = field(default_factory=list)  # also write metrics there: "tensorboard"
 
     def validate(self, where: str) -> None:
         if not self.adapters:
@@ -156,6 +162,11 @@ class FleetSpec:
             raise ConfigError(f"{where}: memory_budget_gb must be positive (or left out for the default)")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ConfigError(f"{where}: dtype {self.dtype!r} is not float32, bfloat16 or float16")
+        if isinstance(self.report_to, str):
+            self.report_to = [self.report_to]
+        unknown = sorted(set(self.report_to) - set(REPORT_TARGETS))
+        if unknown:
+            raise ConfigError(f"{where}: report_to {', '.join(unknown)} is not one of {', '.join(REPORT_TARGETS)}")
         for index, adapter in enumerate(self.adapters):
             adapter.validate(f"{where}: adapters[{index}] ({adapter.name})")
 
@@ -176,6 +187,7 @@ def load_fleet_spec(path: str | Path) -> FleetSpec:
     for adapter in spec.adapters:
         adapter.data = _resolve(root, adapter.data)
         adapter.init_from = _resolve(root, adapter.init_from) if adapter.init_from else None
+        adapter.eval_data = _resolve(root, adapter.eval_data) if adapter.eval_data else None
     return spec
 
 

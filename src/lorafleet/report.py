@@ -159,10 +159,15 @@ def _img(png: bytes, alt: str) -> str:
 
 def _curves(run: RunRecord) -> bytes:
     figure, (loss, lr) = _figure(2)
-    for adapter in run.adapters:
+    for index, adapter in enumerate(run.adapters):
         steps = run.of(adapter)
-        loss.plot([s["step"] for s in steps], [s["loss"] for s in steps], label=adapter)
-        lr.plot([s["step"] for s in steps], [s["lr"] for s in steps], label=adapter)
+        color = f"C{index % 10}"
+        loss.plot([s["step"] for s in steps], [s["loss"] for s in steps], color=color, label=adapter)
+        held_out = [s for s in steps if s.get("eval_loss") is not None]
+        if held_out:  # held-out loss (eval_data): dashed, in the adapter's colour
+            steps_, values = [s["step"] for s in held_out], [s["eval_loss"] for s in held_out]
+            loss.plot(steps_, values, color=color, linestyle="--", marker="o", label=f"{adapter} (held out)")
+        lr.plot([s["step"] for s in steps], [s["lr"] for s in steps], color=color, label=adapter)
     loss.set(title="loss", xlabel="optimizer step", yscale="log")
     lr.set(title="learning rate", xlabel="optimizer step")
     loss.legend()

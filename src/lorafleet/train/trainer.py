@@ -30,7 +30,7 @@ from lorafleet.adapters.peft_io import load_adapter, save_adapter
 from lorafleet.config import AdapterSpec, FleetSpec
 from lorafleet.data.batch import Batch, pack_micro_batches, stack_micro_batches
 from lorafleet.data.dataset import load_examples
-from lorafleet.data.encode import Example
+from lorafleet.data.encode import IGNORE_INDEX, Example
 from lorafleet.data.stream import ExampleStream
 from lorafleet.errors import AdapterError, ConfigError, TrainingError
 from lorafleet.models import varlen
@@ -44,6 +44,7 @@ from lorafleet.train.job import AdapterJob
 from lorafleet.train.loss import LabelPositions, chunked_segment_losses, label_positions, segment_losses
 from lorafleet.train.optimizer import FleetAdamW
 from lorafleet.train.provenance import TrainingProvenance
+from lorafleet.train.run_log import RunLog
 
 
 @dataclass
@@ -93,6 +94,8 @@ class FleetTrainer:
         self.result = FleetResult()
         self.targets = {a.name: self._targets(a) for a in spec.adapters if a.init_from is None}
         self.examples = {a.name: self._load_examples(a) for a in spec.adapters}
+        self.eval_examples = {a.name: self._load_examples(a, a.eval_data) for a in spec.adapters if a.eval_data}
+        self.log = RunLog(self.output, spec.report_to)
         self.pending: deque[AdapterSpec] = deque(spec.adapters)
         self.shape = memory.model_shape(self.base.model)
         budget_gb = spec.memory_budget_gb
@@ -108,9 +111,12 @@ class FleetTrainer:
     def run(self, resume: bool = False) -> FleetResult:
         self._prepare_output(resume)
         self.provenance.run_started(self.fleet_step if resume else None)
-        self._admit()
-        while self.active:
-            self._step()
+        try:
+            self._admit()
+            while self.active:
+                self._step()
+        finally:
+            self.log.close()
         for bar in self.bars.values():
             bar.close()
         self.result.fleet_steps = self.fleet_step
@@ -196,10 +202,12 @@ class FleetTrainer:
         return segment_losses(logits, batch.labels, segments, by_token=packed)
 
     def _optimizer_stepped(self, jobs: list[AdapterJob]) -> None:
-        """Record the optimizer step just taken by each of `jobs`; save and retire finished ones."""
+        """Record the optimizer step just taken by each of `jobs` (and the held-out loss of those
+        due an evaluation); save and retire finished ones."""
         elapsed = time.perf_counter() - self.started
-        for job in jobs:
-            loss = job.optimizer_stepped()
+        step_losses = [job.optimizer_stepped() for job in jobs]
+        eval_losses = self._evaluate([job for job in jobs if self._eval_due(job)])
+        for job, loss in zip(jobs, step_losses, strict=True):
             self.result.losses.setdefault(job.name, []).append(loss)
             record = {
                 "adapter": job.name,
@@ -212,13 +220,55 @@ class FleetTrainer:
                 "epoch": round(job.stream.epoch, 4),
                 "elapsed_s": round(elapsed, 3),
             }
-            with (self.output / "metrics.jsonl").open("a") as log:
-                log.write(json.dumps(record) + "\n")
+            if job.name in eval_losses:
+                record["eval_loss"] = eval_losses[job.name]
+            self.log.write(record)
             bar = self.bars[job.name]
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{job.tokens / max(elapsed, 1e-9):.0f}", refresh=False)
+            shown = {"loss": f"{loss:.4f}", "tok_s": f"{job.tokens / max(elapsed, 1e-9):.0f}"}
+            if job.name in eval_losses:
+                shown["eval_loss"] = f"{eval_losses[job.name]:.4f}"
+            bar.set_postfix(shown, refresh=False)
             bar.update(1)
             if job.done:
                 self._finish(job)
+
+    # --- held-out evaluation --------------------------------------------------------------
+
+    def _eval_due(self, job: AdapterJob) -> bool:
+        every = job.spec.eval_every
+        return job.name in self.eval_examples and (job.done or (every is not None and job.optimizer_step % every == 0))
+
+    def _evaluate(self, jobs: list[AdapterJob]) -> dict[str, float]:
+        """Held-out loss of each of `jobs`: every eval record once, the adapters side by side in each
+        batch as in training, averaged over answer tokens as the training loss is. Gradients off,
+        so the layers take their inference path (no dropout) and nothing draws on the RNG: a
+        resumed run stays exact."""
+        if not jobs:
+            return {}
+        groups = {}
+        for job in jobs:
+            examples, size = self.eval_examples[job.name], job.spec.micro_batch_size
+            groups[job.name] = [examples[i : i + size] for i in range(0, len(examples), size)]
+        sums: dict[str, list[torch.Tensor]] = {job.name: [] for job in jobs}
+        counts = dict.fromkeys(sums, 0)
+        pad_id, multiple = self.base.tokenizer.pad_token_id, self.spec.length_multiple
+        with torch.no_grad(), training_attention():
+            for index in range(max(len(batches) for batches in groups.values())):
+                micro_batches = [(name, batches[index]) for name, batches in groups.items() if index < len(batches)]
+                batch, segments = stack_micro_batches(micro_batches, pad_id, multiple)
+                adapter_segments = [segment for segment in segments if segment.adapter is not None]
+                where = None
+                if self.spec.chunked_loss:
+                    where = label_positions(batch.labels, adapter_segments).to(self.base.device)
+                with self.fleet.route(segments):
+                    losses = self._losses(batch.to(self.base.device), adapter_segments, False, where, {})
+                for segment, loss in zip(adapter_segments, losses, strict=True):
+                    # the loss is a mean over the segment's label tokens (labels shifted by one)
+                    count = int((batch.labels[segment.start : segment.end, 1:] != IGNORE_INDEX).sum())
+                    sums[segment.adapter].append(loss * count)
+                    counts[segment.adapter] += count
+        totals = torch.stack([torch.stack(parts).sum() for parts in sums.values()]).tolist()  # one sync
+        return {name: total / max(counts[name], 1) for name, total in zip(sums, totals, strict=True)}
 
     # --- admission and completion ---------------------------------------------------------
 
@@ -331,7 +381,7 @@ class FleetTrainer:
                     "or choose another output directory"
                 )
             self.output.mkdir(parents=True, exist_ok=True)
-            (self.output / "metrics.jsonl").unlink(missing_ok=True)
+            self.log.start_fresh()
             torch.manual_seed(self.spec.seed)
             return
         if latest is None:
@@ -353,13 +403,7 @@ class FleetTrainer:
         started = set(state["finished"]) | set(state["active"])
         self.pending = deque(a for a in self.spec.adapters if a.name not in started)
         restore_rng_state(state["rng"])
-        self._truncate_metrics()
-
-    def _truncate_metrics(self) -> None:
-        log = self.output / "metrics.jsonl"
-        if log.exists():
-            kept = [line for line in log.read_text().splitlines() if json.loads(line)["fleet_step"] <= self.fleet_step]
-            log.write_text("".join(line + "\n" for line in kept))
+        self.log.resume_at(self.fleet_step)
 
     # --- set-up ---------------------------------------------------------------------------
 
@@ -369,12 +413,13 @@ class FleetTrainer:
         except AdapterError as err:
             raise AdapterError(f"adapter {spec.name!r}: {err}") from err
 
-    def _load_examples(self, spec: AdapterSpec) -> list[Example]:
+    def _load_examples(self, spec: AdapterSpec, path: str | None = None) -> list[Example]:
+        """The adapter's training records, or those of `path` (its held-out file)."""
         examples, skipped = load_examples(
-            spec.data, self.base, self.spec.max_tiles, self.spec.max_seq_len, spec.skip_bad_records
+            path or spec.data, self.base, self.spec.max_tiles, self.spec.max_seq_len, spec.skip_bad_records
         )
         if skipped:
-            self.result.skipped[spec.name] = skipped
+            self.result.skipped.setdefault(spec.name, []).extend(skipped)
         return examples
 
 
