@@ -282,6 +282,19 @@ def _add_governance_parsers(commands: argparse._SubParsersAction) -> None:
         action.set_defaults(run=_run_registry, action=name)
     registry.set_defaults(command="registry")
 
+    docs = commands.add_parser(
+        "docs",
+        help="draft a model card (README.md) and EU AI Act Annex IV documentation for an adapter",
+        description="Write README.md (a Hugging Face model card) and annex-iv.md into the adapter's directory, "
+        "filled from the registry and the audit log; what only the provider can answer is marked "
+        "PROVIDER MUST COMPLETE.",
+    )
+    docs.add_argument("name", help="adapter or model name (or the start of its id)")
+    docs.add_argument(
+        "--fleet", type=Path, action="append", required=True, help="fleet directory (repeat to look in several)"
+    )
+    docs.set_defaults(command="docs", run=_run_docs)
+
 
 def _add_eval_parser(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser(
@@ -572,6 +585,18 @@ def _run_registry(args: argparse.Namespace) -> int:
             print(f"{len(changed)} fields differ between {a.name} ({a.id[:12]}) and {b.name} ({b.id[:12]})")
             for key, x, y in changed:
                 print(f"  {key}: {x!r} -> {y!r}")
+    return 0
+
+
+def _run_docs(args: argparse.Namespace) -> int:
+    from lorafleet.governance.documents import PROVIDER_MUST_COMPLETE, write_documents
+    from lorafleet.governance.registry import Registry, find_in
+
+    registries = [Registry.open(fleet) for fleet in args.fleet]
+    lineage, registry = find_in(registries, args.name)
+    card, annex = write_documents(lineage, registries, registry.path.parent)
+    todo = annex.read_text().count(PROVIDER_MUST_COMPLETE)
+    print(f"model card: {card}\nAnnex IV draft: {annex} ({todo} places marked PROVIDER MUST COMPLETE)")
     return 0
 
 
