@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,3 +135,17 @@ def test_eval_settings_are_checked():
         fleet_spec_from_dict(raw)
     with pytest.raises(ConfigError, match="report_to wandb is not one of tensorboard"):
         fleet_spec_from_dict({**raw, "adapters": [{"name": "x", "data": "d.jsonl"}], "report_to": "wandb"})
+
+
+def test_a_resumed_run_may_add_held_out_data(spec):
+    held_out = {a.name: a.eval_data for a in spec.adapters}
+    for adapter in spec.adapters:
+        adapter.eval_data, adapter.eval_every = None, None
+    with pytest.raises(Crash):
+        FleetTrainer(
+            spec, progress=False, on_step=lambda step: (_ for _ in ()).throw(Crash) if step == 5 else None
+        ).run()
+    spec.adapters[1].eval_data = held_out["b"]
+    FleetTrainer(spec, progress=False).run(resume=True)
+    evaluated = [(r["adapter"], r["step"]) for r in metrics(Path(spec.output)) if "eval_loss" in r]
+    assert evaluated == [("b", 6)]

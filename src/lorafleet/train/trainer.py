@@ -389,7 +389,9 @@ class FleetTrainer:
         self._restore(checkpoint.load_checkpoint(latest))
 
     def _restore(self, state: dict) -> None:
-        if state["spec"] != [dataclasses.asdict(a) for a in self.spec.adapters]:
+        if [_what_trains(a) for a in state["spec"]] != [
+            _what_trains(dataclasses.asdict(a)) for a in self.spec.adapters
+        ]:
             raise ConfigError("--resume: the fleet spec changed since the checkpoint; restore it or start a new output")
         self.fleet_step = state["fleet_step"]
         self.result.losses = state["losses"]
@@ -452,6 +454,15 @@ def checkpoint_decoder_layers(language_model: torch.nn.Module) -> None:
     stays in eval mode. LoRA dropout masks are reproduced exactly (the RNG state is preserved)."""
     for layer in language_model.layers:
         checkpoint_layer(layer)
+
+
+# Held-out evaluation changes nothing about the weights: a resumed run may add, drop or change it.
+NOT_TRAINING = ("eval_data", "eval_every")
+
+
+def _what_trains(adapter: dict) -> dict:
+    """An adapter's spec as a checkpoint compares it: the fields that decide its weights."""
+    return {key: value for key, value in adapter.items() if key not in NOT_TRAINING}
 
 
 def adapter_file_size(directory: str | Path) -> tuple[int, int]:
