@@ -118,6 +118,7 @@ def load_base(
     if INTERNVL_ARCHITECTURE in architectures:
         model = _from_pretrained(AutoModelForImageTextToText, path, config, kwargs)
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        _use_processor_template(processor)
         base = FrozenBase(
             model=model,
             tokenizer=processor.tokenizer,
@@ -163,6 +164,18 @@ def _nf4_config(dtype: torch.dtype):
         # matched from the start of module names, as regexes: the vision tower, projector and head stay
         llm_int8_skip_modules=[r".*vision_tower", r".*multi_modal_projector", "lm_head"],
     )
+
+
+def _use_processor_template(processor) -> None:
+    """A VLM's conversation format is its processor's chat template (what `processor.apply_chat_template`
+    renders). Checkpoints saved by older transformers keep it in chat_template.json while
+    tokenizer_config.json still holds the language model's own template (Qwen2.5's, with its
+    default system prompt), and lorafleet renders through the tokenizer: make them one."""
+    template = processor.chat_template
+    if isinstance(template, dict):  # named templates: the default one
+        template = template.get("default")
+    if isinstance(template, str) and template:
+        processor.tokenizer.chat_template = template
 
 
 def _from_pretrained(auto_class, path: Path, config: dict, kwargs: dict) -> nn.Module:
