@@ -89,6 +89,28 @@ def iter_records(path: Path) -> Iterator[ChatRecord | DataError]:
                 yield err
 
 
+def read_jsonl_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, line) of the non-blank lines of a UTF-8 JSONL file, or a DataError that says
+    why the file cannot be one (missing, unreadable, empty, binary)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as err:
+        raise DataError(f"{path} does not exist") from err
+    except IsADirectoryError as err:
+        raise DataError(f"{path} is a directory; pass a JSONL file") from err
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror}") from err
+    if not data.strip():
+        raise DataError(f"{path} is empty: a data file has one JSON record per line")
+    if b"\0" in data:
+        raise DataError(f"{path} is a binary file, not JSONL text (one JSON record per line)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text (byte {err.start}); save it as UTF-8 JSONL") from err
+    return [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+
+
 def parse_record(line: str, root: Path, source: str) -> ChatRecord:
     try:
         raw = json.loads(line)

@@ -1,0 +1,227 @@
+"""`lorafleet data redact`: replace personal data in every text turn of a chat JSONL file, and
+rewrite its images without their metadata.
+
+Each record keeps its layout (InternVL `conversations` or OpenAI `messages`, string content or
+content parts); only text changes. Within a record the same value always becomes the same
+placeholder (`<EMAIL_1>` twice is one address, `<PERSON_2>` another person), so a conversation
+about one customer still reads as one. Images are decoded and re-encoded from their pixels alone,
+which drops EXIF (GPS, camera, author), XMP, ICC and text chunks; they are written beside OUT and
+the records point at the copies. OUT is written atomically, IN is never touched, and a report has
+counts per type, never the values.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from lorafleet.data.pii import Finding, PiiDetector
+from lorafleet.data.records import decode_data_url, parse_record, read_jsonl_lines
+from lorafleet.errors import DataError
+
+
+class Placeholders:
+    """`<TYPE_n>` names for the values of one record: the n-th distinct value of each type."""
+
+    def __init__(self) -> None:
+        self.names: dict[tuple[str, str], str] = {}
+        self.per_type: Counter[str] = Counter()
+
+    def name(self, finding: Finding) -> str:
+        key = (finding.type, _canonical(finding))
+        if key not in self.names:
+            self.per_type[finding.type] += 1
+            self.names[key] = f"<{finding.type}_{self.per_type[finding.type]}>"
+        return self.names[key]
+
+
+def _canonical(finding: Finding) -> str:
+    """The same person, number or address however it is written: digits only for numbers."""
+    if finding.type in ("EMAIL", "PERSON", "ORG", "LOCATION", "IP"):
+        return " ".join(finding.value.casefold().split()).removesuffix("'s")
+    return re.sub(r"[^0-9A-Za-z]", "", finding.value).upper()
+
+
+def redact_text(text: str, detector: PiiDetector, placeholders: Placeholders, counts: Counter[str]) -> str:
+    pieces, position = [], 0
+    for finding in detector.find(text):
+        pieces += [text[position : finding.start], placeholders.name(finding)]
+        counts[finding.type] += 1
+        position = finding.end
+    return "".join(pieces) + text[position:]
+
+
+def text_fields(raw: dict) -> Iterator[tuple[dict, str]]:
+    """(container, key) of every text turn of a raw record, in either layout: a turn's `value`, a
+    message's string `content`, a content part's `text`."""
+    for turn in raw.get("conversations") or []:
+        yield turn, "value"
+    for message in raw.get("messages") or []:
+        content = message.get("content")
+        if isinstance(content, str):
+            yield message, "content"
+        for part in content if isinstance(content, list) else []:
+            if part.get("type") == "text":
+                yield part, "text"
+
+
+@dataclass
+class RedactReport:
+    records: int = 0
+    records_changed: int = 0
+    counts: Counter[str] = field(default_factory=Counter)
+    images_rewritten: int = 0
+    out: Path | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "records": self.records,
+            "records_changed": self.records_changed,
+            "pii_counts": dict(sorted(self.counts.items())),
+            "images_rewritten": self.images_rewritten,
+            "out": str(self.out) if self.out else None,
+        }
+
+    def summary(self) -> str:
+        found = ", ".join(f"{kind} {n}" for kind, n in sorted(self.counts.items())) or "none"
+        where = f"written to {self.out}" if self.out else "dry run, nothing written"
+        return (
+            f"{self.records} records, {self.records_changed} changed; replaced: {found}; "
+            f"{self.images_rewritten} images rewritten without metadata; {where}"
+        )
+
+
+def redact_file(
+    source: str | Path,
+    out: str | Path,
+    detector: PiiDetector,
+    dry_run: bool = False,
+    progress: Callable[[Iterator], Iterator] = lambda lines: lines,
+) -> RedactReport:
+    """Redact every record of `source` into `out` (images into `<out stem>-images/`). Any bad record
+    stops the run before anything is written, naming its file:line."""
+    source, out = Path(source), Path(out)
+    if out.resolve() == source.resolve():
+        raise DataError(f"OUT is IN ({source}); redaction never overwrites its input, name another file")
+    report = RedactReport()
+    images = ImageRewriter(source.parent, out.parent / f"{out.stem}-images", dry_run)
+    lines = []
+    for number, line in progress(read_jsonl_lines(source)):
+        where = f"{source}:{number}"
+        parse_record(line, source.parent, where)  # the trainer's checks: a bad record stops here
+        raw = json.loads(line)
+        changed = redact_record(raw, detector, report.counts)
+        report.images_rewritten += images.rewrite(raw, where)
+        parse_record(json.dumps(raw), out.parent, where)  # still a record the trainer reads
+        report.records += 1
+        report.records_changed += changed
+        lines.append(json.dumps(raw, ensure_ascii=False))
+    if not dry_run:
+        write_atomically(out, "".join(line + "\n" for line in lines))
+        report.out = out
+    return report
+
+
+def redact_record(raw: dict, detector: PiiDetector, counts: Counter[str]) -> bool:
+    placeholders, changed = Placeholders(), False
+    for container, key in text_fields(raw):
+        redacted = redact_text(container[key], detector, placeholders, counts)
+        changed |= redacted != container[key]
+        container[key] = redacted
+    return changed
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write beside `path` and rename over it: a reader sees the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with partial.open("w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+class ImageRewriter:
+    """Copies of a record's images with pixels only; data-URL images are re-encoded in place."""
+
+    def __init__(self, source_root: Path, out_dir: Path, dry_run: bool):
+        self.source_root, self.out_dir, self.dry_run = source_root, out_dir, dry_run
+        self.written: dict[Path, str] = {}  # one copy per source image, however many records use it
+
+    def rewrite(self, raw: dict, where: str) -> int:
+        count = 0
+        if "image" in raw:
+            names = [raw["image"]] if isinstance(raw["image"], str) else raw["image"]
+            copies = [self._file(name, where) for name in names]
+            raw["image"] = copies[0] if isinstance(raw["image"], str) else copies
+            count += len(copies)
+        for message in raw.get("messages") or []:
+            content = message.get("content")
+            for part in content if isinstance(content, list) else []:
+                if part.get("type") == "image_url":
+                    url = part["image_url"]["url"]
+                    part["image_url"]["url"] = (
+                        self._data_url(url, where)
+                        if url.startswith("data:")
+                        else (self._file(url.removeprefix("file://"), where))
+                    )
+                    count += 1
+        return count
+
+    def _file(self, name: str, where: str) -> str:
+        path = (self.source_root / name).resolve()
+        if path not in self.written:
+            with _open_image(path, where) as image:
+                suffix = path.suffix if path.suffix.lower() in _FORMATS else ".png"
+                target = self.out_dir / f"{len(self.written):06d}{suffix}"
+                if not self.dry_run:
+                    self.out_dir.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(strip_metadata(image, _FORMATS.get(suffix.lower(), "PNG")))
+            self.written[path] = f"{self.out_dir.name}/{target.name}"
+        return self.written[path]
+
+    def _data_url(self, url: str, where: str) -> str:
+        with _open_image(io.BytesIO(decode_data_url(url, where)), where) as image:
+            fmt = image.format if image.format in ("PNG", "JPEG", "WEBP") else "PNG"
+            encoded = base64.b64encode(strip_metadata(image, fmt)).decode()
+        return f"data:image/{fmt.lower()};base64,{encoded}"
+
+
+_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".gif": "GIF"}
+
+
+def _open_image(source: Path | io.BytesIO, where: str) -> Image.Image:
+    try:
+        return Image.open(source)
+    except FileNotFoundError as err:
+        raise DataError(f"{where}: image {source} does not exist") from err
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(
+            f"{where}: cannot read image {source if isinstance(source, Path) else '(data URL)'}: {err}"
+        ) from err
+
+
+def strip_metadata(image: Image.Image, fmt: str) -> bytes:
+    """The image re-encoded from its pixels (and palette) alone: no EXIF, XMP, ICC or text chunks."""
+    image.load()
+    clean = Image.frombytes(image.mode, image.size, image.tobytes())
+    if image.mode == "P":
+        clean.putpalette(image.getpalette())
+    if fmt == "JPEG" and clean.mode not in ("RGB", "L", "CMYK"):
+        clean = clean.convert("RGB")
+    buffer = io.BytesIO()
+    clean.save(buffer, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
