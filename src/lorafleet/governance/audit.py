@@ -50,6 +50,11 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+def utc_time(seconds: float) -> str:
+    """A Unix time in the log's format."""
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
 def parse_time(text: str) -> datetime:
     """An ISO 8601 time or date; naive values are UTC."""
     try:
@@ -310,3 +315,32 @@ def prune(fleet_dir: str | Path, keep_days: int, now: datetime | None = None) ->
         },
     )
     return doomed
+
+
+# The retention period, set by the fleet config (`audit_keep_days`) and stored beside the log so
+# that the server and `lorafleet audit prune` apply the same one. Only deletion depends on it, and
+# every deletion is itself an entry of the chain (audit.pruned, with the period it applied).
+RETENTION_FILE = "retention.json"
+
+
+def set_retention(fleet_dir: str | Path, keep_days: int) -> None:
+    directory = AuditLog(fleet_dir).directory
+    partial = directory / (RETENTION_FILE + ".partial")
+    partial.write_text(json.dumps({"keep_days": keep_days}) + "\n")
+    os.replace(partial, directory / RETENTION_FILE)
+
+
+def retention_days(fleet_dir: str | Path) -> int | None:
+    path = audit_dir(fleet_dir) / RETENTION_FILE
+    if not path.exists():
+        return None
+    try:
+        return int(json.loads(path.read_text())["keep_days"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise AuditError(f'{path}: expected {{"keep_days": DAYS}}; set audit_keep_days in the fleet config') from err
+
+
+def apply_retention(fleet_dir: str | Path) -> list[Path]:
+    """Prune by the fleet's stored retention period; nothing without one (keep everything)."""
+    keep_days = retention_days(fleet_dir)
+    return prune(fleet_dir, keep_days) if keep_days is not None else []

@@ -60,9 +60,7 @@ class Lineage:
 
     @property
     def id(self) -> str:
-        """Content address: SHA-256 over the weight files' hashes (the same weights, the same id)."""
-        joined = "".join(f"{name}:{digest}\n" for name, digest in sorted(self.weights_sha256.items()))
-        return hashlib.sha256(joined.encode()).hexdigest()
+        return weights_id(self.weights_sha256)
 
     def to_dict(self) -> dict:
         return {"id": self.id, **asdict(self)}
@@ -72,6 +70,12 @@ class Lineage:
         values = {key: value for key, value in raw.items() if key != "id"}
         values["data"] = [DataFile(**item) for item in values.get("data", [])]
         return Lineage(**values)
+
+
+def weights_id(weights_sha256: dict[str, str]) -> str:
+    """Content address: SHA-256 over the weight files' hashes (the same weights, the same id)."""
+    joined = "".join(f"{name}:{digest}\n" for name, digest in sorted(weights_sha256.items()))
+    return hashlib.sha256(joined.encode()).hexdigest()
 
 
 def write_lineage(lineage: Lineage, directory: str | Path) -> Path:

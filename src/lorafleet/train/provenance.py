@@ -15,7 +15,7 @@ from pathlib import Path
 from lorafleet.config import FleetSpec
 from lorafleet.data.encode import Example
 from lorafleet.data.records import read_records
-from lorafleet.governance.audit import AuditLog, utc_now
+from lorafleet.governance.audit import AuditLog, apply_retention, set_retention, utc_now
 from lorafleet.governance.lineage import (
     DataFile,
     Lineage,
@@ -58,6 +58,9 @@ class TrainingProvenance:
             "data": {name: dataclasses.asdict(data) for name, data in self.data.items()},
             "device": self.device,
         }
+        if self.spec.audit_keep_days is not None:
+            set_retention(self.output, self.spec.audit_keep_days)
+            apply_retention(self.output)
         if resumed_at is None:
             self.audit.append("train.start", facts)
         else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 import uuid
 
 from fastapi import FastAPI, Request
@@ -26,7 +27,9 @@ from starlette.exceptions import HTTPException
 from lorafleet import __version__
 from lorafleet.config import adapter_name_problem
 from lorafleet.errors import LorafleetError
+from lorafleet.governance.audit import utc_time
 from lorafleet.serve.gateway import openai_format
+from lorafleet.serve.gateway.audit_trail import content_sha256
 from lorafleet.serve.gateway.calls import Call
 from lorafleet.serve.gateway.errors import APIError, error_response
 from lorafleet.serve.gateway.metrics import Metrics
@@ -118,7 +121,7 @@ def create_app(server: FleetServer) -> FastAPI:
     # No /docs or /redoc pages (they fetch /openapi.json without a key); /openapi.json needs one.
     app = FastAPI(title="lorafleet", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(RequestIdMiddleware)
-    metrics = Metrics(server.backend.running)
+    metrics = Metrics(server.backend.running, lambda: server.audit.failures)
     _install_error_handlers(app)
     fingerprint = f"lorafleet-{__version__}-{server.fingerprint}"
 
@@ -154,7 +157,7 @@ def create_app(server: FleetServer) -> FastAPI:
             metrics.first_token.labels(label).observe(call.first_token_seconds)
         content = None
         if call.content is not None:
-            content = call.content | ({"reply": call.reply} if call.reply is not None else {})
+            content = call.content | ({"reply": call.replies[0]} if call.replies else {})
         server.request_log.record(
             RequestRecord(
                 call.request_id,
@@ -168,9 +171,11 @@ def create_app(server: FleetServer) -> FastAPI:
                 content,
             )
         )
+        server.audit.record("serve.request", _audit_entry(call, status, error, content, server.adapter_ids))
 
     async def load(request: Request, name: str, path: str) -> dict:
-        _require_admin(authenticate(request))
+        tenant = authenticate(request)
+        _require_admin(tenant)
         problem = adapter_name_problem(name)
         if problem:
             raise APIError(400, problem, "invalid_adapter_name", "name")
@@ -178,16 +183,21 @@ def create_app(server: FleetServer) -> FastAPI:
             await asyncio.to_thread(server.load_adapter, name, path)
         except LorafleetError as err:
             raise APIError(400, str(err), "adapter_load_failed") from err
+        loaded = {"adapter": name, "path": path, "adapter_id": server.adapter_ids.get(name)}
+        server.audit.record("serve.adapter_load", loaded | _who(tenant))
         return {"id": name, "object": "model", "loaded": True}
 
     async def unload(request: Request, name: str) -> dict:
-        _require_admin(authenticate(request))
+        tenant = authenticate(request)
+        _require_admin(tenant)
+        unloaded = {"adapter": name, "adapter_id": server.adapter_ids.get(name)}
         try:
             await asyncio.to_thread(server.unload_adapter, name)
         except KeyError as err:
             raise APIError(404, f"adapter `{name}` is not loaded", "model_not_found") from err
         except LorafleetError as err:
             raise APIError(409, str(err), "adapter_busy") from err
+        server.audit.record("serve.adapter_unload", unloaded | _who(tenant))
         return {"id": name, "object": "model", "deleted": True}
 
     @app.get("/health")
@@ -263,6 +273,7 @@ def create_app(server: FleetServer) -> FastAPI:
             call.known_model = True
             _refuse_unsupported(body)
             _check_rate(call.tenant)
+            call.input_sha256 = content_sha256(body.messages if chat else body.prompt)
             if server.options.log_content:
                 call.content = {"messages": body.messages} if chat else {"prompt": body.prompt}
             call.on_start = lambda: _reserve_tokens(call)
@@ -408,6 +419,30 @@ def _check_rate(tenant: Tenant | None) -> None:
             headers={"Retry-After": str(max(1, int(wait + 0.999)))},
         )
     tenant.record_request()
+
+
+def _who(tenant: Tenant | None) -> dict:
+    return {"tenant": tenant.name if tenant else None, "key_id": tenant.key_id if tenant else None}
+
+
+def _audit_entry(call: Call, status: int, error: str | None, content: dict | None, ids: dict) -> dict:
+    """A request as the audit log records it (serve/gateway/audit_trail.py says what each field is)."""
+    adapter = call.model if call.known_model and call.model in ids else None
+    entry = _who(call.tenant) | {
+        "request_id": call.request_id,
+        "started": utc_time(time.time() - call.seconds),
+        "model": call.model[:200],
+        "adapter": adapter,
+        "adapter_id": ids.get(adapter) if adapter else None,
+        "input_sha256": call.input_sha256,
+        "output_sha256": content_sha256(call.replies) if call.replies is not None else None,
+        "prompt_tokens": call.prompt_tokens,
+        "completion_tokens": call.completion_tokens,
+        "status": status,
+        "error": error,
+        "latency_ms": round(call.seconds * 1000, 3),
+    }
+    return entry | ({"content": content} if content is not None else {})
 
 
 def _require_admin(tenant: Tenant | None) -> None:

@@ -29,7 +29,8 @@ class Call:
     max_tokens: int | None = None  # the reply's cap, as the backend settled it
     reservation: object = None  # the tenant's token reservation (`Tenant.reserve`)
     content: dict | None = None  # the request's messages, kept only with --log-content
-    reply: str | None = None  # the reply's text, kept only with --log-content
+    input_sha256: str | None = None  # of the request's messages (or prompt): the audit log's record
+    replies: list[str] | None = None  # every choice's text, once generated (hashed for the audit log)
     fingerprint: str = "lorafleet"  # the replies' system_fingerprint: this server's build and base
 
     def starting(self) -> None:

@@ -10,7 +10,7 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 
 
 class Metrics:
-    def __init__(self, running: Callable[[], int]) -> None:
+    def __init__(self, running: Callable[[], int], audit_failures: Callable[[], int] = lambda: 0) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "lorafleet_requests", "Chat completion requests", ["model", "status"], registry=self.registry
@@ -32,6 +32,12 @@ class Metrics:
         )
         running_gauge = Gauge("lorafleet_running_sequences", "Sequences in the running batch", registry=self.registry)
         running_gauge.set_function(running)
+        failures = Gauge(
+            "lorafleet_audit_append_failures",
+            "Audit log entries that could not be written since the server started (alert when above 0)",
+            registry=self.registry,
+        )
+        failures.set_function(audit_failures)
 
     def observe(self, model: str, status: int, prompt_tokens: int, completion_tokens: int, seconds: float) -> None:
         self.requests.labels(model, str(status)).inc()

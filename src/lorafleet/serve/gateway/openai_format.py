@@ -161,7 +161,7 @@ async def collect(call: Call, sources: list[EventSource], shape: ReplyShape) -> 
             _count(call, choices, event)
             if event.finish_reason == "error":
                 error = error or event.error
-    call.reply = choices[0].text if call.content is not None else None
+    call.replies = [choice.text for choice in choices]
     return choices, error
 
 
@@ -189,8 +189,7 @@ async def server_sent_events(
                 call.first_token_seconds = call.seconds
             for piece in pieces:
                 yield sse(chunk(call, kind, [piece]))
-        if call.content is not None:  # --log-content
-            call.reply = choices[0].text
+        call.replies = [choice.text for choice in choices]
         if include_usage and status == 200:
             yield sse(_envelope(call, kind, []) | {"usage": call.usage()})
         call.finish(status, error)  # before [DONE]: a client that hangs up on it must not beat the log

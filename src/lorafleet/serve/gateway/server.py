@@ -21,6 +21,7 @@ from lorafleet.config import adapter_name_problem
 from lorafleet.errors import AdapterError, ConfigError
 from lorafleet.models.loading import load_base
 from lorafleet.serve.engine.engine import EventSource
+from lorafleet.serve.gateway.audit_trail import AuditTrail, adapter_id
 from lorafleet.serve.gateway.calls import Call
 from lorafleet.serve.gateway.images import ImagePolicy
 from lorafleet.serve.gateway.local import LocalBackend
@@ -116,8 +117,10 @@ class FleetServer:
         if not options.fleet_dir.is_dir():
             raise ConfigError(f"fleet directory {options.fleet_dir} does not exist")
         self._admin_lock = threading.Lock()
+        self.adapter_ids: dict[str, str | None] = {}  # name -> registry id of the weights being served
         self.backend = self._backend()
         self.request_log = RequestLog(options.fleet_dir / "lorafleet.sqlite", log_content=options.log_content)
+        self.audit = AuditTrail(options.fleet_dir)
 
     def _backend(self) -> Backend:
         options = self.options
@@ -129,6 +132,7 @@ class FleetServer:
         self.base_name = base_dir.name
         if options.engine == "vllm":
             adapters = fleet_adapters(options.fleet_dir)
+            self.adapter_ids = {name: adapter_id(path) for name, path in adapters.items()}
             return start_vllm(base_dir, adapters, options.vllm_port, options.vllm_args, options.vllm_gpu_slots)
         backend = LocalBackend(
             load_base(base_dir, options.device, options.dtype),
@@ -141,6 +145,7 @@ class FleetServer:
         )
         for name, path in fleet_adapters(options.fleet_dir).items():
             backend.load_adapter(name, path)
+            self.adapter_ids[name] = adapter_id(path)
         return backend
 
     @property
@@ -175,15 +180,34 @@ class FleetServer:
                 self.backend.load_adapter(name, path)
             else:
                 self.backend.load_adapter(name, self.options.fleet_dir / path)
+            self.adapter_ids[name] = adapter_id(self.options.fleet_dir / path)
 
     def unload_adapter(self, name: str) -> None:
         with self._admin_lock:
             self.backend.unload_adapter(name)
+            self.adapter_ids.pop(name, None)
 
     def start(self) -> FleetServer:
         self.backend.start()
+        tenants = self.options.tenants
+        self.audit.record(
+            "serve.start",
+            {
+                "fleet": str(self.options.fleet_dir.resolve()),
+                "base": self.base_name,
+                "backend": self.fingerprint,
+                "upstream": self.options.upstream_url,
+                "adapters": dict(self.adapter_ids),
+                "keys": tenants.describe() if tenants is not None else None,
+                "log_content": self.options.log_content,
+            },
+        )
         return self
 
     def close(self) -> None:
-        self.backend.close()
-        self.request_log.close()
+        self.audit.record("serve.stop", {"fleet": str(self.options.fleet_dir.resolve())})
+        try:
+            self.backend.close()
+            self.request_log.close()
+        finally:
+            self.audit.close()

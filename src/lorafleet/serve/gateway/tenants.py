@@ -44,6 +44,11 @@ class Tenant:
     _requests: deque[float] = field(default_factory=deque, repr=False)
     _tokens: deque[list] = field(default_factory=deque, repr=False)  # [time, tokens]: reserved, then settled
 
+    @property
+    def key_id(self) -> str:
+        """Names the key in logs: the first 16 hex digits of its SHA-256 (the key cannot be recovered)."""
+        return self.key_sha256[:16]
+
     def may_use(self, adapter: str) -> bool:
         return self.adapters is None or adapter in self.adapters
 
@@ -95,8 +100,18 @@ class Tenant:
 
 
 class TenantDirectory:
-    def __init__(self, tenants: list[Tenant]) -> None:
+    def __init__(self, tenants: list[Tenant], source: Path | None = None) -> None:
         self.tenants = tenants
+        self.source = source  # the keys file they were read from
+        self.source_sha256 = hashlib.sha256(source.read_bytes()).hexdigest() if source else None
+
+    def describe(self) -> dict:
+        """What the audit log records of the keys in force: the file's hash and who may do what."""
+        return {
+            "file": str(self.source) if self.source else None,
+            "sha256": self.source_sha256,
+            "tenants": {t.name: {"key_id": t.key_id, "admin": t.admin} for t in self.tenants},
+        }
 
     def authenticate(self, key: str | None) -> Tenant | None:
         if not key:
@@ -122,7 +137,7 @@ def load_tenants(path: str | Path) -> TenantDirectory:
         if tenant.key_sha256 in seen:
             raise ConfigError(f"{path}: two tenants share a key (second: {tenant.name})")
         seen.add(tenant.key_sha256)
-    return TenantDirectory(tenants)
+    return TenantDirectory(tenants, path)
 
 
 _FIELDS = {"name", "key", "key_sha256", "adapters", "admin", "requests_per_minute", "tokens_per_minute"}

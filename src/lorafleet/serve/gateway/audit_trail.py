@@ -1,0 +1,85 @@
+"""What the server writes to the fleet's audit log (EU AI Act Art. 12): every request and every
+administrative event (start, stop, adapter load and unload, the key file in force).
+
+A request's entry holds its time, tenant, key id (the first 16 hex digits of the key's SHA-256,
+never the key), model, the served adapter's id (the SHA-256 over its weight files' hashes, the
+same id the registry gives it), the SHA-256 of the input and of the output, token counts, status
+and latency. Input and output are hashed as canonical JSON (sorted keys, no spaces, UTF-8): the
+request's `messages` (or `prompt`), and the list of the choices' texts. The text itself is logged
+only with `--log-content`.
+
+Appends take a file lock and write a file, so they run on one background thread, never on the
+event loop. If an append fails the server keeps serving: the failure is printed to stderr and
+counted (`lorafleet_audit_append_failures` in /metrics), because refusing every request over a
+full disk would turn a logging fault into an outage, while a silent gap would be worse than
+either. Alert on that metric. Entries are written in the order they were queued.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+
+from lorafleet.governance.audit import AuditLog, apply_retention
+from lorafleet.governance.lineage import weight_hashes, weights_id
+
+RETENTION_CHECK_SECONDS = 24 * 3600
+
+
+def content_sha256(value: object) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    # surrogatepass: a client may send a lone surrogate (\ud800); it is hashed, never an error.
+    return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
+
+
+def adapter_id(path: str | Path) -> str | None:
+    """The registry id of the adapter in `path` (None when the directory is not on this machine)."""
+    path = Path(path)
+    return weights_id(weight_hashes(path)) if path.is_dir() else None
+
+
+class AuditTrail:
+    """Queues entries for the fleet's audit log and appends them on a background thread."""
+
+    def __init__(self, fleet_dir: Path) -> None:
+        self.fleet_dir = fleet_dir
+        self.log = AuditLog(fleet_dir)
+        self.failures = 0
+        self._queue: queue.Queue[tuple[str, dict] | None] = queue.Queue()
+        self._last_retention = 0.0
+        self._writer = threading.Thread(target=self._write, name="lorafleet-audit", daemon=True)
+        self._writer.start()
+
+    def record(self, event: str, data: dict) -> None:
+        self._queue.put((event, data))
+
+    def flush(self) -> None:
+        """Wait until every queued entry is written (or has failed)."""
+        self._queue.join()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._writer.join()
+
+    def _write(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                self._retain()
+                self.log.append(*item)
+            except Exception as err:  # noqa: BLE001 - any failure must be counted, and serving go on
+                self.failures += 1
+                print(f"lorafleet: audit log append failed ({item[0]}): {type(err).__name__}: {err}", file=sys.stderr)
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def _retain(self) -> None:
+        """Apply the fleet's retention period at start and once a day after."""
+        if time.monotonic() - self._last_retention >= RETENTION_CHECK_SECONDS or not self._last_retention:
+            self._last_retention = time.monotonic()
+            apply_retention(self.fleet_dir)
