@@ -22,6 +22,9 @@ from lorafleet.data.records import ChatRecord
 from lorafleet.errors import ConfigError, DataError
 from lorafleet.eval.chat import read_chats
 from lorafleet.eval.mmmu import is_mmmu_file, read_mmmu
+from lorafleet.governance.audit import AuditLog, utc_now
+from lorafleet.governance.lineage import sha256_file, weight_hashes, weights_id, write_lineage
+from lorafleet.governance.registry import DATABASE, Registry
 from lorafleet.models.loading import FrozenBase, load_base
 from lorafleet.serve.engine.engine import Engine
 from lorafleet.serve.engine.sampling import SamplingParams
@@ -132,7 +135,42 @@ def evaluate(options: EvalOptions, progress: bool = True) -> EvalReport:
     replies, (prompt_tokens, completion_tokens, seconds) = decode_all(base, fleet, items, tiling, options, progress)
     report = score(str(options.data), kind, items, list(tiling), replies)
     report.prompt_tokens, report.completion_tokens, report.seconds = prompt_tokens, completion_tokens, seconds
+    record_in_registry(options.fleet_dir, options.data, report)
     return report
+
+
+def record_in_registry(fleet_dir: Path, data: Path, report: EvalReport) -> list[str]:
+    """Store each registered adapter's scores in its lineage record (the fleet's registry and its
+    lineage.json, keyed by the held-out file's name) and log the evaluation; a fleet without a
+    registry is left alone. Returns the adapters recorded."""
+    if not (fleet_dir / DATABASE).exists():
+        return []
+    data_sha256, adapters, recorded = sha256_file(data), fleet_adapters(fleet_dir), {}
+    registry = Registry(fleet_dir)
+    try:
+        for name in report.models:
+            lineage = registry.get(weights_id(weight_hashes(adapters[name]))) if name in adapters else None
+            if lineage is None:
+                continue
+            tally = report.overall[name]
+            lineage.evaluation[data.name] = {
+                "data_sha256": data_sha256,
+                "format": report.format,
+                "evaluated": utc_now(),
+                "accuracy": tally.accuracy,
+                "questions": tally.questions,
+                "unparseable": tally.unparseable,
+            } | _f1(tally, report.format)
+            registry.add(lineage)
+            write_lineage(lineage, adapters[name])
+            recorded[name] = lineage.id
+    finally:
+        registry.close()
+    overall = {model: report.overall[model].accuracy for model in report.models}
+    AuditLog(fleet_dir).append(
+        "eval.finish", {"data": str(data), "data_sha256": data_sha256, "accuracy": overall, "lineage_ids": recorded}
+    )
+    return sorted(recorded)
 
 
 def score(data: str, kind: str, items: list[Item], models: list[str], replies: list[str]) -> EvalReport:
