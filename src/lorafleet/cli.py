@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compress.add_argument("--eval", type=Path, help="held-out chat JSONL: exact-match accuracy after every stage")
     compress.add_argument("--plan", action="store_true", help="show what would be removed; write nothing")
+    compress.add_argument(
+        "--fleet", type=Path, help="register the output in this fleet (default: the fleet directory --out lies in)"
+    )
     compress.set_defaults(command="compress", run=_run_compress)
 
     keys = commands.add_parser("keys", help="make API keys for KEYS.yaml (only their hashes go in the file)")
@@ -440,6 +443,7 @@ def _run_compress(args: argparse.Namespace) -> int:
             dtype=getattr(torch, args.dtype) if args.dtype else None,
             eval_data=args.eval,
             gptq=not args.rtn,
+            fleet=args.fleet,
         ),
         log=print,
         decode_speed=decode_speed,

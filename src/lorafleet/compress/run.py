@@ -2,7 +2,9 @@
 
 Writes an ordinary HF model directory plus `compress_report.json`: per stage the weights, bytes
 on disk, calibration loss, KL to the uncompressed model, exact-match accuracy on held-out data
-(with --eval) and decode tokens/s in lorafleet's engine.
+(with --eval) and decode tokens/s in lorafleet's engine. `lineage.json` beside it links the model
+to its base ("compressed_from") and merged adapter ("merged") and names the calibration data by
+hash; it is registered (and the run logged) in the fleet the output lies in, or the one given.
 """
 
 from __future__ import annotations
@@ -26,6 +28,19 @@ from lorafleet.data.encode import Example
 from lorafleet.data.records import ChatRecord, read_records
 from lorafleet.errors import ConfigError
 from lorafleet.evaluate import exact_match_accuracy, generate_replies, reference_answers
+from lorafleet.governance.audit import AuditLog, utc_now
+from lorafleet.governance.lineage import (
+    LINEAGE_FILE,
+    Lineage,
+    describe_data,
+    hardware,
+    parent_link,
+    sha256_file,
+    software,
+    weight_hashes,
+    write_lineage,
+)
+from lorafleet.governance.registry import DATABASE, Registry
 from lorafleet.models.loading import FrozenBase, load_base
 from lorafleet.models.quantized import QuantizedLinear, scheme_named
 
@@ -48,6 +63,7 @@ class CompressOptions:
     progress: bool = True
     eval_data: Path | None = None  # held-out chat JSONL: exact-match accuracy per stage
     eval_limit: int = 64
+    fleet: Path | None = None  # register the output here; default: a fleet directory it lies in
 
 
 def _quiet(message: str) -> None:
@@ -63,6 +79,7 @@ def compress(
     lines; `decode_speed(model, prompts)`, when given, measures each stage's tokens/s (the CLI
     passes the serving engine's: compression itself does not depend on serving)."""
     request = options.prune or PruneRequest()
+    started = utc_now()
     base = load_base(options.base, device="cpu", dtype=torch.float32)
     request.validate(base.language_model.config)
     if options.adapter is not None:
@@ -117,9 +134,62 @@ def compress(
     last = list(report["stages"])[-1]
     report["stages"][last]["bytes"] = _bytes(options.out)
     (options.out / "compress_report.json").write_text(json.dumps(report, indent=2))
+    lineage = record_lineage(options, report, started, examples)
     log(format_report(report))
     log(f"adapters: {report['adapters']}; quantization: {report['quantization'] or 'none'}; wrote {options.out}")
+    fleet = registered_in(options)
+    log(f"lineage: {options.out / LINEAGE_FILE}" + (f", registered in {fleet} as {lineage.id[:12]}" if fleet else ""))
     return report
+
+
+def record_lineage(options: CompressOptions, report: dict, started: str, examples: list[Example]) -> Lineage:
+    """Write the compressed model's lineage.json and, when it belongs to a fleet, register and log it."""
+    records, _ = read_records(options.calib)
+    last = report["stages"][list(report["stages"])[-1]]
+    evaluation = {}
+    if options.eval_data is not None and last["accuracy"] is not None:
+        scores = {"data_sha256": sha256_file(options.eval_data), "format": "chat", "accuracy": last["accuracy"]}
+        evaluation[options.eval_data.name] = scores | {"evaluated": utc_now()}
+    parents = [parent_link(options.base, "compressed_from")]
+    parents += [parent_link(options.adapter, "merged")] if options.adapter else []
+    lineage = Lineage(
+        name=options.out.name,
+        kind="model",
+        directory=str(options.out.resolve()),
+        weights_sha256=weight_hashes(options.out),
+        base={"path": str(options.base.resolve()), "weights_sha256": weight_hashes(options.base)},
+        data=[describe_data(options.calib, records, examples, skipped=0)],
+        software=software(),
+        hardware=hardware("cpu"),
+        started=started,
+        finished=utc_now(),
+        evaluation=evaluation,
+        parents=parents,
+        compression=report,
+    )
+    write_lineage(lineage, options.out)
+    fleet = registered_in(options)
+    if fleet is not None:
+        registry = Registry(fleet)
+        try:
+            registry.add(lineage)
+        finally:
+            registry.close()
+        AuditLog(fleet).append(
+            "compress.finish",
+            {"out": lineage.directory, "lineage_id": lineage.id, "parents": parents, "plan": report["plan"]}
+            | {"quantization": report["quantization"], "weights_sha256": lineage.weights_sha256},
+        )
+    return lineage
+
+
+def registered_in(options: CompressOptions) -> Path | None:
+    """The fleet directory whose registry records the output: the one given, or the fleet the
+    output lies in (FLEET/OUT or FLEET/models/OUT)."""
+    if options.fleet is not None:
+        return options.fleet
+    nearest = list(options.out.resolve().parents)[:2]
+    return next((parent for parent in nearest if (parent / DATABASE).exists()), None)
 
 
 def _describe(scheme, gptq: bool) -> str | None:
