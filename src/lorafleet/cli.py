@@ -28,6 +28,11 @@ examples:
                                           merged, pruned, distilled, int4 (GPTQ), compressed-tensors
   lorafleet eval --fleet demo-out --data demo-out/data/marketing-test.jsonl
                                           base and every adapter on the same held-out questions (or MMMU)
+  lorafleet data check demo-out/data/marketing.jsonl demo-out/data/marketing-test.jsonl
+                                          records, tokens, images, duplicates, train/test overlap, personal data
+  lorafleet data redact raw.jsonl clean.jsonl    personal data replaced by <EMAIL_1>-style placeholders
+  lorafleet data synth --docs handbook/ --out qa.jsonl --endpoint http://127.0.0.1:8000 --model base
+                                          question-answer chats grounded in your own documents
   lorafleet cost --gpu-price 3.5 --gpus 2 --tokens-per-s 1700 --api-input-price 3 --api-output-price 15
                                           self-hosted cost per million tokens and break-even against the API
 """
@@ -222,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, help="the HTML file to write (default: RUN_DIR/report.html)")
     report.set_defaults(command="report", run=_run_report)
     _add_governance_parsers(commands)
+    _add_data_parsers(commands)
     return parser
 
 
@@ -301,6 +307,76 @@ def _add_governance_parsers(commands: argparse._SubParsersAction) -> None:
         "--fleet", type=Path, action="append", required=True, help="fleet directory (repeat to look in several)"
     )
     docs.set_defaults(command="docs", run=_run_docs)
+
+
+def _add_data_parsers(commands: argparse._SubParsersAction) -> None:
+    data = commands.add_parser("data", help="check, redact, deduplicate or synthesise chat JSONL training data")
+    actions = data.add_subparsers(title="actions", metavar="ACTION", required=True)
+    check = actions.add_parser(
+        "check",
+        help="records, tokens, images, malformed records, duplicates, overlap between files, personal data",
+        description="Give a training file first and its held-out file after it to see records that leak between "
+        "them. Exit status 1 when a file or record cannot be read.",
+    )
+    check.add_argument("files", nargs="+", type=Path, metavar="FILE", help="chat JSONL files")
+    check.add_argument("--base", type=Path, help="count tokens and tiles with this model's tokenizer (default: tiny)")
+    check.add_argument("--max-tiles", type=int, help="tiles per image as training would use (default: the model's)")
+    check.add_argument("--threshold", type=float, default=0.8, help="near-duplicate Jaccard over 3-word shingles")
+    check.add_argument("--patterns", type=Path, help="national-ID patterns and phone regions (YAML/JSON)")
+    check.add_argument("--json", type=Path, help="also write the report as JSON here")
+    check.add_argument("--histogram", type=Path, help="also draw tokens per record as a PNG here")
+    check.add_argument("--no-progress", action="store_true", help="no progress bar")
+    check.set_defaults(command="data", run=_run_data_check)
+    redact = actions.add_parser("redact", help="replace personal data with placeholders; strip image metadata")
+    redact.add_argument("input", type=Path, metavar="IN", help="chat JSONL to read (never modified)")
+    redact.add_argument("out", type=Path, metavar="OUT", help="redacted JSONL to write (images go to OUT-images/)")
+    redact.add_argument("--dry-run", action="store_true", help="count what would be replaced; write nothing")
+    redact.add_argument("--patterns", type=Path, help="national-ID patterns and phone regions (YAML/JSON)")
+    redact.add_argument(
+        "--ner-model",
+        type=Path,
+        help="spaCy pipeline directory: also replace names of people, organisations and places",
+    )
+    redact.add_argument("--json", type=Path, help="also write the counts as JSON here")
+    redact.add_argument("--no-progress", action="store_true", help="no progress bar")
+    redact.set_defaults(command="data", run=_run_data_redact)
+    dedup = actions.add_parser("dedup", help="drop exact and near-duplicate records, keeping the first")
+    dedup.add_argument("input", type=Path, metavar="IN", help="chat JSONL to read (never modified)")
+    dedup.add_argument("out", type=Path, metavar="OUT", help="JSONL to write without the duplicates")
+    dedup.add_argument(
+        "--threshold",
+        type=float,
+        default=0.8,
+        help="drop a record whose 3-word-shingle Jaccard with an earlier one is at least this (0.8)",
+    )
+    dedup.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dedup.set_defaults(command="data", run=_run_data_dedup)
+    synth = actions.add_parser("synth", help="question-answer chats grounded in your documents (txt, md, pdf)")
+    synth.add_argument("--docs", type=Path, required=True, help="directory of .txt, .md and .pdf documents")
+    synth.add_argument("--out", type=Path, required=True, help="chat JSONL to write (appended to when resuming)")
+    source = synth.add_mutually_exclusive_group(required=True)
+    source.add_argument("--endpoint", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000 (lorafleet serve)")
+    source.add_argument("--extractive", action="store_true", help="no model: questions from sentences, answers copied")
+    synth.add_argument("--model", help="model or adapter name at --endpoint (e.g. base)")
+    synth.add_argument(
+        "--api-key",
+        default=os.environ.get("LORAFLEET_API_KEY"),
+        help="key for --endpoint (default: $LORAFLEET_API_KEY)",
+    )
+    synth.add_argument("--max-tokens", type=int, default=512, help="tokens per generated reply (512)")
+    synth.add_argument("--prompts", type=Path, help="prompt template YAML (default: the shipped synth_prompts.yaml)")
+    synth.add_argument("--patterns", type=Path, help="national-ID patterns and phone regions (YAML/JSON)")
+    synth.add_argument("--chunk-words", type=int, default=220, help="words per chunk at most (220)")
+    synth.add_argument(
+        "--min-support",
+        type=float,
+        default=0.6,
+        help="share of an answer's content words that must occur in its chunk (0.6)",
+    )
+    synth.add_argument("--json", type=Path, help="also write the counts (kept, dropped by reason) as JSON here")
+    synth.add_argument("--no-progress", action="store_true", help="no progress bar")
+    synth.set_defaults(command="data", run=_run_data_synth)
+    data.set_defaults(command="data")
 
 
 def _add_eval_parser(commands: argparse._SubParsersAction) -> None:
@@ -511,6 +587,103 @@ def _run_cost(args: argparse.Namespace) -> int:
     )
     report = cost.estimate(inputs)
     print(json.dumps(report.to_json(), indent=2) if args.json else cost.format_report(report))
+    return 0
+
+
+def _run_data_check(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from lorafleet.data.check import check_files, counting_base, format_report, write_histogram
+    from lorafleet.data.pii import PiiDetector, load_patterns
+
+    base, tokenizer = counting_base(args.base)
+    report = check_files(
+        args.files,
+        base,
+        tokenizer,
+        PiiDetector(load_patterns(args.patterns)),
+        args.threshold,
+        args.max_tiles,
+        progress=lambda lines, name: tqdm(lines, desc=name, unit="record", disable=args.no_progress),
+    )
+    print(format_report(report))
+    if args.json:
+        args.json.write_text(json.dumps(report.to_json(), indent=2))
+        print(f"report in {args.json}")
+    if args.histogram:
+        print(f"histogram in {write_histogram(report, args.histogram)}")
+    return 1 if report.errors else 0
+
+
+def _run_data_redact(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from lorafleet.data.pii import EntityRecognizer, PiiDetector, load_patterns
+    from lorafleet.data.redact import redact_file
+
+    ner = EntityRecognizer(args.ner_model) if args.ner_model else None
+    detector = PiiDetector(load_patterns(args.patterns), ner)
+    report = redact_file(
+        args.input,
+        args.out,
+        detector,
+        args.dry_run,
+        progress=lambda lines: tqdm(lines, desc="redact", unit="record", disable=args.no_progress),
+    )
+    print(report.summary())
+    if args.json:
+        args.json.write_text(json.dumps(report.to_json(), indent=2))
+    return 0
+
+
+def _run_data_dedup(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from lorafleet.data.dedup import dedup_file
+
+    kept, dropped = dedup_file(
+        args.input,
+        args.out,
+        args.threshold,
+        progress=lambda lines: tqdm(lines, desc="dedup", unit="record", disable=args.no_progress),
+    )
+    for item in dropped:
+        similarity = f" (Jaccard {item.similarity:.2f})" if item.kind == "near" else ""
+        print(f"dropped {item.source}: {item.kind} duplicate of {item.duplicate_of}{similarity}")
+    print(f"kept {kept}, dropped {len(dropped)} -> {args.out}")
+    return 0
+
+
+def _run_data_synth(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from lorafleet.data.pii import PiiDetector, load_patterns
+    from lorafleet.data.synth import EXTRACTIVE, OpenAIGenerator, SynthOptions, load_prompts, synthesise
+    from lorafleet.errors import ConfigError
+
+    if args.endpoint and not args.model:
+        raise ConfigError("--endpoint needs --model: the model or adapter to ask (e.g. base)")
+    generator = OpenAIGenerator(args.endpoint, args.model, args.api_key, args.max_tokens) if args.endpoint else None
+    options = SynthOptions(
+        args.docs,
+        args.out,
+        generator,
+        args.model if generator else EXTRACTIVE,
+        load_prompts(args.prompts),
+        args.chunk_words,
+        args.min_support,
+    )
+    progress = lambda chunks: tqdm(chunks, desc="synth", unit="chunk", disable=args.no_progress)  # noqa: E731
+    report = synthesise(options, PiiDetector(load_patterns(args.patterns)), progress)
+    print(report.summary())
+    if args.json:
+        args.json.write_text(json.dumps(report.to_json(), indent=2))
     return 0
 
 

@@ -1,0 +1,105 @@
+"""`lorafleet data check` counts what training would see, finds malformed records, duplicates,
+held-out records that leak into training and personal data (by type, never the values)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from lorafleet.data.check import check_files, counting_base, format_report
+from lorafleet.data.encode import encode_record, tile_images
+from lorafleet.data.records import read_records
+from lorafleet.models.loading import load_base
+from tests.conftest import write_image_dataset, write_text_dataset
+
+
+def chat(question: str, answer: str = "Noted.") -> str:
+    return json.dumps({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
+
+
+@pytest.fixture
+def files(tmp_path):
+    """A training file (images, text, PII, one malformed line, one repeat) and a held-out file that
+    shares one record with it."""
+    train = write_image_dataset(tmp_path / "train.jsonl", 12, seed=1)
+    write_text_dataset(tmp_path / "text.jsonl", 20, seed=2)
+    private = chat("Please call +44 20 7946 0958 or mail maria.lopez@example.eu about card 4111 1111 1111 1111.")
+    leaked = chat("When is the quarterly invoice total due to the finance department?", "In thirty days.")
+    lines = train.read_text().splitlines() + (tmp_path / "text.jsonl").read_text().splitlines()
+    lines += [private, '{"messages": [}', leaked, lines[-1]]
+    train.write_text("\n".join(lines) + "\n")
+    held_out = tmp_path / "held-out.jsonl"
+    held_out.write_text("\n".join([chat("A question nobody asked in training, about the policy?"), leaked]) + "\n")
+    return train, held_out
+
+
+@pytest.fixture(scope="module")
+def counting(tiny_vlm_dir):
+    return counting_base(tiny_vlm_dir)
+
+
+def test_check_counts_what_training_would_see(files, counting, tiny_vlm_dir):
+    train, held_out = files
+    report = check_files([train, held_out], *counting)
+    first = report.files[0]
+    records, skipped = read_records(train, skip_bad=True)
+    assert first.records == len(records) == 12 + 20 + 3 and len(skipped) == 1
+    base = load_base(tiny_vlm_dir)  # weights and all: the counts must not depend on them
+    assert first.tokens == [encode_record(r, base).num_tokens for r in records]
+    assert first.turns == [len(r.messages) for r in records]
+    tiles = [n for r in records if r.images for n in tile_images(r, base, None)[1]]
+    assert sorted(first.tiles.elements()) == sorted(tiles) and max(tiles) > 1
+    sizes = [f"{w}x{h}" for r in records for w, h in (image.size for image in r.load_images())]
+    assert sum(first.image_sizes.values()) == 12 and set(first.image_sizes) == set(sizes)
+    assert first.errors == [f"{train}:{12 + 20 + 2}: not valid JSON (Expecting value at column 15)"]
+    assert report.errors == 1
+
+
+def test_check_finds_duplicates_leaks_and_personal_data_without_values(files, counting):
+    train, held_out = files
+    report = check_files([train, held_out], *counting)
+    first, second = report.files
+    assert (f"{train}:36", f"{train}:32", "exact") in [(d.source, d.duplicate_of, d.kind) for d in first.duplicates]
+    (overlap,) = report.overlaps
+    assert (overlap.file, overlap.against) == (held_out, train)
+    assert [(m.source, m.duplicate_of, m.kind) for m in overlap.matches] == [(f"{held_out}:2", f"{train}:35", "exact")]
+    assert first.pii == {"PHONE": 1, "EMAIL": 1, "CARD": 1} and not second.pii
+    shown = json.dumps(report.to_json()) + format_report(report)
+    for value in ("7946", "maria.lopez", "4111"):
+        assert value not in shown
+
+
+def test_the_command_writes_json_and_a_histogram_and_exits_1_on_errors(files, tmp_path):
+    train, held_out = files
+    args = [sys.executable, "-m", "lorafleet.cli", "data", "check", str(train), str(held_out), "--no-progress"]
+    run = subprocess.run(
+        [*args, "--json", str(tmp_path / "r.json"), "--histogram", str(tmp_path / "h.png")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 1, run.stderr
+    assert "built-in tiny model's tokenizer" in run.stdout and "1 errors" in run.stdout
+    assert "overlap: 1 records of" in run.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["files"][0]["pii"] == {"CARD": 1, "EMAIL": 1, "PHONE": 1}
+    with Image.open(tmp_path / "h.png") as png:
+        assert png.format == "PNG" and png.width > 300
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text(chat("What is the policy?") + "\n")
+    run = subprocess.run([*args[:5], str(clean), "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "no errors" in run.stdout, run.stdout + run.stderr
+
+
+def test_unreadable_files_are_errors_and_the_other_files_are_still_checked(tmp_path, counting):
+    empty, junk, good = tmp_path / "empty.jsonl", tmp_path / "junk.jsonl", tmp_path / "good.jsonl"
+    empty.write_text("")
+    junk.write_bytes(bytes(range(256)) * 4)
+    good.write_text(chat("What is the policy?") + "\n")
+    report = check_files([empty, junk, tmp_path / "missing.jsonl", good], *counting)
+    assert [f.records for f in report.files] == [0, 0, 0, 1]
+    assert ["is empty" in report.files[0].errors[0], "binary" in report.files[1].errors[0]] == [True, True]
+    assert "does not exist" in report.files[2].errors[0] and report.errors == 3
