@@ -3,7 +3,8 @@
 It builds the tiny InternVL-style model, draws a dataset per department, writes the fleet YAML a
 user would write, trains every adapter together from it, and compares held-out accuracy of the
 base model and of each adapter. Everything lands in one directory (the layout `lorafleet serve`
-and later stages read): base/, data/, fleet.yaml, adapters/<name>/, metrics.jsonl.
+and later stages read): base/, data/, fleet.yaml, adapters/<name>/, metrics.jsonl, and the
+governance records: audit/ (the hash-chained log) and lorafleet.sqlite (the lineage registry).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lorafleet.config import load_fleet_spec
 from lorafleet.data.records import read_records
 from lorafleet.demo.synthetic import TASKS, write_task
 from lorafleet.evaluate import exact_match_accuracy, generate_replies, reference_answers
+from lorafleet.governance.audit import verify_chain
 from lorafleet.models.loading import load_base
 from lorafleet.models.tiny import build_tiny_internvl
 from lorafleet.train.trainer import train_fleet
@@ -81,8 +83,18 @@ def run_demo(
     log("[4/4] held-out accuracy, greedy decoding")
     rows = evaluate_fleet(out)
     log(format_table(rows))
+    log(audit_summary(out))
     log(f"done in {time.perf_counter() - started:.0f} s; adapters in {out / 'adapters'}")
     return rows
+
+
+def audit_summary(out: Path) -> str:
+    """Where the run's audit log is, checked as `lorafleet audit verify` checks it."""
+    report = verify_chain(out)
+    return (
+        f"audit log: {out / 'audit'} valid, {report.entries} entries (lorafleet audit verify {out}); "
+        f"lineage: lorafleet registry list --fleet {out}"
+    )
 
 
 def evaluate_fleet(out: Path) -> list[DemoRow]:
