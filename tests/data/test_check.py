@@ -103,3 +103,17 @@ def test_unreadable_files_are_errors_and_the_other_files_are_still_checked(tmp_p
     assert [f.records for f in report.files] == [0, 0, 0, 1]
     assert ["is empty" in report.files[0].errors[0], "binary" in report.files[1].errors[0]] == [True, True]
     assert "does not exist" in report.files[2].errors[0] and report.errors == 3
+
+
+def test_the_demo_checks_each_departments_data_in_one_line(tmp_path, tiny_vlm_dir):
+    from lorafleet.demo.run import check_departments
+    from lorafleet.demo.synthetic import TASKS, write_task
+
+    (tmp_path / "base").symlink_to(tiny_vlm_dir)
+    for task in TASKS:
+        write_task(task, tmp_path / "data", 40, seed=0, split="train")
+        write_task(task, tmp_path / "data", 10, seed=0, split="test")
+    lines = check_departments(tmp_path)
+    assert [line.split(":")[0].strip() for line in lines] == [task.department for task in TASKS]
+    assert all("40 train + 10 held-out records" in line and "0 malformed" in line for line in lines)
+    assert all(line.startswith("  ") for line in lines)  # not taken for rows of the demo's accuracy table

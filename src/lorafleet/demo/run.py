@@ -1,10 +1,11 @@
 """`lorafleet demo`: the whole training story on the built-in tiny model, in a few CPU minutes.
 
-It builds the tiny InternVL-style model, draws a dataset per department, writes the fleet YAML a
-user would write, trains every adapter together from it, and compares held-out accuracy of the
-base model and of each adapter. Everything lands in one directory (the layout `lorafleet serve`
-and later stages read): base/, data/, fleet.yaml, adapters/<name>/, metrics.jsonl, and the
-governance records: audit/ (the hash-chained log) and lorafleet.sqlite (the lineage registry).
+It builds the tiny InternVL-style model, draws a dataset per department, checks it as a user
+would (`lorafleet data check`), writes the fleet YAML a user would write, trains every adapter
+together from it, and compares held-out accuracy of the base model and of each adapter.
+Everything lands in one directory (the layout `lorafleet serve` and later stages read): base/,
+data/, fleet.yaml, adapters/<name>/, metrics.jsonl, and the governance records: audit/ (the
+hash-chained log) and lorafleet.sqlite (the lineage registry).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import yaml
 from lorafleet.adapters.fleet import LoRAFleet
 from lorafleet.adapters.peft_io import load_adapter
 from lorafleet.config import load_fleet_spec
+from lorafleet.data.check import CheckReport, check_files, counting_base
 from lorafleet.data.records import read_records
 from lorafleet.demo.synthetic import TASKS, write_task
 from lorafleet.evaluate import exact_match_accuracy, generate_replies, reference_answers
@@ -69,18 +71,21 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    log(f"[1/4] building the tiny InternVL-style model in {out / 'base'}")
+    log(f"[1/5] building the tiny InternVL-style model in {out / 'base'}")
     build_tiny_internvl(out / "base", seed=0)
-    log(f"[2/4] drawing {train_size} training and {test_size} held-out pictures per department in {out / 'data'}")
+    log(f"[2/5] drawing {train_size} training and {test_size} held-out pictures per department in {out / 'data'}")
     for task in TASKS:
         write_task(task, out / "data", train_size, seed=0, split="train")
         write_task(task, out / "data", test_size, seed=0, split="test")
+    log("[3/5] checking each department's data (lorafleet data check)")
+    for line in check_departments(out):
+        log(line)
     spec_path = write_fleet_yaml(out, steps)
-    log(f"[3/4] training {len(TASKS)} adapters together ({spec_path})")
+    log(f"[4/5] training {len(TASKS)} adapters together ({spec_path})")
     spec = load_fleet_spec(spec_path)
     _clear_previous_run(out)
     train_fleet(spec, progress=progress)
-    log("[4/4] held-out accuracy, greedy decoding")
+    log("[5/5] held-out accuracy, greedy decoding")
     rows = evaluate_fleet(out)
     log(format_table(rows))
     log(audit_summary(out))
@@ -94,6 +99,32 @@ def audit_summary(out: Path) -> str:
     return (
         f"audit log: {out / 'audit'} valid, {report.entries} entries (lorafleet audit verify {out}); "
         f"lineage: lorafleet registry list --fleet {out}"
+    )
+
+
+def check_departments(out: Path) -> list[str]:
+    """One line per department: its training file checked together with its held-out file."""
+    base, tokenizer = counting_base(out / "base")
+    lines = []
+    for task in TASKS:
+        data = out / "data"
+        report = check_files(
+            [data / f"{task.department}.jsonl", data / f"{task.department}-test.jsonl"], base, tokenizer
+        )
+        lines.append(f"  {task.department}: {summarise_check(report)}")
+    return lines
+
+
+def summarise_check(report: CheckReport) -> str:
+    train, test = report.files
+    tokens = sorted(train.tokens + test.tokens)
+    duplicates = len(train.duplicates) + len(test.duplicates)
+    leaked = sum(len(overlap.matches) for overlap in report.overlaps)
+    pii = sum(train.pii.values()) + sum(test.pii.values())
+    return (
+        f"{train.records} train + {test.records} held-out records, {tokens[0]}-{tokens[-1]} tokens each, "
+        f"{report.errors} malformed, {duplicates} repeated records, {leaked} held-out records repeat "
+        f"training ones, {pii} PII findings"
     )
 
 
