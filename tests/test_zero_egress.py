@@ -112,3 +112,10 @@ def test_train_serve_and_compress_without_any_outside_connection(no_egress, tiny
     assert main(["audit", "verify", str(fleet)]) == 0
     assert "audit log valid" in capsys.readouterr().out
     assert no_egress == []  # nothing even tried to leave the machine
+
+
+def test_vllm_is_started_without_usage_statistics_or_hub_access(tiny_lm_dir):
+    from lorafleet.serve.gateway.upstream import vllm_command
+
+    _, environment = vllm_command(tiny_lm_dir, {}, 8100, None, [])
+    assert environment["VLLM_NO_USAGE_STATS"] == environment["DO_NOT_TRACK"] == environment["HF_HUB_OFFLINE"] == "1"

@@ -215,6 +215,8 @@ def vllm_command(
     if adapters:
         command += ["--lora-modules", *[f"{name}={path}" for name, path in adapters.items()]]
     environment = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")  # admin loads at runtime
+    # Zero egress: vLLM reports usage statistics unless told not to, and the base is a local directory.
+    environment |= {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
     return [*command, *extra_args], environment
 
 
