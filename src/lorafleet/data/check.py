@@ -273,7 +273,7 @@ def write_histogram(report: CheckReport, png: str | Path) -> Path:
     figure, axes = plt.subplots(len(shown) or 1, 1, figsize=(7, 2.4 * max(1, len(shown))), squeeze=False)
     for axis, check in zip(axes[:, 0], shown, strict=False):
         bins = histogram(check.tokens, bins=30)
-        axis.hist(check.tokens, bins=bins["edges"], color="#4c72b0")
+        axis.hist(check.tokens, bins=bins["edges"], color="#4c72b0", edgecolor="white")
         axis.set_title(f"{check.path.name}: {check.records} records", fontsize=9)
         axis.set_xlabel("tokens per record")
         axis.set_ylabel("records")
