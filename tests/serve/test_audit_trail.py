@@ -111,3 +111,15 @@ def test_a_failing_append_is_counted_and_serving_goes_on(fleet_dir, tmp_path, ca
         assert reply.choices[0].finish_reason in ("stop", "length")
         assert server.audit.failures == 1 and "lorafleet_audit_append_failures 1.0" in metrics
     assert "audit log append failed (serve.request)" in capsys.readouterr().err
+
+
+def test_a_model_name_utf8_cannot_hold_is_still_logged(fleet_dir, tmp_path):
+    fleet = copy_fleet(fleet_dir, tmp_path)
+    with running_server(ServeOptions(fleet_dir=fleet)) as (url, server):
+        body = '{"model": "x\\ud800", "messages": [{"role": "user", "content": "\\udfff"}]}'
+        refused = httpx.post(f"{url}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+        server.audit.flush()
+        assert refused.status_code == 404 and server.audit.failures == 0
+    (request,) = [entry["data"] for entry in entries(fleet) if entry["event"] == "serve.request"]
+    assert request["model"] == "x?" and request["status"] == 404 and len(request["input_sha256"]) == 64
+    assert verify_chain(fleet).entries == 3

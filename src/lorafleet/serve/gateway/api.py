@@ -269,11 +269,11 @@ def create_app(server: FleetServer) -> FastAPI:
             model = ChatCompletionRequest if chat else TextCompletionRequest
             body = await _read_body(request, server.options.max_body_bytes, model)
             call.model = body.model
+            call.input_sha256 = content_sha256(body.messages if chat else body.prompt)
             adapter = resolve(call.tenant, body.model)
             call.known_model = True
             _refuse_unsupported(body)
             _check_rate(call.tenant)
-            call.input_sha256 = content_sha256(body.messages if chat else body.prompt)
             if server.options.log_content:
                 call.content = {"messages": body.messages} if chat else {"prompt": body.prompt}
             call.on_start = lambda: _reserve_tokens(call)

@@ -37,6 +37,13 @@ def content_sha256(value: object) -> str:
     return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
 
 
+def utf8_only(data: dict) -> dict:
+    """`data` with every lone surrogate a client sent (e.g. a model name "\\ud800") replaced by "?":
+    the log is UTF-8, which cannot hold them, and the entry must still be written."""
+    text = json.dumps(data, ensure_ascii=False)
+    return json.loads(text.encode("utf-8", errors="replace").decode("utf-8"))
+
+
 def adapter_id(path: str | Path) -> str | None:
     """The registry id of the adapter in `path` (None when the directory is not on this machine)."""
     path = Path(path)
@@ -70,7 +77,8 @@ class AuditTrail:
         while (item := self._queue.get()) is not None:
             try:
                 self._retain()
-                self.log.append(*item)
+                event, data = item
+                self.log.append(event, utf8_only(data))
             except Exception as err:  # noqa: BLE001 - any failure must be counted, and serving go on
                 self.failures += 1
                 print(f"lorafleet: audit log append failed ({item[0]}): {type(err).__name__}: {err}", file=sys.stderr)

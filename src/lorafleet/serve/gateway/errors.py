@@ -39,6 +39,8 @@ class APIError(Exception):
 def error_response(
     status: int, message: str, code: str | None = None, param: str | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
+    # A message may quote what the client sent, lone surrogates included; the body must still be UTF-8.
+    message = message.encode("utf-8", errors="replace").decode("utf-8")
     body = {
         "error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"), "param": param, "code": code}
     }

@@ -64,12 +64,12 @@ class RequestLog:
             time.time(),
             entry.request_id,
             entry.tenant,
-            entry.model,
+            _utf8(entry.model),
             entry.prompt_tokens,
             entry.completion_tokens,
             entry.latency_ms,
             entry.status,
-            entry.error,
+            _utf8(entry.error),
             content,
         )
         with self._lock:
@@ -83,3 +83,8 @@ class RequestLog:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _utf8(text: str | None) -> str | None:
+    """`text` with any lone surrogate a client sent replaced by "?" (SQLite stores UTF-8 only)."""
+    return text.encode("utf-8", errors="replace").decode("utf-8") if text is not None else None
