@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+from huggingface_hub import ModelCard
+
 from lorafleet.cli import main
 from lorafleet.config import AdapterSpec, FleetSpec
 from lorafleet.governance.audit import list_segments, verify_chain
@@ -41,6 +43,12 @@ def test_compress_writes_lineage_and_registers_in_the_fleet_it_lies_in(tiny_lm_d
     assert verify_chain(fleet).entries > 0
     events = [json.loads(line)["event"] for line in list_segments(fleet / "audit")[-1].read_text().splitlines()]
     assert events[-1] == "compress.finish"
+
+    assert main(["docs", "small", "--fleet", str(fleet)]) == 0
+    card = ModelCard.load(fleet / "small" / "README.md")
+    assert card.data.library_name == "transformers" and "a model compressed by lorafleet" in card.text
+    annex = (fleet / "small" / "annex-iv.md").read_text()
+    assert f"made from compressed_from `{tiny_lm_dir}`" in annex and f"merged `hr` ({hr.id})" in annex
 
 
 def test_compress_outside_a_fleet_writes_lineage_only(tiny_lm_dir, tmp_path, capsys):

@@ -71,7 +71,7 @@ def model_card(lineage: Lineage) -> str:
     body = "\n\n".join(
         [
             f"# {lineage.name}",
-            f"A LoRA adapter trained by lorafleet on `{lineage.base.get('path')}`; lineage id `{lineage.id}`. "
+            f"{_what(lineage)}; lineage id `{lineage.id}`. "
             "Everything below is drawn from the fleet's registry (`lorafleet registry show`); "
             f"the technical documentation draft is in `{ANNEX_FILE}`.",
             "## Intended use\n\n"
@@ -86,6 +86,15 @@ def model_card(lineage: Lineage) -> str:
     )
     card = ModelCard.from_template(card_metadata(lineage), template_str="---\n{{ card_data }}\n---\n\n" + body + "\n")
     return str(card)
+
+
+def _what(lineage: Lineage) -> str:
+    base = f"`{lineage.base.get('path')}`"
+    if lineage.kind == "adapter":
+        return f"a low-rank adapter (LoRA) trained by lorafleet on the frozen pre-trained base model {base}"
+    plan = ", ".join(f"{key} {value}" for key, value in lineage.compression.get("plan", {}).items())
+    quantization = lineage.compression.get("quantization") or "not quantized"
+    return f"a model compressed by lorafleet from {base} (pruned: {plan or 'nothing'}; {quantization})"
 
 
 def _data_table(lineage: Lineage) -> str:
@@ -168,8 +177,8 @@ def annex_iv(lineage: Lineage, children: list[tuple[str, str, str]], changes: li
         f"(g) User interface provided to the deployer: {must}\n\n"
         f"(h) Instructions for use for the deployer: {must}",
         "## 2. Detailed description of the elements and of the development process\n\n"
-        "(a) Methods and steps: a low-rank adapter (LoRA) trained on a frozen pre-trained base model "
-        f"(third-party or own: {must} its origin and licence).\n\n" + _procedure(lineage) + "\n\n"
+        f"(a) Methods and steps: {_what(lineage)} (the base is third-party or own: {must} its origin and "
+        "licence).\n\n" + _procedure(lineage) + "\n\n"
         f"(b) Design specifications, general logic, key design choices and their rationale: {must}\n\n"
         "(c) System architecture and computational resources used to develop, train, test and validate: the "
         f"base model with this adapter added to its linear layers ({_pairs(lineage.adapter_config, skip={'data'})}). "
