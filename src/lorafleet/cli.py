@@ -325,6 +325,7 @@ def _add_data_parsers(commands: argparse._SubParsersAction) -> None:
     check.add_argument("--patterns", type=Path, help="national-ID patterns and phone regions (YAML/JSON)")
     check.add_argument("--json", type=Path, help="also write the report as JSON here")
     check.add_argument("--histogram", type=Path, help="also draw tokens per record as a PNG here")
+    check.add_argument("--fleet", type=Path, help="record the check (counts, file hashes) in DIR's audit log")
     check.add_argument("--no-progress", action="store_true", help="no progress bar")
     check.set_defaults(command="data", run=_run_data_check)
     redact = actions.add_parser("redact", help="replace personal data with placeholders; strip image metadata")
@@ -338,6 +339,7 @@ def _add_data_parsers(commands: argparse._SubParsersAction) -> None:
         help="spaCy pipeline directory: also replace names of people, organisations and places",
     )
     redact.add_argument("--json", type=Path, help="also write the counts as JSON here")
+    redact.add_argument("--fleet", type=Path, help="record the redaction (counts, file hashes) in DIR's audit log")
     redact.add_argument("--no-progress", action="store_true", help="no progress bar")
     redact.set_defaults(command="data", run=_run_data_redact)
     dedup = actions.add_parser("dedup", help="drop exact and near-duplicate records, keeping the first")
@@ -614,6 +616,7 @@ def _run_data_check(args: argparse.Namespace) -> int:
         print(f"report in {args.json}")
     if args.histogram:
         print(f"histogram in {write_histogram(report, args.histogram)}")
+    _audit_data_event(args.fleet, "data.check", report.audit_summary())
     return 1 if report.errors else 0
 
 
@@ -637,7 +640,18 @@ def _run_data_redact(args: argparse.Namespace) -> int:
     print(report.summary())
     if args.json:
         args.json.write_text(json.dumps(report.to_json(), indent=2))
+    if not args.dry_run:
+        _audit_data_event(args.fleet, "data.redact", report.audit_summary())
     return 0
+
+
+def _audit_data_event(fleet: Path | None, event: str, summary: dict) -> None:
+    if fleet is None:
+        return
+    from lorafleet.governance.audit import AuditLog
+
+    entry = AuditLog(fleet).append(event, summary)
+    print(f"recorded in {fleet}'s audit log as {event} (seq {entry['seq']})")
 
 
 def _run_data_dedup(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from PIL import Image
 from lorafleet.data.check import check_files, counting_base, format_report
 from lorafleet.data.encode import encode_record, tile_images
 from lorafleet.data.records import read_records
+from lorafleet.governance.lineage import sha256_file
 from lorafleet.models.loading import load_base
 from tests.conftest import write_image_dataset, write_text_dataset
 
@@ -76,8 +77,9 @@ def test_check_finds_duplicates_leaks_and_personal_data_without_values(files, co
 def test_the_command_writes_json_and_a_histogram_and_exits_1_on_errors(files, tmp_path):
     train, held_out = files
     args = [sys.executable, "-m", "lorafleet.cli", "data", "check", str(train), str(held_out), "--no-progress"]
+    fleet = tmp_path / "fleet"
     run = subprocess.run(
-        [*args, "--json", str(tmp_path / "r.json"), "--histogram", str(tmp_path / "h.png")],
+        [*args, "--json", str(tmp_path / "r.json"), "--histogram", str(tmp_path / "h.png"), "--fleet", str(fleet)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -88,6 +90,10 @@ def test_the_command_writes_json_and_a_histogram_and_exits_1_on_errors(files, tm
     assert json.loads((tmp_path / "r.json").read_text())["files"][0]["pii"] == {"CARD": 1, "EMAIL": 1, "PHONE": 1}
     with Image.open(tmp_path / "h.png") as png:
         assert png.format == "PNG" and png.width > 300
+    (entry,) = [json.loads(line) for path in (fleet / "audit").glob("*.jsonl") for line in path.open()]
+    assert entry["event"] == "data.check" and entry["data"]["files"][0]["sha256"] == sha256_file(train)
+    assert entry["data"]["files"][0]["pii"] == {"CARD": 1, "EMAIL": 1, "PHONE": 1}
+    assert "maria.lopez" not in json.dumps(entry) and entry["data"]["overlaps"][0]["records"] == 1
     clean = tmp_path / "clean.jsonl"
     clean.write_text(chat("What is the policy?") + "\n")
     run = subprocess.run([*args[:5], str(clean), "--no-progress"], capture_output=True, text=True, timeout=300)

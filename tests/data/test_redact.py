@@ -249,15 +249,24 @@ def test_unreadable_and_same_file_inputs_are_refused(tmp_path, detector):
 
 
 def test_the_command_reports_counts_and_never_the_values(tmp_path):
+    from lorafleet.governance.audit import verify_chain
+    from lorafleet.governance.lineage import sha256_file
+
     source = write_lines(tmp_path / "in.jsonl", [chat_string(planted(p)) for p in PARAGRAPHS])
+    out, fleet = tmp_path / "out.jsonl", tmp_path / "fleet"
     run = subprocess.run(
-        [sys.executable, "-m", "lorafleet.cli", "data", "redact", str(source), str(tmp_path / "out.jsonl"),
-         "--json", str(tmp_path / "counts.json"), "--no-progress"],
+        [sys.executable, "-m", "lorafleet.cli", "data", "redact", str(source), str(out),
+         "--json", str(tmp_path / "counts.json"), "--fleet", str(fleet), "--no-progress"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
-    assert "EMAIL 6" in run.stdout and "written to" in run.stdout
-    shown = run.stdout + run.stderr + (tmp_path / "counts.json").read_text()
+    assert "EMAIL 6" in run.stdout and "written to" in run.stdout and "data.redact" in run.stdout
+    audit = "".join(path.read_text() for path in (fleet / "audit").glob("*.jsonl"))
+    shown = run.stdout + run.stderr + (tmp_path / "counts.json").read_text() + audit
     for value in PLANTED.values():
         assert value not in shown
     assert json.loads((tmp_path / "counts.json").read_text())["pii_counts"]["IBAN"] == 2
+    assert verify_chain(fleet).entries == 1
+    (entry,) = [json.loads(line) for line in audit.splitlines()]
+    assert entry["event"] == "data.redact" and entry["data"]["pii_counts"]["EMAIL"] == 6
+    assert (entry["data"]["in_sha256"], entry["data"]["out_sha256"]) == (sha256_file(source), sha256_file(out))

@@ -20,6 +20,7 @@ from lorafleet.data.encode import encode_record, tile_images
 from lorafleet.data.pii import PiiDetector
 from lorafleet.data.records import ChatRecord, parse_record, read_jsonl_lines
 from lorafleet.errors import DataError
+from lorafleet.governance.lineage import sha256_file
 from lorafleet.models.loading import FrozenBase
 
 EXAMPLES = 5  # duplicates and errors listed per file in the report; all are counted
@@ -90,6 +91,30 @@ class CheckReport:
     @property
     def errors(self) -> int:
         return sum(len(f.errors) for f in self.files)
+
+    def audit_summary(self) -> dict:
+        """What the fleet's audit log keeps of a check: each file by SHA-256, its counts, no values."""
+        files = []
+        for check in self.files:
+            kinds = Counter(d.kind for d in check.duplicates)
+            readable = check.path.is_file() and check.records > 0
+            files.append(
+                {
+                    "path": str(check.path.resolve()),
+                    "sha256": sha256_file(check.path) if readable else None,
+                    "records": check.records,
+                    "errors": len(check.errors),
+                    "tokens": sum(check.tokens),
+                    "images": check.images,
+                    "duplicates": {"exact": kinds["exact"], "near": kinds["near"]},
+                    "pii": dict(sorted(check.pii.items())),
+                }
+            )
+        overlaps = [
+            {"file": str(o.file.resolve()), "against": str(o.against.resolve()), "records": len(o.matches)}
+            for o in self.overlaps
+        ]
+        return {"tokenizer": self.tokenizer, "files": files, "overlaps": overlaps}
 
     def to_json(self) -> dict:
         return {

@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from lorafleet.data.pii import Finding, PiiDetector
 from lorafleet.data.records import decode_data_url, parse_record, read_jsonl_lines
 from lorafleet.errors import DataError
+from lorafleet.governance.lineage import sha256_file
 
 
 class Placeholders:
@@ -80,6 +81,7 @@ class RedactReport:
     records_changed: int = 0
     counts: Counter[str] = field(default_factory=Counter)
     images_rewritten: int = 0
+    source: Path | None = None
     out: Path | None = None
 
     def to_json(self) -> dict:
@@ -90,6 +92,13 @@ class RedactReport:
             "images_rewritten": self.images_rewritten,
             "out": str(self.out) if self.out else None,
         }
+
+    def audit_summary(self) -> dict:
+        """What the fleet's audit log keeps of a redaction: both files by SHA-256, counts per type."""
+        files = {"in": self.source, "out": self.out}
+        hashes = {f"{key}_sha256": sha256_file(path) if path else None for key, path in files.items()}
+        paths = {key: str(path.resolve()) if path else None for key, path in files.items()}
+        return paths | hashes | self.to_json() | {"out": paths["out"]}
 
     def summary(self) -> str:
         found = ", ".join(f"{kind} {n}" for kind, n in sorted(self.counts.items())) or "none"
@@ -112,7 +121,7 @@ def redact_file(
     source, out = Path(source), Path(out)
     if out.resolve() == source.resolve():
         raise DataError(f"OUT is IN ({source}); redaction never overwrites its input, name another file")
-    report = RedactReport()
+    report = RedactReport(source=source)
     images = ImageRewriter(source.parent, out.parent / f"{out.stem}-images", dry_run)
     lines = []
     for number, line in progress(read_jsonl_lines(source)):
