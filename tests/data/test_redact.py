@@ -126,6 +126,31 @@ def test_placeholders_are_consistent_within_a_record_and_restart_in_the_next(tmp
     assert second[0]["content"] == "Only <EMAIL_1> here."
 
 
+def test_tool_call_arguments_are_redacted_too(tmp_path, detector):
+    email = PLANTED["EMAIL"]
+    call = {"id": "c1", "type": "function", "function": {"name": "send", "arguments": json.dumps({"to": email})}}
+    nested = {
+        "id": "c2",
+        "type": "function",
+        "function": {"name": "call", "arguments": {"numbers": [PLANTED["PHONE"]]}},
+    }
+    record = {
+        "messages": [
+            {"role": "user", "content": f"Write to {email} and call {PLANTED['PHONE']}."},
+            {"role": "assistant", "content": None, "tool_calls": [call, nested]},
+            {"role": "tool", "tool_call_id": "c1", "content": f"sent to {email}"},
+            {"role": "assistant", "content": "Done."},
+        ]
+    }
+    source = write_lines(tmp_path / "in.jsonl", [record])
+    redact_file(source, tmp_path / "out.jsonl", detector)
+    written = json.loads((tmp_path / "out.jsonl").read_text())["messages"]
+    assert json.loads(written[1]["tool_calls"][0]["function"]["arguments"]) == {"to": "<EMAIL_1>"}
+    assert written[1]["tool_calls"][1]["function"]["arguments"] == {"numbers": ["<PHONE_1>"]}
+    assert written[2]["content"] == "sent to <EMAIL_1>"
+    read_records(tmp_path / "out.jsonl")
+
+
 def test_names_are_replaced_when_a_local_ner_pipeline_is_given(tmp_path):
     spacy = pytest.importorskip("spacy")
     nlp = spacy.blank("en")

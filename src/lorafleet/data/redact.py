@@ -61,9 +61,10 @@ def redact_text(text: str, detector: PiiDetector, placeholders: Placeholders, co
     return "".join(pieces) + text[position:]
 
 
-def text_fields(raw: dict) -> Iterator[tuple[dict, str]]:
-    """(container, key) of every text turn of a raw record, in either layout: a turn's `value`, a
-    message's string `content`, a content part's `text`."""
+def text_fields(raw: dict) -> Iterator[tuple[dict | list, str | int]]:
+    """(container, key) of every text of a raw record, in either layout: a turn's `value`, a
+    message's string `content`, a content part's `text`, and the strings in the arguments of an
+    assistant's tool calls (a send_email call carries an address as surely as the text does)."""
     for turn in raw.get("conversations") or []:
         yield turn, "value"
     for message in raw.get("messages") or []:
@@ -73,6 +74,22 @@ def text_fields(raw: dict) -> Iterator[tuple[dict, str]]:
         for part in content if isinstance(content, list) else []:
             if part.get("type") == "text":
                 yield part, "text"
+        for call in message.get("tool_calls") or []:
+            yield from _strings(call.get("function") or {}, "arguments")
+
+
+def _strings(container: dict | list, key: str | int) -> Iterator[tuple[dict | list, str | int]]:
+    """Every string below container[key]: arguments come as a JSON string or as an object. Inside a
+    JSON string a placeholder is safe: findings never hold quotes or backslashes."""
+    value = container[key] if isinstance(container, list) or key in container else None
+    if isinstance(value, str):
+        yield container, key
+    elif isinstance(value, dict):
+        for inner in value:
+            yield from _strings(value, inner)
+    elif isinstance(value, list):
+        for index in range(len(value)):
+            yield from _strings(value, index)
 
 
 @dataclass
