@@ -9,10 +9,11 @@ request's `messages` (or `prompt`), and the list of the choices' texts. The text
 only with `--log-content`.
 
 Appends take a file lock and write a file, so they run on one background thread, never on the
-event loop. If an append fails the server keeps serving: the failure is printed to stderr and
-counted (`lorafleet_audit_append_failures` in /metrics), because refusing every request over a
-full disk would turn a logging fault into an outage, while a silent gap would be worse than
-either. Alert on that metric. Entries are written in the order they were queued.
+event loop; entries queued while one is written go in together (one lock, one write). If an
+append fails the server keeps serving: the failure is printed to stderr and counted
+(`lorafleet_audit_append_failures` in /metrics), because refusing every request over a full disk
+would turn a logging fault into an outage, while a silent gap would be worse than either. Alert
+on that metric. Entries are written in the order they were queued.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from lorafleet.governance.audit import AuditLog, apply_retention
 from lorafleet.governance.lineage import weight_hashes, weights_id
 
 RETENTION_CHECK_SECONDS = 24 * 3600
+MAX_BATCH = 256  # entries written together when requests arrive faster than one append takes
 
 
 def content_sha256(value: object) -> str:
@@ -74,17 +76,25 @@ class AuditTrail:
         self._writer.join()
 
     def _write(self) -> None:
-        while (item := self._queue.get()) is not None:
+        closing = False
+        while not closing:
+            batch = [self._queue.get()]
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            closing = None in batch
+            entries = [item for item in batch if item is not None]
             try:
+                entries = [(event, utf8_only(data)) for event, data in entries]
                 self._retain()
-                event, data = item
-                self.log.append(event, utf8_only(data))
+                if entries:
+                    self.log.append_all(entries)
             except Exception as err:  # noqa: BLE001 - any failure must be counted, and serving go on
-                self.failures += 1
-                print(f"lorafleet: audit log append failed ({item[0]}): {type(err).__name__}: {err}", file=sys.stderr)
+                self.failures += len(entries)
+                events = ", ".join(sorted({event for event, _ in entries}))
+                print(f"lorafleet: audit log append failed ({events}): {type(err).__name__}: {err}", file=sys.stderr)
             finally:
-                self._queue.task_done()
-        self._queue.task_done()
+                for _ in batch:
+                    self._queue.task_done()
 
     def _retain(self) -> None:
         """Apply the fleet's retention period at start and once a day after."""
