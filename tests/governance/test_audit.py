@@ -115,6 +115,28 @@ def test_two_processes_appending_at_once_keep_one_valid_chain(tmp_path):
     assert written == {(writer, index) for writer in range(2) for index in range(150)}
 
 
+def _append_batches(directory, writer: int, batches: int) -> None:
+    log = AuditLog(directory)
+    for batch in range(batches):
+        log.append_all([("test.batch", {"writer": writer, "batch": batch, "index": index}) for index in range(5)])
+
+
+def test_batches_from_two_processes_stay_whole_and_in_one_valid_chain(tmp_path):
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=_append_batches, args=(tmp_path, writer, 40)) for writer in range(2)]
+    for process in writers:
+        process.start()
+    for process in writers:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    assert verify_chain(tmp_path).entries == 400
+    entries = [json.loads(line)["data"] for line in segment(tmp_path).read_text().splitlines()]
+    for start in range(0, 400, 5):  # a batch's entries are consecutive: one lock, one write
+        batch = entries[start : start + 5]
+        assert [e["index"] for e in batch] == list(range(5))
+        assert len({(e["writer"], e["batch"]) for e in batch}) == 1
+
+
 def test_export_of_a_time_range_verifies_on_its_own(fleet, tmp_path):
     entries = [json.loads(line) for line in segment(fleet).read_text().splitlines()]
     out = tmp_path / "export.jsonl"
