@@ -111,3 +111,17 @@ def test_dedup_refuses_bad_thresholds_and_never_overwrites_its_input(tmp_path):
         dedup_file(source, tmp_path / "out.jsonl", threshold=1.5)
     with pytest.raises(DataError, match="never overwrites its input"):
         dedup_file(source, source)
+
+
+def test_dedup_into_another_directory_keeps_image_paths_working(tmp_path):
+    from tests.conftest import write_image_dataset
+
+    source = write_image_dataset(tmp_path / "in.jsonl", 8, seed=3)
+    lines = source.read_text().splitlines()
+    source.write_text("\n".join(lines + lines[:2]) + "\n")  # two repeats
+    out = tmp_path / "clean" / "deduplicated.jsonl"
+    kept, dropped = dedup_file(source, out)
+    assert kept <= 8 and [d.kind for d in dropped][-2:] == ["exact", "exact"]
+    records, _ = read_records(out)
+    assert all(len(record.load_images()) == 1 for record in records)  # paths now lead from clean/
+    assert json.loads(out.read_text().splitlines()[0])["image"].startswith("../in-images/")

@@ -25,6 +25,8 @@ also agree on an 8x8 colour thumbnail. Both are a few lines of Pillow, so we tak
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
 import unicodedata
 from collections import defaultdict
@@ -36,7 +38,7 @@ from datasketch import MinHash, MinHashLSH
 from PIL import Image
 
 from lorafleet.data.records import ChatRecord, parse_record, read_jsonl_lines
-from lorafleet.data.redact import write_atomically
+from lorafleet.data.redact import image_fields, write_atomically
 from lorafleet.errors import DataError
 
 SHINGLE_WORDS = 3
@@ -222,17 +224,22 @@ def dedup_file(
             continue
         index.add(text, images)
         kept_sources.append(record.source)
-        kept_lines.append(_relocated(line, record, source.parent, out.parent))
+        kept_lines.append(_relocated(line, source.parent, out.parent))
     write_atomically(out, "".join(line + "\n" for line in kept_lines))
     return len(kept_lines), dropped
 
 
-def _relocated(line: str, record: ChatRecord, source_root: Path, out_root: Path) -> str:
-    """The line as it was when OUT sits beside IN; image paths are relative to the file that names
-    them, so elsewhere the line is refused rather than pointing at images that are not there."""
-    if not any(isinstance(i, Path) for i in record.images) or source_root.resolve() == out_root.resolve():
+def _relocated(line: str, source_root: Path, out_root: Path) -> str:
+    """The line with its image paths made relative to OUT's directory (a path in a record is
+    relative to the file that names it)."""
+    if source_root.resolve() == out_root.resolve():
         return line
-    raise DataError(
-        f"{record.source}: records with image files must be deduplicated into the same directory "
-        f"(image paths are relative); write OUT in {source_root}"
-    )
+    raw = json.loads(line)
+    moved = False
+    for container, key in image_fields(raw):
+        ref = container[key]
+        name = ref.removeprefix("file://")
+        if not ref.startswith("data:") and not Path(name).is_absolute():
+            container[key] = os.path.relpath((source_root / name).resolve(), out_root.resolve())
+            moved = True
+    return json.dumps(raw, ensure_ascii=False) if moved else line

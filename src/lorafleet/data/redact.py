@@ -78,6 +78,21 @@ def text_fields(raw: dict) -> Iterator[tuple[dict | list, str | int]]:
             yield from _strings(call.get("function") or {}, "arguments")
 
 
+def image_fields(raw: dict) -> Iterator[tuple[dict | list, str | int]]:
+    """(container, key) of every image reference of a raw record: InternVL's `image` (a path or a
+    list of paths) and the `url` of OpenAI image_url parts (a path or a data URL)."""
+    image = raw.get("image")
+    if isinstance(image, str):
+        yield raw, "image"
+    for index in range(len(image)) if isinstance(image, list) else []:
+        yield image, index
+    for message in raw.get("messages") or []:
+        content = message.get("content")
+        for part in content if isinstance(content, list) else []:
+            if part.get("type") == "image_url":
+                yield part["image_url"], "url"
+
+
 def _strings(container: dict | list, key: str | int) -> Iterator[tuple[dict | list, str | int]]:
     """Every string below container[key]: arguments come as a JSON string or as an object. Inside a
     JSON string a placeholder is safe: findings never hold quotes or backslashes."""
@@ -189,22 +204,13 @@ class ImageRewriter:
 
     def rewrite(self, raw: dict, where: str) -> int:
         count = 0
-        if "image" in raw:
-            names = [raw["image"]] if isinstance(raw["image"], str) else raw["image"]
-            copies = [self._file(name, where) for name in names]
-            raw["image"] = copies[0] if isinstance(raw["image"], str) else copies
-            count += len(copies)
-        for message in raw.get("messages") or []:
-            content = message.get("content")
-            for part in content if isinstance(content, list) else []:
-                if part.get("type") == "image_url":
-                    url = part["image_url"]["url"]
-                    part["image_url"]["url"] = (
-                        self._data_url(url, where)
-                        if url.startswith("data:")
-                        else (self._file(url.removeprefix("file://"), where))
-                    )
-                    count += 1
+        for container, key in image_fields(raw):
+            ref = container[key]
+            if ref.startswith("data:"):
+                container[key] = self._data_url(ref, where)
+            else:
+                container[key] = self._file(ref.removeprefix("file://"), where)
+            count += 1
         return count
 
     def _file(self, name: str, where: str) -> str:
