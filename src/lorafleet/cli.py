@@ -321,6 +321,7 @@ def _add_data_parsers(commands: argparse._SubParsersAction) -> None:
     check.add_argument("files", nargs="+", type=Path, metavar="FILE", help="chat JSONL files")
     check.add_argument("--base", type=Path, help="count tokens and tiles with this model's tokenizer (default: tiny)")
     check.add_argument("--max-tiles", type=int, help="tiles per image as training would use (default: the model's)")
+    check.add_argument("--max-seq-len", type=int, default=4096, help="a longer record is an error, as in training")
     check.add_argument("--threshold", type=float, default=0.8, help="near-duplicate Jaccard over 3-word shingles")
     check.add_argument("--patterns", type=Path, help="national-ID patterns and phone regions (YAML/JSON)")
     check.add_argument("--json", type=Path, help="also write the report as JSON here")
@@ -609,6 +610,7 @@ def _run_data_check(args: argparse.Namespace) -> int:
         args.threshold,
         args.max_tiles,
         progress=lambda lines, name: tqdm(lines, desc=name, unit="record", disable=args.no_progress),
+        max_seq_len=args.max_seq_len,
     )
     print(format_report(report))
     if args.json:

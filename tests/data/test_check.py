@@ -100,6 +100,15 @@ def test_the_command_writes_json_and_a_histogram_and_exits_1_on_errors(files, tm
     assert run.returncode == 0 and "no errors" in run.stdout, run.stdout + run.stderr
 
 
+def test_a_record_too_long_to_train_on_is_an_error_naming_its_line(tmp_path, counting):
+    path = tmp_path / "long.jsonl"
+    path.write_text(chat("What is the policy?") + "\n" + chat("word " * 300) + "\n")
+    report = check_files([path], *counting, max_seq_len=200)
+    (error,) = report.files[0].errors
+    assert error.startswith(f"{path}:2: ") and "exceed max_seq_len 200" in error
+    assert report.files[0].records == 1
+
+
 def test_unreadable_files_are_errors_and_the_other_files_are_still_checked(tmp_path, counting):
     empty, junk, good = tmp_path / "empty.jsonl", tmp_path / "junk.jsonl", tmp_path / "good.jsonl"
     empty.write_text("")

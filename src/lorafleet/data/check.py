@@ -134,8 +134,10 @@ def check_files(
     threshold: float = 0.8,
     max_tiles: int | None = None,
     progress: Callable[[list, str], Iterable] = lambda items, label: items,
+    max_seq_len: int = 4096,
 ) -> CheckReport:
-    """Check every file; a file that cannot be read at all is one error, the others go on."""
+    """Check every file; a file that cannot be read at all is one error, the others go on. A record
+    longer than `max_seq_len` tokens is an error, as it is for the trainer."""
     detector = detector or PiiDetector()
     images = ImageIndex()
     files, overlaps = [], []
@@ -149,17 +151,19 @@ def check_files(
             continue
         matches = {earlier.path: [] for earlier in files if earlier.index is not None}
         for number, line in progress(lines, path.name):
-            _check_line(check, line, f"{path}:{number}", base, detector, images, max_tiles, files, matches)
+            encoding = (base, max_tiles, max_seq_len)
+            _check_line(check, line, f"{path}:{number}", encoding, detector, images, files, matches)
         overlaps += [Overlap(path, earlier, found) for earlier, found in matches.items()]
         files.append(check)
     return CheckReport(files, overlaps, tokenizer, threshold)
 
 
-def _check_line(check, line, source, base, detector, images, max_tiles, earlier_files, matches) -> None:
+def _check_line(check, line, source, encoding, detector, images, earlier_files, matches) -> None:
+    base, max_tiles, max_seq_len = encoding
     try:
         record = parse_record(line, check.path.parent, source)
         loaded = record.load_images()
-        tokens = encode_record(record, base, max_tiles, max_seq_len=1 << 30).num_tokens
+        tokens = encode_record(record, base, max_tiles, max_seq_len).num_tokens
         tiles = tile_images(record, base, max_tiles)[1] if record.images else []
     except DataError as err:
         check.errors.append(str(err))
