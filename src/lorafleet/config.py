@@ -24,6 +24,10 @@ ATTENTION_KERNELS = (None, "sdpa", "varlen", "eager", "flash_attention_2", "flas
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SCHEDULES = ("constant", "linear", "cosine")
 REPORT_TARGETS = ("tensorboard",)  # where metrics go besides metrics.jsonl
+OBJECTIVES = ("sft", "dpo", "mpo")
+REFERENCES = ("base", "init")
+# MPO (InternVL's post-training): preference (DPO sigmoid), quality (BCO pair), generation (SFT)
+MPO_LOSS_WEIGHTS = (0.8, 0.2, 1.0)
 
 
 @dataclass
@@ -51,6 +55,10 @@ class AdapterSpec:
     skip_bad_records: bool = False  # count and report malformed records instead of stopping
     eval_data: str | None = None  # held-out records: their loss after the last step (and every eval_every)
     eval_every: int | None = None  # optimizer steps between held-out evaluations
+    objective: str = "sft"  # sft | dpo | mpo (dpo and mpo train on preference pairs)
+    beta: float = 0.1  # dpo/mpo: strength of the pull towards the reference
+    loss_weights: list[float] | None = None  # mpo: preference, quality, generation (default 0.8, 0.2, 1.0)
+    reference: str = "base"  # dpo/mpo: the base without the adapter, or "init": the init_from adapter, frozen
 
     def validate(self, where: str) -> None:
         problem = adapter_name_problem(self.name)
@@ -78,8 +86,29 @@ class AdapterSpec:
             raise ConfigError(f"{where}: schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ConfigError(f"{where}: target_modules is empty")
+        self._validate_objective(where)
         if self.eval_every is not None and (self.eval_data is None or self.eval_every < 1):
             raise ConfigError(f"{where}: eval_every needs eval_data (a held-out file) and must be at least 1")
+
+    def _validate_objective(self, where: str) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"{where}: objective {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if self.reference not in REFERENCES:
+            raise ConfigError(f"{where}: reference {self.reference!r} is not one of {', '.join(REFERENCES)}")
+        if self.reference == "init" and not self.init_from:
+            raise ConfigError(f"{where}: reference: init needs init_from (the adapter to hold as the reference)")
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ConfigError(f"{where}: beta must be a positive finite number, got {self.beta}")
+        if self.loss_weights is not None:
+            if self.objective != "mpo":
+                raise ConfigError(f"{where}: loss_weights belong to objective: mpo (preference, quality, generation)")
+            weights = self.loss_weights
+            valid = all(isinstance(w, int | float) and math.isfinite(w) and w >= 0 for w in weights)
+            if len(weights) != 3 or not valid:
+                raise ConfigError(
+                    f"{where}: loss_weights must be three non-negative numbers (preference, quality, generation), "
+                    f"got {weights}"
+                )
 
 
 # An adapter's name is a directory name, a model name clients send and a key of PyTorch module

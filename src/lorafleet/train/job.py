@@ -58,6 +58,7 @@ class AdapterJob:
         self.loss_sum = 0.0  # over the micro-batches of the current optimizer step
         self.last_learning_rate = spec.learning_rate  # of the last optimizer step taken
         self.last_grad_norm: float | None = None  # of the last optimizer step, before clipping
+        self.statistic_sums: list[float] = []  # preference objectives: loss terms, reward margin and accuracy
 
     @property
     def name(self) -> str:
@@ -76,6 +77,16 @@ class AdapterJob:
     def add_loss(self, loss: float) -> None:
         """The loss of the micro-batch just counted (read from the device after the step)."""
         self.loss_sum += loss
+
+    def add_statistics(self, values: list[float]) -> None:
+        """What else the micro-batch just counted reports (preference objectives)."""
+        self.statistic_sums = [a + b for a, b in zip(self.statistic_sums or [0.0] * len(values), values, strict=True)]
+
+    def take_statistics(self) -> list[float]:
+        """The mean of each statistic over the optimizer step just taken."""
+        means = [value / self.spec.grad_accum for value in self.statistic_sums]
+        self.statistic_sums = []
+        return means
 
     @property
     def learning_rate(self) -> float:
@@ -103,6 +114,7 @@ class AdapterJob:
             "optimizer_step": self.optimizer_step,
             "tokens": self.tokens,
             "loss_sum": self.loss_sum,
+            "statistic_sums": self.statistic_sums,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -117,3 +129,4 @@ class AdapterJob:
         self.optimizer_step = state["optimizer_step"]
         self.tokens = state["tokens"]
         self.loss_sum = state["loss_sum"]
+        self.statistic_sums = state.get("statistic_sums", [])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lorafleet.config import FleetSpec
 from lorafleet.data.encode import Example
+from lorafleet.data.preference import PreferencePair, read_preference_records
 from lorafleet.data.records import read_records
 from lorafleet.governance.audit import AuditLog, apply_retention, set_retention, utc_now
 from lorafleet.governance.lineage import (
@@ -135,7 +136,10 @@ class TrainingProvenance:
 
 
 def describe_training_data(path: str | Path, examples: list[Example], skipped: int) -> DataFile:
-    records, _ = read_records(path, skip_bad=True)
+    if examples and isinstance(examples[0], PreferencePair):  # dpo/mpo data
+        records = read_preference_records(path)
+    else:
+        records, _ = read_records(path, skip_bad=True)
     return describe_data(path, records, examples, skipped)
 
 

@@ -31,6 +31,7 @@ from lorafleet.config import AdapterSpec, FleetSpec
 from lorafleet.data.batch import Batch, pack_micro_batches, stack_micro_batches
 from lorafleet.data.dataset import load_examples
 from lorafleet.data.encode import IGNORE_INDEX, Example
+from lorafleet.data.preference import PreferencePair, load_preference_pairs
 from lorafleet.data.stream import ExampleStream
 from lorafleet.errors import AdapterError, ConfigError, TrainingError
 from lorafleet.models import varlen
@@ -42,6 +43,7 @@ from lorafleet.state import restore_rng_state, rng_state
 from lorafleet.train import checkpoint, memory
 from lorafleet.train.job import AdapterJob
 from lorafleet.train.loss import LabelPositions, chunked_segment_losses, label_positions, segment_losses
+from lorafleet.train.objectives import AnswerLogProbs, is_preference, metric_names, preference_loss
 from lorafleet.train.optimizer import FleetAdamW
 from lorafleet.train.provenance import TrainingProvenance
 from lorafleet.train.run_log import RunLog
@@ -53,11 +55,15 @@ class StepInputs:
 
     batch: Batch  # on the device
     segments: list[Segment]  # routing: every adapter's rows or tokens (and a packed row's padding tail)
-    adapter_segments: list[Segment]  # one per active adapter, in job order: the losses
+    loss_segments: list[Segment]  # what a loss is taken over: an SFT adapter's segment, each answer of a pair
+    owners: list[int]  # the job (index into the active jobs) of each loss segment
     tokens: list[int]  # real tokens per adapter
     where: LabelPositions | None  # label positions for the chunked loss (on the device)
     extra: dict  # model keyword arguments (packed sequence offsets for varlen attention)
     packed: bool
+    pairs: dict[int, list[PreferencePair]]  # preference jobs: the micro-batch's pairs
+    answer_tokens: dict[int, torch.Tensor]  # preference jobs: label tokens of each answer (on the device)
+    references: dict[int, torch.Tensor] = field(default_factory=dict)  # their reference log-probabilities
 
 
 @dataclass
@@ -95,6 +101,9 @@ class FleetTrainer:
         self.targets = {a.name: self._targets(a) for a in spec.adapters if a.init_from is None}
         self.examples = {a.name: self._load_examples(a) for a in spec.adapters}
         self.eval_examples = {a.name: self._load_examples(a, a.eval_data) for a in spec.adapters if a.eval_data}
+        # Preference adapters: summed log-probabilities of each pair's answers under the reference
+        # (which never changes), computed once when a pair is first met: adapter -> source -> (2,)
+        self.reference_logps: dict[str, dict[str, torch.Tensor]] = {}
         self.log = RunLog(self.output, spec.report_to)
         self.pending: deque[AdapterSpec] = deque(spec.adapters)
         self.shape = memory.model_shape(self.base.model)
@@ -127,18 +136,22 @@ class FleetTrainer:
 
     def _step(self) -> None:
         step = self._prepare_step()
-        losses = self._forward_backward(step)
+        step.references = self._references({index: (self.active[index], pairs) for index, pairs in step.pairs.items()})
+        losses, statistics = self._forward_backward(step)
         self.fleet_step += 1
         due = [job for job, count in zip(self.active, step.tokens, strict=True) if job.record_micro_batch(count)]
-        read = torch.stack([loss.detach() for loss in losses])
+        read = torch.cat([torch.stack([loss.detach() for loss in losses]), *statistics.values()])
         if due:  # queued behind backward on the device: the host does not wait for either
             rates = {job.name: job.learning_rate for job in due}
             grad_norms = self.optimizer.step(rates)
             self.optimizer.zero_grad(list(rates))
             read = torch.cat([read, grad_norms.to(read.dtype)])
-        read = read.tolist()  # the step's one synchronisation: losses, then gradient norms
-        values = read[: len(losses)]
-        for job, grad_norm in zip(due, read[len(losses) :], strict=True):
+        read = read.tolist()  # the step's one synchronisation: losses, statistics, gradient norms
+        values, rest = read[: len(losses)], read[len(losses) :]
+        for index, numbers in statistics.items():
+            self.active[index].add_statistics(rest[: len(numbers)])
+            rest = rest[len(numbers) :]
+        for job, grad_norm in zip(due, rest, strict=True):
             job.last_grad_norm = grad_norm
         for job, value in zip(self.active, values, strict=True):
             if not math.isfinite(value):  # stop before anything of it is saved
@@ -162,7 +175,13 @@ class FleetTrainer:
         """The next micro-batch of every active adapter as one batch, and everything the step
         needs to know about its shape, read here on the host (token counts, label positions,
         sequence bounds) so that the step itself never waits for the device."""
-        micro_batches = [(job.name, job.stream.next_micro_batch()) for job in self.active]
+        drawn = [job.stream.next_micro_batch() for job in self.active]
+        pairs = {index: group for index, group in enumerate(drawn) if is_preference(self.active[index].spec)}
+        # A preference micro-batch of m pairs is 2m sequences: [chosen_1..m, rejected_1..m].
+        micro_batches = [
+            (job.name, answer_rows(group) if index in pairs else group)
+            for index, (job, group) in enumerate(zip(self.active, drawn, strict=True))
+        ]
         packed = self.spec.packing
         pad_id, multiple = self.base.tokenizer.pad_token_id, self.spec.length_multiple
         if packed:
@@ -171,24 +190,62 @@ class FleetTrainer:
             batch, segments = stack_micro_batches(micro_batches, pad_id, multiple)
         tokens = [sum(example.num_tokens for example in group) for _, group in micro_batches]
         adapter_segments = [segment for segment in segments if segment.adapter is not None]
+        loss_segments, owners, answer_tokens = [], [], {}
+        for index, (segment, (_, group)) in enumerate(zip(adapter_segments, micro_batches, strict=True)):
+            pieces = answer_segments(segment, group, packed) if index in pairs else [segment]
+            loss_segments += pieces
+            owners += [index] * len(pieces)
+            if index in pairs:
+                counts = torch.tensor([label_count(example) for example in group], dtype=torch.float32)
+                answer_tokens[index] = counts.to(self.base.device, non_blocking=True)
         where = None
         if self.spec.chunked_loss:
-            where = label_positions(batch.labels, adapter_segments, by_token=packed).to(self.base.device)
+            where = label_positions(batch.labels, loss_segments, by_token=packed).to(self.base.device)
         extra = {}
         if packed and self._attention == "varlen":
             extra = varlen.sequence_offsets(packed_sequence_lengths(micro_batches, batch), self.base.device)
-        return StepInputs(batch.to(self.base.device), segments, adapter_segments, tokens, where, extra, packed)
+        return StepInputs(
+            batch.to(self.base.device),
+            segments,
+            loss_segments,
+            owners,
+            tokens,
+            where,
+            extra,
+            packed,
+            pairs,
+            answer_tokens,
+        )
 
-    def _forward_backward(self, step: StepInputs) -> list[torch.Tensor]:
+    def _forward_backward(self, step: StepInputs) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
         """Forward and backward of one fleet step: device work only (tests/train/test_gpu.py runs
-        it with CUDA's synchronisation check set to error)."""
+        it with CUDA's synchronisation check set to error). Returns each job's loss, and the
+        statistics of the preference jobs (by job index)."""
         # Backward runs inside the routing too: recomputed layers (activation checkpointing) and
         # the chunked loss run their forward again there.
         with self.fleet.route(step.segments, by_token=step.packed), training_attention():
-            losses = self._losses(step.batch, step.adapter_segments, step.packed, step.where, step.extra)
+            pieces = self._losses(step.batch, step.loss_segments, step.packed, step.where, step.extra)
+            losses, statistics = self._job_losses(pieces, step)
             total = sum(loss / job.spec.grad_accum for loss, job in zip(losses, self.active, strict=True))
             total.backward()
-        return losses
+        return losses, statistics
+
+    def _job_losses(
+        self, pieces: list[torch.Tensor], step: StepInputs
+    ) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
+        """Each job's loss from the mean losses of the loss segments: an SFT job's is its one
+        segment's; a preference job's is its objective over its answers' summed log-probabilities."""
+        losses, statistics = [], {}
+        for index, job in enumerate(self.active):
+            mine = [piece for piece, owner in zip(pieces, step.owners, strict=True) if owner == index]
+            if index not in step.pairs:
+                losses.append(mine[0])
+                continue
+            tokens = step.answer_tokens[index]
+            logps = AnswerLogProbs(-torch.stack(mine) * tokens, step.references[index], tokens)
+            loss, statistics[index] = preference_loss(job.spec, logps)
+            losses.append(loss)
+        return losses, statistics
 
     def _losses(self, batch, segments, packed: bool, where, extra: dict) -> list[torch.Tensor]:
         """One loss per adapter segment. The batch goes in without an attention mask: its rows are
@@ -206,7 +263,7 @@ class FleetTrainer:
         due an evaluation); save and retire finished ones."""
         elapsed = time.perf_counter() - self.started
         step_losses = [job.optimizer_stepped() for job in jobs]
-        eval_losses = self._evaluate([job for job in jobs if self._eval_due(job)])
+        evaluations = self._evaluate([job for job in jobs if self._eval_due(job)])
         for job, loss in zip(jobs, step_losses, strict=True):
             self.result.losses.setdefault(job.name, []).append(loss)
             record = {
@@ -220,13 +277,16 @@ class FleetTrainer:
                 "epoch": round(job.stream.epoch, 4),
                 "elapsed_s": round(elapsed, 3),
             }
-            if job.name in eval_losses:
-                record["eval_loss"] = eval_losses[job.name]
+            if is_preference(job.spec):
+                record |= dict(zip(metric_names(job.spec), job.take_statistics(), strict=True))
+            record |= evaluations.get(job.name, {})
             self.log.write(record)
             bar = self.bars[job.name]
             shown = {"loss": f"{loss:.4f}", "tok_s": f"{job.tokens / max(elapsed, 1e-9):.0f}"}
-            if job.name in eval_losses:
-                shown["eval_loss"] = f"{eval_losses[job.name]:.4f}"
+            if "reward_accuracy" in record:
+                shown["acc"] = f"{record['reward_accuracy']:.2f}"
+            if "eval_loss" in record:
+                shown["eval_loss"] = f"{record['eval_loss']:.4f}"
             bar.set_postfix(shown, refresh=False)
             bar.update(1)
             if job.done:
@@ -238,17 +298,46 @@ class FleetTrainer:
         every = job.spec.eval_every
         return job.name in self.eval_examples and (job.done or (every is not None and job.optimizer_step % every == 0))
 
-    def _evaluate(self, jobs: list[AdapterJob]) -> dict[str, float]:
-        """Held-out loss of each of `jobs`: every eval record once, the adapters side by side in each
-        batch as in training, averaged over answer tokens as the training loss is. Gradients off,
-        so the layers take their inference path (no dropout) and nothing draws on the RNG: a
-        resumed run stays exact."""
+    def _evaluate(self, jobs: list[AdapterJob]) -> dict[str, dict[str, float]]:
+        """Held-out numbers of each of `jobs` (eval_loss, and for preference adapters the reward
+        accuracy and margin). Gradients off, so the layers take their inference path (no dropout)
+        and nothing draws on the RNG: a resumed run stays exact."""
+        preference = [job for job in jobs if is_preference(job.spec)]
+        sft = [job for job in jobs if not is_preference(job.spec)]
+        return self._evaluate_sft(sft) | self._evaluate_preference(preference)
+
+    def _evaluate_preference(self, jobs: list[AdapterJob]) -> dict[str, dict[str, float]]:
+        """The objective and its statistics over every held-out pair, a micro-batch at a time,
+        weighted by pairs."""
         if not jobs:
             return {}
-        groups = {}
-        for job in jobs:
-            examples, size = self.eval_examples[job.name], job.spec.micro_batch_size
-            groups[job.name] = [examples[i : i + size] for i in range(0, len(examples), size)]
+        chunks = {job.name: _chunks(self.eval_examples[job.name], job.spec.micro_batch_size) for job in jobs}
+        sums: dict[str, list[torch.Tensor]] = {job.name: [] for job in jobs}
+        for index in range(max(len(c) for c in chunks.values())):
+            batch_jobs = [(job, chunks[job.name][index]) for job in jobs if index < len(chunks[job.name])]
+            references = self._references(dict(enumerate(batch_jobs)))
+            policies = self._answer_logps([(job.name, pairs) for job, pairs in batch_jobs])
+            for number, ((job, pairs), policy) in enumerate(zip(batch_jobs, policies, strict=True)):
+                tokens = torch.tensor([label_count(e) for e in answer_rows(pairs)], device=policy.device)
+                loss, statistics = preference_loss(job.spec, AnswerLogProbs(policy, references[number], tokens))
+                sums[job.name].append(torch.cat([loss.detach()[None], statistics[-2:]]) * len(pairs))
+        totals = torch.stack([torch.stack(parts).sum(0) for parts in sums.values()]).tolist()  # one sync
+        results = {}
+        for job, (loss, margin, accuracy) in zip(jobs, totals, strict=True):
+            count = len(self.eval_examples[job.name])
+            results[job.name] = {
+                "eval_loss": loss / count,
+                "eval_reward_margin": margin / count,
+                "eval_reward_accuracy": accuracy / count,
+            }
+        return results
+
+    def _evaluate_sft(self, jobs: list[AdapterJob]) -> dict[str, dict[str, float]]:
+        """Held-out loss: every eval record once, the adapters side by side in each batch as in
+        training, averaged over answer tokens as the training loss is."""
+        if not jobs:
+            return {}
+        groups = {job.name: _chunks(self.eval_examples[job.name], job.spec.micro_batch_size) for job in jobs}
         sums: dict[str, list[torch.Tensor]] = {job.name: [] for job in jobs}
         counts = dict.fromkeys(sums, 0)
         pad_id, multiple = self.base.tokenizer.pad_token_id, self.spec.length_multiple
@@ -268,7 +357,48 @@ class FleetTrainer:
                     sums[segment.adapter].append(loss * count)
                     counts[segment.adapter] += count
         totals = torch.stack([torch.stack(parts).sum() for parts in sums.values()]).tolist()  # one sync
-        return {name: total / max(counts[name], 1) for name, total in zip(sums, totals, strict=True)}
+        return {name: {"eval_loss": total / max(counts[name], 1)} for name, total in zip(sums, totals, strict=True)}
+
+    # --- preference objectives: log-probabilities of answers --------------------------------
+
+    def _references(self, items: dict[int, tuple[AdapterJob, list[PreferencePair]]]) -> dict[int, torch.Tensor]:
+        """Reference log-probabilities of the answers of each item's pairs, [chosen..., rejected...],
+        from the cache; pairs met for the first time go through one no-grad pass together, routed
+        to no adapter (reference: base) or to the adapter's frozen initial weights (reference: init)."""
+        missing: dict[str, dict[str, PreferencePair]] = {}
+        for job, pairs in items.values():
+            known = self.reference_logps.setdefault(job.name, {})
+            new = {pair.source: pair for pair in pairs if pair.source not in known}
+            if new:
+                missing.setdefault(job.name, {}).update(new)
+        if missing:
+            jobs = {job.name: job for job, _ in items.values()}
+            groups = [(reference_route(jobs[name].spec), list(new.values())) for name, new in missing.items()]
+            for (name, new), values in zip(missing.items(), self._answer_logps(groups), strict=True):
+                chosen, rejected = values.chunk(2)
+                for pair, pair_values in zip(new.values(), torch.stack([chosen, rejected], 1), strict=True):
+                    self.reference_logps[name][pair.source] = pair_values
+        references = {}
+        for index, (job, pairs) in items.items():
+            known = self.reference_logps[job.name]
+            references[index] = torch.stack([known[pair.source] for pair in pairs], 1).reshape(-1)
+        return references
+
+    def _answer_logps(self, groups: list[tuple[str | None, list[PreferencePair]]]) -> list[torch.Tensor]:
+        """Summed log-probabilities of every answer of each group's pairs under the adapter the
+        group is routed to (None: the base alone), [chosen..., rejected...] per group; no gradients."""
+        micro_batches = [(route, answer_rows(pairs)) for route, pairs in groups]
+        pad_id, multiple = self.base.tokenizer.pad_token_id, self.spec.length_multiple
+        batch, _ = stack_micro_batches(micro_batches, pad_id, multiple)
+        rows = [example for _, group in micro_batches for example in group]
+        routes = [route for route, group in micro_batches for _ in group]
+        segments = [Segment(route, row, row + 1) for row, route in enumerate(routes)]
+        tokens = torch.tensor([label_count(example) for example in rows], dtype=torch.float32)
+        where = label_positions(batch.labels, segments).to(self.base.device) if self.spec.chunked_loss else None
+        with torch.no_grad(), training_attention(), self.fleet.route(segments):
+            means = self._losses(batch.to(self.base.device), segments, False, where, {})
+        logps = -torch.stack(means) * tokens.to(self.base.device)
+        return list(logps.split([len(group) for _, group in micro_batches]))
 
     # --- admission and completion ---------------------------------------------------------
 
@@ -319,13 +449,21 @@ class FleetTrainer:
             else:
                 rank = spec.rank
                 parameters = memory.lora_parameters(self.base.model, self.targets[spec.name], rank)
-            longest = max(example.num_tokens for example in self.examples[spec.name])
-            self.loads[spec.name] = memory.AdapterLoad(spec.name, rank, parameters, spec.micro_batch_size, longest)
+            items = self.examples[spec.name]
+            if is_preference(spec):  # each pair is two sequences of the batch
+                longest, rows = max(pair.longest for pair in items), 2 * spec.micro_batch_size
+            else:
+                longest, rows = max(example.num_tokens for example in items), spec.micro_batch_size
+            self.loads[spec.name] = memory.AdapterLoad(spec.name, rank, parameters, rows, longest)
         return self.loads[spec.name]
 
     def _start(self, spec: AdapterSpec) -> AdapterJob:
         if spec.init_from:
             load_adapter(self.fleet, spec.name, spec.init_from)
+            if is_preference(spec) and spec.reference == "init":  # the same weights, frozen
+                load_adapter(self.fleet, reference_route(spec), spec.init_from)
+                for weight in self.fleet.parameters(reference_route(spec)):
+                    weight.requires_grad_(False)
         else:
             shape = LoRAShape(spec.rank, spec.alpha, spec.dropout, self.targets[spec.name])
             self.fleet.add_adapter(spec.name, shape, seed=spec.seed)
@@ -356,6 +494,9 @@ class FleetTrainer:
         self.active.remove(job)
         self.optimizer.remove(job.name)
         self.fleet.remove_adapter(job.name)
+        if reference_route(job.spec) is not None:
+            self.fleet.remove_adapter(reference_route(job.spec))
+        self.reference_logps.pop(job.name, None)
 
     # --- checkpoints ----------------------------------------------------------------------
 
@@ -367,6 +508,11 @@ class FleetTrainer:
             "losses": self.result.losses,
             "active": {job.name: job.state_dict() for job in self.active},
             "rng": rng_state(),
+            # kept so that a resumed run uses the very numbers the killed one computed
+            "reference_logps": {
+                name: {source: values.tolist() for source, values in known.items()}
+                for name, known in self.reference_logps.items()
+            },
         }
         path = checkpoint.save_checkpoint(self.output, state, self.spec.keep_checkpoints)
         self.provenance.checkpoint_saved(path, self.fleet_step, [job.name for job in self.active])
@@ -405,6 +551,9 @@ class FleetTrainer:
         started = set(state["finished"]) | set(state["active"])
         self.pending = deque(a for a in self.spec.adapters if a.name not in started)
         restore_rng_state(state["rng"])
+        for name, known in state.get("reference_logps", {}).items():
+            device, dtype = self.base.device, torch.float32
+            self.reference_logps[name] = {src: torch.tensor(v, dtype=dtype, device=device) for src, v in known.items()}
         self.log.resume_at(self.fleet_step)
 
     # --- set-up ---------------------------------------------------------------------------
@@ -415,9 +564,11 @@ class FleetTrainer:
         except AdapterError as err:
             raise AdapterError(f"adapter {spec.name!r}: {err}") from err
 
-    def _load_examples(self, spec: AdapterSpec, path: str | None = None) -> list[Example]:
-        """The adapter's training records, or those of `path` (its held-out file)."""
-        examples, skipped = load_examples(
+    def _load_examples(self, spec: AdapterSpec, path: str | None = None) -> list[Example] | list[PreferencePair]:
+        """The adapter's training records (preference pairs for dpo/mpo), or those of `path` (its
+        held-out file)."""
+        load = load_preference_pairs if is_preference(spec) else load_examples
+        examples, skipped = load(
             path or spec.data, self.base, self.spec.max_tiles, self.spec.max_seq_len, spec.skip_bad_records
         )
         if skipped:
@@ -430,6 +581,37 @@ def train_fleet(
 ) -> FleetResult:
     """Train every adapter of `spec` together; adapters land in `<output>/adapters/<name>/`."""
     return FleetTrainer(spec, base=base, progress=progress).run(resume=resume)
+
+
+def answer_rows(pairs: list[PreferencePair]) -> list[Example]:
+    """The sequences of a preference micro-batch, as TRL orders them: every chosen, then every rejected."""
+    return [pair.chosen for pair in pairs] + [pair.rejected for pair in pairs]
+
+
+def answer_segments(segment: Segment, rows: list[Example], packed: bool) -> list[Segment]:
+    """An adapter's segment cut into one segment per sequence (rows, or a packed row's tokens)."""
+    if not packed:
+        return [Segment(segment.adapter, row, row + 1) for row in range(segment.start, segment.end)]
+    pieces, start = [], segment.start
+    for example in rows:
+        pieces.append(Segment(segment.adapter, start, start + example.num_tokens))
+        start += example.num_tokens
+    return pieces
+
+
+def label_count(example: Example) -> int:
+    """Label tokens a loss over `example` averages over (each token predicts the next one's label)."""
+    return int((example.labels[1:] != IGNORE_INDEX).sum())
+
+
+def reference_route(spec: AdapterSpec) -> str | None:
+    """Where a preference adapter's reference rows go: the base alone, or its frozen initial weights."""
+    # ":" is in no adapter name (config.ADAPTER_NAME), so the reference never meets a real adapter
+    return f"{spec.name}:reference" if is_preference(spec) and spec.reference == "init" else None
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def packed_sequence_lengths(micro_batches, batch) -> list[int]:

@@ -1,0 +1,81 @@
+"""Training objectives beyond SFT: DPO and MPO over preference pairs.
+
+Everything is a function of summed log-probabilities of each answer (its label tokens: the answer
+and its end-of-turn token) under the policy (base + adapter) and under the reference (the base
+with the adapter off, or the adapter's frozen `init_from` weights):
+
+  chosen_reward   = beta * (log pi(chosen)   - log ref(chosen))
+  rejected_reward = beta * (log pi(rejected) - log ref(rejected))
+
+  sigmoid  (DPO, Rafailov et al.):  -log sigmoid(chosen_reward - rejected_reward)
+  bco_pair (the quality term):      -log sigmoid(chosen_reward) - log sigmoid(-rejected_reward)
+  sft      (the generation term):   the chosen answers' mean negative log-likelihood per token
+
+each averaged over the pairs of the micro-batch; the loss is their weighted sum: DPO is sigmoid
+alone, MPO (InternVL's post-training objective) is 0.8 sigmoid + 0.2 bco_pair + 1.0 sft. These are
+TRL's definitions (DPOTrainer with loss_type ["sigmoid"] and ["sigmoid", "bco_pair", "sft"]), and
+tests/train/test_preference.py holds the fleet to TRL's losses and gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lorafleet.config import MPO_LOSS_WEIGHTS, AdapterSpec
+
+TERMS = {"dpo": ("sigmoid",), "mpo": ("sigmoid", "bco_pair", "sft")}
+# What a preference step reports besides its loss, in this order (metrics.jsonl keys)
+STATISTICS = ("reward_margin", "reward_accuracy")
+
+
+def is_preference(spec: AdapterSpec) -> bool:
+    return spec.objective != "sft"
+
+
+def loss_terms(spec: AdapterSpec) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    terms = TERMS[spec.objective]
+    if spec.objective == "mpo":
+        return terms, tuple(spec.loss_weights or MPO_LOSS_WEIGHTS)
+    return terms, (1.0,)
+
+
+def metric_names(spec: AdapterSpec) -> list[str]:
+    """The numbers a preference adapter's step reports after its loss: each term, then STATISTICS."""
+    return [f"loss_{term}" for term in loss_terms(spec)[0]] + list(STATISTICS)
+
+
+@dataclass
+class AnswerLogProbs:
+    """Summed log-probabilities of a micro-batch's answers: pairs [chosen_1..m, rejected_1..m]."""
+
+    policy: torch.Tensor  # (2m,), with gradients
+    reference: torch.Tensor  # (2m,), constants
+    tokens: torch.Tensor  # (2m,) label tokens per answer
+
+    def halves(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return values.chunk(2)
+
+
+def preference_loss(spec: AdapterSpec, logps: AnswerLogProbs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapter's loss for one micro-batch, and its statistics (each term, reward margin,
+    reward accuracy) as one detached tensor, read with the step's other numbers."""
+    terms, weights = loss_terms(spec)
+    chosen, rejected = logps.halves(logps.policy)
+    reference_chosen, reference_rejected = logps.halves(logps.reference)
+    chosen_reward = spec.beta * (chosen - reference_chosen)
+    rejected_reward = spec.beta * (rejected - reference_rejected)
+    values = []
+    for term in terms:
+        if term == "sigmoid":
+            values.append(-F.logsigmoid(chosen_reward - rejected_reward).mean())
+        elif term == "bco_pair":
+            values.append((-F.logsigmoid(chosen_reward) - F.logsigmoid(-rejected_reward)).mean())
+        else:  # sft: per token over all chosen answers of the micro-batch
+            values.append(-chosen.sum() / logps.halves(logps.tokens)[0].sum())
+    loss = sum(weight * value for weight, value in zip(weights, values, strict=True))
+    margin = (chosen_reward - rejected_reward).mean()
+    accuracy = (chosen_reward > rejected_reward).float().mean()
+    return loss, torch.stack([*values, margin, accuracy]).detach()
