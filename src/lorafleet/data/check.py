@@ -138,69 +138,76 @@ def check_files(
 ) -> CheckReport:
     """Check every file; a file that cannot be read at all is one error, the others go on. A record
     longer than `max_seq_len` tokens is an error, as it is for the trainer."""
-    detector = detector or PiiDetector()
-    images = ImageIndex()
-    files, overlaps = [], []
+    checker = _Checker(base, detector or PiiDetector(), threshold, max_tiles, max_seq_len)
     for path in map(Path, paths):
-        check = FileCheck(path, index=DuplicateIndex(threshold))
+        checker.check_file(path, progress)
+    return CheckReport(checker.files, checker.overlaps, tokenizer, threshold)
+
+
+class _Checker:
+    """One pass over the files: each record is parsed, encoded, hashed and scanned once, and
+    compared with the records of the files checked before it."""
+
+    def __init__(self, base: FrozenBase, detector: PiiDetector, threshold: float, max_tiles, max_seq_len: int):
+        self.base, self.detector, self.threshold = base, detector, threshold
+        self.max_tiles, self.max_seq_len = max_tiles, max_seq_len
+        self.images = ImageIndex()  # across files: a picture seen in any earlier record
+        self.files: list[FileCheck] = []
+        self.overlaps: list[Overlap] = []
+
+    def check_file(self, path: Path, progress: Callable[[list, str], Iterable]) -> None:
+        check = FileCheck(path, index=DuplicateIndex(self.threshold))
         try:
             lines = read_jsonl_lines(path)
         except DataError as err:
             check.errors.append(str(err))
-            files.append(check)
-            continue
-        matches = {earlier.path: [] for earlier in files if earlier.index is not None}
+            self.files.append(check)
+            return
+        earlier = [f for f in self.files if f.records]
+        matches: dict[Path, list[Dropped]] = {f.path: [] for f in earlier}
         for number, line in progress(lines, path.name):
-            encoding = (base, max_tiles, max_seq_len)
-            _check_line(check, line, f"{path}:{number}", encoding, detector, images, files, matches)
-        overlaps += [Overlap(path, earlier, found) for earlier, found in matches.items()]
-        files.append(check)
-    return CheckReport(files, overlaps, tokenizer, threshold)
+            self._check_line(check, line, f"{path}:{number}", earlier, matches)
+        self.overlaps += [Overlap(path, against, found) for against, found in matches.items()]
+        self.files.append(check)
 
+    def _check_line(self, check: FileCheck, line: str, source: str, earlier: list[FileCheck], matches) -> None:
+        try:
+            record = parse_record(line, check.path.parent, source)
+            loaded = record.load_images()
+            tokens = encode_record(record, self.base, self.max_tiles, self.max_seq_len).num_tokens
+            tiles = tile_images(record, self.base, self.max_tiles)[1] if record.images else []
+        except DataError as err:
+            check.errors.append(str(err))
+            return
+        check.records += 1
+        check.turns.append(len(record.messages))
+        check.tokens.append(tokens)
+        hashes = [hash_image(image) for image in loaded]
+        for image, image_hash, count in zip(loaded, hashes, tiles, strict=True):
+            check.image_sizes[f"{image.width}x{image.height}"] += 1
+            check.tiles[count] += 1
+            if self.images.find(image_hash) is None:
+                self.images.add(image_hash)
+            else:
+                check.duplicate_images += 1
+        for message in record.messages:
+            check.pii.update(finding.type for finding in self.detector.find(message.text))
+        self._find_duplicates(check, record, hashes, earlier, matches)
 
-def _check_line(check, line, source, encoding, detector, images, earlier_files, matches) -> None:
-    base, max_tiles, max_seq_len = encoding
-    try:
-        record = parse_record(line, check.path.parent, source)
-        loaded = record.load_images()
-        tokens = encode_record(record, base, max_tiles, max_seq_len).num_tokens
-        tiles = tile_images(record, base, max_tiles)[1] if record.images else []
-    except DataError as err:
-        check.errors.append(str(err))
-        return
-    check.records += 1
-    check.turns.append(len(record.messages))
-    check.tokens.append(tokens)
-    hashes = [hash_image(image) for image in loaded]
-    _count_images(check, loaded, hashes, tiles, images)
-    for message in record.messages:
-        check.pii.update(finding.type for finding in detector.find(message.text))
-    _find_duplicates(check, record, hashes, earlier_files, matches)
-
-
-def _count_images(check: FileCheck, loaded, hashes: list[ImageHash], tiles: list[int], images: ImageIndex) -> None:
-    for image, image_hash, count in zip(loaded, hashes, tiles, strict=True):
-        check.image_sizes[f"{image.width}x{image.height}"] += 1
-        check.tiles[count] += 1
-        if images.find(image_hash) is not None:
-            check.duplicate_images += 1
+    @staticmethod
+    def _find_duplicates(check: FileCheck, record: ChatRecord, hashes: list[ImageHash], earlier, matches) -> None:
+        text = record_text(record)
+        for other in earlier:
+            if (match := other.index.find(text, hashes)) is not None:
+                matches[other.path].append(
+                    Dropped(record.source, other.sources[match.of], match.kind, match.similarity)
+                )
+        match = check.index.find(text, hashes)
+        if match is not None:
+            check.duplicates.append(Dropped(record.source, check.sources[match.of], match.kind, match.similarity))
         else:
-            images.add(image_hash)
-
-
-def _find_duplicates(check: FileCheck, record: ChatRecord, hashes, earlier_files, matches) -> None:
-    text = record_text(record)
-    for earlier in earlier_files:
-        if earlier.index is not None and (match := earlier.index.find(text, hashes)) is not None:
-            matches[earlier.path].append(
-                Dropped(record.source, earlier.sources[match.of], match.kind, match.similarity)
-            )
-    match = check.index.find(text, hashes)
-    if match is not None:
-        check.duplicates.append(Dropped(record.source, check.sources[match.of], match.kind, match.similarity))
-    else:
-        check.index.add(text, hashes)
-        check.sources.append(record.source)
+            check.index.add(text, hashes)
+            check.sources.append(record.source)
 
 
 def histogram(values: list[int], bins: int = 10) -> dict:
