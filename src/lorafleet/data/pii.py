@@ -8,8 +8,10 @@ valid number for its region (Google's libphonenumber rules, `phonenumbers`), and
 country's check digit where it has one. A string of digits that fails its checksum is left alone,
 which is what keeps order numbers, amounts and dates out of the findings.
 
-We do not use Presidio's analyzer: its pattern recognizers need a spaCy model loaded even when no
-NER is wanted, and the organisation's own names come from a model they choose (`--ner-model`).
+We do not use Presidio's analyzer: by default it loads a spaCy model (en_core_web_lg, which
+cannot be downloaded here) before any pattern recognizer runs, and what we need of it — regexes
+with checksums — is a few tested lines each. Names come from a spaCy pipeline the organisation
+chooses and keeps on disk (`--ner-model`).
 A `Finding` holds the matched value only so that the same value gets the same placeholder; no
 report or log writes it.
 """
