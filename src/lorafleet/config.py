@@ -28,6 +28,7 @@ OBJECTIVES = ("sft", "dpo", "mpo")
 REFERENCES = ("base", "init")
 # MPO (InternVL's post-training): preference (DPO sigmoid), quality (BCO pair), generation (SFT)
 MPO_LOSS_WEIGHTS = (0.8, 0.2, 1.0)
+PARALLEL_MODES = ("adapter", "data")
 
 
 @dataclass
@@ -130,6 +131,24 @@ def adapter_name_problem(name: object) -> str | None:
 
 
 @dataclass
+class ParallelSpec:
+    """How a fleet trains under torchrun (WORLD_SIZE > 1); docs/distributed.md compares the modes."""
+
+    # adapter: each process holds the base and trains a share of the adapters (no gradient traffic);
+    # data: every process trains every adapter on its share of each micro-batch's examples, LoRA
+    # gradients summed across processes before each optimizer step.
+    mode: str = "adapter"
+    # How long a process waits for the others in a collective before it gives up with an error.
+    timeout_minutes: float = 30.0
+
+    def validate(self, where: str) -> None:
+        if self.mode not in PARALLEL_MODES:
+            raise ConfigError(f"{where}: mode {self.mode!r} is not one of {', '.join(PARALLEL_MODES)}")
+        if not (math.isfinite(self.timeout_minutes) and self.timeout_minutes > 0):
+            raise ConfigError(f"{where}: timeout_minutes must be a positive number, got {self.timeout_minutes}")
+
+
+@dataclass
 class FleetSpec:
     """A training job: one base model and the adapters to train on it together."""
 
@@ -171,6 +190,7 @@ class FleetSpec:
     # Days the fleet's audit log keeps entries (whole months are deleted once older); None: forever.
     # Deployers of high-risk systems keep logs at least six months (EU AI Act Art. 19, 26(6)).
     audit_keep_days: int | None = None
+    parallel: ParallelSpec = field(default_factory=ParallelSpec)  # only read under torchrun
 
     def validate(self, where: str) -> None:
         if not self.adapters:
@@ -203,6 +223,14 @@ class FleetSpec:
             raise ConfigError(f"{where}: audit_keep_days must be at least 1 (or left out to keep every entry)")
         for index, adapter in enumerate(self.adapters):
             adapter.validate(f"{where}: adapters[{index}] ({adapter.name})")
+        self.parallel.validate(f"{where}: parallel")
+        if self.parallel.mode == "data":
+            preference = [a.name for a in self.adapters if a.objective != "sft"]
+            if preference:
+                raise ConfigError(
+                    f"{where}: parallel mode data trains sft adapters only, not {', '.join(preference)} "
+                    "(dpo/mpo); use parallel: {mode: adapter} for this fleet"
+                )
 
 
 def load_fleet_spec(path: str | Path) -> FleetSpec:
@@ -232,7 +260,12 @@ def fleet_spec_from_dict(raw: object, where: str = "fleet spec") -> FleetSpec:
     if not isinstance(adapters_raw, list):
         raise ConfigError(f"{where}: 'adapters' must be a list of adapter mappings")
     adapters = [_build(AdapterSpec, item, f"{where}: adapters[{index}]") for index, item in enumerate(adapters_raw)]
-    spec = _build(FleetSpec, {**raw, "adapters": adapters}, where)
+    built = {**raw, "adapters": adapters}
+    if "parallel" in raw:
+        if not isinstance(raw["parallel"], dict):
+            raise ConfigError(f"{where}: parallel must be a mapping, e.g. parallel: {{mode: data}}")
+        built["parallel"] = _build(ParallelSpec, raw["parallel"], f"{where}: parallel")
+    spec = _build(FleetSpec, built, where)
     spec.validate(where)
     return spec
 

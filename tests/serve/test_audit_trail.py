@@ -8,10 +8,13 @@ import shutil
 
 import httpx
 import openai
+import pytest
+import yaml
 
 from lorafleet.governance.audit import list_segments, verify_chain
 from lorafleet.governance.lineage import weight_hashes, weights_id
 from lorafleet.serve.gateway.audit_trail import content_sha256
+from lorafleet.serve.gateway.run import reload_keys_now
 from lorafleet.serve.gateway.server import ServeOptions
 from lorafleet.serve.gateway.tenants import hash_key, load_tenants
 from tests.serve.conftest import KEYS, running_server
@@ -123,3 +126,77 @@ def test_a_model_name_utf8_cannot_hold_is_still_logged(fleet_dir, tmp_path):
     (request,) = [entry["data"] for entry in entries(fleet) if entry["event"] == "serve.request"]
     assert request["model"] == "x?" and request["status"] == 404 and len(request["input_sha256"]) == 64
     assert verify_chain(fleet).entries == 3
+
+
+def test_a_reloaded_keys_file_takes_effect_and_both_outcomes_are_audited(fleet_dir, keys_file, tmp_path):
+    fleet = copy_fleet(fleet_dir, tmp_path)
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(keys_file.read_text())
+    admin = {"authorization": f"Bearer {KEYS['ops']}"}
+    with running_server(ServeOptions(fleet_dir=fleet, tenants=load_tenants(keys))) as (url, server):
+        new_key = "sk-audit-new"
+        tenants = yaml.safe_load(keys.read_text())["tenants"]
+        tenants.append({"name": "auditors", "key_sha256": hash_key(new_key), "adapters": ["legal"]})
+        keys.write_text(yaml.safe_dump({"tenants": tenants}))
+        with pytest.raises(openai.AuthenticationError):
+            client(url, new_key).models.list()
+        reloaded = httpx.post(f"{url}/v1/keys/reload", headers=admin)
+        assert reloaded.status_code == 200 and "auditors" in reloaded.json()["tenants"]
+        assert [m.id for m in client(url, new_key).models.list()][-1] == "legal"
+        refused = httpx.post(f"{url}/v1/keys/reload", headers={"authorization": f"Bearer {new_key}"})
+        keys.write_text("tenants: []\n")  # broken: the keys in force stay
+        broken = httpx.post(f"{url}/v1/keys/reload", headers=admin)
+        assert (refused.status_code, broken.status_code) == (403, 400)
+        messages: list[str] = []
+        reload_keys_now(server, messages.append)  # what SIGHUP runs
+        assert messages[0].startswith("lorafleet: keys NOT reloaded, the previous keys stay in force")
+        assert [m.id for m in client(url, new_key).models.list()][-1] == "legal"
+        server.audit.flush()
+    events = {entry["event"]: entry["data"] for entry in entries(fleet)}  # the last of each kind
+    assert events["serve.keys_reload_failed"]["signal"] == "SIGHUP"
+    done, failed = events["serve.keys_reloaded"], events["serve.keys_reload_failed"]
+    assert done["previous_sha256"] == hashlib.sha256(keys_file.read_bytes()).hexdigest() != done["sha256"]
+    assert done["tenants"]["auditors"]["key_id"] == hash_key(new_key)[:16] and done["tenant"] == "ops"
+    assert failed["kept_sha256"] == done["sha256"] and "tenants" in failed["error"] and failed["key_id"] is None
+    assert verify_chain(fleet).entries > 0
+
+
+@pytest.mark.slow  # starts `lorafleet serve` in its own process
+def test_sighup_reloads_the_keys_of_a_running_lorafleet_serve_and_stop_is_logged(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lorafleet.models.tiny import build_tiny_qwen2
+    from tests.serve.conftest import free_port
+
+    build_tiny_qwen2(tmp_path / "fleet" / "base")
+    keys = tmp_path / "keys.yaml"
+    tenant = {"name": "ops", "key_sha256": hash_key("sk-ops"), "adapters": "*", "admin": True}
+    keys.write_text(yaml.safe_dump({"tenants": [tenant]}))
+    port = free_port()
+    argv = ["serve", "--fleet", str(tmp_path / "fleet"), "--keys", str(keys), "--port", str(port)]
+    server = subprocess.Popen([sys.executable, "-m", "lorafleet.cli", *argv], stderr=subprocess.PIPE, text=True)
+
+    def wait_for(condition) -> None:
+        deadline = time.monotonic() + 120
+        while not condition():
+            assert server.poll() is None and time.monotonic() < deadline, "lorafleet serve did not get there"
+            time.sleep(0.2)
+
+    def logged(event: str) -> bool:
+        return (tmp_path / "fleet" / "audit").exists() and any(e["event"] == event for e in entries(tmp_path / "fleet"))
+
+    try:
+        wait_for(lambda: logged("serve.start"))
+        keys.write_text(yaml.safe_dump({"tenants": [tenant, tenant | {"name": "new", "key_sha256": hash_key("k2")}]}))
+        server.send_signal(signal.SIGHUP)
+        wait_for(lambda: logged("serve.keys_reloaded"))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert "keys reloaded: 2 tenants" in server.stderr.read()
+    events = [entry["event"] for entry in entries(tmp_path / "fleet")]
+    assert events == ["serve.start", "serve.keys_reloaded", "serve.stop"]
+    assert verify_chain(tmp_path / "fleet").entries == 3

@@ -34,14 +34,15 @@ from lorafleet.data.encode import IGNORE_INDEX, Example
 from lorafleet.data.preference import PreferencePair, load_preference_pairs
 from lorafleet.data.stream import ExampleStream
 from lorafleet.errors import AdapterError, ConfigError, TrainingError
+from lorafleet.governance.audit import utc_now
 from lorafleet.models import varlen
 from lorafleet.models.attention import training_attention
 from lorafleet.models.hf_compat import checkpoint_layer, inner_model
 from lorafleet.models.loading import FrozenBase, load_base
 from lorafleet.segments import Segment
 from lorafleet.state import restore_rng_state, rng_state
-from lorafleet.train import checkpoint, memory
-from lorafleet.train.job import AdapterJob
+from lorafleet.train import checkpoint, distributed, memory
+from lorafleet.train.job import AdapterJob, total_optimizer_steps
 from lorafleet.train.loss import LabelPositions, chunked_segment_losses, label_positions, segment_losses
 from lorafleet.train.objectives import AnswerLogProbs, is_preference, metric_names, preference_loss
 from lorafleet.train.optimizer import FleetAdamW
@@ -64,6 +65,8 @@ class StepInputs:
     pairs: dict[int, list[PreferencePair]]  # preference jobs: the micro-batch's pairs
     answer_tokens: dict[int, torch.Tensor]  # preference jobs: label tokens of each answer (on the device)
     references: dict[int, torch.Tensor] = field(default_factory=dict)  # their reference log-probabilities
+    # data-parallel: each job's share of its micro-batch's label tokens held by this process
+    shares: list[float] | None = None
 
 
 @dataclass
@@ -82,7 +85,12 @@ class FleetTrainer:
         base: FrozenBase | None = None,
         progress: bool = True,
         on_step: Callable[[int], None] | None = None,
+        group: distributed.Group | None = None,
     ) -> None:
+        self.group = group
+        if group is not None:
+            spec = dataclasses.replace(spec, device=str(group.device))
+            progress = progress and group.main
         self.spec = spec
         dtype = getattr(torch, spec.dtype) if spec.dtype else None
         self._attention = spec.attention or ("varlen" if spec.packing else None)
@@ -104,7 +112,11 @@ class FleetTrainer:
         # Preference adapters: summed log-probabilities of each pair's answers under the reference
         # (which never changes), computed once when a pair is first met: adapter -> source -> (2,)
         self.reference_logps: dict[str, dict[str, torch.Tensor]] = {}
-        self.log = RunLog(self.output, spec.report_to)
+        self.fleet_log = RunLog(self.output, spec.report_to)  # metrics.jsonl: written by process 0 alone
+        # What this process would write to the fleet's files when it does not write them itself
+        self.outbox = Outbox(keep=group is not None and not group.data_parallel)
+        self.log = self.fleet_log if self._writes_directly else self.outbox
+        self.share: set[str] | None = None  # adapter-parallel: the adapters this process trains
         self.pending: deque[AdapterSpec] = deque(spec.adapters)
         self.shape = memory.model_shape(self.base.model)
         budget_gb = spec.memory_budget_gb
@@ -116,20 +128,52 @@ class FleetTrainer:
         self.bars: dict[str, tqdm] = {}
         self.fleet_step = 0
         self.started = time.perf_counter()
+        if self._data_parallel:
+            too_small = [a.name for a in spec.adapters if a.micro_batch_size < group.world]
+            if too_small:
+                raise ConfigError(
+                    f"parallel mode data splits each micro-batch's examples across the {group.world} processes: "
+                    f"give {', '.join(too_small)} a micro_batch_size of at least {group.world} (and grad_accum "
+                    "divided as much), or use parallel: {mode: adapter}"
+                )
+
+    @property
+    def _data_parallel(self) -> bool:
+        return self.group is not None and self.group.data_parallel
+
+    @property
+    def _adapter_parallel(self) -> bool:
+        return self.group is not None and not self.group.data_parallel
+
+    @property
+    def _main(self) -> bool:
+        return self.group is None or self.group.main
+
+    @property
+    def _writes_directly(self) -> bool:
+        """Metrics and provenance go straight to the fleet's files: one process, or process 0 of a
+        data-parallel run (adapter-parallel processes send theirs to process 0 when they meet)."""
+        return self.group is None or (self.group.data_parallel and self.group.main)
 
     def run(self, resume: bool = False) -> FleetResult:
         self._prepare_output(resume)
-        self.provenance.run_started(self.fleet_step if resume else None)
+        if self._main:
+            self.fleet_provenance.run_started(self.fleet_step if resume else None)
         try:
             self._admit()
             while self.active:
                 self._step()
+            while self._adapter_parallel and not self._exchange(done=True):
+                pass  # this share is trained: wait for the others' checkpoints and end
         finally:
-            self.log.close()
+            self.fleet_log.close()
         for bar in self.bars.values():
             bar.close()
         self.result.fleet_steps = self.fleet_step
-        self.provenance.run_finished(self.fleet_step, self.result.tokens, self.result.adapters)
+        if self._adapter_parallel and self._main:  # the whole fleet's, gathered at the end
+            self.result.tokens, self.result.fleet_steps = self.fleet_totals
+        if self._main:
+            self.fleet_provenance.run_finished(self.result.fleet_steps, self.result.tokens, self.result.adapters)
         return self.result
 
     # --- one fleet step -------------------------------------------------------------------
@@ -140,6 +184,8 @@ class FleetTrainer:
         losses, statistics = self._forward_backward(step)
         self.fleet_step += 1
         due = [job for job, count in zip(self.active, step.tokens, strict=True) if job.record_micro_batch(count)]
+        if self._data_parallel:
+            losses = self._sum_over_processes(losses, due)
         read = torch.cat([torch.stack([loss.detach() for loss in losses]), *statistics.values()])
         if due:  # queued behind backward on the device: the host does not wait for either
             rates = {job.name: job.learning_rate for job in due}
@@ -167,7 +213,7 @@ class FleetTrainer:
             self._optimizer_stepped(due)
         self._admit()
         if self.spec.checkpoint_every and self.fleet_step % self.spec.checkpoint_every == 0 and self.active:
-            self._save_checkpoint()
+            self._checkpoint()
         if self.on_step is not None:
             self.on_step(self.fleet_step)
 
@@ -182,13 +228,16 @@ class FleetTrainer:
             (job.name, answer_rows(group) if index in pairs else group)
             for index, (job, group) in enumerate(zip(self.active, drawn, strict=True))
         ]
+        tokens = [sum(example.num_tokens for example in group) for _, group in micro_batches]
+        shares = None
+        if self._data_parallel:
+            micro_batches, shares = self._my_examples(micro_batches)
         packed = self.spec.packing
         pad_id, multiple = self.base.tokenizer.pad_token_id, self.spec.length_multiple
         if packed:
             batch, segments = pack_micro_batches(micro_batches, pad_id, multiple)
         else:
             batch, segments = stack_micro_batches(micro_batches, pad_id, multiple)
-        tokens = [sum(example.num_tokens for example in group) for _, group in micro_batches]
         adapter_segments = [segment for segment in segments if segment.adapter is not None]
         loss_segments, owners, answer_tokens = [], [], {}
         for index, (segment, (_, group)) in enumerate(zip(adapter_segments, micro_batches, strict=True)):
@@ -215,6 +264,7 @@ class FleetTrainer:
             packed,
             pairs,
             answer_tokens,
+            shares=shares,
         )
 
     def _forward_backward(self, step: StepInputs) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
@@ -226,6 +276,8 @@ class FleetTrainer:
         with self.fleet.route(step.segments, by_token=step.packed), training_attention():
             pieces = self._losses(step.batch, step.loss_segments, step.packed, step.where, step.extra)
             losses, statistics = self._job_losses(pieces, step)
+            if step.shares is not None:  # this process's part of each mean over the whole micro-batch
+                losses = [loss * share for loss, share in zip(losses, step.shares, strict=True)]
             total = sum(loss / job.spec.grad_accum for loss, job in zip(losses, self.active, strict=True))
             total.backward()
         return losses, statistics
@@ -295,6 +347,8 @@ class FleetTrainer:
     # --- held-out evaluation --------------------------------------------------------------
 
     def _eval_due(self, job: AdapterJob) -> bool:
+        if self._data_parallel and not self.group.main:
+            return False  # the weights are the same everywhere: process 0 evaluates
         every = job.spec.eval_every
         return job.name in self.eval_examples and (job.done or (every is not None and job.optimizer_step % every == 0))
 
@@ -482,13 +536,9 @@ class FleetTrainer:
         return job
 
     def _finish(self, job: AdapterJob) -> None:
-        directory = save_adapter(
-            self.fleet,
-            job.name,
-            self.output / "adapters" / job.name,
-            self.spec.base,
-            {"max_tiles": self.spec.max_tiles},
-        )
+        directory = self.output / "adapters" / job.name
+        if not self._data_parallel or self.group.main:  # data-parallel copies are all the same
+            save_adapter(self.fleet, job.name, directory, self.spec.base, {"max_tiles": self.spec.max_tiles})
         self.result.adapters[job.name] = directory
         self.provenance.adapter_saved(job, directory, self.fleet_step, self.result.losses.get(job.name, []))
         self.active.remove(job)
@@ -500,8 +550,18 @@ class FleetTrainer:
 
     # --- checkpoints ----------------------------------------------------------------------
 
-    def _save_checkpoint(self) -> None:
-        state = {
+    def _checkpoint(self) -> None:
+        if self._adapter_parallel:
+            self._exchange(done=False)
+            return
+        state = self._checkpoint_state()
+        if self._data_parallel:
+            self._sum_accumulated_gradients(state)
+        if self._main:
+            self._save_checkpoint(state)
+
+    def _checkpoint_state(self) -> dict:
+        return {
             "fleet_step": self.fleet_step,
             "spec": [dataclasses.asdict(a) for a in self.spec.adapters],
             "finished": sorted(self.result.adapters),
@@ -514,11 +574,16 @@ class FleetTrainer:
                 for name, known in self.reference_logps.items()
             },
         }
+
+    def _save_checkpoint(self, state: dict) -> None:
         path = checkpoint.save_checkpoint(self.output, state, self.spec.keep_checkpoints)
-        self.provenance.checkpoint_saved(path, self.fleet_step, [job.name for job in self.active])
+        self.fleet_provenance.checkpoint_saved(path, state["fleet_step"], list(state["active"]))
 
     def _prepare_output(self, resume: bool) -> None:
-        self.provenance = TrainingProvenance(self.spec, self.base, self.examples, self.result.skipped)
+        self.fleet_provenance = None
+        if self._main:
+            self.fleet_provenance = TrainingProvenance(self.spec, self.base, self.examples, self.result.skipped)
+        self.provenance = self.fleet_provenance if self._writes_directly else self.outbox
         latest = checkpoint.latest_checkpoint(self.output)
         if not resume:
             if latest is not None:
@@ -526,9 +591,11 @@ class FleetTrainer:
                     f"{self.output} holds checkpoints of an earlier run; resume it with --resume "
                     "or choose another output directory"
                 )
-            self.output.mkdir(parents=True, exist_ok=True)
-            self.log.start_fresh()
+            if self._main:
+                self.output.mkdir(parents=True, exist_ok=True)
+                self.fleet_log.start_fresh()
             torch.manual_seed(self.spec.seed)
+            self._place({a.name: self.adapter_work(a) for a in self.spec.adapters})
             return
         if latest is None:
             raise ConfigError(f"--resume: no checkpoint in {checkpoint.checkpoint_dir(self.output)}")
@@ -544,17 +611,141 @@ class FleetTrainer:
         for name in state["finished"]:
             self.result.adapters[name] = self.output / "adapters" / name
         by_name = {a.name: a for a in self.spec.adapters}
+        self._place(remaining_work(self, state))
         for name, job_state in state["active"].items():
+            if self.share is not None and name not in self.share:
+                continue
             job = self._start(by_name[name])
             job.load_state_dict(job_state)
+            if self._data_parallel and not self.group.main:
+                self.optimizer.zero_grad([name])  # process 0 holds the sum accumulated so far
             self.bars[name].update(job.optimizer_step)
         started = set(state["finished"]) | set(state["active"])
-        self.pending = deque(a for a in self.spec.adapters if a.name not in started)
+        self.pending = deque(a for a in self.pending if a.name not in started)
         restore_rng_state(state["rng"])
         for name, known in state.get("reference_logps", {}).items():
             device, dtype = self.base.device, torch.float32
             self.reference_logps[name] = {src: torch.tensor(v, dtype=dtype, device=device) for src, v in known.items()}
-        self.log.resume_at(self.fleet_step)
+        if self._main:
+            self.fleet_log.resume_at(self.fleet_step)
+
+    # --- more than one process (train/distributed.py) --------------------------------------
+
+    def adapter_work(self, spec: AdapterSpec) -> float:
+        """Tokens an adapter's whole training computes: what adapter-parallel placement balances."""
+        items = self.examples[spec.name]
+        if is_preference(spec):
+            tokens = sum(pair.chosen.num_tokens + pair.rejected.num_tokens for pair in items)
+        else:
+            tokens = sum(example.num_tokens for example in items)
+        steps = total_optimizer_steps(spec, len(items))
+        return steps * spec.grad_accum * spec.micro_batch_size * tokens / max(len(items), 1)
+
+    def _place(self, work: dict[str, float]) -> None:
+        """Adapter-parallel: keep this process's share of the adapters still to train."""
+        if not self._adapter_parallel:
+            return
+        self.share = set(distributed.place(work, self.group.world)[self.group.rank])
+        self.pending = deque(a for a in self.pending if a.name in self.share)
+
+    def _my_examples(self, micro_batches: list[tuple[str, list[Example]]]) -> tuple[list, list[float]]:
+        """Data-parallel: this process's examples of each micro-batch (r::world), and its share of
+        each micro-batch's label tokens, which scales its mean loss into its part of the mean the
+        single process takes over the whole micro-batch (so the summed gradients are the same)."""
+        rank, world = self.group.rank, self.group.world
+        mine, shares = [], []
+        for name, group in micro_batches:
+            local = group[rank::world]
+            total = sum(label_count(example) for example in group)
+            shares.append(sum(label_count(example) for example in local) / max(total, 1))
+            mine.append((name, local))
+        return mine, shares
+
+    def _sum_over_processes(self, losses: list[torch.Tensor], due: list[AdapterJob]) -> list[torch.Tensor]:
+        """Data-parallel: one all-reduce sums the step's losses (each process holds its part) and
+        the accumulated gradients of the adapters about to step; returns the whole losses."""
+        params = [param for job in due for param in job.params]
+        for param in params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        flat = torch.cat([torch.stack([loss.detach().float() for loss in losses]), *(p.grad.flatten() for p in params)])
+        self.group.all_reduce(flat)
+        offset = len(losses)
+        for param in params:
+            param.grad.copy_(flat[offset : offset + param.numel()].view_as(param))
+            offset += param.numel()
+        return list(flat[: len(losses)].unbind())
+
+    def _sum_accumulated_gradients(self, state: dict) -> None:
+        """Data-parallel checkpoint: each process holds its part of the gradients accumulated so far
+        in an unfinished optimizer step; the checkpoint holds their sum (process 0 resumes with it)."""
+        jobs = [job for job in self.active if job.micro_step % job.spec.grad_accum]
+        params = [param for job in jobs for param in job.params]
+        if not params:
+            return
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        flat = self.group.all_reduce(torch.cat([grad.flatten() for grad in grads]))
+        sums = iter(flat.cpu().split([p.numel() for p in params]))
+        for job in jobs:
+            state["active"][job.name]["grads"] = [next(sums).view_as(p).clone() for p in job.params]
+
+    def _exchange(self, done: bool) -> bool:
+        """Adapter-parallel meeting at a checkpoint step (or at the end, `done`): process 0 gathers
+        every process's metrics, finished adapters and training state, writes them and the
+        checkpoint; True when every process is done."""
+        mine = self.share or set()
+        payload = {
+            "done": done,
+            "fleet_step": self.fleet_step,
+            "tokens": self.result.tokens,
+            "records": self.outbox.take_records(),
+            "saved": self.outbox.take_saved(),
+            "losses": {name: losses for name, losses in self.result.losses.items() if name in mine},
+            "active": {} if done else {job.name: job.state_dict() for job in self.active},
+            "reference_logps": {
+                name: {source: values.tolist() for source, values in known.items()}
+                for name, known in self.reference_logps.items()
+                if name in mine
+            },
+        }
+        gathered = self.group.gather(payload)
+        finished = None
+        if self.group.main:
+            self._merge(gathered)
+            finished = all(item["done"] for item in gathered)
+        return self.group.broadcast(finished)
+
+    def _merge(self, gathered: list[dict]) -> None:
+        """Process 0 of an adapter-parallel run: what every process sent, into the fleet's files."""
+        order = {a.name: index for index, a in enumerate(self.spec.adapters)}
+        records = [record for item in gathered for record in item["records"]]
+        for record in sorted(records, key=lambda record: (record["fleet_step"], order[record["adapter"]])):
+            self.fleet_log.write(record)
+        by_name = {a.name: a for a in self.spec.adapters}
+        for item in gathered:
+            self.result.losses.update(item["losses"])
+            for saved in item["saved"]:
+                name = saved["name"]
+                self.result.adapters[name] = Path(saved["directory"])
+                self.fleet_provenance.started[name] = saved["started"]
+                job = SavedJob(by_name[name], saved["optimizer_step"], saved["tokens"])
+                self.fleet_provenance.adapter_saved(job, Path(saved["directory"]), saved["fleet_step"], saved["losses"])
+        self.fleet_totals = (sum(item["tokens"] for item in gathered), max(item["fleet_step"] for item in gathered))
+        running = [item for item in gathered if not item["done"]]
+        if not running:
+            return
+        active = {name: state for item in running for name, state in item["active"].items()}
+        references = {name: known for item in running for name, known in item["reference_logps"].items()}
+        state = {
+            "fleet_step": running[0]["fleet_step"],
+            "spec": [dataclasses.asdict(a) for a in self.spec.adapters],
+            "finished": sorted(self.result.adapters),
+            "losses": self.result.losses,
+            "active": dict(sorted(active.items(), key=lambda item: order[item[0]])),
+            "rng": rng_state(),
+            "reference_logps": references,
+        }
+        self._save_checkpoint(state)
 
     # --- set-up ---------------------------------------------------------------------------
 
@@ -579,8 +770,73 @@ class FleetTrainer:
 def train_fleet(
     spec: FleetSpec, resume: bool = False, progress: bool = True, base: FrozenBase | None = None
 ) -> FleetResult:
-    """Train every adapter of `spec` together; adapters land in `<output>/adapters/<name>/`."""
-    return FleetTrainer(spec, base=base, progress=progress).run(resume=resume)
+    """Train every adapter of `spec` together; adapters land in `<output>/adapters/<name>/`. Under
+    torchrun (WORLD_SIZE > 1) every process calls this and the run is spread over them
+    (train/distributed.py); the result is complete on process 0."""
+    if not distributed.launched():
+        return FleetTrainer(spec, base=base, progress=progress).run(resume=resume)
+    with distributed.process_group(spec) as group:
+        return FleetTrainer(spec, base=base, progress=progress, group=group).run(resume=resume)
+
+
+@dataclass
+class SavedJob:
+    """What the provenance of a saved adapter reads from its job, sent by the process that trained it."""
+
+    spec: AdapterSpec
+    optimizer_step: int
+    tokens: int
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class Outbox:
+    """Stands in for the run log and the provenance on a process that does not write the fleet's
+    files: adapter-parallel processes keep what they would write until process 0 gathers it
+    (`keep`); data-parallel processes other than 0 drop it (process 0 writes the same)."""
+
+    def __init__(self, keep: bool) -> None:
+        self.keep = keep
+        self.records: list[dict] = []
+        self.saved: list[dict] = []
+        self.started: dict[str, str] = {}
+
+    def write(self, record: dict) -> None:
+        if self.keep:
+            self.records.append(record)
+
+    def adapter_started(self, name: str) -> None:
+        self.started[name] = utc_now()
+
+    def adapter_saved(self, job: AdapterJob, directory: Path, fleet_step: int, step_losses: list[float]) -> None:
+        if self.keep:
+            facts = {"name": job.name, "directory": str(directory), "fleet_step": fleet_step}
+            facts |= {"losses": list(step_losses), "optimizer_step": job.optimizer_step, "tokens": job.tokens}
+            self.saved.append(facts | {"started": self.started.get(job.name)})
+
+    def take_records(self) -> list[dict]:
+        records, self.records = self.records, []
+        return records
+
+    def take_saved(self) -> list[dict]:
+        saved, self.saved = self.saved, []
+        return saved
+
+
+def remaining_work(trainer: FleetTrainer, state: dict) -> dict[str, float]:
+    """Work left per unfinished adapter of a checkpoint: what a resumed adapter-parallel run places."""
+    work = {}
+    for spec in trainer.spec.adapters:
+        if spec.name in state["finished"]:
+            continue
+        done = 0.0
+        if spec.name in state["active"]:
+            steps = total_optimizer_steps(spec, len(trainer.examples[spec.name]))
+            done = state["active"][spec.name]["optimizer_step"] / steps
+        work[spec.name] = trainer.adapter_work(spec) * (1 - done)
+    return work
 
 
 def answer_rows(pairs: list[PreferencePair]) -> list[Example]:

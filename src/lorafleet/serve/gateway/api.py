@@ -251,6 +251,16 @@ def create_app(server: FleetServer) -> FastAPI:
     async def unload_adapter(request: Request, name: str) -> dict:
         return await unload(request, name)
 
+    @app.post("/v1/keys/reload")
+    async def reload_keys(request: Request) -> dict:
+        tenant = authenticate(request)
+        _require_admin(tenant)
+        try:
+            described = await asyncio.to_thread(server.reload_keys, _who(tenant))
+        except LorafleetError as err:
+            raise APIError(400, str(err), "keys_reload_failed") from err
+        return {"object": "keys", "sha256": described["sha256"], "tenants": sorted(described["tenants"])}
+
     @app.post("/v1/load_lora_adapter")
     async def vllm_load(request: Request, body: VLLMLoadRequest) -> dict:
         return await load(request, body.lora_name, body.lora_path)

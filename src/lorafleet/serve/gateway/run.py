@@ -4,6 +4,8 @@ The CLI builds the options and receives the messages; nothing here parses or pri
 from __future__ import annotations
 
 import ipaddress
+import os
+import signal
 from collections.abc import Callable
 
 from lorafleet.errors import ConfigError
@@ -42,7 +44,27 @@ def serve(options: ServeOptions, host: str, port: int, log: Callable[[str], None
     if options.tenants is None:
         log(f"lorafleet: no --keys given: requests need no key; listening on {host} only")
     log(f"lorafleet: serving {', '.join(['base', *server.adapters])} on http://{host}:{port}/v1")
+    if options.tenants is not None:
+        signal.signal(signal.SIGHUP, lambda *_: reload_keys_now(server, log))
+        log(f"lorafleet: keys from {options.tenants.source}; `kill -HUP {os.getpid()}` reloads them")
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again; with the default
+    # handler that kills the process before `server.close()` can log the stop. Raised as an
+    # exception instead, it unwinds through the `finally` below.
+    signal.signal(signal.SIGTERM, _exit)
     try:
         uvicorn.run(create_app(server), host=host, port=port, log_level="warning")
     finally:
         server.close()
+
+
+def _exit(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def reload_keys_now(server: FleetServer, log: Callable[[str], None]) -> None:
+    """What SIGHUP does: reload the keys file, saying whether it worked (a bad file keeps the old keys)."""
+    try:
+        described = server.reload_keys({"tenant": None, "key_id": None, "signal": "SIGHUP"})
+        log(f"lorafleet: keys reloaded: {len(described['tenants'])} tenants (sha256 {described['sha256'][:16]})")
+    except ConfigError as err:
+        log(f"lorafleet: keys NOT reloaded, the previous keys stay in force: {err}")

@@ -187,6 +187,23 @@ class FleetServer:
             self.backend.unload_adapter(name)
             self.adapter_ids.pop(name, None)
 
+    def reload_keys(self, by: dict) -> dict:
+        """Read the keys file again and use it from the next request; a file that no longer loads
+        leaves the keys in force unchanged (ConfigError). Both outcomes are audited; `by` names
+        who asked (tenant and key id, or the signal)."""
+        if self.options.tenants is None:
+            raise ConfigError("the server was started without --keys: there is no keys file to reload")
+        previous = self.options.tenants
+        try:
+            self.options.tenants = previous.reloaded()
+        except ConfigError as err:
+            failure = {"error": str(err), "kept_sha256": previous.source_sha256}
+            self.audit.record("serve.keys_reload_failed", failure | by)
+            raise
+        described = self.options.tenants.describe()
+        self.audit.record("serve.keys_reloaded", described | {"previous_sha256": previous.source_sha256} | by)
+        return described
+
     def start(self) -> FleetServer:
         self.backend.start()
         tenants = self.options.tenants

@@ -105,6 +105,19 @@ class TenantDirectory:
         self.source = source  # the keys file they were read from
         self.source_sha256 = hashlib.sha256(source.read_bytes()).hexdigest() if source else None
 
+    def reloaded(self) -> TenantDirectory:
+        """The keys file read again (ConfigError if it is now invalid); a tenant whose name and key
+        are unchanged keeps its rate-limit windows."""
+        if self.source is None:
+            raise ConfigError("these tenants were not read from a keys file, so there is nothing to reload")
+        fresh = load_tenants(self.source)
+        known = {(tenant.name, tenant.key_sha256): tenant for tenant in self.tenants}
+        for tenant in fresh.tenants:
+            previous = known.get((tenant.name, tenant.key_sha256))
+            if previous is not None:
+                tenant._requests, tenant._tokens = previous._requests, previous._tokens
+        return fresh
+
     def describe(self) -> dict:
         """What the audit log records of the keys in force: the file's hash and who may do what."""
         return {

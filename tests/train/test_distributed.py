@@ -1,0 +1,153 @@
+"""The fleet on several processes (gloo, CPU): adapter-parallel and data-parallel runs end with the
+adapters the single-process fleet trains, a run stopped on three processes resumes on two (or on
+one) with the same result, and a process that fails stops the others with its message.
+
+Each run spawns real processes that join a real process group on 127.0.0.1, as torchrun's workers do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from lorafleet.config import AdapterSpec, FleetSpec, ParallelSpec
+from lorafleet.train import distributed
+from lorafleet.train.trainer import FleetTrainer, train_fleet
+from tests.conftest import write_text_dataset
+
+TIMEOUT_S = 240  # a whole spawned run, start-up included, on a busy 2-core machine
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAt:
+    """on_step: raise at fleet step `step` on the listed ranks."""
+
+    def __init__(self, step: int, ranks: list[int], rank: int) -> None:
+        self.step, self.crashes = step, rank in ranks
+
+    def __call__(self, step: int) -> None:
+        if self.crashes and step == self.step:
+            raise Crash(f"stopped at fleet step {step}")
+
+
+def _worker(rank: int, world: int, port: int, spec: FleetSpec, resume: bool, crash: tuple | None, out: str) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    on_step = CrashAt(crash[0], crash[1], rank) if crash else None
+    try:
+        with distributed.process_group(spec) as group:
+            result = FleetTrainer(spec, progress=False, on_step=on_step, group=group).run(resume=resume)
+        outcome = {"error": None, "adapters": sorted(result.adapters), "fleet_steps": result.fleet_steps}
+    except Exception as err:
+        outcome = {"error": f"{type(err).__name__}: {err}"}
+    Path(out, f"rank-{rank}.json").write_text(json.dumps(outcome))
+
+
+def run_processes(spec: FleetSpec, world: int, tmp_path: Path, resume=False, crash=None) -> list[dict]:
+    """Every process's outcome (its error, or the adapters it knows finished)."""
+    out = tmp_path / f"outcomes-{time.monotonic_ns()}"
+    out.mkdir()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.start_processes(
+        _worker, (world, port, spec, resume, crash, str(out)), nprocs=world, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=max(1.0, deadline - time.monotonic())):
+        assert time.monotonic() < deadline, "the processes did not finish in time (a hang)"
+    return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in range(world)]
+
+
+def fleet(tmp_path: Path, base: Path, output: str, mode: str, **fleet_args) -> FleetSpec:
+    data = [write_text_dataset(tmp_path / f"d{i}.jsonl", n=10 + i, seed=i) for i in range(4)]
+    adapters = [
+        AdapterSpec(name="a", data=str(data[0]), rank=4, micro_batch_size=2, grad_accum=3, steps=3, learning_rate=3e-3),
+        AdapterSpec(name="b", data=str(data[1]), rank=2, micro_batch_size=3, steps=5, learning_rate=3e-3),
+        AdapterSpec(name="c", data=str(data[2]), rank=3, micro_batch_size=2, steps=7, learning_rate=3e-3),
+        AdapterSpec(name="d", data=str(data[3]), rank=2, micro_batch_size=2, grad_accum=2, steps=4, learning_rate=3e-3),
+    ]
+    settings = dict(checkpoint_every=4, keep_checkpoints=1, length_multiple=8) | fleet_args
+    parallel = ParallelSpec(mode=mode, timeout_minutes=2)
+    return FleetSpec(base=str(base), output=str(tmp_path / output), adapters=adapters, parallel=parallel, **settings)
+
+
+def weights(output: str) -> dict[str, dict[str, torch.Tensor]]:
+    adapters = Path(output) / "adapters"
+    return {path.name: load_file(path / "adapter_model.safetensors") for path in sorted(adapters.iterdir())}
+
+
+def assert_same_adapters(ours: dict, reference: dict, tolerance: float) -> None:
+    assert ours.keys() == reference.keys() == {"a", "b", "c", "d"}
+    for name, tensors in reference.items():
+        assert tensors.keys() == ours[name].keys()
+        for key, tensor in tensors.items():
+            assert (ours[name][key] - tensor).abs().max().item() <= tolerance, f"{name} {key}"
+
+
+def metric_steps(output: str) -> list[tuple[str, int]]:
+    lines = (Path(output) / "metrics.jsonl").read_text().splitlines()
+    return sorted((record["adapter"], record["step"]) for record in map(json.loads, lines))
+
+
+def test_adapter_parallel_run_stopped_on_three_processes_resumes_on_two_with_the_single_process_adapters(
+    tiny_lm_dir, tmp_path
+):
+    single = fleet(tmp_path, tiny_lm_dir, "single", "adapter", max_concurrent=2)
+    train_fleet(single, progress=False)
+
+    spec = fleet(tmp_path, tiny_lm_dir, "parallel", "adapter", max_concurrent=2)
+    stopped = run_processes(spec, 3, tmp_path, crash=(6, [0, 1, 2]))
+    assert all(outcome["error"] for outcome in stopped)  # every process stopped (or saw the others stop)
+    checkpoints = sorted((Path(spec.output) / "checkpoints").iterdir())
+    assert [path.name for path in checkpoints] == ["step-00000004.pt"]
+
+    resumed = run_processes(spec, 2, tmp_path, resume=True)
+    assert [outcome["error"] for outcome in resumed] == [None, None]
+    assert resumed[0]["adapters"] == ["a", "b", "c", "d"]  # process 0 knows the whole fleet
+    assert_same_adapters(weights(spec.output), weights(single.output), tolerance=1e-5)
+    # process 0 alone wrote the metrics: every optimizer step of every adapter once, as one process does
+    assert metric_steps(spec.output) == metric_steps(single.output)
+    assert all((Path(spec.output) / "adapters" / name / "lineage.json").exists() for name in "abcd")
+    assert not (Path(spec.output) / distributed.ERRORS_DIR).exists()
+
+
+def test_data_parallel_run_equals_the_single_process_run_and_resumes_on_one_process(tiny_lm_dir, tmp_path):
+    single = fleet(tmp_path, tiny_lm_dir, "single", "data")
+    train_fleet(single, progress=False)
+
+    spec = fleet(tmp_path, tiny_lm_dir, "parallel", "data")
+    stopped = run_processes(spec, 2, tmp_path, crash=(6, [0, 1]))
+    assert all("Crash" in outcome["error"] for outcome in stopped)
+    # step 4's checkpoint falls inside "a"'s and "d"'s gradient accumulation: it holds both processes' sum
+    FleetTrainer(spec, progress=False).run(resume=True)
+
+    assert_same_adapters(weights(spec.output), weights(single.output), tolerance=1e-5)
+    ours = [json.loads(line) for line in (Path(spec.output) / "metrics.jsonl").read_text().splitlines()]
+    theirs = [json.loads(line) for line in (Path(single.output) / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["adapter"], r["step"], r["tokens"]) for r in ours] == [(r["adapter"], r["step"], r["tokens"]) for r in theirs]
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert abs(mine["loss"] - reference["loss"]) <= 1e-5 * max(1.0, abs(reference["loss"]))
+        assert abs(mine["grad_norm"] - reference["grad_norm"]) <= 1e-5 * max(1.0, reference["grad_norm"])
+
+
+def test_a_process_that_fails_stops_the_others_with_its_message(tiny_lm_dir, tmp_path):
+    spec = fleet(tmp_path, tiny_lm_dir, "out", "data", checkpoint_every=0)
+    started = time.monotonic()
+    outcomes = run_processes(spec, 2, tmp_path, crash=(3, [1]))
+    assert outcomes[1]["error"] == "Crash: stopped at fleet step 3"
+    assert "rank-1 failed: Crash: stopped at fleet step 3" in outcomes[0]["error"]
+    assert "--resume" in outcomes[0]["error"]
+    assert time.monotonic() - started < 60  # well inside the two-minute collective timeout: no hang
