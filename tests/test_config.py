@@ -62,6 +62,28 @@ def test_duplicate_adapter_names_are_an_error():
         fleet_spec_from_dict({**MINIMAL, "adapters": [{"name": "a", "data": "x"}, {"name": "a", "data": "y"}]})
 
 
+@pytest.mark.parametrize(
+    ("parallel", "message"),
+    [
+        ("data", r"parallel must be a mapping, e\.g\. parallel: \{mode: data\}"),
+        ({"mode": "pipeline"}, r"parallel: mode 'pipeline' is not one of adapter, data"),
+        ({"mode": "data", "timeout": 5}, r"parallel: unknown field 'timeout'; did you mean 'timeout_minutes'\?"),
+        ({"timeout_minutes": 0}, r"timeout_minutes must be a positive number"),
+    ],
+)
+def test_bad_parallel_sections_are_named(parallel, message):
+    with pytest.raises(ConfigError, match=message):
+        fleet_spec_from_dict({**MINIMAL, "parallel": parallel})
+
+
+def test_parallel_defaults_to_adapter_mode_and_data_mode_refuses_preference_adapters():
+    assert fleet_spec_from_dict(MINIMAL).parallel.mode == "adapter"
+    assert fleet_spec_from_dict({**MINIMAL, "parallel": {"mode": "data"}}).parallel.mode == "data"
+    dpo = {**MINIMAL, "adapters": [{"name": "p", "data": "p.jsonl", "objective": "dpo"}], "parallel": {"mode": "data"}}
+    with pytest.raises(ConfigError, match=r"parallel mode data trains sft adapters only, not p \(dpo/mpo\)"):
+        fleet_spec_from_dict(dpo)
+
+
 def test_readme_fleet_example_is_a_valid_spec(tmp_path):
     example = re.search(r"```yaml\n(# fleet\.yaml.*?)```", README.read_text(), re.S).group(1)
     (tmp_path / "fleet.yaml").write_text(example)

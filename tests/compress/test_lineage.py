@@ -46,7 +46,7 @@ def test_compress_writes_lineage_and_registers_in_the_fleet_it_lies_in(tiny_lm_d
 
     assert main(["docs", "small", "--fleet", str(fleet)]) == 0
     card = ModelCard.load(fleet / "small" / "README.md")
-    assert card.data.library_name == "transformers" and "a model compressed by lorafleet" in card.text
+    assert card.data.library_name == "transformers" and "A model compressed by lorafleet" in card.text
     annex = (fleet / "small" / "annex-iv.md").read_text()
     assert f"made from compressed_from `{tiny_lm_dir}`" in annex and f"merged `hr` ({hr.id})" in annex
 

@@ -22,7 +22,10 @@ from lorafleet.train import distributed
 from lorafleet.train.trainer import FleetTrainer, train_fleet
 from tests.conftest import write_text_dataset
 
-TIMEOUT_S = 240  # a whole spawned run, start-up included, on a busy 2-core machine
+TIMEOUT_S = 240  # a whole run, start-up included, on a busy 2-core machine
+# fork: the processes start with torch and transformers already imported (spawn re-imports them,
+# ~6 s of CPU each); the parent holds no CUDA context and no process group, so forking is safe.
+START_METHOD = "fork" if "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized() else "spawn"
 
 
 class Crash(Exception):
@@ -63,7 +66,7 @@ def run_processes(spec: FleetSpec, world: int, tmp_path: Path, resume=False, cra
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     context = mp.start_processes(
-        _worker, (world, port, spec, resume, crash, str(out)), nprocs=world, join=False, start_method="spawn"
+        _worker, (world, port, spec, resume, crash, str(out)), nprocs=world, join=False, start_method=START_METHOD
     )
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=max(1.0, deadline - time.monotonic())):
@@ -137,7 +140,9 @@ def test_data_parallel_run_equals_the_single_process_run_and_resumes_on_one_proc
     assert_same_adapters(weights(spec.output), weights(single.output), tolerance=1e-5)
     ours = [json.loads(line) for line in (Path(spec.output) / "metrics.jsonl").read_text().splitlines()]
     theirs = [json.loads(line) for line in (Path(single.output) / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["adapter"], r["step"], r["tokens"]) for r in ours] == [(r["adapter"], r["step"], r["tokens"]) for r in theirs]
+    assert [(r["adapter"], r["step"], r["tokens"]) for r in ours] == [
+        (r["adapter"], r["step"], r["tokens"]) for r in theirs
+    ]
     for mine, reference in zip(ours, theirs, strict=True):
         assert abs(mine["loss"] - reference["loss"]) <= 1e-5 * max(1.0, abs(reference["loss"]))
         assert abs(mine["grad_norm"] - reference["grad_norm"]) <= 1e-5 * max(1.0, reference["grad_norm"])

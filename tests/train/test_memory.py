@@ -122,8 +122,9 @@ def test_plan_command_reports_per_adapter_and_how_many_fit(tiny_lm_dir, tmp_path
     assert run.returncode == 0, run.stderr
     assert all(f"a{i}" in run.stdout for i in range(3))
     assert "budget 0.55 GiB: fits" in run.stdout
-    fit = int(run.stdout.rsplit(":", 1)[1])
+    fit = int(run.stdout.split("adapters like the largest one that fit at once:")[1].split()[0])
     assert fit >= 3
+    assert "GPUs for every adapter at once: adapter 1, data 1" in run.stdout
     assert not (tmp_path / "out").exists()  # planning trains nothing and writes nothing
 
 
@@ -137,3 +138,25 @@ def test_plan_counts_an_nf4_base_at_half_a_byte_per_weight(tiny_lm_dir, tmp_path
     linear = sum(m.weight.numel() for m in base.language_model.modules() if type(m) is torch.nn.Linear)
     saved = plain.weights - nf4.weights
     assert linear * (2 - 0.6) < saved < linear * (2 - 0.5)  # bf16 → ~0.52 bytes per weight
+
+
+def test_plan_predicts_each_mode_on_more_gpus(tiny_lm_dir, tmp_path):
+    """Adapter-parallel spreads the adapters (their state and activations) over the GPUs and sends
+    nothing; data-parallel keeps every adapter and splits the micro-batches, sending a ring
+    all-reduce of the fp32 LoRA gradients; FSDP2 also shards the base's weights."""
+    from lorafleet.train.plan import gpus_needed, plan_fleet
+
+    data = write_text_dataset(tmp_path / "d.jsonl", n=8, seed=0)
+    plan = plan_fleet(fleet_spec(tiny_lm_dir, tmp_path / "out", data), budget_gb=1.0, dtype=torch.float32)
+    option = {(o.mode, o.world): o for o in plan.parallel}
+    lora_bytes = 4 * sum(load.lora_parameters for load in plan.loads.values())
+    assert option["single", 1].peak == plan.together_estimate.total  # three adapters, all admitted
+    assert option["adapter", 2].traffic == option["adapter", 4].traffic == 0
+    assert option["adapter", 2].peak < option["single", 1].peak
+    assert option["data", 2].traffic == int(lora_bytes)  # 2 (w - 1) / w = 1
+    assert option["data", 4].traffic == int(1.5 * lora_bytes)
+    assert not option["data", 4].possible  # micro_batch_size 2 cannot be split over 4 GPUs
+    assert option["fsdp2", 2].peak < option["data", 2].peak
+    assert option["fsdp2", 2].traffic > option["data", 2].traffic
+    assert option["adapter", 4].speedup == pytest.approx(3.0, rel=0.3)  # three adapters: one per GPU at best
+    assert gpus_needed(plan, "data") == 1

@@ -68,10 +68,11 @@ def card_metadata(lineage: Lineage):
 def model_card(lineage: Lineage) -> str:
     from huggingface_hub import ModelCard
 
+    what = _what(lineage)
     body = "\n\n".join(
         [
             f"# {lineage.name}",
-            f"{_what(lineage)}; lineage id `{lineage.id}`. "
+            f"{what[0].upper()}{what[1:]}; lineage id `{lineage.id}`. "
             "Everything below is drawn from the fleet's registry (`lorafleet registry show`); "
             f"the technical documentation draft is in `{ANNEX_FILE}`.",
             "## Intended use\n\n"

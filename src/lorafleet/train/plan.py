@@ -9,13 +9,14 @@ of the fleet's biggest adapter that fit in the budget.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 
 from lorafleet.config import FleetSpec
 from lorafleet.models.loading import default_device, default_dtype, load_base
-from lorafleet.train import memory
+from lorafleet.train import distributed, memory
 from lorafleet.train.trainer import FleetTrainer
 
 
@@ -29,6 +30,25 @@ class FleetPlan:
     fit_count: int | None  # copies of the largest adapter that fit in the budget
     loads: dict[str, memory.AdapterLoad]
     dtype: str = "bfloat16"  # what the prediction computes in
+    parallel: list[ParallelOption] = field(default_factory=list)  # the fleet on 1, 2, 4, 8 GPUs
+
+
+@dataclass
+class ParallelOption:
+    """One way to run the fleet on `world` GPUs (torchrun), as the memory model predicts it."""
+
+    mode: str  # single (one process) | adapter | data | fsdp2 (modelled only: docs/distributed.md)
+    world: int
+    peak: int  # bytes, on the busiest process, with all of its adapters running at once
+    traffic: int  # bytes each process sends per fleet step in which every adapter steps
+    speedup: float  # tokens/s over one process, compute-bound, communication not counted
+    possible: bool = True  # data-parallel needs micro_batch_size >= world for every adapter
+
+    def fits(self, budget: int | None) -> bool:
+        return self.possible and (budget is None or self.peak <= budget)
+
+
+WORLDS = (1, 2, 4, 8)
 
 
 def training_dtype(spec: FleetSpec) -> torch.dtype:
@@ -56,6 +76,8 @@ def plan_fleet(spec: FleetSpec, budget_gb: float | None = None, dtype: torch.dty
             break
         together.append(adapter)
     loads = {a.name: trainer.adapter_load(a) for a in spec.adapters}
+    work = {a.name: trainer.adapter_work(a) for a in spec.adapters}
+    parallel = [option for world in WORLDS for option in parallel_options(trainer, loads, work, world)]
     return FleetPlan(
         dtype=str(dtype).removeprefix("torch."),
         weights=alone[spec.adapters[0].name].weights,
@@ -65,7 +87,61 @@ def plan_fleet(spec: FleetSpec, budget_gb: float | None = None, dtype: torch.dty
         budget=budget,
         fit_count=_copies_that_fit(trainer, loads, budget) if budget is not None else None,
         loads=loads,
+        parallel=parallel,
     )
+
+
+def parallel_options(
+    trainer: FleetTrainer, loads: dict[str, memory.AdapterLoad], work: dict[str, float], world: int
+) -> list[ParallelOption]:
+    """The fleet on `world` processes in each mode: the busiest process's peak memory with every
+    adapter running at once, what each process sends per step (ring all-reduce: 2(w-1)/w of the
+    reduced bytes), and the speed-up over one process if compute alone counted."""
+    lora_bytes = 4 * sum(load.lora_parameters for load in loads.values())  # fp32 LoRA gradients
+    ring = 2 * (world - 1) / world
+    shares = distributed.place(work, world)
+    if world == 1:  # one process: every mode is the single-process fleet
+        estimate = trainer.predicted_memory_of(list(loads.values()))
+        return [ParallelOption("single", 1, peak=estimate.total, traffic=0, speedup=1.0)]
+    busiest = max(sum(work[name] for name in share) for share in shares)
+    adapter = ParallelOption(
+        "adapter",
+        world,
+        peak=max(trainer.predicted_memory_of([loads[name] for name in share]).total for share in shares),
+        traffic=0,
+        speedup=sum(work.values()) / busiest,
+    )
+    split = [dataclasses.replace(load, rows=math.ceil(load.rows / world)) for load in loads.values()]
+    data_estimate = trainer.predicted_memory_of(split)
+    data = ParallelOption(
+        "data",
+        world,
+        peak=data_estimate.total,
+        traffic=int(ring * lora_bytes),
+        speedup=float(world),
+        possible=all(load.rows >= world for load in loads.values()),
+    )
+    # FSDP2 of the frozen base (not implemented): each process keeps 1/world of the weights and
+    # gathers the rest of one decoder layer at a time (two with prefetch), in forward and in backward.
+    shape = trainer.shape
+    layer = (data_estimate.weights - shape.vocab * shape.hidden * trainer.base.dtype.itemsize) / max(shape.layers, 1)
+    gathered = min(2, shape.layers) * layer * (world - 1) / world
+    sharded = data_estimate.weights / world + gathered
+    fsdp = ParallelOption(
+        "fsdp2",
+        world,
+        peak=int(data_estimate.total - data_estimate.weights + sharded),
+        traffic=int(ring * lora_bytes + 2 * (world - 1) / world * data_estimate.weights),
+        speedup=float(world),
+        possible=data.possible,
+    )
+    return [adapter, data, fsdp]
+
+
+def gpus_needed(plan: FleetPlan, mode: str) -> int | None:
+    """The fewest GPUs (of 1, 2, 4, 8) on which every adapter runs at once within the budget."""
+    options = [o for o in plan.parallel if o.mode in (mode, "single")]
+    return next((o.world for o in options if o.fits(plan.budget)), None)
 
 
 def _copies_that_fit(trainer: FleetTrainer, loads: dict, budget: int, limit: int = 100_000) -> int:
@@ -122,4 +198,23 @@ def format_plan(plan: FleetPlan, spec: FleetSpec) -> str:
         verdict = "fits" if plan.together_estimate.total <= plan.budget else "does NOT fit"
         lines.append(f"budget {plan.budget / gib:.2f} GiB: {verdict}")
         lines.append(f"adapters like the largest one that fit at once: {plan.fit_count}")
-    return "\n".join(lines)
+    return "\n".join(lines + format_parallel(plan))
+
+
+def format_parallel(plan: FleetPlan) -> list[str]:
+    gib = memory.GIB
+    lines = ["", "on more than one GPU (torchrun; every adapter at once; docs/distributed.md):"]
+    lines.append(f"{'mode':<8} {'GPUs':>4} {'peak/GPU':>12} {'sent/step':>11} {'speed-up':>9}  fits")
+    for option in plan.parallel:
+        fits = "-" if plan.budget is None else ("yes" if option.fits(plan.budget) else "no")
+        if not option.possible:
+            fits = "no (micro_batch_size < GPUs)"
+        lines.append(
+            f"{option.mode:<8} {option.world:>4} {option.peak / gib:>8.2f} GiB {option.traffic / 2**20:>7.1f} MiB "
+            f"{option.speedup:>8.2f}x  {fits}"
+        )
+    if plan.budget is not None:
+        needed = {mode: gpus_needed(plan, mode) for mode in ("adapter", "data", "fsdp2")}
+        answer = ", ".join(f"{mode} {count or 'more than 8'}" for mode, count in needed.items())
+        lines.append(f"GPUs for every adapter at once: {answer} (fsdp2 is modelled, not implemented)")
+    return lines

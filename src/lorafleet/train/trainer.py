@@ -172,6 +172,8 @@ class FleetTrainer:
         self.result.fleet_steps = self.fleet_step
         if self._adapter_parallel and self._main:  # the whole fleet's, gathered at the end
             self.result.tokens, self.result.fleet_steps = self.fleet_totals
+            saved = self.result.adapters
+            self.result.adapters = {a.name: saved[a.name] for a in self.spec.adapters if a.name in saved}
         if self._main:
             self.fleet_provenance.run_finished(self.result.fleet_steps, self.result.tokens, self.result.adapters)
         return self.result

@@ -1,0 +1,71 @@
+"""Tokens per second of the tiny fleet on one process and on N CPU processes (gloo), per mode.
+
+    python benchmarks/distributed_cpu.py --processes 2 --steps 40
+
+Builds the tiny Qwen2-style model and four text adapters in a temporary directory, trains them with
+`lorafleet train` (one process) and with `torchrun --nproc-per-node N -m lorafleet train` in
+adapter and data mode, one intra-op thread per process, and reads tokens and time from each run's
+metrics.jsonl (time from the trainer's start to its last optimizer step: start-up not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from lorafleet.models.tiny import build_tiny_qwen2
+from tests.conftest import write_text_dataset
+
+
+def fleet_yaml(root: Path, base: Path, mode: str, steps: int) -> Path:
+    adapters = "".join(
+        f"  - {{name: a{i}, data: d{i}.jsonl, rank: 8, micro_batch_size: 4, steps: {steps}, learning_rate: 0.003}}\n"
+        for i in range(4)
+    )
+    path = root / f"fleet-{mode}.yaml"
+    path.write_text(
+        f"base: {base}\noutput: out-{mode}\nlength_multiple: 8\ncheckpoint_every: 0\n"
+        f"parallel: {{mode: {mode}}}\nadapters:\n{adapters}"
+    )
+    return path
+
+
+def tokens_per_second(output: Path) -> float:
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    last = {record["adapter"]: record for record in records}  # tokens are cumulative per adapter
+    return sum(record["tokens"] for record in last.values()) / max(record["elapsed_s"] for record in records)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=40)
+    args = parser.parse_args()
+    environment = dict(os.environ, OMP_NUM_THREADS="1")
+    with tempfile.TemporaryDirectory() as directory:
+        root = Path(directory)
+        base = build_tiny_qwen2(root / "base", seed=0)
+        for i in range(4):
+            write_text_dataset(root / f"d{i}.jsonl", n=64, seed=i)
+        runs = [("one process", "adapter", [sys.executable, "-m", "lorafleet"])]
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.processes}"]
+        runs += [
+            (f"{args.processes} processes, {mode}", mode, [*launcher, "-m", "lorafleet"])
+            for mode in ("adapter", "data")
+        ]
+        for label, mode, command in runs:
+            spec = fleet_yaml(root, base, mode, args.steps)
+            output = root / f"out-{mode}"
+            subprocess.run(["rm", "-rf", str(output)], check=True)
+            subprocess.run([*command, "train", str(spec), "--no-progress"], cwd=root, env=environment, check=True,
+                           capture_output=True)  # fmt: skip
+            print(f"{label:<24} {tokens_per_second(output):8.0f} tokens/s")
+
+
+if __name__ == "__main__":
+    main()
