@@ -17,6 +17,7 @@ examples:
   lorafleet demo --out my-demo            keep everything in ./my-demo
   lorafleet train fleet.yaml              train every adapter listed in fleet.yaml together
   lorafleet train fleet.yaml --resume     continue an interrupted run from its last checkpoint
+  torchrun --nproc-per-node 4 -m lorafleet train fleet.yaml   the fleet on 4 GPUs (parallel: adapter or data)
   lorafleet plan fleet.yaml --budget-gb 80   predicted peak memory; how many adapters like these fit
   lorafleet serve --fleet demo-out        OpenAI-compatible API on 127.0.0.1:8000 (base + adapters)
   lorafleet serve --fleet demo-out --keys keys.yaml --host 0.0.0.0    with tenants, keys and limits
@@ -440,10 +441,13 @@ def _run_demo(args: argparse.Namespace) -> int:
 def _run_train(args: argparse.Namespace) -> int:
     from lorafleet.config import load_fleet_spec
     from lorafleet.report import write_report
+    from lorafleet.train.distributed import is_main_process
     from lorafleet.train.trainer import train_fleet
 
     spec = load_fleet_spec(args.fleet)
     result = train_fleet(spec, resume=args.resume, progress=not args.no_progress)
+    if not is_main_process():  # under torchrun, process 0 reports for the whole fleet
+        return 0
     for name, directory in result.adapters.items():
         losses = result.losses.get(name, [])
         last = f"final loss {losses[-1]:.4f}" if losses else ""
