@@ -269,3 +269,15 @@ def test_pair_layouts_and_bad_pairs(model_dir, tmp_path):
     with pytest.raises(ConfigError, match="objective 'ppo' is not one of sft, dpo, mpo"):
         spec(objective="ppo")
     assert spec(objective="mpo", loss_weights=[1, 0, 1]).adapters[0].loss_weights == [1, 0, 1]
+
+
+@pytest.mark.slow
+def test_the_demos_preference_stage_corrects_marketing_against_its_own_weights(trained_demo):
+    from lorafleet.demo.preference import ADAPTER, run_preference_stage
+
+    out, rows = trained_demo
+    result = run_preference_stage(out, progress=False)  # the default 30 steps, as `demo --preference`
+    assert (out / "preference" / "adapters" / ADAPTER / "adapter_model.safetensors").exists()
+    assert result.reward_accuracy_last >= result.reward_accuracy_first and result.reward_accuracy_last >= 0.9
+    marketing = next(row for row in rows if row.adapter == "marketing")
+    assert result.accuracy_before == marketing.adapter_accuracy and result.accuracy_after >= 0.9

@@ -67,7 +67,9 @@ def run_demo(
     steps: int = 1000,
     progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
+    preference_steps: int = 0,
 ) -> list[DemoRow]:
+    """The demo; with `preference_steps`, also the preference stage (demo/preference.py)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -88,6 +90,11 @@ def run_demo(
     log("[5/5] held-out accuracy, greedy decoding")
     rows = evaluate_fleet(out)
     log(format_table(rows))
+    if preference_steps:
+        from lorafleet.demo.preference import describe, run_preference_stage
+
+        log(f"[+] preference stage: DPO on {out / 'data'} pairs, {preference_steps} steps ({out / 'preference'})")
+        log(describe(run_preference_stage(out, preference_steps, progress)))
     log(audit_summary(out))
     log(f"done in {time.perf_counter() - started:.0f} s; adapters in {out / 'adapters'}")
     return rows
