@@ -15,6 +15,7 @@ EXAMPLES = """\
 examples:
   lorafleet demo                          tiny model, three departments, trained together (CPU, ~1 min)
   lorafleet demo --out my-demo            keep everything in ./my-demo
+  lorafleet demo --preference             then correct one department's adapter with DPO on preference pairs
   lorafleet train fleet.yaml              train every adapter listed in fleet.yaml together
   lorafleet train fleet.yaml --resume     continue an interrupted run from its last checkpoint
   torchrun --nproc-per-node 4 -m lorafleet train fleet.yaml   the fleet on 4 GPUs (parallel: adapter or data)
