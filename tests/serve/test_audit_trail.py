@@ -11,9 +11,10 @@ import openai
 import pytest
 import yaml
 
+from lorafleet.data.pii import PiiDetector
 from lorafleet.governance.audit import list_segments, verify_chain
 from lorafleet.governance.lineage import weight_hashes, weights_id
-from lorafleet.serve.gateway.audit_trail import content_sha256
+from lorafleet.serve.gateway.audit_trail import content_sha256, redact_content
 from lorafleet.serve.gateway.run import reload_keys_now
 from lorafleet.serve.gateway.server import ServeOptions
 from lorafleet.serve.gateway.tenants import hash_key, load_tenants
@@ -91,14 +92,27 @@ def test_requests_and_admin_events_are_logged_with_hashes_not_content(fleet_dir,
     assert load["data"]["tenant"] == "ops" and stop["event"] == "serve.stop"
 
 
-def test_content_is_logged_only_when_asked(fleet_dir, tmp_path):
+def test_content_is_logged_only_when_asked_and_then_with_personal_data_replaced(fleet_dir, tmp_path):
     fleet = copy_fleet(fleet_dir, tmp_path)
+    sent = "Invoice for jane.doe@example.com, call +44 20 7946 0958 or jane.doe@example.com"
+    personal = [{"role": "user", "content": sent}]
     with running_server(ServeOptions(fleet_dir=fleet, log_content=True)) as (url, server):
-        reply = client(url, "none").chat.completions.create(model="legal", messages=MESSAGES, max_tokens=3)
+        reply = client(url, "none").chat.completions.create(model="legal", messages=personal, max_tokens=3)
         server.audit.flush()
     (request,) = [entry["data"] for entry in entries(fleet) if entry["event"] == "serve.request"]
-    assert request["content"] == {"messages": MESSAGES, "reply": reply.choices[0].message.content}
+    text = "Invoice for <EMAIL_1>, call <PHONE_1> or <EMAIL_1>"
+    assert request["content"]["messages"] == [{"role": "user", "content": text}]
+    assert request["content"]["redacted"] == {"EMAIL": 2, "PHONE": 1}
+    assert "reply" in request["content"] and reply.choices[0].message.content is not None
+    assert request["input_sha256"] == content_sha256(personal)  # the hash is of what was sent
     assert request["tenant"] is None and request["key_id"] is None
+
+
+def test_a_text_completions_prompts_and_reply_are_redacted_with_shared_placeholders():
+    content = {"prompt": ["Write to ann@example.org", "Ask ann@example.org"], "reply": "ann@example.org, bob@x.io"}
+    redacted = redact_content(content, PiiDetector())
+    assert redacted["prompt"] == ["Write to <EMAIL_1>", "Ask <EMAIL_1>"]
+    assert redacted["reply"] == "<EMAIL_1>, <EMAIL_2>" and redacted["redacted"] == {"EMAIL": 4}
 
 
 def test_a_failing_append_is_counted_and_serving_goes_on(fleet_dir, tmp_path, capsys):

@@ -6,7 +6,9 @@ never the key), model, the served adapter's id (the SHA-256 over its weight file
 same id the registry gives it), the SHA-256 of the input and of the output, token counts, status
 and latency. Input and output are hashed as canonical JSON (sorted keys, no spaces, UTF-8): the
 request's `messages` (or `prompt`), and the list of the choices' texts. The text itself is logged
-only with `--log-content`.
+only with `--log-content`, and then with personal data replaced by placeholders (`<EMAIL_1>`,
+`<PHONE_1>`, ...: lorafleet's data redaction, data/redact.py) and the counts per type recorded;
+the hashes are of what was sent, before redaction.
 
 Appends take a file lock and write a file, so they run on one background thread, never on the
 event loop; entries queued while one is written go in together (one lock, one write). If an
@@ -18,14 +20,18 @@ on that metric. Entries are written in the order they were queued.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import queue
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
+from lorafleet.data.pii import PiiDetector
+from lorafleet.data.redact import Placeholders, redact_record, redact_text
 from lorafleet.governance.audit import AuditLog, apply_retention
 from lorafleet.governance.lineage import weight_hashes, weights_id
 
@@ -46,6 +52,26 @@ def utf8_only(data: dict) -> dict:
     return json.loads(text.encode("utf-8", errors="replace").decode("utf-8"))
 
 
+def redact_content(content: dict, detector: PiiDetector) -> dict:
+    """A request's logged content with personal data replaced, placeholders consistent across the
+    prompt and the reply, and `redacted` counting the replacements per type."""
+    counts: Counter[str] = Counter()
+    if "messages" in content:
+        reply = [{"role": "assistant", "content": content["reply"]}] if content.get("reply") is not None else []
+        record = {"messages": copy.deepcopy(content["messages"]) + reply}
+        redact_record(record, detector, counts)
+        redacted = {"messages": record["messages"][: len(content["messages"])]}
+        redacted |= {"reply": record["messages"][-1]["content"]} if reply else {}
+    else:
+        placeholders, prompt = Placeholders(), content["prompt"]
+        texts = [prompt] if isinstance(prompt, str) else prompt
+        texts = [redact_text(t, detector, placeholders, counts) if isinstance(t, str) else t for t in texts]
+        redacted = {"prompt": texts[0] if isinstance(prompt, str) else texts}
+        if content.get("reply") is not None:
+            redacted["reply"] = redact_text(content["reply"], detector, placeholders, counts)
+    return redacted | {"redacted": dict(counts)}
+
+
 def adapter_id(path: str | Path) -> str | None:
     """The registry id of the adapter in `path` (None when the directory is not on this machine)."""
     path = Path(path)
@@ -55,8 +81,9 @@ def adapter_id(path: str | Path) -> str | None:
 class AuditTrail:
     """Queues entries for the fleet's audit log and appends them on a background thread."""
 
-    def __init__(self, fleet_dir: Path) -> None:
+    def __init__(self, fleet_dir: Path, redact: bool = False) -> None:
         self.fleet_dir = fleet_dir
+        self._detector = PiiDetector() if redact else None  # for content, logged with --log-content
         self.log = AuditLog(fleet_dir)
         self.failures = 0
         self._queue: queue.Queue[tuple[str, dict] | None] = queue.Queue()
@@ -84,7 +111,7 @@ class AuditTrail:
             closing = None in batch
             entries = [item for item in batch if item is not None]
             try:
-                entries = [(event, utf8_only(data)) for event, data in entries]
+                entries = [(event, utf8_only(self._redacted(data))) for event, data in entries]
                 self._retain()
                 if entries:
                     self.log.append_all(entries)
@@ -95,6 +122,15 @@ class AuditTrail:
             finally:
                 for _ in batch:
                     self._queue.task_done()
+
+    def _redacted(self, data: dict) -> dict:
+        if self._detector is None or "content" not in data:
+            return data
+        try:
+            return data | {"content": redact_content(data["content"], self._detector)}
+        except Exception as err:  # noqa: BLE001 - never log unredacted text, never lose the entry
+            withheld = f"content withheld: redaction failed ({type(err).__name__}: {err})"
+            return {key: value for key, value in data.items() if key != "content"} | {"content_withheld": withheld}
 
     def _retain(self) -> None:
         """Apply the fleet's retention period at start and once a day after."""

@@ -120,7 +120,7 @@ class FleetServer:
         self.adapter_ids: dict[str, str | None] = {}  # name -> registry id of the weights being served
         self.backend = self._backend()
         self.request_log = RequestLog(options.fleet_dir / "lorafleet.sqlite", log_content=options.log_content)
-        self.audit = AuditTrail(options.fleet_dir)
+        self.audit = AuditTrail(options.fleet_dir, redact=options.log_content)
 
     def _backend(self) -> Backend:
         options = self.options
