@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafleet.data.encode import IGNORE_INDEX, Example, encode_record
-from lorafleet.data.records import ChatRecord, parse_record
+from lorafleet.data.records import ChatRecord, json_object, parse_record
 from lorafleet.errors import DataError
 from lorafleet.models.loading import FrozenBase
 
@@ -43,12 +43,7 @@ class PreferencePair:
 
 def parse_preference(line: str, root: Path, source: str) -> tuple[ChatRecord, ChatRecord]:
     """The pair on one line as two chat records: prompt + chosen, prompt + rejected."""
-    try:
-        raw = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{source}: not valid JSON ({err.msg} at column {err.colno})") from err
-    if not isinstance(raw, dict):
-        raise DataError(f"{source}: a record must be a JSON object")
+    raw = json_object(line, source)
     missing = [key for key in ("chosen", "rejected") if key not in raw]
     if missing:
         raise DataError(

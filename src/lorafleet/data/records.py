@@ -111,13 +111,19 @@ def read_jsonl_lines(path: Path) -> list[tuple[int, str]]:
     return [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
 
 
-def parse_record(line: str, root: Path, source: str) -> ChatRecord:
+def json_object(line: str, source: str) -> dict:
+    """One JSONL line as the JSON object a record is, or a DataError naming `source`."""
     try:
         raw = json.loads(line)
     except json.JSONDecodeError as err:
         raise DataError(f"{source}: not valid JSON ({err.msg} at column {err.colno})") from err
     if not isinstance(raw, dict):
         raise DataError(f"{source}: a record must be a JSON object")
+    return raw
+
+
+def parse_record(line: str, root: Path, source: str) -> ChatRecord:
+    raw = json_object(line, source)
     if "conversations" in raw:
         record = _parse_internvl(raw, root, source)
     elif "messages" in raw:
