@@ -21,6 +21,7 @@ FLOORS = {
     "train": 6, "serve": 6, "compress": 6,
     "demo": 7, "eval": 7, "report": 7,
     "cli": 8,
+    "__main__": 9,  # python -m lorafleet: runs the CLI
 }  # fmt: skip
 
 
