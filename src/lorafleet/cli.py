@@ -575,11 +575,21 @@ def _run_report(args: argparse.Namespace) -> int:
 
 def _run_eval(args: argparse.Namespace) -> int:
     import json
+    from dataclasses import asdict
 
+    from lorafleet.eval.preference import evaluate_preferences, format_scores, is_preference_file
     from lorafleet.eval.run import EvalOptions, evaluate, format_report
 
     adapters = [name.strip() for name in args.adapters.split(",") if name.strip()] if args.adapters else None
     options = EvalOptions(args.fleet, args.data, adapters, args.base, args.max_tokens, args.max_batch)
+    if args.data.exists() and is_preference_file(args.data):  # pairs: which answer each model prefers
+        scores = evaluate_preferences(options, progress=not args.no_progress)
+        print(format_scores(scores))
+        if args.json:
+            result = {"format": "preference", "data": str(args.data)} | asdict(scores)
+            args.json.write_text(json.dumps(result, indent=2))
+            print(f"scores in {args.json}")
+        return 0
     report = evaluate(options, progress=not args.no_progress)
     print(format_report(report))
     if args.json:

@@ -281,3 +281,27 @@ def test_the_demos_preference_stage_corrects_marketing_against_its_own_weights(t
     assert result.reward_accuracy_last >= result.reward_accuracy_first and result.reward_accuracy_last >= 0.9
     marketing = next(row for row in rows if row.adapter == "marketing")
     assert result.accuracy_before == marketing.adapter_accuracy and result.accuracy_after >= 0.9
+
+
+def test_lorafleet_eval_on_held_out_pairs_agrees_with_training(model_dir, tmp_path, capsys):
+    from lorafleet.cli import main
+    from lorafleet.governance.registry import Registry
+
+    held_out = write_pairs(tmp_path / "held-out.jsonl", n=10, seed=5)
+    adapter = AdapterSpec(
+        name="colours", data=str(write_pairs(tmp_path / "train.jsonl", n=16)), objective="dpo", rank=4, steps=3,
+        micro_batch_size=4, learning_rate=1e-3, eval_data=str(held_out),
+    )  # fmt: skip
+    fleet = tmp_path / "fleet"
+    train_fleet(FleetSpec(base=str(model_dir), output=str(fleet), adapters=[adapter]), progress=False)
+    trained = json.loads((fleet / "metrics.jsonl").read_text().splitlines()[-1])
+
+    assert main(["eval", "--fleet", str(fleet), "--data", str(held_out), "--json", str(tmp_path / "e.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "prefers chosen" in printed and "10 held-out pairs" in printed
+    scores = json.loads((tmp_path / "e.json").read_text())
+    assert scores["pairs"] == 10 and set(scores["prefers_chosen"]) == {"base", "colours"}
+    assert scores["reward_accuracy"]["colours"] == pytest.approx(trained["eval_reward_accuracy"])
+    assert scores["reward_margin"]["colours"] * adapter.beta == pytest.approx(trained["eval_reward_margin"], rel=1e-4)
+    recorded = Registry(fleet).find("colours").evaluation["held-out.jsonl"]
+    assert recorded["format"] == "preference" and recorded["reward_accuracy"] == scores["reward_accuracy"]["colours"]

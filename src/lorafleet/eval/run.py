@@ -143,30 +143,36 @@ def record_in_registry(fleet_dir: Path, data: Path, report: EvalReport) -> list[
     """Store each registered adapter's scores in its lineage record (the fleet's registry and its
     lineage.json, keyed by the held-out file's name) and log the evaluation; a fleet without a
     registry is left alone. Returns the adapters recorded."""
+    scores = {
+        name: {"accuracy": tally.accuracy, "questions": tally.questions, "unparseable": tally.unparseable}
+        | _f1(tally, report.format)
+        for name, tally in report.overall.items()
+    }
+    return record_scores(fleet_dir, data, report.format, scores)
+
+
+def record_scores(fleet_dir: Path, data: Path, kind: str, scores: dict[str, dict]) -> list[str]:
+    """`record_in_registry` for any evaluation: `scores` maps each model to its numbers."""
     if not (fleet_dir / DATABASE).exists():
         return []
     data_sha256, adapters, recorded = sha256_file(data), fleet_adapters(fleet_dir), {}
     registry = Registry(fleet_dir)
     try:
-        for name in report.models:
+        for name, numbers in scores.items():
             lineage = registry.get(weights_id(weight_hashes(adapters[name]))) if name in adapters else None
             if lineage is None:
                 continue
-            tally = report.overall[name]
             lineage.evaluation[data.name] = {
                 "data_sha256": data_sha256,
-                "format": report.format,
+                "format": kind,
                 "evaluated": utc_now(),
-                "accuracy": tally.accuracy,
-                "questions": tally.questions,
-                "unparseable": tally.unparseable,
-            } | _f1(tally, report.format)
+            } | numbers
             registry.add(lineage)
             write_lineage(lineage, adapters[name])
             recorded[name] = lineage.id
     finally:
         registry.close()
-    overall = {model: report.overall[model].accuracy for model in report.models}
+    overall = {model: numbers.get("accuracy", numbers.get("prefers_chosen")) for model, numbers in scores.items()}
     AuditLog(fleet_dir).append(
         "eval.finish", {"data": str(data), "data_sha256": data_sha256, "accuracy": overall, "lineage_ids": recorded}
     )
