@@ -69,6 +69,7 @@ def test_duplicate_adapter_names_are_an_error():
         ({"mode": "pipeline"}, r"parallel: mode 'pipeline' is not one of adapter, data"),
         ({"mode": "data", "timeout": 5}, r"parallel: unknown field 'timeout'; did you mean 'timeout_minutes'\?"),
         ({"timeout_minutes": 0}, r"timeout_minutes must be a positive number"),
+        ({"shard_base": True}, r"shard_base needs mode: data"),
     ],
 )
 def test_bad_parallel_sections_are_named(parallel, message):

@@ -140,10 +140,15 @@ class ParallelSpec:
     mode: str = "adapter"
     # How long a process waits for the others in a collective before it gives up with an error.
     timeout_minutes: float = 30.0
+    # data mode: shard the frozen base over the processes (FSDP2, fully_shard per decoder layer), for
+    # a base that does not fit one GPU; each layer's weights are gathered for its forward and backward.
+    shard_base: bool = False
 
     def validate(self, where: str) -> None:
         if self.mode not in PARALLEL_MODES:
             raise ConfigError(f"{where}: mode {self.mode!r} is not one of {', '.join(PARALLEL_MODES)}")
+        if self.shard_base and self.mode != "data":
+            raise ConfigError(f"{where}: shard_base needs mode: data (every process must run the same layers in step)")
         if not (math.isfinite(self.timeout_minutes) and self.timeout_minutes > 0):
             raise ConfigError(f"{where}: timeout_minutes must be a positive number, got {self.timeout_minutes}")
 
@@ -224,6 +229,8 @@ class FleetSpec:
         for index, adapter in enumerate(self.adapters):
             adapter.validate(f"{where}: adapters[{index}] ({adapter.name})")
         self.parallel.validate(f"{where}: parallel")
+        if self.parallel.shard_base and self.quantize_base:
+            raise ConfigError(f"{where}: parallel shard_base does not work with quantize_base yet; leave one out")
         if self.parallel.mode == "data":
             preference = [a.name for a in self.adapters if a.objective != "sft"]
             if preference:

@@ -7,6 +7,7 @@ Each run spawns real processes that join a real process group on 127.0.0.1, as t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -20,7 +21,7 @@ from safetensors.torch import load_file
 from lorafleet.config import AdapterSpec, FleetSpec, ParallelSpec
 from lorafleet.train import distributed
 from lorafleet.train.trainer import FleetTrainer, train_fleet
-from tests.conftest import write_text_dataset
+from tests.conftest import write_image_dataset, write_text_dataset
 
 TIMEOUT_S = 240  # a whole run, start-up included, on a busy 2-core machine
 # fork: the processes start with torch and transformers already imported (spawn re-imports them,
@@ -51,11 +52,20 @@ def _worker(rank: int, world: int, port: int, spec: FleetSpec, resume: bool, cra
     on_step = CrashAt(crash[0], crash[1], rank) if crash else None
     try:
         with distributed.process_group(spec) as group:
-            result = FleetTrainer(spec, progress=False, on_step=on_step, group=group).run(resume=resume)
-        outcome = {"error": None, "adapters": sorted(result.adapters), "fleet_steps": result.fleet_steps}
+            trainer = FleetTrainer(spec, progress=False, on_step=on_step, group=group)
+            result = trainer.run(resume=resume)
+        outcome = {"error": None, "adapters": sorted(result.adapters), "held": weights_held(trainer.base.model)}
     except Exception as err:
         outcome = {"error": f"{type(err).__name__}: {err}"}
     Path(out, f"rank-{rank}.json").write_text(json.dumps(outcome))
+
+
+def weights_held(model: torch.nn.Module) -> float:
+    """The fraction of the model's weights this process holds (less than 1 when sharded)."""
+    from torch.distributed.tensor import DTensor
+
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+    return sum(t.numel() for t in local) / sum(p.numel() for p in model.parameters())
 
 
 def run_processes(spec: FleetSpec, world: int, tmp_path: Path, resume=False, crash=None) -> list[dict]:
@@ -156,3 +166,27 @@ def test_a_process_that_fails_stops_the_others_with_its_message(tiny_lm_dir, tmp
     assert "rank-1 failed: Crash: stopped at fleet step 3" in outcomes[0]["error"]
     assert "--resume" in outcomes[0]["error"]
     assert time.monotonic() - started < 60  # well inside the two-minute collective timeout: no hang
+
+
+def test_data_parallel_over_a_sharded_vlm_base_equals_the_single_process_run(tiny_vlm_dir, tmp_path):
+    """FSDP2: the tiny InternVL-style base (vision tower, projector, language model) sharded over two
+    processes, each decoder and vision layer gathered for its forward and backward."""
+    data = [write_image_dataset(tmp_path / f"i{i}.jsonl", n=6, seed=i) for i in range(2)]
+    adapters = [
+        AdapterSpec(name="a", data=str(data[0]), rank=4, micro_batch_size=2, grad_accum=2, steps=2, learning_rate=3e-3),
+        AdapterSpec(name="b", data=str(data[1]), rank=2, micro_batch_size=3, steps=3, learning_rate=3e-3),
+    ]
+    single = FleetSpec(base=str(tiny_vlm_dir), output=str(tmp_path / "single"), adapters=adapters, checkpoint_every=0)
+    train_fleet(single, progress=False)
+    parallel = ParallelSpec(mode="data", timeout_minutes=2, shard_base=True)
+    spec = dataclasses.replace(single, output=str(tmp_path / "sharded"), parallel=parallel)
+
+    outcomes = run_processes(spec, 2, tmp_path)
+
+    assert [outcome["error"] for outcome in outcomes] == [None, None]
+    assert all(outcome["held"] < 0.7 for outcome in outcomes)  # only the head (tied to the embeddings) is whole
+    ours, reference = weights(spec.output), weights(single.output)
+    assert ours.keys() == reference.keys() == {"a", "b"}
+    for name, tensors in reference.items():
+        for key, tensor in tensors.items():
+            assert (ours[name][key] - tensor).abs().max().item() <= 1e-5, f"{name} {key}"

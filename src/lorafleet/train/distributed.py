@@ -35,6 +35,8 @@ import torch.distributed as dist
 
 from lorafleet.config import FleetSpec
 from lorafleet.errors import TrainingError
+from lorafleet.models.hf_compat import inner_model
+from lorafleet.models.loading import FrozenBase
 
 ERRORS_DIR = ".distributed"
 
@@ -57,6 +59,7 @@ class Group:
     mode: str  # adapter | data
     device: torch.device
     errors: Path  # where a failing process leaves its message
+    shards_base: bool = False  # data mode with the frozen base sharded (FSDP2)
     objects: dist.ProcessGroup | None = None  # gloo group for Python objects when the devices are GPUs
 
     @property
@@ -131,7 +134,7 @@ def process_group(spec: FleetSpec) -> Iterator[Group]:
         torch.cuda.set_device(device)
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, device_id=_device_id(device))
     errors = Path(spec.output) / ERRORS_DIR
-    group = Group(rank, world, spec.parallel.mode, device, errors)
+    group = Group(rank, world, spec.parallel.mode, device, errors, spec.parallel.shard_base)
     try:
         if backend != "gloo":
             group.objects = dist.new_group(backend="gloo", timeout=timeout)
@@ -173,3 +176,25 @@ def place(work: dict[str, float], world: int) -> list[list[str]]:
         shares[rank].append(name)
         heapq.heappush(loads, (load + work[name], rank))
     return shares
+
+
+def shard_base(base: FrozenBase, group: Group) -> None:
+    """FSDP2 over the frozen base: each decoder layer (the vision tower's too) is one unit whose
+    weights live 1/world per process and are gathered for its forward and again for its backward;
+    the rest of the model below the head (embeddings, norms, projector) is the root unit. The output
+    head stays whole on every process: the chunked loss calls it on its own, and small models tie
+    it to the embeddings, which therefore stay whole too. The base is frozen, so nothing is
+    reduce-scattered; the LoRA weights, added later, are not sharded and their gradients are summed
+    as in data mode."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(group.device.type, (group.world,))
+    inner = inner_model(base.model)
+    head = set(base.model.get_output_embeddings().parameters())
+    for name, layers in inner.named_modules():
+        if isinstance(layers, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "layer"):
+            for layer in layers:
+                fully_shard(layer, mesh=mesh, ignored_params=head & set(layer.parameters()))
+    fully_shard(inner, mesh=mesh, ignored_params=head)
+    base.model.to(group.device)  # what no unit holds (the head) joins the shards on the device

@@ -38,7 +38,7 @@ from lorafleet.governance.audit import utc_now
 from lorafleet.models import varlen
 from lorafleet.models.attention import training_attention
 from lorafleet.models.hf_compat import checkpoint_layer, inner_model
-from lorafleet.models.loading import FrozenBase, load_base
+from lorafleet.models.loading import FrozenBase, default_dtype, load_base
 from lorafleet.segments import Segment
 from lorafleet.state import restore_rng_state, rng_state
 from lorafleet.train import checkpoint, distributed, memory
@@ -94,9 +94,15 @@ class FleetTrainer:
         self.spec = spec
         dtype = getattr(torch, spec.dtype) if spec.dtype else None
         self._attention = spec.attention or ("varlen" if spec.packing else None)
+        shards = group is not None and group.shards_base
+        if shards:
+            dtype = dtype or default_dtype(group.device)
+        # a sharded base is read on the CPU and moved to the device a shard at a time
         self.base = base or load_base(
-            spec.base, spec.device, dtype, quantize=spec.quantize_base, attention=self._attention
+            spec.base, "cpu" if shards else spec.device, dtype, quantize=spec.quantize_base, attention=self._attention
         )
+        if shards:
+            distributed.shard_base(self.base, group)
         self.fleet = LoRAFleet(self.base.model, self.base.language_prefix)
         if spec.activation_checkpointing:
             checkpoint_decoder_layers(self.base.language_model)
@@ -119,6 +125,8 @@ class FleetTrainer:
         self.share: set[str] | None = None  # adapter-parallel: the adapters this process trains
         self.pending: deque[AdapterSpec] = deque(spec.adapters)
         self.shape = memory.model_shape(self.base.model)
+        if shards:  # what this process holds of the weights (the gathered layers are in the margin)
+            self.shape = dataclasses.replace(self.shape, weight_bytes=self.shape.weight_bytes // group.world)
         budget_gb = spec.memory_budget_gb
         self.memory_budget = int(budget_gb * memory.GIB) if budget_gb else memory.default_budget(self.base.device)
         self.loads: dict[str, memory.AdapterLoad] = {}
@@ -349,8 +357,8 @@ class FleetTrainer:
     # --- held-out evaluation --------------------------------------------------------------
 
     def _eval_due(self, job: AdapterJob) -> bool:
-        if self._data_parallel and not self.group.main:
-            return False  # the weights are the same everywhere: process 0 evaluates
+        if self._data_parallel and not self.group.main and not self.group.shards_base:
+            return False  # the weights are the same everywhere: process 0 evaluates (a sharded base needs all)
         every = job.spec.eval_every
         return job.name in self.eval_examples and (job.done or (every is not None and job.optimizer_step % every == 0))
 
