@@ -4,8 +4,9 @@
 
 Builds the tiny Qwen2-style model and four text adapters in a temporary directory, trains them with
 `lorafleet train` (one process) and with `torchrun --nproc-per-node N -m lorafleet train` in
-adapter and data mode, one intra-op thread per process, and reads tokens and time from each run's
-metrics.jsonl (time from the trainer's start to its last optimizer step: start-up not counted).
+adapter mode, data mode and data mode over a sharded base (FSDP2), one intra-op thread per
+process, and reads tokens and time from each run's metrics.jsonl (time from the trainer's start to
+its last optimizer step: start-up not counted).
 """
 
 from __future__ import annotations
@@ -13,13 +14,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from lorafleet.models.tiny import build_tiny_qwen2
-from tests.conftest import write_text_dataset
+
+WORDS = "red green blue circle square triangle invoice contract policy total one two three".split()
+
+
+def write_chats(path: Path, n: int, seed: int) -> None:
+    rng = random.Random(seed)
+    with path.open("w") as out:
+        for _ in range(n):
+            question = " ".join(rng.choices(WORDS, k=rng.randint(4, 24)))
+            answer = " ".join(rng.choices(WORDS, k=rng.randint(2, 12)))
+            messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+            out.write(json.dumps({"messages": messages}) + "\n")
+
+
+PARALLEL = {"adapter": "{mode: adapter}", "data": "{mode: data}", "fsdp2": "{mode: data, shard_base: true}"}
 
 
 def fleet_yaml(root: Path, base: Path, mode: str, steps: int) -> Path:
@@ -30,7 +46,7 @@ def fleet_yaml(root: Path, base: Path, mode: str, steps: int) -> Path:
     path = root / f"fleet-{mode}.yaml"
     path.write_text(
         f"base: {base}\noutput: out-{mode}\nlength_multiple: 8\ncheckpoint_every: 0\n"
-        f"parallel: {{mode: {mode}}}\nadapters:\n{adapters}"
+        f"parallel: {PARALLEL[mode]}\nadapters:\n{adapters}"
     )
     return path
 
@@ -51,13 +67,10 @@ def main() -> None:
         root = Path(directory)
         base = build_tiny_qwen2(root / "base", seed=0)
         for i in range(4):
-            write_text_dataset(root / f"d{i}.jsonl", n=64, seed=i)
+            write_chats(root / f"d{i}.jsonl", n=64, seed=i)
         runs = [("one process", "adapter", [sys.executable, "-m", "lorafleet"])]
         launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.processes}"]
-        runs += [
-            (f"{args.processes} processes, {mode}", mode, [*launcher, "-m", "lorafleet"])
-            for mode in ("adapter", "data")
-        ]
+        runs += [(f"{args.processes} processes, {mode}", mode, [*launcher, "-m", "lorafleet"]) for mode in PARALLEL]
         for label, mode, command in runs:
             spec = fleet_yaml(root, base, mode, args.steps)
             output = root / f"out-{mode}"

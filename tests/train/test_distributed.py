@@ -11,6 +11,8 @@ import dataclasses
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -190,3 +192,24 @@ def test_data_parallel_over_a_sharded_vlm_base_equals_the_single_process_run(tin
     for name, tensors in reference.items():
         for key, tensor in tensors.items():
             assert (ours[name][key] - tensor).abs().max().item() <= 1e-5, f"{name} {key}"
+
+
+def test_lorafleet_train_under_torchrun_trains_the_fleet_and_reports_once(tiny_lm_dir, tmp_path):
+    """The real launch: `python -m torch.distributed.run --nproc-per-node 2 -m lorafleet train`."""
+    data = write_text_dataset(tmp_path / "d.jsonl", n=8, seed=0)
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(
+        f"base: {tiny_lm_dir}\noutput: out\nlength_multiple: 8\nparallel: {{mode: data}}\nadapters:\n"
+        + "".join(f"  - {{name: a{i}, data: {data}, rank: 2, micro_batch_size: 2, steps: 2}}\n" for i in range(2))
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    environment = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run(
+        [*command, "-m", "lorafleet", "train", str(fleet), "--no-progress"],
+        capture_output=True, text=True, timeout=TIMEOUT_S, cwd=tmp_path, env=environment,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    reported = [line.split(":")[0] for line in run.stdout.splitlines() if line.startswith("a")]
+    assert reported == ["a0", "a1"]  # process 0 alone prints
+    assert (tmp_path / "out" / "report.html").exists()
+    assert sorted(path.name for path in (tmp_path / "out" / "adapters").iterdir()) == ["a0", "a1"]

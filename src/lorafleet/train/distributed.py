@@ -39,6 +39,7 @@ from lorafleet.models.hf_compat import inner_model
 from lorafleet.models.loading import FrozenBase
 
 ERRORS_DIR = ".distributed"
+SHARES_WAIT = timedelta(days=7)
 
 
 def launched() -> bool:
@@ -136,8 +137,11 @@ def process_group(spec: FleetSpec) -> Iterator[Group]:
     errors = Path(spec.output) / ERRORS_DIR
     group = Group(rank, world, spec.parallel.mode, device, errors, spec.parallel.shard_base)
     try:
-        if backend != "gloo":
-            group.objects = dist.new_group(backend="gloo", timeout=timeout)
+        if backend != "gloo" or group.mode == "adapter":
+            # adapter mode: a process whose share is done waits for the others' next checkpoint step
+            # or their end, however long that is (a process that dies still closes its connections)
+            wait = SHARES_WAIT if group.mode == "adapter" else timeout
+            group.objects = dist.new_group(backend="gloo", timeout=wait)
         if group.main:
             shutil.rmtree(errors, ignore_errors=True)  # an earlier run's messages
         group.barrier()

@@ -37,7 +37,7 @@ class FleetPlan:
 class ParallelOption:
     """One way to run the fleet on `world` GPUs (torchrun), as the memory model predicts it."""
 
-    mode: str  # single (one process) | adapter | data | fsdp2 (modelled only: docs/distributed.md)
+    mode: str  # single (one process) | adapter | data | fsdp2 (data with shard_base: true)
     world: int
     peak: int  # bytes, on the busiest process, with all of its adapters running at once
     traffic: int  # bytes each process sends per fleet step in which every adapter steps
@@ -121,7 +121,7 @@ def parallel_options(
         speedup=float(world),
         possible=all(load.rows >= world for load in loads.values()),
     )
-    # FSDP2 of the frozen base (not implemented): each process keeps 1/world of the weights and
+    # FSDP2 of the frozen base (data mode, shard_base): each process keeps 1/world of the weights and
     # gathers the rest of one decoder layer at a time (two with prefetch), in forward and in backward.
     shape = trainer.shape
     layer = (data_estimate.weights - shape.vocab * shape.hidden * trainer.base.dtype.itemsize) / max(shape.layers, 1)
@@ -216,5 +216,5 @@ def format_parallel(plan: FleetPlan) -> list[str]:
     if plan.budget is not None:
         needed = {mode: gpus_needed(plan, mode) for mode in ("adapter", "data", "fsdp2")}
         answer = ", ".join(f"{mode} {count or 'more than 8'}" for mode, count in needed.items())
-        lines.append(f"GPUs for every adapter at once: {answer} (fsdp2 is modelled, not implemented)")
+        lines.append(f"GPUs for every adapter at once: {answer} (fsdp2: mode data with shard_base)")
     return lines
