@@ -56,7 +56,8 @@ def _worker(rank: int, world: int, port: int, spec: FleetSpec, resume: bool, cra
         with distributed.process_group(spec) as group:
             trainer = FleetTrainer(spec, progress=False, on_step=on_step, group=group)
             result = trainer.run(resume=resume)
-        outcome = {"error": None, "adapters": sorted(result.adapters), "held": weights_held(trainer.base.model)}
+        outcome = {"error": None, "adapters": sorted(result.adapters), "fleet_steps": result.fleet_steps}
+        outcome["held"] = weights_held(trainer.base.model)
     except Exception as err:
         outcome = {"error": f"{type(err).__name__}: {err}"}
     Path(out, f"rank-{rank}.json").write_text(json.dumps(outcome))
@@ -137,6 +138,31 @@ def test_adapter_parallel_run_stopped_on_three_processes_resumes_on_two_with_the
     assert metric_steps(spec.output) == metric_steps(single.output)
     assert all((Path(spec.output) / "adapters" / name / "lineage.json").exists() for name in "abcd")
     assert not (Path(spec.output) / distributed.ERRORS_DIR).exists()
+
+
+def test_adapter_parallel_hands_queued_adapters_to_a_process_that_is_done(tiny_lm_dir, tmp_path):
+    """One adapter of many tokens but two fleet steps on process 0; three light ones queued on
+    process 1 (max_concurrent 1). When they meet at fleet step 2, process 0 is done and takes a
+    queued adapter: 12 fleet steps instead of the 18 process 1 would need alone."""
+    data = [write_text_dataset(tmp_path / f"d{i}.jsonl", n=16, seed=i) for i in range(4)]
+    adapters = [AdapterSpec(name="heavy", data=str(data[0]), rank=2, micro_batch_size=8, steps=2)]
+    adapters += [AdapterSpec(name=f"light{i}", data=str(data[i]), rank=2, steps=6) for i in (1, 2, 3)]
+    settings = dict(max_concurrent=1, checkpoint_every=2, length_multiple=8)
+    single = FleetSpec(base=str(tiny_lm_dir), output=str(tmp_path / "single"), adapters=adapters, **settings)
+    train_fleet(single, progress=False)
+    parallel = ParallelSpec(mode="adapter", timeout_minutes=2)
+    spec = dataclasses.replace(single, output=str(tmp_path / "parallel"), parallel=parallel)
+
+    outcomes = run_processes(spec, 2, tmp_path)
+
+    assert [outcome["error"] for outcome in outcomes] == [None, None]
+    assert outcomes[0]["fleet_steps"] == 12
+    ours, reference = weights(spec.output), weights(single.output)
+    assert ours.keys() == reference.keys() == {"heavy", "light1", "light2", "light3"}
+    for name, tensors in reference.items():
+        for key, tensor in tensors.items():
+            assert (ours[name][key] - tensor).abs().max().item() <= 1e-5, f"{name} {key}"
+    assert metric_steps(spec.output) == metric_steps(single.output)
 
 
 def test_data_parallel_run_equals_the_single_process_run_and_resumes_on_one_process(tiny_lm_dir, tmp_path):

@@ -168,11 +168,13 @@ def _device_id(device: torch.device) -> torch.device | None:
     return device if device.type == "cuda" else None
 
 
-def place(work: dict[str, float], world: int) -> list[list[str]]:
+def place(work: dict[str, float], world: int, busy: list[float] | None = None) -> list[list[str]]:
     """Adapters to processes, greedy longest-processing-time: the heaviest adapter first, each to
     the least loaded process (ties to the lowest rank), so the busiest process carries at most
-    4/3 of the best possible load. Every process computes the same placement."""
-    loads = [(0.0, rank) for rank in range(world)]
+    4/3 of the best possible load. `busy`: the work each process already has. Every process
+    computes the same placement."""
+    loads = [(busy[rank] if busy else 0.0, rank) for rank in range(world)]
+    heapq.heapify(loads)
     shares: list[list[str]] = [[] for _ in range(world)]
     order = sorted(work, key=lambda name: (-work[name], list(work).index(name)))
     for name in order:

@@ -168,11 +168,14 @@ class FleetTrainer:
         if self._main:
             self.fleet_provenance.run_started(self.fleet_step if resume else None)
         try:
-            self._admit()
-            while self.active:
-                self._step()
-            while self._adapter_parallel and not self._exchange(done=True):
-                pass  # this share is trained: wait for the others' checkpoints and end
+            while True:
+                self._admit()
+                while self.active:
+                    self._step()
+                # adapter-parallel: this share is trained; wait for the others' next checkpoint step
+                # (which may hand this process queued adapters of theirs) or their end
+                if not self._adapter_parallel or self._exchange(done=True):
+                    break
         finally:
             self.fleet_log.close()
         for bar in self.bars.values():
@@ -702,11 +705,15 @@ class FleetTrainer:
     def _exchange(self, done: bool) -> bool:
         """Adapter-parallel meeting at a checkpoint step (or at the end, `done`): process 0 gathers
         every process's metrics, finished adapters and training state, writes them and the
-        checkpoint; True when every process is done."""
+        checkpoint, and places the adapters still queued anywhere afresh, against the work each
+        process has left (a process that is done takes some); True when every process is done."""
         mine = self.share or set()
+        left = sum(self.adapter_work(job.spec) * (1 - job.optimizer_step / job.total_steps) for job in self.active)
         payload = {
             "done": done,
             "fleet_step": self.fleet_step,
+            "queued": [spec.name for spec in self.pending],
+            "left": left,
             "tokens": self.result.tokens,
             "records": self.outbox.take_records(),
             "saved": self.outbox.take_saved(),
@@ -719,11 +726,24 @@ class FleetTrainer:
             },
         }
         gathered = self.group.gather(payload)
-        finished = None
+        decision = None
         if self.group.main:
             self._merge(gathered)
-            finished = all(item["done"] for item in gathered)
-        return self.group.broadcast(finished)
+            queued = {name: self.adapter_work(self._spec(name)) for item in gathered for name in item["queued"]}
+            decision = {
+                "finished": all(item["done"] for item in gathered),
+                "fleet_step": max(item["fleet_step"] for item in gathered),
+                "queued": distributed.place(queued, self.group.world, [item["left"] for item in gathered]),
+            }
+        decision = self.group.broadcast(decision)
+        self.fleet_step = decision["fleet_step"]  # one count of fleet steps, whoever waited
+        queued = set(decision["queued"][self.group.rank])
+        self.share = (mine - {spec.name for spec in self.pending}) | queued
+        self.pending = deque(spec for spec in self.spec.adapters if spec.name in queued)
+        return decision["finished"]
+
+    def _spec(self, name: str) -> AdapterSpec:
+        return next(spec for spec in self.spec.adapters if spec.name == name)
 
     def _merge(self, gathered: list[dict]) -> None:
         """Process 0 of an adapter-parallel run: what every process sent, into the fleet's files."""
