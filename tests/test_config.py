@@ -77,12 +77,9 @@ def test_bad_parallel_sections_are_named(parallel, message):
         fleet_spec_from_dict({**MINIMAL, "parallel": parallel})
 
 
-def test_parallel_defaults_to_adapter_mode_and_data_mode_refuses_preference_adapters():
+def test_parallel_defaults_to_adapter_mode():
     assert fleet_spec_from_dict(MINIMAL).parallel.mode == "adapter"
     assert fleet_spec_from_dict({**MINIMAL, "parallel": {"mode": "data"}}).parallel.mode == "data"
-    dpo = {**MINIMAL, "adapters": [{"name": "p", "data": "p.jsonl", "objective": "dpo"}], "parallel": {"mode": "data"}}
-    with pytest.raises(ConfigError, match=r"parallel mode data trains sft adapters only, not p \(dpo/mpo\)"):
-        fleet_spec_from_dict(dpo)
 
 
 def test_readme_fleet_example_is_a_valid_spec(tmp_path):

@@ -231,13 +231,6 @@ class FleetSpec:
         self.parallel.validate(f"{where}: parallel")
         if self.parallel.shard_base and self.quantize_base:
             raise ConfigError(f"{where}: parallel shard_base does not work with quantize_base yet; leave one out")
-        if self.parallel.mode == "data":
-            preference = [a.name for a in self.adapters if a.objective != "sft"]
-            if preference:
-                raise ConfigError(
-                    f"{where}: parallel mode data trains sft adapters only, not {', '.join(preference)} "
-                    "(dpo/mpo); use parallel: {mode: adapter} for this fleet"
-                )
 
 
 def load_fleet_spec(path: str | Path) -> FleetSpec:

@@ -113,6 +113,10 @@ def assert_same_adapters(ours: dict, reference: dict, tolerance: float) -> None:
             assert (ours[name][key] - tensor).abs().max().item() <= tolerance, f"{name} {key}"
 
 
+def metric_records(output: str) -> list[dict]:
+    return [json.loads(line) for line in (Path(output) / "metrics.jsonl").read_text().splitlines()]
+
+
 def metric_steps(output: str) -> list[tuple[str, int]]:
     lines = (Path(output) / "metrics.jsonl").read_text().splitlines()
     return sorted((record["adapter"], record["step"]) for record in map(json.loads, lines))
@@ -239,3 +243,43 @@ def test_lorafleet_train_under_torchrun_trains_the_fleet_and_reports_once(tiny_l
     assert reported == ["a0", "a1"]  # process 0 alone prints
     assert (tmp_path / "out" / "report.html").exists()
     assert sorted(path.name for path in (tmp_path / "out" / "adapters").iterdir()) == ["a0", "a1"]
+
+
+def test_data_parallel_preference_adapters_equal_the_single_process_run(tiny_lm_dir, tmp_path):
+    """DPO and MPO split by pairs: each process scales the pair terms by its share of the pairs and
+    MPO's SFT term by its share of the chosen answers' tokens; the checkpoint holds the reference
+    log-probabilities every process computed."""
+    from lorafleet.state import load_state
+    from tests.train.test_preference import write_pairs
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", n=10)
+    text = write_text_dataset(tmp_path / "d.jsonl", n=10, seed=0)
+    small = dict(rank=2, learning_rate=3e-3)
+    adapters = [
+        AdapterSpec(name="d", data=str(pairs), objective="dpo", steps=6, micro_batch_size=3, **small),
+        AdapterSpec(name="m", data=str(pairs), objective="mpo", steps=3, micro_batch_size=2, grad_accum=2, **small),
+        AdapterSpec(name="s", data=str(text), steps=6, micro_batch_size=2, **small),
+    ]
+    settings = dict(checkpoint_every=4, keep_checkpoints=1, length_multiple=8)
+    single = FleetSpec(base=str(tiny_lm_dir), output=str(tmp_path / "single"), adapters=adapters, **settings)
+    train_fleet(single, progress=False)
+    parallel = ParallelSpec(mode="data", timeout_minutes=2)
+    spec = dataclasses.replace(single, output=str(tmp_path / "parallel"), parallel=parallel)
+
+    stopped = run_processes(spec, 2, tmp_path, crash=(5, [0, 1]))
+    assert all("Crash" in outcome["error"] for outcome in stopped)
+    saved = load_state(Path(spec.output) / "checkpoints" / "step-00000004.pt")
+    assert len(saved["reference_logps"]["d"]) == 10  # 4 steps x 3 pairs: every pair, from both processes
+    resumed = run_processes(spec, 2, tmp_path, resume=True)
+    assert [outcome["error"] for outcome in resumed] == [None, None]
+
+    ours, reference = weights(spec.output), weights(single.output)
+    assert ours.keys() == reference.keys() == {"d", "m", "s"}
+    for name, tensors in reference.items():
+        for key, tensor in tensors.items():
+            assert (ours[name][key] - tensor).abs().max().item() <= 1e-5, f"{name} {key}"
+    for mine, theirs in zip(metric_records(spec.output), metric_records(single.output), strict=True):
+        assert mine.keys() == theirs.keys()
+        for key in ("loss", "reward_margin", "reward_accuracy", "loss_sft", "grad_norm"):
+            if key in theirs:
+                assert abs(mine[key] - theirs[key]) <= 1e-5 * max(1.0, abs(theirs[key])), (mine["adapter"], key)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from lorafleet.adapters.fleet import LoRAFleet, LoRAShape, find_target_modules
 from lorafleet.adapters.layer import MultiLoRALinear
 from lorafleet.adapters.peft_io import load_adapter, save_adapter
-from lorafleet.config import AdapterSpec, FleetSpec
+from lorafleet.config import MPO_LOSS_WEIGHTS, AdapterSpec, FleetSpec
 from lorafleet.data.batch import Batch, pack_micro_batches, stack_micro_batches
 from lorafleet.data.dataset import load_examples
 from lorafleet.data.encode import IGNORE_INDEX, Example
@@ -65,8 +65,9 @@ class StepInputs:
     pairs: dict[int, list[PreferencePair]]  # preference jobs: the micro-batch's pairs
     answer_tokens: dict[int, torch.Tensor]  # preference jobs: label tokens of each answer (on the device)
     references: dict[int, torch.Tensor] = field(default_factory=dict)  # their reference log-probabilities
-    # data-parallel: each job's share of its micro-batch's label tokens held by this process
-    shares: list[float] | None = None
+    # data-parallel: this process's share of each job's micro-batch: of its label tokens (sft), or
+    # (of its pairs, of its chosen answers' label tokens) for a preference job
+    shares: list | None = None
 
 
 @dataclass
@@ -198,7 +199,7 @@ class FleetTrainer:
         self.fleet_step += 1
         due = [job for job, count in zip(self.active, step.tokens, strict=True) if job.record_micro_batch(count)]
         if self._data_parallel:
-            losses = self._sum_over_processes(losses, due)
+            losses, statistics = self._sum_over_processes(losses, statistics, due)
         read = torch.cat([torch.stack([loss.detach() for loss in losses]), *statistics.values()])
         if due:  # queued behind backward on the device: the host does not wait for either
             rates = {job.name: job.learning_rate for job in due}
@@ -235,16 +236,17 @@ class FleetTrainer:
         needs to know about its shape, read here on the host (token counts, label positions,
         sequence bounds) so that the step itself never waits for the device."""
         drawn = [job.stream.next_micro_batch() for job in self.active]
-        pairs = {index: group for index, group in enumerate(drawn) if is_preference(self.active[index].spec)}
-        # A preference micro-batch of m pairs is 2m sequences: [chosen_1..m, rejected_1..m].
-        micro_batches = [
-            (job.name, answer_rows(group) if index in pairs else group)
-            for index, (job, group) in enumerate(zip(self.active, drawn, strict=True))
-        ]
-        tokens = [sum(example.num_tokens for example in group) for _, group in micro_batches]
+        preference = {index for index, job in enumerate(self.active) if is_preference(job.spec)}
+        rows = lambda index, group: answer_rows(group) if index in preference else group  # noqa: E731
+        tokens = [sum(example.num_tokens for example in rows(index, group)) for index, group in enumerate(drawn)]
         shares = None
         if self._data_parallel:
-            micro_batches, shares = self._my_examples(micro_batches)
+            drawn, shares = self._my_share(drawn, preference)
+        pairs = {index: group for index, group in enumerate(drawn) if index in preference}
+        # A preference micro-batch of m pairs is 2m sequences: [chosen_1..m, rejected_1..m].
+        micro_batches = [
+            (job.name, rows(index, group)) for index, (job, group) in enumerate(zip(self.active, drawn, strict=True))
+        ]
         packed = self.spec.packing
         pad_id, multiple = self.base.tokenizer.pad_token_id, self.spec.length_multiple
         if packed:
@@ -289,8 +291,6 @@ class FleetTrainer:
         with self.fleet.route(step.segments, by_token=step.packed), training_attention():
             pieces = self._losses(step.batch, step.loss_segments, step.packed, step.where, step.extra)
             losses, statistics = self._job_losses(pieces, step)
-            if step.shares is not None:  # this process's part of each mean over the whole micro-batch
-                losses = [loss * share for loss, share in zip(losses, step.shares, strict=True)]
             total = sum(loss / job.spec.grad_accum for loss, job in zip(losses, self.active, strict=True))
             total.backward()
         return losses, statistics
@@ -308,8 +308,13 @@ class FleetTrainer:
                 continue
             tokens = step.answer_tokens[index]
             logps = AnswerLogProbs(-torch.stack(mine) * tokens, step.references[index], tokens)
-            loss, statistics[index] = preference_loss(job.spec, logps)
+            if step.shares is None:
+                loss, statistics[index] = preference_loss(job.spec, logps)
+            else:
+                loss, statistics[index] = shared_preference_loss(job.spec, logps, *step.shares[index])
             losses.append(loss)
+        if step.shares is not None:  # this process's part of each mean over the whole micro-batch
+            losses = [loss if index in step.pairs else loss * step.shares[index] for index, loss in enumerate(losses)]
         return losses, statistics
 
     def _losses(self, batch, segments, packed: bool, where, extra: dict) -> list[torch.Tensor]:
@@ -570,6 +575,7 @@ class FleetTrainer:
         state = self._checkpoint_state()
         if self._data_parallel:
             self._sum_accumulated_gradients(state)
+            self._gather_references(state)
         if self._main:
             self._save_checkpoint(state)
 
@@ -661,33 +667,43 @@ class FleetTrainer:
         self.share = set(distributed.place(work, self.group.world)[self.group.rank])
         self.pending = deque(a for a in self.pending if a.name in self.share)
 
-    def _my_examples(self, micro_batches: list[tuple[str, list[Example]]]) -> tuple[list, list[float]]:
-        """Data-parallel: this process's examples of each micro-batch (r::world), and its share of
-        each micro-batch's label tokens, which scales its mean loss into its part of the mean the
-        single process takes over the whole micro-batch (so the summed gradients are the same)."""
+    def _my_share(self, drawn: list[list], preference: set[int]) -> tuple[list[list], list]:
+        """Data-parallel: this process's examples (or pairs) of each micro-batch (r::world), and its
+        share of what each single-process mean is taken over: an SFT micro-batch's label tokens; a
+        preference micro-batch's pairs and its chosen answers' label tokens (the SFT term of MPO).
+        Scaled by these, the processes' losses and gradients sum to the single process's."""
         rank, world = self.group.rank, self.group.world
         mine, shares = [], []
-        for name, group in micro_batches:
+        for index, group in enumerate(drawn):
             local = group[rank::world]
-            total = sum(label_count(example) for example in group)
-            shares.append(sum(label_count(example) for example in local) / max(total, 1))
-            mine.append((name, local))
+            if index in preference:
+                chosen = sum(label_count(pair.chosen) for pair in local)
+                shares.append((len(local) / len(group), chosen / max(sum(label_count(p.chosen) for p in group), 1)))
+            else:
+                total = sum(label_count(example) for example in group)
+                shares.append(sum(label_count(example) for example in local) / max(total, 1))
+            mine.append(local)
         return mine, shares
 
-    def _sum_over_processes(self, losses: list[torch.Tensor], due: list[AdapterJob]) -> list[torch.Tensor]:
-        """Data-parallel: one all-reduce sums the step's losses (each process holds its part) and
-        the accumulated gradients of the adapters about to step; returns the whole losses."""
+    def _sum_over_processes(
+        self, losses: list[torch.Tensor], statistics: dict[int, torch.Tensor], due: list[AdapterJob]
+    ) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
+        """Data-parallel: one all-reduce sums the step's losses and preference statistics (each
+        process holds its part) and the accumulated gradients of the adapters about to step;
+        returns the whole losses and statistics."""
         params = [param for job in due for param in job.params]
         for param in params:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
-        flat = torch.cat([torch.stack([loss.detach().float() for loss in losses]), *(p.grad.flatten() for p in params)])
-        self.group.all_reduce(flat)
-        offset = len(losses)
+        numbers = [torch.stack([loss.detach().float() for loss in losses]), *(v.float() for v in statistics.values())]
+        flat = self.group.all_reduce(torch.cat([*numbers, *(p.grad.flatten() for p in params)]))
+        sizes = [len(losses), *(len(values) for values in statistics.values())]
+        offset = sum(sizes)
         for param in params:
             param.grad.copy_(flat[offset : offset + param.numel()].view_as(param))
             offset += param.numel()
-        return list(flat[: len(losses)].unbind())
+        summed = flat[: sum(sizes)].split(sizes)
+        return list(summed[0].unbind()), dict(zip(statistics, summed[1:], strict=True))
 
     def _sum_accumulated_gradients(self, state: dict) -> None:
         """Data-parallel checkpoint: each process holds its part of the gradients accumulated so far
@@ -701,6 +717,17 @@ class FleetTrainer:
         sums = iter(flat.cpu().split([p.numel() for p in params]))
         for job in jobs:
             state["active"][job.name]["grads"] = [next(sums).view_as(p).clone() for p in job.params]
+
+    def _gather_references(self, state: dict) -> None:
+        """Data-parallel checkpoint: each process computed the reference log-probabilities of its own
+        pairs; the checkpoint holds them all (a resumed run uses the very numbers computed)."""
+        if not any(is_preference(spec) for spec in self.spec.adapters):
+            return
+        gathered = self.group.gather(state["reference_logps"])
+        if self.group.main:
+            for known in gathered:
+                for name, values in known.items():
+                    state["reference_logps"].setdefault(name, {}).update(values)
 
     def _exchange(self, done: bool) -> bool:
         """Adapter-parallel meeting at a checkpoint step (or at the end, `done`): process 0 gathers
@@ -867,6 +894,23 @@ def remaining_work(trainer: FleetTrainer, state: dict) -> dict[str, float]:
             done = state["active"][spec.name]["optimizer_step"] / steps
         work[spec.name] = trainer.adapter_work(spec) * (1 - done)
     return work
+
+
+def shared_preference_loss(
+    spec: AdapterSpec, logps: AnswerLogProbs, pair_share: float, token_share: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Data-parallel: this process's part of a preference objective and its statistics. The pair
+    terms (DPO sigmoid, BCO pair, reward margin and accuracy) are means over pairs, MPO's SFT term a
+    mean over the chosen answers' tokens; each is scaled by this process's share of its own count."""
+    names = metric_names(spec)
+    scale = torch.tensor([token_share if name == "loss_sft" else pair_share for name in names])
+    if spec.objective != "mpo":
+        loss, statistics = preference_loss(spec, logps)
+        return loss * pair_share, statistics * scale.to(statistics.device)
+    preference, quality, generation = spec.loss_weights or MPO_LOSS_WEIGHTS
+    loss, statistics = preference_loss(dataclasses.replace(spec, loss_weights=[preference, quality, 0.0]), logps)
+    sft, _ = preference_loss(dataclasses.replace(spec, loss_weights=[0.0, 0.0, generation]), logps)
+    return loss * pair_share + sft * token_share, statistics * scale.to(statistics.device)
 
 
 def answer_rows(pairs: list[PreferencePair]) -> list[Example]:
