@@ -119,7 +119,7 @@ def parallel_options(
         peak=data_estimate.total,
         traffic=int(ring * lora_bytes),
         speedup=float(world),
-        possible=all(load.rows >= world for load in loads.values()),
+        possible=all(spec.micro_batch_size >= world for spec in trainer.spec.adapters),  # pairs split whole
     )
     # FSDP2 of the frozen base (data mode, shard_base): each process keeps 1/world of the weights and
     # gathers the rest of one decoder layer at a time (two with prefetch), in forward and in backward.
