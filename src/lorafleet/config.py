@@ -233,6 +233,16 @@ class FleetSpec:
             raise ConfigError(f"{where}: parallel shard_base does not work with quantize_base yet; leave one out")
 
 
+def read_yaml(path: Path, what: str) -> object:
+    """A YAML (or JSON) file a user edits, or a ConfigError saying which file and why."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"cannot read the {what} {path}: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML/JSON: {err}") from err
+
+
 def load_fleet_spec(path: str | Path) -> FleetSpec:
     """Read and validate a fleet YAML; relative paths are taken from the YAML's directory."""
     path = Path(path)

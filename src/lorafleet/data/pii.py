@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import phonenumbers
-import yaml
 
+from lorafleet.config import read_yaml
 from lorafleet.errors import ConfigError
 
 DEFAULT_PATTERNS = Path(__file__).with_name("pii_patterns.yaml")
@@ -118,12 +118,7 @@ VALIDATORS = {
 def load_patterns(path: str | Path | None = None) -> PiiPatterns:
     """The national-ID patterns and phone regions of a YAML/JSON file (default: the shipped list)."""
     path = Path(path) if path is not None else DEFAULT_PATTERNS
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise ConfigError(f"cannot read the PII pattern file {path}: {err.strerror}") from err
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML/JSON: {err}") from err
+    raw = read_yaml(path, "PII pattern file")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with 'national_ids' (and optionally 'phone_regions')")
     regions = raw.get("phone_regions", ["US"])

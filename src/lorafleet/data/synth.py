@@ -25,8 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from lorafleet.config import read_yaml
 from lorafleet.data.dedup import DuplicateIndex, normalise
 from lorafleet.data.pii import PiiDetector
 from lorafleet.data.records import parse_record
@@ -71,12 +70,7 @@ class Pair:
 
 def load_prompts(path: str | Path | None = None) -> Prompts:
     path = Path(path) if path is not None else DEFAULT_PROMPTS
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise ConfigError(f"cannot read the prompt file {path}: {err.strerror}") from err
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    raw = read_yaml(path, "prompt file")
     missing = [key for key in ("version", "system", "user") if not isinstance((raw or {}).get(key), str)]
     if missing:
         raise ConfigError(f"{path}: needs string fields {', '.join(missing)} (see {DEFAULT_PROMPTS})")
