@@ -20,14 +20,9 @@ from pathlib import Path
 import torch
 
 from lorafleet.adapters.fleet import LoRAFleet
-from lorafleet.adapters.layer import MultiLoRALinear
-from lorafleet.data.batch import stack_micro_batches
 from lorafleet.data.preference import PreferencePair, load_preference_pairs
-from lorafleet.models.hf_compat import inner_model
 from lorafleet.models.loading import FrozenBase, load_base
-from lorafleet.segments import Segment
-from lorafleet.train.loss import chunked_segment_losses, label_positions, segment_losses
-from lorafleet.train.trainer import answer_rows, label_count
+from lorafleet.train.trainer import answer_logps
 
 
 @dataclass
@@ -82,7 +77,7 @@ def score_pairs(
     for name, tiles in models.items():
         pairs, _ = load_preference_pairs(path, base, max_tiles=tiles)
         route = None if name == "base" else name
-        logps[name] = torch.cat([answer_logps(base, fleet, route, chunk) for chunk in _chunks(pairs, micro_batch)])
+        logps[name] = torch.cat([pair_logps(base, fleet, route, chunk) for chunk in _chunks(pairs, micro_batch)])
     base_margin = logps["base"][:, 0] - logps["base"][:, 1]
     prefers = {name: (values[:, 0] > values[:, 1]).float().mean().item() for name, values in logps.items()}
     accuracy, margin = {}, {}
@@ -94,22 +89,9 @@ def score_pairs(
     return PreferenceScores(len(base_margin), prefers, accuracy, margin)
 
 
-def answer_logps(base: FrozenBase, fleet: LoRAFleet, route: str | None, pairs: list[PreferencePair]) -> torch.Tensor:
+def pair_logps(base: FrozenBase, fleet: LoRAFleet, route: str | None, pairs: list[PreferencePair]) -> torch.Tensor:
     """(pairs, 2): summed log-probabilities of each pair's chosen and rejected answer under `route`."""
-    rows = answer_rows(pairs)
-    batch, _ = stack_micro_batches([(route, rows)], base.tokenizer.pad_token_id, 8)
-    segments = [Segment(route, row, row + 1) for row in range(len(rows))]
-    tokens = torch.tensor([label_count(row) for row in rows], dtype=torch.float32, device=base.device)
-    inputs = batch.to(base.device).causal_inputs()
-    head = base.model.get_output_embeddings()
-    with torch.no_grad(), fleet.route(segments):
-        if isinstance(head, MultiLoRALinear):  # the head is adapted: the logits must come through it
-            means = segment_losses(base.model(**inputs, use_cache=False).logits, batch.labels.to(base.device), segments)
-        else:  # only label positions through the head, as training does
-            hidden = inner_model(base.model)(**inputs, use_cache=False).last_hidden_state
-            where = label_positions(batch.labels, segments).to(base.device)
-            means = chunked_segment_losses(hidden, head, batch.labels.to(base.device), segments, where=where)
-    return (-torch.stack(means) * tokens).view(2, -1).T
+    return answer_logps(base, fleet, [(route, pairs)], length_multiple=8)[0].view(2, -1).T
 
 
 def format_scores(scores: PreferenceScores) -> str:

@@ -318,15 +318,7 @@ class FleetTrainer:
         return losses, statistics
 
     def _losses(self, batch, segments, packed: bool, where, extra: dict) -> list[torch.Tensor]:
-        """One loss per adapter segment. The batch goes in without an attention mask: its rows are
-        right-padded or packed, so causal attention alone is exact for every real token."""
-        head = self.base.model.get_output_embeddings()
-        inputs = batch.causal_inputs() | extra
-        if self.spec.chunked_loss and not isinstance(head, MultiLoRALinear):
-            hidden = inner_model(self.base.model)(**inputs, use_cache=False).last_hidden_state
-            return chunked_segment_losses(hidden, head, batch.labels, segments, by_token=packed, where=where)
-        logits = self.base.model(**inputs, use_cache=False).logits
-        return segment_losses(logits, batch.labels, segments, by_token=packed)
+        return sequence_losses(self.base, batch, segments, packed, where, extra, self.spec.chunked_loss)
 
     def _optimizer_stepped(self, jobs: list[AdapterJob]) -> None:
         """Record the optimizer step just taken by each of `jobs` (and the held-out loss of those
@@ -457,20 +449,7 @@ class FleetTrainer:
         return references
 
     def _answer_logps(self, groups: list[tuple[str | None, list[PreferencePair]]]) -> list[torch.Tensor]:
-        """Summed log-probabilities of every answer of each group's pairs under the adapter the
-        group is routed to (None: the base alone), [chosen..., rejected...] per group; no gradients."""
-        micro_batches = [(route, answer_rows(pairs)) for route, pairs in groups]
-        pad_id, multiple = self.base.tokenizer.pad_token_id, self.spec.length_multiple
-        batch, _ = stack_micro_batches(micro_batches, pad_id, multiple)
-        rows = [example for _, group in micro_batches for example in group]
-        routes = [route for route, group in micro_batches for _ in group]
-        segments = [Segment(route, row, row + 1) for row, route in enumerate(routes)]
-        tokens = torch.tensor([label_count(example) for example in rows], dtype=torch.float32)
-        where = label_positions(batch.labels, segments).to(self.base.device) if self.spec.chunked_loss else None
-        with torch.no_grad(), training_attention(), self.fleet.route(segments):
-            means = self._losses(batch.to(self.base.device), segments, False, where, {})
-        logps = -torch.stack(means) * tokens.to(self.base.device)
-        return list(logps.split([len(group) for _, group in micro_batches]))
+        return answer_logps(self.base, self.fleet, groups, self.spec.length_multiple, self.spec.chunked_loss)
 
     # --- admission and completion ---------------------------------------------------------
 
@@ -911,6 +890,44 @@ def shared_preference_loss(
     loss, statistics = preference_loss(dataclasses.replace(spec, loss_weights=[preference, quality, 0.0]), logps)
     sft, _ = preference_loss(dataclasses.replace(spec, loss_weights=[0.0, 0.0, generation]), logps)
     return loss * pair_share + sft * token_share, statistics * scale.to(statistics.device)
+
+
+def sequence_losses(
+    base: FrozenBase, batch: Batch, segments, packed: bool, where, extra: dict, chunked: bool
+) -> list[torch.Tensor]:
+    """One loss per segment (mean over its label tokens). The batch goes in without an attention
+    mask: its rows are right-padded or packed, so causal attention alone is exact for every real
+    token. `chunked`: only label positions go through the output head (unless the head itself
+    carries adapters)."""
+    head = base.model.get_output_embeddings()
+    inputs = batch.causal_inputs() | extra
+    if chunked and not isinstance(head, MultiLoRALinear):
+        hidden = inner_model(base.model)(**inputs, use_cache=False).last_hidden_state
+        return chunked_segment_losses(hidden, head, batch.labels, segments, by_token=packed, where=where)
+    logits = base.model(**inputs, use_cache=False).logits
+    return segment_losses(logits, batch.labels, segments, by_token=packed)
+
+
+def answer_logps(
+    base: FrozenBase,
+    fleet: LoRAFleet,
+    groups: list[tuple[str | None, list[PreferencePair]]],
+    length_multiple: int = 1,
+    chunked: bool = True,
+) -> list[torch.Tensor]:
+    """Summed log-probabilities of every answer of each group's pairs under the adapter the group
+    is routed to (None: the base alone), [chosen..., rejected...] per group, in one no-grad pass."""
+    micro_batches = [(route, answer_rows(pairs)) for route, pairs in groups]
+    batch, _ = stack_micro_batches(micro_batches, base.tokenizer.pad_token_id, length_multiple)
+    rows = [example for _, group in micro_batches for example in group]
+    routes = [route for route, group in micro_batches for _ in group]
+    segments = [Segment(route, row, row + 1) for row, route in enumerate(routes)]
+    tokens = torch.tensor([label_count(example) for example in rows], dtype=torch.float32)
+    where = label_positions(batch.labels, segments).to(base.device) if chunked else None
+    with torch.no_grad(), training_attention(), fleet.route(segments):
+        means = sequence_losses(base, batch.to(base.device), segments, False, where, {}, chunked)
+    logps = -torch.stack(means) * tokens.to(base.device)
+    return list(logps.split([len(group) for _, group in micro_batches]))
 
 
 def answer_rows(pairs: list[PreferencePair]) -> list[Example]:
