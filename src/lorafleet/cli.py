@@ -348,7 +348,7 @@ def _add_data_parsers(commands: argparse._SubParsersAction) -> None:
     redact.add_argument(
         "--ner-model",
         type=Path,
-        help="spaCy pipeline directory: also replace names of people, organisations and places",
+        help="spaCy pipeline directory: also replace organisations, places and the names of people it finds",
     )
     redact.add_argument("--json", type=Path, help="also write the counts as JSON here")
     redact.add_argument("--fleet", type=Path, help="record the redaction (counts, file hashes) in DIR's audit log")

@@ -126,6 +126,14 @@ def test_placeholders_are_consistent_within_a_record_and_restart_in_the_next(tmp
     assert second[0]["content"] == "Only <EMAIL_1> here."
 
 
+def test_an_address_written_to_escape_harvesters_gets_the_placeholder_of_the_plain_one(tmp_path, detector):
+    text = "Mail max.weber@firma.de or max.weber [at] firma (dot) de; Herr Weber answers."
+    source = write_lines(tmp_path / "in.jsonl", [chat_string(text)])
+    redact_file(source, tmp_path / "out.jsonl", detector)
+    content = json.loads((tmp_path / "out.jsonl").read_text())["messages"][0]["content"]
+    assert content == "Mail <EMAIL_1> or <EMAIL_1>; Herr <PERSON_1> answers."
+
+
 def test_tool_call_arguments_are_redacted_too(tmp_path, detector):
     email = PLANTED["EMAIL"]
     call = {"id": "c1", "type": "function", "function": {"name": "send", "arguments": json.dumps({"to": email})}}

@@ -1,17 +1,27 @@
-"""Find personal data in text: e-mail addresses, phone numbers, IBANs, payment cards, IP addresses,
-national identifiers from an editable pattern list, and (with a local NER model) names of people,
-organisations and places.
+"""Find personal data in text: e-mail addresses (plain, with non-ASCII letters, or written
+"name [at] firma.de"), phone numbers, IBANs, payment cards, IP addresses, national identifiers from
+an editable pattern list, dates of birth, street addresses and names of people (offline, by their
+context: `pii_context`), and (with a local NER model) names of organisations and places too.
 
-Every detector that can be checked is checked: an IBAN must pass ISO 13616's mod-97 checksum, a
-card number Luhn's, an address must parse as IPv4/IPv6 (`ipaddress`), a phone number must be a
-valid number for its region (Google's libphonenumber rules, `phonenumbers`), and a national ID its
-country's check digit where it has one. A string of digits that fails its checksum is left alone,
-which is what keeps order numbers, amounts and dates out of the findings.
+Every detector that can be checked is checked (`pii_checks`): an IBAN must be of its country's
+length and pass ISO 13616's mod-97 checksum, a card number must fall in a card scheme's issuer
+range and length and pass Luhn's check, a national ID its country's check digit where it has one.
+That is what keeps order numbers, amounts and reference numbers out. Two more kinds of number are
+told apart by rule rather than checksum:
+
+- an IPv4 address right after a version marker ("v", "version", "Version", "Release", "Build",
+  "Firmware", "Patch", ...) is a version string, after a section marker ("Abschnitt", "section",
+  "chapitre", "§") a section number, and one whose first part is 0 or last part 0 or
+  255 names a network, not a host: neither is personal data;
+- a phone number must be written as people write them: with a country code (+49, 0049), or in
+  the national format of one of `phone_regions` (starting with the trunk prefix, 0 in most of
+  Europe; grouped as (415) 555-0132 in North America). A run of ten digits such as an SAP
+  document number is neither, and a date (12.03.2024, 2024-03-12) is never read as a number.
 
 We do not use Presidio's analyzer: by default it loads a spaCy model (en_core_web_lg, which
 cannot be downloaded here) before any pattern recognizer runs, and what we need of it — regexes
-with checksums — is a few tested lines each. Names come from a spaCy pipeline the organisation
-chooses and keeps on disk (`--ner-model`).
+with checksums — is a few tested lines each. Organisations and places come from a spaCy pipeline
+the organisation chooses and keeps on disk (`--ner-model`).
 A `Finding` holds the matched value only so that the same value gets the same placeholder; no
 report or log writes it.
 """
@@ -26,14 +36,19 @@ from pathlib import Path
 import phonenumbers
 
 from lorafleet.config import read_yaml
+from lorafleet.data.pii_checks import IBAN_LENGTHS, VALIDATORS, card_valid, iban_valid, is_calendar_date, mod97_valid
+from lorafleet.data.pii_context import find_addresses, find_dates_of_birth, find_names
 from lorafleet.errors import ConfigError
 
 DEFAULT_PATTERNS = Path(__file__).with_name("pii_patterns.yaml")
+DEFAULT_PHONE_REGIONS = ["DE", "AT", "CH", "FR", "BE", "GB", "IE"]
+CONTEXT_TYPES = {"DATE_OF_BIRTH": find_dates_of_birth, "ADDRESS": find_addresses, "PERSON": find_names}
+CONTEXT_CHARS = 40  # how far before a national ID its pattern's `context` may stand
 
 
 @dataclass(frozen=True)
 class Finding:
-    type: str  # EMAIL, PHONE, IBAN, CARD, IP, a national ID's type, PERSON, ORG, LOCATION
+    type: str  # EMAIL, PHONE, IBAN, CARD, IP, a national ID's type, DATE_OF_BIRTH, ADDRESS, PERSON, ORG, LOCATION
     start: int
     end: int
     value: str
@@ -44,90 +59,34 @@ class IdPattern:
     type: str
     regex: re.Pattern
     validator: str | None = None
+    context: re.Pattern | None = None  # must occur in the CONTEXT_CHARS before a match
 
 
 @dataclass
 class PiiPatterns:
-    phone_regions: list[str] = field(default_factory=lambda: ["US"])
+    phone_regions: list[str] = field(default_factory=lambda: list(DEFAULT_PHONE_REGIONS))
     national_ids: list[IdPattern] = field(default_factory=list)
-
-
-def luhn_valid(digits: str) -> bool:
-    total = 0
-    for index, digit in enumerate(int(d) for d in reversed(digits)):
-        if index % 2:
-            digit = digit * 2 - 9 if digit > 4 else digit * 2
-        total += digit
-    return total % 10 == 0
-
-
-def mod97_valid(code: str) -> bool:
-    """ISO 13616 (IBAN): country and check digits moved to the end, letters as 10..35, mod 97 == 1."""
-    rearranged = code[4:] + code[:4]
-    return int("".join(str(int(char, 36)) for char in rearranged)) % 97 == 1
-
-
-def us_ssn_valid(digits: str) -> bool:
-    area, group, serial = digits[:3], digits[3:5], digits[5:]
-    return area not in ("000", "666") and area[0] != "9" and group != "00" and serial != "0000"
-
-
-def de_steuer_id_valid(digits: str) -> bool:
-    """German tax ID: no leading 0, one digit of the first ten repeated (2 or 3 times), and an
-    ISO 7064 MOD 11,10 check digit."""
-    if len(digits) != 11 or digits[0] == "0":
-        return False
-    counts = sorted((digits[:10].count(d) for d in set(digits[:10])), reverse=True)
-    if counts[0] not in (2, 3) or (len(counts) > 1 and counts[1] > 1):
-        return False
-    product = 10
-    for digit in digits[:10]:
-        total = (int(digit) + product) % 10 or 10
-        product = total * 2 % 11
-    return (11 - product) % 10 == int(digits[10])
-
-
-def fr_insee_valid(digits: str) -> bool:
-    """French social security number (NIR): key = 97 - (first 13 digits mod 97); Corsica's 2A/2B
-    count as 19/18."""
-    number = digits[:13].replace("2A", "19").replace("2B", "18")
-    return len(digits) == 15 and 97 - int(number) % 97 == int(digits[13:])
-
-
-def nl_bsn_valid(digits: str) -> bool:
-    """Dutch citizen service number: the 'elfproef', weights 9..2 and -1, sum divisible by 11."""
-    total = sum(int(d) * w for d, w in zip(digits[:8], range(9, 1, -1), strict=True)) - int(digits[8])
-    return total % 11 == 0 and total > 0
-
-
-def es_dni_valid(compact: str) -> bool:
-    return "TRWAGMYFPDXBNJZSQVHLCKE"[int(compact[:8]) % 23] == compact[8]
-
-
-VALIDATORS = {
-    "luhn": luhn_valid,
-    "mod97": mod97_valid,
-    "us_ssn": us_ssn_valid,
-    "de_steuer_id": de_steuer_id_valid,
-    "fr_insee": fr_insee_valid,
-    "nl_bsn": nl_bsn_valid,
-    "es_dni": es_dni_valid,
-}
+    context_types: list[str] = field(default_factory=lambda: list(CONTEXT_TYPES))
 
 
 def load_patterns(path: str | Path | None = None) -> PiiPatterns:
-    """The national-ID patterns and phone regions of a YAML/JSON file (default: the shipped list)."""
+    """The national-ID patterns, phone regions and context detectors of a YAML/JSON file (default:
+    the shipped EU pattern pack)."""
     path = Path(path) if path is not None else DEFAULT_PATTERNS
     raw = read_yaml(path, "PII pattern file")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with 'national_ids' (and optionally 'phone_regions')")
-    regions = raw.get("phone_regions", ["US"])
+    regions = raw.get("phone_regions", DEFAULT_PHONE_REGIONS)
     unknown = [r for r in regions if r not in phonenumbers.SUPPORTED_REGIONS] if isinstance(regions, list) else None
     if unknown is None or unknown:
         raise ConfigError(f"{path}: phone_regions must be a list of ISO country codes; unknown: {unknown}")
+    context_types = raw.get("context_types", list(CONTEXT_TYPES))
+    if not isinstance(context_types, list) or not set(context_types) <= set(CONTEXT_TYPES):
+        raise ConfigError(f"{path}: context_types must be a list of {', '.join(CONTEXT_TYPES)}; got {context_types}")
     return PiiPatterns(
         regions,
         [_id_pattern(entry, f"{path}: national_ids[{i}]") for i, entry in enumerate(raw.get("national_ids") or [])],
+        context_types,
     )
 
 
@@ -142,18 +101,50 @@ def _id_pattern(entry: object, where: str) -> IdPattern:
     if validator is not None and validator not in VALIDATORS:
         raise ConfigError(f"{where}: unknown validator {validator!r}; known: {', '.join(VALIDATORS)}")
     flags = re.IGNORECASE if entry.get("flags") == "ignorecase" else 0
+    regex = _compile(rf"(?<![A-Za-z0-9])(?:{entry['regex']})(?![A-Za-z0-9])", flags, where, "regex")
+    context = entry.get("context")
+    if context is not None and not isinstance(context, str):
+        raise ConfigError(f"{where}: context must be a regular expression (a string)")
+    return IdPattern(
+        entry["type"], regex, validator, _compile(context, re.IGNORECASE, where, "context") if context else None
+    )
+
+
+def _compile(pattern: str, flags: int, where: str, key: str) -> re.Pattern:
     try:
-        regex = re.compile(rf"(?<![A-Za-z0-9])(?:{entry['regex']})(?![A-Za-z0-9])", flags)
+        return re.compile(pattern, flags)
     except re.error as err:
-        raise ConfigError(f"{where}: regex does not compile: {err}") from err
-    return IdPattern(entry["type"], regex, validator)
+        raise ConfigError(f"{where}: {key} does not compile: {err}") from err
 
 
-_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
-_IBAN = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}")
+# \w takes letters of every script: "jürgen.müller@firma.de", "info@bücher.de".
+_LABEL = r"[^\W_](?:[\w-]*[^\W_])?"
+_TLD = r"[^\W\d_]{2,}"
+_LOCAL = r"[\w%+-]+(?:\.[\w%+-]+)*"
+_EMAIL = re.compile(rf"(?<![\w.+-]){_LOCAL}@(?:{_LABEL}\.)+{_TLD}(?![\w-])")
+# Written to escape harvesters: "name [at] firma.de", "name(at)firma(dot)de", "name at firma dot de".
+_AT = r"\s*(?:\[\s*(?i:at|ät|@)\s*\]|\(\s*(?i:at|ät|@)\s*\)|\{\s*(?i:at|@)\s*\})\s*|\s+@\s+"
+_DOT = r"(?:\s*(?:\[\s*(?i:dot|punkt|point|\.)\s*\]|\(\s*(?i:dot|punkt|point|\.)\s*\)|\{\s*(?i:dot|\.)\s*\})\s*|\.)"
+_OBFUSCATED_EMAILS = [
+    re.compile(rf"(?<![\w.+-]){_LOCAL}(?:{_AT})(?:{_LABEL}{_DOT})+{_TLD}(?![\w-])"),
+    re.compile(
+        rf"(?<![\w.+-]){_LOCAL}\s+(?i:at)\s+(?:{_LABEL}(?:\.{_LABEL})*\s+(?i:dot|punkt|point)\s+)+{_TLD}(?![\w-])"
+    ),
+]
+_IBAN_START = re.compile(r"(?<![A-Za-z0-9])(?=[A-Za-z]{2}\d{2}[ -]?[A-Za-z0-9])")
+_IBAN_CHAR = re.compile(r"[ -]?([A-Za-z0-9])")
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d])")
 _IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?!\.?\d)")
 _IPV6 = re.compile(r"(?<![0-9A-Fa-f:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![0-9A-Fa-f:])")
+_VERSION_BEFORE = re.compile(
+    r"(?:(?<![A-Za-z])[vV]\.?\s?|\b(?i:ver|version|versión|release|rel|build|firmware|fw|patch|update|revision|rev|"
+    r"stand|edition|driver|treiber|kb|sp|section|abschnitt|kapitel|chapter|chapitre|ziffer|nr|no|§)\.?\s*[:#]?\s*)$"
+)
+# Dates and date-like runs that libphonenumber would read as numbers: 12.03.2024, 12/03/24, 2024-03-12.
+_DATE_LIKE = re.compile(
+    r"(?<![\d.])(?:(?P<d>\d{1,2})[./-](?P<m>\d{1,2})[./-](?P<y>\d{4}|\d{2})|(?P<Y>\d{4})-(?P<M>\d{2})-(?P<D>\d{2}))"
+    r"(?![./-]?\d)"
+)
 NER_LABELS = {"PERSON": "PERSON", "PER": "PERSON", "ORG": "ORG", "GPE": "LOCATION", "LOC": "LOCATION"}
 
 
@@ -184,7 +175,7 @@ class EntityRecognizer:
 
 class PiiDetector:
     """All detectors over one text; where two findings overlap the more specific one wins
-    (e-mail, IBAN, card, national IDs, IP, phone, then names)."""
+    (e-mail, IBAN, card, national IDs, IP, date of birth, address, phone, then names)."""
 
     def __init__(self, patterns: PiiPatterns | None = None, ner: EntityRecognizer | None = None):
         self.patterns = patterns or load_patterns()
@@ -192,8 +183,13 @@ class PiiDetector:
 
     @property
     def types(self) -> list[str]:
-        names = ["EMAIL", "IBAN", "CARD"] + [p.type for p in self.patterns.national_ids] + ["IP", "PHONE"]
-        return names + (["PERSON", "ORG", "LOCATION"] if self.ner else [])
+        ids = list(dict.fromkeys(p.type for p in self.patterns.national_ids))
+        names = ["EMAIL", "IBAN", "CARD", *ids, "IP", *self._context_types("DATE_OF_BIRTH", "ADDRESS"), "PHONE"]
+        names += self._context_types("PERSON") + (["ORG", "LOCATION"] if self.ner else [])
+        return list(dict.fromkeys(names + (["PERSON"] if self.ner else [])))
+
+    def _context_types(self, *types: str) -> list[str]:
+        return [t for t in types if t in self.patterns.context_types]
 
     def find(self, text: str) -> list[Finding]:
         taken = _first_wins(
@@ -203,17 +199,26 @@ class PiiDetector:
                 *_cards(text),
                 *(f for p in self.patterns.national_ids for f in _national_ids(text, p)),
                 *_ips(text),
+                *self._by_context(text, "DATE_OF_BIRTH", "ADDRESS"),
             ]
         )
         # libphonenumber parses every run of digits once per region, the bulk of the time: search
-        # the text with what is already found blanked out (offsets unchanged), and only if it has
-        # enough digits left to hold a number.
-        masked = _blank(text, taken)
+        # the text with what is already found and every date blanked out (offsets unchanged), and
+        # only if it has enough digits left to hold a number.
+        masked = _blank(text, taken + _dates(text) + _dotted_quads(text))
         if _MAYBE_PHONE.search(masked):
             taken = _first_wins(taken + _phones(masked, self.patterns.phone_regions))
+        taken = _first_wins(taken + self._by_context(text, "PERSON"))
         if self.ner:
             taken = _first_wins(taken + self.ner.find(text))
         return sorted(taken, key=lambda f: f.start)
+
+    def _by_context(self, text: str, *types: str) -> list[Finding]:
+        return [
+            Finding(kind, start, end, text[start:end])
+            for kind in self._context_types(*types)
+            for start, end in CONTEXT_TYPES[kind](text)
+        ]
 
 
 _MAYBE_PHONE = re.compile(r"\d(?:[\s().\-/]{0,3}\d){5}")
@@ -234,38 +239,76 @@ def _blank(text: str, findings: list[Finding]) -> str:
     return text
 
 
+def email_address(value: str) -> str:
+    """An e-mail finding as an address: "Name [at] Firma (dot) de" -> "name@firma.de"."""
+    value = re.sub(rf"^({_LOCAL})\s+(?i:at)\s+", r"\1@", value)
+    value = re.sub(_AT, "@", value)
+    value = re.sub(r"\s+(?i:dot|punkt|point)\s+", ".", value)
+    return re.sub(_DOT, ".", value).casefold()
+
+
 def _emails(text: str) -> list[Finding]:
-    return [Finding("EMAIL", m.start(), m.end(), m.group()) for m in _EMAIL.finditer(text)]
+    found = [Finding("EMAIL", m.start(), m.end(), m.group()) for m in _EMAIL.finditer(text)]
+    for regex in _OBFUSCATED_EMAILS:
+        found += [Finding("EMAIL", m.start(), m.end(), m.group()) for m in regex.finditer(text)]
+    return _first_wins(found)
 
 
 def _ibans(text: str) -> list[Finding]:
+    """IBANs as people write them: upper or lower case, grouped by spaces or hyphens or not at all.
+    A registry country's IBAN ends after its length in characters; for another country, the
+    longest run of 15-34 characters that passes mod 97."""
     found = []
-    for match in _IBAN.finditer(text):
-        # The pattern runs on into following capitals and digits; take the longest prefix that checks.
-        candidate = match.group()
-        while len(candidate.replace(" ", "")) >= 15:
-            if len(candidate.replace(" ", "")) <= 34 and mod97_valid(candidate.replace(" ", "")):
-                found.append(Finding("IBAN", match.start(), match.start() + len(candidate), candidate))
-                break
-            candidate = candidate[:-1].rstrip()
-    return found
+    for start in (m.start() for m in _IBAN_START.finditer(text)):
+        chars, ends, position = [], [], start
+        while len(chars) < 34 and (char := _IBAN_CHAR.match(text, position)):
+            chars.append(char.group(1).upper())
+            ends.append(position := char.end())
+        length = IBAN_LENGTHS.get("".join(chars[:2]))
+        if length is not None:
+            lengths = [length] if len(chars) >= length and not _runs_on(text, ends[length - 1]) else []
+        else:
+            lengths = [n for n in range(len(chars), 14, -1) if mod97_valid("".join(chars[:n]))][:1]
+        for n in lengths:
+            if iban_valid("".join(chars[:n])) or length is None:
+                found.append(Finding("IBAN", start, ends[n - 1], text[start : ends[n - 1]]))
+    return _first_wins(found)
+
+
+def _runs_on(text: str, end: int) -> bool:
+    """A letter or digit right after the last character: the IBAN would be longer than its country's."""
+    return end < len(text) and text[end].isalnum()
 
 
 def _cards(text: str) -> list[Finding]:
     found = []
     for match in _CARD.finditer(text):
         digits = re.sub(r"\D", "", match.group())
-        if 13 <= len(digits) <= 19 and luhn_valid(digits):
+        if card_valid(digits) and _grouped_like_a_card(match.group()):
             found.append(Finding("CARD", match.start(), match.end(), match.group()))
     return found
+
+
+def _grouped_like_a_card(raw: str) -> bool:
+    """Unbroken, in fours (the last group shorter), or as American Express and Diners print them
+    (4-6-5, 4-6-4): a reference number grouped otherwise is no card."""
+    lengths = [len(group) for group in re.split(r"[ -]", raw)]
+    if len(lengths) == 1:
+        return True
+    return (all(n == 4 for n in lengths[:-1]) and 1 <= lengths[-1] <= 4) or lengths in ([4, 6, 5], [4, 6, 4])
 
 
 def _national_ids(text: str, pattern: IdPattern) -> list[Finding]:
     found = []
     for match in pattern.regex.finditer(text):
-        compact = re.sub(r"[\s-]", "", match.group()).upper()
-        if pattern.validator is None or VALIDATORS[pattern.validator](compact):
-            found.append(Finding(pattern.type, match.start(), match.end(), match.group()))
+        compact = re.sub(r"[\s./-]", "", match.group()).upper()
+        if pattern.validator is not None and not VALIDATORS[pattern.validator](compact):
+            continue
+        if pattern.context is not None and not pattern.context.search(
+            text, max(0, match.start() - CONTEXT_CHARS), match.start()
+        ):
+            continue
+        found.append(Finding(pattern.type, match.start(), match.end(), match.group()))
     return found
 
 
@@ -274,17 +317,72 @@ def _ips(text: str) -> list[Finding]:
     for regex in (_IPV4, _IPV6):
         for match in regex.finditer(text):
             try:
-                ipaddress.ip_address(match.group())
+                address = ipaddress.ip_address(match.group())
             except ValueError:
                 continue
+            if address.version == 4 and not _host_address(
+                match.group(), text[max(0, match.start() - 30) : match.start()]
+            ):
+                continue
             found.append(Finding("IP", match.start(), match.end(), match.group()))
+    return found
+
+
+def _host_address(dotted: str, before: str) -> bool:
+    """An IPv4 address of a host, not a version string ("Version 10.2.3.4", "v2.1.0.7") nor a
+    network or broadcast address (x.y.z.0, x.y.z.255, 0.y.z.w)."""
+    parts = [int(part) for part in dotted.split(".")]
+    return parts[0] != 0 and parts[3] not in (0, 255) and not _VERSION_BEFORE.search(before)
+
+
+def _dotted_quads(text: str) -> list[Finding]:
+    """Every a.b.c.d, an address or not: "Version 0.13.2.17" is no phone number either."""
+    return [Finding("DOTTED", m.start(), m.end(), m.group()) for m in _IPV4.finditer(text)]
+
+
+def _dates(text: str) -> list[Finding]:
+    found = []
+    for match in _DATE_LIKE.finditer(text):
+        day, month, year = (match["d"], match["m"], match["y"]) if match["d"] else (match["D"], match["M"], match["Y"])
+        if is_calendar_date(int(day), int(month), int(year) % 100 + 2000 if len(year) == 2 else int(year)):
+            found.append(Finding("DATE", match.start(), match.end(), match.group()))
     return found
 
 
 def _phones(text: str, regions: list[str]) -> list[Finding]:
     found: list[Finding] = []
     for region in regions:
-        for match in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.VALID):
-            found.append(Finding("PHONE", match.start, match.end, match.raw_string))
+        # STRICT_GROUPING: the digits grouped as the country groups them ("030 901820", not an
+        # order number's "0556-1675"), or not grouped at all.
+        for match in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.STRICT_GROUPING):
+            if _written_as_a_phone_number(match.raw_string, region, text[max(0, match.start - 30) : match.start]):
+                found.append(Finding("PHONE", match.start, match.end, match.raw_string))
         text = _blank(text, found)  # a number found for one region is not parsed again for the next
     return found
+
+
+_PHONE_WORD = re.compile(
+    r"(?i:\b(?:tel|telefon|phone|mobil|mobile|handy|fax|cell|call|anrufen|ruf|erreichbar|tél|portable|appel|"
+    r"appelez|joindre|whatsapp)\w*\.?)"
+    r"[^\w\n]{0,3}(?:[^\W\d]+[^\w\n]{1,3})?$"  # right before the number, one word between at most ("Tel. privat:")
+)
+
+
+def _written_as_a_phone_number(raw: str, region: str, before: str) -> bool:
+    """With a country code (+49 ..., 0049 ...), or in the region's national format: its trunk
+    prefix first (030 ..., 01 23 ..., 020 ...; grouped as (415) 555-0132 where there is none or it
+    is dropped, as in North America, Italy and Spain). Digits in one run, like an SAP document
+    number (4500012345, 0100000123, 0090012345), count only right after a phone word ("Tel.",
+    "Handy:", "appelez le")."""
+    number = raw.lstrip("( ")
+    if number.startswith("+"):
+        return True
+    grouped = bool(re.search(r"\d[\s().\-/]+\d", raw))
+    if not grouped and not _PHONE_WORD.search(before):
+        return False
+    if number.startswith("00"):
+        return True
+    metadata = phonenumbers.PhoneMetadata.metadata_for_region(region)
+    if metadata.national_prefix and metadata.country_code != 1:
+        return number.startswith(metadata.national_prefix)
+    return grouped

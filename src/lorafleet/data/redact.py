@@ -24,7 +24,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from lorafleet.data.pii import Finding, PiiDetector
+from lorafleet.data.pii import Finding, PiiDetector, email_address
 from lorafleet.data.records import decode_data_url, parse_record, read_jsonl_lines
 from lorafleet.errors import DataError
 from lorafleet.governance.lineage import sha256_file
@@ -47,7 +47,9 @@ class Placeholders:
 
 def _canonical(finding: Finding) -> str:
     """The same person, number or address however it is written: digits only for numbers."""
-    if finding.type in ("EMAIL", "PERSON", "ORG", "LOCATION", "IP"):
+    if finding.type == "EMAIL":
+        return email_address(finding.value)
+    if finding.type in ("PERSON", "ORG", "LOCATION", "IP", "ADDRESS", "DATE_OF_BIRTH"):
         return " ".join(finding.value.casefold().split()).removesuffix("'s")
     return re.sub(r"[^0-9A-Za-z]", "", finding.value).upper()
 
