@@ -69,6 +69,7 @@ def test_check_finds_duplicates_leaks_and_personal_data_without_values(files, co
     assert (overlap.file, overlap.against) == (held_out, train)
     assert [(m.source, m.duplicate_of, m.kind) for m in overlap.matches] == [(f"{held_out}:2", f"{train}:35", "exact")]
     assert first.pii == {"PHONE": 1, "EMAIL": 1, "CARD": 1} and not second.pii
+    assert first.pii_counts()["IBAN"] == 0 and first.pii_counts()["CARD"] == 1  # every type looked for
     shown = json.dumps(report.to_json()) + format_report(report)
     for value in ("7946", "maria.lopez", "4111"):
         assert value not in shown
@@ -87,12 +88,14 @@ def test_the_command_writes_json_and_a_histogram_and_exits_1_on_errors(files, tm
     assert run.returncode == 1, run.stderr
     assert "built-in tiny model's tokenizer" in run.stdout and "1 errors" in run.stdout
     assert "overlap: 1 records of" in run.stdout
-    assert json.loads((tmp_path / "r.json").read_text())["files"][0]["pii"] == {"CARD": 1, "EMAIL": 1, "PHONE": 1}
+    found = json.loads((tmp_path / "r.json").read_text())["files"][0]["pii"]
+    assert {kind: n for kind, n in found.items() if n} == {"CARD": 1, "EMAIL": 1, "PHONE": 1}
+    assert {"DE_RVNR", "FR_SPI", "PERSON", "ADDRESS", "DATE_OF_BIRTH"} <= set(found)
     with Image.open(tmp_path / "h.png") as png:
         assert png.format == "PNG" and png.width > 300
     (entry,) = [json.loads(line) for path in (fleet / "audit").glob("*.jsonl") for line in path.open()]
     assert entry["event"] == "data.check" and entry["data"]["files"][0]["sha256"] == sha256_file(train)
-    assert entry["data"]["files"][0]["pii"] == {"CARD": 1, "EMAIL": 1, "PHONE": 1}
+    assert {kind: n for kind, n in entry["data"]["files"][0]["pii"].items() if n} == {"CARD": 1, "EMAIL": 1, "PHONE": 1}
     assert "maria.lopez" not in json.dumps(entry) and entry["data"]["overlaps"][0]["records"] == 1
     clean = tmp_path / "clean.jsonl"
     clean.write_text(chat("What is the policy?") + "\n")
@@ -132,3 +135,47 @@ def test_the_demo_checks_each_departments_data_in_one_line(tmp_path, tiny_vlm_di
     assert [line.split(":")[0].strip() for line in lines] == [task.department for task in TASKS]
     assert all("40 train + 10 held-out records" in line and "0 malformed" in line for line in lines)
     assert all(line.startswith("  ") for line in lines)  # not taken for rows of the demo's accuracy table
+
+
+def test_a_line_that_is_not_utf8_is_an_error_naming_it_and_the_other_lines_are_checked(tmp_path, counting):
+    path = tmp_path / "mixed.jsonl"
+    latin1 = json.dumps(json.loads(chat("Café résumé für Müller")), ensure_ascii=False).encode("latin-1")
+    path.write_bytes(b"\n".join([chat("First?").encode(), latin1, chat("Third?").encode(), b"{bad", b""]))
+    report = check_files([path], *counting)
+    (check,) = report.files
+    assert check.records == 2
+    assert (
+        check.errors[0].startswith(f"{path}:2: not UTF-8 text (byte ") and "save the file as UTF-8" in check.errors[0]
+    )
+    assert check.errors[1].startswith(f"{path}:4: not valid JSON")
+    records, skipped = read_records(path, skip_bad=True)  # the trainer's reader says the same line
+    assert len(records) == 2 and skipped[0].startswith(f"{path}:2: not UTF-8")
+
+
+def test_the_json_report_holds_every_error_and_duplicate(tmp_path, counting):
+    path = tmp_path / "many.jsonl"
+    lines = [chat("What is the policy on travel?")] * 8 + ["{broken"] * 7
+    path.write_text("\n".join(lines) + "\n")
+    report = check_files([path], *counting)
+    shown = report.to_json()["files"][0]
+    assert shown["errors"]["count"] == len(shown["errors"]["all"]) == 7
+    assert shown["duplicates"]["exact"] == len(shown["duplicates"]["all"]) == 7
+    text = format_report(report)
+    assert "... and 2 more errors (all in --json)" in text and "... and 2 more duplicates (all in --json)" in text
+
+
+def test_check_counts_the_eu_pattern_pack_and_names_per_type(tmp_path, counting):
+    path = tmp_path / "hr.jsonl"
+    path.write_text(
+        chat("Frau Anna Schmidt, geb. 12.03.1985, SV-Nummer 15 070649 C 103, wohnt Hauptstraße 12, 10115 Berlin.")
+        + "\n"
+    )
+    (check,) = check_files([path], *counting).files
+    counts = check.pii_counts()
+    assert {kind: n for kind, n in counts.items() if n} == {
+        "PERSON": 1,
+        "DATE_OF_BIRTH": 1,
+        "DE_RVNR": 1,
+        "ADDRESS": 1,
+    }
+    assert counts["FR_SPI"] == 0 and counts["IBAN"] == 0

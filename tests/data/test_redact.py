@@ -253,7 +253,7 @@ def test_a_dry_run_counts_and_writes_nothing(tmp_path, detector):
     [
         (b"", "is empty"),
         (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "binary file"),
-        (b"\xff\xfe\xfd not utf-8\n", "not UTF-8"),
+        (b"\xff\xfe\xfd not utf-8\n", r"in\.jsonl:1: not UTF-8"),
         (
             b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{oops\n',
             r"in\.jsonl:2: not valid JSON",

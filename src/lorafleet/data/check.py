@@ -18,12 +18,12 @@ from pathlib import Path
 from lorafleet.data.dedup import Dropped, DuplicateIndex, ImageHash, ImageIndex, hash_image, record_text
 from lorafleet.data.encode import encode_record, tile_images
 from lorafleet.data.pii import PiiDetector
-from lorafleet.data.records import ChatRecord, parse_record, read_jsonl_lines
+from lorafleet.data.records import ChatRecord, parse_record, read_jsonl
 from lorafleet.errors import DataError
 from lorafleet.governance.lineage import sha256_file
 from lorafleet.models.loading import FrozenBase
 
-EXAMPLES = 5  # duplicates and errors listed per file in the report; all are counted
+EXAMPLES = 5  # duplicates and errors listed per file in the text report; --json holds them all
 
 
 @dataclass
@@ -38,6 +38,7 @@ class FileCheck:
     errors: list[str] = field(default_factory=list)
     duplicates: list[Dropped] = field(default_factory=list)
     pii: Counter[str] = field(default_factory=Counter)
+    pii_types: list[str] = field(default_factory=list)  # every type looked for, found or not
     index: DuplicateIndex | None = None
     sources: list[str] = field(default_factory=list)  # file:line of each record in `index`
 
@@ -45,12 +46,16 @@ class FileCheck:
     def images(self) -> int:
         return sum(self.image_sizes.values())
 
+    def pii_counts(self) -> dict[str, int]:
+        """Findings per type, with 0 for each type looked for and not found."""
+        return {kind: self.pii[kind] for kind in sorted(set(self.pii_types) | set(self.pii))}
+
     def to_json(self) -> dict:
         kinds = Counter(d.kind for d in self.duplicates)
         return {
             "path": str(self.path),
             "records": self.records,
-            "errors": {"count": len(self.errors), "first": self.errors[:EXAMPLES]},
+            "errors": {"count": len(self.errors), "all": self.errors},
             "turns": _spread(self.turns),
             "tokens": _spread(self.tokens) | {"total": sum(self.tokens), "histogram": histogram(self.tokens)},
             "images": {
@@ -59,8 +64,8 @@ class FileCheck:
                 "tiles_per_image": {str(k): v for k, v in sorted(self.tiles.items())},
                 "duplicates": self.duplicate_images,
             },
-            "duplicates": {"exact": kinds["exact"], "near": kinds["near"], "first": _examples(self.duplicates)},
-            "pii": dict(sorted(self.pii.items())),
+            "duplicates": {"exact": kinds["exact"], "near": kinds["near"], "all": _described(self.duplicates)},
+            "pii": self.pii_counts(),
         }
 
 
@@ -77,7 +82,7 @@ class Overlap:
             "against": str(self.against),
             "exact": kinds["exact"],
             "near": kinds["near"],
-            "first": _examples(self.matches),
+            "all": _described(self.matches),
         }
 
 
@@ -107,7 +112,7 @@ class CheckReport:
                     "tokens": sum(check.tokens),
                     "images": check.images,
                     "duplicates": {"exact": kinds["exact"], "near": kinds["near"]},
-                    "pii": dict(sorted(check.pii.items())),
+                    "pii": check.pii_counts(),
                 }
             )
         overlaps = [
@@ -156,17 +161,21 @@ class _Checker:
         self.overlaps: list[Overlap] = []
 
     def check_file(self, path: Path, progress: Callable[[list, str], Iterable]) -> None:
-        check = FileCheck(path, index=DuplicateIndex(self.threshold))
+        check = FileCheck(path, pii_types=self.detector.types, index=DuplicateIndex(self.threshold))
         try:
-            lines = read_jsonl_lines(path)
+            read = read_jsonl(path)
         except DataError as err:
             check.errors.append(str(err))
             self.files.append(check)
             return
+        undecodable = list(read.errors)  # lines that are not UTF-8: errors, in line order with the others
         earlier = [f for f in self.files if f.records]
         matches: dict[Path, list[Dropped]] = {f.path: [] for f in earlier}
-        for number, line in progress(lines, path.name):
+        for number, line in progress(read.lines, path.name):
+            while undecodable and undecodable[0][0] < number:
+                check.errors.append(undecodable.pop(0)[1])
             self._check_line(check, line, f"{path}:{number}", earlier, matches)
+        check.errors += [message for _, message in undecodable]
         self.overlaps += [Overlap(path, against, found) for against, found in matches.items()]
         self.files.append(check)
 
@@ -234,10 +243,10 @@ def _spread(values: list[int]) -> dict:
     }
 
 
-def _examples(items: list[Dropped]) -> list[dict]:
+def _described(items: list[Dropped]) -> list[dict]:
     return [
         {"record": d.source, "duplicate_of": d.duplicate_of, "kind": d.kind, "similarity": round(d.similarity, 3)}
-        for d in items[:EXAMPLES]
+        for d in items
     ]
 
 
@@ -273,10 +282,14 @@ def format_report(report: CheckReport) -> str:
         if len(check.errors) > EXAMPLES:
             lines += [f"  ... and {len(check.errors) - EXAMPLES} more errors (all in --json)"]
         lines += [f"  {_describe(d)}" for d in check.duplicates[:EXAMPLES]]
+        if len(check.duplicates) > EXAMPLES:
+            lines += [f"  ... and {len(check.duplicates) - EXAMPLES} more duplicates (all in --json)"]
         lines += [""]
     for overlap in (o for o in report.overlaps if o.matches):
         lines += [f"overlap: {len(overlap.matches)} records of {overlap.file} duplicate records of {overlap.against}"]
         lines += [f"  {_describe(d)}" for d in overlap.matches[:EXAMPLES]]
+        if len(overlap.matches) > EXAMPLES:
+            lines += [f"  ... and {len(overlap.matches) - EXAMPLES} more (all in --json)"]
     verdict = f"{report.errors} errors" if report.errors else "no errors"
     return "\n".join(lines + [verdict])
 

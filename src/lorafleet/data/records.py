@@ -78,20 +78,32 @@ def read_records(path: str | Path, skip_bad: bool = False) -> tuple[list[ChatRec
 
 
 def iter_records(path: Path) -> Iterator[ChatRecord | DataError]:
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            source = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield DataError(f"{source}: not UTF-8 text (byte {err.start + 1} of the line); save the file as UTF-8")
+                continue
             if not line.strip():
                 continue
-            source = f"{path}:{number}"
             try:
                 yield parse_record(line, path.parent, source)
             except DataError as err:
                 yield err
 
 
-def read_jsonl_lines(path: Path) -> list[tuple[int, str]]:
-    """(line number, line) of the non-blank lines of a UTF-8 JSONL file, or a DataError that says
-    why the file cannot be one (missing, unreadable, empty, binary)."""
+@dataclass
+class JsonlLines:
+    lines: list[tuple[int, str]]  # (line number, line) of the non-blank lines that decode
+    errors: list[tuple[int, str]]  # (line number, "file:line: ...") of each line that is not UTF-8, in order
+
+
+def read_jsonl(path: Path) -> JsonlLines:
+    """The lines of a JSONL file, each decoded on its own: one line that is not UTF-8 is an error
+    naming that line, and the others are still read. A file that cannot be one (missing,
+    unreadable, empty, binary) is a DataError."""
     try:
         data = path.read_bytes()
     except FileNotFoundError as err:
@@ -104,11 +116,27 @@ def read_jsonl_lines(path: Path) -> list[tuple[int, str]]:
         raise DataError(f"{path} is empty: a data file has one JSON record per line")
     if b"\0" in data:
         raise DataError(f"{path} is a binary file, not JSONL text (one JSON record per line)")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 text (byte {err.start}); save it as UTF-8 JSONL") from err
-    return [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    read = JsonlLines([], [])
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8").removesuffix("\r")
+        except UnicodeDecodeError as err:
+            where = f"{path}:{number}: not UTF-8 text (byte {err.start + 1} of the line is 0x{raw[err.start]:02x})"
+            read.errors.append((number, where + "; save the file as UTF-8"))
+            continue
+        if line.strip():
+            read.lines.append((number, line))
+    return read
+
+
+def read_jsonl_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, line) of the non-blank lines of a UTF-8 JSONL file, or a DataError that says
+    why the file cannot be one, naming the first line that is not UTF-8."""
+    read = read_jsonl(path)
+    if read.errors:
+        more = f" (and {len(read.errors) - 1} more lines)" if len(read.errors) > 1 else ""
+        raise DataError(read.errors[0][1] + more)
+    return read.lines
 
 
 def json_object(line: str, source: str) -> dict:
