@@ -363,6 +363,7 @@ def _add_data_parsers(commands: argparse._SubParsersAction) -> None:
         default=0.8,
         help="drop a record whose 3-word-shingle Jaccard with an earlier one is at least this (0.8)",
     )
+    dedup.add_argument("--fleet", type=Path, help="record the dedup (counts, file hashes) in DIR's audit log")
     dedup.add_argument("--no-progress", action="store_true", help="no progress bar")
     dedup.set_defaults(command="data", run=_run_data_dedup)
     synth = actions.add_parser("synth", help="question-answer chats grounded in your documents (txt, md, pdf)")
@@ -388,6 +389,7 @@ def _add_data_parsers(commands: argparse._SubParsersAction) -> None:
         help="share of an answer's content words that must occur in its chunk (0.6)",
     )
     synth.add_argument("--json", type=Path, help="also write the counts (kept, dropped by reason) as JSON here")
+    synth.add_argument("--fleet", type=Path, help="record the run (documents and output by hash) in DIR's audit log")
     synth.add_argument("--no-progress", action="store_true", help="no progress bar")
     synth.set_defaults(command="data", run=_run_data_synth)
     data.set_defaults(command="data")
@@ -690,7 +692,7 @@ def _audit_data_event(fleet: Path | None, event: str, summary: dict) -> None:
 def _run_data_dedup(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from lorafleet.data.dedup import dedup_file
+    from lorafleet.data.dedup import audit_summary, dedup_file
 
     kept, dropped = dedup_file(
         args.input,
@@ -702,6 +704,7 @@ def _run_data_dedup(args: argparse.Namespace) -> int:
         similarity = f" (Jaccard {item.similarity:.2f})" if item.kind == "near" else ""
         print(f"dropped {item.source}: {item.kind} duplicate of {item.duplicate_of}{similarity}")
     print(f"kept {kept}, dropped {len(dropped)} -> {args.out}")
+    _audit_data_event(args.fleet, "data.dedup", audit_summary(args.input, args.out, args.threshold, kept, dropped))
     return 0
 
 
@@ -728,9 +731,12 @@ def _run_data_synth(args: argparse.Namespace) -> int:
     )
     progress = lambda chunks: tqdm(chunks, desc="synth", unit="chunk", disable=args.no_progress)  # noqa: E731
     report = synthesise(options, PiiDetector(load_patterns(args.patterns)), progress)
+    for reason in report.skipped:
+        print(f"lorafleet: warning: {reason}", file=sys.stderr)
     print(report.summary())
     if args.json:
         args.json.write_text(json.dumps(report.to_json(), indent=2))
+    _audit_data_event(args.fleet, "data.synth", report.audit_summary(options))
     return 0
 
 

@@ -5,6 +5,7 @@ get clear errors and nothing is lost."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -155,22 +156,67 @@ def test_generated_pairs_are_parsed_and_filtered_with_reasons(tmp_path, docs):
     ("name", "content", "message"),
     [
         ("broken.pdf", b"%PDF-1.4\n1 0 obj << /Type /Catalog /Pages 9 0 R", "broken.pdf"),
-        ("scan.pdf", None, "has no text layer"),
         ("empty.md", b"", "empty.md has no text"),
         ("junk.txt", bytes(range(256)), "junk.txt is a binary file"),
         ("latin1.txt", "Café résumé".encode("latin-1"), "not UTF-8"),
     ],
 )
 def test_bad_documents_stop_the_run_before_anything_is_written(docs, tmp_path, name, content, message):
-    if content is None:
-        write_pdf(docs / name, [])
-    else:
-        (docs / name).write_bytes(content)
+    (docs / name).write_bytes(content)
     out = tmp_path / "qa.jsonl"
     out.write_text("")
     with pytest.raises(DataError, match=message):
         run_extractive(docs, out)
     assert out.read_text() == "" and not (tmp_path / ".qa.jsonl.done").exists()
+
+
+def test_a_scanned_pdf_is_skipped_with_a_warning_and_the_other_documents_are_used(docs, tmp_path):
+    write_pdf(docs / "scan.pdf", [])  # a page without a text layer, as a scanner writes it
+    out = tmp_path / "qa.jsonl"
+    run = subprocess.run(
+        [sys.executable, "-m", "lorafleet.cli", "data", "synth", "--docs", str(docs), "--out", str(out),
+         "--extractive", "--no-progress", "--json", str(tmp_path / "r.json")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert f"warning: {docs / 'scan.pdf'} has no text layer (a scan? run OCR first); skipped" in run.stderr
+    assert "3 documents (1 skipped: no text)" in run.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["kept"] >= 6 and len(report["skipped"]) == 1
+    for name in ("travel-handbook.md", "security.pdf", "notes.txt"):
+        (docs / name).unlink(missing_ok=True)
+    (docs / "policies" / "travel-handbook.md").unlink()
+    with pytest.raises(DataError, match="no document under .* has text: .*scan.pdf has no text layer"):
+        run_extractive(docs, tmp_path / "other.jsonl")
+
+
+GERMAN = """Reisekosten werden nur erstattet, wenn die Belege innerhalb von dreißig Tagen eingereicht werden.
+Die Abteilungsleitung muss jede Dienstreise ins Ausland vorher schriftlich genehmigen."""
+FRENCH = """Les frais de déplacement sont remboursés sur présentation des justificatifs dans un délai de trente
+jours. Chaque mission à l'étranger doit être autorisée par écrit par le responsable du service."""
+
+
+@pytest.mark.parametrize(
+    ("text", "language", "question"),
+    [
+        (GERMAN, "de", r"^Was sagt reiserichtlinie über \w+ \w+ \w+\?$"),
+        (FRENCH, "fr", r"^Que dit reiserichtlinie sur \w+ \w+ \w+ \?$"),
+        (HANDBOOK, "en", r"^What does reiserichtlinie say about \w+ \w+ \w+\?$"),
+    ],
+)
+def test_extractive_questions_are_asked_in_the_documents_language(tmp_path, text, language, question):
+    from lorafleet.data.language import detect_language
+
+    assert detect_language(text) == language
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "reiserichtlinie.md").write_text(text)
+    out = tmp_path / "qa.jsonl"
+    report = run_extractive(docs, out)
+    questions = [json.loads(line)["messages"][0]["content"] for line in out.read_text().splitlines()]
+    assert report.kept == len(questions) >= 2
+    assert all(re.match(question, q) for q in questions), questions
+    assert "der" not in questions[0].split() and "les" not in questions[0].split()  # topics are content words
 
 
 def test_an_output_that_is_not_ours_is_never_appended_to(docs, tmp_path):
@@ -238,3 +284,28 @@ def test_a_dead_endpoint_is_a_clear_error_and_keeps_what_was_done(docs, tmp_path
     with pytest.raises(DataError, match="run again to resume"):
         synthesise(SynthOptions(docs, out, generator, "base"))
     assert out.read_text() == ""
+
+
+def test_dedup_and_synth_are_recorded_in_the_audit_log_like_check_and_redact(docs, tmp_path):
+    from lorafleet.governance.audit import verify_chain
+    from lorafleet.governance.lineage import sha256_file
+
+    fleet, out, unique = tmp_path / "fleet", tmp_path / "qa.jsonl", tmp_path / "unique.jsonl"
+    cli = [sys.executable, "-m", "lorafleet.cli", "data"]
+    synth = [*cli, "synth", "--docs", str(docs), "--out", str(out), "--extractive", "--fleet", str(fleet)]
+    run = subprocess.run([*synth, "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "data.synth" in run.stdout, run.stderr
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines + lines[:2]) + "\n")  # two repeats for dedup to drop
+    dedup = [*cli, "dedup", str(out), str(unique), "--fleet", str(fleet), "--no-progress"]
+    run = subprocess.run(dedup, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "data.dedup" in run.stdout, run.stderr
+    entries = [json.loads(line) for path in sorted((fleet / "audit").glob("*.jsonl")) for line in path.open()]
+    assert [e["event"] for e in entries] == ["data.synth", "data.dedup"]
+    synthesised, deduplicated = entries[0]["data"], entries[1]["data"]
+    assert synthesised["generator"] == "extractive" and synthesised["prompt_version"] == "qa-v1"
+    assert synthesised["sources"]["security.pdf"] == sha256_file(docs / "security.pdf")
+    assert synthesised["kept"] == len(lines) and len(synthesised["out_sha256"]) == 64
+    assert deduplicated["in_sha256"] == sha256_file(out) and deduplicated["out_sha256"] == sha256_file(unique)
+    assert deduplicated["kept"] == len(lines) and deduplicated["dropped"] == {"exact": 2, "near": 0}
+    assert verify_chain(fleet).entries == 2

@@ -29,7 +29,7 @@ import json
 import os
 import re
 import unicodedata
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +40,7 @@ from PIL import Image
 from lorafleet.data.records import ChatRecord, parse_record, read_jsonl_lines
 from lorafleet.data.redact import image_fields, write_atomically
 from lorafleet.errors import DataError
+from lorafleet.governance.lineage import sha256_file
 
 SHINGLE_WORDS = 3
 NUM_PERM = 128
@@ -227,6 +228,21 @@ def dedup_file(
         kept_lines.append(_relocated(line, source.parent, out.parent))
     write_atomically(out, "".join(line + "\n" for line in kept_lines))
     return len(kept_lines), dropped
+
+
+def audit_summary(source: Path, out: Path, threshold: float, kept: int, dropped: list[Dropped]) -> dict:
+    """What the fleet's audit log keeps of a dedup: both files by SHA-256, the threshold and the
+    counts (which records were dropped is in the command's output, not in the log)."""
+    kinds = Counter(d.kind for d in dropped)
+    return {
+        "in": str(source.resolve()),
+        "in_sha256": sha256_file(source),
+        "out": str(out.resolve()),
+        "out_sha256": sha256_file(out),
+        "threshold": threshold,
+        "kept": kept,
+        "dropped": {"exact": kinds["exact"], "near": kinds["near"]},
+    }
 
 
 def _relocated(line: str, source_root: Path, out_root: Path) -> str:

@@ -1,6 +1,7 @@
 """`lorafleet data synth`: question-answer chats grounded in the organisation's own documents.
 
-Documents (text, Markdown, PDF text layers via `pypdf`) are cut into chunks of whole paragraphs;
+Documents (text, Markdown, PDF text layers via `pypdf`; a PDF without one, a scan, is skipped
+with a warning) are cut into chunks of whole paragraphs;
 a generator writes question-answer pairs for each chunk from an editable prompt template; pairs
 are kept only if they have sensible lengths, are not duplicates of pairs already kept, and their
 answer is supported by the chunk (most of its content words occur in it: lexical support, not
@@ -9,7 +10,8 @@ its provenance: source file, chunk number and SHA-256, generator model, prompt v
 
 The generator is any callable from (system, user) prompts to a reply: `OpenAIGenerator` talks to
 an OpenAI-compatible endpoint (`lorafleet serve`, vLLM, ...), `extractive_pairs` needs no model
-(questions built from sentences, answers copied: deterministic, for tests and offline use). A run
+(questions built from sentences in the chunk's language, German, French or English, answers
+copied: deterministic, for tests and offline use). A run
 is resumable: records are appended chunk by chunk, each chunk's hash then goes in OUT's `.done`
 list, and a new run skips the chunks listed there.
 """
@@ -27,10 +29,12 @@ from pathlib import Path
 
 from lorafleet.config import read_yaml
 from lorafleet.data.dedup import DuplicateIndex, normalise
+from lorafleet.data.language import STOPWORDS, detect_language
 from lorafleet.data.pii import PiiDetector
 from lorafleet.data.records import parse_record
 from lorafleet.data.redact import Placeholders, redact_text, write_atomically
 from lorafleet.errors import ConfigError, DataError
+from lorafleet.governance.lineage import sha256_file
 
 DEFAULT_PROMPTS = Path(__file__).with_name("synth_prompts.yaml")
 DOCUMENT_SUFFIXES = (".txt", ".md", ".markdown", ".pdf")
@@ -82,21 +86,36 @@ def load_prompts(path: str | Path | None = None) -> Prompts:
     return prompts
 
 
-def read_documents(docs: str | Path) -> list[tuple[str, str]]:
-    """(relative path, text) of every document under `docs`; an unreadable one stops everything
-    before anything is generated, naming the file."""
+@dataclass
+class Documents:
+    texts: list[tuple[str, str]]  # (path relative to the directory, text)
+    sha256: dict[str, str]  # the same paths: SHA-256 of each file read
+    skipped: list[str]  # why each document left out was left out
+
+
+def read_documents(docs: str | Path) -> Documents:
+    """Every document under `docs`. A PDF without a text layer (a scan) is skipped with a reason;
+    any other unreadable document stops everything before anything is generated, naming the file."""
     docs = Path(docs)
     if not docs.is_dir():
         raise DataError(f"--docs {docs} is not a directory of documents")
     paths = sorted(p for p in docs.rglob("*") if p.is_file() and p.suffix.lower() in DOCUMENT_SUFFIXES)
     if not paths:
         raise DataError(f"{docs} holds no documents ({', '.join(DOCUMENT_SUFFIXES)})")
-    documents = []
+    documents = Documents([], {}, [])
     for path in paths:
-        text = _pdf_text(path) if path.suffix.lower() == ".pdf" else _plain_text(path)
+        is_pdf = path.suffix.lower() == ".pdf"
+        text = _pdf_text(path) if is_pdf else _plain_text(path)
+        if not text.strip() and is_pdf:
+            documents.skipped.append(f"{path} has no text layer (a scan? run OCR first); skipped")
+            continue
         if not text.strip():
-            raise DataError(f"{path} has no text" + (" layer (a scan? run OCR first)" if path.suffix == ".pdf" else ""))
-        documents.append((str(path.relative_to(docs)), text))
+            raise DataError(f"{path} has no text")
+        name = str(path.relative_to(docs))
+        documents.texts.append((name, text))
+        documents.sha256[name] = sha256_file(path)
+    if not documents.texts:
+        raise DataError(f"no document under {docs} has text: {'; '.join(documents.skipped)}")
     return documents
 
 
@@ -144,13 +163,19 @@ def chunk_document(source: str, text: str, max_words: int = CHUNK_WORDS) -> list
 
 
 def _sentences(text: str) -> list[str]:
-    return [s.strip() for s in re.split(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])", " ".join(text.split())) if s.strip()]
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+(?=[A-ZÀ-ÖØ-Þ0-9\"'(«])", " ".join(text.split())) if s.strip()]
 
 
 _STOPWORDS = set(
     "a an the and or but of to in on at by for with from as is are was were be been it its this that these those "
     "which who what when where how why do does did can may must shall should will would not no any all each".split()
-)
+).union(*STOPWORDS.values())
+# The extractive question of each language, about a document's title and a chunk sentence's topic.
+QUESTIONS = {
+    "en": "What does {title} say about {topic}?",
+    "de": "Was sagt {title} über {topic}?",
+    "fr": "Que dit {title} sur {topic} ?",
+}
 
 
 def content_words(text: str) -> list[str]:
@@ -158,16 +183,17 @@ def content_words(text: str) -> list[str]:
 
 
 def extractive_pairs(chunk: Chunk, pairs: int) -> list[Pair]:
-    """Questions made from the chunk's sentences (their first content words as the topic), the
-    sentence itself as the answer: no model, same output every time."""
+    """Questions made from the chunk's sentences (their first content words as the topic), asked in
+    the chunk's language, the sentence itself as the answer: no model, same output every time."""
     found = []
     title = Path(chunk.source).stem.replace("-", " ").replace("_", " ")
+    question = QUESTIONS[detect_language(chunk.text)]
     for paragraph in re.split(r"\n\s*\n", chunk.text):
         paragraph = re.sub(r"^\s*(?:#+|[-*>]|\d+\.)\s+", "", paragraph, flags=re.MULTILINE)  # Markdown marks
         for sentence in _sentences(paragraph):
             words = content_words(sentence)
             if 6 <= len(sentence.split()) <= 60 and len(words) >= 3 and len(found) < pairs:
-                found.append(Pair(f"What does {title} say about {' '.join(words[:3])}?", sentence))
+                found.append(Pair(question.format(title=title, topic=" ".join(words[:3])), sentence))
     return found
 
 
@@ -220,20 +246,35 @@ class SynthReport:
     dropped: Counter[str] = field(default_factory=Counter)
     pii: Counter[str] = field(default_factory=Counter)
     out: Path | None = None
+    skipped: list[str] = field(default_factory=list)  # documents left out, with the reason
+    sources: dict[str, str] = field(default_factory=dict)  # document read -> its SHA-256
 
     def to_json(self) -> dict:
-        fields = ("documents", "chunks", "resumed", "generated", "kept")
+        fields = ("documents", "chunks", "resumed", "generated", "kept", "skipped")
         return {name: getattr(self, name) for name in fields} | {
             "dropped": dict(self.dropped),
             "pii_replaced": dict(sorted(self.pii.items())),
             "out": str(self.out),
         }
 
+    def audit_summary(self, options: SynthOptions) -> dict:
+        """What the fleet's audit log keeps of a synth run: each document and OUT by SHA-256, the
+        generator and prompt version, and the counts (never a value)."""
+        return self.to_json() | {
+            "docs": str(options.docs.resolve()),
+            "sources": dict(sorted(self.sources.items())),
+            "out": str(options.out.resolve()),
+            "out_sha256": sha256_file(options.out),
+            "generator": options.generator_name,
+            "prompt_version": options.prompts.version,
+        }
+
     def summary(self) -> str:
         dropped = ", ".join(f"{reason} {n}" for reason, n in self.dropped.most_common()) or "none"
         pii = ", ".join(f"{kind} {n}" for kind, n in sorted(self.pii.items())) or "none"
+        skipped = f" ({len(self.skipped)} skipped: no text)" if self.skipped else ""
         return (
-            f"{self.documents} documents, {self.chunks} chunks ({self.resumed} done before); "
+            f"{self.documents} documents{skipped}, {self.chunks} chunks ({self.resumed} done before); "
             f"{self.generated} pairs generated, {self.kept} kept -> {self.out}; dropped: {dropped}; PII replaced: {pii}"
         )
 
@@ -255,9 +296,10 @@ def synthesise(
     progress: Callable[[list], Iterable] = lambda items: items,
 ) -> SynthReport:
     documents = read_documents(options.docs)
-    chunks = [c for source, text in documents for c in chunk_document(source, text, options.chunk_words)]
+    chunks = [c for source, text in documents.texts for c in chunk_document(source, text, options.chunk_words)]
     done, earlier = _done_chunks(options.out)
-    report = SynthReport(len(documents), len(chunks), out=options.out)
+    report = SynthReport(len(documents.texts), len(chunks), out=options.out)
+    report.skipped, report.sources = documents.skipped, documents.sha256
     detector = detector or PiiDetector()
     keep = PairFilter(options.min_support)
     for text in earlier:  # pairs of an earlier run count as seen: a resumed run adds no duplicates
