@@ -15,8 +15,9 @@ told apart by rule rather than checksum:
   255 names a network, not a host: neither is personal data;
 - a phone number must be written as people write them: with a country code (+49, 0049), or in
   the national format of one of `phone_regions` (starting with the trunk prefix, 0 in most of
-  Europe; grouped as (415) 555-0132 in North America). A run of ten digits such as an SAP
-  document number is neither, and a date (12.03.2024, 2024-03-12) is never read as a number.
+  Europe, and grouped as the country groups its numbers; (415) 555-0132 in North America). A run
+  of digits such as an SAP document number counts only right after a phone word ("Tel."), and a
+  date (12.03.2024, 2024-03-12) or a version string is never read as a number.
 
 We do not use Presidio's analyzer: by default it loads a spaCy model (en_core_web_lg, which
 cannot be downloaded here) before any pattern recognizer runs, and what we need of it — regexes
@@ -36,7 +37,7 @@ from pathlib import Path
 import phonenumbers
 
 from lorafleet.config import read_yaml
-from lorafleet.data.pii_checks import IBAN_LENGTHS, VALIDATORS, card_valid, iban_valid, is_calendar_date, mod97_valid
+from lorafleet.data.pii_checks import IBAN_LENGTHS, VALIDATORS, card_valid, iban_valid, is_calendar_date
 from lorafleet.data.pii_context import find_addresses, find_dates_of_birth, find_names
 from lorafleet.errors import ConfigError
 
@@ -203,7 +204,7 @@ class PiiDetector:
             ]
         )
         # libphonenumber parses every run of digits once per region, the bulk of the time: search
-        # the text with what is already found and every date blanked out (offsets unchanged), and
+        # the text with what is already found, every date and dotted quad blanked out (offsets unchanged), and
         # only if it has enough digits left to hold a number.
         masked = _blank(text, taken + _dates(text) + _dotted_quads(text))
         if _MAYBE_PHONE.search(masked):
@@ -255,23 +256,18 @@ def _emails(text: str) -> list[Finding]:
 
 
 def _ibans(text: str) -> list[Finding]:
-    """IBANs as people write them: upper or lower case, grouped by spaces or hyphens or not at all.
-    A registry country's IBAN ends after its length in characters; for another country, the
-    longest run of 15-34 characters that passes mod 97."""
+    """IBANs as people write them: upper or lower case, grouped by spaces or hyphens or not at all,
+    of a country of the IBAN registry, ending after that country's length in characters."""
     found = []
     for start in (m.start() for m in _IBAN_START.finditer(text)):
         chars, ends, position = [], [], start
         while len(chars) < 34 and (char := _IBAN_CHAR.match(text, position)):
             chars.append(char.group(1).upper())
             ends.append(position := char.end())
-        length = IBAN_LENGTHS.get("".join(chars[:2]))
-        if length is not None:
-            lengths = [length] if len(chars) >= length and not _runs_on(text, ends[length - 1]) else []
-        else:
-            lengths = [n for n in range(len(chars), 14, -1) if mod97_valid("".join(chars[:n]))][:1]
-        for n in lengths:
-            if iban_valid("".join(chars[:n])) or length is None:
-                found.append(Finding("IBAN", start, ends[n - 1], text[start : ends[n - 1]]))
+        code = "".join(chars)
+        length = IBAN_LENGTHS.get(code[:2], 0)
+        if length and len(code) >= length and not _runs_on(text, ends[length - 1]) and iban_valid(code[:length]):
+            found.append(Finding("IBAN", start, ends[length - 1], text[start : ends[length - 1]]))
     return _first_wins(found)
 
 
