@@ -269,6 +269,8 @@ def test_a_pattern_file_replaces_the_national_id_list(tmp_path):
         ("national_ids:\n  - {type: X, regex: 'a', validator: crc}\n", "unknown validator 'crc'"),
         ("phone_regions: [XX]\n", "unknown: \\['XX'\\]"),
         ("[1, 2]\n", "expected a mapping"),
+        ("context_types: [NAMES]\n", "context_types must be a list of DATE_OF_BIRTH, ADDRESS, PERSON"),
+        ("national_ids:\n  - {type: X, regex: 'a', context: '('}\n", "context does not compile"),
     ],
 )
 def test_a_bad_pattern_file_says_which_entry_and_why(tmp_path, content, message):
@@ -276,3 +278,12 @@ def test_a_bad_pattern_file_says_which_entry_and_why(tmp_path, content, message)
     path.write_text(content)
     with pytest.raises(ConfigError, match=message):
         load_patterns(path)
+
+
+def test_a_pattern_file_can_turn_the_context_detectors_off(tmp_path):
+    path = tmp_path / "ids.yaml"
+    path.write_text("context_types: [ADDRESS]\nnational_ids: []\n")
+    detector = PiiDetector(load_patterns(path))
+    text = "Herr Müller, geb. 12.03.1985, Hauptstraße 12"
+    assert [f.type for f in detector.find(text)] == ["ADDRESS"]
+    assert "PERSON" not in detector.types and "DATE_OF_BIRTH" not in detector.types
