@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import queue
+
 import torch
 
 from lorafleet.adapters.fleet import LoRAFleet, LoRAShape, find_target_modules
@@ -111,3 +115,82 @@ def test_a_prompt_longer_than_the_cache_is_refused_alone(tiny_lm_dir):
     assert "at most 16" in list(long)[-1].error
     final = list(short)[-1]
     assert final.finish_reason == "length" and final.completion_tokens == 16 - 3 + 1  # the last is never fed
+
+
+def count_prefilled_rows(base) -> list[int]:
+    """A list that grows by one entry per prompt row the model prefills (a forward over a batch of
+    token rows; a decode step embeds one token per row, a flat tensor)."""
+    rows: list[int] = []
+
+    def record(module, args) -> None:
+        if args[0].dim() == 2:
+            rows.extend([1] * args[0].shape[0])
+
+    base.model.get_input_embeddings().register_forward_pre_hook(record)
+    return rows
+
+
+def closed_loop() -> asyncio.AbstractEventLoop:
+    """An event loop that has closed, as a server's does at shutdown: a stream handing events to it
+    raises in the engine's thread."""
+    loop = asyncio.new_event_loop()
+    loop.close()
+    return loop
+
+
+def test_a_row_whose_output_fails_at_admission_fails_alone_and_starts_once(tiny_lm_dir):
+    """Rows of one admission batch: one whose stop string breaks detokenising, one whose reader's
+    event loop has closed, beside two healthy ones, with every slot taken (a second start of any
+    of them would find none)."""
+    base = load_base(tiny_lm_dir)
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    first, second = [5, 6, 7], [12, 13, 14]
+    expected = [greedy_text(base, ids, 5) for ids in (first, second)]
+    prefilled = count_prefilled_rows(base)
+    engine = Engine(base, LoRAFleet(base.model), max_batch=4)
+    healthy = [engine.submit(prompt(first), None, params)]
+    broken_stop = engine.submit(prompt([8, 9]), None, dataclasses.replace(params, stop=(b"never",)))
+    engine.submit(prompt([10, 11]), None, params, closed_loop())
+    healthy.append(engine.submit(prompt(second), None, params))
+    engine.run_until_idle()
+    (error,) = drain(broken_stop)
+    assert error.finish_reason == "error" and "TypeError" in error.error
+    for stream, text in zip(healthy, expected, strict=True):
+        events = drain(stream)
+        assert [e.finish_reason for e in events] == [None] * (len(events) - 1) + ["length"]
+        assert events[-1].completion_tokens == 5 and "".join(e.text for e in events) == text
+    assert len(prefilled) == 4, "every request prefilled exactly once"
+    assert engine.running == 0 and engine.cache.free_slots == 4, "every slot freed, none twice"
+
+
+def greedy_text(base, ids: list[int], count: int) -> str:
+    return base.tokenizer.decode(greedy_tokens(base, ids, count)[len(ids) :], skip_special_tokens=True)
+
+
+def test_a_row_whose_output_fails_in_decode_fails_alone(tiny_lm_dir):
+    """A reader goes away while its row decodes: that row ends, the rows beside it go on."""
+    base = load_base(tiny_lm_dir)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    engine = Engine(base, LoRAFleet(base.model), max_batch=3)
+    healthy = engine.submit(prompt([5, 6, 7]), None, params)
+    loop = asyncio.new_event_loop()
+    engine.submit(prompt([8, 9]), None, params, loop)
+    engine._iteration()  # both admitted; the first token's event is queued on the open loop
+    loop.close()  # the reader goes away: the next event cannot be handed over
+    beside = engine.submit(prompt([12, 13, 14]), None, params)
+    engine.run_until_idle()
+    for stream in (healthy, beside):
+        events = drain(stream)
+        assert [e.finish_reason for e in events] == [None] * (len(events) - 1) + ["length"]
+        assert events[-1].completion_tokens == 6
+    assert engine.running == 0 and engine.cache.free_slots == 3
+
+
+def drain(stream) -> list:
+    """Every event a (thread-queue) stream holds."""
+    events = []
+    while True:
+        try:
+            events.append(stream.get(timeout=0))
+        except queue.Empty:
+            return events

@@ -10,13 +10,16 @@ GPU), each row with its own adapter and its own sampling, the next tokens chosen
 slots are free at once. A request therefore joins the batch
 at the next token, not when the current batch ends.
 
-A row whose logits are not finite, or whose prompt does not fit, ends with an error alone; the
-other rows go on.
+A row whose logits are not finite, whose prompt does not fit, or whose output cannot be handled
+(its text, stop strings or grammar raise, or its reader's event loop has closed) ends with one
+error alone, its slot freed once; the other rows go on, and a request that started is never
+prefilled again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -251,7 +254,7 @@ class Engine:
                 )
         for request in arriving:
             if id(request) in refused:
-                request.stream.put(Event("", "error", error=refused[id(request)]))
+                _send(request.stream, Event("", "error", error=refused[id(request)]))
         arriving = [r for r in arriving if id(r) not in refused]
         if not arriving:
             return
@@ -259,15 +262,18 @@ class Engine:
         try:
             self._start(arriving)
         except Exception:  # one of them breaks prefill: find it, never fail the others with it
+            # `_start` raises only before any of its rows started (a row whose output handling fails
+            # ends alone in `_take_tokens`), so no request is prefilled twice.
             for request in arriving:
                 try:
                     self._start([request])
                 except Exception as err:
-                    request.stream.put(Event("", "error", error=f"{type(err).__name__}: {err}"))
+                    _send(request.stream, Event("", "error", error=f"{type(err).__name__}: {err}"))
         self._retire()
 
     def _start(self, requests: list[_Request]) -> None:
-        """Prefill `requests` into free slots and choose their first tokens (all start, or none)."""
+        """Prefill `requests` into free slots and choose their first tokens (all start, or none: it
+        raises only before any row joins the batch)."""
         slots = [self.cache.take() for _ in requests]
         try:
             rows, logits = self._prefill(requests, slots)
@@ -345,16 +351,21 @@ class Engine:
     def _take_tokens(
         self, rows: list[_Row], tokens: list[int], finite: list[bool], scores: list[list[float]] | None
     ) -> None:
-        """Each row's next token: stream its text and decide whether the row is done."""
+        """Each row's next token: stream its text and decide whether the row is done.
+
+        Never raises: a row whose output handling fails (accounting, detokenising, stop strings, its
+        grammar, a stream that cannot take the event) ends with an error alone, and `_retire` frees
+        its slot once. Raising here would fail rows that already started: at admission they would be
+        prefilled again while still holding their slots, in a decode step every row would fail."""
         for index, (row, token, ok) in enumerate(zip(rows, tokens, finite, strict=True)):
-            if not ok:
-                row.finish = "error"
-                row.request.stream.put(
-                    Event("", "error", error="the model produced non-finite logits for this request")
-                )
-                continue
-            row.next_token = token
-            row.finish = self._account(row, scores[index] if scores is not None else None)
+            try:
+                if not ok:
+                    _fail(row, "the model produced non-finite logits for this request")
+                    continue
+                row.next_token = token
+                row.finish = self._account(row, scores[index] if scores is not None else None)
+            except Exception as err:
+                _fail(row, f"{type(err).__name__}: {err}")
 
     def _account(self, row: _Row, scores: list[float] | None) -> str | None:
         token, params = row.next_token, row.request.params
@@ -415,7 +426,21 @@ class Engine:
             self._waiting = []
         self._rows = []
         for request in failed:
-            request.stream.put(Event("", "error", error=message))
+            _send(request.stream, Event("", "error", error=message))
+
+
+def _fail(row: _Row, message: str) -> None:
+    """End `row` with an error event (its slot is freed when `_retire` drops it)."""
+    row.finish = "error"
+    _send(row.request.stream, Event("", "error", error=message))
+
+
+def _send(stream: ReplyStream, event: Event) -> None:
+    """Hand an error event to its stream. A stream that cannot take it (its reader's event loop has
+    closed) has nobody left to tell: the failure stops here instead of failing other requests or
+    the engine thread."""
+    with contextlib.suppress(Exception):
+        stream.put(event)
 
 
 def _segments(adapters: list[str | None]) -> list[Segment]:
