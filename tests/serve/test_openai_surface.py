@@ -115,6 +115,34 @@ def test_a_named_tool_call_streams_as_tool_call_deltas(keyed_server):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def test_a_forced_tool_call_cut_off_by_max_tokens_is_returned_as_openai_returns_it(keyed_server):
+    """finish_reason "length", no content (no markup), and the call as far as it was written once
+    its name is complete: its arguments stop where the reply stopped. Streamed and not alike."""
+    url, _ = keyed_server
+    ask = {"model": "finance", "messages": ASK, "tools": [WEATHER], "tool_choice": "required",
+           "parallel_tool_calls": False, "temperature": 0}  # fmt: skip
+    whole = client(url).chat.completions.create(**ask, max_tokens=120, logprobs=True).choices[0]
+    assert whole.finish_reason == "tool_calls"
+    arguments = whole.message.tool_calls[0].function.arguments
+    tokens = [entry.token for entry in whole.logprobs.content]  # greedy: every cut reply is a prefix
+    written = ["".join(tokens[:count]) for count in range(len(tokens) + 1)]
+    in_name = next(i for i, text in enumerate(written) if '"name": "get_w' in text)
+    in_arguments = next(i for i, text in enumerate(written) if '"arguments": {"city' in text)
+    so_far = written[in_arguments].split('"arguments": ', 1)[1]
+    assert arguments.startswith(so_far) and so_far != arguments
+    # Cut in <tool_call>, in the name, in the arguments, in </tool_call> (the arguments are whole).
+    for cut, expected in ((3, []), (in_name, []), (in_arguments, [so_far]), (len(tokens) - 1, [arguments])):
+        reply = client(url).chat.completions.create(**ask, max_tokens=cut).choices[0]
+        assert reply.finish_reason == "length" and reply.message.content is None, (cut, reply)
+        calls = reply.message.tool_calls or []
+        assert [(c.function.name, c.function.arguments) for c in calls] == [("get_weather", a) for a in expected]
+        chunks = [c for c in client(url).chat.completions.create(**ask, max_tokens=cut, stream=True) if c.choices]
+        assert not any(c.choices[0].delta.content for c in chunks), (cut, chunks)
+        deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+        assert [(d.function.name, d.function.arguments) for d in deltas] == [("get_weather", a) for a in expected]
+        assert chunks[-1].choices[0].finish_reason == "length"
+
+
 def test_tool_call_text_of_the_model_becomes_tool_calls():
     """The parser on the format Qwen2.5 / InternVL3 write (auto tool choice leaves it to the model)."""
     from lorafleet.serve.gateway.tools import ToolCallText, split_tool_calls
@@ -129,6 +157,27 @@ def test_tool_call_text_of_the_model_becomes_tool_calls():
     assert sent == "Checking.\n" and streamed.finish()[1][0]["function"]["name"] == "get_weather"
     plain = ToolCallText()
     assert plain.add("a <tool") == "a " and plain.add("box>") == "<toolbox>" and plain.finish() == ("", [])
+
+
+def test_a_reply_cut_off_in_a_call_keeps_the_calls_and_no_markup():
+    """What a model may write before max_tokens cuts it off (auto tool choice, parallel calls)."""
+    from lorafleet.serve.gateway.tools import ToolCallText, split_tool_calls
+
+    whole = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    cut = 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa'
+    content, calls = split_tool_calls(cut, truncated=True)
+    assert content == "Checking." and calls[0]["function"]["arguments"] == '{"city": "Pa'
+    content, calls = split_tool_calls(whole + "\n<tool_", truncated=True)
+    assert content is None and [c["function"]["arguments"] for c in calls] == ['{"city": "Oslo"}']
+    assert split_tool_calls('Hm <tool_call>\n{"name": "get_', truncated=True) == ("Hm", [])
+    assert split_tool_calls("plain text, cut", truncated=True) == ("plain text, cut", [])
+    assert split_tool_calls(cut) == (cut, [])  # not cut off: the model's own text, as it wrote it
+    streamed = ToolCallText()
+    sent = "".join(streamed.add(piece) for piece in (whole[:30], whole[30:], "\n", cut[:15], cut[15:]))
+    rest, calls = streamed.finish(truncated=True)
+    assert sent == "" and rest == "Checking." and [c["function"]["arguments"] for c in calls] == [
+        '{"city": "Oslo"}', '{"city": "Pa'
+    ]  # fmt: skip
 
 
 def test_logprobs_are_the_models_own(keyed_server, fleet_dir):

@@ -64,7 +64,8 @@ class Choice:
         logprobs = self._logprobs(self.logprobs) if self.shape.logprobs else None
         if self.shape.text_completion:
             return {"index": self.index, "text": self.text, "logprobs": logprobs, "finish_reason": self.finish_reason}
-        content, calls = split_tool_calls(self.text) if self.tool_text is not None else (self.text, [])
+        truncated = self.finish_reason == "length"
+        content, calls = split_tool_calls(self.text, truncated) if self.tool_text is not None else (self.text, [])
         calls += list(self.relayed_calls.values())
         message = {"role": "assistant", "content": content, "refusal": None}
         if calls:
@@ -82,7 +83,7 @@ class Choice:
     def _closing(self) -> list[dict]:
         out, finish = [], self.finish_reason
         if self.tool_text is not None:
-            rest, calls = self.tool_text.finish()
+            rest, calls = self.tool_text.finish(truncated=finish == "length")
             if rest:
                 out.append(self._piece(rest, None, None))
             if calls:

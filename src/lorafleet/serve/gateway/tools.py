@@ -80,24 +80,81 @@ def _names_a_function(choice: object) -> bool:
     )
 
 
-def split_tool_calls(text: str) -> tuple[str | None, list[dict]]:
+def split_tool_calls(text: str, truncated: bool = False) -> tuple[str | None, list[dict]]:
     """A reply's content (None when there is none) and its tool calls in OpenAI's form. A block
-    that is not a valid call leaves the whole reply as plain content: nothing is half-parsed."""
-    blocks = list(_BLOCK.finditer(text))
+    that is not a valid call leaves the whole reply as plain content: nothing is half-parsed.
+
+    `truncated`: the reply was cut off (finish_reason "length"). What OpenAI returns for a call
+    cut off by max_tokens, as its users report it and as vLLM and NVIDIA Dynamo changed their
+    servers to match: finish_reason "length", `content` null, and the call it was writing as a
+    `tool_calls` entry whose `arguments` stop where the reply stopped (so they are not valid
+    JSON), in a stream as tool-call deltas. Here too (a stream sends each call as one delta at
+    the end, as it does whole calls): a block left open becomes such a call once its function's
+    name is complete (before that there is no call), and no piece of the markup, nor a
+    `<tool_call>` cut off in its first characters, reaches the content."""
+    cut = _unfinished_block(text) if truncated else len(text)
+    head, tail = text[:cut], text[cut:]
     calls = []
-    for block in blocks:
-        try:
-            call = json.loads(block.group(1))
-        except ValueError:
-            return text, []
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-            return text, []
-        arguments = call.get("arguments", {})
-        arguments = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-        function = {"name": call["name"], "arguments": arguments}
-        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": function})
-    content = _BLOCK.sub("", text).strip() if calls else text
+    for block in _BLOCK.finditer(head):
+        call = _parse_call(block.group(1))
+        if call is None:
+            return head, []
+        calls.append(call)
+    if tail and (call := _parse_cut_call(tail[len(TOOL_CALL_OPEN) :])) is not None:
+        calls.append(call)
+    if not calls and not tail:
+        return text, []
+    content = _BLOCK.sub("", head).strip()
     return content or None, calls
+
+
+def _parse_call(body: str) -> dict | None:
+    """A whole block's call in OpenAI's form (arguments as a JSON string), or None if it is not one."""
+    try:
+        call = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        return None
+    return _call(call["name"], _arguments_text(call.get("arguments", {})))
+
+
+# The start of a call as the grammar writes it (and models do): its name, then its arguments.
+_CUT_CALL = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*(.*)', re.DOTALL)
+
+
+def _parse_cut_call(body: str) -> dict | None:
+    """The call a block cut off after `<tool_call>` was making: its name and the arguments written
+    so far, as they were written (whole arguments, when only the block's end was cut, as a whole
+    call gives them); None while the name is unfinished."""
+    found = _CUT_CALL.match(body)
+    if found is None:
+        return None
+    name, written = json.loads(found.group(1)), found.group(2)
+    try:
+        arguments, _ = json.JSONDecoder().raw_decode(written)
+    except ValueError:
+        return _call(name, written)
+    return _call(name, _arguments_text(arguments))
+
+
+def _arguments_text(arguments: object) -> str:
+    """Arguments as OpenAI sends them: a JSON string (one the model wrote as a string is kept)."""
+    return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+
+
+def _call(name: str, arguments: str) -> dict:
+    function = {"name": name, "arguments": arguments}
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": function}
+
+
+def _unfinished_block(text: str) -> int:
+    """Where a block that was never closed begins (or the start of a `<tool_call>` cut off in its
+    first characters); len(text) when there is none."""
+    opening = text.rfind(TOOL_CALL_OPEN)
+    if opening >= 0 and TOOL_CALL_CLOSE not in text[opening:]:
+        return opening
+    return len(text) - _partial_opening(text)
 
 
 class ToolCallText:
@@ -122,11 +179,13 @@ class ToolCallText:
         delta, self.sent = self.text[self.sent : end], max(self.sent, end)
         return delta
 
-    def finish(self) -> tuple[str, list[dict]]:
-        _, calls = split_tool_calls(self.text)
+    def finish(self, truncated: bool = False) -> tuple[str, list[dict]]:
+        """`truncated`: the reply was cut off (see `split_tool_calls`). Every block is in the unsent
+        text: sending stops before the first `<tool_call>`."""
         unsent = self.text[self.sent :]
         self.sent = len(self.text)
-        return (_BLOCK.sub("", unsent).strip(), calls) if calls else (unsent, [])
+        content, calls = split_tool_calls(unsent, truncated)
+        return content or "", calls
 
 
 def _partial_opening(text: str) -> int:
