@@ -111,7 +111,7 @@ def render(run: RunRecord) -> str:
         "<h2>Final metrics</h2>",
         _table(["adapter", "steps", "final loss", "mean loss, last 10", "tokens", "fleet steps"], _final_rows(run)),
         "<h2>Loss and learning rate</h2>",
-        _img(_curves(run), "loss and learning rate per adapter"),
+        _img(_png(loss_and_lr_figure(run)), "loss and learning rate per adapter"),
         "<h2>Throughput and admission</h2>",
         _img(_timeline(run), "tokens/s over time and which adapters ran together"),
         "<h2>Checkpoints and resumes</h2>",
@@ -157,7 +157,8 @@ def _img(png: bytes, alt: str) -> str:
     return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
 
 
-def _curves(run: RunRecord) -> bytes:
+def loss_and_lr_figure(run: RunRecord):
+    """The loss (and held-out loss) and learning-rate curves of every adapter, in one colour each."""
     figure, (loss, lr) = _figure(2)
     for index, adapter in enumerate(run.adapters):
         steps = run.of(adapter)
@@ -171,7 +172,7 @@ def _curves(run: RunRecord) -> bytes:
     loss.set(title="loss", xlabel="optimizer step", yscale="log")
     lr.set(title="learning rate", xlabel="optimizer step")
     loss.legend()
-    return _png(figure)
+    return figure
 
 
 def _timeline(run: RunRecord) -> bytes:
