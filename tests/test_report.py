@@ -17,7 +17,7 @@ from PIL import Image
 
 from lorafleet.cli import main
 from lorafleet.config import load_fleet_spec
-from lorafleet.report import read_run
+from lorafleet.report import loss_and_lr_figure, read_run
 from lorafleet.train.trainer import FleetTrainer
 from tests.conftest import write_text_dataset
 
@@ -90,6 +90,16 @@ def test_train_writes_a_self_contained_report_with_real_plots(resumed_run):
     cells = [t.strip() for t in parser.text]
     assert "Resumed from fleet steps: 8." in " ".join(cells)
     assert {"a", "b", "c"} <= set(cells), "a row of final metrics per adapter"
+
+
+def test_the_learning_rate_lines_have_a_legend_naming_each_adapter_in_its_colour(resumed_run):
+    run = read_run(resumed_run)
+    _, lr = loss_and_lr_figure(run).axes
+    legend = lr.get_legend()
+    assert legend is not None, "the learning-rate panel names its lines"
+    assert [text.get_text() for text in legend.get_texts()] == run.adapters
+    colours = {line.get_label(): line.get_color() for line in lr.get_lines()}
+    assert [handle.get_color() for handle in legend.legend_handles] == [colours[name] for name in run.adapters]
 
 
 def test_report_command_takes_eval_results_into_the_page(resumed_run, tmp_path):

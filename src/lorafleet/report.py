@@ -171,7 +171,8 @@ def loss_and_lr_figure(run: RunRecord):
         lr.plot([s["step"] for s in steps], [s["lr"] for s in steps], color=color, label=adapter)
     loss.set(title="loss", xlabel="optimizer step", yscale="log")
     lr.set(title="learning rate", xlabel="optimizer step")
-    loss.legend()
+    for panel in (loss, lr):  # each panel names its lines: schedules of several adapters often overlap
+        panel.legend(fontsize="small")
     return figure
 
 
