@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -17,7 +18,7 @@ from PIL import Image
 
 from lorafleet.cli import main
 from lorafleet.config import load_fleet_spec
-from lorafleet.report import loss_and_lr_figure, read_run
+from lorafleet.report import loss_and_lr_figure, read_run, smoothed
 from lorafleet.train.trainer import FleetTrainer
 from tests.conftest import write_text_dataset
 
@@ -100,6 +101,42 @@ def test_the_learning_rate_lines_have_a_legend_naming_each_adapter_in_its_colour
     assert [text.get_text() for text in legend.get_texts()] == run.adapters
     colours = {line.get_label(): line.get_color() for line in lr.get_lines()}
     assert [handle.get_color() for handle in legend.legend_handles] == [colours[name] for name in run.adapters]
+
+
+def test_smoothing_is_tensorboards_debiased_exponential_moving_average():
+    # Weight 0.5 over 1, 0, 1: running averages 0.5, 0.25, 0.625, each divided by the weight the
+    # average has gathered so far (1 - 0.5^n: 0.5, 0.75, 0.875), so the curve does not start at 0.
+    assert smoothed([1.0, 0.0, 1.0], 0.5) == pytest.approx([1.0, 1 / 3, 5 / 7])
+    assert smoothed([3.0, 1.0], 0.0) == [3.0, 1.0], "weight 0 is the raw curve"
+    # A diverged step is drawn as it is and leaves the average alone, as in TensorBoard.
+    diverged = smoothed([1.0, math.nan, 0.0], 0.5)
+    assert diverged[0] == 1.0 and math.isnan(diverged[1]) and diverged[2] == pytest.approx(1 / 3)
+
+
+def lines_through(axes, values: list[float]) -> list:
+    return [line for line in axes.get_lines() if list(line.get_ydata()) == values]
+
+
+def test_report_smooth_draws_each_loss_as_its_moving_average_over_the_raw_curve_kept_faint(resumed_run, tmp_path):
+    out = tmp_path / "smoothed.html"
+    assert main(["report", str(resumed_run), "--smooth", "0.9", "--out", str(out)]) == 0
+    assert "moving average with weight 0.9" in out.read_text()
+    run = read_run(resumed_run)
+    loss, _ = loss_and_lr_figure(run, smoothing=0.9).axes
+    for adapter in run.adapters:
+        raw = [step["loss"] for step in run.of(adapter)]
+        [faint], [average] = lines_through(loss, raw), lines_through(loss, smoothed(raw, 0.9))
+        assert average.get_label() == adapter and average.get_alpha() is None
+        assert faint.get_alpha() <= 0.3 and faint.get_color() == average.get_color()
+        assert faint.get_label().startswith("_"), "the faint curve is not named twice in the legend"
+    loss, _ = loss_and_lr_figure(run).axes  # without --smooth: the raw curves, in full colour
+    assert all([line] == lines_through(loss, [s["loss"] for s in run.of(line.get_label())]) for line in loss.lines)
+    assert all(line.get_alpha() is None for line in loss.lines)
+
+
+def test_a_smoothing_weight_outside_0_to_1_is_refused_with_what_it_means(resumed_run, capsys):
+    assert main(["report", str(resumed_run), "--smooth", "1"]) == 2
+    assert "--smooth 1.0: the smoothing weight must be at least 0 and below 1" in capsys.readouterr().err
 
 
 def test_report_command_takes_eval_results_into_the_page(resumed_run, tmp_path):

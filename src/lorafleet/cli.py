@@ -236,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("run_dir", type=Path, help="the training output directory (holds metrics.jsonl)")
     report.add_argument("--out", type=Path, help="the HTML file to write (default: RUN_DIR/report.html)")
+    report.add_argument(
+        "--smooth",
+        type=float,
+        default=0.0,
+        metavar="WEIGHT",
+        help="draw each loss curve as TensorBoard's moving average with this weight (0 to <1, e.g. 0.9), "
+        "the raw curve faint behind it (default: 0, raw)",
+    )
     report.set_defaults(command="report", run=_run_report)
     _add_governance_parsers(commands)
     _add_data_parsers(commands)
@@ -571,7 +579,7 @@ def _run_keys(args: argparse.Namespace) -> int:
 def _run_report(args: argparse.Namespace) -> int:
     from lorafleet.report import write_report
 
-    print(write_report(args.run_dir, args.out))
+    print(write_report(args.run_dir, args.out, smoothing=args.smooth))
     return 0
 
 

@@ -16,6 +16,7 @@ import base64
 import html
 import io
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,14 +95,34 @@ def fleet_tokens_per_s(steps: list[dict], window: int = 10) -> tuple[list[float]
     return [t for t, _ in points], [rate for _, rate in points]
 
 
-def write_report(directory: str | Path, out: str | Path | None = None) -> Path:
+def smoothed(values: list[float], weight: float) -> list[float]:
+    """TensorBoard's smoothing of a scalar curve: an exponential moving average with `weight` on the
+    past, divided by the weight it has gathered so far (1 - weight^n) so that the curve does not
+    start near zero. A non-finite value (a diverged step) is kept as it is and leaves the average alone."""
+    average, points, curve = 0.0, 0, []
+    for value in values:
+        if not math.isfinite(value):
+            curve.append(value)
+            continue
+        average, points = weight * average + (1 - weight) * value, points + 1
+        curve.append(average / (1 - weight**points))
+    return curve
+
+
+def write_report(directory: str | Path, out: str | Path | None = None, smoothing: float = 0.0) -> Path:
+    """`smoothing`: the weight of TensorBoard's moving average for the loss curves (0: raw)."""
+    if not 0 <= smoothing < 1:
+        raise ConfigError(
+            f"--smooth {smoothing}: the smoothing weight must be at least 0 and below 1 "
+            "(0 draws the raw loss; 0.9 averages over about the last 10 steps, as TensorBoard's slider)"
+        )
     run = read_run(directory)
     out = Path(out) if out else run.directory / REPORT_FILE
-    out.write_text(render(run))
+    out.write_text(render(run, smoothing))
     return out
 
 
-def render(run: RunRecord) -> str:
+def render(run: RunRecord, smoothing: float = 0.0) -> str:
     title = f"Training run {run.directory.name}"
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
@@ -111,7 +132,8 @@ def render(run: RunRecord) -> str:
         "<h2>Final metrics</h2>",
         _table(["adapter", "steps", "final loss", "mean loss, last 10", "tokens", "fleet steps"], _final_rows(run)),
         "<h2>Loss and learning rate</h2>",
-        _img(_png(loss_and_lr_figure(run)), "loss and learning rate per adapter"),
+        _smoothing_note(smoothing),
+        _img(_png(loss_and_lr_figure(run, smoothing)), "loss and learning rate per adapter"),
         "<h2>Throughput and admission</h2>",
         _img(_timeline(run), "tokens/s over time and which adapters ran together"),
         "<h2>Checkpoints and resumes</h2>",
@@ -122,6 +144,15 @@ def render(run: RunRecord) -> str:
         parts += [f"<h2>Evaluation: {html.escape(name)}</h2>", _eval_table(content)]
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _smoothing_note(smoothing: float) -> str:
+    if not smoothing:
+        return "<p>Loss per optimizer step, as logged (<code>lorafleet report --smooth 0.9</code> smooths it).</p>"
+    return (
+        f"<p>Loss: exponential moving average with weight {smoothing:g} (TensorBoard's smoothing); "
+        "the loss of each step is drawn faint behind it.</p>"
+    )
 
 
 def _final_rows(run: RunRecord) -> list[list[str]]:
@@ -157,13 +188,18 @@ def _img(png: bytes, alt: str) -> str:
     return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
 
 
-def loss_and_lr_figure(run: RunRecord):
-    """The loss (and held-out loss) and learning-rate curves of every adapter, in one colour each."""
+def loss_and_lr_figure(run: RunRecord, smoothing: float = 0.0):
+    """The loss (and held-out loss) and learning-rate curves of every adapter, in one colour each;
+    with `smoothing`, each loss curve is its moving average over the raw curve drawn faint."""
     figure, (loss, lr) = _figure(2)
     for index, adapter in enumerate(run.adapters):
         steps = run.of(adapter)
         color = f"C{index % 10}"
-        loss.plot([s["step"] for s in steps], [s["loss"] for s in steps], color=color, label=adapter)
+        x, losses = [s["step"] for s in steps], [s["loss"] for s in steps]
+        if smoothing:  # a leading "_" keeps the faint curve out of the legend
+            loss.plot(x, losses, color=color, alpha=0.25, linewidth=0.8, label=f"_{adapter} raw")
+            losses = smoothed(losses, smoothing)
+        loss.plot(x, losses, color=color, label=adapter)
         held_out = [s for s in steps if s.get("eval_loss") is not None]
         if held_out:  # held-out loss (eval_data): dashed, in the adapter's colour
             steps_, values = [s["step"] for s in held_out], [s["eval_loss"] for s in held_out]
