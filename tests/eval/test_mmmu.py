@@ -13,7 +13,7 @@ from PIL import Image
 
 from lorafleet.errors import DataError
 from lorafleet.eval.mmmu import parse_multi_choice_response, parse_open_response, read_mmmu
-from lorafleet.eval.run import read_items, score
+from lorafleet.eval.run import EvalReport, read_items, score
 
 LETTERS = ["A", "B", "C", "D"]
 OPTIONS = {"A": "red", "B": "green", "C": "blue", "D": "a yellow star"}
@@ -153,11 +153,15 @@ def mmmu_file(request, tmp_path):
     return write_jsonl(tmp_path) if request.param == "jsonl" else write_parquet(tmp_path)
 
 
-def test_an_mmmu_file_is_scored_exactly_as_the_hand_count_says(mmmu_file):
+def hand_counted(mmmu_file) -> EvalReport:
     kind, items = read_items(mmmu_file)
     assert kind == "mmmu"
     replies = [reply for index in range(4) for reply in (HAND_REPLIES["base"][index], HAND_REPLIES["tuned"][index])]
-    report = score(str(mmmu_file), kind, items, ["base", "tuned"], replies)
+    return score(str(mmmu_file), kind, items, ["base", "tuned"], replies)
+
+
+def test_an_mmmu_file_is_scored_exactly_as_the_hand_count_says(mmmu_file):
+    report = hand_counted(mmmu_file)
     base, tuned = report.overall["base"], report.overall["tuned"]
     assert (base.questions, base.correct, base.unparseable) == (4, 0, 2)
     assert (tuned.questions, tuned.correct, tuned.unparseable) == (4, 3, 0)
@@ -171,6 +175,16 @@ def test_an_mmmu_file_is_scored_exactly_as_the_hand_count_says(mmmu_file):
         "Count": {"base": (0, 2), "tuned": (2, 2)},
     }
     assert json.loads(json.dumps(report.to_json()))["overall"]["tuned"]["accuracy"] == 0.75
+
+
+def test_every_answer_in_the_json_carries_the_gold_answer_beside_the_reply(mmmu_file):
+    answers = json.loads(json.dumps(hand_counted(mmmu_file).to_json()))["answers"]
+    expected = [
+        (question["id"], model, HAND_REPLIES[model][index], question["answer"])
+        for index, question in enumerate(QUESTIONS)
+        for model in ("base", "tuned")
+    ]
+    assert [(a["id"], a["model"], a["reply"], a["gold"]) for a in answers] == expected
 
 
 def test_prompts_follow_mmmu_and_carry_every_image_in_order(mmmu_file):

@@ -3,7 +3,8 @@
 Every (question, model) pair is submitted to lorafleet's engine at once, so the base and all the
 adapters are decoded together in mixed batches, greedily, as `lorafleet serve` would answer them
 (images tiled as each adapter was trained). Scores are tallied per model, overall and per
-subfield, with the number of answers that could not be parsed.
+subfield, with the number of answers that could not be parsed; every answer is kept beside the
+gold answer it was scored against.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Item:
     prompt: ChatRecord
     subfield: str
     judge: Callable[[str], Judgement]
+    gold: str | list[str]  # the answer the judge scores against, as the file gives it
 
 
 @dataclass
@@ -83,7 +85,7 @@ class EvalReport:
     models: list[str]
     overall: dict[str, Tally]
     by_subfield: dict[str, dict[str, Tally]]
-    answers: list[dict] = field(default_factory=list)  # id, model, reply, correct, parsed
+    answers: list[dict] = field(default_factory=list)  # id, model, reply, gold, correct, parsed (chat: token_f1)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
@@ -111,8 +113,8 @@ def read_items(path: Path) -> tuple[str, list[Item]]:
     if not path.exists():
         raise DataError(f"evaluation data {path} does not exist")
     if is_mmmu_file(path):
-        return "mmmu", [Item(q.id, q.prompt(), q.subfield, _mmmu_judge(q)) for q in read_mmmu(path)]
-    return "chat", [Item(q.id, q.record, "", _chat_judge(q)) for q in read_chats(path)]
+        return "mmmu", [Item(q.id, q.prompt(), q.subfield, _mmmu_judge(q), q.answer) for q in read_mmmu(path)]
+    return "chat", [Item(q.id, q.record, "", _chat_judge(q), q.answer) for q in read_chats(path)]
 
 
 def _mmmu_judge(question) -> Callable[[str], Judgement]:
@@ -187,10 +189,15 @@ def score(data: str, kind: str, items: list[Item], models: list[str], replies: l
         report.overall[model].add(judgement)
         if item.subfield:
             report.by_subfield.setdefault(item.subfield, {m: Tally() for m in models})[model].add(judgement)
-        report.answers.append(
-            {"id": item.id, "model": model, "reply": reply, "correct": judgement.correct, "parsed": judgement.parsed}
-        )
+        report.answers.append(_answer(item, model, reply, judgement))
     return report
+
+
+def _answer(item: Item, model: str, reply: str, judgement: Judgement) -> dict:
+    """One line of the answers JSON: the reply beside the gold answer it was scored against."""
+    answer = {"id": item.id, "model": model, "reply": reply, "gold": item.gold}
+    answer |= {"correct": judgement.correct, "parsed": judgement.parsed}
+    return answer | ({"token_f1": judgement.f1} if judgement.f1 is not None else {})
 
 
 def _load_adapters(fleet: LoRAFleet, options: EvalOptions) -> dict[str, int | None]:
