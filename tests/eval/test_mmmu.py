@@ -13,7 +13,7 @@ from PIL import Image
 
 from lorafleet.errors import DataError
 from lorafleet.eval.mmmu import parse_multi_choice_response, parse_open_response, read_mmmu
-from lorafleet.eval.run import EvalReport, read_items, score
+from lorafleet.eval.run import EvalReport, format_report, read_items, score
 
 LETTERS = ["A", "B", "C", "D"]
 OPTIONS = {"A": "red", "B": "green", "C": "blue", "D": "a yellow star"}
@@ -77,6 +77,7 @@ QUESTIONS = [
         "answer": "B",
         "images": {1: "red", 2: "green"},
         "subfield": "Colour",
+        "topic_difficulty": "Hard",
     },
     {
         "id": "q2",
@@ -85,6 +86,7 @@ QUESTIONS = [
         "answer": "D",
         "images": {1: "blue", 2: "yellow"},  # image 1 is not mentioned: it goes before the text
         "subfield": "Shape",
+        "topic_difficulty": "Easy",
     },
     {
         "id": "q3",
@@ -101,7 +103,7 @@ QUESTIONS = [
         "question_type": "open",
         "answer": "Paris",
         "images": {1: "purple"},
-        "subfield": "Count",
+        "subfield": "Count",  # and no topic_difficulty
     },
 ]
 
@@ -113,6 +115,7 @@ HAND_REPLIES = {
 # base: q1 C (wrong); q2 unparseable; q3 41 (wrong); q4 empty (unparseable)  -> 0 of 4, 2 unparseable
 # tuned: q1 A (wrong); q2 D (right); q3 42 (right); q4 paris (right)         -> 3 of 4, 0 unparseable
 # per subfield: Colour base 0/1 tuned 0/1; Shape 0/1, 1/1; Count (q3, q4) 0/2, 2/2
+# per difficulty: Easy (q2) base 0/1 tuned 1/1; Hard (q1, q3) 0/2, 1/2; q4 has none
 
 
 def write_jsonl(directory) -> object:
@@ -131,6 +134,7 @@ def write_jsonl(directory) -> object:
 def write_parquet(directory) -> object:
     """MMMU's own layout: options as strings, images as {"bytes", "path"} cells, absent ones null."""
     columns = {name: [] for name in ["id", "question", "options", "answer", "question_type", "subfield"]}
+    columns["topic_difficulty"] = []
     columns |= {f"image_{k}": [] for k in range(1, 8)}
     for question in QUESTIONS:
         options = question.get("options", [])
@@ -140,6 +144,7 @@ def write_parquet(directory) -> object:
         columns["answer"].append(question["answer"])
         columns["question_type"].append(question.get("question_type", "multiple-choice"))
         columns["subfield"].append(question["subfield"])
+        columns["topic_difficulty"].append(question.get("topic_difficulty"))
         for k in range(1, 8):
             colour = question["images"].get(k)
             columns[f"image_{k}"].append({"bytes": png(colour), "path": f"{k}.png"} if colour else None)
@@ -175,6 +180,20 @@ def test_an_mmmu_file_is_scored_exactly_as_the_hand_count_says(mmmu_file):
         "Count": {"base": (0, 2), "tuned": (2, 2)},
     }
     assert json.loads(json.dumps(report.to_json()))["overall"]["tuned"]["accuracy"] == 0.75
+
+
+def test_mmmu_accuracy_is_tallied_per_topic_difficulty_in_mmmus_order(mmmu_file):
+    report = hand_counted(mmmu_file)
+    by_difficulty = json.loads(json.dumps(report.to_json()))["by_difficulty"]
+    assert list(by_difficulty) == ["Easy", "Hard"], "easiest first; q4 has no difficulty and is in neither"
+    assert {
+        name: {model: (t["correct"], t["questions"]) for model, t in tallies.items()}
+        for name, tallies in by_difficulty.items()
+    } == {"Easy": {"base": (0, 1), "tuned": (1, 1)}, "Hard": {"base": (0, 2), "tuned": (1, 2)}}
+    table = {line[:24].strip(): line[24:].split() for line in format_report(report).splitlines()[2:-1]}
+    assert list(table) == ["overall", "Colour", "Count", "Shape", "difficulty: Easy", "difficulty: Hard", "unparseable"]
+    assert table["difficulty: Easy"] == ["1", "0.0%", "(0)", "100.0%", "(1)"]
+    assert table["difficulty: Hard"] == ["2", "0.0%", "(0)", "50.0%", "(1)"]
 
 
 def test_every_answer_in_the_json_carries_the_gold_answer_beside_the_reply(mmmu_file):

@@ -25,6 +25,7 @@ from lorafleet.data.records import IMAGE_PLACEHOLDER, ChatRecord, Message
 from lorafleet.errors import DataError
 
 MAX_IMAGES = 7
+DIFFICULTIES = ("Easy", "Medium", "Hard")  # MMMU's topic_difficulty values, easiest first
 MULTI_CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 OPEN_INSTRUCTION = "Answer the question using a single word or phrase."
 _IMAGE_REF = re.compile(r"<image (\d+)>")

@@ -2,9 +2,9 @@
 
 Every (question, model) pair is submitted to lorafleet's engine at once, so the base and all the
 adapters are decoded together in mixed batches, greedily, as `lorafleet serve` would answer them
-(images tiled as each adapter was trained). Scores are tallied per model, overall and per
-subfield, with the number of answers that could not be parsed; every answer is kept beside the
-gold answer it was scored against.
+(images tiled as each adapter was trained). Scores are tallied per model, overall, per subfield
+and per difficulty (MMMU's `topic_difficulty`), with the number of answers that could not be
+parsed; every answer is kept beside the gold answer it was scored against.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from lorafleet.data.encode import Example, encode_prompt
 from lorafleet.data.records import ChatRecord
 from lorafleet.errors import ConfigError, DataError
 from lorafleet.eval.chat import read_chats
-from lorafleet.eval.mmmu import is_mmmu_file, read_mmmu
+from lorafleet.eval.mmmu import DIFFICULTIES, is_mmmu_file, read_mmmu
 from lorafleet.governance.audit import AuditLog, utc_now
 from lorafleet.governance.lineage import sha256_file, weight_hashes, weights_id, write_lineage
 from lorafleet.governance.registry import DATABASE, Registry
@@ -48,6 +48,7 @@ class Item:
     subfield: str
     judge: Callable[[str], Judgement]
     gold: str | list[str]  # the answer the judge scores against, as the file gives it
+    difficulty: str = ""
 
 
 @dataclass
@@ -85,6 +86,7 @@ class EvalReport:
     models: list[str]
     overall: dict[str, Tally]
     by_subfield: dict[str, dict[str, Tally]]
+    by_difficulty: dict[str, dict[str, Tally]] = field(default_factory=dict)  # Easy, Medium, Hard first
     answers: list[dict] = field(default_factory=list)  # id, model, reply, gold, correct, parsed (chat: token_f1)
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -98,9 +100,10 @@ class EvalReport:
         def tallies(by_model: dict[str, Tally]) -> dict:
             return {m: {**asdict(t), "accuracy": t.accuracy} | _f1(t, self.format) for m, t in by_model.items()}
 
-        report = {k: v for k, v in asdict(self).items() if k not in ("overall", "by_subfield")}
+        report = {k: v for k, v in asdict(self).items() if k not in ("overall", "by_subfield", "by_difficulty")}
         report["overall"] = tallies(self.overall)
         report["by_subfield"] = {name: tallies(by_model) for name, by_model in self.by_subfield.items()}
+        report["by_difficulty"] = {name: tallies(by_model) for name, by_model in self.by_difficulty.items()}
         report["tokens_per_s"] = self.tokens_per_s
         return report
 
@@ -113,7 +116,8 @@ def read_items(path: Path) -> tuple[str, list[Item]]:
     if not path.exists():
         raise DataError(f"evaluation data {path} does not exist")
     if is_mmmu_file(path):
-        return "mmmu", [Item(q.id, q.prompt(), q.subfield, _mmmu_judge(q), q.answer) for q in read_mmmu(path)]
+        questions = read_mmmu(path)
+        return "mmmu", [Item(q.id, q.prompt(), q.subfield, _mmmu_judge(q), q.answer, q.difficulty) for q in questions]
     return "chat", [Item(q.id, q.record, "", _chat_judge(q), q.answer) for q in read_chats(path)]
 
 
@@ -187,9 +191,11 @@ def score(data: str, kind: str, items: list[Item], models: list[str], replies: l
     for (item, model), reply in zip([(i, m) for i in items for m in models], replies, strict=True):
         judgement = item.judge(reply)
         report.overall[model].add(judgement)
-        if item.subfield:
-            report.by_subfield.setdefault(item.subfield, {m: Tally() for m in models})[model].add(judgement)
+        for group, name in ((report.by_subfield, item.subfield), (report.by_difficulty, item.difficulty)):
+            if name:
+                group.setdefault(name, {m: Tally() for m in models})[model].add(judgement)
         report.answers.append(_answer(item, model, reply, judgement))
+    report.by_difficulty = dict(sorted(report.by_difficulty.items(), key=lambda entry: _difficulty_rank(entry[0])))
     return report
 
 
@@ -198,6 +204,11 @@ def _answer(item: Item, model: str, reply: str, judgement: Judgement) -> dict:
     answer = {"id": item.id, "model": model, "reply": reply, "gold": item.gold}
     answer |= {"correct": judgement.correct, "parsed": judgement.parsed}
     return answer | ({"token_f1": judgement.f1} if judgement.f1 is not None else {})
+
+
+def _difficulty_rank(name: str) -> tuple[int, str]:
+    """MMMU's difficulties in their own order, any others after them by name."""
+    return (DIFFICULTIES.index(name), "") if name in DIFFICULTIES else (len(DIFFICULTIES), name)
 
 
 def _load_adapters(fleet: LoRAFleet, options: EvalOptions) -> dict[str, int | None]:
@@ -254,11 +265,13 @@ def decode_all(
 
 
 def format_report(report: EvalReport) -> str:
-    """Accuracy of every model, overall and per subfield, with counts and unparseable answers."""
+    """Accuracy of every model, overall, per subfield and per difficulty, with counts and unparseable
+    answers."""
     width = max(12, *(len(m) for m in report.models))
     header = f"{'':<24} {'questions':>9} " + " ".join(f"{m:>{width}}" for m in report.models)
     lines = [header, "-" * len(header)]
     rows = [("overall", report.overall)] + sorted(report.by_subfield.items())
+    rows += [(f"difficulty: {name}", by_model) for name, by_model in report.by_difficulty.items()]
     for name, by_model in rows:
         questions = next(iter(by_model.values())).questions
         cells = [f"{t.accuracy:>6.1%} ({t.correct})".rjust(width) for t in by_model.values()]
