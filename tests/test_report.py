@@ -18,9 +18,13 @@ from PIL import Image
 
 from lorafleet.cli import main
 from lorafleet.config import load_fleet_spec
+from lorafleet.eval.run import read_items, score
 from lorafleet.report import loss_and_lr_figure, read_run, smoothed
 from lorafleet.train.trainer import FleetTrainer
 from tests.conftest import write_text_dataset
+from tests.eval.test_chat import CHATS
+from tests.eval.test_chat import REPLIES as CHAT_REPLIES
+from tests.eval.test_mmmu import hand_counted, write_jsonl
 
 
 class Crash(Exception):
@@ -153,6 +157,61 @@ def test_report_command_takes_eval_results_into_the_page(resumed_run, tmp_path):
     page = out.read_text()
     assert "Evaluation: eval-held-out.json" in page and "75.0% of 4 (1 unparseable)" in page
     (resumed_run / "eval-held-out.json").unlink()
+
+
+class Tables(HTMLParser):
+    """The cell texts of each table, row by row."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self._cell = [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = ""
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append(self._cell)
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+
+def test_the_page_shows_token_f1_beside_exact_match_for_chats_and_accuracy_per_difficulty(resumed_run, tmp_path):
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in CHATS))
+    kind, items = read_items(chats)
+    replies = ["blue", CHAT_REPLIES[0], "", CHAT_REPLIES[1]]  # base and tuned, question by question
+    evaluations = {
+        "eval-chats.json": score(str(chats), kind, items, ["base", "tuned"], replies).to_json(),
+        "eval-mmmu.json": hand_counted(write_jsonl(tmp_path)).to_json(),
+    }
+    for name, content in evaluations.items():
+        (resumed_run / name).write_text(json.dumps(content))
+    try:
+        assert main(["report", str(resumed_run), "--out", str(tmp_path / "r.html")]) == 0
+    finally:
+        for name in evaluations:
+            (resumed_run / name).unlink()
+    parser = Tables()
+    parser.feed((tmp_path / "r.html").read_text())
+    chat_table, mmmu_table = parser.tables[1:]  # after the final metrics
+    assert chat_table[:3] == [
+        ["", "base", "tuned"],
+        ["exact match", "0.0% of 2 (1 unparseable)", "50.0% of 2 (0 unparseable)"],
+        ["token F1", "0.000", "0.833"],  # (1 + 2/3) / 2, tests/eval/test_chat.py
+    ]
+    rows = {row[0]: row[1:] for row in mmmu_table}
+    assert "token F1" not in rows, "MMMU answers are letters: no token F1"
+    assert rows["difficulty: Easy"] == ["0.0% of 1 (1 unparseable)", "100.0% of 1 (0 unparseable)"]
+    assert rows["difficulty: Hard"] == ["0.0% of 2 (0 unparseable)", "50.0% of 2 (0 unparseable)"]
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -167,9 +167,18 @@ def _final_rows(run: RunRecord) -> list[list[str]]:
 
 
 def _eval_table(content: dict) -> str:
-    models = content.get("models", list(content["overall"]))
-    rows = [["overall", *(_score(content["overall"][m]) for m in models)]]
+    """Models side by side: accuracy overall (chats: exact match, then token F1), per subfield and
+    per difficulty, as `lorafleet eval` prints them."""
+    models, overall = content.get("models", list(content["overall"])), content["overall"]
+    chat = all("token_f1" in overall[m] for m in models)
+    rows = [["exact match" if chat else "overall", *(_score(overall[m]) for m in models)]]
+    if chat:
+        rows.append(["token F1", *(f"{overall[m]['token_f1']:.3f}" for m in models)])
     rows += [[name, *(_score(tallies[m]) for m in models)] for name, tallies in content.get("by_subfield", {}).items()]
+    rows += [
+        [f"difficulty: {name}", *(_score(tallies[m]) for m in models)]
+        for name, tallies in content.get("by_difficulty", {}).items()
+    ]
     caption = f"<p>{html.escape(str(content.get('data', '')))}: {content.get('tokens_per_s', 0):,.1f} tokens/s</p>"
     return caption + _table(["", *models], rows)
 
