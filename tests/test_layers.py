@@ -19,9 +19,10 @@ FLOORS = {
     "adapters": 4,
     "evaluate": 5,
     "train": 6, "serve": 6, "compress": 6,
-    "demo": 7, "eval": 7, "report": 7,
-    "cli": 8,
-    "__main__": 9,  # python -m lorafleet: runs the CLI
+    "eval": 7, "report": 7,
+    "demo": 8,  # the whole story: trains, evaluates and writes the report
+    "cli": 9,
+    "__main__": 10,  # python -m lorafleet: runs the CLI
 }  # fmt: skip
 
 

@@ -18,6 +18,8 @@ from PIL import Image
 
 from lorafleet.cli import main
 from lorafleet.config import load_fleet_spec
+from lorafleet.demo.run import run_demo
+from lorafleet.demo.synthetic import TASKS
 from lorafleet.eval.run import read_items, score
 from lorafleet.report import loss_and_lr_figure, read_run, smoothed
 from lorafleet.train.trainer import FleetTrainer
@@ -157,6 +159,18 @@ def test_report_command_takes_eval_results_into_the_page(resumed_run, tmp_path):
     page = out.read_text()
     assert "Evaluation: eval-held-out.json" in page and "75.0% of 4 (1 unparseable)" in page
     (resumed_run / "eval-held-out.json").unlink()
+
+
+@pytest.mark.slow  # builds, trains and evaluates the demo fleet, at its smallest
+def test_the_demo_writes_its_report_and_says_where_when_it_finishes(tmp_path):
+    out, lines = tmp_path / "demo", []
+    run_demo(out, train_size=16, test_size=4, steps=3, progress=False, log=lines.append, preference_steps=2)
+    assert lines[-1].endswith(f"report: {out / 'report.html'}"), lines[-1]
+    assert set(read_run(out).adapters) == {task.department for task in TASKS}
+    assert "Training run demo" in (out / "report.html").read_text()
+    assert f"    report: {out / 'preference' / 'report.html'}" in lines, "the preference stage's run has its own"
+    assert read_run(out / "preference").adapters == ["marketing-dpo"]
+    assert (out / "preference" / "report.html").exists()
 
 
 class Tables(HTMLParser):

@@ -4,8 +4,9 @@ It builds the tiny InternVL-style model, draws a dataset per department, checks 
 would (`lorafleet data check`), writes the fleet YAML a user would write, trains every adapter
 together from it, and compares held-out accuracy of the base model and of each adapter.
 Everything lands in one directory (the layout `lorafleet serve` and later stages read): base/,
-data/, fleet.yaml, adapters/<name>/, metrics.jsonl, and the governance records: audit/ (the
-hash-chained log) and lorafleet.sqlite (the lineage registry).
+data/, fleet.yaml, adapters/<name>/, metrics.jsonl, report.html (the page `lorafleet train` writes
+for every run), and the governance records: audit/ (the hash-chained log) and lorafleet.sqlite (the
+lineage registry).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from lorafleet.evaluate import exact_match_accuracy, generate_replies, reference
 from lorafleet.governance.audit import verify_chain
 from lorafleet.models.loading import load_base
 from lorafleet.models.tiny import build_tiny_internvl
+from lorafleet.report import write_report
 from lorafleet.train.trainer import train_fleet
 
 
@@ -87,6 +89,7 @@ def run_demo(
     spec = load_fleet_spec(spec_path)
     _clear_previous_run(out)
     train_fleet(spec, progress=progress)
+    report = write_report(out)  # as `lorafleet train` does, before the evaluation can fail
     log("[5/5] held-out accuracy, greedy decoding")
     rows = evaluate_fleet(out)
     log(format_table(rows))
@@ -95,8 +98,9 @@ def run_demo(
 
         log(f"[+] preference stage: DPO on {out / 'data'} pairs, {preference_steps} steps ({out / 'preference'})")
         log(describe(run_preference_stage(out, preference_steps, progress)))
+        log(f"    report: {write_report(out / 'preference')}")
     log(audit_summary(out))
-    log(f"done in {time.perf_counter() - started:.0f} s; adapters in {out / 'adapters'}")
+    log(f"done in {time.perf_counter() - started:.0f} s; adapters in {out / 'adapters'}; report: {report}")
     return rows
 
 
