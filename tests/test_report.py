@@ -14,6 +14,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 import yaml
+from matplotlib.colors import to_rgb
 from PIL import Image
 
 from lorafleet.cli import main
@@ -21,7 +22,7 @@ from lorafleet.config import load_fleet_spec
 from lorafleet.demo.run import run_demo
 from lorafleet.demo.synthetic import TASKS
 from lorafleet.eval.run import read_items, score
-from lorafleet.report import loss_and_lr_figure, read_run, smoothed
+from lorafleet.report import RunRecord, loss_and_lr_figure, read_run, smoothed
 from lorafleet.train.trainer import FleetTrainer
 from tests.conftest import write_text_dataset
 from tests.eval.test_chat import CHATS
@@ -107,6 +108,25 @@ def test_the_learning_rate_lines_have_a_legend_naming_each_adapter_in_its_colour
     assert [text.get_text() for text in legend.get_texts()] == run.adapters
     colours = {line.get_label(): line.get_color() for line in lr.get_lines()}
     assert [handle.get_color() for handle in legend.legend_handles] == [colours[name] for name in run.adapters]
+
+
+def test_adapters_sharing_one_schedule_each_stay_visible_on_the_learning_rate_panel(tmp_path):
+    steps = [
+        {"adapter": name, "step": s, "fleet_step": s, "loss": 5 / s, "lr": 1e-3 * (1 - s / 50), "tokens": 9 * s,
+         "elapsed_s": s}
+        for s in range(1, 51)
+        for name in ("a", "b", "c")
+    ]  # fmt: skip
+    figure = loss_and_lr_figure(RunRecord(tmp_path, steps, []))
+    _, lr = figure.axes
+    lr.get_legend().remove()  # its swatches show every colour, whatever the lines do
+    figure.canvas.draw()
+    pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3].astype(int)
+    box = lr.get_window_extent()  # display coordinates: origin at the bottom left
+    panel = pixels[int(pixels.shape[0] - box.y1) : int(pixels.shape[0] - box.y0), int(box.x0) : int(box.x1)]
+    for index, name in enumerate("abc"):
+        colour = np.array(to_rgb(f"C{index}")) * 255
+        assert (np.abs(panel - colour).sum(axis=-1) < 30).sum() > 200, f"{name}'s line is hidden under the others"
 
 
 def test_smoothing_is_tensorboards_debiased_exponential_moving_average():

@@ -201,6 +201,7 @@ def loss_and_lr_figure(run: RunRecord, smoothing: float = 0.0):
     """The loss (and held-out loss) and learning-rate curves of every adapter, in one colour each;
     with `smoothing`, each loss curve is its moving average over the raw curve drawn faint."""
     figure, (loss, lr) = _figure(2)
+    widths = _learning_rate_widths(run)
     for index, adapter in enumerate(run.adapters):
         steps = run.of(adapter)
         color = f"C{index % 10}"
@@ -213,12 +214,27 @@ def loss_and_lr_figure(run: RunRecord, smoothing: float = 0.0):
         if held_out:  # held-out loss (eval_data): dashed, in the adapter's colour
             steps_, values = [s["step"] for s in held_out], [s["eval_loss"] for s in held_out]
             loss.plot(steps_, values, color=color, linestyle="--", marker="o", label=f"{adapter} (held out)")
-        lr.plot([s["step"] for s in steps], [s["lr"] for s in steps], color=color, label=adapter)
+        lr.plot(x, [s["lr"] for s in steps], color=color, linewidth=widths[adapter], label=adapter)
     loss.set(title="loss", xlabel="optimizer step", yscale="log")
     lr.set(title="learning rate", xlabel="optimizer step")
     for panel in (loss, lr):  # each panel names its lines: schedules of several adapters often overlap
         panel.legend(fontsize="small")
     return figure
+
+
+def _learning_rate_widths(run: RunRecord) -> dict[str, float]:
+    """Line widths for the learning-rate panel. Adapters often share a schedule, and the last line
+    drawn would hide the others: a line is drawn wider the more later lines run on top of it, so
+    that coinciding curves show as stripes of every colour; a curve of its own keeps the usual width."""
+    schedules = [{s["step"]: s["lr"] for s in run.of(adapter)} for adapter in run.adapters]
+
+    def coincide(first: dict, second: dict) -> bool:
+        shared = first.keys() & second.keys()
+        return bool(shared) and all(math.isclose(first[step], second[step], rel_tol=1e-9) for step in shared)
+
+    covered = [sum(coincide(mine, later) for later in schedules[i + 1 :]) for i, mine in enumerate(schedules)]
+    most = max(covered) or 1
+    return {adapter: 1.5 + 3.0 * count / most for adapter, count in zip(run.adapters, covered, strict=True)}
 
 
 def _timeline(run: RunRecord) -> bytes:
