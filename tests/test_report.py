@@ -129,6 +129,13 @@ def test_adapters_sharing_one_schedule_each_stay_visible_on_the_learning_rate_pa
         assert (np.abs(panel - colour).sum(axis=-1) < 30).sum() > 200, f"{name}'s line is hidden under the others"
 
 
+def test_the_loss_axis_is_labelled_in_plain_numbers(resumed_run):
+    figure = loss_and_lr_figure(read_run(resumed_run))
+    figure.canvas.draw()
+    labels = [label.get_text() for label in figure.axes[0].get_yticklabels(which="both") if label.get_text()]
+    assert labels and not [label for label in labels if "times" in label or "^" in label], labels
+
+
 def test_smoothing_is_tensorboards_debiased_exponential_moving_average():
     # Weight 0.5 over 1, 0, 1: running averages 0.5, 0.25, 0.625, each divided by the weight the
     # average has gathered so far (1 - 0.5^n: 0.5, 0.75, 0.875), so the curve does not start at 0.

@@ -216,6 +216,7 @@ def loss_and_lr_figure(run: RunRecord, smoothing: float = 0.0):
             loss.plot(steps_, values, color=color, linestyle="--", marker="o", label=f"{adapter} (held out)")
         lr.plot(x, [s["lr"] for s in steps], color=color, linewidth=widths[adapter], label=adapter)
     loss.set(title="loss", xlabel="optimizer step", yscale="log")
+    _plain_log_labels(loss)
     lr.set(title="learning rate", xlabel="optimizer step")
     for panel in (loss, lr):  # each panel names its lines: schedules of several adapters often overlap
         panel.legend(fontsize="small")
@@ -235,6 +236,18 @@ def _learning_rate_widths(run: RunRecord) -> dict[str, float]:
     covered = [sum(coincide(mine, later) for later in schedules[i + 1 :]) for i, mine in enumerate(schedules)]
     most = max(covered) or 1
     return {adapter: 1.5 + 3.0 * count / most for adapter, count in zip(run.adapters, covered, strict=True)}
+
+
+def _plain_log_labels(axes) -> None:
+    """Label a log axis 0.6, 2, 3 rather than 6 × 10⁻¹, 2 × 10⁰: a loss rarely spans many decades."""
+    from matplotlib.ticker import LogFormatter, StrMethodFormatter
+
+    class PlainMinorLabels(LogFormatter):  # matplotlib's choice of which minor ticks to label (few), in plain numbers
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    axes.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+    axes.yaxis.set_minor_formatter(PlainMinorLabels())
 
 
 def _timeline(run: RunRecord) -> bytes:
