@@ -5,6 +5,9 @@ step of each adapter: loss, learning rate, tokens so far, fleet step, seconds si
 started), `checkpoints/step-*.pt`, and any `eval*.json` written by `lorafleet eval --json` — and
 draws loss and learning-rate curves per adapter, the fleet's tokens/s over time and which adapters
 ran together, as PNGs embedded in the page (base64), so the file can be mailed or archived alone.
+Loss curves can be smoothed as TensorBoard smooths them (`--smooth`), the raw curve kept faint.
+Evaluations are tabled as `lorafleet eval` prints them: exact match and token F1 for chats,
+accuracy per subfield and per difficulty for MMMU.
 
 A resume shows in the metrics as the clock starting again: the trainer keeps the lines up to the
 checkpoint it resumes from, and the new process counts seconds from zero.
