@@ -57,6 +57,22 @@ def test_yaml_infinities_are_refused_too(tmp_path):
         load_fleet_spec(tmp_path / "fleet.yaml")
 
 
+def test_numbers_in_exponent_notation_are_numbers(tmp_path):
+    """PyYAML reads YAML 1.1, where `1e-3` (no dot, no exponent sign) is a string; people write it
+    and mean the number, as YAML 1.2 does. Every numeric field takes it, ints when the value is whole."""
+    (tmp_path / "fleet.yaml").write_text(
+        "base: m\noutput: o\nmemory_budget_gb: 8e1\nadapters:\n"
+        "  - {name: a, data: d, learning_rate: 1e-3, weight_decay: 1E-2, alpha: 3.2e1, beta: 5e-2, steps: 1e3}\n"
+    )
+    spec = load_fleet_spec(tmp_path / "fleet.yaml")
+    adapter = spec.adapters[0]
+    assert (adapter.learning_rate, adapter.weight_decay, adapter.alpha, adapter.beta) == (1e-3, 1e-2, 32.0, 5e-2)
+    assert adapter.steps == 1000 and isinstance(adapter.steps, int) and spec.memory_budget_gb == 80.0
+    (tmp_path / "fleet.yaml").write_text("base: m\noutput: o\nadapters:\n  - {name: a, data: d, steps: 2.5e0}\n")
+    with pytest.raises(ConfigError, match="steps must be int"):
+        load_fleet_spec(tmp_path / "fleet.yaml")
+
+
 def test_duplicate_adapter_names_are_an_error():
     with pytest.raises(ConfigError, match="repeated: a"):
         fleet_spec_from_dict({**MINIMAL, "adapters": [{"name": "a", "data": "x"}, {"name": "a", "data": "y"}]})

@@ -233,10 +233,40 @@ class FleetSpec:
             raise ConfigError(f"{where}: parallel shard_base does not work with quantize_base yet; leave one out")
 
 
+class UserYamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's numbers: PyYAML implements YAML 1.1, where a float
+    needs a dot and a signed exponent, so `learning_rate: 1e-3` would arrive as the string '1e-3'.
+    People write it and mean the number (as YAML 1.2, JSON and Python do)."""
+
+
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+UserYamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != _FLOAT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+UserYamlLoader.add_implicit_resolver(
+    _FLOAT_TAG,
+    re.compile(
+        r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?  # 1.  1.5  1.5e3  (YAML 1.1 needed e+3)
+                |[0-9][0-9_]*[eE][-+]?[0-9]+                  # 1e-3  2E5      (a string in YAML 1.1)
+                |\.[0-9_]+(?:[eE][-+]?[0-9]+)?                # .5
+                |\.(?:inf|Inf|INF))$
+           |^\.(?:nan|NaN|NAN)$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> object:
+    """YAML (or JSON) text as lorafleet reads every file a user edits: safely, with YAML 1.2's numbers."""
+    return yaml.load(text, Loader=UserYamlLoader)  # safe: a SafeLoader subclass
+
+
 def read_yaml(path: Path, what: str) -> object:
     """A YAML (or JSON) file a user edits, or a ConfigError saying which file and why."""
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return parse_yaml(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise ConfigError(f"cannot read the {what} {path}: {err.strerror}") from err
     except yaml.YAMLError as err:
@@ -249,7 +279,7 @@ def load_fleet_spec(path: str | Path) -> FleetSpec:
     if not path.exists():
         raise ConfigError(f"fleet spec {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = parse_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     spec = fleet_spec_from_dict(raw, str(path))
@@ -308,7 +338,8 @@ def _build(cls: type, raw: object, where: str):
 
 
 def _coerce(value: object, hint: object, where: str) -> object:
-    """Check `value` against a field's type; ints are accepted where floats are expected."""
+    """Check `value` against a field's type; ints are accepted where floats are expected, and
+    whole floats where ints are."""
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     for option in options:
         if option is type(None) and value is None:
@@ -320,6 +351,8 @@ def _coerce(value: object, hint: object, where: str) -> object:
             return float(value)
         if option is int and isinstance(value, int) and not isinstance(value, bool):
             return value
+        if option is int and isinstance(value, float) and value.is_integer():
+            return int(value)  # `steps: 1e3` is a float to YAML, and a whole number to the reader
         if option in (str, bool) and isinstance(value, option):
             return value
         if option not in (int, float, str, bool, type(None)) and origin is None:
