@@ -46,3 +46,30 @@ def test_limits_use_a_sliding_one_minute_window():
     tenant.record_tokens(150, now=61.0)
     assert tenant.retry_after(now=62.0) == pytest.approx(59.0)
     assert tenant.retry_after(now=121.5) is None
+
+
+def test_a_tenant_naming_an_adapter_the_fleet_lacks_stops_the_server_at_start(fleet_dir, tmp_path):
+    """A typo in the keys file would otherwise surface as 404s for that tenant, long after start."""
+    from lorafleet.serve.gateway.server import FleetServer, ServeOptions
+
+    keys = write(tmp_path, [{"name": "finance-team", "key": "k", "adapters": ["finance", "fiannce"]}])
+    with pytest.raises(ConfigError) as refused:
+        FleetServer(ServeOptions(fleet_dir=fleet_dir, tenants=load_tenants(keys)))
+    message = str(refused.value)
+    assert "tenant 'finance-team'" in message and "adapter 'fiannce'" in message
+    assert "the fleet's adapters: finance, legal" in message and str(keys) in message
+
+
+def test_a_reloaded_keys_file_naming_a_missing_adapter_keeps_the_keys_in_force(fleet_dir, tmp_path):
+    from lorafleet.serve.gateway.server import FleetServer, ServeOptions
+
+    keys = write(tmp_path, [{"name": "legal-team", "key": "k", "adapters": ["base", "legal"]}])  # base: always served
+    server = FleetServer(ServeOptions(fleet_dir=fleet_dir, tenants=load_tenants(keys))).start()
+    try:
+        in_force = server.options.tenants
+        write(tmp_path, [{"name": "legal-team", "key": "k", "adapters": ["legl"]}])
+        with pytest.raises(ConfigError, match="tenant 'legal-team' may use adapter 'legl'"):
+            server.reload_keys({"tenant": None, "key_id": None, "signal": "SIGHUP"})
+        assert server.options.tenants is in_force
+    finally:
+        server.close()

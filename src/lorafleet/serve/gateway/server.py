@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -127,11 +128,13 @@ class FleetServer:
         if options.upstream_url:
             backend = UpstreamBackend(options.upstream_url)
             self.base_name = backend.base_model
+            self._check_tenants(options.tenants, backend.adapters)
             return backend
         base_dir = options.base_dir or find_base_dir(options.fleet_dir)
         self.base_name = base_dir.name
+        adapters = fleet_adapters(options.fleet_dir)
+        self._check_tenants(options.tenants, adapters)  # before a base that may take minutes to load
         if options.engine == "vllm":
-            adapters = fleet_adapters(options.fleet_dir)
             self.adapter_ids = {name: adapter_id(path) for name, path in adapters.items()}
             return start_vllm(base_dir, adapters, options.vllm_port, options.vllm_args, options.vllm_gpu_slots)
         backend = LocalBackend(
@@ -143,10 +146,14 @@ class FleetServer:
             options.max_images,
             options.max_tiles,
         )
-        for name, path in fleet_adapters(options.fleet_dir).items():
+        for name, path in adapters.items():
             backend.load_adapter(name, path)
             self.adapter_ids[name] = adapter_id(path)
         return backend
+
+    def _check_tenants(self, tenants: TenantDirectory | None, adapters: Iterable[str]) -> None:
+        if tenants is not None:
+            tenants.check_adapters(set(adapters), self.base_names)
 
     @property
     def base_names(self) -> set[str]:
@@ -195,7 +202,9 @@ class FleetServer:
             raise ConfigError("the server was started without --keys: there is no keys file to reload")
         previous = self.options.tenants
         try:
-            self.options.tenants = previous.reloaded()
+            fresh = previous.reloaded()
+            self._check_tenants(fresh, self.adapters)
+            self.options.tenants = fresh
         except ConfigError as err:
             failure = {"error": str(err), "kept_sha256": previous.source_sha256}
             self.audit.record("serve.keys_reload_failed", failure | by)

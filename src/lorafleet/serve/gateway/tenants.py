@@ -126,6 +126,18 @@ class TenantDirectory:
             "tenants": {t.name: {"key_id": t.key_id, "admin": t.admin} for t in self.tenants},
         }
 
+    def check_adapters(self, served: set[str], base_names: set[str]) -> None:
+        """A tenant granted an adapter the server does not have is a typo in the keys file, which
+        would otherwise show only as that tenant's 404s: an error naming the tenant and the adapter.
+        The base's names are allowed (every tenant may use the base)."""
+        for tenant in self.tenants:
+            for adapter in sorted((tenant.adapters or set()) - served - base_names):
+                raise ConfigError(
+                    f"{self.source or 'keys'}: tenant {tenant.name!r} may use adapter {adapter!r}, which is not "
+                    f"served here; the fleet's adapters: {', '.join(sorted(served)) or 'none'}. Fix the name, or "
+                    "load the adapter and then reload the keys"
+                )
+
     def authenticate(self, key: str | None) -> Tenant | None:
         if not key:
             return None
