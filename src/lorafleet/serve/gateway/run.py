@@ -1,11 +1,13 @@
-"""Running a fleet server: refuse an unsafe address, start the server, serve it under uvicorn.
+"""Running a fleet server: refuse an unsafe address, take the port, start the server, serve it under uvicorn.
 The CLI builds the options and receives the messages; nothing here parses or prints."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import signal
+import socket
 from collections.abc import Callable
 
 from lorafleet.errors import ConfigError
@@ -34,13 +36,36 @@ def _quiet(message: str) -> None:
     pass
 
 
+def take_port(host: str, port: int) -> socket.socket:
+    """Bind the address before the model loads (minutes for a large base), so that a port in use
+    is an error at once, and no other process can take it while we load. Bound as uvicorn binds."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as err:
+        listener.close()
+        if err.errno == errno.EADDRINUSE:
+            problem = f"{host}:{port} is already in use (another server listens there, perhaps another lorafleet serve)"
+        else:
+            problem = f"cannot listen on {host}:{port}: {err.strerror}"
+        raise ConfigError(f"{problem}; choose another port with --port N") from err
+    return listener
+
+
 def serve(options: ServeOptions, host: str, port: int, log: Callable[[str], None] = _quiet) -> None:
     import uvicorn
 
     from lorafleet.serve.gateway.api import create_app
 
     check_address(host, options)
-    server = FleetServer(options).start()
+    listener = take_port(host, port)
+    try:
+        server = FleetServer(options).start()
+    except BaseException:
+        listener.close()
+        raise
     if options.tenants is None:
         log(f"lorafleet: no --keys given: requests need no key; listening on {host} only")
     log(f"lorafleet: serving {', '.join(['base', *server.adapters])} on http://{host}:{port}/v1")
@@ -52,7 +77,8 @@ def serve(options: ServeOptions, host: str, port: int, log: Callable[[str], None
     # exception instead, it unwinds through the `finally` below.
     signal.signal(signal.SIGTERM, _exit)
     try:
-        uvicorn.run(create_app(server), host=host, port=port, log_level="warning")
+        config = uvicorn.Config(create_app(server), host=host, port=port, log_level="warning")
+        uvicorn.Server(config).run(sockets=[listener])
     finally:
         server.close()
 

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from lorafleet.config import adapter_name_problem
+from lorafleet.config import adapter_name_problem, read_yaml
 from lorafleet.errors import AdapterError, ConfigError
 from lorafleet.models.loading import load_base
 from lorafleet.serve.engine.engine import EventSource
@@ -112,11 +112,35 @@ def fleet_adapters(fleet_dir: Path) -> dict[str, Path]:
     return found
 
 
+def not_a_fleet_directory(path: Path) -> str:
+    """Why `path` cannot be served as a fleet, and what to pass instead. The usual mistake is the
+    fleet YAML itself: --fleet takes what training wrote (the YAML's `output:` directory)."""
+    if not path.exists():
+        return (
+            f"fleet directory {path} does not exist; --fleet takes the directory `lorafleet train` wrote "
+            "(the fleet YAML's output:) or `lorafleet demo` made (demo-out)"
+        )
+    if not path.is_file():
+        return f"--fleet {path} is not a directory"
+    hint = ""
+    try:
+        spec = read_yaml(path, "fleet spec")
+    except ConfigError:
+        spec = None
+    if isinstance(spec, dict) and isinstance(spec.get("output"), str):
+        output = Path(spec["output"]).expanduser()
+        hint = f": serve this one's with --fleet {output if output.is_absolute() else path.parent / output}"
+    return (
+        f"--fleet {path} is a file, not a directory. --fleet takes the directory `lorafleet train` wrote "
+        f"(the fleet YAML's output:, holding adapters/){hint}"
+    )
+
+
 class FleetServer:
     def __init__(self, options: ServeOptions) -> None:
         self.options = options
         if not options.fleet_dir.is_dir():
-            raise ConfigError(f"fleet directory {options.fleet_dir} does not exist")
+            raise ConfigError(not_a_fleet_directory(options.fleet_dir))
         self._admin_lock = threading.Lock()
         self.adapter_ids: dict[str, str | None] = {}  # name -> registry id of the weights being served
         self.backend = self._backend()
