@@ -117,5 +117,5 @@ def test_train_serve_and_compress_without_any_outside_connection(no_egress, tiny
 def test_vllm_is_started_without_usage_statistics_or_hub_access(tiny_lm_dir):
     from lorafleet.serve.gateway.upstream import vllm_command
 
-    _, environment = vllm_command(tiny_lm_dir, {}, 8100, None, [])
+    _, environment = vllm_command(["vllm"], tiny_lm_dir, {}, 8100, None, [])
     assert environment["VLLM_NO_USAGE_STATS"] == environment["DO_NOT_TRACK"] == environment["HF_HUB_OFFLINE"] == "1"

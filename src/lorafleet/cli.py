@@ -167,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="attach to a running vLLM (or other OpenAI-compatible server) instead of generating here",
     )
+    serve.add_argument(
+        "--vllm-python",
+        type=Path,
+        metavar="PATH",
+        help="the python of the environment vLLM is installed in (it cannot share lorafleet's: it pins another "
+        "transformers), e.g. ~/vllm-env/bin/python (default: a vllm executable on PATH, else this Python)",
+    )
     serve.add_argument("--vllm-port", type=int, default=8100, help="port for the vLLM process (default: 8100)")
     serve.add_argument(
         "--vllm-max-loras",
@@ -520,6 +527,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         vllm_port=args.vllm_port,
         vllm_args=list(args.vllm_arg),
         vllm_gpu_slots=args.vllm_max_loras,
+        vllm_python=args.vllm_python.expanduser() if args.vllm_python else None,
     )
     serve(options, args.host, args.port, log=lambda message: print(message, file=sys.stderr))
     return 0

@@ -85,6 +85,7 @@ class ServeOptions:
     vllm_port: int = 8100
     vllm_args: list[str] = field(default_factory=list)  # passed to `vllm serve` after ours
     vllm_gpu_slots: int | None = None  # vLLM's --max-loras; default: the fleet's size, at most 8
+    vllm_python: Path | None = None  # the Python of vLLM's own environment; default: `vllm` on PATH, or ours
 
 
 def find_base_dir(fleet_dir: Path) -> Path:
@@ -160,7 +161,9 @@ class FleetServer:
         self._check_tenants(options.tenants, adapters)  # before a base that may take minutes to load
         if options.engine == "vllm":
             self.adapter_ids = {name: adapter_id(path) for name, path in adapters.items()}
-            return start_vllm(base_dir, adapters, options.vllm_port, options.vllm_args, options.vllm_gpu_slots)
+            return start_vllm(
+                base_dir, adapters, options.vllm_port, options.vllm_args, options.vllm_gpu_slots, options.vllm_python
+            )
         backend = LocalBackend(
             load_base(base_dir, options.device, options.dtype),
             options.image_policy,

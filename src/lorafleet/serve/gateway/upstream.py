@@ -4,7 +4,9 @@ vLLM serves the fleet's PEFT adapters itself (`--enable-lora --lora-modules name
 lacks is tenants, per-key limits and our request log, so the gateway stays in front and forwards
 each authorised request with the adapter's name as the model, always streamed; the stream comes
 back as the same events the local engine produces, which the gateway formats as JSON or SSE. Either lorafleet
-starts vLLM (`start_vllm`) or attaches to one already running (`--upstream URL`).
+starts vLLM (`start_vllm`) or attaches to one already running (`--upstream URL`). vLLM pins other
+versions of transformers than lorafleet, so it is started as a command from an environment of its
+own (`--vllm-python`, or `vllm` on PATH), never imported here.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from lorafleet.errors import AdapterError, LorafleetError
+from lorafleet.errors import AdapterError, ConfigError, LorafleetError
 from lorafleet.serve.engine.engine import Event
 from lorafleet.serve.gateway.calls import Call
 from lorafleet.serve.gateway.errors import APIError
@@ -187,8 +189,40 @@ def _logprob_entries(logprobs: dict | None) -> list[dict] | None:
     return entries or None
 
 
+VLLM_MODULE = "vllm.entrypoints.cli.main"  # what the `vllm` executable runs
+VLLM_SETUP = (
+    "vLLM pins other versions of transformers and llguidance than lorafleet, so it lives in an environment "
+    "of its own: python3 -m venv ~/vllm-env && ~/vllm-env/bin/pip install vllm (Linux, a CUDA GPU), then "
+    "--vllm-python ~/vllm-env/bin/python, or put ~/vllm-env/bin on PATH. Or start vLLM yourself and attach "
+    "with --upstream http://HOST:PORT"
+)
+
+
+def vllm_launcher(python: Path | None = None) -> list[str]:
+    """How to run vLLM's command line: the Python of vLLM's own environment (`--vllm-python`),
+    else a `vllm` executable on PATH, else this interpreter when vLLM is importable here."""
+    if python is not None:
+        if not (python.is_file() and os.access(python, os.X_OK)):
+            raise ConfigError(
+                f"--vllm-python {python} is not an executable file; give the python of the environment "
+                "vLLM is installed in, e.g. ~/vllm-env/bin/python"
+            )
+        return [str(python), "-m", VLLM_MODULE]  # not resolved: a venv's python is a link out of the venv
+    executable = shutil.which("vllm")
+    if executable:
+        return [executable]
+    if importlib.util.find_spec("vllm") is not None:
+        return [sys.executable, "-m", VLLM_MODULE]
+    raise LorafleetError(f"--engine vllm needs vLLM; none was found (no --vllm-python, no vllm on PATH). {VLLM_SETUP}")
+
+
 def vllm_command(
-    base_dir: Path, adapters: dict[str, Path], port: int, gpu_slots: int | None, extra_args: list[str]
+    launcher: list[str],
+    base_dir: Path,
+    adapters: dict[str, Path],
+    port: int,
+    gpu_slots: int | None,
+    extra_args: list[str],
 ) -> tuple[list[str], dict[str, str]]:
     """The `vllm serve` command line and environment for the fleet: every adapter registered, a
     few of them on the GPU at once (`--max-loras`, the GPU's LoRA slots; vLLM swaps the others in
@@ -200,9 +234,8 @@ def vllm_command(
         raise AdapterError(f"vLLM supports LoRA ranks up to {VLLM_LORA_RANKS[-1]}; the fleet has rank {max(ranks)}")
     gpu_slots = gpu_slots or max(1, min(len(adapters), DEFAULT_GPU_LORA_SLOTS))
     cpu_slots = max(gpu_slots, len(adapters) + RUNTIME_LORA_HEADROOM)
-    executable = shutil.which("vllm")
-    command = [executable] if executable else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
-    command += [
+    command = [
+        *launcher,
         "serve", str(base_dir),
         "--served-model-name", BASE_NAME,
         "--host", "127.0.0.1",
@@ -221,21 +254,26 @@ def vllm_command(
 
 
 def start_vllm(
-    base_dir: Path, adapters: dict[str, Path], port: int, extra_args: list[str], gpu_slots: int | None = None
+    base_dir: Path,
+    adapters: dict[str, Path],
+    port: int,
+    extra_args: list[str],
+    gpu_slots: int | None = None,
+    python: Path | None = None,
 ) -> UpstreamBackend:
-    """Start `vllm serve` on 127.0.0.1 with the fleet's adapters and wait until it answers."""
-    if importlib.util.find_spec("vllm") is None:
-        raise LorafleetError(
-            "--engine vllm needs vLLM, which is not installed here. On a Linux machine with a CUDA GPU: "
-            "pip install vllm. Or start vLLM yourself and attach with --upstream http://HOST:PORT"
-        )
-    command, environment = vllm_command(base_dir, adapters, port, gpu_slots, extra_args)
+    """Start `vllm serve` on 127.0.0.1 with the fleet's adapters and wait until it answers. vLLM
+    runs as a separate process, so it may come from another environment (`python`, or PATH)."""
+    launcher = vllm_launcher(python)
+    command, environment = vllm_command(launcher, base_dir, adapters, port, gpu_slots, extra_args)
     process = subprocess.Popen(command, env=environment)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise LorafleetError(f"vLLM exited with status {process.returncode} while starting; see its output above")
+            raise LorafleetError(
+                f"vLLM ({' '.join(launcher)}) exited with status {process.returncode} while starting; "
+                "see its output above"
+            )
         try:
             if httpx.get(f"{url}/health", timeout=5).status_code == 200:
                 return UpstreamBackend(url, process)
