@@ -73,3 +73,10 @@ def test_a_reloaded_keys_file_naming_a_missing_adapter_keeps_the_keys_in_force(f
         assert server.options.tenants is in_force
     finally:
         server.close()
+
+
+def test_limits_in_exponent_notation_are_numbers(tmp_path):
+    path = tmp_path / "keys.yaml"
+    path.write_text("tenants:\n  - {name: a, key: k, requests_per_minute: 6e1, tokens_per_minute: 2e4}\n")
+    (tenant,) = load_tenants(path).tenants
+    assert (tenant.requests_per_minute, tenant.tokens_per_minute) == (60, 20000)

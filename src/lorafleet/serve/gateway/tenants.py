@@ -22,8 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from lorafleet.config import read_yaml
 from lorafleet.errors import ConfigError
 
 WINDOW_SECONDS = 60.0
@@ -152,7 +151,7 @@ def load_tenants(path: str | Path) -> TenantDirectory:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"keys file {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path, "keys file") or {}
     entries = raw.get("tenants") if isinstance(raw, dict) else None
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"{path}: expected 'tenants:' with a list of tenants")
@@ -186,7 +185,9 @@ def _tenant(entry: object, where: str) -> Tenant:
     limits = {}
     for name in ("requests_per_minute", "tokens_per_minute"):
         value = entry.get(name)
-        if value is not None and (not isinstance(value, int) or value < 1):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # `tokens_per_minute: 2e4` is a float to YAML, and a whole number to the reader
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ConfigError(f"{where}: {name} must be a positive integer")
         limits[name] = value
     return Tenant(
