@@ -268,6 +268,12 @@ def _add_governance_parsers(commands: argparse._SubParsersAction) -> None:
     verify = actions.add_parser("verify", help="check the chain; exit 1 naming the first bad entry")
     verify.add_argument("dir", type=Path, help="fleet directory (or its audit/ directory, or an exported file)")
     verify.add_argument("--public-key", type=Path, help="also check the signed checkpoints with this public key")
+    verify.add_argument(
+        "--checkpoints",
+        type=Path,
+        metavar="FILE",
+        help="with --public-key, also check this copy of checkpoints.jsonl, kept where the fleet's host cannot write",
+    )
     verify.set_defaults(run=_run_audit_verify)
     export = actions.add_parser("export", help="copy the entries of a time range to one JSONL file")
     export.add_argument("dir", type=Path, help="fleet directory")
@@ -285,14 +291,17 @@ def _add_governance_parsers(commands: argparse._SubParsersAction) -> None:
     prune = actions.add_parser(
         "prune",
         help="delete whole months of entries older than the retention period",
-        description="Deployers of high-risk systems keep logs at least six months (EU AI Act Art. 19, 26(6)).",
+        description="Providers and deployers of high-risk AI systems keep the logs it generates at least six "
+        "months (EU AI Act Art. 19(1), 26(6)). Each deletion is recorded in the log, with who and when.",
     )
     prune.add_argument("dir", type=Path, help="fleet directory")
     prune.add_argument(
         "--keep-days",
         type=int,
-        help="keep entries this many days (default: the fleet config's audit_keep_days, as stored in DIR/audit/)",
+        help="keep entries this many days, at least the stored retention "
+        "(default: the fleet config's audit_keep_days, as stored in DIR/audit/)",
     )
+    prune.add_argument("--key", type=Path, help="Ed25519 private key: sign a checkpoint after pruning")
     prune.set_defaults(run=_run_audit_prune)
     audit.set_defaults(command="audit")
 
@@ -757,17 +766,23 @@ def _run_data_synth(args: argparse.Namespace) -> int:
 
 
 def _run_audit_verify(args: argparse.Namespace) -> int:
-    from lorafleet.errors import AuditError
+    from lorafleet.errors import AuditError, ConfigError
     from lorafleet.governance.audit import verify_chain
+    from lorafleet.governance.retention import describe_retention
     from lorafleet.governance.signing import load_public_key, verify_checkpoints
 
+    if args.checkpoints and not args.public_key:
+        raise ConfigError("--checkpoints needs --public-key: the copy is checked by its signatures")
+    key = load_public_key(args.public_key) if args.public_key else None  # a bad key file is a usage error
     try:
         report = verify_chain(args.dir)
-        signed = verify_checkpoints(args.dir, load_public_key(args.public_key), report) if args.public_key else None
+        signed = verify_checkpoints(args.dir, key, report, args.checkpoints) if key else None
     except AuditError as err:
         print(f"lorafleet: audit log NOT valid: {err}", file=sys.stderr)
         return 1
     print(f"audit log valid: {report.entries} entries, seq {report.first_seq}..{report.last_seq}")
+    for line in describe_retention(report):
+        print(line)
     if signed is not None:
         print(f"signed checkpoints: {signed.checked} verified, {signed.before_retention} before retention")
     return 0
@@ -799,13 +814,21 @@ def _run_audit_sign(args: argparse.Namespace) -> int:
 
 def _run_audit_prune(args: argparse.Namespace) -> int:
     from lorafleet.errors import AuditError
-    from lorafleet.governance.audit import prune, retention_days
+    from lorafleet.governance.retention import check_keep_days, prune, retention_days
+    from lorafleet.governance.signing import load_private_key, sign_checkpoint
 
     keep_days = args.keep_days if args.keep_days is not None else retention_days(args.dir)
     if keep_days is None:
         raise AuditError(f"{args.dir}: no retention period stored; pass --keep-days or set audit_keep_days")
-    deleted = prune(args.dir, keep_days)
+    warning = check_keep_days(keep_days, "--keep-days" if args.keep_days is not None else "audit_keep_days")
+    if warning:
+        print(f"lorafleet: warning: {warning}", file=sys.stderr)
+    key = load_private_key(args.key) if args.key else None
+    deleted = prune(args.dir, keep_days, via="lorafleet audit prune")
     print(f"deleted {len(deleted)} monthly segments: {', '.join(p.name for p in deleted) or 'none'}")
+    if key is not None:
+        checkpoint = sign_checkpoint(args.dir, key)
+        print(f"signed entry seq {checkpoint['seq']} ({checkpoint['hash'][:16]}...)")
     return 0
 
 

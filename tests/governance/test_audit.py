@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from lorafleet.cli import main
 from lorafleet.errors import AuditError
-from lorafleet.governance.audit import AuditLog, export_entries, list_segments, prune, verify_chain
+from lorafleet.governance.audit import AuditLog, export_entries, list_segments, verify_chain
+from lorafleet.governance.retention import prune
 from lorafleet.governance.signing import (
     generate_key,
     load_private_key,
@@ -148,23 +148,30 @@ def test_export_of_a_time_range_verifies_on_its_own(fleet, tmp_path):
         export_entries(fleet, tmp_path / "none.jsonl", since="2001-01-01", until="2001-02-01")
 
 
-def test_retention_deletes_whole_old_months_and_the_chain_still_verifies(fleet):
-    # The six entries become an old month; later entries go to the current one.
-    old = segment(fleet).rename(fleet / "audit" / "2001-01.jsonl")
-    log = AuditLog(fleet)
-    log.append("test.event", {"index": 6})
-    deleted = prune(fleet, keep_days=30, now=datetime.now(UTC) + timedelta(days=400))
-    assert deleted == [old] and not old.exists()
-    report = verify_chain(fleet)
+def old_month(directory, entries: int) -> None:
+    """`entries` entries written in January 2001 (a log's clock can be set), then one now."""
+    old = AuditLog(directory, clock=lambda: "2001-01-15T12:00:00.000000Z")
+    for index in range(entries):
+        old.append("test.event", {"index": index})
+    AuditLog(directory).append("test.event", {"index": entries})
+
+
+def test_retention_deletes_whole_old_months_and_the_chain_still_verifies(tmp_path):
+    old_month(tmp_path, 6)
+    deleted = prune(tmp_path, keep_days=30, via="test")
+    assert [path.name for path in deleted] == ["2001-01.jsonl"] and not deleted[0].exists()
+    report = verify_chain(tmp_path)
     assert (report.first_seq, report.last_seq) == (7, 8)
+    pruned = report.prunes[0]["data"]
+    assert (pruned["keep_days"], pruned["retention_days"], pruned["kept_from_seq"]) == (30, None, 7)
+    assert pruned["by"]["via"] == "test" and pruned["by"]["user"]
 
 
-def test_deleting_an_old_month_without_retention_is_caught(fleet):
-    segment(fleet).rename(fleet / "audit" / "2001-01.jsonl")
-    AuditLog(fleet).append("test.event", {"index": 6})
-    (fleet / "audit" / "2001-01.jsonl").unlink()
+def test_deleting_an_old_month_without_retention_is_caught(tmp_path):
+    old_month(tmp_path, 6)
+    (tmp_path / "audit" / "2001-01.jsonl").unlink()
     with pytest.raises(AuditError, match="the log starts at entry seq 7, not 1"):
-        verify_chain(fleet)
+        verify_chain(tmp_path)
 
 
 def test_signed_checkpoints_verify_with_the_public_key_only(fleet, tmp_path):
@@ -210,3 +217,21 @@ def test_audit_verify_command_exits_non_zero_and_names_the_entry(fleet, tmp_path
     assert main(["audit", "verify", str(fleet)]) == 1
     assert "entry seq 3 does not follow entry seq 1" in capsys.readouterr().err
     assert main(["audit", "export", str(fleet), "--out", str(tmp_path / "x.jsonl")]) == 2
+
+
+def test_a_key_file_that_is_not_a_public_key_is_a_usage_error_not_a_bad_log(fleet, tmp_path, capsys):
+    (tmp_path / "not-a-key.pub").write_text("-----BEGIN NOTHING-----\n")
+    assert main(["audit", "verify", str(fleet), "--public-key", str(tmp_path / "not-a-key.pub")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a PEM key" in err and "NOT valid" not in err
+    assert main(["audit", "verify", str(fleet), "--checkpoints", str(tmp_path / "copy.jsonl")]) == 2
+    assert "--checkpoints needs --public-key" in capsys.readouterr().err
+
+
+def test_a_checkpoint_entry_without_its_signature_fails_with_the_key(fleet, tmp_path):
+    """Entries written before entries carried their signature hold only (seq, hash): the file must."""
+    public = generate_key(tmp_path / "audit.key")
+    sign_checkpoint(fleet, load_private_key(tmp_path / "audit.key"))
+    AuditLog(fleet).append("audit.checkpoint", {"seq": 7, "hash": verify_chain(fleet).hashes[7]})
+    with pytest.raises(AuditError, match="entry seq 8 records a checkpoint of seq 7 without its signature"):
+        verify_checkpoints(fleet, load_public_key(public), verify_chain(fleet))

@@ -3,9 +3,11 @@
 Every entry is one JSON line holding the SHA-256 of the entry before it, so an edited, deleted,
 inserted or reordered line breaks the chain at that line. Lines live in monthly segments
 (`<fleet>/audit/YYYY-MM.jsonl`, so retention can drop whole old months) that read as one chain;
-`head.json` names the newest entry, so cutting whole lines off the end is caught too. Anyone who
-can write the directory can still rewrite the chain from some point on and recompute every hash:
-signed checkpoints (governance/signing.py), kept where that writer cannot reach, close that gap.
+`head.json` names the newest entry, so cutting whole lines off the end is caught too. A log that
+starts later than its first entry must say why: an `audit.pruned` entry that the rules below allow
+(governance/retention.py deletes; this module checks). Anyone who can write the directory can
+still rewrite the chain from some point on and recompute every hash: signed checkpoints
+(governance/signing.py), kept where that writer cannot reach, close that gap.
 
 Appends are safe across processes and threads (the serving workers and a training run write the
 same log): each holds an exclusive `fcntl` lock on `audit/lock` while it reads the chain's tail
@@ -19,8 +21,9 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -28,6 +31,11 @@ from lorafleet.errors import AuditError
 
 GENESIS = "0" * 64
 SEGMENT_GLOB = "[0-9][0-9][0-9][0-9]-[0-9][0-9].jsonl"
+PRUNED, RETENTION, CHECKPOINT = "audit.pruned", "audit.retention", "audit.checkpoint"
+MIN_KEEP_DAYS = 1
+# A prune dated later than this past the verifier's clock is forged: a date in the future would
+# make any month look old enough to delete. An hour allows for clocks that disagree.
+CLOCK_SKEW = timedelta(hours=1)
 
 
 def audit_dir(path: str | Path) -> Path:
@@ -64,12 +72,19 @@ def parse_time(text: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def month_end(month: str) -> datetime:
+    """The first instant after the month "YYYY-MM" (UTC)."""
+    year, number = int(month[:4]), int(month[5:7])
+    return datetime(year + number // 12, number % 12 + 1, 1, tzinfo=UTC)
+
+
 class AuditLog:
     """Appends entries to the hash chain in `<fleet_dir>/audit/`."""
 
-    def __init__(self, fleet_dir: str | Path) -> None:
+    def __init__(self, fleet_dir: str | Path, clock: Callable[[], str] = utc_now) -> None:
         self.directory = audit_dir(fleet_dir)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.clock = clock
         self._thread_lock = threading.Lock()
 
     def append(self, event: str, data: dict) -> dict:
@@ -79,35 +94,42 @@ class AuditLog:
     def append_all(self, events: list[tuple[str, dict]]) -> list[dict]:
         """Add several entries under one lock and one update of head.json (which costs a rename:
         milliseconds on ext4), so a busy server's writer keeps up with any request rate."""
-        with self._thread_lock, self._file_lock():
-            seq, prev = self._tail()
-            written = []
-            for event, data in events:
-                entry = {"seq": seq + 1, "time": utc_now(), "event": event, "data": data, "prev": prev}
-                entry["hash"] = entry_hash(entry)
-                seq, prev = entry["seq"], entry["hash"]
-                written.append(entry)
-            segment = self._segment_for(written[-1]["time"])
-            lines = "".join(
-                json.dumps(e, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n" for e in written
-            )
-            # One write() on an O_APPEND descriptor: lines are never interleaved with another writer's.
-            descriptor = os.open(segment, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(descriptor, lines.encode())
-            finally:
-                os.close(descriptor)
-            _write_head(self.directory, seq, prev)
-            return written
+        with self.exclusive():
+            return self.append_held(events)
 
-    def _file_lock(self):
-        return _Flock(self.directory / "lock")
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the log against every other writer, thread or process (read, change, then append)."""
+        with self._thread_lock, _Flock(self.directory / "lock"):
+            yield
+
+    def append_held(self, events: list[tuple[str, dict]]) -> list[dict]:
+        """`append_all` for a caller already inside `exclusive()`."""
+        seq, prev = self._tail()
+        written = []
+        for event, data in events:
+            entry = {"seq": seq + 1, "time": self.clock(), "event": event, "data": data, "prev": prev}
+            entry["hash"] = entry_hash(entry)
+            seq, prev = entry["seq"], entry["hash"]
+            written.append(entry)
+        segment = self._segment_for(written[-1]["time"])
+        lines = "".join(
+            json.dumps(e, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n" for e in written
+        )
+        # One write() on an O_APPEND descriptor: lines are never interleaved with another writer's.
+        descriptor = os.open(segment, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(descriptor, lines.encode())
+        finally:
+            os.close(descriptor)
+        _write_head(self.directory, seq, prev)
+        return written
 
     def _tail(self) -> tuple[int, str]:
         """(seq, hash) of the newest entry, read from the log itself; (0, GENESIS) when empty."""
         segments = list_segments(self.directory)
         for segment in reversed(segments):
-            line = _last_line(segment)
+            line = last_line(segment)
             if line is not None:
                 try:
                     entry = json.loads(line)
@@ -143,7 +165,7 @@ def list_segments(directory: Path) -> list[Path]:
     return sorted(directory.glob(SEGMENT_GLOB))
 
 
-def _last_line(path: Path) -> str | None:
+def last_line(path: Path) -> str | None:
     """The last line of `path`, read backwards in blocks (segments grow large)."""
     with path.open("rb") as handle:
         handle.seek(0, os.SEEK_END)
@@ -178,8 +200,13 @@ def read_head(directory: Path) -> dict | None:
 
 @dataclass
 class Line:
-    where: str  # file:line
+    path: Path
+    number: int
     text: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.number}"
 
 
 def read_lines(path: Path) -> Iterator[Line]:
@@ -191,7 +218,7 @@ def read_lines(path: Path) -> Iterator[Line]:
                 text = raw.decode("utf-8", errors="replace")
                 if not text.endswith("\n"):
                     text += "\0"  # a cut-off last line: never a valid entry
-                yield Line(f"{file}:{number}", text.rstrip("\n"))
+                yield Line(file, number, text.rstrip("\n"))
 
 
 @dataclass
@@ -201,26 +228,34 @@ class VerifyReport:
     last_seq: int | None
     last_hash: str
     hashes: dict[int, str]  # seq -> hash, for checking signed checkpoints
+    exported: bool = False  # one exported file: it may start and end anywhere
+    segment_starts: dict[str, int] = field(default_factory=dict)  # month "YYYY-MM" -> seq of its first entry
+    prunes: list[dict] = field(default_factory=list)  # the audit.pruned entries, oldest first
+    retention_changes: list[dict] = field(default_factory=list)  # the audit.retention entries, oldest first
+    checkpoints: list[dict] = field(default_factory=list)  # the audit.checkpoint entries, oldest first
+
+    @property
+    def first_month(self) -> str | None:
+        """The month of the segment the log starts in (None for an exported file)."""
+        return next((month for month, seq in self.segment_starts.items() if seq == self.first_seq), None)
 
 
-def verify_chain(path: str | Path) -> VerifyReport:
+def verify_chain(path: str | Path, now: datetime | None = None) -> VerifyReport:
     """Check every line of an audit directory (or an exported file) and raise AuditError naming
     the first bad entry: a line whose hash does not match its content (edited), whose `prev` is
     not the hash of the line before it (deleted, inserted, reordered), a sequence gap, a cut-off
-    line, or entries missing after the last one (truncated: `head.json` names a later entry)."""
+    line, entries missing after the last one (truncated: `head.json` names a later entry), or
+    entries missing before the first one that no allowed `audit.pruned` entry accounts for."""
     path = Path(path)
     if not path.exists():
         raise AuditError(f"{path} does not exist; pass a fleet directory, its audit/ directory or an exported file")
     path = audit_dir(path) if path.is_dir() else path
-    exported = path.is_file()
+    report = VerifyReport(0, None, None, GENESIS, {}, exported=path.is_file())
     previous: dict | None = None
     first: tuple[dict, Line] | None = None
-    hashes: dict[int, str] = {}
-    pruned: set[tuple[int, str]] = set()  # (seq, prev) of each first entry kept by retention
+    retention_events: list[tuple[dict, Line]] = []  # audit.retention and audit.pruned, in order
     for line in read_lines(path):
         entry = _parse(line)
-        if entry["event"] == "audit.pruned":
-            pruned.add((entry["data"].get("kept_from_seq"), entry["data"].get("kept_from_prev")))
         if previous is None:
             first = (entry, line)
         elif entry["prev"] != previous["hash"] or entry["seq"] != previous["seq"] + 1:
@@ -228,14 +263,31 @@ def verify_chain(path: str | Path) -> VerifyReport:
                 f"{line.where}: entry seq {entry['seq']} does not follow entry seq {previous['seq']} "
                 "(an entry was deleted, inserted or moved here)"
             )
-        hashes[entry["seq"]] = entry["hash"]
+        if line.number == 1 and not report.exported:
+            report.segment_starts[line.path.stem] = entry["seq"]
+        if entry["event"] in (PRUNED, RETENTION):
+            retention_events.append((entry, line))
+        if entry["event"] == PRUNED:
+            report.prunes.append(entry)
+        elif entry["event"] == RETENTION:
+            report.retention_changes.append(entry)
+        elif entry["event"] == CHECKPOINT:
+            report.checkpoints.append(entry)
+        report.hashes[entry["seq"]] = entry["hash"]
         previous = entry
     if first is None or previous is None:
         raise AuditError(f"{path}: no audit entries")
-    if not exported:
-        _check_start(*first, pruned)
+    report.entries, report.first_seq, report.last_seq, report.last_hash = (
+        len(report.hashes),
+        first[0]["seq"],
+        previous["seq"],
+        previous["hash"],
+    )
+    if not report.exported:
+        _check_prunes(retention_events, report, now or datetime.now(UTC))
+        _check_start(*first, report.prunes)
         _check_head(path, previous)
-    return VerifyReport(len(hashes), first[0]["seq"], previous["seq"], previous["hash"], hashes)
+    return report
 
 
 def _parse(line: Line) -> dict:
@@ -251,9 +303,11 @@ def _parse(line: Line) -> dict:
     return entry
 
 
-def _check_start(entry: dict, line: Line, pruned: set[tuple[int, str]]) -> None:
-    """The log starts at the first entry ever written, or where retention deleted up to."""
-    if entry["seq"] == 1 and entry["prev"] == GENESIS or (entry["seq"], entry["prev"]) in pruned:
+def _check_start(entry: dict, line: Line, prunes: list[dict]) -> None:
+    """The log starts at the first entry ever written, or where an allowed prune deleted up to."""
+    if entry["seq"] == 1 and entry["prev"] == GENESIS:
+        return
+    if any((p["data"]["kept_from_seq"], p["data"]["kept_from_prev"]) == (entry["seq"], entry["prev"]) for p in prunes):
         return
     raise AuditError(
         f"{line.where}: the log starts at entry seq {entry['seq']}, not 1, and no audit.pruned entry "
@@ -274,7 +328,79 @@ def _check_head(directory: Path, last: dict) -> None:
         )
 
 
-# --- export and retention -------------------------------------------------------------------
+# --- the rules a prune must follow ----------------------------------------------------------
+
+
+def prune_cutoff(entry: dict) -> datetime:
+    """Everything a prune deleted ended before this: its time less the days it kept."""
+    return parse_time(entry["time"]) - timedelta(days=entry["data"]["keep_days"])
+
+
+def _check_prunes(events: list[tuple[dict, Line]], report: VerifyReport, now: datetime) -> None:
+    """Every `audit.pruned` entry must have been allowed when it was made: whole months, all older
+    than the days it kept, which are at least the retention the log records as in force then."""
+    in_force: int | None = None  # days, as the log records them (None: not recorded, or every entry kept)
+    for entry, line in events:
+        if entry["event"] == RETENTION:
+            in_force = entry["data"].get("keep_days")
+            continue
+        problem = _prune_problem(entry, in_force, report, now)
+        if problem:
+            raise AuditError(f"{line.where}: the audit.pruned entry seq {entry['seq']} {problem}")
+        in_force = entry["data"]["retention_days"]
+
+
+def _prune_problem(entry: dict, in_force: int | None, report: VerifyReport, now: datetime) -> str | None:
+    data = entry["data"]
+    missing = {"by", "keep_days", "retention_days", "deleted_segments", "kept_from_seq", "kept_from_prev"} - set(data)
+    if missing:
+        return f"lacks {', '.join(sorted(missing))}: a prune must say who deleted what under which retention"
+    keep, claimed = data["keep_days"], data["retention_days"]
+    if not _is_days(keep) or keep < MIN_KEEP_DAYS:
+        return f"kept {keep!r} days; retention keeps at least {MIN_KEEP_DAYS} day"
+    if parse_time(entry["time"]) > now + CLOCK_SKEW:
+        return f"is dated {entry['time']}, in the future: a forged date makes any month look old"
+    if in_force is not None and claimed != in_force:
+        return f"claims a retention of {claimed} days in force, but the log records {in_force} days"
+    if claimed is not None and (not _is_days(claimed) or keep < claimed):
+        return f"kept {keep} days, less than the retention of {claimed} days in force"
+    return _months_problem(entry, report)
+
+
+def _months_problem(entry: dict, report: VerifyReport) -> str | None:
+    data, cutoff = entry["data"], prune_cutoff(entry)
+    months = [_segment_month(name) for name in data["deleted_segments"]]
+    if not months or None in months:
+        return f"names no deleted monthly segment (YYYY-MM.jsonl) but {data['deleted_segments']!r}"
+    young = [month for month in months if month_end(month) > cutoff]
+    if young:
+        return (
+            f"deleted {young[0]}, which ends after {cutoff.isoformat()} ({data['keep_days']} days before the "
+            "prune): only whole months older than the retention may be deleted"
+        )
+    kept = data["kept_from_seq"]
+    if not isinstance(kept, int) or kept >= entry["seq"] or kept > report.first_seq:
+        return f"says the entries before seq {kept} were deleted, but the log holds seq {report.first_seq}.."
+    if kept == report.first_seq:  # the prune the log starts after
+        month = report.first_month
+        if month is None:
+            return f"kept seq {kept} from the middle of a month: part of a month was deleted"
+        if max(months) >= month:
+            return f"deleted {max(months)}, but the log starts in {month}: part of a month was deleted"
+    return None
+
+
+def _segment_month(name: object) -> str | None:
+    if not isinstance(name, str) or not Path(name).match(SEGMENT_GLOB) or not 1 <= int(name[5:7]) <= 12:
+        return None
+    return name[:7]
+
+
+def _is_days(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# --- export ---------------------------------------------------------------------------------
 
 
 def export_entries(path: str | Path, out: str | Path, since: str | None = None, until: str | None = None) -> int:
@@ -294,64 +420,3 @@ def export_entries(path: str | Path, out: str | Path, since: str | None = None, 
         Path(out).unlink()
         raise AuditError(f"no audit entries between {since or 'the start'} and {until or 'now'}")
     return count
-
-
-def prune(fleet_dir: str | Path, keep_days: int, now: datetime | None = None) -> list[Path]:
-    """Delete whole monthly segments whose every entry is older than `keep_days`, then record an
-    `audit.pruned` entry. The first kept entry's `prev` still names the last deleted one, which the
-    pruned entry records, so the chain stays verifiable. Returns the deleted segments."""
-    log = AuditLog(fleet_dir)
-    cutoff = (now or datetime.now(UTC)) - timedelta(days=keep_days)
-    with log._thread_lock, log._file_lock():
-        segments = list_segments(log.directory)
-        doomed = []
-        for segment in segments[:-1]:  # the newest month stays: the chain continues from it
-            last = json.loads(_last_line(segment) or "null")
-            if last is not None and parse_time(last["time"]) < cutoff:
-                doomed.append(segment)
-            else:
-                break
-        if not doomed:
-            return []
-        first_kept = json.loads(next(iter(read_lines(segments[len(doomed)]))).text)
-        for segment in doomed:
-            segment.unlink()
-    log.append(
-        "audit.pruned",
-        {
-            "deleted_segments": [segment.name for segment in doomed],
-            "keep_days": keep_days,
-            "kept_from_seq": first_kept["seq"],
-            "kept_from_prev": first_kept["prev"],
-        },
-    )
-    return doomed
-
-
-# The retention period, set by the fleet config (`audit_keep_days`) and stored beside the log so
-# that the server and `lorafleet audit prune` apply the same one. Only deletion depends on it, and
-# every deletion is itself an entry of the chain (audit.pruned, with the period it applied).
-RETENTION_FILE = "retention.json"
-
-
-def set_retention(fleet_dir: str | Path, keep_days: int) -> None:
-    directory = AuditLog(fleet_dir).directory
-    partial = directory / (RETENTION_FILE + ".partial")
-    partial.write_text(json.dumps({"keep_days": keep_days}) + "\n")
-    os.replace(partial, directory / RETENTION_FILE)
-
-
-def retention_days(fleet_dir: str | Path) -> int | None:
-    path = audit_dir(fleet_dir) / RETENTION_FILE
-    if not path.exists():
-        return None
-    try:
-        return int(json.loads(path.read_text())["keep_days"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise AuditError(f'{path}: expected {{"keep_days": DAYS}}; set audit_keep_days in the fleet config') from err
-
-
-def apply_retention(fleet_dir: str | Path) -> list[Path]:
-    """Prune by the fleet's stored retention period; nothing without one (keep everything)."""
-    keep_days = retention_days(fleet_dir)
-    return prune(fleet_dir, keep_days) if keep_days is not None else []

@@ -16,7 +16,7 @@ from lorafleet.config import FleetSpec
 from lorafleet.data.encode import Example
 from lorafleet.data.preference import PreferencePair, read_preference_records
 from lorafleet.data.records import read_records
-from lorafleet.governance.audit import AuditLog, apply_retention, set_retention, utc_now
+from lorafleet.governance.audit import AuditLog, utc_now
 from lorafleet.governance.lineage import (
     DataFile,
     Lineage,
@@ -30,6 +30,7 @@ from lorafleet.governance.lineage import (
     write_lineage,
 )
 from lorafleet.governance.registry import Registry
+from lorafleet.governance.retention import apply_retention, set_retention
 from lorafleet.models.loading import FrozenBase
 from lorafleet.train.job import AdapterJob
 
@@ -60,8 +61,8 @@ class TrainingProvenance:
             "device": self.device,
         }
         if self.spec.audit_keep_days is not None:
-            set_retention(self.output, self.spec.audit_keep_days)
-            apply_retention(self.output)
+            set_retention(self.output, self.spec.audit_keep_days, via="lorafleet train")
+            apply_retention(self.output, via="lorafleet train")
         if resumed_at is None:
             self.audit.append("train.start", facts)
         else:

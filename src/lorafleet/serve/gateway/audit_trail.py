@@ -32,8 +32,9 @@ from pathlib import Path
 
 from lorafleet.data.pii import PiiDetector
 from lorafleet.data.redact import Placeholders, redact_record, redact_text
-from lorafleet.governance.audit import AuditLog, apply_retention
+from lorafleet.governance.audit import AuditLog
 from lorafleet.governance.lineage import weight_hashes, weights_id
+from lorafleet.governance.retention import apply_retention
 
 RETENTION_CHECK_SECONDS = 24 * 3600
 MAX_BATCH = 256  # entries written together when requests arrive faster than one append takes
@@ -136,4 +137,4 @@ class AuditTrail:
         """Apply the fleet's retention period at start and once a day after."""
         if time.monotonic() - self._last_retention >= RETENTION_CHECK_SECONDS or not self._last_retention:
             self._last_retention = time.monotonic()
-            apply_retention(self.fleet_dir)
+            apply_retention(self.fleet_dir, via="lorafleet serve")
