@@ -134,6 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-content", action="store_true", help="also store prompts and replies in the log")
     serve.add_argument(
+        "--audit-key",
+        type=Path,
+        help="Ed25519 private key (lorafleet audit keygen): sign checkpoints of the audit log at start, "
+        "every --audit-sign-every seconds and at shutdown",
+    )
+    serve.add_argument(
+        "--audit-sign-every",
+        type=float,
+        default=3600,
+        metavar="SECONDS",
+        help="with --audit-key, seconds between signed checkpoints while requests come in (default: 3600)",
+    )
+    serve.add_argument(
         "--allow-image-dir",
         type=Path,
         action="append",
@@ -290,7 +303,7 @@ def _add_governance_parsers(commands: argparse._SubParsersAction) -> None:
     sign.set_defaults(run=_run_audit_sign)
     prune = actions.add_parser(
         "prune",
-        help="delete whole months of entries older than the retention period",
+        help="delete whole months of entries (and logged requests) older than the retention period",
         description="Providers and deployers of high-risk AI systems keep the logs it generates at least six "
         "months (EU AI Act Art. 19(1), 26(6)). Each deletion is recorded in the log, with who and when.",
     )
@@ -537,6 +550,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         vllm_args=list(args.vllm_arg),
         vllm_gpu_slots=args.vllm_max_loras,
         vllm_python=args.vllm_python.expanduser() if args.vllm_python else None,
+        audit_key=args.audit_key,
+        audit_sign_every_s=args.audit_sign_every,
     )
     serve(options, args.host, args.port, log=lambda message: print(message, file=sys.stderr))
     return 0
@@ -816,6 +831,7 @@ def _run_audit_prune(args: argparse.Namespace) -> int:
     from lorafleet.errors import AuditError
     from lorafleet.governance.retention import check_keep_days, prune, retention_days
     from lorafleet.governance.signing import load_private_key, sign_checkpoint
+    from lorafleet.serve.gateway.request_log import apply_request_retention
 
     keep_days = args.keep_days if args.keep_days is not None else retention_days(args.dir)
     if keep_days is None:
@@ -825,7 +841,9 @@ def _run_audit_prune(args: argparse.Namespace) -> int:
         print(f"lorafleet: warning: {warning}", file=sys.stderr)
     key = load_private_key(args.key) if args.key else None
     deleted = prune(args.dir, keep_days, via="lorafleet audit prune")
+    rows = apply_request_retention(args.dir, keep_days, via="lorafleet audit prune")
     print(f"deleted {len(deleted)} monthly segments: {', '.join(p.name for p in deleted) or 'none'}")
+    print(f"deleted {rows} logged requests older than {keep_days} days")
     if key is not None:
         checkpoint = sign_checkpoint(args.dir, key)
         print(f"signed entry seq {checkpoint['seq']} ({checkpoint['hash'][:16]}...)")

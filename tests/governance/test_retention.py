@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
 
 import pytest
 
@@ -10,7 +12,9 @@ from lorafleet.cli import main
 from lorafleet.config import AdapterSpec, FleetSpec
 from lorafleet.errors import ConfigError
 from lorafleet.governance.audit import AuditLog, list_segments, verify_chain
+from lorafleet.governance.registry import DATABASE
 from lorafleet.governance.retention import retention_days, set_retention
+from lorafleet.serve.gateway.request_log import RequestLog, RequestRecord
 from lorafleet.train.trainer import train_fleet
 from tests.conftest import write_text_dataset
 
@@ -73,3 +77,19 @@ def test_audit_prune_refuses_to_keep_less_than_the_fleets_retention(tmp_path, ca
     assert "less than the fleet's retention of 400 days" in capsys.readouterr().err
     assert main(["audit", "prune", str(tmp_path)]) == 0  # the stored 400 days: 2001 is older
     assert verify_chain(tmp_path).first_seq == 2
+
+
+def test_audit_prune_also_deletes_logged_requests_older_than_the_retention(tmp_path, capsys):
+    old_and_current_month(tmp_path)
+    requests = RequestLog(tmp_path / DATABASE, log_content=True)
+    for request_id in ("old", "new"):
+        requests.record(RequestRecord(request_id, "t", "base", 1, 1, 1.0, 200, content={"prompt": "private"}))
+    requests.close()
+    with sqlite3.connect(tmp_path / DATABASE) as db:
+        db.execute("UPDATE requests SET time = ? WHERE request_id = 'old'", (time.time() - 201 * 86400,))
+    assert main(["audit", "prune", str(tmp_path), "--keep-days", "200"]) == 0
+    assert "deleted 1 logged requests older than 200 days" in capsys.readouterr().out
+    with sqlite3.connect(tmp_path / DATABASE) as db:
+        assert db.execute("SELECT request_id FROM requests").fetchall() == [("new",)]
+    report = verify_chain(tmp_path)
+    assert [entry["event"] for entry in report.prunes] == ["audit.pruned"]

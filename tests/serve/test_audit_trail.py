@@ -5,18 +5,26 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sqlite3
+import time
 
 import httpx
 import openai
 import pytest
 import yaml
 
+from lorafleet.cli import main
 from lorafleet.data.pii import PiiDetector
+from lorafleet.errors import AuditError
 from lorafleet.governance.audit import list_segments, verify_chain
 from lorafleet.governance.lineage import weight_hashes, weights_id
+from lorafleet.governance.registry import DATABASE
+from lorafleet.governance.retention import set_retention
+from lorafleet.governance.signing import generate_key
 from lorafleet.serve.gateway.audit_trail import content_sha256, redact_content
+from lorafleet.serve.gateway.request_log import RequestLog, RequestRecord
 from lorafleet.serve.gateway.run import reload_keys_now
-from lorafleet.serve.gateway.server import ServeOptions
+from lorafleet.serve.gateway.server import FleetServer, ServeOptions
 from lorafleet.serve.gateway.tenants import hash_key, load_tenants
 from tests.serve.conftest import KEYS, running_server
 
@@ -214,3 +222,54 @@ def test_sighup_reloads_the_keys_of_a_running_lorafleet_serve_and_stop_is_logged
     events = [entry["event"] for entry in entries(tmp_path / "fleet")]
     assert events == ["serve.start", "serve.keys_reloaded", "serve.stop"]
     assert verify_chain(tmp_path / "fleet").entries == 3
+
+
+def test_the_server_signs_checkpoints_at_start_on_a_period_and_at_shutdown(fleet_dir, tmp_path, capsys):
+    fleet = copy_fleet(fleet_dir, tmp_path)
+    public = generate_key(tmp_path / "audit.key")
+    options = ServeOptions(fleet_dir=fleet, audit_key=tmp_path / "audit.key", audit_sign_every_s=0.5)
+    with running_server(options) as (url, server):
+        server.audit.flush()
+        assert server.audit.signed == 1  # the start, signed as soon as it is written
+        client(url, "none").chat.completions.create(model="base", messages=MESSAGES, max_tokens=2)
+        deadline = time.monotonic() + 30
+        while server.audit.signed < 2:  # the request, signed within the period with no further traffic
+            assert time.monotonic() < deadline, "no checkpoint after the period"
+            time.sleep(0.05)
+    events = [entry["event"] for entry in entries(fleet)]
+    assert events == [
+        "serve.start",
+        "audit.checkpoint",
+        "serve.request",
+        "audit.checkpoint",
+        "serve.stop",
+        "audit.checkpoint",
+    ]
+    assert main(["audit", "verify", str(fleet), "--public-key", str(public)]) == 0
+    assert "signed checkpoints: 3 verified" in capsys.readouterr().out
+    assert entries(fleet)[0]["data"]["audit_signed_every_s"] == 0.5
+
+
+def test_a_server_given_a_key_that_is_not_a_private_key_refuses_to_start(fleet_dir, tmp_path):
+    fleet = copy_fleet(fleet_dir, tmp_path)
+    public = generate_key(tmp_path / "audit.key")
+    with pytest.raises(AuditError, match="is not a PEM key|not an Ed25519 private key"):
+        FleetServer(ServeOptions(fleet_dir=fleet, audit_key=public))
+
+
+def test_the_servers_retention_covers_the_request_log_and_its_content(fleet_dir, tmp_path):
+    fleet = copy_fleet(fleet_dir, tmp_path)
+    set_retention(fleet, 200, via="lorafleet train")
+    requests = RequestLog(fleet / DATABASE, log_content=True)
+    for request_id in ("old", "new"):
+        requests.record(RequestRecord(request_id, "t", "base", 1, 1, 1.0, 200, content={"prompt": "private"}))
+    requests.close()
+    with sqlite3.connect(fleet / DATABASE) as db:
+        db.execute("UPDATE requests SET time = ? WHERE request_id = 'old'", (time.time() - 201 * 86400,))
+    with running_server(ServeOptions(fleet_dir=fleet)) as (_, server):
+        server.audit.flush()
+    with sqlite3.connect(fleet / DATABASE) as db:
+        assert db.execute("SELECT request_id FROM requests ORDER BY id").fetchall() == [("new",)]
+    (pruned,) = [entry["data"] for entry in entries(fleet) if entry["event"] == "request_log.pruned"]
+    assert (pruned["rows"], pruned["keep_days"], pruned["by"]["via"]) == (1, 200, "lorafleet serve")
+    assert verify_chain(fleet).entries == 4  # audit.retention, request_log.pruned, serve.start, serve.stop

@@ -16,6 +16,13 @@ append fails the server keeps serving: the failure is printed to stderr and coun
 (`lorafleet_audit_append_failures` in /metrics), because refusing every request over a full disk
 would turn a logging fault into an outage, while a silent gap would be worse than either. Alert
 on that metric. Entries are written in the order they were queued.
+
+The same thread applies the fleet's retention (audit log and request log) at start and daily, and,
+given a private key (`lorafleet serve --audit-key`), signs a checkpoint of the chain at start,
+every `sign_every_s` while entries keep coming (default an hour), and after the stop entry at
+shutdown, so a verifier with the public key finds at most that long unsigned. Signing verifies
+the whole chain first (reading every line), which is what makes it worth an hour's wait; a log
+that fails is never signed, and each failure is printed and counted like an append failure.
 """
 
 from __future__ import annotations
@@ -30,13 +37,18 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from lorafleet.data.pii import PiiDetector
 from lorafleet.data.redact import Placeholders, redact_record, redact_text
 from lorafleet.governance.audit import AuditLog
 from lorafleet.governance.lineage import weight_hashes, weights_id
-from lorafleet.governance.retention import apply_retention
+from lorafleet.governance.retention import apply_retention, retention_days
+from lorafleet.governance.signing import sign_checkpoint
+from lorafleet.serve.gateway.request_log import apply_request_retention
 
 RETENTION_CHECK_SECONDS = 24 * 3600
+SIGN_EVERY_SECONDS = 3600
 MAX_BATCH = 256  # entries written together when requests arrive faster than one append takes
 
 
@@ -82,11 +94,21 @@ def adapter_id(path: str | Path) -> str | None:
 class AuditTrail:
     """Queues entries for the fleet's audit log and appends them on a background thread."""
 
-    def __init__(self, fleet_dir: Path, redact: bool = False) -> None:
+    def __init__(
+        self,
+        fleet_dir: Path,
+        redact: bool = False,
+        signer: Ed25519PrivateKey | None = None,
+        sign_every_s: float = SIGN_EVERY_SECONDS,
+    ) -> None:
         self.fleet_dir = fleet_dir
         self._detector = PiiDetector() if redact else None  # for content, logged with --log-content
         self.log = AuditLog(fleet_dir)
         self.failures = 0
+        self.signer, self.sign_every_s = signer, sign_every_s
+        self.signed = 0  # checkpoints signed since start
+        self._unsigned = False  # entries written since the last checkpoint
+        self._last_signed = 0.0
         self._queue: queue.Queue[tuple[str, dict] | None] = queue.Queue()
         self._last_retention = 0.0
         self._writer = threading.Thread(target=self._write, name="lorafleet-audit", daemon=True)
@@ -106,9 +128,7 @@ class AuditTrail:
     def _write(self) -> None:
         closing = False
         while not closing:
-            batch = [self._queue.get()]
-            while len(batch) < MAX_BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            batch = self._next_batch()
             closing = None in batch
             entries = [item for item in batch if item is not None]
             try:
@@ -116,13 +136,43 @@ class AuditTrail:
                 self._retain()
                 if entries:
                     self.log.append_all(entries)
+                    self._unsigned = True
             except Exception as err:  # noqa: BLE001 - any failure must be counted, and serving go on
                 self.failures += len(entries)
                 events = ", ".join(sorted({event for event, _ in entries}))
                 print(f"lorafleet: audit log append failed ({events}): {type(err).__name__}: {err}", file=sys.stderr)
             finally:
+                self._sign_if_due(closing)
                 for _ in batch:
                     self._queue.task_done()
+
+    def _next_batch(self) -> list[tuple[str, dict] | None]:
+        """The queued entries (waiting for one), or none when a checkpoint falls due first."""
+        wait = None
+        if self.signer is not None and self._unsigned:
+            wait = max(0.0, self._last_signed + self.sign_every_s - time.monotonic())
+        try:
+            batch = [self._queue.get(timeout=wait)]
+        except queue.Empty:
+            return []
+        while len(batch) < MAX_BATCH and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        return batch
+
+    def _sign_if_due(self, closing: bool) -> None:
+        """Sign what was written: first thing, then every `sign_every_s`, and when closing."""
+        never_tried = self._last_signed == 0.0
+        due = never_tried or closing or time.monotonic() - self._last_signed >= self.sign_every_s
+        if self.signer is None or not self._unsigned or not due:
+            return
+        self._last_signed = time.monotonic()
+        try:
+            sign_checkpoint(self.fleet_dir, self.signer)
+            self.signed += 1
+            self._unsigned = False
+        except Exception as err:  # noqa: BLE001 - a log that fails verification is reported, never signed
+            self.failures += 1
+            print(f"lorafleet: audit checkpoint NOT signed: {type(err).__name__}: {err}", file=sys.stderr)
 
     def _redacted(self, data: dict) -> dict:
         if self._detector is None or "content" not in data:
@@ -134,7 +184,11 @@ class AuditTrail:
             return {key: value for key, value in data.items() if key != "content"} | {"content_withheld": withheld}
 
     def _retain(self) -> None:
-        """Apply the fleet's retention period at start and once a day after."""
+        """Apply the fleet's retention period, to the audit log and the request log, at start and
+        once a day after."""
         if time.monotonic() - self._last_retention >= RETENTION_CHECK_SECONDS or not self._last_retention:
             self._last_retention = time.monotonic()
             apply_retention(self.fleet_dir, via="lorafleet serve")
+            keep_days = retention_days(self.fleet_dir)
+            if keep_days is not None:
+                apply_request_retention(self.fleet_dir, keep_days, via="lorafleet serve")

@@ -34,7 +34,8 @@ class Metrics:
         running_gauge.set_function(running)
         failures = Gauge(
             "lorafleet_audit_append_failures",
-            "Audit log entries that could not be written since the server started (alert when above 0)",
+            "Audit log entries that could not be written, and checkpoints that could not be signed, since the "
+            "server started (alert when above 0)",
             registry=self.registry,
         )
         failures.set_function(audit_failures)

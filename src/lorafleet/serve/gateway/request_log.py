@@ -1,6 +1,8 @@
 """Every request, recorded in the fleet's SQLite database: who, which adapter, tokens, latency, status.
 
-Content (prompt and reply) is stored only when the operator asks for it.
+Content (prompt and reply) is stored only when the operator asks for it. The fleet's retention
+period (`audit_keep_days`) applies here too: `prune_requests` deletes the rows, content and all,
+older than it (the server daily, `lorafleet audit prune` on demand).
 """
 
 from __future__ import annotations
@@ -11,7 +13,12 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+
+from lorafleet.governance.audit import AuditLog
+from lorafleet.governance.registry import DATABASE
+from lorafleet.governance.retention import retention_cutoff, who
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -83,6 +90,33 @@ class RequestLog:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def apply_request_retention(fleet_dir: Path, keep_days: int, via: str) -> int:
+    """Delete the requests older than `keep_days` from the fleet's request log and record how
+    many in its audit log (`request_log.pruned`); returns the count."""
+    before = retention_cutoff(keep_days)
+    rows = prune_requests(Path(fleet_dir) / DATABASE, before)
+    if rows:
+        record = {"rows": rows, "keep_days": keep_days, "before": before.isoformat(), "by": who(via)}
+        AuditLog(fleet_dir).append("request_log.pruned", record)
+    return rows
+
+
+def prune_requests(database: Path, before: datetime) -> int:
+    """Delete the requests logged before `before`; returns how many. A database without a request
+    log (a fleet never served) is left alone."""
+    if not database.exists():
+        return 0
+    db = sqlite3.connect(database, timeout=30)
+    try:
+        has_log = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'requests'").fetchone()
+        if not has_log:
+            return 0
+        with db:
+            return db.execute("DELETE FROM requests WHERE time < ?", (before.timestamp(),)).rowcount
+    finally:
+        db.close()
 
 
 def _utf8(text: str | None) -> str | None:

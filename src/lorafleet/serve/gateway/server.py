@@ -20,9 +20,11 @@ import torch
 
 from lorafleet.config import adapter_name_problem, read_yaml
 from lorafleet.errors import AdapterError, ConfigError
+from lorafleet.governance.registry import DATABASE
+from lorafleet.governance.signing import load_private_key
 from lorafleet.models.loading import load_base
 from lorafleet.serve.engine.engine import EventSource
-from lorafleet.serve.gateway.audit_trail import AuditTrail, adapter_id
+from lorafleet.serve.gateway.audit_trail import SIGN_EVERY_SECONDS, AuditTrail, adapter_id
 from lorafleet.serve.gateway.calls import Call
 from lorafleet.serve.gateway.images import ImagePolicy
 from lorafleet.serve.gateway.local import LocalBackend
@@ -86,6 +88,8 @@ class ServeOptions:
     vllm_args: list[str] = field(default_factory=list)  # passed to `vllm serve` after ours
     vllm_gpu_slots: int | None = None  # vLLM's --max-loras; default: the fleet's size, at most 8
     vllm_python: Path | None = None  # the Python of vLLM's own environment; default: `vllm` on PATH, or ours
+    audit_key: Path | None = None  # Ed25519 private key: the server signs checkpoints of its audit log
+    audit_sign_every_s: float = SIGN_EVERY_SECONDS
 
 
 def find_base_dir(fleet_dir: Path) -> Path:
@@ -142,11 +146,12 @@ class FleetServer:
         self.options = options
         if not options.fleet_dir.is_dir():
             raise ConfigError(not_a_fleet_directory(options.fleet_dir))
+        signer = load_private_key(options.audit_key) if options.audit_key else None  # a bad key fails before loading
         self._admin_lock = threading.Lock()
         self.adapter_ids: dict[str, str | None] = {}  # name -> registry id of the weights being served
         self.backend = self._backend()
-        self.request_log = RequestLog(options.fleet_dir / "lorafleet.sqlite", log_content=options.log_content)
-        self.audit = AuditTrail(options.fleet_dir, redact=options.log_content)
+        self.request_log = RequestLog(options.fleet_dir / DATABASE, log_content=options.log_content)
+        self.audit = AuditTrail(options.fleet_dir, options.log_content, signer, options.audit_sign_every_s)
 
     def _backend(self) -> Backend:
         options = self.options
@@ -253,6 +258,7 @@ class FleetServer:
                 "adapters": dict(self.adapter_ids),
                 "keys": tenants.describe() if tenants is not None else None,
                 "log_content": self.options.log_content,
+                "audit_signed_every_s": self.options.audit_sign_every_s if self.options.audit_key else None,
             },
         )
         return self
