@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+import shutil
 from pathlib import Path
 
 from huggingface_hub import ModelCard
 
 from lorafleet.cli import main
+from lorafleet.governance.lineage import base_model_name
 from lorafleet.governance.registry import Registry
 
 
@@ -21,7 +24,7 @@ def test_docs_write_a_model_card_with_the_real_hashes_and_an_annex_iv(trained_fl
 
     card = ModelCard.load(f"{lineage_dir}/README.md")
     data = hashlib.sha256((trained_fleet[0].parent / "hr.jsonl").read_bytes()).hexdigest()
-    assert card.data.base_model == str(tiny_lm_dir) and card.data.library_name == "peft"
+    assert card.data.base_model == tiny_lm_dir.name and card.data.library_name == "peft"  # never a local path
     assert card.data.datasets == [f"sha256:{data}"]
     base_weights = hashlib.sha256((tiny_lm_dir / "model.safetensors").read_bytes()).hexdigest()
     assert base_weights in card.text and lineage.id in card.text
@@ -40,3 +43,39 @@ def test_docs_write_a_model_card_with_the_real_hashes_and_an_annex_iv(trained_fl
         assert "PROVIDER MUST COMPLETE" in section[point]
     assert "intended purpose" in section["1"].split("PROVIDER MUST COMPLETE", 2)[1]
     assert "2 December 2027" in text
+
+
+def fresh_copy(trained_fleet, destination: Path) -> Path:
+    """The shared fleet as trained (`cp -a`), without documents an earlier test drafted into it."""
+    shutil.copytree(trained_fleet[0], destination, symlinks=True)
+    for document in destination.glob("adapters/*/*.md"):
+        document.unlink()
+    return destination
+
+
+def test_a_copied_fleet_documents_itself_and_leaves_the_original_alone(trained_fleet, tmp_path, capsys):
+    original = fresh_copy(trained_fleet, tmp_path / "demo")
+    copy = tmp_path / "fleet"
+    shutil.copytree(original, copy, symlinks=True)
+    assert main(["docs", "hr", "--fleet", str(copy)]) == 0
+    assert f"model card: {copy.resolve()}/adapters/hr/README.md" in capsys.readouterr().out
+    assert (copy / "adapters" / "hr" / "annex-iv.md").exists()
+    assert not list(original.glob("adapters/*/*.md"))  # the old directory untouched
+    shutil.rmtree(original)
+    assert main(["docs", "hr", "--fleet", str(copy)]) == 0  # and no traceback once it is gone
+    assert main(["registry", "show", "hr", "--fleet", str(copy)]) == 0
+    assert f"directory: {copy.resolve()}/adapters/hr" in capsys.readouterr().out
+    stored = json.loads((copy / "adapters" / "hr" / "lineage.json").read_text())
+    assert stored["directory"] == "adapters/hr"  # relative to the fleet, in the file that travels with it
+
+
+def test_the_base_is_named_by_its_hub_id_or_its_own_name_never_a_local_path(tmp_path):
+    recorded = tmp_path / "checkpoints" / "internvl"
+    recorded.mkdir(parents=True)
+    (recorded / "config.json").write_text(json.dumps({"_name_or_path": "OpenGVLab/InternVL3-1B-hf"}))
+    assert base_model_name(recorded) == "OpenGVLab/InternVL3-1B-hf"
+    cached = tmp_path / "hub" / "models--OpenGVLab--InternVL3-2B-hf" / "snapshots" / "0123abc"
+    cached.mkdir(parents=True)
+    (cached / "config.json").write_text(json.dumps({"_name_or_path": str(cached)}))
+    assert base_model_name(cached) == "OpenGVLab/InternVL3-2B-hf"
+    assert base_model_name(tmp_path / "my-base") == "my-base"

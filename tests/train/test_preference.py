@@ -4,6 +4,7 @@ resumed exactly, and learning a preference that holds on held-out pairs."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import shutil
@@ -303,5 +304,5 @@ def test_lorafleet_eval_on_held_out_pairs_agrees_with_training(model_dir, tmp_pa
     assert scores["pairs"] == 10 and set(scores["prefers_chosen"]) == {"base", "colours"}
     assert scores["reward_accuracy"]["colours"] == pytest.approx(trained["eval_reward_accuracy"])
     assert scores["reward_margin"]["colours"] * adapter.beta == pytest.approx(trained["eval_reward_margin"], rel=1e-4)
-    recorded = Registry(fleet).find("colours").evaluation["held-out.jsonl"]
+    recorded = Registry(fleet).find("colours").evaluation[hashlib.sha256(held_out.read_bytes()).hexdigest()]
     assert recorded["format"] == "preference" and recorded["reward_accuracy"] == scores["reward_accuracy"]["colours"]

@@ -32,9 +32,11 @@ from lorafleet.governance.audit import AuditLog, utc_now
 from lorafleet.governance.lineage import (
     LINEAGE_FILE,
     Lineage,
+    base_model_name,
     describe_data,
     hardware,
     parent_link,
+    record_evaluation,
     sha256_file,
     software,
     weight_hashes,
@@ -146,10 +148,6 @@ def record_lineage(options: CompressOptions, report: dict, started: str, example
     """Write the compressed model's lineage.json and, when it belongs to a fleet, register and log it."""
     records, _ = read_records(options.calib)
     last = report["stages"][list(report["stages"])[-1]]
-    evaluation = {}
-    if options.eval_data is not None and last["accuracy"] is not None:
-        scores = {"data_sha256": sha256_file(options.eval_data), "format": "chat", "accuracy": last["accuracy"]}
-        evaluation[options.eval_data.name] = scores | {"evaluated": utc_now()}
     parents = [parent_link(options.base, "compressed_from")]
     parents += [parent_link(options.adapter, "merged")] if options.adapter else []
     lineage = Lineage(
@@ -157,18 +155,24 @@ def record_lineage(options: CompressOptions, report: dict, started: str, example
         kind="model",
         directory=str(options.out.resolve()),
         weights_sha256=weight_hashes(options.out),
-        base={"path": str(options.base.resolve()), "weights_sha256": weight_hashes(options.base)},
+        base={
+            "path": str(options.base.resolve()),
+            "name": base_model_name(options.base),
+            "weights_sha256": weight_hashes(options.base),
+        },
         data=[describe_data(options.calib, records, examples, skipped=0)],
         software=software(),
         hardware=hardware("cpu"),
         started=started,
         finished=utc_now(),
-        evaluation=evaluation,
         parents=parents,
         compression=report,
     )
-    write_lineage(lineage, options.out)
+    if options.eval_data is not None and last["accuracy"] is not None:
+        scores = {"format": "chat", "evaluated": utc_now(), "accuracy": last["accuracy"]}
+        record_evaluation(lineage, options.eval_data, sha256_file(options.eval_data), scores)
     fleet = registered_in(options)
+    write_lineage(lineage, options.out, fleet)
     if fleet is not None:
         registry = Registry(fleet)
         try:

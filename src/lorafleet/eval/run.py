@@ -24,7 +24,7 @@ from lorafleet.errors import ConfigError, DataError
 from lorafleet.eval.chat import read_chats
 from lorafleet.eval.mmmu import DIFFICULTIES, is_mmmu_file, read_mmmu
 from lorafleet.governance.audit import AuditLog, utc_now
-from lorafleet.governance.lineage import sha256_file, weight_hashes, weights_id, write_lineage
+from lorafleet.governance.lineage import record_evaluation, sha256_file, weight_hashes, weights_id, write_lineage
 from lorafleet.governance.registry import DATABASE, Registry
 from lorafleet.models.loading import FrozenBase, load_base
 from lorafleet.serve.engine.engine import Engine
@@ -147,8 +147,8 @@ def evaluate(options: EvalOptions, progress: bool = True) -> EvalReport:
 
 def record_in_registry(fleet_dir: Path, data: Path, report: EvalReport) -> list[str]:
     """Store each registered adapter's scores in its lineage record (the fleet's registry and its
-    lineage.json, keyed by the held-out file's name) and log the evaluation; a fleet without a
-    registry is left alone. Returns the adapters recorded."""
+    lineage.json, keyed by the held-out file's SHA-256, with its path) and log the evaluation; a
+    fleet without a registry is left alone. Returns the adapters recorded."""
     scores = {
         name: {"accuracy": tally.accuracy, "questions": tally.questions, "unparseable": tally.unparseable}
         | _f1(tally, report.format)
@@ -168,13 +168,9 @@ def record_scores(fleet_dir: Path, data: Path, kind: str, scores: dict[str, dict
             lineage = registry.get(weights_id(weight_hashes(adapters[name]))) if name in adapters else None
             if lineage is None:
                 continue
-            lineage.evaluation[data.name] = {
-                "data_sha256": data_sha256,
-                "format": kind,
-                "evaluated": utc_now(),
-            } | numbers
+            record_evaluation(lineage, data, data_sha256, {"format": kind, "evaluated": utc_now()} | numbers)
             registry.add(lineage)
-            write_lineage(lineage, adapters[name])
+            write_lineage(lineage, adapters[name], fleet_dir)
             recorded[name] = lineage.id
     finally:
         registry.close()

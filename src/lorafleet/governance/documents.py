@@ -15,9 +15,9 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
-from lorafleet.errors import AuditError
+from lorafleet.errors import AuditError, RegistryError
 from lorafleet.governance.audit import audit_dir, list_segments, read_lines, verify_chain
-from lorafleet.governance.lineage import Lineage
+from lorafleet.governance.lineage import Lineage, base_model_name
 from lorafleet.governance.registry import Registry, children_in
 
 PROVIDER_MUST_COMPLETE = "**PROVIDER MUST COMPLETE:**"
@@ -26,8 +26,14 @@ ANNEX_FILE = "annex-iv.md"
 
 
 def write_documents(lineage: Lineage, registries: list[Registry], fleet_dir: Path) -> tuple[Path, Path]:
-    """Write the model card and the Annex IV draft into the adapter's (or model's) directory."""
+    """Write the model card and the Annex IV draft into the adapter's (or model's) directory, as
+    the registry of `fleet_dir` places it (inside that fleet, wherever it was copied or moved)."""
     directory = Path(lineage.directory)
+    if not directory.is_dir():
+        raise RegistryError(
+            f"{directory}, where the registry of {fleet_dir} places {lineage.name!r}, is not a directory; "
+            "pass the fleet directory that holds the adapter (`--fleet`)"
+        )
     children = children_in(registries, lineage)
     card = directory / CARD_FILE
     card.write_text(model_card(lineage))
@@ -46,16 +52,16 @@ def card_metadata(lineage: Lineage):
         EvalResult(
             task_type="text-generation",
             dataset_type=f"sha256:{scores['data_sha256']}",
-            dataset_name=data_name,
+            dataset_name=scores.get("data", data_key),
             metric_type=metric,
             metric_value=scores[metric],
         )
-        for data_name, scores in lineage.evaluation.items()
+        for data_key, scores in lineage.evaluation.items()
         for metric in ("accuracy", "token_f1")
         if metric in scores
     ]
     return ModelCardData(
-        base_model=lineage.base.get("path"),
+        base_model=base_name(lineage),
         library_name="peft" if lineage.kind == "adapter" else "transformers",
         datasets=[f"sha256:{data.sha256}" for data in lineage.data],
         metrics=sorted({result.metric_type for result in results}) or None,
@@ -89,8 +95,13 @@ def model_card(lineage: Lineage) -> str:
     return str(card)
 
 
+def base_name(lineage: Lineage) -> str:
+    """The base as the card's `base_model` names it: its hub id or its own name, not a local path."""
+    return lineage.base.get("name") or base_model_name(lineage.base.get("path", ""))
+
+
 def _what(lineage: Lineage) -> str:
-    base = f"`{lineage.base.get('path')}`"
+    base = f"`{base_name(lineage)}`"
     if lineage.kind == "adapter":
         return f"a low-rank adapter (LoRA) trained by lorafleet on the frozen pre-trained base model {base}"
     plan = ", ".join(f"{key} {value}" for key, value in lineage.compression.get("plan", {}).items())
@@ -118,7 +129,7 @@ def _procedure(lineage: Lineage) -> str:
     keys = ("rank", "alpha", "dropout", "target_modules", "learning_rate", "schedule", "steps", "epochs")
     settings = ", ".join(f"{key} {config[key]}" for key in keys if config.get(key) is not None)
     lines = [
-        f"- base model: `{lineage.base.get('path')}` ("
+        f"- base model: `{base_name(lineage)}` ("
         + ", ".join(f"{name} sha256 `{digest}`" for name, digest in lineage.base.get("weights_sha256", {}).items())
         + ")",
         f"- adapter settings: {settings or 'not recorded'}",
@@ -137,10 +148,9 @@ def _results(lineage: Lineage) -> str:
     loss = lineage.loss
     per_epoch = ", ".join(f"{value:.4f}" for value in loss.get("per_epoch", []))
     lines = [f"- training loss: final {loss.get('final')}, per epoch [{per_epoch}]"] if loss else []
-    for data_name, scores in lineage.evaluation.items():
-        lines.append(
-            f"- held-out `{data_name}` (sha256 `{scores.get('data_sha256')}`): {_pairs(scores, skip={'data_sha256'})}"
-        )
+    for data_key, scores in lineage.evaluation.items():
+        shown = _pairs(scores, skip={"data", "data_sha256"})
+        lines.append(f"- held-out `{scores.get('data', data_key)}` (sha256 `{scores.get('data_sha256')}`): {shown}")
     return "\n".join(lines) or "Not evaluated yet: `lorafleet eval --fleet FLEET_DIR --data HELD_OUT.jsonl`."
 
 
@@ -168,7 +178,7 @@ def annex_iv(lineage: Lineage, children: list[tuple[str, str, str]], changes: li
         f"(a) Intended purpose, provider, version: {must} intended purpose and the provider's name. Version: "
         f"lineage id `{lineage.id}`; " + _relation_to_previous(lineage, children) + "\n\n"
         f"(b) Interaction with other hardware, software or AI systems: {must} the systems it is part of. It runs "
-        f"on the base model `{lineage.base.get('path')}`.\n\n"
+        f"on the base model `{base_name(lineage)}` (loaded from `{lineage.base.get('path')}`).\n\n"
         f"(c) Software versions: {_pairs(lineage.software)}. Update requirements: {must}\n\n"
         f"(d) Forms in which it is placed on the market: a PEFT LoRA adapter directory ("
         + ", ".join(f"`{name}` sha256 `{digest}`" for name, digest in lineage.weights_sha256.items())

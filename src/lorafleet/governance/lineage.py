@@ -7,6 +7,12 @@ hardware, start and end, the loss (final and per epoch), the compute used, and p
 (`init_from`, a compressed model's base and adapter). Training writes it beside each adapter and
 into the fleet's registry (governance/registry.py); the model card and the Annex IV draft are
 generated from it (governance/documents.py).
+
+Paths inside the fleet directory (the adapter's own directory, a base or data file kept in the
+fleet) are stored relative to it and resolved against wherever the fleet is read from, so a
+copied or moved fleet describes itself, not the directory it was copied from. Held-out scores
+are keyed by the data file's SHA-256, with its path beside them: two files of the same name are
+two evaluations.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,7 +61,7 @@ class Lineage:
     finished: str | None = None
     loss: dict = field(default_factory=dict)  # {"final": x, "per_epoch": [...], "steps": n}
     compute: dict = field(default_factory=dict)  # tokens, seconds, estimated FLOPs
-    evaluation: dict = field(default_factory=dict)  # held-out file name -> its scores, when evaluated
+    evaluation: dict = field(default_factory=dict)  # held-out file's SHA-256 -> its path and scores
     parents: list[dict] = field(default_factory=list)  # {"relation", "name", "path", "id"}
     compression: dict = field(default_factory=dict)  # a compressed model's settings and stages
 
@@ -78,22 +85,70 @@ def weights_id(weights_sha256: dict[str, str]) -> str:
     return hashlib.sha256(joined.encode()).hexdigest()
 
 
-def write_lineage(lineage: Lineage, directory: str | Path) -> Path:
+def write_lineage(lineage: Lineage, directory: str | Path, fleet_dir: str | Path | None = None) -> Path:
+    """Write `lineage.json` into `directory`; paths inside `fleet_dir` (when given) relative to it."""
+    record = within_fleet(lineage, fleet_dir) if fleet_dir is not None else lineage
     path = Path(directory) / LINEAGE_FILE
     partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(lineage.to_dict(), indent=2, sort_keys=False) + "\n")
+    partial.write_text(json.dumps(record.to_dict(), indent=2, sort_keys=False) + "\n")
     os.replace(partial, path)
     return path
 
 
+def within_fleet(lineage: Lineage, fleet_dir: str | Path) -> Lineage:
+    """The record as a fleet stores it: every path inside `fleet_dir` relative to it."""
+    root = Path(fleet_dir).resolve()
+
+    def relative(path: str) -> str:
+        if not Path(path).is_absolute():
+            return path
+        resolved = Path(path).resolve()
+        return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else path
+
+    return _map_paths(lineage, relative)
+
+
+def resolved_in(lineage: Lineage, fleet_dir: str | Path) -> Lineage:
+    """The record with its fleet-relative paths resolved against where the fleet is now."""
+    root = Path(fleet_dir).resolve()
+    return _map_paths(lineage, lambda path: path if Path(path).is_absolute() else str(root / path))
+
+
+def _map_paths(lineage: Lineage, change) -> Lineage:
+    record = Lineage.from_dict(json.loads(json.dumps(lineage.to_dict())))  # a deep copy
+    record.directory = change(record.directory)
+    if record.base.get("path"):
+        record.base["path"] = change(record.base["path"])
+    for data in record.data:
+        data.path = change(data.path)
+    for scores in record.evaluation.values():
+        if scores.get("data"):
+            scores["data"] = change(scores["data"])
+    for parent in record.parents:
+        parent["path"] = change(parent["path"])
+    return record
+
+
+def record_evaluation(lineage: Lineage, data: str | Path, data_sha256: str, scores: dict) -> None:
+    """Add held-out scores under the data file's SHA-256 (a file evaluated again replaces its own
+    scores, never those of another file with the same name), with the file's path."""
+    lineage.evaluation[data_sha256] = {"data": str(Path(data).resolve()), "data_sha256": data_sha256} | scores
+
+
 def read_lineage(directory: str | Path) -> Lineage:
+    """The `lineage.json` in `directory`, its fleet-relative paths resolved against the fleet that
+    holds the directory now (its own `directory` field says how deep in the fleet it lies)."""
     path = Path(directory) / LINEAGE_FILE
     if not path.exists():
         raise RegistryError(f"{path} does not exist; lineage is written when lorafleet trains or compresses")
     try:
-        return Lineage.from_dict(json.loads(path.read_text()))
+        lineage = Lineage.from_dict(json.loads(path.read_text()))
     except (json.JSONDecodeError, TypeError) as err:
         raise RegistryError(f"{path}: not a lineage record ({err})") from err
+    if Path(lineage.directory).is_absolute():
+        return lineage
+    here, depth = Path(directory).resolve(), len(Path(lineage.directory).parts)
+    return resolved_in(lineage, here.parents[depth - 1] if depth else here)
 
 
 # --- facts --------------------------------------------------------------------------------
@@ -136,6 +191,29 @@ def describe_data(path: str | Path, records: list, examples: list, skipped: int)
         images_sha256=combined_sha256(image_hashes) if image_hashes else None,
         skipped=skipped,
     )
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_CACHE_DIR = re.compile(r"^models--([\w.-]+)--([\w.-]+)$")
+
+
+def base_model_name(path: str | Path) -> str:
+    """What a base checkpoint calls itself: the hub id its config records (or its Hugging Face
+    cache directory spells), else its directory's name; never a path of the machine it was on."""
+    path = Path(path)
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            recorded = json.loads(config.read_text()).get("_name_or_path")
+        except (json.JSONDecodeError, AttributeError):
+            recorded = None
+        if isinstance(recorded, str) and HUB_ID.match(recorded) and not Path(recorded).exists():
+            return recorded
+    for part in reversed(path.parts):
+        cached = HUB_CACHE_DIR.match(part)
+        if cached:
+            return f"{cached[1]}/{cached[2]}"
+    return path.name
 
 
 def parent_link(path: str | Path, relation: str) -> dict:

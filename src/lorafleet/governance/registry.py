@@ -4,7 +4,8 @@ One row per set of weights (its id is the SHA-256 over its weight files, so retr
 same name adds a row rather than overwriting one), holding the whole lineage record as JSON, and
 one row per parent -> child link (init_from, compression). `lineage.json` beside each adapter holds
 the same record, so the registry can be rebuilt from the directories and the files travel with
-the adapter.
+the adapter. Paths inside the fleet are stored relative to it and read back resolved against the
+fleet's directory as given, so a copied or moved fleet's registry points into the copy.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sqlite3
 from pathlib import Path
 
 from lorafleet.errors import RegistryError
-from lorafleet.governance.lineage import Lineage
+from lorafleet.governance.lineage import Lineage, resolved_in, within_fleet
 
 DATABASE = "lorafleet.sqlite"  # shared with the request log: the fleet's one database
 SCHEMA = """
@@ -47,12 +48,14 @@ class Registry:
         return Registry(fleet_dir)
 
     def __init__(self, fleet_dir: str | Path) -> None:
-        self.path = Path(fleet_dir) / DATABASE
+        self.fleet_dir = Path(fleet_dir)
+        self.path = self.fleet_dir / DATABASE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=30)
         self._db.executescript(SCHEMA)
 
     def add(self, lineage: Lineage) -> None:
+        lineage = within_fleet(lineage, self.fleet_dir)
         with self._db:
             self._db.execute(
                 "INSERT OR REPLACE INTO lineage (id, name, kind, directory, finished, record) "
@@ -74,7 +77,7 @@ class Registry:
 
     def all(self) -> list[Lineage]:
         rows = self._db.execute("SELECT record FROM lineage ORDER BY finished, name").fetchall()
-        return [Lineage.from_dict(json.loads(record)) for (record,) in rows]
+        return [self._read(record) for (record,) in rows]
 
     def find(self, name_or_id: str) -> Lineage:
         """The newest record named `name_or_id`, or the one whose id starts with it."""
@@ -90,11 +93,14 @@ class Registry:
                 f"{self.path}: no adapter or model named {name_or_id!r} (nor an id starting with it); "
                 f"registered: {', '.join(known) or 'none'}"
             )
-        return Lineage.from_dict(json.loads(row[0]))
+        return self._read(row[0])
 
     def get(self, lineage_id: str) -> Lineage | None:
         row = self._db.execute("SELECT record FROM lineage WHERE id = ?", (lineage_id,)).fetchone()
-        return Lineage.from_dict(json.loads(row[0])) if row else None
+        return self._read(row[0]) if row else None
+
+    def _read(self, record: str) -> Lineage:
+        return resolved_in(Lineage.from_dict(json.loads(record)), self.fleet_dir)
 
     def children(self, lineage: Lineage) -> list[tuple[str, str]]:
         """(child id, relation) of everything made from `lineage`."""
@@ -200,9 +206,14 @@ def format_record(lineage: Lineage, children: list[tuple[str, str, str]]) -> str
     software = lineage.software
     if software:
         lines.append("  software:  " + ", ".join(f"{key} {value}" for key, value in software.items()))
-    for data_name, scores in lineage.evaluation.items():
-        shown = ", ".join(f"{key} {value}" for key, value in scores.items() if not isinstance(value, dict))
-        lines.append(f"  eval:      {data_name}: {shown}")
+    for data_key, scores in lineage.evaluation.items():
+        shown = ", ".join(
+            f"{key} {value}"
+            for key, value in scores.items()
+            if key not in ("data", "data_sha256", "evaluated") and not isinstance(value, dict)
+        )
+        where = f"{scores.get('data', data_key)} sha256 {scores.get('data_sha256', data_key)[:16]}"
+        lines.append(f"  eval:      {where} ({scores.get('evaluated')}): {shown}")
     for parent in lineage.parents:
         lines.append(f"  parent:    {parent['relation']} <- {parent.get('name') or '?'} ({parent['path']})")
     for relation, name, child_id in children:

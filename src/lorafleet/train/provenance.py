@@ -20,6 +20,7 @@ from lorafleet.governance.audit import AuditLog, utc_now
 from lorafleet.governance.lineage import (
     DataFile,
     Lineage,
+    base_model_name,
     describe_data,
     hardware,
     parent_link,
@@ -44,7 +45,11 @@ class TrainingProvenance:
         self.audit = AuditLog(self.output)
         self.device = str(base.device)
         self.base_parameters = sum(parameter.numel() for parameter in base.model.parameters())
-        self.base = {"path": spec.base, "weights_sha256": weight_hashes(spec.base) if Path(spec.base).is_dir() else {}}
+        self.base = {
+            "path": str(Path(spec.base).resolve()),
+            "name": base_model_name(spec.base),
+            "weights_sha256": weight_hashes(spec.base) if Path(spec.base).is_dir() else {},
+        }
         self.data = {
             a.name: describe_training_data(a.data, examples[a.name], len(skipped.get(a.name, [])))
             for a in spec.adapters
@@ -109,7 +114,7 @@ class TrainingProvenance:
             },
             parents=[parent_link(spec.init_from, "init_from")] if spec.init_from else [],
         )
-        write_lineage(lineage, directory)
+        write_lineage(lineage, directory, self.output)
         registry = Registry(self.output)
         try:
             registry.add(lineage)
