@@ -889,9 +889,16 @@ def _run_docs(args: argparse.Namespace) -> int:
 
     registries = [Registry.open(fleet) for fleet in args.fleet]
     lineage, registry = find_in(registries, args.name)
-    card, annex = write_documents(lineage, registries, registry.path.parent)
-    todo = annex.read_text().count(PROVIDER_MUST_COMPLETE)
-    print(f"model card: {card}\nAnnex IV draft: {annex} ({todo} places marked PROVIDER MUST COMPLETE)")
+    documents = write_documents(lineage, registries, registry.fleet_dir)
+    todo = documents.annex.read_text().count(PROVIDER_MUST_COMPLETE)
+    print(f"model card: {documents.card}")
+    print(f"Annex IV draft: {documents.annex} ({todo} places marked PROVIDER MUST COMPLETE)")
+    if documents.audit_problem:
+        print(
+            f"lorafleet: the fleet's audit log does NOT verify, and the drafts say so: {documents.audit_problem}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

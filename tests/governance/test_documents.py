@@ -8,11 +8,15 @@ import re
 import shutil
 from pathlib import Path
 
+import yaml
 from huggingface_hub import ModelCard
 
 from lorafleet.cli import main
+from lorafleet.governance.audit import list_segments
 from lorafleet.governance.lineage import base_model_name
 from lorafleet.governance.registry import Registry
+from lorafleet.serve.gateway.server import FleetServer, ServeOptions
+from lorafleet.serve.gateway.tenants import hash_key, load_tenants
 
 
 def test_docs_write_a_model_card_with_the_real_hashes_and_an_annex_iv(trained_fleet, tiny_lm_dir, capsys):
@@ -45,6 +49,12 @@ def test_docs_write_a_model_card_with_the_real_hashes_and_an_annex_iv(trained_fl
     assert "2 December 2027" in text
 
 
+def annex_section(fleet: Path, point: str, letter: str) -> str:
+    text = (fleet / "adapters" / "hr" / "annex-iv.md").read_text()
+    section = re.split(r"^## \d\. .*$", text, flags=re.MULTILINE)[int(point)]
+    return section.split(f"({letter}) ", 1)[1].split("\n\n(", 1)[0]
+
+
 def fresh_copy(trained_fleet, destination: Path) -> Path:
     """The shared fleet as trained (`cp -a`), without documents an earlier test drafted into it."""
     shutil.copytree(trained_fleet[0], destination, symlinks=True)
@@ -67,6 +77,54 @@ def test_a_copied_fleet_documents_itself_and_leaves_the_original_alone(trained_f
     assert f"directory: {copy.resolve()}/adapters/hr" in capsys.readouterr().out
     stored = json.loads((copy / "adapters" / "hr" / "lineage.json").read_text())
     assert stored["directory"] == "adapters/hr"  # relative to the fleet, in the file that travels with it
+
+
+def test_the_annex_says_how_the_fleet_was_served_not_what_lorafleet_could_do(trained_fleet, tmp_path, capsys):
+    fleet = fresh_copy(trained_fleet, tmp_path / "fleet")
+    assert main(["docs", "hr", "--fleet", str(fleet)]) == 0
+    never = annex_section(fleet, "2", "h")
+    assert "records no serving of this adapter" in never and "per-tenant" not in never
+    assert "no signed checkpoints" in never
+
+    FleetServer(ServeOptions(fleet_dir=fleet)).start().close()
+    assert main(["docs", "hr", "--fleet", str(fleet)]) == 0
+    open_only = annex_section(fleet, "2", "h")
+    assert "1 without API keys" in open_only and "per-tenant API keys" not in open_only
+
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(
+        yaml.safe_dump({"tenants": [{"name": "hr-team", "key_sha256": hash_key("sk-hr"), "adapters": "*"}]})
+    )
+    FleetServer(ServeOptions(fleet_dir=fleet, tenants=load_tenants(keys))).start().close()
+    assert main(["docs", "hr", "--fleet", str(fleet)]) == 0
+    both = annex_section(fleet, "2", "h")
+    assert "1 with per-tenant API keys" in both and "hr-team" in both and "1 without API keys" in both
+    capsys.readouterr()
+
+
+def test_a_data_check_of_the_exact_training_file_is_cited_in_2d(trained_fleet, tmp_path, capsys):
+    fleet = fresh_copy(trained_fleet, tmp_path / "fleet")
+    renamed = tmp_path / "hr-final.jsonl"  # another name, the same bytes as the file hr trained on
+    shutil.copy(trained_fleet[0].parent / "hr.jsonl", renamed)
+    assert main(["data", "check", str(renamed), "--fleet", str(fleet)]) == 0
+    assert main(["docs", "hr", "--fleet", str(fleet)]) == 0
+    checks = annex_section(fleet, "2", "d")
+    assert "checked by `lorafleet data check`" in checks and "8 records, 0 malformed" in checks
+    assert main(["docs", "ops", "--fleet", str(fleet)]) == 0
+    other = (fleet / "adapters" / "ops" / "annex-iv.md").read_text()
+    assert "no `lorafleet data check` of this file" in other  # ops trained on another file
+    capsys.readouterr()
+
+
+def test_docs_exit_non_zero_and_say_so_when_the_audit_log_fails_verification(trained_fleet, tmp_path, capsys):
+    fleet = fresh_copy(trained_fleet, tmp_path / "fleet")
+    segment = list_segments(fleet / "audit")[0]
+    lines = segment.read_text().splitlines(keepends=True)
+    segment.write_text("".join(lines[:1] + lines[2:]))
+    assert main(["docs", "hr", "--fleet", str(fleet)]) == 1
+    assert "audit log does NOT verify" in capsys.readouterr().err
+    annex = (fleet / "adapters" / "hr" / "annex-iv.md").read_text()
+    assert "AUDIT LOG DOES NOT VERIFY" in annex and "DOES NOT VERIFY" in annex_section(fleet, "2", "h")
 
 
 def test_the_base_is_named_by_its_hub_id_or_its_own_name_never_a_local_path(tmp_path):

@@ -4,20 +4,28 @@
 and `huggingface_hub.ModelCard` read: base_model, library_name peft, the training data by
 SHA-256, the metrics and evaluation results. `annex-iv.md` follows the nine points of Annex IV
 (Regulation (EU) 2024/1689, technical documentation, Art. 11(1)) in the Official Journal's order.
-It fills in what the registry and the audit log know (software, hardware, training method, data,
-compute, metrics, the change log) and marks every answer only the provider can give with
-"PROVIDER MUST COMPLETE", so an unfinished draft is plain to see and easy to search for.
+It fills in what the registry and the audit log know (software, hardware, training method, data
+and the checks logged for those exact files, compute, metrics, how the fleet was served, the
+change log) and marks every answer only the provider can give with "PROVIDER MUST COMPLETE", so an
+unfinished draft is plain to see and easy to search for. Nothing is claimed that the records do
+not show: a log that fails verification is said to, in the draft and by `lorafleet docs`.
 """
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from lorafleet.errors import AuditError, RegistryError
-from lorafleet.governance.audit import audit_dir, list_segments, read_lines, verify_chain
+from lorafleet.errors import RegistryError
 from lorafleet.governance.lineage import Lineage, base_model_name
+from lorafleet.governance.log_facts import (
+    LogFacts,
+    data_checks,
+    read_log_facts,
+    security_measures,
+    verification_line,
+)
 from lorafleet.governance.registry import Registry, children_in
 
 PROVIDER_MUST_COMPLETE = "**PROVIDER MUST COMPLETE:**"
@@ -25,7 +33,14 @@ CARD_FILE = "README.md"
 ANNEX_FILE = "annex-iv.md"
 
 
-def write_documents(lineage: Lineage, registries: list[Registry], fleet_dir: Path) -> tuple[Path, Path]:
+@dataclass
+class Documents:
+    card: Path
+    annex: Path
+    audit_problem: str | None  # why the fleet's audit log fails verification (the draft says so too)
+
+
+def write_documents(lineage: Lineage, registries: list[Registry], fleet_dir: Path) -> Documents:
     """Write the model card and the Annex IV draft into the adapter's (or model's) directory, as
     the registry of `fleet_dir` places it (inside that fleet, wherever it was copied or moved)."""
     directory = Path(lineage.directory)
@@ -35,11 +50,12 @@ def write_documents(lineage: Lineage, registries: list[Registry], fleet_dir: Pat
             "pass the fleet directory that holds the adapter (`--fleet`)"
         )
     children = children_in(registries, lineage)
+    facts = read_log_facts(fleet_dir, lineage)
     card = directory / CARD_FILE
     card.write_text(model_card(lineage))
     annex = directory / ANNEX_FILE
-    annex.write_text(annex_iv(lineage, children, change_log(lineage, children, fleet_dir)))
-    return card, annex
+    annex.write_text(annex_iv(lineage, children, facts))
+    return Documents(card, annex, facts.problem)
 
 
 # --- the model card -----------------------------------------------------------------------------
@@ -161,7 +177,8 @@ def _pairs(values: dict, skip: set[str] = frozenset()) -> str:
 # --- the Annex IV draft -------------------------------------------------------------------------
 
 
-def annex_iv(lineage: Lineage, children: list[tuple[str, str, str]], changes: list[str]) -> str:
+def annex_iv(lineage: Lineage, children: list[tuple[str, str, str]], facts: LogFacts) -> str:
+    changes = change_log(lineage, children, facts)
     today = datetime.now(UTC).date().isoformat()
     must = PROVIDER_MUST_COMPLETE
     sections = [
@@ -196,16 +213,17 @@ def annex_iv(lineage: Lineage, children: list[tuple[str, str, str]], changes: li
         f"Compute: {_pairs(lineage.compute)}.\n\n"
         "(d) Data requirements and datasheets (training data as recorded, with hashes):\n\n"
         + _data_table(lineage)
+        + "\n\nChecks of these exact files (matched by SHA-256) in the audit log:\n\n"
+        + "\n".join(data_checks(lineage, facts))
         + f"\n\n{must} provenance, scope and main characteristics of the data, how it was obtained and selected, "
         "labelling and cleaning (Art. 10).\n\n"
         f"(e) Assessment of the human oversight measures (Art. 14): {must}\n\n"
         f"(f) Pre-determined changes and technical solutions for continuous compliance: {must}\n\n"
         "(g) Validation and testing procedures, data and metrics:\n\n" + _results(lineage) + "\n\n"
         f"{must} robustness and discriminatory-impact testing; dated and signed test reports.\n\n"
-        "(h) Cybersecurity measures: lorafleet keeps a hash-chained audit log (optionally with Ed25519-signed "
-        "checkpoints), API keys stored as SHA-256 hashes, per-tenant adapter access and rate limits, and "
-        f"opens no outbound connections beyond those configured (an --upstream server, --allow-image-host). "
-        f"{must} the deployment's own measures.",
+        f"(h) Cybersecurity measures: {security_measures(facts)} lorafleet opens no outbound connections "
+        f"beyond those configured (an --upstream server, --allow-image-host). {must} the deployment's own "
+        "measures.",
         "## 3. Monitoring, functioning and control\n\n"
         + _results(lineage)
         + f"\n\n{must} capabilities and limitations, accuracy for specific groups of persons, foreseeable "
@@ -243,32 +261,11 @@ def _metric_names(lineage: Lineage) -> list[str]:
     )
 
 
-def change_log(lineage: Lineage, children: list[tuple[str, str, str]], fleet_dir: Path) -> list[str]:
+def change_log(lineage: Lineage, children: list[tuple[str, str, str]], facts: LogFacts) -> list[str]:
     """The adapter's history: the audit entries that name it (after checking the chain), and the
     registry's links to what it was made from and what was made from it."""
     lines = [f"- made from {p['relation']} `{p.get('name') or p['path']}`" for p in lineage.parents]
     lines += [f"- {relation}: `{name}` ({child_id}) was made from it" for relation, name, child_id in children]
-    directory = audit_dir(fleet_dir)
-    if not list_segments(directory):
-        return lines + ["- no audit log found in the fleet directory"]
-    try:
-        report = verify_chain(directory)
-        lines.append(f"- audit log verified: {report.entries} entries, seq {report.first_seq}..{report.last_seq}")
-    except AuditError as err:
-        lines.append(f"- AUDIT LOG DOES NOT VERIFY: {err}")
-    for line in read_lines(directory):
-        entry = json.loads(line.text)
-        if entry["event"] != "serve.request" and _names(entry, lineage):
-            lines.append(f"- {entry['time']} `{entry['event']}` (audit seq {entry['seq']})")
+    lines.append(f"- {verification_line(facts)}")
+    lines += [f"- {entry['time']} `{entry['event']}` (audit seq {entry['seq']})" for entry in facts.about]
     return lines
-
-
-def _names(entry: dict, lineage: Lineage) -> bool:
-    """Whether an audit entry is about this adapter (training events name it; others carry its id)."""
-    data = entry["data"]
-    text = json.dumps(data)
-    if lineage.id in text:
-        return True
-    if entry["event"].startswith("train."):
-        return data.get("adapter") == lineage.name or lineage.name in data.get("adapters", [])
-    return False
