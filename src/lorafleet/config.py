@@ -193,7 +193,7 @@ class FleetSpec:
     dtype: str | None = None  # default: bfloat16 on cuda, float32 on cpu
     report_to: list[str] | str = field(default_factory=list)  # also write metrics there: "tensorboard"
     # Days the fleet's audit log keeps entries (whole months are deleted once older); None: forever.
-    # Deployers of high-risk systems keep logs at least six months (EU AI Act Art. 19, 26(6)).
+    # Providers and deployers of high-risk AI systems keep its logs at least six months (EU AI Act Art. 19(1), 26(6)).
     audit_keep_days: int | None = None
     parallel: ParallelSpec = field(default_factory=ParallelSpec)  # only read under torchrun
 
