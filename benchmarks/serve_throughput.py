@@ -95,7 +95,6 @@ def time_engine(base, adapter_dirs, batch, names, tokens: int, max_batch: int) -
         synchronize(base.device)
         started = time.perf_counter()
         streams = [engine.submit(as_prompt(p), n, params) for p, n in zip(batch, names, strict=True)]
-        first_token = stamp_first_tokens(engine, streams)
         engine.run_until_idle()
         synchronize(base.device)
         seconds = time.perf_counter() - started
@@ -104,20 +103,9 @@ def time_engine(base, adapter_dirs, batch, names, tokens: int, max_batch: int) -
             fleet.remove_adapter(name)
     finals = [list(s)[-1] for s in streams]
     assert [f.completion_tokens for f in finals] == [tokens] * len(batch), finals[0].error
-    return seconds, [first_token[id(stream)] - started for stream in streams]
-
-
-def stamp_first_tokens(engine: Engine, streams: list) -> dict[int, float]:
-    """Records, per stream, when the engine produced its first token (streamed text may come
-    later: random weights make incomplete UTF-8 that is held back until it is whole)."""
-    stamps, account = {}, engine._account
-
-    def timed_account(row):
-        stamps.setdefault(id(row.request.stream), time.perf_counter())
-        return account(row)
-
-    engine._account = timed_account
-    return stamps
+    # When the engine chose each first token: streamed text may come later (random weights make
+    # incomplete UTF-8, held back until it is whole).
+    return seconds, [stream.first_token_at - started for stream in streams]
 
 
 def percentile(values: list[float], q: float) -> float:

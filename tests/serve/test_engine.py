@@ -1,10 +1,12 @@
-"""Engine behaviour the gateway relies on: failures stay with the request that caused them."""
+"""Engine behaviour the gateway relies on: failures stay with the request that caused them, and
+each stream says when its first token was chosen (time to first token)."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import queue
+import time
 
 import torch
 
@@ -18,6 +20,23 @@ from lorafleet.serve.engine.sampling import SamplingParams
 def prompt(ids: list[int]) -> Example:
     tensor = torch.tensor(ids)
     return Example(tensor, torch.full_like(tensor, IGNORE_INDEX), None)
+
+
+def test_each_stream_says_when_its_first_token_was_chosen(tiny_lm_dir):
+    base = load_base(tiny_lm_dir)
+    engine = Engine(base, LoRAFleet(base.model))
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    submitted = time.perf_counter()
+    first = engine.submit(prompt([5, 6, 7]), None, params)
+    assert first.first_token_at is None
+    engine._iteration()  # prefilled: its first token is chosen
+    chosen = first.first_token_at
+    assert chosen is not None and submitted < chosen < time.perf_counter()
+    later = engine.submit(prompt([8, 9]), None, params)
+    engine.run_until_idle()
+    assert first.first_token_at == chosen, "stamped at the first token, not at every token"
+    assert later.first_token_at is not None and chosen < later.first_token_at
+    assert [list(stream)[-1].completion_tokens for stream in (first, later)] == [4, 4]
 
 
 def test_a_request_for_an_unloaded_adapter_fails_alone(tiny_lm_dir):

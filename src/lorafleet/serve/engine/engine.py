@@ -14,6 +14,9 @@ A row whose logits are not finite, whose prompt does not fit, or whose output ca
 (its text, stop strings or grammar raise, or its reader's event loop has closed) ends with one
 error alone, its slot freed once; the other rows go on, and a request that started is never
 prefilled again.
+
+Grammar support (llguidance) is imported when the first request with a grammar arrives: the engine
+serves plain requests on an install without it (a GPU image that carries only torch and friends).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -35,10 +38,12 @@ from lorafleet.models.loading import FrozenBase
 from lorafleet.segments import Segment
 from lorafleet.serve.engine.decode import GraphDecoder, StepKind, choose_tokens, prefill
 from lorafleet.serve.engine.device_sampling import LOGPROBS_TOP, sampling_mode
-from lorafleet.serve.engine.grammar import Grammars, RowGrammar, bitmask_for
 from lorafleet.serve.engine.kv_cache import SlotKVCache
 from lorafleet.serve.engine.sampling import SamplingParams
 from lorafleet.serve.engine.text import IncrementalText, token_bytes
+
+if TYPE_CHECKING:
+    from lorafleet.serve.engine.grammar import Grammars, RowGrammar
 
 
 @dataclass
@@ -75,6 +80,9 @@ class ReplyStream:
         self._loop = loop
         self._events: queue.Queue[Event] | asyncio.Queue[Event] = asyncio.Queue() if loop else queue.Queue()
         self.cancelled = False
+        # time.perf_counter() when the engine chose the first token (its text may be held back
+        # until it is whole UTF-8): time to first token, for benchmarks and metrics
+        self.first_token_at: float | None = None
 
     def put(self, event: Event) -> None:
         if self._loop is not None:
@@ -170,6 +178,8 @@ class Engine:
         """The compiler of this model's constraints (built on first use: about a second for a
         150k-token vocabulary)."""
         if self._grammars is None:
+            from lorafleet.serve.engine.grammar import Grammars  # llguidance: only once a grammar is asked for
+
             self._grammars = Grammars(self.base.tokenizer, self.vocab_size)
         return self._grammars
 
@@ -288,6 +298,7 @@ class Engine:
             chosen, scores = choose_tokens(logits, inputs, positions, kind)
             tokens, finite = chosen.tolist()
             scores = scores.tolist() if scores is not None else None
+            _stamp_first_token(requests)
         except Exception:
             for slot in slots:
                 self.cache.release(slot)
@@ -342,6 +353,8 @@ class Engine:
         """The tokens each row may take next, when any row is under a grammar (else None)."""
         if all(row.grammar is None for row in rows):
             return None
+        from lorafleet.serve.engine.grammar import bitmask_for  # loaded by the row's grammar already
+
         bitmask = bitmask_for(len(rows), self.vocab_size)
         for index, row in enumerate(rows):
             if row.grammar is not None:
@@ -452,6 +465,14 @@ def _segments(adapters: list[str | None]) -> list[Segment]:
         else:
             segments.append(Segment(adapter, row, row + 1))
     return segments
+
+
+def _stamp_first_token(requests: list[_Request]) -> None:
+    """Their first tokens are on the host now (`tolist` waited for the device)."""
+    now = time.perf_counter()
+    for request in requests:
+        if request.stream.first_token_at is None:
+            request.stream.first_token_at = now
 
 
 def _seed(params: SamplingParams) -> int:
