@@ -1,4 +1,9 @@
-"""A real fleet served by a real uvicorn server on 127.0.0.1, for the real openai client."""
+"""A real fleet served by a real uvicorn server on 127.0.0.1, for the real openai client.
+
+The web server and the gateway are imported where a server starts, not at the top: the engine's
+tests here (test_decode.py runs on the GPU machine, whose image has no uvicorn, fastapi or
+llguidance) must be collected without them; tests/test_device_image.py holds that.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +14,19 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
-import uvicorn
 import yaml
 
 from lorafleet.adapters.fleet import LoRAFleet, LoRAShape, find_target_modules
 from lorafleet.adapters.peft_io import save_adapter
 from lorafleet.models.loading import load_base
-from lorafleet.serve.gateway.api import create_app
-from lorafleet.serve.gateway.server import FleetServer, ServeOptions
 from lorafleet.serve.gateway.tenants import hash_key, load_tenants
+
+if TYPE_CHECKING:
+    from lorafleet.serve.gateway.server import FleetServer, ServeOptions
 
 ADAPTERS = {"finance": (["q_proj", "v_proj", "down_proj"], 4), "legal": (["o_proj", "up_proj"], 8)}
 KEYS = {"finance-team": "sk-finance", "legal-team": "sk-legal", "ops": "sk-admin", "tight": "sk-tight"}
@@ -65,6 +71,11 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(options: ServeOptions) -> Iterator[tuple[str, FleetServer]]:
+    import uvicorn
+
+    from lorafleet.serve.gateway.api import create_app
+    from lorafleet.serve.gateway.server import FleetServer
+
     server = FleetServer(options).start()
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
@@ -84,5 +95,7 @@ def running_server(options: ServeOptions) -> Iterator[tuple[str, FleetServer]]:
 
 @pytest.fixture(scope="module")
 def keyed_server(fleet_dir, keys_file) -> Iterator[tuple[str, FleetServer]]:
+    from lorafleet.serve.gateway.server import ServeOptions
+
     with running_server(ServeOptions(fleet_dir=fleet_dir, tenants=load_tenants(keys_file))) as running:
         yield running
