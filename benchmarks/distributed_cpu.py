@@ -1,6 +1,7 @@
 """Tokens per second of the tiny fleet on one process and on N CPU processes (gloo), per mode.
 
     python benchmarks/distributed_cpu.py --processes 2 --steps 40
+    python benchmarks/distributed_cpu.py --steps 2 --modes fsdp2 --json r.json   # smallest (the suite's)
 
 Builds the tiny Qwen2-style model and four text adapters in a temporary directory, trains them with
 `lorafleet train` (one process) and with `torchrun --nproc-per-node N -m lorafleet train` in
@@ -61,6 +62,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--modes", nargs="+", choices=PARALLEL, default=list(PARALLEL), help="the N-process runs")
+    parser.add_argument("--json", type=Path, help="also write tokens/s of each run here")
     args = parser.parse_args()
     environment = dict(os.environ, OMP_NUM_THREADS="1")
     with tempfile.TemporaryDirectory() as directory:
@@ -70,14 +73,21 @@ def main() -> None:
             write_chats(root / f"d{i}.jsonl", n=64, seed=i)
         runs = [("one process", "adapter", [sys.executable, "-m", "lorafleet"])]
         launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.processes}"]
-        runs += [(f"{args.processes} processes, {mode}", mode, [*launcher, "-m", "lorafleet"]) for mode in PARALLEL]
+        runs += [(f"{args.processes} processes, {mode}", mode, [*launcher, "-m", "lorafleet"]) for mode in args.modes]
+        measured = {}
         for label, mode, command in runs:
             spec = fleet_yaml(root, base, mode, args.steps)
             output = root / f"out-{mode}"
             subprocess.run(["rm", "-rf", str(output)], check=True)
-            subprocess.run([*command, "train", str(spec), "--no-progress"], cwd=root, env=environment, check=True,
-                           capture_output=True)  # fmt: skip
-            print(f"{label:<24} {tokens_per_second(output):8.0f} tokens/s")
+            done = subprocess.run([*command, "train", str(spec), "--no-progress"], cwd=root, env=environment,
+                                  capture_output=True, text=True)  # fmt: skip
+            if done.returncode != 0:
+                sys.exit(f"{label}: `{' '.join(done.args)}` failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+            measured[label] = tokens_per_second(output)
+            print(f"{label:<24} {measured[label]:8.0f} tokens/s")
+    if args.json:
+        result = {"processes": args.processes, "steps": args.steps, "tokens_per_s": measured}
+        args.json.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

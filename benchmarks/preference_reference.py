@@ -1,6 +1,7 @@
 """Reference log-probabilities of DPO pairs: computed once per pair and kept, or again every step.
 
     python benchmarks/preference_reference.py --steps 60 --pairs 48
+    python benchmarks/preference_reference.py --steps 2 --pairs 8 --json r.json   # smallest (the suite's)
 
 The fleet keeps each pair's reference log-probabilities from the first time it meets the pair
 (the reference never changes); TRL's default computes them in every step. This trains the same DPO
@@ -53,6 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--pairs", type=int, default=48, help="pairs in the data: epochs = steps * 8 / pairs")
+    parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
         root = Path(directory)
@@ -64,6 +66,10 @@ def main() -> None:
     print(f"{args.steps} steps of 8 pairs over {args.pairs} pairs ({epochs:.1f} epochs), tiny model, CPU")
     print(f"reference kept per pair:         {kept * 1000:.1f} ms per step")
     print(f"reference again in every step:   {every * 1000:.1f} ms per step ({every / kept:.2f}x)")
+    if args.json:
+        result = {"steps": args.steps, "pairs": args.pairs, "epochs": epochs, "kept_ms_per_step": kept * 1000,
+                  "every_step_ms_per_step": every * 1000, "every_step_over_kept": every / kept}  # fmt: skip
+        args.json.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

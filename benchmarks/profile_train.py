@@ -3,7 +3,8 @@
     python benchmarks/profile_train.py --model qwen2.5-1.5b --adapters 4 --seqs 1
 
 Steps 3-6 run under cProfile, steps 7-8 under torch.profiler (CPU and CUDA activities); the
-tables go to stdout, a Chrome trace to --trace if given.
+tables go to stdout, a Chrome trace to --trace if given, the step times (and on CUDA the GPU's
+busy time per step) to --json if given.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
 import pstats
 import sys
 import tempfile
@@ -35,12 +37,14 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--trace", type=Path, help="write a Chrome trace of the profiled steps here")
+    parser.add_argument("--json", type=Path, help="write the step times here")
     args = parser.parse_args()
     logging.set_verbosity_error()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     base = build_base(args.model, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    tmp = Path(tempfile.mkdtemp())
+    workdir = tempfile.TemporaryDirectory()  # data and the trained adapters; removed after the run
+    tmp = Path(workdir.name)
     options = SimpleNamespace(rank=16, seqs=args.seqs, warmup=3, steps=7)
     data = [write_data(tmp, f"a{i}", 64, args.seq_len, i) for i in range(args.adapters)]
     spec = FleetSpec(base=str(base.path), output=str(tmp / "out"), adapters=adapter_specs(options, data),
@@ -67,7 +71,10 @@ def main() -> None:
                 operators.export_chrome_trace(str(args.trace))
 
     FleetTrainer(spec, base=base, progress=False, on_step=on_step).run()
-    print("fleet step ms:", [round((b - a) * 1000, 1) for a, b in zip(marks, marks[1:], strict=False)])
+    workdir.cleanup()
+    step_ms = [round((b - a) * 1000, 1) for a, b in zip(marks, marks[1:], strict=False)]
+    print("fleet step ms:", step_ms)
+    busy = None
     for order, rows in (("tottime", 30), ("cumulative", 30)):
         out = io.StringIO()
         pstats.Stats(python, stream=out).sort_stats(order).print_stats(rows)
@@ -79,6 +86,10 @@ def main() -> None:
             print(averages.table(sort_by="self_cuda_time_total", row_limit=30)[:9000])
             busy = sum(event.self_device_time_total for event in averages) / 1000 / 2
             print(f"GPU busy per step: {busy:.1f} ms (kernels' self time over the 2 profiled steps)")
+    if args.json:
+        result = {"model": args.model, "adapters": args.adapters, "seqs": args.seqs, "seq_len": args.seq_len,
+                  "step_ms": step_ms, "gpu_busy_ms_per_step": busy}  # fmt: skip
+        args.json.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
