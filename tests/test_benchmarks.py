@@ -8,6 +8,7 @@ writes what its readers expect (positive numbers under the keys docs/benchmarks.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -105,6 +106,18 @@ def test_every_benchmark_script_runs_in_the_suite_and_has_a_check():
     missing = scripts - in_gpu_suite - set(SMALLEST)
     assert not missing, f"give {sorted(missing)} a smallest size in SMALLEST (tests/test_benchmarks.py)"
     assert {name.removesuffix(".py") for name in scripts} <= set(CHECKS), "say in CHECKS what each script writes"
+
+
+def test_benchmarks_reach_into_nothing_private():
+    """A benchmark that patches or reads a private name breaks silently when that name changes
+    (serve_throughput.py replaced Engine._account, whose arguments then changed): public hooks only."""
+    private = [
+        f"{path.name}:{node.lineno}: .{node.attr}"
+        for path in sorted(BENCHMARKS.glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+    ]
+    assert not private, "\n".join(private)
 
 
 @pytest.mark.slow
