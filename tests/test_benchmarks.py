@@ -133,7 +133,7 @@ def test_a_benchmark_runs_at_its_smallest_size(script, tmp_path):
 @pytest.mark.slow
 def test_the_gpu_suite_runs_end_to_end_on_the_cpu_without_the_packages_the_gpu_image_lacks(tmp_path):
     results, out = tmp_path / "results", tmp_path / "out"
-    pythonpath = os.pathsep.join([str(DEVICE_IMAGE), os.environ.get("PYTHONPATH", "")])
+    pythonpath = os.pathsep.join(filter(None, [str(DEVICE_IMAGE), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, **SMALLEST_SUITE, OUT=str(out), RESULTS=str(results), PYTHONPATH=pythonpath)
     done = subprocess.run(["bash", str(GPU_SUITE)], env=env, capture_output=True, text=True, timeout=1600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
