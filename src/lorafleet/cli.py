@@ -563,7 +563,7 @@ def _run_compress(args: argparse.Namespace) -> int:
     from lorafleet.compress.distil import DistilOptions
     from lorafleet.compress.prune import PruneRequest
     from lorafleet.compress.run import CompressOptions, compress
-    from lorafleet.serve.engine.engine import decode_speed
+    from lorafleet.serve.engine.speed import decode_speed
 
     request = PruneRequest(mlp=args.prune_mlp, heads=args.prune_heads, layers=args.prune_layers)
     distillation = DistilOptions(

@@ -16,7 +16,7 @@ from lorafleet.data.batch import collate
 from lorafleet.data.dataset import load_examples
 from lorafleet.errors import ConfigError
 from lorafleet.models.loading import load_base
-from lorafleet.serve.engine.engine import decode_speed
+from lorafleet.serve.engine.speed import decode_speed
 from lorafleet.train.trainer import train_fleet
 from tests.conftest import write_image_dataset
 

@@ -22,9 +22,10 @@ from lorafleet.data.encode import IGNORE_INDEX, Example, encode_prompt, render
 from lorafleet.data.records import IMAGE_PLACEHOLDER, ChatRecord, parse_openai_messages
 from lorafleet.errors import AdapterError, DataError
 from lorafleet.models.loading import FrozenBase
-from lorafleet.serve.engine.engine import Engine, ReplyStream
+from lorafleet.serve.engine.engine import Engine
 from lorafleet.serve.engine.grammar import GrammarError
 from lorafleet.serve.engine.sampling import SamplingParams
+from lorafleet.serve.engine.streams import ReplyStream
 from lorafleet.serve.gateway.calls import Call
 from lorafleet.serve.gateway.errors import APIError
 from lorafleet.serve.gateway.images import ImagePolicy

@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from lorafleet.serve.engine.engine import Event, EventSource
+from lorafleet.serve.engine.streams import Event, EventSource
 from lorafleet.serve.gateway.calls import Call
 from lorafleet.serve.gateway.tools import ToolCallText, ToolUse, split_tool_calls
 

@@ -23,7 +23,7 @@ from lorafleet.errors import AdapterError, ConfigError
 from lorafleet.governance.registry import DATABASE
 from lorafleet.governance.signing import load_private_key
 from lorafleet.models.loading import load_base
-from lorafleet.serve.engine.engine import EventSource
+from lorafleet.serve.engine.streams import EventSource
 from lorafleet.serve.gateway.audit_trail import SIGN_EVERY_SECONDS, AuditTrail, adapter_id
 from lorafleet.serve.gateway.calls import Call
 from lorafleet.serve.gateway.images import ImagePolicy

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 from lorafleet.errors import AdapterError, ConfigError, LorafleetError
-from lorafleet.serve.engine.engine import Event
+from lorafleet.serve.engine.streams import Event
 from lorafleet.serve.gateway.calls import Call
 from lorafleet.serve.gateway.errors import APIError
 
