@@ -14,9 +14,10 @@ the speed. Here one projection costs a handful of operations whatever the number
   elsewhere (the inference path's `lora_delta_stacked`); it computes K times the LoRA arithmetic
   of the blocks above, a few percent of the base matmul for a handful of rank-16 adapters.
 
-The adapters' weights stay float32 (the master copy the optimizer updates); they are stacked and
-cast to the input's dtype on every forward, so autograd hands float32 gradients back to each
-adapter's own parameters. This is what peft does under autocast and torchtune does by default.
+The adapters' weights stay float32 (the master copy the optimizer updates; float64 under a float64
+base); they are stacked and cast to the input's dtype on every forward, so autograd hands gradients
+in the masters' dtype back to each adapter's own parameters. This is what peft does under autocast
+and torchtune does by default.
 Ranks may differ: smaller ones are zero-padded to the largest, whose padding never contributes.
 """
 
@@ -160,11 +161,12 @@ def row_feature_weights(
     """(rows, K·r): each row's weight on every stacked feature — its adapter's scaling on that
     adapter's r features, 0 elsewhere (and everywhere for rows not adapted here). Built on the host
     and copied once: it depends only on the routing, so callers cache it for a whole step."""
-    per_slot = torch.zeros(len(layout.names) + 1, len(layout.names) * layout.rank)  # last row: not adapted
+    # float64 on the host: a scaling such as 16/3 is rounded once, to `dtype`, not to float32 first
+    per_slot = torch.zeros(len(layout.names) + 1, len(layout.names) * layout.rank, dtype=torch.float64)
     for index, scaling in enumerate(scalings):
         per_slot[index, index * layout.rank : (index + 1) * layout.rank] = scaling
     slots = torch.tensor(layout.slots).where(torch.tensor(layout.slots) >= 0, len(layout.names))
-    rows = per_slot[torch.repeat_interleave(slots, torch.tensor(layout.lengths))]
+    rows = per_slot[torch.repeat_interleave(slots, torch.tensor(layout.lengths))]  # per_slot's last row: not adapted
     return rows.to(device=device, dtype=dtype)
 
 

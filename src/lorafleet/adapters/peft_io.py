@@ -105,8 +105,8 @@ def read_adapter(adapter_dir: str | Path) -> tuple[LoRAShape, dict[str, torch.Te
     return shape, weights
 
 
-def load_adapter(fleet: LoRAFleet, name: str, adapter_dir: str | Path) -> LoRAShape:
-    """Attach the PEFT adapter in `adapter_dir` to the fleet under `name`."""
+def load_adapter(fleet: LoRAFleet, name: str, adapter_dir: str | Path, dtype: torch.dtype = torch.float32) -> LoRAShape:
+    """Attach the PEFT adapter in `adapter_dir` to the fleet under `name`, its weights in `dtype`."""
     shape, weights = read_adapter(adapter_dir)
     broken = sorted(key for key, tensor in weights.items() if not torch.isfinite(tensor).all())
     if broken:  # served beside others, one NaN adapter would poison every row of the batch
@@ -116,7 +116,7 @@ def load_adapter(fleet: LoRAFleet, name: str, adapter_dir: str | Path) -> LoRASh
         raise AdapterError(
             f"{adapter_dir}: the base model has no module {missing[0]!r}; was it trained on another base?"
         )
-    fleet.add_adapter(name, shape)
+    fleet.add_adapter(name, shape, dtype=dtype)
     copy_weights(fleet, name, weights)
     return shape
 

@@ -13,6 +13,12 @@ from lorafleet.data.encode import IGNORE_INDEX
 from lorafleet.segments import Segment
 
 
+def loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where cross-entropy is computed: float32 for a bf16/fp16/fp32 model, float64 for a float64
+    one (whose point is rounding noise far below the optimizer's epsilon: equivalence tests)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def segment_losses(
     logits: torch.Tensor, labels: torch.Tensor, segments: Sequence[Segment], by_token: bool = False
 ) -> list[torch.Tensor]:
@@ -21,7 +27,7 @@ def segment_losses(
 
     Prompt, image and padding positions carry IGNORE_INDEX and count for nothing.
     """
-    shift_logits = logits[:, :-1].float()
+    shift_logits = logits[:, :-1].to(loss_dtype(logits.dtype))
     shift_labels = labels[:, 1:]
     per_token = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.shape[-1]),
@@ -98,7 +104,7 @@ def chunked_segment_losses(
         checkpoint(_token_losses, head, rows[i : i + chunk], where.targets[i : i + chunk], use_reentrant=False)
         for i in range(0, count, chunk)
     ]
-    per_token = torch.cat(per_token) if per_token else hidden.new_zeros(0, dtype=torch.float32)
+    per_token = torch.cat(per_token) if per_token else hidden.new_zeros(0, dtype=loss_dtype(hidden.dtype))
     sums = torch.zeros(len(segments), dtype=per_token.dtype, device=per_token.device).index_add(
         0, where.owners, per_token
     )
@@ -109,4 +115,5 @@ def chunked_segment_losses(
 
 
 def _token_losses(head: torch.nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(rows).float(), targets, reduction="none")
+    logits = head(rows)
+    return F.cross_entropy(logits.to(loss_dtype(logits.dtype)), targets, reduction="none")

@@ -43,7 +43,13 @@ from lorafleet.segments import Segment
 from lorafleet.state import restore_rng_state, rng_state
 from lorafleet.train import checkpoint, distributed, memory
 from lorafleet.train.job import AdapterJob, total_optimizer_steps
-from lorafleet.train.loss import LabelPositions, chunked_segment_losses, label_positions, segment_losses
+from lorafleet.train.loss import (
+    LabelPositions,
+    chunked_segment_losses,
+    label_positions,
+    loss_dtype,
+    segment_losses,
+)
 from lorafleet.train.objectives import AnswerLogProbs, is_preference, metric_names, preference_loss
 from lorafleet.train.optimizer import FleetAdamW
 from lorafleet.train.provenance import TrainingProvenance
@@ -105,6 +111,10 @@ class FleetTrainer:
         if shards:
             distributed.shard_base(self.base, group)
         self.fleet = LoRAFleet(self.base.model, self.base.language_prefix)
+        # LoRA weights, their gradients and the optimizer state: float32 masters under a bf16 or
+        # fp32 base; a float64 base (rounding far below AdamW's eps, for exact comparisons) keeps
+        # float64 ones, else every gradient would be rounded to float32 again
+        self.master_dtype = loss_dtype(self.base.dtype)
         if spec.activation_checkpointing:
             checkpoint_decoder_layers(self.base.language_model)
         if spec.compile:
@@ -260,7 +270,7 @@ class FleetTrainer:
             loss_segments += pieces
             owners += [index] * len(pieces)
             if index in pairs:
-                counts = torch.tensor([label_count(example) for example in group], dtype=torch.float32)
+                counts = torch.tensor([label_count(example) for example in group], dtype=self.master_dtype)
                 answer_tokens[index] = counts.to(self.base.device, non_blocking=True)
         where = None
         if self.spec.chunked_loss:
@@ -510,14 +520,14 @@ class FleetTrainer:
 
     def _start(self, spec: AdapterSpec) -> AdapterJob:
         if spec.init_from:
-            load_adapter(self.fleet, spec.name, spec.init_from)
+            load_adapter(self.fleet, spec.name, spec.init_from, self.master_dtype)
             if is_preference(spec) and spec.reference == "init":  # the same weights, frozen
-                load_adapter(self.fleet, reference_route(spec), spec.init_from)
+                load_adapter(self.fleet, reference_route(spec), spec.init_from, self.master_dtype)
                 for weight in self.fleet.parameters(reference_route(spec)):
                     weight.requires_grad_(False)
         else:
             shape = LoRAShape(spec.rank, spec.alpha, spec.dropout, self.targets[spec.name])
-            self.fleet.add_adapter(spec.name, shape, seed=spec.seed)
+            self.fleet.add_adapter(spec.name, shape, seed=spec.seed, dtype=self.master_dtype)
         stream = ExampleStream(self.examples[spec.name], spec.micro_batch_size, spec.seed, spec.shuffle)
         job = AdapterJob(spec, stream, self.fleet.parameters(spec.name), self.optimizer)
         self.active.append(job)
@@ -622,7 +632,7 @@ class FleetTrainer:
         self.pending = deque(a for a in self.pending if a.name not in started)
         restore_rng_state(state["rng"])
         for name, known in state.get("reference_logps", {}).items():
-            device, dtype = self.base.device, torch.float32
+            device, dtype = self.base.device, self.master_dtype
             self.reference_logps[name] = {src: torch.tensor(v, dtype=dtype, device=device) for src, v in known.items()}
         if self._main:
             self.fleet_log.resume_at(self.fleet_step)
@@ -674,7 +684,11 @@ class FleetTrainer:
         for param in params:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
-        numbers = [torch.stack([loss.detach().float() for loss in losses]), *(v.float() for v in statistics.values())]
+        dtype = self.master_dtype
+        numbers = [
+            torch.stack([loss.detach() for loss in losses]).to(dtype),
+            *(v.to(dtype) for v in statistics.values()),
+        ]
         flat = self.group.all_reduce(torch.cat([*numbers, *(p.grad.flatten() for p in params)]))
         sizes = [len(losses), *(len(values) for values in statistics.values())]
         offset = sum(sizes)
@@ -922,7 +936,7 @@ def answer_logps(
     rows = [example for _, group in micro_batches for example in group]
     routes = [route for route, group in micro_batches for _ in group]
     segments = [Segment(route, row, row + 1) for row, route in enumerate(routes)]
-    tokens = torch.tensor([label_count(example) for example in rows], dtype=torch.float32)
+    tokens = torch.tensor([label_count(example) for example in rows], dtype=loss_dtype(base.dtype))
     where = label_positions(batch.labels, segments).to(base.device) if chunked else None
     with torch.no_grad(), training_attention(), fleet.route(segments):
         means = sequence_losses(base, batch.to(base.device), segments, False, where, {}, chunked)
