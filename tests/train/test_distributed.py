@@ -1,6 +1,7 @@
-"""The fleet on several processes (gloo, CPU): adapter-parallel and data-parallel runs end with the
-adapters the single-process fleet trains, a run stopped on three processes resumes on two (or on
-one) with the same result, and a process that fails stops the others with its message.
+"""The fleet on several processes (gloo, CPU): adapter-parallel and data-parallel runs (the base whole
+or sharded), SFT and preference adapters alike, end with the adapters the single-process fleet
+trains, a run stopped on three processes resumes on two (or on one) with the same result, and a
+process that fails stops the others with its message.
 
 Each run spawns real processes that join a real process group on 127.0.0.1, as torchrun's workers do.
 Runs compared with each other compute in float64 (tests/tolerances.py says why, and derives the bounds).
@@ -90,13 +91,22 @@ def run_processes(spec: FleetSpec, world: int, tmp_path: Path, resume=False, cra
 
 
 def fleet(tmp_path: Path, base: Path, output: str, mode: str, **fleet_args) -> FleetSpec:
-    data = [write_text_dataset(tmp_path / f"d{i}.jsonl", n=10 + i, seed=i) for i in range(4)]
+    """Two SFT adapters, an MPO and a DPO one, of different ranks, micro-batches and accumulation."""
+    from tests.train.test_preference import write_pairs
+
+    data = [write_text_dataset(tmp_path / f"d{i}.jsonl", n=10 + i, seed=i) for i in range(2)]
+    pairs = [write_pairs(tmp_path / f"p{i}.jsonl", n=6 + i, seed=i) for i in range(2)]  # both over two epochs
     adapters = [
         AdapterSpec(name="a", data=str(data[0]), rank=4, micro_batch_size=2, grad_accum=3, steps=3, learning_rate=3e-3),
         AdapterSpec(name="b", data=str(data[1]), rank=2, micro_batch_size=3, steps=5, learning_rate=3e-3),
-        AdapterSpec(name="c", data=str(data[2]), rank=3, micro_batch_size=2, steps=7, learning_rate=3e-3),
-        AdapterSpec(name="d", data=str(data[3]), rank=2, micro_batch_size=2, grad_accum=2, steps=4, learning_rate=3e-3),
-    ]
+        AdapterSpec(
+            name="c", data=str(pairs[0]), objective="mpo", rank=3, micro_batch_size=2, steps=7, learning_rate=3e-3
+        ),
+        AdapterSpec(
+            name="d", data=str(pairs[1]), objective="dpo", rank=2, micro_batch_size=2, grad_accum=2, steps=4,
+            learning_rate=3e-3,
+        ),
+    ]  # fmt: skip
     settings = dict(checkpoint_every=4, keep_checkpoints=1, length_multiple=8, dtype="float64") | fleet_args
     parallel = ParallelSpec(mode=mode, timeout_minutes=2)
     return FleetSpec(base=str(base), output=str(tmp_path / output), adapters=adapters, parallel=parallel, **settings)
@@ -133,6 +143,9 @@ def assert_same_metrics(spec: FleetSpec, reference: FleetSpec, keys=("loss", "gr
                     key,
                     difference,
                 )
+
+
+PREFERENCE_METRICS = ("loss", "reward_margin", "reward_accuracy", "loss_sft", "grad_norm")
 
 
 def metric_records(output: str) -> list[dict]:
@@ -282,4 +295,36 @@ def test_data_parallel_preference_adapters_equal_the_single_process_run(tiny_lm_
     assert [outcome["error"] for outcome in resumed] == [None, None]
 
     assert_same_adapters(spec, single)
-    assert_same_metrics(spec, single, ("loss", "reward_margin", "reward_accuracy", "loss_sft", "grad_norm"))
+    assert_same_metrics(spec, single, PREFERENCE_METRICS)
+
+
+def test_sharded_base_trains_shuffled_preference_pairs_over_epochs_like_one_process(tiny_lm_dir, tmp_path):
+    """DPO and MPO over an FSDP2-sharded base, shuffled, two epochs: from the second epoch a process
+    trains pairs whose references another process computed. Every process must still take part in
+    every reference forward (each gathers the sharded layers from all), or one waits in an all-gather
+    until the timeout, here 15 s instead of the default 30 minutes."""
+    from tests.train.test_preference import write_pairs
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", n=8)
+    # 4 steps an epoch; with seed 2 the second epoch's first micro-batch gives process 0 a pair new to
+    # it and process 1 one it has seen (seed 0 happens to keep the two processes in step)
+    small = dict(data=str(pairs), rank=2, micro_batch_size=2, steps=8, learning_rate=3e-3, seed=2)
+    # held-out pairs in chunks of 2 and 1: every process evaluates them, over the sharded base
+    held_out = dict(eval_data=str(write_pairs(tmp_path / "held-out.jsonl", n=3, seed=7)), eval_every=4)
+    adapters = [
+        AdapterSpec(name="d", objective="dpo", **small, **held_out),
+        AdapterSpec(name="m", objective="mpo", **small),
+    ]
+    settings = dict(checkpoint_every=0, length_multiple=8, dtype="float64")
+    single = FleetSpec(base=str(tiny_lm_dir), output=str(tmp_path / "single"), adapters=adapters, **settings)
+    train_fleet(single, progress=False)
+    parallel = ParallelSpec(mode="data", shard_base=True, timeout_minutes=0.25)
+    spec = dataclasses.replace(single, output=str(tmp_path / "sharded"), parallel=parallel)
+
+    outcomes = run_processes(spec, 2, tmp_path)
+
+    assert [outcome["error"] for outcome in outcomes] == [None, None]
+    assert all(outcome["held"] < 1 for outcome in outcomes)
+    assert_same_adapters(spec, single)
+    assert_same_metrics(spec, single, PREFERENCE_METRICS + ("eval_loss", "eval_reward_margin", "eval_reward_accuracy"))
+    assert [r["step"] for r in metric_records(spec.output) if "eval_loss" in r] == [4, 8]

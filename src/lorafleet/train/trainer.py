@@ -68,12 +68,14 @@ class StepInputs:
     where: LabelPositions | None  # label positions for the chunked loss (on the device)
     extra: dict  # model keyword arguments (packed sequence offsets for varlen attention)
     packed: bool
-    pairs: dict[int, list[PreferencePair]]  # preference jobs: the micro-batch's pairs
+    pairs: dict[int, list[PreferencePair]]  # preference jobs: the micro-batch's pairs (this process's share)
     answer_tokens: dict[int, torch.Tensor]  # preference jobs: label tokens of each answer (on the device)
     references: dict[int, torch.Tensor] = field(default_factory=dict)  # their reference log-probabilities
     # data-parallel: this process's share of each job's micro-batch: of its label tokens (sft), or
     # (of its pairs, of its chosen answers' label tokens) for a preference job
     shares: list | None = None
+    # data-parallel: each preference job's whole micro-batch (every process's pairs), the same everywhere
+    drawn_pairs: dict[int, list[PreferencePair]] = field(default_factory=dict)
 
 
 @dataclass
@@ -204,6 +206,8 @@ class FleetTrainer:
 
     def _step(self) -> None:
         step = self._prepare_step()
+        if self._data_parallel:  # every process caches the whole micro-batch's references, together
+            self._cache_references([(self.active[index], pairs) for index, pairs in step.drawn_pairs.items()], True)
         step.references = self._references({index: (self.active[index], pairs) for index, pairs in step.pairs.items()})
         losses, statistics = self._forward_backward(step)
         self.fleet_step += 1
@@ -249,8 +253,9 @@ class FleetTrainer:
         preference = {index for index, job in enumerate(self.active) if is_preference(job.spec)}
         rows = lambda index, group: answer_rows(group) if index in preference else group  # noqa: E731
         tokens = [sum(example.num_tokens for example in rows(index, group)) for index, group in enumerate(drawn)]
-        shares = None
+        shares, drawn_pairs = None, {}
         if self._data_parallel:
+            drawn_pairs = {index: group for index, group in enumerate(drawn) if index in preference}
             drawn, shares = self._my_share(drawn, preference)
         pairs = {index: group for index, group in enumerate(drawn) if index in preference}
         # A preference micro-batch of m pairs is 2m sequences: [chosen_1..m, rejected_1..m].
@@ -290,6 +295,7 @@ class FleetTrainer:
             pairs,
             answer_tokens,
             shares=shares,
+            drawn_pairs=drawn_pairs,
         )
 
     def _forward_backward(self, step: StepInputs) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
@@ -389,7 +395,9 @@ class FleetTrainer:
         sums: dict[str, list[torch.Tensor]] = {job.name: [] for job in jobs}
         for index in range(max(len(c) for c in chunks.values())):
             batch_jobs = [(job, chunks[job.name][index]) for job in jobs if index < len(chunks[job.name])]
-            references = self._references(dict(enumerate(batch_jobs)))
+            # over a sharded base every process evaluates every pair, and computes references together
+            together = self._data_parallel and self.group.shards_base
+            references = self._references(dict(enumerate(batch_jobs)), together)
             policies = self._answer_logps([(job.name, pairs) for job, pairs in batch_jobs])
             for number, ((job, pairs), policy) in enumerate(zip(batch_jobs, policies, strict=True)):
                 tokens = torch.tensor([label_count(e) for e in answer_rows(pairs)], device=policy.device)
@@ -435,28 +443,57 @@ class FleetTrainer:
 
     # --- preference objectives: log-probabilities of answers --------------------------------
 
-    def _references(self, items: dict[int, tuple[AdapterJob, list[PreferencePair]]]) -> dict[int, torch.Tensor]:
+    def _references(
+        self, items: dict[int, tuple[AdapterJob, list[PreferencePair]]], together: bool = False
+    ) -> dict[int, torch.Tensor]:
         """Reference log-probabilities of the answers of each item's pairs, [chosen..., rejected...],
-        from the cache; pairs met for the first time go through one no-grad pass together, routed
-        to no adapter (reference: base) or to the adapter's frozen initial weights (reference: init)."""
-        missing: dict[str, dict[str, PreferencePair]] = {}
-        for job, pairs in items.values():
-            known = self.reference_logps.setdefault(job.name, {})
-            new = {pair.source: pair for pair in pairs if pair.source not in known}
-            if new:
-                missing.setdefault(job.name, {}).update(new)
-        if missing:
-            jobs = {job.name: job for job, _ in items.values()}
-            groups = [(reference_route(jobs[name].spec), list(new.values())) for name, new in missing.items()]
-            for (name, new), values in zip(missing.items(), self._answer_logps(groups), strict=True):
-                chosen, rejected = values.chunk(2)
-                for pair, pair_values in zip(new.values(), torch.stack([chosen, rejected], 1), strict=True):
-                    self.reference_logps[name][pair.source] = pair_values
+        from the cache, into which pairs met for the first time go first (`_cache_references`)."""
+        self._cache_references(list(items.values()), together)
         references = {}
         for index, (job, pairs) in items.items():
             known = self.reference_logps[job.name]
             references[index] = torch.stack([known[pair.source] for pair in pairs], 1).reshape(-1)
         return references
+
+    def _cache_references(self, items: list[tuple[AdapterJob, list[PreferencePair]]], together: bool) -> None:
+        """Compute and keep the reference log-probabilities (chosen, rejected) of the pairs of `items`
+        not met before, in one no-grad pass routed to no adapter (reference: base) or to the adapter's
+        frozen initial weights (reference: init).
+
+        `together` (data-parallel; `items` the same on every process): every process keeps every
+        pair's references. The processes then agree without a word on which pairs are new, split
+        them r::world, each computes its part, and one all-reduce hands all of them to everyone:
+        each pair is computed once, and every process runs the same reference forwards, which a
+        sharded base needs (each forward gathers every layer from all processes; one process
+        skipping a forward another runs would leave that one waiting until the timeout). Keeping
+        only one's own pairs instead would make "new" differ between processes from the second
+        shuffled epoch on, and agreeing on it each step would cost every step a synchronisation."""
+        new = {(job.name, pair.source): (job, pair) for job, pairs in items for pair in pairs}
+        new = [item for key, item in new.items() if key[1] not in self.reference_logps.setdefault(key[0], {})]
+        if not new:
+            return
+        rank, world = (self.group.rank, self.group.world) if together else (0, 1)
+        mine = new[rank::world]
+        # a process with no new pair of its own still runs the forward (on one it drops): see above
+        values = self._reference_values(mine or new[:1])[: len(mine)]
+        if together:
+            everyone = values.new_zeros(len(new), 2)
+            everyone[rank::world] = values
+            values = self.group.all_reduce(everyone)  # each row is one process's values plus zeros: exact
+        for (job, pair), pair_values in zip(new, values, strict=True):
+            self.reference_logps[job.name][pair.source] = pair_values
+
+    def _reference_values(self, new: list[tuple[AdapterJob, PreferencePair]]) -> torch.Tensor:
+        """(pairs, 2): the reference log-probabilities of the chosen and rejected answer of each of
+        `new`, in one pass over every job's pairs."""
+        by_job: dict[str, tuple[AdapterJob, list[int]]] = {}
+        for position, (job, _) in enumerate(new):
+            by_job.setdefault(job.name, (job, []))[1].append(position)
+        groups = [(reference_route(job.spec), [new[i][1] for i in positions]) for job, positions in by_job.values()]
+        values = torch.empty(len(new), 2, dtype=self.master_dtype, device=self.base.device)
+        for (_, positions), logps in zip(by_job.values(), self._answer_logps(groups), strict=True):
+            values[positions] = torch.stack(logps.chunk(2), 1).to(values.dtype)
+        return values
 
     def _answer_logps(self, groups: list[tuple[str | None, list[PreferencePair]]]) -> list[torch.Tensor]:
         return answer_logps(self.base, self.fleet, groups, self.spec.length_multiple, self.spec.chunked_loss)
@@ -562,9 +599,8 @@ class FleetTrainer:
             self._exchange(done=False)
             return
         state = self._checkpoint_state()
-        if self._data_parallel:
+        if self._data_parallel:  # every process holds every pair's reference log-probabilities
             self._sum_accumulated_gradients(state)
-            self._gather_references(state)
         if self._main:
             self._save_checkpoint(state)
 
@@ -710,17 +746,6 @@ class FleetTrainer:
         sums = iter(flat.cpu().split([p.numel() for p in params]))
         for job in jobs:
             state["active"][job.name]["grads"] = [next(sums).view_as(p).clone() for p in job.params]
-
-    def _gather_references(self, state: dict) -> None:
-        """Data-parallel checkpoint: each process computed the reference log-probabilities of its own
-        pairs; the checkpoint holds them all (a resumed run uses the very numbers computed)."""
-        if not any(is_preference(spec) for spec in self.spec.adapters):
-            return
-        gathered = self.group.gather(state["reference_logps"])
-        if self.group.main:
-            for known in gathered:
-                for name, values in known.items():
-                    state["reference_logps"].setdefault(name, {}).update(values)
 
     def _exchange(self, done: bool) -> bool:
         """Adapter-parallel meeting at a checkpoint step (or at the end, `done`): process 0 gathers
