@@ -33,6 +33,36 @@ def test_only_assistant_replies_and_their_end_token_are_labelled(tiny_lm_dir, tm
     assert base.tokenizer.decode(example.input_ids).startswith("<|im_start|>system\nBe brief.<|im_end|>")
 
 
+def test_labels_end_at_the_end_of_turn_token_even_where_eos_is_another_token(tiny_lm_dir, tmp_path):
+    """Qwen2.5's own template (each turn "...<|im_end|>\n") with its base models' tokenizer, whose
+    eos is <|endoftext|>: the labels still stop at each turn's <|im_end|>, never take the newline."""
+    import shutil
+
+    from tests.train.test_preference import QWEN25_CHAT_TEMPLATE
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_lm_dir, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config | {"eos_token": "<|endoftext|>"}))
+    (model / "chat_template.jinja").write_text(QWEN25_CHAT_TEMPLATE)
+    chat = {
+        "messages": [
+            {"role": "user", "content": "What is the total?"},
+            {"role": "assistant", "content": "three"},
+            {"role": "user", "content": "And the colour?"},
+            {"role": "assistant", "content": "blue"},
+        ]
+    }
+    (tmp_path / "c.jsonl").write_text(json.dumps(chat) + "\n")
+    base = load_base(model)
+    assert base.tokenizer.eos_token == "<|endoftext|>"
+    [example], _ = load_examples(tmp_path / "c.jsonl", base)
+    labelled = [int(t) for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE_INDEX]
+    assert base.tokenizer.decode(labelled) == "three<|im_end|>blue<|im_end|>"
+    assert base.tokenizer.decode(example.input_ids).endswith("blue<|im_end|>\n")
+
+
 def test_wide_image_is_tiled_with_a_thumbnail(tiny_vlm_dir, tmp_path):
     Image.new("RGB", (192, 64), "blue").save(tmp_path / "wide.png")
     record = {

@@ -24,14 +24,65 @@ from tests import tolerances
 from tests.conftest import write_text_dataset
 
 COLOURS = ["red", "blue", "green", "yellow", "white", "black", "orange", "purple"]
-# The tiny model's ChatML, each assistant turn ending at its <|im_end|>: TRL takes everything after the
-# prompt as the answer, lorafleet the answer and its end-of-turn token (as its SFT labels); with no
-# newline after <|im_end|> the two are the same tokens.
-ANSWER_ENDS_AT_END_OF_TURN = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>"
-    "{% if message['role'] != 'assistant' %}\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+# Qwen2.5-Instruct's own chat template (InternVL3's is the same ChatML): every turn ends
+# "<|im_end|>\n". TRL takes everything after the prompt as the answer, "...<|im_end|>\n"; lorafleet
+# scores the answer up to its end-of-turn token, "...<|im_end|>" (data/encode.py says why), so the
+# comparisons with TRL leave that one newline out of TRL's answers, and nothing else.
+QWEN25_CHAT_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""  # noqa: E501
 
 
 def write_pairs(path, n: int, seed: int = 0, layout: str = "ours"):
@@ -53,12 +104,12 @@ def write_pairs(path, n: int, seed: int = 0, layout: str = "ours"):
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_lm_dir, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("answer-ends-at-eot") / "model"
+    directory = tmp_path_factory.mktemp("qwen2.5-template") / "model"
     shutil.copytree(tiny_lm_dir, directory)
     config = json.loads((directory / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    (directory / "chat_template.jinja").write_text(ANSWER_ENDS_AT_END_OF_TURN)
+    (directory / "chat_template.jinja").write_text(QWEN25_CHAT_TEMPLATE)
     return directory
 
 
@@ -77,13 +128,13 @@ def perturbed_adapter(model_dir, directory, seed: int = 1):
     return save_adapter(fleet, "p", directory, model_dir)
 
 
-def fleet_loss_and_gradients(model_dir, data, init_dir, spec_changes: dict, pairs: int):
+def fleet_loss_and_gradients(model_dir, data, init_dir, spec_changes: dict, pairs: int, dtype: str | None = None):
     """The fleet's loss and LoRA gradients for its first micro-batch (all pairs, in file order)."""
     adapter = AdapterSpec(
         name="p", data=str(data), init_from=str(init_dir), micro_batch_size=pairs, shuffle=False, steps=1,
         **spec_changes,
     )  # fmt: skip
-    spec = FleetSpec(base=str(model_dir), output=str(init_dir.parent / "fleet"), adapters=[adapter])
+    spec = FleetSpec(base=str(model_dir), output=str(init_dir.parent / "fleet"), adapters=[adapter], dtype=dtype)
     trainer = FleetTrainer(spec, progress=False)
     trainer._prepare_output(resume=False)
     trainer._admit()
@@ -95,17 +146,28 @@ def fleet_loss_and_gradients(model_dir, data, init_dir, spec_changes: dict, pair
 
 
 def trl_loss_and_gradients(
-    model_dir, data, init_dir, loss_type: list[str], loss_weights, beta: float, pairs: int, reference: str
+    model_dir,
+    data,
+    init_dir,
+    loss_type: list[str],
+    loss_weights,
+    beta: float,
+    pairs: int,
+    reference: str,
+    dtype: torch.dtype | None = None,
+    score_newline_after_end_of_turn: bool = False,
 ):
     """TRL's DPOTrainer on the same adapter and pairs: its loss and gradients for one batch. TRL
     holds a frozen copy of an adapter it is given as the reference ("ref"); without that copy it
-    disables the adapter, which makes the base the reference."""
+    disables the adapter, which makes the base the reference. Its answers are everything the
+    template renders after the prompt; unless `score_newline_after_end_of_turn`, the newline after
+    each answer's end-of-turn token is taken out of them, which leaves lorafleet's answers."""
     datasets = pytest.importorskip("datasets")
     trl = pytest.importorskip("trl")
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    base = load_base(model_dir)
+    base = load_base(model_dir, dtype=dtype)
     model = PeftModel.from_pretrained(base.model, init_dir, is_trainable=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     records = [json.loads(line) for line in data.read_text().splitlines()]
@@ -128,6 +190,8 @@ def trl_loss_and_gradients(
     if reference == "base":
         model.delete_adapter("ref")
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(pairs)])
+    if not score_newline_after_end_of_turn:
+        batch["completion_mask"] = without_newline_after_end_of_turn(batch, tokenizer)
     model.train()
     loss = trainer.compute_loss(model, batch)
     loss.backward()
@@ -139,25 +203,50 @@ def trl_loss_and_gradients(
     return loss.item(), gradients
 
 
+def without_newline_after_end_of_turn(batch: dict, tokenizer) -> torch.Tensor:
+    """TRL's completion mask less the last token of each answer, after checking that this token is
+    the template's newline and the one before it the end-of-turn token: exactly one token apart."""
+    mask = batch["completion_mask"].clone()
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert len(newline) == 1
+    for row in range(mask.shape[0]):
+        last = int(mask[row].nonzero().max())
+        ids = batch["input_ids"][row]
+        assert [int(ids[last - 1]), int(ids[last])] == [tokenizer.convert_tokens_to_ids("<|im_end|>"), newline[0]]
+        mask[row, last] = 0
+    return mask
+
+
 @pytest.mark.parametrize("reference", ["base", "init"])
 @pytest.mark.parametrize(
     ("objective", "loss_type", "loss_weights"),
     [("dpo", ["sigmoid"], None), ("mpo", ["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0])],
 )
-def test_loss_and_gradients_equal_trls(model_dir, tmp_path, objective, loss_type, loss_weights, reference):
+def test_loss_and_gradients_equal_trls_less_the_newline_after_the_end_of_turn(
+    model_dir, tmp_path, objective, loss_type, loss_weights, reference
+):
+    """Qwen2.5's own template: TRL's answers end "<|im_end|>\n", lorafleet's "<|im_end|>". TRL's with
+    that one token taken out, and nothing else changed, give lorafleet's loss and gradients to
+    float32 rounding; with it, TRL's are far off."""
     data = write_pairs(tmp_path / "pairs.jsonl", n=4, seed=0)
     init_dir = perturbed_adapter(model_dir, tmp_path / "init")
     changes = {"objective": objective, "beta": 0.5, "reference": reference}
     ours, our_gradients = fleet_loss_and_gradients(model_dir, data, init_dir, changes, 4)
-    theirs, their_gradients = trl_loss_and_gradients(
-        model_dir, data, init_dir, loss_type, loss_weights, 0.5, 4, reference
-    )
-    assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-6)
+    trl_args = (model_dir, data, init_dir, loss_type, loss_weights, 0.5, 4, reference)
+    theirs, their_gradients = trl_loss_and_gradients(*trl_args)
+    # one forward and backward, no optimizer step: nothing amplifies the rounding (tests/tolerances.py)
+    layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    tolerance = tolerances.float32_gradients(layers)
+    assert abs(ours - theirs) <= tolerance * abs(theirs)
     assert our_gradients.keys() == their_gradients.keys()
-    for key, gradient in our_gradients.items():
-        assert torch.allclose(gradient, their_gradients[key], rtol=1e-4, atol=1e-6), key
+    for key, gradient in their_gradients.items():
+        assert (our_gradients[key] - gradient).abs().max() <= tolerance * gradient.abs().max(), key
     if reference == "base":  # policy != reference: the comparison covers every term's gradient
         assert ours != pytest.approx(math.log(2) if objective == "dpo" else theirs * 2)
+        with_newline, gradients = trl_loss_and_gradients(*trl_args, score_newline_after_end_of_turn=True)
+        assert abs(ours - with_newline) > 100 * tolerance * abs(with_newline)  # measured: 1% of the loss
+        worst = max(((our_gradients[k] - g).abs().max() / g.abs().max()).item() for k, g in gradients.items())
+        assert worst > 0.1  # measured: 23% (DPO) and 53% (MPO) of the largest element
 
 
 def test_an_sft_and_a_dpo_adapter_trained_together_equal_each_trained_alone(model_dir, tmp_path):

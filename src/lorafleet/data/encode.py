@@ -3,8 +3,9 @@
 Images are tiled by the model's own image processor (InternVL dynamic tiling: 1..max tiles by
 aspect ratio, plus a thumbnail when there is more than one tile), and each `<image>` placeholder
 becomes `<img>` + one image token per visual token + `</img>`. The text is rendered with the
-model's chat template; labels cover only the assistant turns (their content and end-of-turn token),
-found by rendering each conversation prefix, so any template that renders prefixes stably works.
+model's chat template; labels cover only the assistant turns (their content and end-of-turn token,
+not the newline ChatML writes after it: `end_of_turn` says why), found by rendering each
+conversation prefix, so any template that renders prefixes stably works.
 """
 
 from __future__ import annotations
@@ -131,6 +132,21 @@ def _append(text: str, before: str, tokenizer, input_ids: list[int], labels: lis
     if not learn:
         labels.extend([IGNORE_INDEX] * len(ids))
         return
-    # Learn the reply and its end-of-turn token, not what the template puts after it (a newline).
-    end = max((i for i, token in enumerate(ids) if token == tokenizer.eos_token_id), default=len(ids) - 1)
+    end = end_of_turn(ids, tokenizer)
     labels.extend(ids[: end + 1] + [IGNORE_INDEX] * (len(ids) - end - 1))
+
+
+def end_of_turn(ids: list[int], tokenizer) -> int:
+    """Where an assistant turn's labels stop: at its end-of-turn token, the turn's last special token
+    (an added token marked special, as `<|im_end|>` is in ChatML whether or not the tokenizer calls
+    it eos: Qwen2.5's base models say `<|endoftext|>`), or at its last token when it has none.
+
+    What the template writes after that token (ChatML's newline) is not learned, in SFT and in
+    preference training alike: generation stops at the end-of-turn token, so the model never
+    produces the newline, and it is the next prompt's formatting. Learning it would only add a
+    near-certain token to the mean over the reply (diluting the SFT loss) and to both answers of a
+    pair (noise in their log-probability difference). TRL, which takes everything after the prompt
+    as the answer, scores it too; tests/train/test_preference.py equals TRL less that token."""
+    special = {index for index, token in tokenizer.added_tokens_decoder.items() if token.special}
+    special |= set(tokenizer.all_special_ids)
+    return max((i for i, token in enumerate(ids) if token in special), default=len(ids) - 1)

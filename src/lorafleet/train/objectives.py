@@ -14,7 +14,9 @@ with the adapter off, or the adapter's frozen `init_from` weights):
 each averaged over the pairs of the micro-batch; the loss is their weighted sum: DPO is sigmoid
 alone, MPO (InternVL's post-training objective) is 0.8 sigmoid + 0.2 bco_pair + 1.0 sft. These are
 TRL's definitions (DPOTrainer with loss_type ["sigmoid"] and ["sigmoid", "bco_pair", "sft"]), and
-tests/train/test_preference.py holds the fleet to TRL's losses and gradients.
+tests/train/test_preference.py holds the fleet to TRL's losses and gradients. (TRL's answer also
+takes what the template writes after the end-of-turn token, ChatML's newline; lorafleet's stops at
+that token: data/encode.py's `end_of_turn` says why.)
 """
 
 from __future__ import annotations
