@@ -18,7 +18,9 @@ from lorafleet.adapters.peft_io import save_adapter
 from lorafleet.config import AdapterSpec, FleetSpec, fleet_spec_from_dict
 from lorafleet.data.preference import load_preference_pairs
 from lorafleet.errors import ConfigError, DataError
+from lorafleet.eval.preference import tally
 from lorafleet.models.loading import load_base
+from lorafleet.train.objectives import AnswerLogProbs, preference_loss, rounding_noise, wins
 from lorafleet.train.trainer import FleetTrainer, train_fleet
 from tests import tolerances
 from tests.conftest import write_text_dataset
@@ -325,6 +327,42 @@ def test_reference_init_holds_the_starting_adapter(model_dir, tmp_path):
     on_base, _ = fleet_loss_and_gradients(model_dir, data, init_dir, {"objective": "dpo"}, 4)
     assert on_init == pytest.approx(math.log(2), abs=1e-6)  # policy == reference: no preference yet
     assert on_base != pytest.approx(math.log(2), abs=1e-4)
+
+
+def test_margins_within_rounding_noise_are_not_wins():
+    """A pair is won only when its margin exceeds what rounding can make of a tie: the policy's and
+    the reference's log-probabilities come from batches of other shapes, a few ulps apart."""
+    sizes = torch.tensor([-20.0, -21.0, -20.0, -21.0])  # chosen, rejected under policy and reference
+    noise = rounding_noise(torch.float32, *sizes[:, None])  # 2 * 2^-24 * 82 nats = 9.8e-6
+    assert wins(torch.tensor([0.0, 4e-6, -4e-6, 2e-5, 1.0]), noise).tolist() == [0, 0, 0, 1, 1]
+    # the policy is its reference, one ulp (1.9e-6 at 20 nats) off on a chosen answer: no win
+    ulp = torch.finfo(torch.float32).eps * 16
+    policy = torch.tensor([-20.0 + ulp, -20.0, -21.0, -21.0 - ulp])  # [chosen_1, chosen_2, rejected_1, rejected_2]
+    reference = torch.tensor([-20.0, -20.0, -21.0, -21.0])
+    spec = AdapterSpec(name="d", data="d", objective="dpo", beta=0.5)
+    _, statistics = preference_loss(spec, AnswerLogProbs(policy, reference, torch.ones(4)))
+    assert statistics[-2] > 0 and statistics[-1] == 0.0  # a positive margin, no win
+    # lorafleet eval tallies the same way
+    scores = tally({"base": reference.view(2, 2).T, "a": policy.view(2, 2).T}, torch.float32)
+    assert scores.reward_accuracy == {"a": 0.0} and scores.prefers_chosen == {"base": 1.0, "a": 1.0}
+
+
+def test_the_first_step_of_reference_init_wins_no_pair(tiny_lm_dir, tmp_path):
+    """reference: init beside an SFT adapter: the first step's policy is its reference, computed in a
+    batch of other shapes (here its margins come out ~4e-6 either side of zero): reward accuracy 0,
+    not the share of pairs whose noise came out positive (0.25 before)."""
+    init_dir = perturbed_adapter(tiny_lm_dir, tmp_path / "init")
+    dpo = AdapterSpec(
+        name="d", data=str(write_pairs(tmp_path / "pairs.jsonl", n=12)), objective="dpo", init_from=str(init_dir),
+        reference="init", micro_batch_size=4, steps=3, learning_rate=1e-2, beta=0.5,
+    )  # fmt: skip
+    sft = AdapterSpec(name="s", data=str(write_text_dataset(tmp_path / "sft.jsonl", n=8, seed=0)), micro_batch_size=3)
+    spec = FleetSpec(base=str(tiny_lm_dir), output=str(tmp_path / "out"), adapters=[dpo, sft], length_multiple=1)
+    train_fleet(spec, progress=False)
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    steps = [record for record in map(json.loads, lines) if record["adapter"] == "d"]
+    assert abs(steps[0]["reward_margin"]) < 1e-4 and steps[0]["reward_accuracy"] == 0.0
+    assert steps[-1]["reward_accuracy"] > 0  # real margins still count
 
 
 def test_pair_layouts_and_bad_pairs(model_dir, tmp_path):

@@ -8,6 +8,9 @@ chosen and of the rejected answer (their label tokens, as training sums them). T
   with the base as the reference: [log p(c) - log base(c)] > [log p(r) - log base(r)]. It equals the
   `eval_reward_accuracy` that training reports for a `reference: base` adapter on the same pairs.
 
+Either counts a pair only when the difference exceeds what rounding alone can make of a tie
+(train/objectives.py's `rounding_noise`, as training counts it).
+
 No decoding: one no-grad forward per micro-batch of answers, every model's rows side by side.
 """
 
@@ -22,6 +25,7 @@ import torch
 from lorafleet.adapters.fleet import LoRAFleet
 from lorafleet.data.preference import PreferencePair, load_preference_pairs
 from lorafleet.models.loading import FrozenBase, load_base
+from lorafleet.train.objectives import rounding_noise, wins
 from lorafleet.train.trainer import answer_logps
 
 
@@ -78,15 +82,23 @@ def score_pairs(
         pairs, _ = load_preference_pairs(path, base, max_tiles=tiles)
         route = None if name == "base" else name
         logps[name] = torch.cat([pair_logps(base, fleet, route, chunk) for chunk in _chunks(pairs, micro_batch)])
-    base_margin = logps["base"][:, 0] - logps["base"][:, 1]
-    prefers = {name: (values[:, 0] > values[:, 1]).float().mean().item() for name, values in logps.items()}
-    accuracy, margin = {}, {}
+    return tally(logps, base.dtype)
+
+
+def tally(logps: dict[str, torch.Tensor], computed_in: torch.dtype) -> PreferenceScores:
+    """The scores from each model's (pairs, 2) summed log-probabilities of the chosen and rejected
+    answers ("base" among them), computed in `computed_in`: a pair counts only beyond rounding noise."""
+    chosen_base, rejected_base = logps["base"].unbind(1)
+    prefers, accuracy, margin = {}, {}, {}
     for name, values in logps.items():
+        chosen, rejected = values.unbind(1)
+        prefers[name] = wins(chosen - rejected, rounding_noise(computed_in, chosen, rejected)).mean().item()
         if name != "base":
-            rewards = (values[:, 0] - values[:, 1]) - base_margin
-            accuracy[name] = (rewards > 0).float().mean().item()
+            rewards = (chosen - chosen_base) - (rejected - rejected_base)
+            noise = rounding_noise(computed_in, chosen, rejected, chosen_base, rejected_base)
+            accuracy[name] = wins(rewards, noise).mean().item()
             margin[name] = rewards.mean().item()
-    return PreferenceScores(len(base_margin), prefers, accuracy, margin)
+    return PreferenceScores(len(chosen_base), prefers, accuracy, margin)
 
 
 def pair_logps(base: FrozenBase, fleet: LoRAFleet, route: str | None, pairs: list[PreferencePair]) -> torch.Tensor:

@@ -17,6 +17,11 @@ TRL's definitions (DPOTrainer with loss_type ["sigmoid"] and ["sigmoid", "bco_pa
 tests/train/test_preference.py holds the fleet to TRL's losses and gradients. (TRL's answer also
 takes what the template writes after the end-of-turn token, ChatML's newline; lorafleet's stops at
 that token: data/encode.py's `end_of_turn` says why.)
+
+The reward accuracy counts a pair as won when its margin chosen_reward - rejected_reward exceeds
+what rounding alone can make of a tie (`rounding_noise`): the policy's and the reference's
+log-probabilities come from batches of other shapes, so a policy equal to its reference (the first
+step of `reference: init`) has margins of a few ulps either side of zero, which are not wins.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ class AnswerLogProbs:
     policy: torch.Tensor  # (2m,), with gradients
     reference: torch.Tensor  # (2m,), constants
     tokens: torch.Tensor  # (2m,) label tokens per answer
+    computed_in: torch.dtype = torch.float32  # the model's compute dtype: how finely they are known
 
     def halves(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return values.chunk(2)
@@ -78,6 +84,27 @@ def preference_loss(spec: AdapterSpec, logps: AnswerLogProbs) -> tuple[torch.Ten
         else:  # sft: per token over all chosen answers of the micro-batch
             values.append(-chosen.sum() / logps.halves(logps.tokens)[0].sum())
     loss = sum(weight * value for weight, value in zip(weights, values, strict=True))
-    margin = (chosen_reward - rejected_reward).mean()
-    accuracy = (chosen_reward > rejected_reward).float().mean()
-    return loss, torch.stack([*values, margin, accuracy]).detach()
+    margins = (chosen_reward - rejected_reward).detach()
+    sizes = [values.detach() for values in (chosen, rejected, reference_chosen, reference_rejected)]
+    accuracy = wins(margins, spec.beta * rounding_noise(logps.computed_in, *sizes)).mean()
+    return loss, torch.stack([*values, margins.mean(), accuracy]).detach()
+
+
+def rounding_noise(computed_in: torch.dtype, *logps: torch.Tensor) -> torch.Tensor:
+    """How far rounding alone can move a sum or difference of the summed log-probabilities `logps`
+    (elementwise), computed by a model whose compute dtype is `computed_in` (unit roundoff u).
+
+    Two passes over batches of other shapes (the policy's rows beside other adapters' rows, the
+    reference's in a pass of its own) round differently: a token's log-probability comes out up to
+    one ulp, at most 2u of its size, apart. Every token's log-probability is <= 0, so the sizes add
+    up to the size of the sum: an answer's summed log-probability moves by at most 2u |sum|, and a
+    combination of such sums by at most 2u times the sum of their sizes. (float32: a margin of four
+    sums of ~20 nats is noise within ~1e-5; bfloat16: within ~0.6.)"""
+    unit_roundoff = torch.finfo(computed_in).eps / 2
+    return 2 * unit_roundoff * sum(values.abs() for values in logps)
+
+
+def wins(differences: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """1 where a difference (a reward margin, log p(chosen) - log p(rejected)) is a win: above what
+    rounding can make of a tie (`noise`); 0 for losses, ties and differences within the noise."""
+    return (differences > noise).to(differences.dtype)

@@ -323,7 +323,7 @@ class FleetTrainer:
                 losses.append(mine[0])
                 continue
             tokens = step.answer_tokens[index]
-            logps = AnswerLogProbs(-torch.stack(mine) * tokens, step.references[index], tokens)
+            logps = AnswerLogProbs(-torch.stack(mine) * tokens, step.references[index], tokens, self.base.dtype)
             if step.shares is None:
                 loss, statistics[index] = preference_loss(job.spec, logps)
             else:
@@ -401,7 +401,8 @@ class FleetTrainer:
             policies = self._answer_logps([(job.name, pairs) for job, pairs in batch_jobs])
             for number, ((job, pairs), policy) in enumerate(zip(batch_jobs, policies, strict=True)):
                 tokens = torch.tensor([label_count(e) for e in answer_rows(pairs)], device=policy.device)
-                loss, statistics = preference_loss(job.spec, AnswerLogProbs(policy, references[number], tokens))
+                logps = AnswerLogProbs(policy, references[number], tokens, self.base.dtype)
+                loss, statistics = preference_loss(job.spec, logps)
                 sums[job.name].append(torch.cat([loss.detach()[None], statistics[-2:]]) * len(pairs))
         totals = torch.stack([torch.stack(parts).sum(0) for parts in sums.values()]).tolist()  # one sync
         results = {}
