@@ -18,6 +18,7 @@ from lorafleet.data.encode import IGNORE_INDEX
 from lorafleet.errors import ConfigError
 from lorafleet.models.loading import load_base
 from lorafleet.train.trainer import FleetTrainer, train_fleet
+from tests import tolerances
 from tests.conftest import write_text_dataset
 
 
@@ -84,7 +85,9 @@ def test_held_out_loss_is_the_saved_adapters_loss_and_leaves_training_untouched(
         adapter = next(a for a in spec.adapters if a.name == name)
         final = evaluated[(name, adapter.steps)]
         reference = held_out_loss_by_peft(tiny_lm_dir, result.adapters[name], adapter.eval_data)
-        assert final == pytest.approx(reference, rel=1e-5)
+        # the same weights, forward only, batched differently: float32 rounding, nothing amplified
+        layers = json.loads((tiny_lm_dir / "config.json").read_text())["num_hidden_layers"]
+        assert final == pytest.approx(reference, rel=tolerances.float32_gradients(layers))
     assert evaluated[("a", 2)] != evaluated[("a", 4)]  # measured on the weights of that step
 
     # The same fleet without held-out data trains to the very same weights (dropout included).
@@ -121,7 +124,8 @@ def test_tensorboard_holds_what_metrics_jsonl_holds_even_after_a_resume(spec, tm
         events.Reload()
         ours = [r for r in expected if r["adapter"] == name]
         logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
-        assert logged == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in ours]
+        # TensorBoard keeps float32: one rounding of the logged value
+        assert logged == [(r["step"], pytest.approx(r["loss"], rel=tolerances.FLOAT32_UNIT_ROUNDOFF)) for r in ours]
         assert [e.step for e in events.Scalars("train/lr")] == [r["step"] for r in ours]
         if name == "a":
             assert [e.step for e in events.Scalars("eval/loss")] == [2, 4, 5]
