@@ -922,14 +922,15 @@ def shared_preference_loss(
     terms (DPO sigmoid, BCO pair, reward margin and accuracy) are means over pairs, MPO's SFT term a
     mean over the chosen answers' tokens; each is scaled by this process's share of its own count."""
     names = metric_names(spec)
-    scale = torch.tensor([token_share if name == "loss_sft" else pair_share for name in names])
+    # float64 on the host: a share such as 1/3 is rounded once, to the statistics' dtype, not to float32 first
+    scale = torch.tensor([token_share if name == "loss_sft" else pair_share for name in names], dtype=torch.float64)
     if spec.objective != "mpo":
         loss, statistics = preference_loss(spec, logps)
-        return loss * pair_share, statistics * scale.to(statistics.device)
+        return loss * pair_share, statistics * scale.to(statistics.device, statistics.dtype)
     preference, quality, generation = spec.loss_weights or MPO_LOSS_WEIGHTS
     loss, statistics = preference_loss(dataclasses.replace(spec, loss_weights=[preference, quality, 0.0]), logps)
     sft, _ = preference_loss(dataclasses.replace(spec, loss_weights=[0.0, 0.0, generation]), logps)
-    return loss * pair_share + sft * token_share, statistics * scale.to(statistics.device)
+    return loss * pair_share + sft * token_share, statistics * scale.to(statistics.device, statistics.dtype)
 
 
 def sequence_losses(
