@@ -1,0 +1,151 @@
+"""`lorafleet serve` and `keys`: the fleet behind the OpenAI-compatible API, and the tenants' keys."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_serve_parser(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="serve the base and every adapter behind an OpenAI-compatible API",
+        description="Serve a fleet directory (base/ and adapters/<name>/) with an OpenAI-compatible API.",
+    )
+    serve.add_argument("--fleet", type=Path, required=True, help="fleet directory, e.g. demo-out")
+    serve.add_argument("--base", type=Path, help="base model directory (default: <fleet>/base)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--keys", type=Path, help="KEYS.yaml: tenants, their keys, adapters and limits")
+    serve.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default: 32)")
+    serve.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=4096,
+        help="tokens per request, prompt and reply (default: 4096, at most the model's context); "
+        "the KV cache holds this many for each of --max-batch rows, allocated at start",
+    )
+    serve.add_argument("--log-content", action="store_true", help="also store prompts and replies in the log")
+    serve.add_argument(
+        "--audit-key",
+        type=Path,
+        help="Ed25519 private key (lorafleet audit keygen): sign checkpoints of the audit log at start, "
+        "every --audit-sign-every seconds and at shutdown",
+    )
+    serve.add_argument(
+        "--audit-sign-every",
+        type=float,
+        default=3600,
+        metavar="SECONDS",
+        help="with --audit-key, seconds between signed checkpoints while requests come in (default: 3600)",
+    )
+    serve.add_argument(
+        "--allow-image-dir",
+        type=Path,
+        action="append",
+        default=[],
+        help="directory file:// image URLs may come from (repeatable)",
+    )
+    serve.add_argument(
+        "--allow-image-host",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="host (and port; default the scheme's) http(s) image URLs may come from (repeatable); "
+        "redirects are never followed",
+    )
+    serve.add_argument("--max-images", type=int, default=8, help="images per request (default: 8)")
+    serve.add_argument(
+        "--max-tiles", type=int, help="image tiles for every model (default: as each adapter was trained)"
+    )
+    serve.add_argument("--max-body-mb", type=float, default=32, help="request body size limit, MiB (default: 32)")
+    serve.add_argument(
+        "--public-metrics", action="store_true", help="with --keys, serve /metrics without a key (default: key needed)"
+    )
+    serve.add_argument(
+        "--engine",
+        choices=["local", "vllm"],
+        default="local",
+        help="local: lorafleet's engine in this process; vllm: start vLLM with the fleet's adapters",
+    )
+    serve.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="attach to a running vLLM (or other OpenAI-compatible server) instead of generating here",
+    )
+    serve.add_argument(
+        "--vllm-python",
+        type=Path,
+        metavar="PATH",
+        help="the python of the environment vLLM is installed in (it cannot share lorafleet's: it pins another "
+        "transformers), e.g. ~/vllm-env/bin/python (default: a vllm executable on PATH, else this Python)",
+    )
+    serve.add_argument("--vllm-port", type=int, default=8100, help="port for the vLLM process (default: 8100)")
+    serve.add_argument(
+        "--vllm-max-loras",
+        type=int,
+        help="adapters vLLM holds on the GPU at once (default: the fleet's size, at most 8)",
+    )
+    serve.add_argument(
+        "--vllm-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an argument for `vllm serve`, after lorafleet's (repeatable; "
+        "e.g. --vllm-arg=--gpu-memory-utilization=0.8)",
+    )
+    serve.set_defaults(command="serve", run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from lorafleet.serve.gateway.images import ImagePolicy
+    from lorafleet.serve.gateway.run import serve
+    from lorafleet.serve.gateway.server import ServeOptions
+    from lorafleet.serve.gateway.tenants import load_tenants
+
+    options = ServeOptions(
+        fleet_dir=args.fleet,
+        base_dir=args.base,
+        tenants=load_tenants(args.keys) if args.keys else None,
+        image_policy=ImagePolicy(allowed_dirs=list(args.allow_image_dir), allowed_hosts=list(args.allow_image_host)),
+        log_content=args.log_content,
+        max_batch=args.max_batch,
+        max_seq_len=args.max_seq_len,
+        max_images=args.max_images,
+        max_tiles=args.max_tiles,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        public_metrics=args.public_metrics,
+        engine=args.engine,
+        upstream_url=args.upstream,
+        vllm_port=args.vllm_port,
+        vllm_args=list(args.vllm_arg),
+        vllm_gpu_slots=args.vllm_max_loras,
+        vllm_python=args.vllm_python.expanduser() if args.vllm_python else None,
+        audit_key=args.audit_key,
+        audit_sign_every_s=args.audit_sign_every,
+    )
+    serve(options, args.host, args.port, log=lambda message: print(message, file=sys.stderr))
+    return 0
+
+
+def add_keys_parser(commands: argparse._SubParsersAction) -> None:
+    keys = commands.add_parser("keys", help="make API keys for KEYS.yaml (only their hashes go in the file)")
+    keys.add_argument("action", choices=["new", "hash"], help="new: a fresh random key; hash: the hash of KEY")
+    keys.add_argument("key", nargs="?", help="the key to hash")
+    keys.set_defaults(command="keys", run=_run_keys)
+
+
+def _run_keys(args: argparse.Namespace) -> int:
+    import secrets
+
+    from lorafleet.errors import ConfigError
+    from lorafleet.serve.gateway.tenants import hash_key
+
+    if args.action == "hash" and not args.key:
+        raise ConfigError("lorafleet keys hash needs the KEY to hash")
+    key = args.key if args.action == "hash" else "sk-lf-" + secrets.token_urlsafe(32)
+    if args.action == "new":
+        print(f"key:        {key}   (give this to the tenant; it is not stored)")
+    print(f"key_sha256: {hash_key(key)}")
+    return 0
