@@ -30,7 +30,6 @@ from lorafleet.adapters.fleet import LoRAFleet, LoRAShape, find_target_modules
 from lorafleet.adapters.peft_io import load_adapter, save_adapter
 from lorafleet.config import ALL_PROJECTIONS
 from lorafleet.data.encode import IGNORE_INDEX, Example
-from lorafleet.evaluate import left_padded_inputs
 from lorafleet.serve.engine.engine import Engine
 from lorafleet.serve.engine.sampling import SamplingParams
 
@@ -59,6 +58,18 @@ def prompts(base, streams: int, length: int) -> list[torch.Tensor]:
 
 def as_prompt(ids: torch.Tensor) -> Example:
     return Example(ids, torch.full_like(ids, IGNORE_INDEX), None)
+
+
+def left_padded_inputs(prompts: list[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """HF `generate`'s inputs for the baselines: prompts left-padded so that every row ends where
+    generation starts."""
+    length = max(p.num_tokens for p in prompts)
+    input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, length - prompt.num_tokens :] = prompt.input_ids
+        attention_mask[row, length - prompt.num_tokens :] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
 
 
 def time_generate(model, inputs, tokens: int, pad_id: int, **kwargs) -> float:

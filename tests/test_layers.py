@@ -17,7 +17,6 @@ FLOORS = {
     "models": 2, "governance": 2,
     "data": 3,
     "adapters": 4,
-    "evaluate": 5,
     "train": 6, "serve": 6, "compress": 6,
     "eval": 7, "report": 7,
     "demo": 8,  # the whole story: trains, evaluates and writes the report

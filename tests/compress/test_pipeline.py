@@ -9,6 +9,7 @@ import pytest
 from lorafleet.compress.distil import DistilOptions
 from lorafleet.compress.prune import PruneRequest
 from lorafleet.compress.run import CompressOptions, compress
+from lorafleet.eval.greedy import base_exact_match
 from lorafleet.models.loading import load_base
 
 ACCURACY_MARGIN = 0.10  # at most 10 points of held-out exact match lost
@@ -41,6 +42,7 @@ def test_compressed_adapter_model_keeps_accuracy_and_is_3x_smaller(demo, departm
             eval_data=data / f"{department}-test.jsonl",
         ),
         log=lambda _: None,
+        exact_match=base_exact_match,
     )
     stages = report["stages"]
     # the merged adapter answers as the adapter did

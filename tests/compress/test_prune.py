@@ -111,3 +111,12 @@ def test_plan_shows_what_would_go_and_writes_nothing(tiny_vlm_dir, calib, tmp_pa
     assert run.returncode == 0, run.stderr
     assert "MLP width: 128 -> 64" in run.stdout and "decoder layers: 2 -> 1" in run.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_held_out_data_without_a_scorer_is_a_clear_error_before_any_work(tiny_vlm_dir, calib, tmp_path):
+    """Compression cannot decode by itself (it imports neither serving nor evaluation): the caller
+    passes the scorer, as the CLI passes lorafleet.eval.greedy.base_exact_match."""
+    options = CompressOptions(tiny_vlm_dir, tmp_path / "x", calib=calib, eval_data=calib)
+    with pytest.raises(ConfigError, match="eval_data needs exact_match to score it"):
+        compress(options, log=lambda _: None)
+    assert not (tmp_path / "x").exists()

@@ -1,4 +1,5 @@
-"""`lorafleet compress`: prune, distil and quantize a base, with the engine's decode speed per stage."""
+"""`lorafleet compress`: prune, distil and quantize a base, each stage measured by the serving engine
+(decode speed) and the evaluation package (exact match on --eval)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ def _run_compress(args: argparse.Namespace) -> int:
     from lorafleet.compress.distil import DistilOptions
     from lorafleet.compress.prune import PruneRequest
     from lorafleet.compress.run import CompressOptions, compress
+    from lorafleet.eval.greedy import base_exact_match
     from lorafleet.serve.engine.speed import decode_speed
 
     request = PruneRequest(mlp=args.prune_mlp, heads=args.prune_heads, layers=args.prune_layers)
@@ -78,5 +80,6 @@ def _run_compress(args: argparse.Namespace) -> int:
         ),
         log=print,
         decode_speed=decode_speed,
+        exact_match=base_exact_match,
     )
     return 0

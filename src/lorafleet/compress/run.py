@@ -2,9 +2,10 @@
 
 Writes an ordinary HF model directory plus `compress_report.json`: per stage the weights, bytes
 on disk, calibration loss, KL to the uncompressed model, exact-match accuracy on held-out data
-(with --eval) and decode tokens/s in lorafleet's engine. `lineage.json` beside it links the model
-to its base ("compressed_from") and merged adapter ("merged") and names the calibration data by
-hash; it is registered (and the run logged) in the fleet the output lies in, or the one given.
+(with --eval; greedy replies from lorafleet's engine) and decode tokens/s in that engine.
+`lineage.json` beside it links the model to its base ("compressed_from") and merged adapter
+("merged") and names the calibration data by hash; it is registered (and the run logged) in the
+fleet the output lies in, or the one given.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from lorafleet.adapters.fleet import LoRAFleet
 from lorafleet.compress.distil import DistilOptions, distil, held_out_kl
 from lorafleet.compress.gptq import gptq_language_model
 from lorafleet.compress.prune import PruneRequest, apply_plan, measure_importance, plan_pruning
@@ -27,7 +27,6 @@ from lorafleet.data.dataset import load_examples
 from lorafleet.data.encode import Example
 from lorafleet.data.records import ChatRecord, read_records
 from lorafleet.errors import ConfigError
-from lorafleet.evaluate import exact_match_accuracy, generate_replies, reference_answers
 from lorafleet.governance.audit import AuditLog, utc_now
 from lorafleet.governance.lineage import (
     LINEAGE_FILE,
@@ -76,10 +75,15 @@ def compress(
     options: CompressOptions,
     log: Callable[[str], None] = _quiet,
     decode_speed: Callable[[FrozenBase, list[Example]], float] | None = None,
+    exact_match: Callable[[FrozenBase, list[ChatRecord]], float] | None = None,
 ) -> dict:
     """Prune, distil, quantize (as `options` asks) and report every stage. `log` receives progress
-    lines; `decode_speed(model, prompts)`, when given, measures each stage's tokens/s (the CLI
-    passes the serving engine's: compression itself does not depend on serving)."""
+    lines; `decode_speed(model, prompts)`, when given, measures each stage's tokens/s, and
+    `exact_match(model, records)` scores each stage on the held-out records of `eval_data` (the
+    CLI passes the serving engine's `decode_speed` and `lorafleet.eval.greedy.base_exact_match`:
+    compression itself depends on neither serving nor evaluation)."""
+    if options.eval_data is not None and exact_match is None:
+        raise ConfigError("eval_data needs exact_match to score it: pass lorafleet.eval.greedy.base_exact_match")
     request = options.prune or PruneRequest()
     started = utc_now()
     base = load_base(options.base, device="cpu", dtype=torch.float32)
@@ -93,7 +97,9 @@ def compress(
     held_out = read_records(options.eval_data)[0][: options.eval_limit] if options.eval_data else None
     scheme = scheme_named(options.quantize) if options.quantize else None
     store_dtype = options.dtype or (torch.bfloat16 if scheme else None)
-    stage = functools.partial(_stage, examples=examples, held_out=held_out, decode_speed=decode_speed)
+    stage = functools.partial(
+        _stage, examples=examples, held_out=held_out, decode_speed=decode_speed, exact_match=exact_match
+    )
     before = stage(base, directory=options.base)
     plan = plan_pruning(base.language_model.config, measure_importance(base, examples), request)
     log("pruning plan:\n" + plan.describe())
@@ -230,11 +236,9 @@ def _stage(
     directory: Path | None = None,
     teacher: FrozenBase | None = None,
     decode_speed: Callable[[FrozenBase, list[Example]], float] | None = None,
+    exact_match: Callable[[FrozenBase, list[ChatRecord]], float] | None = None,
 ) -> dict:
-    accuracy = None
-    if held_out:
-        replies = generate_replies(base, LoRAFleet(base.model), None, held_out)
-        accuracy = exact_match_accuracy(replies, reference_answers(held_out))
+    accuracy = exact_match(base, held_out) if held_out else None
     return {
         "parameters": _weights_count(base.model),
         "bytes": _bytes(directory) if directory is not None else None,

@@ -22,7 +22,8 @@ from lorafleet.adapters.peft_io import load_adapter
 from lorafleet.config import load_fleet_spec
 from lorafleet.data.records import read_records
 from lorafleet.demo.synthetic import COLOURS
-from lorafleet.evaluate import exact_match_accuracy, generate_replies, reference_answers
+from lorafleet.eval.chat import exact_match_accuracy, reference_answers
+from lorafleet.eval.greedy import generate_replies
 from lorafleet.models.loading import load_base
 from lorafleet.train.trainer import train_fleet
 

@@ -2,7 +2,8 @@
 
 It builds the tiny InternVL-style model, draws a dataset per department, checks it as a user
 would (`lorafleet data check`), writes the fleet YAML a user would write, trains every adapter
-together from it, and compares held-out accuracy of the base model and of each adapter.
+together from it, and compares held-out accuracy of the base model and of each adapter (greedy
+replies from the serving engine, as `lorafleet eval` decodes).
 Everything lands in one directory (the layout `lorafleet serve` and later stages read): base/,
 data/, fleet.yaml, adapters/<name>/, metrics.jsonl, report.html (the page `lorafleet train` writes
 for every run), and the governance records: audit/ (the hash-chained log) and lorafleet.sqlite (the
@@ -24,7 +25,8 @@ from lorafleet.config import load_fleet_spec
 from lorafleet.data.check import CheckReport, check_files, counting_base
 from lorafleet.data.records import read_records
 from lorafleet.demo.synthetic import TASKS, write_task
-from lorafleet.evaluate import exact_match_accuracy, generate_replies, reference_answers
+from lorafleet.eval.chat import exact_match_accuracy, reference_answers
+from lorafleet.eval.greedy import generate_replies
 from lorafleet.governance.audit import verify_chain
 from lorafleet.models.loading import load_base
 from lorafleet.models.tiny import build_tiny_internvl

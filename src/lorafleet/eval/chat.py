@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,16 @@ def read_chats(path: Path) -> list[ChatQuestion]:
 
 def normalise(text: str) -> str:
     return text.strip().lower().rstrip(".")
+
+
+def exact_match_accuracy(replies: Sequence[str], answers: Sequence[str]) -> float:
+    matches = sum(normalise(reply) == normalise(answer) for reply, answer in zip(replies, answers, strict=True))
+    return matches / len(answers)
+
+
+def reference_answers(records: Sequence[ChatRecord]) -> list[str]:
+    """Each record's last turn: the answer its reply is scored against."""
+    return [record.messages[-1].text for record in records]
 
 
 def token_f1(reply: str, answer: str) -> float:

@@ -9,12 +9,9 @@ parsed; every answer is kept beside the gold answer it was scored against.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-from tqdm import tqdm
 
 from lorafleet.adapters.fleet import LoRAFleet
 from lorafleet.adapters.peft_io import load_adapter, training_settings
@@ -22,13 +19,12 @@ from lorafleet.data.encode import Example, encode_prompt
 from lorafleet.data.records import ChatRecord
 from lorafleet.errors import ConfigError, DataError
 from lorafleet.eval.chat import read_chats
+from lorafleet.eval.greedy import GreedyRequest, decode_greedy
 from lorafleet.eval.mmmu import DIFFICULTIES, is_mmmu_file, read_mmmu
 from lorafleet.governance.audit import AuditLog, utc_now
 from lorafleet.governance.lineage import record_evaluation, sha256_file, weight_hashes, weights_id, write_lineage
 from lorafleet.governance.registry import DATABASE, Registry
 from lorafleet.models.loading import FrozenBase, load_base
-from lorafleet.serve.engine.engine import Engine
-from lorafleet.serve.engine.sampling import SamplingParams
 from lorafleet.serve.gateway.server import find_base_dir, fleet_adapters
 
 BASE = "base"
@@ -237,27 +233,13 @@ def decode_all(
     for index, item in enumerate(items):
         for tiles in set(tiling.values()):
             prompts[index, tiles] = encode_prompt(item.prompt, base, tiles)
-    longest = max(prompt.num_tokens for prompt in prompts.values())
-    engine = Engine(base, fleet, max_batch=options.max_batch, max_seq_len=longest + options.max_tokens)
-    params = SamplingParams(max_tokens=options.max_tokens, temperature=0)
-    started = time.perf_counter()
-    pairs = [(index, model) for index in range(len(items)) for model in tiling]
-    streams = [engine.submit(prompts[i, tiling[model]], None if model == BASE else model, params) for i, model in pairs]
-    engine.start()
-    replies, prompt_tokens, completion_tokens = [], 0, 0
-    try:
-        for (index, model), stream in tqdm(
-            list(zip(pairs, streams, strict=True)), desc="evaluating", unit="answer", disable=not progress
-        ):
-            events = list(stream)
-            if events[-1].finish_reason == "error":
-                raise DataError(f"{items[index].id} ({model}): the engine failed: {events[-1].error}")
-            replies.append("".join(event.text for event in events).strip())
-            prompt_tokens += events[-1].prompt_tokens
-            completion_tokens += events[-1].completion_tokens
-    finally:
-        engine.stop()
-    return replies, (prompt_tokens, completion_tokens, time.perf_counter() - started)
+    requests = [
+        GreedyRequest(prompts[index, tiling[model]], None if model == BASE else model, f"{item.id} ({model})")
+        for index, item in enumerate(items)
+        for model in tiling
+    ]
+    decoded = decode_greedy(base, fleet, requests, options.max_tokens, options.max_batch, progress)
+    return decoded.replies, (decoded.prompt_tokens, decoded.completion_tokens, decoded.seconds)
 
 
 def format_report(report: EvalReport) -> str:
