@@ -14,9 +14,10 @@ PACKAGE = Path(lorafleet.__file__).parent
 FLOORS = {
     "errors": 0,
     "segments": 1, "state": 1, "config": 1, "cost": 1,
-    "models": 2, "governance": 2,
-    "data": 3,
-    "adapters": 4,
+    "fleet_dir": 2,  # the fleet directory's layout: everything that reads or writes a fleet stands on it
+    "models": 3, "governance": 3,
+    "data": 4,
+    "adapters": 5,
     "train": 6, "serve": 6, "compress": 6,
     "eval": 7, "report": 7,
     "demo": 8,  # the whole story: trains, evaluates and writes the report

@@ -20,15 +20,13 @@ import html
 import io
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafleet.errors import ConfigError
+from lorafleet.fleet_dir import FleetDir, checkpoint_step
 
-REPORT_FILE = "report.html"
 STEP_FIELDS = {"adapter", "step", "fleet_step", "loss", "lr", "tokens", "elapsed_s"}  # an optimizer step's line
-_CHECKPOINT = re.compile(r"^step-(\d+)\.pt$")
 
 
 @dataclass
@@ -49,20 +47,20 @@ class RunRecord:
 
 def read_run(directory: str | Path) -> RunRecord:
     directory = Path(directory)
-    metrics = directory / "metrics.jsonl"
+    metrics = FleetDir(directory).metrics
     if not metrics.exists():
         raise ConfigError(f"{metrics} does not exist: give the output directory of `lorafleet train`")
     lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     steps = [line for line in lines if STEP_FIELDS <= line.keys()]  # other kinds of line are not drawn
     if not steps:
         raise ConfigError(f"{metrics} is empty: the run has not finished an optimizer step yet")
-    found = [_CHECKPOINT.match(p.name) for p in (directory / "checkpoints").glob("step-*.pt")]
+    checkpoints = sorted(checkpoint_step(path) for path in FleetDir(directory).checkpoint_files())
     evals = {}
-    for path in sorted(directory.glob("eval*.json")):
+    for path in FleetDir(directory).eval_results():
         content = json.loads(path.read_text())
         if isinstance(content, dict) and "overall" in content:
             evals[path.name] = content
-    return RunRecord(directory, steps, sorted(int(m.group(1)) for m in found if m), _resumes(steps), evals)
+    return RunRecord(directory, steps, checkpoints, _resumes(steps), evals)
 
 
 def _resumes(steps: list[dict]) -> list[int]:
@@ -120,7 +118,7 @@ def write_report(directory: str | Path, out: str | Path | None = None, smoothing
             "(0 draws the raw loss; 0.9 averages over about the last 10 steps, as TensorBoard's slider)"
         )
     run = read_run(directory)
-    out = Path(out) if out else run.directory / REPORT_FILE
+    out = Path(out) if out else FleetDir(run.directory).report
     out.write_text(render(run, smoothing))
     return out
 

@@ -123,7 +123,7 @@ def test_admin_unload_and_load_reach_the_upstream(upstream_and_gateway):
 
 
 def test_vllm_is_started_as_vllm_serve_with_runtime_loading_and_lora_slots(fleet_dir):
-    from lorafleet.serve.gateway.server import fleet_adapters
+    from lorafleet.fleet_dir import fleet_adapters
     from lorafleet.serve.gateway.upstream import vllm_command
 
     adapters = fleet_adapters(fleet_dir)

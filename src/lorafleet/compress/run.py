@@ -27,6 +27,7 @@ from lorafleet.data.dataset import load_examples
 from lorafleet.data.encode import Example
 from lorafleet.data.records import ChatRecord, read_records
 from lorafleet.errors import ConfigError
+from lorafleet.fleet_dir import FleetDir
 from lorafleet.governance.audit import AuditLog, utc_now
 from lorafleet.governance.lineage import (
     LINEAGE_FILE,
@@ -41,7 +42,7 @@ from lorafleet.governance.lineage import (
     weight_hashes,
     write_lineage,
 )
-from lorafleet.governance.registry import DATABASE, Registry
+from lorafleet.governance.registry import Registry
 from lorafleet.models.loading import FrozenBase, load_base
 from lorafleet.models.quantized import QuantizedLinear, scheme_named
 
@@ -199,7 +200,7 @@ def registered_in(options: CompressOptions) -> Path | None:
     if options.fleet is not None:
         return options.fleet
     nearest = list(options.out.resolve().parents)[:2]
-    return next((parent for parent in nearest if (parent / DATABASE).exists()), None)
+    return next((parent for parent in nearest if FleetDir(parent).database.exists()), None)
 
 
 def _describe(scheme, gptq: bool) -> str | None:

@@ -24,6 +24,7 @@ from lorafleet.data.records import read_records
 from lorafleet.demo.synthetic import COLOURS
 from lorafleet.eval.chat import exact_match_accuracy, reference_answers
 from lorafleet.eval.greedy import generate_replies
+from lorafleet.fleet_dir import ADAPTERS, BASE, FleetDir
 from lorafleet.models.loading import load_base
 from lorafleet.train.trainer import train_fleet
 
@@ -61,7 +62,7 @@ def write_pairs(source: Path, out: Path, seed: int) -> Path:
 
 def write_preference_yaml(out: Path, steps: int) -> Path:
     spec = {
-        "base": "../base",
+        "base": f"../{BASE}",  # the demo fleet's, one directory up
         "output": ".",
         "checkpoint_every": 0,
         "adapters": [
@@ -71,7 +72,7 @@ def write_preference_yaml(out: Path, steps: int) -> Path:
                 "eval_data": f"../data/{DEPARTMENT}-pairs-test.jsonl",
                 "eval_every": max(1, steps // 5),
                 "objective": "dpo",
-                "init_from": f"../adapters/{DEPARTMENT}",
+                "init_from": f"../{ADAPTERS}/{DEPARTMENT}",
                 "reference": "init",
                 "beta": 0.5,
                 "learning_rate": 1e-3,
@@ -91,15 +92,15 @@ def run_preference_stage(out: Path, steps: int = 30, progress: bool = True) -> P
     write_pairs(data / f"{DEPARTMENT}.jsonl", data / f"{DEPARTMENT}-pairs.jsonl", seed=1)
     write_pairs(data / f"{DEPARTMENT}-test.jsonl", data / f"{DEPARTMENT}-pairs-test.jsonl", seed=2)
     spec = load_fleet_spec(write_preference_yaml(out, steps))
-    (Path(spec.output) / "metrics.jsonl").unlink(missing_ok=True)
+    FleetDir(spec.output).metrics.unlink(missing_ok=True)
     train_fleet(spec, progress=progress)
-    metrics = [json.loads(line) for line in (Path(spec.output) / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in FleetDir(spec.output).metrics.read_text().splitlines()]
     evaluated = [record["eval_reward_accuracy"] for record in metrics if "eval_reward_accuracy" in record]
 
-    base = load_base(out / "base")
+    base = load_base(FleetDir(out).base)
     fleet = LoRAFleet(base.model, base.language_prefix)
-    load_adapter(fleet, DEPARTMENT, out / "adapters" / DEPARTMENT)
-    load_adapter(fleet, ADAPTER, Path(spec.output) / "adapters" / ADAPTER)
+    load_adapter(fleet, DEPARTMENT, FleetDir(out).adapter(DEPARTMENT))
+    load_adapter(fleet, ADAPTER, FleetDir(spec.output).adapter(ADAPTER))
     records, _ = read_records(data / f"{DEPARTMENT}-test.jsonl")
     answers = reference_answers(records)
     before = exact_match_accuracy(generate_replies(base, fleet, DEPARTMENT, records), answers)

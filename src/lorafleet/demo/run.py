@@ -27,6 +27,7 @@ from lorafleet.data.records import read_records
 from lorafleet.demo.synthetic import TASKS, write_task
 from lorafleet.eval.chat import exact_match_accuracy, reference_answers
 from lorafleet.eval.greedy import generate_replies
+from lorafleet.fleet_dir import BASE, FleetDir
 from lorafleet.governance.audit import verify_chain
 from lorafleet.models.loading import load_base
 from lorafleet.models.tiny import build_tiny_internvl
@@ -58,7 +59,7 @@ def write_fleet_yaml(out: Path, steps: int) -> Path:
         }
         for index, task in enumerate(TASKS)
     ]
-    spec = {"base": "base", "output": ".", "checkpoint_every": 50, "adapters": adapters}
+    spec = {"base": BASE, "output": ".", "checkpoint_every": 50, "adapters": adapters}
     path = out / "fleet.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -77,8 +78,8 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    log(f"[1/5] building the tiny InternVL-style model in {out / 'base'}")
-    build_tiny_internvl(out / "base", seed=0)
+    log(f"[1/5] building the tiny InternVL-style model in {FleetDir(out).base}")
+    build_tiny_internvl(FleetDir(out).base, seed=0)
     log(f"[2/5] drawing {train_size} training and {test_size} held-out pictures per department in {out / 'data'}")
     for task in TASKS:
         write_task(task, out / "data", train_size, seed=0, split="train")
@@ -102,7 +103,7 @@ def run_demo(
         log(describe(run_preference_stage(out, preference_steps, progress)))
         log(f"    report: {write_report(out / 'preference')}")
     log(audit_summary(out))
-    log(f"done in {time.perf_counter() - started:.0f} s; adapters in {out / 'adapters'}; report: {report}")
+    log(f"done in {time.perf_counter() - started:.0f} s; adapters in {FleetDir(out).adapters}; report: {report}")
     return rows
 
 
@@ -110,14 +111,14 @@ def audit_summary(out: Path) -> str:
     """Where the run's audit log is, checked as `lorafleet audit verify` checks it."""
     report = verify_chain(out)
     return (
-        f"audit log: {out / 'audit'} valid, {report.entries} entries (lorafleet audit verify {out}); "
+        f"audit log: {FleetDir(out).audit} valid, {report.entries} entries (lorafleet audit verify {out}); "
         f"lineage: lorafleet registry list --fleet {out}"
     )
 
 
 def check_departments(out: Path) -> list[str]:
     """One line per department: its training file checked together with its held-out file."""
-    base, tokenizer = counting_base(out / "base")
+    base, tokenizer = counting_base(FleetDir(out).base)
     lines = []
     for task in TASKS:
         data = out / "data"
@@ -142,11 +143,11 @@ def summarise_check(report: CheckReport) -> str:
 
 
 def evaluate_fleet(out: Path) -> list[DemoRow]:
-    base = load_base(out / "base")
+    base = load_base(FleetDir(out).base)
     fleet = LoRAFleet(base.model, base.language_prefix)
     rows = []
     for task in TASKS:
-        load_adapter(fleet, task.department, out / "adapters" / task.department)
+        load_adapter(fleet, task.department, FleetDir(out).adapter(task.department))
         records, _ = read_records(out / "data" / f"{task.department}-test.jsonl")
         answers = reference_answers(records)
         base_accuracy = exact_match_accuracy(generate_replies(base, fleet, None, records), answers)
@@ -163,5 +164,5 @@ def format_table(rows: list[DemoRow]) -> str:
 
 def _clear_previous_run(out: Path) -> None:
     """A demo run always starts fresh: old checkpoints would otherwise ask for --resume."""
-    for old in (out / "checkpoints").glob("step-*.pt") if (out / "checkpoints").exists() else []:
+    for old in FleetDir(out).checkpoint_files():
         old.unlink()

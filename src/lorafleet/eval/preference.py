@@ -24,6 +24,7 @@ import torch
 
 from lorafleet.adapters.fleet import LoRAFleet
 from lorafleet.data.preference import PreferencePair, load_preference_pairs
+from lorafleet.fleet_dir import find_base_dir
 from lorafleet.models.loading import FrozenBase, load_base
 from lorafleet.train.objectives import rounding_noise, wins
 from lorafleet.train.trainer import answer_logps
@@ -54,7 +55,6 @@ def evaluate_preferences(options, progress: bool = True) -> PreferenceScores:
     """`lorafleet eval` on a file of pairs: the base and the fleet's adapters (`options`: EvalOptions),
     recorded in the fleet's registry and audit log when it has them."""
     from lorafleet.eval.run import _load_adapters, record_scores
-    from lorafleet.serve.gateway.server import find_base_dir
 
     base = load_base(options.base_dir or find_base_dir(options.fleet_dir))
     fleet = LoRAFleet(base.model, base.language_prefix)

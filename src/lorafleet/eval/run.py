@@ -21,11 +21,11 @@ from lorafleet.errors import ConfigError, DataError
 from lorafleet.eval.chat import read_chats
 from lorafleet.eval.greedy import GreedyRequest, decode_greedy
 from lorafleet.eval.mmmu import DIFFICULTIES, is_mmmu_file, read_mmmu
+from lorafleet.fleet_dir import FleetDir, find_base_dir, fleet_adapters
 from lorafleet.governance.audit import AuditLog, utc_now
 from lorafleet.governance.lineage import record_evaluation, sha256_file, weight_hashes, weights_id, write_lineage
-from lorafleet.governance.registry import DATABASE, Registry
+from lorafleet.governance.registry import Registry
 from lorafleet.models.loading import FrozenBase, load_base
-from lorafleet.serve.gateway.server import find_base_dir, fleet_adapters
 
 BASE = "base"
 
@@ -155,7 +155,7 @@ def record_in_registry(fleet_dir: Path, data: Path, report: EvalReport) -> list[
 
 def record_scores(fleet_dir: Path, data: Path, kind: str, scores: dict[str, dict]) -> list[str]:
     """`record_in_registry` for any evaluation: `scores` maps each model to its numbers."""
-    if not (fleet_dir / DATABASE).exists():
+    if not FleetDir(fleet_dir).database.exists():
         return []
     data_sha256, adapters, recorded = sha256_file(data), fleet_adapters(fleet_dir), {}
     registry = Registry(fleet_dir)
@@ -204,12 +204,12 @@ def _difficulty_rank(name: str) -> tuple[int, str]:
 
 
 def _load_adapters(fleet: LoRAFleet, options: EvalOptions) -> dict[str, int | None]:
-    available = fleet_adapters(options.fleet_dir) if (options.fleet_dir / "adapters").exists() else {}
+    available = fleet_adapters(options.fleet_dir) if FleetDir(options.fleet_dir).adapters.exists() else {}
     names = options.adapters if options.adapters is not None else sorted(available)
     unknown = [name for name in names if name not in available]
     if unknown:
         raise ConfigError(
-            f"--adapters: {', '.join(unknown)} not in {options.fleet_dir / 'adapters'} "
+            f"--adapters: {', '.join(unknown)} not in {FleetDir(options.fleet_dir).adapters} "
             f"(it holds: {', '.join(sorted(available)) or 'none'})"
         )
     tiling = {}

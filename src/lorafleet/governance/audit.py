@@ -28,6 +28,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from lorafleet.errors import AuditError
+from lorafleet.fleet_dir import AUDIT, FleetDir
 
 GENESIS = "0" * 64
 SEGMENT_GLOB = "[0-9][0-9][0-9][0-9]-[0-9][0-9].jsonl"
@@ -41,7 +42,7 @@ CLOCK_SKEW = timedelta(hours=1)
 def audit_dir(path: str | Path) -> Path:
     """The audit directory of a fleet directory (or `path` itself when it is one)."""
     path = Path(path)
-    return path if path.name == "audit" or list_segments(path) else path / "audit"
+    return path if path.name == AUDIT or list_segments(path) else FleetDir(path).audit
 
 
 def canonical(entry: dict) -> bytes:

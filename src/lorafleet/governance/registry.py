@@ -15,9 +15,9 @@ import sqlite3
 from pathlib import Path
 
 from lorafleet.errors import RegistryError
+from lorafleet.fleet_dir import DATABASE, FleetDir
 from lorafleet.governance.lineage import Lineage, resolved_in, within_fleet
 
-DATABASE = "lorafleet.sqlite"  # shared with the request log: the fleet's one database
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS lineage (
     id TEXT PRIMARY KEY,
@@ -40,7 +40,7 @@ class Registry:
     @staticmethod
     def open(fleet_dir: str | Path) -> Registry:
         """The registry of a fleet directory that has one (reading never creates one)."""
-        if not (Path(fleet_dir) / DATABASE).exists():
+        if not FleetDir(fleet_dir).database.exists():
             raise RegistryError(
                 f"{fleet_dir} has no registry ({DATABASE}); pass the fleet directory that `lorafleet train` "
                 "or `lorafleet compress` wrote to"
@@ -49,7 +49,7 @@ class Registry:
 
     def __init__(self, fleet_dir: str | Path) -> None:
         self.fleet_dir = Path(fleet_dir)
-        self.path = self.fleet_dir / DATABASE
+        self.path = FleetDir(fleet_dir).database
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=30)
         self._db.executescript(SCHEMA)

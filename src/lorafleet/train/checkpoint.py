@@ -7,32 +7,27 @@ adapters, the fleet step and the RNG state, so a resumed run continues exactly.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
+from lorafleet.fleet_dir import FleetDir
 from lorafleet.state import load_state, save_state
-
-_NAME = re.compile(r"^step-(\d{8})\.pt$")
 
 
 def checkpoint_dir(output: str | Path) -> Path:
-    return Path(output) / "checkpoints"
+    return FleetDir(output).checkpoints
 
 
 def save_checkpoint(output: str | Path, state: dict, keep: int) -> Path:
     directory = checkpoint_dir(output)
     directory.mkdir(parents=True, exist_ok=True)
-    path = save_state(state, directory / f"step-{state['fleet_step']:08d}.pt")
+    path = save_state(state, FleetDir(output).checkpoint(state["fleet_step"]))
     for old in list_checkpoints(output)[:-keep] if keep > 0 else []:
         old.unlink()
     return path
 
 
 def list_checkpoints(output: str | Path) -> list[Path]:
-    directory = checkpoint_dir(output)
-    if not directory.exists():
-        return []
-    return sorted(p for p in directory.iterdir() if _NAME.match(p.name))
+    return FleetDir(output).checkpoint_files()
 
 
 def latest_checkpoint(output: str | Path) -> Path | None:

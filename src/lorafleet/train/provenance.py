@@ -16,6 +16,7 @@ from lorafleet.config import FleetSpec
 from lorafleet.data.encode import Example
 from lorafleet.data.preference import PreferencePair, read_preference_records
 from lorafleet.data.records import read_records
+from lorafleet.fleet_dir import FleetDir
 from lorafleet.governance.audit import AuditLog, utc_now
 from lorafleet.governance.lineage import (
     DataFile,
@@ -88,7 +89,7 @@ class TrainingProvenance:
         final_loss = step_losses[-1] if step_losses else None
         started = self.started.get(spec.name)
         finished = utc_now()
-        losses = per_epoch_loss(self.output / "metrics.jsonl", spec.name)
+        losses = per_epoch_loss(FleetDir(self.output).metrics, spec.name)
         seconds = (_parse(finished) - _parse(started)).total_seconds() if started else None
         lineage = Lineage(
             name=spec.name,

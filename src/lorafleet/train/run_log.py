@@ -17,20 +17,19 @@ import shutil
 from pathlib import Path
 
 from lorafleet.errors import ConfigError
+from lorafleet.fleet_dir import FleetDir
 
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
 # metrics.jsonl key -> TensorBoard tag
 SCALARS = {"loss": "train/loss", "grad_norm": "train/grad_norm", "lr": "train/lr", "eval_loss": "eval/loss"}
 
 
 class RunLog:
     def __init__(self, output: Path, report_to: list[str]) -> None:
-        self.path = output / METRICS_FILE
+        self.path = FleetDir(output).metrics
         self.tensorboard = "tensorboard" in report_to
         if self.tensorboard:
             _summary_writer()  # fail at the start of the run, not at its first step
-        self.events = output / TENSORBOARD_DIR
+        self.events = FleetDir(output).tensorboard
         self.writers: dict = {}
 
     def start_fresh(self) -> None:

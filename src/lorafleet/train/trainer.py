@@ -34,6 +34,7 @@ from lorafleet.data.encode import IGNORE_INDEX, Example
 from lorafleet.data.preference import PreferencePair, load_preference_pairs
 from lorafleet.data.stream import ExampleStream
 from lorafleet.errors import AdapterError, ConfigError, TrainingError
+from lorafleet.fleet_dir import FleetDir
 from lorafleet.governance.audit import utc_now
 from lorafleet.models import varlen
 from lorafleet.models.attention import training_attention
@@ -581,7 +582,7 @@ class FleetTrainer:
         return job
 
     def _finish(self, job: AdapterJob) -> None:
-        directory = self.output / "adapters" / job.name
+        directory = FleetDir(self.output).adapter(job.name)
         if not self._data_parallel or self.group.main:  # data-parallel copies are all the same
             save_adapter(self.fleet, job.name, directory, self.spec.base, {"max_tiles": self.spec.max_tiles})
         self.result.adapters[job.name] = directory
@@ -654,7 +655,7 @@ class FleetTrainer:
         self.fleet_step = state["fleet_step"]
         self.result.losses = state["losses"]
         for name in state["finished"]:
-            self.result.adapters[name] = self.output / "adapters" / name
+            self.result.adapters[name] = FleetDir(self.output).adapter(name)
         by_name = {a.name: a for a in self.spec.adapters}
         self._place(remaining_work(self, state))
         for name, job_state in state["active"].items():

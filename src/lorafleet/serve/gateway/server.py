@@ -9,7 +9,6 @@ compress` output, any HF checkpoint) is served as a base without adapters.
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -18,9 +17,9 @@ from typing import Protocol
 
 import torch
 
-from lorafleet.config import adapter_name_problem, read_yaml
+from lorafleet.config import read_yaml
 from lorafleet.errors import AdapterError, ConfigError
-from lorafleet.governance.registry import DATABASE
+from lorafleet.fleet_dir import DATABASE, find_base_dir, fleet_adapters
 from lorafleet.governance.signing import load_private_key
 from lorafleet.models.loading import load_base
 from lorafleet.serve.engine.streams import EventSource
@@ -90,31 +89,6 @@ class ServeOptions:
     vllm_python: Path | None = None  # the Python of vLLM's own environment; default: `vllm` on PATH, or ours
     audit_key: Path | None = None  # Ed25519 private key: the server signs checkpoints of its audit log
     audit_sign_every_s: float = SIGN_EVERY_SECONDS
-
-
-def find_base_dir(fleet_dir: Path) -> Path:
-    if (fleet_dir / "base" / "config.json").exists():
-        return fleet_dir / "base"
-    if (fleet_dir / "config.json").exists():  # a model directory itself
-        return fleet_dir
-    for config in sorted((fleet_dir / "adapters").glob("*/adapter_config.json")):
-        recorded = json.loads(config.read_text()).get("base_model_name_or_path")
-        if recorded and Path(recorded).exists():
-            return Path(recorded)
-    raise ConfigError(
-        f"{fleet_dir}: no base/ directory and no adapter that names an existing base model; pass --base DIR"
-    )
-
-
-def fleet_adapters(fleet_dir: Path) -> dict[str, Path]:
-    """The fleet's adapters by name; a directory whose name cannot name an adapter is an error at
-    start-up, not a crash at the first request."""
-    found = {c.parent.name: c.parent for c in sorted((fleet_dir / "adapters").glob("*/adapter_config.json"))}
-    for name, path in found.items():
-        problem = adapter_name_problem(name)
-        if problem:
-            raise ConfigError(f"{path}: {problem}; rename the directory")
-    return found
 
 
 def not_a_fleet_directory(path: Path) -> str:
