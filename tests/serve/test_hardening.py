@@ -8,12 +8,14 @@ import asyncio
 import base64
 import http.server
 import io
+import itertools
 import json
 import os
 import socket
 import sqlite3
 import stat
 import threading
+import time
 
 import httpx
 import openai
@@ -300,3 +302,27 @@ def test_a_fleet_with_an_unusable_adapter_name_fails_at_start_with_a_clear_error
     (fleet / "adapters" / "finance").rename(fleet / "adapters" / "v1.2")
     with pytest.raises(ConfigError, match="v1.2.*rename the directory"):
         FleetServer(ServeOptions(fleet_dir=fleet))
+
+
+def test_a_client_that_hangs_up_mid_stream_is_recorded_once_and_stops_its_generation(fleet_dir, tmp_path):
+    """The stream ends where the client left: the request is recorded once, as 499, and every one
+    of its choices is cancelled in the engine rather than generated for nobody."""
+    import shutil
+
+    fleet = tmp_path / "fleet"
+    shutil.copytree(fleet_dir, fleet, ignore=shutil.ignore_patterns("lorafleet.sqlite*"))
+    with running_server(ServeOptions(fleet_dir=fleet)) as (url, server):
+        body = chat_body("base", "hello", max_tokens=2000, n=8, seed=0, temperature=1.0, stream=True)
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as reply:
+            lines = list(itertools.islice(filter(None, reply.iter_lines()), 10))  # 8 roles, two pieces
+            assert reply.status_code == 200 and "data: [DONE]" not in lines
+        deadline = time.monotonic() + 60
+        while not logged(fleet, 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # Cancelled rows leave the batch at the engine's next step; uncancelled, they run on to 2,000 tokens each.
+        deadline = time.monotonic() + 1.0
+        while server.backend.engine.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        running = server.backend.engine.running
+    assert [row[3:5] for row in logged(fleet, 0)] == [(499, "client closed the connection")]
+    assert running == 0
