@@ -1,8 +1,9 @@
 """The in-process backend: requests become prompts for lorafleet's own engine.
 
-It turns an OpenAI chat request into a prompt (chat template, images tiled as in training),
-submits it to the engine with its adapter and sampling settings, and shapes the engine's events
-into OpenAI's JSON reply or its server-sent-event stream.
+A request is prepared first: its prompt rendered (chat template, images tiled as in training),
+counted and checked, its sampling parameters settled, nothing in the engine yet. Once the gateway
+has admitted it, it is submitted: each choice becomes an engine request with its adapter and its
+own seed, and the engine's events go back to the gateway to be shaped into OpenAI's reply.
 """
 
 from __future__ import annotations
@@ -26,13 +27,22 @@ from lorafleet.serve.engine.engine import Engine
 from lorafleet.serve.engine.grammar import GrammarError
 from lorafleet.serve.engine.sampling import SamplingParams
 from lorafleet.serve.engine.streams import ReplyStream
-from lorafleet.serve.gateway.calls import Call
+from lorafleet.serve.gateway.calls import PreparedRequest
 from lorafleet.serve.gateway.errors import APIError
 from lorafleet.serve.gateway.images import ImagePolicy
+from lorafleet.serve.gateway.protocol import ChatCompletionRequest, TextCompletionRequest
 from lorafleet.serve.gateway.tools import ToolUse
 
 READY_TIMEOUT_S = 60.0
-DEFAULT_MAX_TOKENS = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalRequest(PreparedRequest):
+    """A request prepared for the engine: its prompts, adapter and sampling parameters."""
+
+    prompts: tuple[Example, ...]
+    adapter: str | None
+    params: SamplingParams
 
 
 class LocalBackend:
@@ -106,36 +116,35 @@ class LocalBackend:
             return "the engine did not answer in time"
         return f"the engine failed: {event.error}" if event.finish_reason == "error" else None
 
-    # --- chat completions -----------------------------------------------------------------
+    # --- completions: prepare (render, count, check), then submit ----------------------------
 
-    async def chat(self, body, adapter: str | None, call: Call, tools: ToolUse | None) -> list[ReplyStream]:
-        """Validate and submit the request (its `n` choices); each reply comes as the engine's events."""
+    async def prepare_chat(
+        self, body: ChatCompletionRequest, adapter: str | None, tools: ToolUse | None
+    ) -> LocalRequest:
+        """The chat's prompt rendered (images tiled), counted and checked, its grammar compiled: a
+        400 for what cannot run, and nothing in the engine yet."""
         prompt = await asyncio.to_thread(self._encode, body.messages, adapter, tools)
         grammar = await asyncio.to_thread(self._grammar, body.response_format, tools)
-        params = self._sampling(body, prompt, grammar)
-        return self._submit([prompt], adapter, params, body.n, call)
+        params = body.to_sampling_params(prompt.num_tokens, self.engine.max_positions, grammar)
+        return _prepared((prompt,), body.n, adapter, params)
 
-    async def complete(self, body, adapter: str | None, call: Call) -> list[ReplyStream]:
+    async def prepare_completion(self, body: TextCompletionRequest, adapter: str | None) -> LocalRequest:
         """A text completion: each prompt as it is (no chat template), `n` choices of each."""
-        prompts = [self._raw_prompt(prompt) for prompt in _prompt_list(body.prompt)]
-        params = self._sampling(body, max(prompts, key=lambda p: p.num_tokens))
-        return self._submit(prompts, adapter, params, body.n, call)
+        prompts = tuple(self._raw_prompt(prompt) for prompt in _prompt_list(body.prompt))
+        params = body.to_sampling_params(max(p.num_tokens for p in prompts), self.engine.max_positions)
+        return _prepared(prompts, body.n, adapter, params)
 
-    def _submit(
-        self, prompts: list[Example], adapter: str | None, params: SamplingParams, n: int, call: Call
-    ) -> list[ReplyStream]:
+    async def submit(self, request: LocalRequest) -> list[ReplyStream]:
         """n choices of every prompt, in OpenAI's order; each choice with its own seed (seed + i
         when the client gave one, so that a seeded request is reproducible)."""
-        call.prompt_tokens = sum(p.num_tokens for p in prompts)  # each prompt counted once, as OpenAI does
-        call.max_tokens = params.max_tokens * n * len(prompts)
-        call.starting()
+        params = request.params
         base_seed = params.seed if params.seed is not None else secrets.randbits(32)
         loop = asyncio.get_running_loop()
         streams = []
-        for prompt in prompts:
-            for choice in range(n):
+        for prompt in request.prompts:
+            for choice in range(request.choices):
                 seeded = dataclasses.replace(params, seed=base_seed + choice)
-                streams.append(self.engine.submit(prompt, adapter, seeded, loop))
+                streams.append(self.engine.submit(prompt, request.adapter, seeded, loop))
         return streams
 
     def _encode(self, messages: list[dict], adapter: str | None = None, tools: ToolUse | None = None) -> Example:
@@ -207,22 +216,10 @@ class LocalBackend:
             if found:
                 raise DataError(f"request: messages[{index}] contains the model's special token {found!r}")
 
-    def _sampling(self, body, prompt: Example, grammar: str | None = None) -> SamplingParams:
-        limit = self.engine.max_positions
-        room = limit - prompt.num_tokens
-        max_tokens = body.reply_tokens or min(DEFAULT_MAX_TOKENS, max(room, 0))
-        if room < 1 or max_tokens > room:
-            raise APIError(
-                400,
-                f"the prompt has {prompt.num_tokens} tokens; with max_tokens {max_tokens} it exceeds "
-                f"this server's {limit} tokens per request (the model's context, or --max-seq-len)",
-                "context_length_exceeded",
-                "messages",
-            )
-        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        return SamplingParams(
-            max_tokens, body.temperature, body.top_p, stop, body.seed, grammar=grammar, logprobs=body.top_alternatives
-        )
+
+def _prepared(prompts: tuple[Example, ...], n: int, adapter: str | None, params: SamplingParams) -> LocalRequest:
+    counts = tuple(prompt.num_tokens for prompt in prompts)
+    return LocalRequest(counts, n, params.max_tokens, prompts, adapter, params)
 
 
 async def _last_event(stream: ReplyStream):

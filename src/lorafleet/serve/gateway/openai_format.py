@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 from lorafleet.serve.engine.streams import Event, EventSource
@@ -151,6 +151,9 @@ def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
+DONE = sse("[DONE]")  # a stream's last line
+
+
 async def collect(call: Call, sources: list[EventSource], shape: ReplyShape) -> tuple[list[Choice], str | None]:
     """Every event of every choice; returns the choices and the first error, if any."""
     choices = [Choice(i, shape) for i in range(len(sources))]
@@ -168,10 +171,11 @@ async def collect(call: Call, sources: list[EventSource], shape: ReplyShape) -> 
 
 async def server_sent_events(
     call: Call, sources: list[EventSource], shape: ReplyShape, include_usage: bool
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """A reply as SSE chunks: each choice's role, its pieces as they come (choices interleaved by
-    `index`), its finish reason, the usage if asked, then [DONE]. The call is finished (logged,
-    counted) before [DONE], and a client that hangs up cancels every choice in the engine."""
+    `index`), its finish reason and the usage if asked; the caller sends [DONE] (`DONE`) once it
+    has recorded the call. The call is finished when the chunks end, and a client that hangs up
+    cancels every choice in the engine."""
     kind = "text_completion" if shape.text_completion else "chat.completion.chunk"
     choices = [Choice(i, shape) for i in range(len(sources))]
     status, error = 200, None
@@ -193,8 +197,6 @@ async def server_sent_events(
         call.replies = [choice.text for choice in choices]
         if include_usage and status == 200:
             yield sse(_envelope(call, kind, []) | {"usage": call.usage()})
-        call.finish(status, error)  # before [DONE]: a client that hangs up on it must not beat the log
-        yield sse("[DONE]")
     except asyncio.CancelledError:
         for source in sources:
             source.cancel()  # the client went away: stop generating for it

@@ -24,9 +24,10 @@ from lorafleet.governance.signing import load_private_key
 from lorafleet.models.loading import load_base
 from lorafleet.serve.engine.streams import EventSource
 from lorafleet.serve.gateway.audit_trail import SIGN_EVERY_SECONDS, AuditTrail, adapter_id
-from lorafleet.serve.gateway.calls import Call
+from lorafleet.serve.gateway.calls import PreparedRequest
 from lorafleet.serve.gateway.images import ImagePolicy
 from lorafleet.serve.gateway.local import LocalBackend
+from lorafleet.serve.gateway.protocol import ChatCompletionRequest, TextCompletionRequest
 from lorafleet.serve.gateway.request_log import RequestLog
 from lorafleet.serve.gateway.tenants import TenantDirectory
 from lorafleet.serve.gateway.tools import ToolUse
@@ -55,13 +56,21 @@ class Backend(Protocol):
 
     def unload_adapter(self, name: str) -> None: ...  # KeyError when it is not loaded
 
-    async def chat(self, body, adapter: str | None, call: Call, tools: ToolUse | None) -> list[EventSource]:
-        """Start generating the reply's `body.n` choices (or raise APIError): each one's text as
-        events, the last one with the finish reason and token counts."""
+    # A completion in two phases, so that the gateway admits a request (the tenant's token limit)
+    # between them, knowing what it can use, before the engine sees it.
+    async def prepare_chat(
+        self, body: ChatCompletionRequest, adapter: str | None, tools: ToolUse | None
+    ) -> PreparedRequest:
+        """The chat rendered, counted and checked (APIError when it cannot run); nothing generates yet."""
         ...
 
-    async def complete(self, body, adapter: str | None, call: Call) -> list[EventSource]:
-        """The same for a text completion: `body.n` choices for each of its prompts."""
+    async def prepare_completion(self, body: TextCompletionRequest, adapter: str | None) -> PreparedRequest:
+        """The same for a text completion and its prompts."""
+        ...
+
+    async def submit(self, request: PreparedRequest) -> list[EventSource]:
+        """Start generating `request.choices` replies to each prompt, in OpenAI's order: each one's
+        text as events, the last one with the finish reason and token counts."""
         ...
 
 

@@ -19,14 +19,17 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from lorafleet.errors import AdapterError, ConfigError, LorafleetError
 from lorafleet.serve.engine.streams import Event
-from lorafleet.serve.gateway.calls import Call
+from lorafleet.serve.gateway.calls import PreparedRequest
 from lorafleet.serve.gateway.errors import APIError
+from lorafleet.serve.gateway.protocol import ChatCompletionRequest, CompletionParameters, TextCompletionRequest
+from lorafleet.serve.gateway.tools import ToolUse
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 STARTUP_TIMEOUT_S = 900.0
@@ -34,6 +37,15 @@ DEFAULT_GPU_LORA_SLOTS = 8  # adapters vLLM keeps on the GPU at once (its --max-
 RUNTIME_LORA_HEADROOM = 8  # CPU-side room for adapters an admin loads at runtime
 BASE_NAME = "base"
 DEFAULT_REPLY_TOKENS = 256  # the reply cap assumed for a tenant's token budget when the client sets none
+
+
+@dataclass(frozen=True)
+class UpstreamRequest(PreparedRequest):
+    """A request prepared for the upstream: the route and body of each choice's request."""
+
+    route: str
+    payload: dict  # one choice's body (n = 1), the adapter's name as the model
+    seed: int | None  # the client's; choice i is sent with seed + i
 
 
 class UpstreamBackend:
@@ -79,32 +91,38 @@ class UpstreamBackend:
         _post_json(f"{self.url}/v1/unload_lora_adapter", {"lora_name": name})
         self._adapters.discard(name)
 
-    async def chat(self, body, adapter: str | None, call: Call, tools=None) -> list[UpstreamEvents]:
-        """Send the request on with the adapter's name as the model, always as a stream with usage
-        (what the gateway formats, counts and logs is the same for every backend); tools,
-        response_format and logprobs go as they came, for the upstream to honour."""
-        return await self._relay("/v1/chat/completions", body, adapter, call)
+    async def prepare_chat(
+        self, body: ChatCompletionRequest, adapter: str | None, tools: ToolUse | None = None
+    ) -> UpstreamRequest:
+        """Sent on with the adapter's name as the model, always as a stream with usage (what the
+        gateway formats, counts and logs is the same for every backend); tools, response_format
+        and logprobs go as they came, for the upstream to honour."""
+        return self._prepare("/v1/chat/completions", body, adapter)
 
-    async def complete(self, body, adapter: str | None, call: Call) -> list[UpstreamEvents]:
+    async def prepare_completion(self, body: TextCompletionRequest, adapter: str | None) -> UpstreamRequest:
         if not isinstance(body.prompt, str):
             raise APIError(400, "this server relays one text prompt per completion request", "invalid_request",
                            "prompt")  # fmt: skip
-        return await self._relay("/v1/completions", body, adapter, call)
+        return self._prepare("/v1/completions", body, adapter)
 
-    async def _relay(self, route: str, body, adapter: str | None, call: Call) -> list[UpstreamEvents]:
-        """One upstream stream per choice (n = 1 each, seeds seed + i), so every backend's choices
-        arrive the same way."""
+    def _prepare(self, route: str, body: CompletionParameters, adapter: str | None) -> UpstreamRequest:
+        """One prompt; its tokens are the upstream's to count, so only the replies' cap is known here."""
         payload = body.model_dump(exclude_none=True)
         payload |= {"model": adapter or self.base_model, "stream": True, "stream_options": {"include_usage": True}}
         payload["n"] = 1
-        call.max_tokens = (body.reply_tokens or DEFAULT_REPLY_TOKENS) * body.n
-        call.starting()
+        reply_tokens = body.reply_tokens or DEFAULT_REPLY_TOKENS
+        return UpstreamRequest((0,), body.n, reply_tokens, route, payload, body.seed)
+
+    async def submit(self, request: UpstreamRequest) -> list[UpstreamEvents]:
+        """One upstream stream per choice (n = 1 each, seeds seed + i), so every backend's choices
+        arrive the same way."""
+        payload = dict(request.payload)
         streams: list[UpstreamEvents] = []
         try:
-            for choice in range(body.n):
-                if body.seed is not None:
-                    payload["seed"] = body.seed + choice
-                streams.append(await self._open(route, payload))
+            for choice in range(request.choices):
+                if request.seed is not None:
+                    payload["seed"] = request.seed + choice
+                streams.append(await self._open(request.route, payload))
         except APIError:
             for stream in streams:
                 stream.cancel()

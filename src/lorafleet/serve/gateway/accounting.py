@@ -1,0 +1,74 @@
+"""What a completion call leaves behind once it has ended, refused or answered: the tenant's
+token reservation settled to what it used, Prometheus metrics, a row of the request log and an
+entry of the audit log (serve/gateway/audit_trail.py says what each field of it is)."""
+
+from __future__ import annotations
+
+import time
+
+from lorafleet.governance.audit import utc_time
+from lorafleet.serve.gateway.access import who
+from lorafleet.serve.gateway.audit_trail import content_sha256
+from lorafleet.serve.gateway.calls import Call
+from lorafleet.serve.gateway.metrics import Metrics
+from lorafleet.serve.gateway.request_log import RequestRecord
+from lorafleet.serve.gateway.server import FleetServer
+
+UNKNOWN_MODEL = "unknown"  # the metric label and log name of a call before it names a model it may use
+
+
+class Recorder:
+    def __init__(self, server: FleetServer) -> None:
+        self.server = server
+        self.metrics = Metrics(server.backend.running, lambda: server.audit.failures)
+
+    def record(self, call: Call) -> None:
+        """Record an ended call (`Call.finish`), once."""
+        if call.tenant is not None:
+            call.tenant.settle(call.reservation, call.prompt_tokens + call.completion_tokens)
+        self._observe(call)
+        content = None
+        if call.content is not None:
+            content = call.content | ({"reply": call.replies[0]} if call.replies else {})
+        self.server.request_log.record(
+            RequestRecord(
+                call.request_id,
+                call.tenant.name if call.tenant else None,
+                call.model[:200],
+                call.prompt_tokens,
+                call.completion_tokens,
+                call.seconds * 1000,
+                call.status,
+                call.error,
+                content,
+            )
+        )
+        self.server.audit.record("serve.request", audit_entry(call, content, self.server.adapter_ids))
+
+    def _observe(self, call: Call) -> None:
+        # Metric labels only for models that exist and the caller may use: a client cannot mint
+        # label values (each one is a time series held in memory and rendered on every scrape).
+        label = call.model if call.known_model else UNKNOWN_MODEL
+        self.metrics.observe(label, call.status, call.prompt_tokens, call.completion_tokens, call.seconds)
+        if call.first_token_seconds is not None:
+            self.metrics.first_token.labels(label).observe(call.first_token_seconds)
+
+
+def audit_entry(call: Call, content: dict | None, ids: dict) -> dict:
+    """An ended call as the audit log records it; `ids` are the registry ids of the adapters served."""
+    adapter = call.model if call.known_model and call.model in ids else None
+    entry = who(call.tenant) | {
+        "request_id": call.request_id,
+        "started": utc_time(time.time() - call.seconds),
+        "model": call.model[:200],
+        "adapter": adapter,
+        "adapter_id": ids.get(adapter) if adapter else None,
+        "input_sha256": call.input_sha256,
+        "output_sha256": content_sha256(call.replies) if call.replies is not None else None,
+        "prompt_tokens": call.prompt_tokens,
+        "completion_tokens": call.completion_tokens,
+        "status": call.status,
+        "error": call.error,
+        "latency_ms": round(call.seconds * 1000, 3),
+    }
+    return entry | ({"content": content} if content is not None else {})

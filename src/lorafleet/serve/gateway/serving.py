@@ -1,0 +1,109 @@
+"""Chat and text completions from the request's first byte to its last, in the order that keeps
+a bad or greedy request cheap: who asks (access), what they ask (protocol: read, validated and
+refused when unsupported, only after the key is checked), what it will take (the backend prepares
+it: prompt rendered and counted, nothing generating), whether the tenant's limits hold it (the
+tokens reserved), then generation (the backend submits it) shaped as one JSON reply or a stream.
+Every call, refused or answered, is recorded once when it ends (accounting).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+
+from fastapi import Request
+
+from lorafleet import __version__
+from lorafleet.serve.gateway import openai_format
+from lorafleet.serve.gateway.access import Access, check_rate, reserve_tokens
+from lorafleet.serve.gateway.accounting import UNKNOWN_MODEL, Recorder
+from lorafleet.serve.gateway.audit_trail import content_sha256
+from lorafleet.serve.gateway.calls import Call, PreparedRequest
+from lorafleet.serve.gateway.errors import APIError
+from lorafleet.serve.gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionParameters,
+    read_body,
+    refuse_unsupported,
+)
+from lorafleet.serve.gateway.server import FleetServer
+from lorafleet.serve.gateway.tools import tool_use
+
+
+class Completions:
+    """Serves POST /v1/chat/completions and /v1/completions."""
+
+    def __init__(self, server: FleetServer, access: Access, recorder: Recorder) -> None:
+        self.server, self.access, self.recorder = server, access, recorder
+        self.fingerprint = f"lorafleet-{__version__}-{server.fingerprint}"
+
+    async def create(self, request: Request, kind: type[CompletionParameters]) -> dict | AsyncIterator[str]:
+        """The whole reply (OpenAI's JSON), or its SSE lines when the client asked for a stream;
+        APIError for a request refused or failed before its first byte of reply."""
+        prefix = "chatcmpl" if kind is ChatCompletionRequest else "cmpl"
+        call = Call(f"{prefix}-{uuid.uuid4().hex[:24]}", UNKNOWN_MODEL, fingerprint=self.fingerprint)
+        try:
+            # The body is read after the key is checked: an unauthenticated client learns nothing
+            # about request validation and costs no parsing.
+            call.tenant = self.access.authenticate(request)
+            body = await read_body(request, self.server.options.max_body_bytes, kind)
+            adapter = self._accept(call, body)
+            prepared, shape = await self._prepare(body, adapter)
+            self._admit(call, prepared)
+            sources = await self.server.backend.submit(prepared)
+            if body.stream:
+                return self._stream(call, openai_format.server_sent_events(call, sources, shape, body.include_usage))
+            choices, error = await openai_format.collect(call, sources, shape)
+            if error is not None:
+                raise APIError(500, f"generation failed: {error}", "engine_error")
+            call.finish(200)
+            self.recorder.record(call)
+            return openai_format.completion(call, choices)
+        except APIError as err:
+            call.finish(err.status, err.message)
+            self.recorder.record(call)
+            raise
+
+    def _accept(self, call: Call, body: CompletionParameters) -> str | None:
+        """The model the caller may use (its adapter; None: the base), within the request rate and
+        asking only for what this server does; what the call records of the request."""
+        chat = isinstance(body, ChatCompletionRequest)
+        call.model = body.model
+        call.input_sha256 = content_sha256(body.messages if chat else body.prompt)
+        adapter = self.access.resolve(call.tenant, body.model)
+        call.known_model = True
+        refuse_unsupported(body)
+        check_rate(call.tenant)
+        if self.server.options.log_content:
+            call.content = {"messages": body.messages} if chat else {"prompt": body.prompt}
+        return adapter
+
+    async def _prepare(
+        self, body: CompletionParameters, adapter: str | None
+    ) -> tuple[PreparedRequest, openai_format.ReplyShape]:
+        """The backend's prepared request, and the shape its reply takes."""
+        backend = self.server.backend
+        if isinstance(body, ChatCompletionRequest):
+            tools = tool_use(body.tools, body.tool_choice, body.parallel_tool_calls)
+            shape = openai_format.ReplyShape(False, tools, body.logprobs is True)
+            return await backend.prepare_chat(body, adapter, tools), shape
+        shape = openai_format.ReplyShape(True, None, body.logprobs is not None)
+        return await backend.prepare_completion(body, adapter), shape
+
+    def _admit(self, call: Call, prepared: PreparedRequest) -> None:
+        """Hold the most the prepared request can use against the tenant's limits (429 when they
+        cannot), before the backend starts it."""
+        call.prompt_tokens = sum(prepared.prompt_tokens)  # each prompt counted once, as OpenAI does
+        call.reservation = reserve_tokens(call.tenant, prepared.most_tokens)
+
+    async def _stream(self, call: Call, chunks: AsyncGenerator[str, None]) -> AsyncIterator[str]:
+        """The reply's chunks, then [DONE] once the call is recorded: a client that hangs up on
+        [DONE] must not beat the log. A client that leaves early ends the chunks (which cancels
+        its generation), and the call is recorded as it ended."""
+        try:
+            async for piece in chunks:
+                yield piece
+        finally:
+            await chunks.aclose()
+            self.recorder.record(call)
+        yield openai_format.DONE
