@@ -69,3 +69,18 @@ def test_reverted_weight_names_are_the_checkpoints_own(tiny_vlm_dir):
         stored = set(checkpoint.keys())
     assert set(reverted) <= stored | {k for k in reverted if "lm_head" in k}
     assert set(reverted) != set(state), "InternVL's names differ between the model and its checkpoint"
+
+
+def test_a_float64_models_norms_compute_in_float64_and_other_dtypes_keep_transformers_forward(tiny_vlm_dir):
+    """transformers' RMSNorm rounds to float32 on the way; a float64 base must not (two float64
+    runs that differ in the last bits would round apart at float32 boundaries, tests/tolerances.py)."""
+    x = torch.randn(3, 5, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    base = load_base(tiny_vlm_dir, device="cpu", dtype=torch.float64)
+    norm = hf_compat.language_model(base.model).norm
+    x = x[..., : norm.weight.shape[0]]
+    exact = norm.weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    assert (norm(x) - exact).abs().max().item() <= 4 * 2.0**-53 * exact.abs().max().item()
+    # the float32 round trip is ~2^-24 off: what the float64 comparison above rules out
+    assert (type(norm).forward(norm, x) - exact).abs().max().item() > 2.0**-40
+    float32 = load_base(tiny_vlm_dir, device="cpu", dtype=torch.float32)
+    assert "forward" not in vars(hf_compat.language_model(float32.model).norm)

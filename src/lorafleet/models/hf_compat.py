@@ -2,17 +2,18 @@
 
 lorafleet builds on transformers' model definitions but reaches past their public API in a few
 places: the decoder without its head, the per-layer gradient-checkpointing hook, the KV cache a
-prefill returns, the attention-function registry, the SDPA attention function, and the weight-name
-conversion of checkpoints. Those change between releases (`past_key_values` became `cache` in
-5.23 and goes away in 5.40), so nothing else imports them: when a release moves one, this module
-and tests/models/test_hf_compat.py are what change. pyproject pins transformers to the releases
-the suite has passed on.
+prefill returns, the attention-function registry, the SDPA attention function, the weight-name
+conversion of checkpoints, and the RMSNorm forward of a float64 model. Those change between
+releases (`past_key_values` became `cache` in 5.23 and goes away in 5.40), so nothing else imports
+them: when a release moves one, this module and tests/models/test_hf_compat.py are what change.
+pyproject pins transformers to the releases the suite has passed on.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import types
 from collections.abc import Callable
 
 import torch
@@ -73,3 +74,23 @@ def revert_weight_conversion(model: nn.Module, tensors: dict[str, torch.Tensor])
     from transformers.core_model_loading import revert_weight_conversion as revert
 
     return revert(model, tensors)
+
+
+def norms_in_float64(model: nn.Module) -> None:
+    """Make a float64 model's RMSNorms compute in float64. transformers' RMSNorm computes in float32
+    and casts back (right for bf16 and fp16), which rounds a float64 model's activations to float32
+    at every norm: two float64 runs whose activations differ in the last bits (another batch
+    layout, another summation order) then round apart wherever a value falls on both sides of a
+    float32 rounding boundary, and AdamW amplifies that into the weights (tests/tolerances.py).
+    Models of any other dtype keep transformers' own forward."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        is_rms_norm = type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
+        if is_rms_norm and weight is not None and weight.dtype == torch.float64:
+            module.forward = types.MethodType(_rms_norm_in_input_dtype, module)
+
+
+def _rms_norm_in_input_dtype(norm: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """transformers' RMSNorm (weight * x / sqrt(mean(x^2) + eps)), without the float32 round trip."""
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return norm.weight * (hidden_states * torch.rsqrt(variance + norm.variance_epsilon))

@@ -144,6 +144,7 @@ def load_base(
         base.tokenizer.pad_token = base.tokenizer.eos_token
     model.requires_grad_(False)
     model.eval()
+    hf_compat.norms_in_float64(model)  # a float64 model stays float64 through its norms (no-op for other dtypes)
     if weights and quantize is None:
         model.to(device)  # a bitsandbytes model is placed by device_map and refuses .to()
     return base
