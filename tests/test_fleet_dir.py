@@ -18,6 +18,7 @@ LAYOUT_NAMES = {
     fleet_dir.REPORT,
     fleet_dir.DATABASE,
     fleet_dir.AUDIT,
+    fleet_dir.ERASURES,
 }
 
 

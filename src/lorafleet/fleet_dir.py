@@ -12,6 +12,8 @@ demo` makes; serving, evaluation, compression, the report and governance read it
     eval*.json                     `lorafleet eval --json` results the report tables
     lorafleet.sqlite               the lineage registry and the request log
     audit/                         the hash-chained audit log
+    erasures/<id>/                 what `lorafleet data forget` did: its plan, the retraining fleet
+                                   file and the retraining run (a fleet directory of its own)
 
 Paths inside a fleet resolve relative to it, so a fleet can be copied or moved. What lies inside
 `audit/` and inside each adapter's directory belongs to governance and to the PEFT format.
@@ -34,6 +36,7 @@ TENSORBOARD = "tensorboard"
 REPORT = "report.html"
 DATABASE = "lorafleet.sqlite"  # shared by the registry and the request log: the fleet's one database
 AUDIT = "audit"
+ERASURES = "erasures"
 _CHECKPOINT = re.compile(r"^step-(\d{8})\.pt$")
 
 
@@ -89,6 +92,13 @@ class FleetDir:
     @property
     def audit(self) -> Path:
         return self.root / AUDIT
+
+    @property
+    def erasures(self) -> Path:
+        return self.root / ERASURES
+
+    def erasure(self, erasure_id: str) -> Path:
+        return self.erasures / erasure_id
 
 
 def checkpoint_step(path: Path) -> int | None:

@@ -1,4 +1,5 @@
-"""`lorafleet data`: check, redact, deduplicate or synthesise chat JSONL training data."""
+"""`lorafleet data`: check, redact, deduplicate or synthesise chat JSONL training data; find and
+forget one person across a fleet (its data, adapters, request log), retraining what learned."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from pathlib import Path
 
 
 def add_data_parsers(commands: argparse._SubParsersAction) -> None:
-    data = commands.add_parser("data", help="check, redact, deduplicate or synthesise chat JSONL training data")
+    data = commands.add_parser(
+        "data", help="check, redact, deduplicate or synthesise training data; find or forget one person in a fleet"
+    )
     actions = data.add_subparsers(title="actions", metavar="ACTION", required=True)
-    for add_action in (_add_check, _add_redact, _add_dedup, _add_synth):
+    for add_action in (_add_check, _add_redact, _add_dedup, _add_synth, _add_find, _add_forget):
         add_action(actions)
     data.set_defaults(command="data")
 
@@ -200,6 +203,109 @@ def _run_data_synth(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(report.to_json(), indent=2))
     _audit_data_event(args.fleet, "data.synth", report.audit_summary(options))
     return 0
+
+
+def _add_person_arguments(action: argparse.ArgumentParser) -> None:
+    action.add_argument("--fleet", type=Path, required=True, help="fleet directory (its registry names the data)")
+    action.add_argument(
+        "--person",
+        type=Path,
+        required=True,
+        help="YAML/JSON file listing the person's names, emails, phones, ibans and ids (README: "
+        "'A person asks to be forgotten'); keep it outside the fleet",
+    )
+    action.add_argument("--patterns", type=Path, help="phone regions and national-ID patterns (YAML/JSON)")
+    action.add_argument(
+        "--json", type=Path, help="also write the report as JSON here (places and kinds, no identifiers)"
+    )
+
+
+def _add_find(actions: argparse._SubParsersAction) -> None:
+    find = actions.add_parser(
+        "find",
+        help="where a person's identifiers are: data records, adapters that learned them, logged requests",
+        description="Every record (file:line) of every training and held-out file the fleet's registry knows that "
+        "holds one of the person's identifiers, every adapter or model whose lineage names such a file (and "
+        "everything made from one), every logged request, audit entry and checkpoint that holds them. Recorded "
+        "in the audit log by hash. Exit status 1 when anything is found.",
+    )
+    _add_person_arguments(find)
+    find.set_defaults(command="data", run=_run_data_find)
+
+
+def _run_data_find(args: argparse.Namespace) -> int:
+    from lorafleet.governance.audit import AuditLog
+
+    report, _ = _find(args)
+    print(report.format_text())
+    entry = AuditLog(args.fleet).append("data.find", report.audit_summary())
+    print(f"recorded in {args.fleet}'s audit log as data.find (seq {entry['seq']}), by hash only")
+    return 0 if report.empty else 1
+
+
+def _find(args: argparse.Namespace):
+    import json
+
+    from lorafleet.data.erasure import find_person
+    from lorafleet.data.person import PersonMatcher, load_person
+    from lorafleet.data.pii import PiiDetector, load_patterns
+
+    detector = PiiDetector(load_patterns(args.patterns))
+    matcher = PersonMatcher(load_person(args.person, detector.patterns.phone_regions), detector)
+    report = find_person(args.fleet, matcher)
+    if args.json:
+        args.json.write_text(json.dumps(report.to_json(), indent=2))
+    return report, matcher
+
+
+def _add_forget(actions: argparse._SubParsersAction) -> None:
+    forget = actions.add_parser(
+        "forget",
+        help="remove a person's records, redact the request log, withdraw and retrain what learned from them",
+        description="Rewrites each data file without the person's records (atomically; lineage keeps the old "
+        "hashes), redacts the request log, withdraws every adapter and model that learned from the records (serve "
+        "refuses them unless forced), deletes checkpoints holding them and writes a fleet file that retrains "
+        "exactly those adapters with their recorded configs and seeds (DIR/erasures/ID/retrain.yaml). With "
+        "--retrain it trains them together and puts the new versions in place, children of the old ones.",
+    )
+    _add_person_arguments(forget)
+    forget.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train the affected adapters again now (also finishes an earlier forget of the same person)",
+    )
+    forget.add_argument("--no-progress", action="store_true", help="no progress bars while retraining")
+    forget.set_defaults(command="data", run=_run_data_forget)
+
+
+def _run_data_forget(args: argparse.Namespace) -> int:
+    from lorafleet.data.forget import forget_person, pending_plans
+
+    report, matcher = _find(args)
+    if report.empty:
+        print("found nothing of the person in the fleet")
+    else:
+        print(forget_person(args.fleet, report, matcher).summary())
+    plans = pending_plans(args.fleet, report.person_sha256)
+    if not args.retrain:
+        for plan in plans:
+            print(f"retrain with: lorafleet data forget --fleet {args.fleet} --person {args.person} --retrain ({plan})")
+        return 0
+    for plan in plans:
+        _retrain(args, plan)
+    return 0
+
+
+def _retrain(args: argparse.Namespace, plan) -> None:
+    from lorafleet.config import load_fleet_spec
+    from lorafleet.data.forget import adopt_retrained, retrain_runs
+    from lorafleet.train.trainer import train_fleet
+
+    for run in retrain_runs(plan):
+        print(f"retraining {', '.join(run.adapters)} together ({run.fleet_file})")
+        train_fleet(load_fleet_spec(run.fleet_file), progress=not args.no_progress)
+    for lineage in adopt_retrained(args.fleet, plan):
+        print(f"{lineage.name}: new version {lineage.id[:12]} in place, child of {lineage.parents[-1]['id'][:12]}")
 
 
 def _audit_data_event(fleet: Path | None, event: str, summary: dict) -> None:

@@ -38,20 +38,21 @@ class Placeholders:
         self.per_type: Counter[str] = Counter()
 
     def name(self, finding: Finding) -> str:
-        key = (finding.type, _canonical(finding))
+        key = (finding.type, canonical_value(finding.type, finding.value))
         if key not in self.names:
             self.per_type[finding.type] += 1
             self.names[key] = f"<{finding.type}_{self.per_type[finding.type]}>"
         return self.names[key]
 
 
-def _canonical(finding: Finding) -> str:
-    """The same person, number or address however it is written: digits only for numbers."""
-    if finding.type == "EMAIL":
-        return email_address(finding.value)
-    if finding.type in ("PERSON", "ORG", "LOCATION", "IP", "ADDRESS", "DATE_OF_BIRTH"):
-        return " ".join(finding.value.casefold().split()).removesuffix("'s")
-    return re.sub(r"[^0-9A-Za-z]", "", finding.value).upper()
+def canonical_value(kind: str, value: str) -> str:
+    """The same person, number or address however it is written: digits only for numbers. A
+    person's identifiers (data/person.py) are compared in the same form."""
+    if kind == "EMAIL":
+        return email_address(value)
+    if kind in ("PERSON", "ORG", "LOCATION", "IP", "ADDRESS", "DATE_OF_BIRTH"):
+        return " ".join(value.casefold().split()).removesuffix("'s")
+    return re.sub(r"[^0-9A-Za-z]", "", value).upper()
 
 
 def redact_text(text: str, detector: PiiDetector, placeholders: Placeholders, counts: Counter[str]) -> str:

@@ -6,6 +6,10 @@ one row per parent -> child link (init_from, compression). `lineage.json` beside
 the same record, so the registry can be rebuilt from the directories and the files travel with
 the adapter. Paths inside the fleet are stored relative to it and read back resolved against the
 fleet's directory as given, so a copied or moved fleet's registry points into the copy.
+
+Weights can be withdrawn (one row each in `withdrawn`, with why and, once retrained, by what they
+were replaced): an adapter trained on records of a person who asked to be forgotten is, and
+`lorafleet serve` refuses to load withdrawn weights unless forced.
 """
 
 from __future__ import annotations
@@ -32,6 +36,13 @@ CREATE TABLE IF NOT EXISTS lineage_links (
     child TEXT NOT NULL,
     relation TEXT NOT NULL,
     PRIMARY KEY (parent, child, relation)
+);
+CREATE TABLE IF NOT EXISTS withdrawn (
+    id TEXT PRIMARY KEY,  -- the weights' lineage id
+    name TEXT NOT NULL,
+    time TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    replaced_by TEXT  -- the id of the weights retrained in their place
 );
 """
 
@@ -110,8 +121,51 @@ class Registry:
         )
         return rows.fetchall()
 
+    def descendants(self, lineage: Lineage) -> list[tuple[str, Lineage]]:
+        """(relation, record) of everything made from `lineage`, from its children down."""
+        found: dict[str, tuple[str, Lineage]] = {}
+        stack = [lineage]
+        while stack:
+            for child_id, relation in self.children(stack.pop()):
+                child = self.get(child_id)
+                if child is not None and child.id not in found:
+                    found[child.id] = (relation, child)
+                    stack.append(child)
+        return list(found.values())
+
+    def withdraw(self, lineage: Lineage, reason: str, time: str) -> None:
+        """Mark weights as not to be served (a second withdrawal keeps the first reason)."""
+        with self._db:
+            self._db.execute(
+                "INSERT OR IGNORE INTO withdrawn (id, name, time, reason) VALUES (?, ?, ?, ?)",
+                (lineage.id, lineage.name, time, reason),
+            )
+
+    def replace(self, old_id: str, new_id: str) -> None:
+        with self._db:
+            self._db.execute("UPDATE withdrawn SET replaced_by = ? WHERE id = ?", (new_id, old_id))
+
+    def withdrawn(self) -> dict[str, dict]:
+        return withdrawn_weights(self.fleet_dir)
+
     def close(self) -> None:
         self._db.close()
+
+
+def withdrawn_weights(fleet_dir: str | Path) -> dict[str, dict]:
+    """The withdrawn weights of a fleet by lineage id (none when it has no registry); never
+    creates a registry, so serving a plain model directory leaves it as it was."""
+    path = FleetDir(fleet_dir).database
+    if not path.exists():
+        return {}
+    db = sqlite3.connect(path, timeout=30)
+    try:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'withdrawn'").fetchone():
+            return {}
+        rows = db.execute("SELECT id, name, time, reason, replaced_by FROM withdrawn").fetchall()
+    finally:
+        db.close()
+    return {row[0]: dict(zip(("id", "name", "time", "reason", "replaced_by"), row, strict=True)) for row in rows}
 
 
 def diff(a: Lineage, b: Lineage) -> list[tuple[str, object, object]]:
