@@ -41,6 +41,11 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         help="with --audit-key, seconds between signed checkpoints while requests come in (default: 3600)",
     )
     serve.add_argument(
+        "--serve-withdrawn",
+        action="store_true",
+        help="load adapters the fleet's registry has withdrawn (lorafleet data forget) all the same",
+    )
+    serve.add_argument(
         "--allow-image-dir",
         type=Path,
         action="append",
@@ -124,6 +129,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         vllm_python=args.vllm_python.expanduser() if args.vllm_python else None,
         audit_key=args.audit_key,
         audit_sign_every_s=args.audit_sign_every,
+        serve_withdrawn=args.serve_withdrawn,
     )
     serve(options, args.host, args.port, log=lambda message: print(message, file=sys.stderr))
     return 0

@@ -3,7 +3,9 @@
 `lorafleet serve --fleet DIR` reads DIR as `lorafleet demo` or `lorafleet train` leave it:
 `adapters/<name>/` PEFT directories, and the base in `base/` or, failing that, the base path the
 adapters were trained on (`base_model_name_or_path`). A plain model directory (`lorafleet
-compress` output, any HF checkpoint) is served as a base without adapters.
+compress` output, any HF checkpoint) is served as a base without adapters. Weights the fleet's
+registry has withdrawn (`lorafleet data forget`) are refused, at start and at runtime loading,
+unless `serve_withdrawn` is set.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from lorafleet.config import read_yaml
 from lorafleet.errors import AdapterError, ConfigError
 from lorafleet.fleet_dir import DATABASE, find_base_dir, fleet_adapters
+from lorafleet.governance.registry import withdrawn_weights
 from lorafleet.governance.signing import load_private_key
 from lorafleet.models.loading import load_base
 from lorafleet.serve.engine.streams import EventSource
@@ -98,6 +101,7 @@ class ServeOptions:
     vllm_python: Path | None = None  # the Python of vLLM's own environment; default: `vllm` on PATH, or ours
     audit_key: Path | None = None  # Ed25519 private key: the server signs checkpoints of its audit log
     audit_sign_every_s: float = SIGN_EVERY_SECONDS
+    serve_withdrawn: bool = False  # load adapters the registry has withdrawn (erasure) all the same
 
 
 def not_a_fleet_directory(path: Path) -> str:
@@ -147,8 +151,9 @@ class FleetServer:
         self.base_name = base_dir.name
         adapters = fleet_adapters(options.fleet_dir)
         self._check_tenants(options.tenants, adapters)  # before a base that may take minutes to load
+        ids = {name: self._allowed_id(name, path) for name, path in adapters.items()}
         if options.engine == "vllm":
-            self.adapter_ids = {name: adapter_id(path) for name, path in adapters.items()}
+            self.adapter_ids = ids
             return start_vllm(
                 base_dir, adapters, options.vllm_port, options.vllm_args, options.vllm_gpu_slots, options.vllm_python
             )
@@ -163,8 +168,21 @@ class FleetServer:
         )
         for name, path in adapters.items():
             backend.load_adapter(name, path)
-            self.adapter_ids[name] = adapter_id(path)
+            self.adapter_ids[name] = ids[name]
         return backend
+
+    def _allowed_id(self, name: str, path: Path) -> str | None:
+        """The registry id of the adapter in `path`; AdapterError when the fleet's registry has
+        withdrawn those weights and the server was not told to serve them anyway."""
+        weights = adapter_id(path)
+        withdrawn = withdrawn_weights(self.options.fleet_dir).get(weights) if weights else None
+        if withdrawn is not None and not self.options.serve_withdrawn:
+            raise AdapterError(
+                f"{path}: adapter {name!r} ({weights[:12]}) was withdrawn on {withdrawn['time']}: "
+                f"{withdrawn['reason']}. Retrain it (lorafleet data forget --retrain) or pass --serve-withdrawn "
+                "to serve it anyway"
+            )
+        return weights
 
     def _check_tenants(self, tenants: TenantDirectory | None, adapters: Iterable[str]) -> None:
         if tenants is not None:
@@ -198,11 +216,12 @@ class FleetServer:
         if name in self.base_names:
             raise AdapterError(f"{name!r} is the base model's name; choose another adapter name")
         with self._admin_lock:
+            weights = self._allowed_id(name, self.options.fleet_dir / path)
             if isinstance(self.backend, UpstreamBackend):
                 self.backend.load_adapter(name, path)
             else:
                 self.backend.load_adapter(name, self.options.fleet_dir / path)
-            self.adapter_ids[name] = adapter_id(self.options.fleet_dir / path)
+            self.adapter_ids[name] = weights
 
     def unload_adapter(self, name: str) -> None:
         with self._admin_lock:
