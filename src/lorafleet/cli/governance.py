@@ -63,19 +63,74 @@ def _run_audit_verify(args: argparse.Namespace) -> int:
 
 
 def _add_export(actions: argparse._SubParsersAction) -> None:
-    export = actions.add_parser("export", help="copy the entries of a time range to one JSONL file")
+    export = actions.add_parser(
+        "export",
+        help="copy entries to a file, or stream them (as the chain grows) to syslog or an OTLP collector",
+        description="Without --follow, --to, --from-seq, --state or --format: the entries of a time range, as "
+        "stored, to one JSONL file. Otherwise every entry from a sequence number on, in chain order, each "
+        "carrying its seq, hash and prev so the copy alone shows gaps and reordering: to --out (a file, or - "
+        "for stdout) or --to syslog://HOST:PORT (RFC 5424 over UDP), syslog+tcp://HOST:PORT (RFC 5424, RFC "
+        "6587 octet counting) or an OTLP/HTTP logs URL (http(s)://HOST:4318/v1/logs, JSON encoding). "
+        "docs/security.md says what each guarantees.",
+    )
     export.add_argument("dir", type=Path, help="fleet directory")
     export.add_argument("--since", help="first time included (ISO 8601, UTC unless given, e.g. 2026-11-01)")
     export.add_argument("--until", help="first time excluded (ISO 8601)")
-    export.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
+    export.add_argument("--out", type=Path, help="the file to write (- for stdout)")
+    export.add_argument(
+        "--to", metavar="URL", help="syslog://HOST:PORT, syslog+tcp://HOST:PORT or http(s)://.../v1/logs"
+    )
+    export.add_argument("--format", choices=["jsonl", "cef", "syslog"], help="line format of --out (default jsonl)")
+    export.add_argument("--follow", action="store_true", help="keep going: ship entries as they are appended")
+    export.add_argument("--from-seq", type=int, metavar="N", help="start at entry N (default: the first)")
+    export.add_argument(
+        "--state",
+        type=Path,
+        metavar="FILE",
+        help="the last entry delivered is kept here; a restarted export resumes after it (no entry lost, none twice)",
+    )
+    export.add_argument("--poll", type=float, default=1.0, metavar="SECONDS", help="with --follow (default: 1)")
     export.set_defaults(run=_run_audit_export)
 
 
 def _run_audit_export(args: argparse.Namespace) -> int:
+    from lorafleet.errors import ConfigError
     from lorafleet.governance.audit import export_entries
 
-    count = export_entries(args.dir, args.out, args.since, args.until)
-    print(f"{count} entries written to {args.out}")
+    streaming = args.follow or args.to or args.from_seq is not None or args.state or args.format
+    if not streaming:
+        if args.out is None:
+            raise ConfigError("audit export needs --out FILE (or --to URL to stream to a collector)")
+        count = export_entries(args.dir, args.out, args.since, args.until)
+        print(f"{count} entries written to {args.out}")
+        return 0
+    if args.since or args.until:
+        raise ConfigError("--since/--until select a time range for one file; streaming starts at --from-seq")
+    if bool(args.out) == bool(args.to):
+        raise ConfigError("give either --out FILE (- for stdout) or --to URL")
+    return _stream_audit(args)
+
+
+def _stream_audit(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from lorafleet.governance.export import ChainReader, Cursor
+    from lorafleet.governance.shipping import Delivery, open_destination, ship_chain
+
+    cursor = Cursor.load(args.state) if args.state else None
+    after = (cursor.seq, cursor.hash) if cursor and cursor.seq else ((args.from_seq or 1) - 1, None)
+    destination = open_destination(args.to or str(args.out), args.format or "jsonl")
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # stop after the batch in flight; the cursor says where
+        signal.signal(signum, lambda *_: stop.set())
+    delivery = Delivery(destination, cursor, stop)
+    try:
+        count = ship_chain(ChainReader(args.dir, *after), delivery, args.follow, args.poll)
+    finally:
+        destination.close()
+    where = f" (state: {args.state}, last seq {cursor.seq})" if cursor else ""
+    print(f"{count} entries delivered to {args.to or args.out}{where}", file=sys.stderr)
     return 0
 
 

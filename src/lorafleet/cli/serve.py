@@ -41,6 +41,19 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         help="with --audit-key, seconds between signed checkpoints while requests come in (default: 3600)",
     )
     serve.add_argument(
+        "--audit-ship-to",
+        metavar="URL",
+        help="also ship each audit entry as it is written: syslog://HOST:PORT (UDP), syslog+tcp://HOST:PORT or an "
+        "OTLP/HTTP logs URL; resumes where the last server stopped (docs/security.md)",
+    )
+    serve.add_argument(
+        "--audit-ship-queue",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="entries held for shipping at most (default 10000); more are counted and shipped later from the log",
+    )
+    serve.add_argument(
         "--serve-withdrawn",
         action="store_true",
         help="load adapters the fleet's registry has withdrawn (lorafleet data forget) all the same",
@@ -130,6 +143,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         audit_key=args.audit_key,
         audit_sign_every_s=args.audit_sign_every,
         serve_withdrawn=args.serve_withdrawn,
+        audit_ship_to=args.audit_ship_to,
+        audit_ship_queue=args.audit_ship_queue,
     )
     serve(options, args.host, args.port, log=lambda message: print(message, file=sys.stderr))
     return 0

@@ -20,7 +20,7 @@ UNKNOWN_MODEL = "unknown"  # the metric label and log name of a call before it n
 class Recorder:
     def __init__(self, server: FleetServer) -> None:
         self.server = server
-        self.metrics = Metrics(server.backend.running, lambda: server.audit.failures)
+        self.metrics = Metrics(server.backend.running, lambda: server.audit.failures, lambda: server.audit.shipper)
 
     def record(self, call: Call) -> None:
         """Record an ended call (`Call.finish`), once."""

@@ -23,6 +23,10 @@ every `sign_every_s` while entries keep coming (default an hour), and after the 
 shutdown, so a verifier with the public key finds at most that long unsigned. Signing verifies
 the whole chain first (reading every line), which is what makes it worth an hour's wait; a log
 that fails is never signed, and each failure is printed and counted like an append failure.
+
+Given a shipper (`lorafleet serve --audit-ship-to URL`: governance/shipping.py), each batch just
+written is offered to it, which never waits: it ships on a thread of its own, from a bounded
+queue, and counts what it could not ship (`lorafleet_audit_unshipped_total`).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from lorafleet.data.redact import Placeholders, redact_record, redact_text
 from lorafleet.governance.audit import AuditLog
 from lorafleet.governance.lineage import weight_hashes, weights_id
 from lorafleet.governance.retention import apply_retention, retention_days
+from lorafleet.governance.shipping import Shipper
 from lorafleet.governance.signing import sign_checkpoint
 from lorafleet.serve.gateway.request_log import apply_request_retention
 
@@ -100,8 +105,10 @@ class AuditTrail:
         redact: bool = False,
         signer: Ed25519PrivateKey | None = None,
         sign_every_s: float = SIGN_EVERY_SECONDS,
+        shipper: Shipper | None = None,
     ) -> None:
         self.fleet_dir = fleet_dir
+        self.shipper = shipper
         self._detector = PiiDetector() if redact else None  # for content, logged with --log-content
         self.log = AuditLog(fleet_dir)
         self.failures = 0
@@ -124,6 +131,8 @@ class AuditTrail:
     def close(self) -> None:
         self._queue.put(None)
         self._writer.join()
+        if self.shipper is not None:
+            self.shipper.close()
 
     def _write(self) -> None:
         closing = False
@@ -135,8 +144,10 @@ class AuditTrail:
                 entries = [(event, utf8_only(self._redacted(data))) for event, data in entries]
                 self._retain()
                 if entries:
-                    self.log.append_all(entries)
+                    written = self.log.append_all(entries)
                     self._unsigned = True
+                    if self.shipper is not None:
+                        self.shipper.offer(written)
             except Exception as err:  # noqa: BLE001 - any failure must be counted, and serving go on
                 self.failures += len(entries)
                 events = ", ".join(sorted({event for event, _ in entries}))

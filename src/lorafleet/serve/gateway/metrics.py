@@ -1,16 +1,25 @@
-"""Prometheus metrics per adapter: requests, tokens, latency, time to first token."""
+"""Prometheus metrics per adapter: requests, tokens, latency, time to first token; and the audit
+log's: entries not written, and (when it is shipped off the host) shipped, not shipped, queued."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from lorafleet.governance.shipping import Shipper
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class Metrics:
-    def __init__(self, running: Callable[[], int], audit_failures: Callable[[], int] = lambda: 0) -> None:
+    def __init__(
+        self,
+        running: Callable[[], int],
+        audit_failures: Callable[[], int] = lambda: 0,
+        audit_shipper: Callable[[], Shipper | None] = lambda: None,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "lorafleet_requests", "Chat completion requests", ["model", "status"], registry=self.registry
@@ -39,6 +48,7 @@ class Metrics:
             registry=self.registry,
         )
         failures.set_function(audit_failures)
+        self.registry.register(_ShippingCollector(audit_shipper))
 
     def observe(self, model: str, status: int, prompt_tokens: int, completion_tokens: int, seconds: float) -> None:
         self.requests.labels(model, str(status)).inc()
@@ -48,3 +58,29 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ShippingCollector:
+    """The shipper's counts, read at each scrape (nothing when the server ships nowhere)."""
+
+    def __init__(self, shipper: Callable[[], Shipper | None]) -> None:
+        self.shipper = shipper
+
+    def collect(self):
+        shipper = self.shipper()
+        if shipper is None:
+            return
+        counts = shipper.counts
+        yield CounterMetricFamily("lorafleet_audit_shipped", "Audit entries shipped off the host", value=counts.shipped)
+        yield CounterMetricFamily(
+            "lorafleet_audit_unshipped",
+            "Audit entries that could not be shipped when written (receiver down or refusing, queue full); "
+            "they are shipped from the log once it answers (alert when it keeps growing)",
+            value=counts.unshipped,
+        )
+        yield CounterMetricFamily(
+            "lorafleet_audit_ship_rejected", "Audit entries the receiver refused as bad data", value=counts.rejected
+        )
+        yield GaugeMetricFamily(
+            "lorafleet_audit_ship_queue", "Audit entries waiting to be shipped", value=shipper.queued
+        )

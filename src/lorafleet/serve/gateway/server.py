@@ -22,7 +22,9 @@ import torch
 from lorafleet.config import read_yaml
 from lorafleet.errors import AdapterError, ConfigError
 from lorafleet.fleet_dir import DATABASE, find_base_dir, fleet_adapters
+from lorafleet.governance.export import Cursor, shipping_cursor
 from lorafleet.governance.registry import withdrawn_weights
+from lorafleet.governance.shipping import Shipper, open_destination
 from lorafleet.governance.signing import load_private_key
 from lorafleet.models.loading import load_base
 from lorafleet.serve.engine.streams import EventSource
@@ -102,6 +104,8 @@ class ServeOptions:
     audit_key: Path | None = None  # Ed25519 private key: the server signs checkpoints of its audit log
     audit_sign_every_s: float = SIGN_EVERY_SECONDS
     serve_withdrawn: bool = False  # load adapters the registry has withdrawn (erasure) all the same
+    audit_ship_to: str | None = None  # syslog(+tcp)://HOST:PORT or an OTLP/HTTP logs URL
+    audit_ship_queue: int = 10_000  # entries waiting to be shipped at most; more are counted, shipped later
 
 
 def not_a_fleet_directory(path: Path) -> str:
@@ -128,6 +132,13 @@ def not_a_fleet_directory(path: Path) -> str:
     )
 
 
+def audit_shipper(fleet_dir: Path, target: str | None, queue_size: int) -> Shipper | None:
+    """Ships the audit log to `target` from where the last server left off (a cursor per target)."""
+    if target is None:
+        return None
+    return Shipper(fleet_dir, open_destination(target), Cursor.load(shipping_cursor(fleet_dir, target)), queue_size)
+
+
 class FleetServer:
     def __init__(self, options: ServeOptions) -> None:
         self.options = options
@@ -138,7 +149,8 @@ class FleetServer:
         self.adapter_ids: dict[str, str | None] = {}  # name -> registry id of the weights being served
         self.backend = self._backend()
         self.request_log = RequestLog(options.fleet_dir / DATABASE, log_content=options.log_content)
-        self.audit = AuditTrail(options.fleet_dir, options.log_content, signer, options.audit_sign_every_s)
+        shipper = audit_shipper(options.fleet_dir, options.audit_ship_to, options.audit_ship_queue)
+        self.audit = AuditTrail(options.fleet_dir, options.log_content, signer, options.audit_sign_every_s, shipper)
 
     def _backend(self) -> Backend:
         options = self.options
