@@ -54,11 +54,12 @@ def _plant(path: Path, records: list[tuple[int, str, str]]) -> list[int]:
     return [number for number, _, _ in records]
 
 
-def _adapters(data: dict[str, Path]) -> list[AdapterSpec]:
+def _adapters(data: dict[str, Path], held_out: Path) -> list[AdapterSpec]:
+    """hr is scored on a held-out file too (the person is in it as well)."""
     settings = {"hr": (4, 3, 2e-3), "finance": (2, 5, 1e-3), "legal": (4, 7, 1e-3)}
     return [
         AdapterSpec(name=name, data=str(data[name]), rank=rank, target_modules=["q_proj", "v_proj"], steps=3, seed=seed,
-                    learning_rate=lr)
+                    learning_rate=lr, eval_data=str(held_out) if name == "hr" else None)
         for name, (rank, seed, lr) in settings.items()
         if name in data
     ]  # fmt: skip
@@ -104,9 +105,11 @@ def test_a_person_is_found_forgotten_and_the_adapters_that_learned_them_retraine
         for i, name in enumerate(PLANTED | {"legal": 0})
     }
     planted = {name: _plant(data[name], PLANTED[name]) for name in PLANTED}
+    held_out = write_text_dataset(data_dir / "hr-test.jsonl", n=3, seed=9)
+    planted["hr-test"] = _plant(held_out, [(2, "Is ANNA SCHMIDT on leave?", "Yes.")])
     fleet = tmp_path / "fleet"
     settings = {"base": str(tiny_lm_dir), "checkpoint_every": 2, "dtype": "float32", "device": "cpu"}
-    train_fleet(FleetSpec(output=str(fleet), adapters=_adapters(data), **settings), progress=False)
+    train_fleet(FleetSpec(output=str(fleet), adapters=_adapters(data, held_out), **settings), progress=False)
     expected_requests = {request_id for request_id, holds in _log_requests(fleet).items() if holds}
     registry = Registry.open(fleet)
     before = {lineage.name: lineage for lineage in registry.all()}
@@ -123,6 +126,8 @@ def test_a_person_is_found_forgotten_and_the_adapters_that_learned_them_retraine
     report = find_person(fleet, matcher)
     found = {(hits.path.name, record.line) for hits in report.files for record in hits.records}
     assert found == {(f"{name}.jsonl", line) for name, lines in planted.items() for line in lines}
+    roles = {hits.path.name: hits.roles for hits in report.files}
+    assert roles == {"hr.jsonl": ["training"], "finance.jsonl": ["training"], "hr-test.jsonl": ["held-out"]}
     learned = {hit.name: hit.id for hit in report.adapters if hit.learned}
     assert learned == {"hr": before["hr"].id, "finance": before["finance"].id}
     assert [hit.name for hit in report.adapters] == ["finance", "hr"]
@@ -134,8 +139,9 @@ def test_a_person_is_found_forgotten_and_the_adapters_that_learned_them_retraine
 
     cleaned = {name: data[name] for name in PLANTED}
     assert all(len(path.read_text().splitlines()) == 6 for path in cleaned.values())
+    assert len(held_out.read_text().splitlines()) == 3
     reference = tmp_path / "reference"
-    train_fleet(FleetSpec(output=str(reference), adapters=_adapters(cleaned), **settings), progress=False)
+    train_fleet(FleetSpec(output=str(reference), adapters=_adapters(cleaned, held_out), **settings), progress=False)
     for name in cleaned:  # the same computation: equal to the last bit
         ours, theirs = _weights(FleetDir(fleet).adapter(name)), _weights(FleetDir(reference).adapter(name))
         assert ours.keys() == theirs.keys()

@@ -60,6 +60,7 @@ class ForgetResult:
     directory: Path
     files: list[dict] = field(default_factory=list)  # path, sha256 before and after, removed lines
     requests_redacted: list[str] = field(default_factory=list)  # request ids
+    database_compacted: bool = True  # VACUUM and WAL truncation ran: no free page keeps old text
     withdrawn: list[dict] = field(default_factory=list)  # name, id, kind
     checkpoints_deleted: list[str] = field(default_factory=list)
     retrain: list[RetrainRun] = field(default_factory=list)
@@ -84,6 +85,11 @@ class ForgetResult:
             f"withdrawn, {len(self.checkpoints_deleted)} checkpoints deleted",
             f"to retrain: {names}" + "".join(f"\n  fleet file: {run.fleet_file}" for run in self.retrain),
         ]
+        if not self.database_compacted:
+            lines.append(
+                "the request log was in use (lorafleet serve?): its rows are redacted, but old text may stay in free "
+                "pages until `sqlite3 lorafleet.sqlite 'VACUUM; PRAGMA wal_checkpoint(TRUNCATE)'` runs with it stopped"
+            )
         for item in self.not_retrained:
             lines.append(f"not retrained: {item['name']} ({item['id'][:12]}): {item['why']}")
         if self.audit_entries_kept:
@@ -104,6 +110,7 @@ def forget_person(fleet_dir: str | Path, report: ErasureReport, matcher: PersonM
     result.directory.mkdir(parents=True, exist_ok=False)
     result.files = [_remove_lines(hits.path, [record.line for record in hits.records]) for hits in report.files]
     result.requests_redacted = _redact_requests(FleetDir(fleet_dir).database, report, matcher)
+    result.database_compacted = not result.requests_redacted or _compact(FleetDir(fleet_dir).database)
     registry = Registry.open(fleet_dir)
     try:
         _withdraw(registry, report, result, f"trained on records of a person erased by erasure {erasure_id}", now)
@@ -165,13 +172,24 @@ def _redact_requests(database: Path, report: ErasureReport, matcher: PersonMatch
                         hit.row,
                     ),
                 )
-        # The old pages may still sit in free pages and in the write-ahead log: rebuild the file
-        # and empty the log.
-        db.execute("VACUUM")
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         db.close()
     return [hit.request_id for hit in report.requests]
+
+
+def _compact(database: Path) -> bool:
+    """Rebuild the database and empty its write-ahead log, where old pages may still hold the
+    text; False when another process (a running server) holds it."""
+    db = sqlite3.connect(database, timeout=30)
+    try:
+        db.execute("PRAGMA secure_delete = ON")
+        db.execute("VACUUM")
+        busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return busy == 0
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        db.close()
 
 
 def _redacted(text: str | None, matcher: PersonMatcher) -> str | None:
