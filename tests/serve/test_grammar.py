@@ -66,7 +66,7 @@ def accepts(grammars: Grammars, grammar: str, tokenizer, text: str) -> bool:
 def test_the_grammar_refuses_a_number_a_double_cannot_hold(tiny_lm_dir):
     base = load_base(tiny_lm_dir)
     tokenizer = base.tokenizer
-    grammars = Grammars(tokenizer, base.model.get_output_embeddings().weight.shape[0])
+    grammars = Grammars.for_tokenizer(tokenizer, base.model.get_output_embeddings().weight.shape[0])
     json_mode = grammars.json_schema(None)
     schema = grammars.json_schema(NUMBERS)
     tools = grammars.tool_calls([WEATHER])

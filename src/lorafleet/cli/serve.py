@@ -78,6 +78,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         "--max-tiles", type=int, help="image tiles for every model (default: as each adapter was trained)"
     )
     serve.add_argument("--max-body-mb", type=float, default=32, help="request body size limit, MiB (default: 32)")
+    _add_grammar_limits(serve)
     serve.add_argument(
         "--public-metrics", action="store_true", help="with --keys, serve /metrics without a key (default: key needed)"
     )
@@ -116,6 +117,39 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.set_defaults(command="serve", run=_run_serve)
 
 
+# Structured output's limits: flag -> (GrammarLimits field, the unit the flag counts in bytes or ms, help).
+# Their defaults live in GrammarLimits alone (importing it here would load llguidance for every command).
+GRAMMAR_FLAGS = {
+    "--max-schema-kb": ("max_schema_bytes", 1024, "a response_format schema's size as JSON, KiB (default: 128)"),
+    "--max-tools-kb": ("max_tools_bytes", 1024, "a request's tools' size as JSON, KiB (default: 128)"),
+    "--max-schema-depth": ("max_schema_depth", 1, "objects and arrays nested in a schema or the tools (default: 32)"),
+    "--grammar-timeout": ("compile_timeout_s", 1, "seconds one grammar may take to compile, else 400 (default: 10)"),
+    "--grammar-memory-mb": ("compile_memory_mb", 1, "MiB a grammar's compile may take, else 400 (default: 1024)"),
+    "--grammar-workers": ("compile_workers", 1, "processes compiling grammars; one per tenant at a time (default: 2)"),
+    "--mask-budget-ms": ("mask_budget_ms", 1, "the most a decode step waits for grammar masks; a row later than that "
+                         "fails alone with a 400 (default: 50)"),
+}  # fmt: skip
+
+
+def _add_grammar_limits(serve: argparse.ArgumentParser) -> None:
+    for flag, (_, _, help_text) in GRAMMAR_FLAGS.items():
+        serve.add_argument(flag, type=float, help=help_text)
+
+
+def _grammar_limits(args: argparse.Namespace):
+    from dataclasses import fields
+
+    from lorafleet.serve.engine.grammar import GrammarLimits
+
+    kinds = {field.name: field.type for field in fields(GrammarLimits)}
+    given = {}
+    for flag, (name, unit, _) in GRAMMAR_FLAGS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            given[name] = int(value * unit) if kinds[name] == "int" else value * unit
+    return GrammarLimits(**given)
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     from lorafleet.serve.gateway.images import ImagePolicy
     from lorafleet.serve.gateway.run import serve
@@ -145,6 +179,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         serve_withdrawn=args.serve_withdrawn,
         audit_ship_to=args.audit_ship_to,
         audit_ship_queue=args.audit_ship_queue,
+        grammar_limits=_grammar_limits(args),
     )
     serve(options, args.host, args.port, log=lambda message: print(message, file=sys.stderr))
     return 0

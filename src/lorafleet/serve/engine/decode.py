@@ -26,6 +26,7 @@ slots.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -137,6 +138,11 @@ class StaticDecoder:
         (rows,) float32; with `kind.masked` also bitmask (rows, words) int32. Returns (2, rows)
         int64: next token, and 1 where the row's logits were all finite; and with `kind.logprobs`
         `device_sampling.token_logprobs` of each row (else None)."""
+        return choose_tokens(self.logits(inputs, span), inputs, inputs["positions"], kind)
+
+    @torch.no_grad()
+    def logits(self, inputs: dict[str, torch.Tensor], span: int) -> torch.Tensor:
+        """The step's forward: each row's next-token logits (rows, vocab) in fp32."""
         tokens, slots, positions = inputs["tokens"], inputs["slots"], inputs["positions"]
         rows = tokens.shape[0]
         hidden = self.embed(tokens)[:, None]  # (rows, 1, hidden)
@@ -168,8 +174,7 @@ class StaticDecoder:
             gate, up = gate_up(_rms_norm(layer.post_attention_layernorm, hidden), owners)
             (mlp,) = down(layer.mlp.act_fn(gate) * up, owners)
             hidden = hidden + mlp
-        logits = self.lm_head(_rms_norm(self.norm, hidden))[:, 0].float()
-        return choose_tokens(logits, inputs, positions, kind)
+        return self.lm_head(_rms_norm(self.norm, hidden))[:, 0].float()
 
 
 class GraphDecoder:
@@ -199,13 +204,15 @@ class GraphDecoder:
         host: dict[str, list],
         adapter_slots: dict[str, int],
         slots_version: int | None = None,
-        bitmask: torch.Tensor | None = None,
+        bitmask: torch.Tensor | Callable[[], torch.Tensor] | None = None,
         logprobs: bool = False,
     ) -> tuple[list[int], list[bool], list[list[float]] | None]:
         """host: per row tokens, slots, positions, adapters (fleet slot, 0 for the base), seeds,
         temperature, top_p; `bitmask` (rows, words) int32, the tokens each row may take (a row
-        without a grammar: all bits set). Returns each row's next token, whether its logits were
-        finite, and (with `logprobs`) each row's `device_sampling.token_logprobs`."""
+        without a grammar: all bits set), or a function that returns it: called once the forward
+        is under way when the step runs eagerly (the masks compute meanwhile), before a captured
+        graph's replay otherwise. Returns each row's next token, whether its logits were finite,
+        and (with `logprobs`) each row's `device_sampling.token_logprobs`."""
         version = self.decoder.refresh_adapters(adapter_slots, slots_version)
         if version != self._version:  # adapter buffers moved: every captured graph is stale
             self._captured.clear()
@@ -214,10 +221,14 @@ class GraphDecoder:
         bucket = self.bucket_rows(rows)
         span = self.cache.span(host["slots"])
         kind = StepKind(sampling_mode(host["temperature"], host["top_p"]), bitmask is not None, logprobs)
-        packed = _pack(host, bucket, self.cache.scratch, bitmask)
         if not self.graphs:
-            chosen, scores = self.decoder.step(_unpack(*(t.to(self.device) for t in packed)), span, kind)
+            inputs = _unpack(*(t.to(self.device) for t in _pack(host, bucket, self.cache.scratch)))
+            logits = self.decoder.logits(inputs, span)
+            if kind.masked:
+                inputs["bitmask"] = _pad_bitmask(_resolve(bitmask), bucket).to(self.device)
+            chosen, scores = choose_tokens(logits, inputs, inputs["positions"], kind)
         else:
+            packed = _pack(host, bucket, self.cache.scratch, _resolve(bitmask) if kind.masked else None)
             chosen, scores = self._replay((bucket, span, kind), packed)
         ids, finite = chosen.tolist()  # the step's one host transfer (two with logprobs)
         scores = scores[:rows].tolist() if scores is not None else None
@@ -266,7 +277,16 @@ def _pack(
     floats = torch.tensor([pad(name) for name in FLOAT_INPUTS], dtype=torch.float32)
     if bitmask is None:
         return integers, floats
-    return integers, floats, torch.cat([bitmask, bitmask.new_full((extra, bitmask.shape[1]), -1)])
+    return integers, floats, _pad_bitmask(bitmask, bucket)
+
+
+def _pad_bitmask(bitmask: torch.Tensor, bucket: int) -> torch.Tensor:
+    """Padding rows allow every token."""
+    return torch.cat([bitmask, bitmask.new_full((bucket - bitmask.shape[0], bitmask.shape[1]), -1)])
+
+
+def _resolve(bitmask: torch.Tensor | Callable[[], torch.Tensor]) -> torch.Tensor:
+    return bitmask() if callable(bitmask) else bitmask
 
 
 def _unpack(integers: torch.Tensor, floats: torch.Tensor, bitmask: torch.Tensor | None = None) -> dict:

@@ -6,15 +6,16 @@ execute, update), it (1) admits newly arrived requests: each takes a slot of the
 tokens per iteration, so that a burst of arrivals never stalls the running streams for long) and
 their keys/values copied into their slots; then (2) decodes one token for every running row in one
 step of `decode.py` (a CUDA graph on a GPU), each row with its own adapter and its own sampling, the
-next tokens chosen on the device (under the row's grammar when it has one: `grammar.py`); and (3)
-hands each row's token to `output.py` (text, stop strings, events) and retires finished rows, whose
-slots are free at once. A request therefore joins the batch at the next token, not when the current
-batch ends. Requests, rows and the streams callers read are in `streams.py`.
+next tokens chosen on the device (under the row's grammar when it has one: `grammar.py`, its masks
+computed beside this thread within a budget: `masks.py`); and (3) hands each row's token to
+`output.py` (text, stop strings, events) and retires finished rows, whose slots are free at once.
+A request therefore joins the batch at the next token, not when the current batch ends. Requests,
+rows and the streams callers read are in `streams.py`.
 
 A row whose logits are not finite, whose prompt does not fit, or whose output cannot be handled
-(its text, stop strings or grammar raise, or its reader's event loop has closed) ends with one
-error alone, its slot freed once; the other rows go on, and a request that started is never
-prefilled again.
+(its text, stop strings or grammar raise, or its reader's event loop has closed), or whose grammar
+cannot give its next mask within the budget, ends with one error alone, its slot freed once; the
+other rows go on, and a request that started is never prefilled again.
 
 Grammar support (llguidance) is imported when the first request with a grammar arrives: the engine
 serves plain requests on an install without it (a GPU image that carries only torch and friends).
@@ -36,13 +37,14 @@ from lorafleet.segments import Segment
 from lorafleet.serve.engine.decode import GraphDecoder, StepKind, choose_tokens, prefill
 from lorafleet.serve.engine.device_sampling import sampling_mode
 from lorafleet.serve.engine.kv_cache import SlotKVCache
-from lorafleet.serve.engine.output import RowOutput
+from lorafleet.serve.engine.masks import MaskWorkers
+from lorafleet.serve.engine.output import RowOutput, fail
 from lorafleet.serve.engine.sampling import SamplingParams
 from lorafleet.serve.engine.streams import Event, ReplyStream, Request, Row, send_quietly
 from lorafleet.serve.engine.text import IncrementalText
 
 if TYPE_CHECKING:
-    from lorafleet.serve.engine.grammar import Grammars
+    from lorafleet.serve.engine.grammar import GrammarLimits, Grammars, RowGrammar
 
 
 # Prompt tokens prefilled per iteration (at least one request's): between two prefill batches the
@@ -59,12 +61,14 @@ class Engine:
         max_seq_len: int = 4096,
         graphs: bool | None = None,
         fuse_weights: bool = True,
+        grammar_limits: GrammarLimits | None = None,
     ) -> None:
         """`max_seq_len`: tokens per request (prompt and reply) the KV cache holds, for every one of
         `max_batch` slots. `graphs`: capture the decode step as CUDA graphs (default: on CUDA).
         `fuse_weights`: let the decode step move each projection group's base weights into one
         buffer with the adapters (the model keeps working, on views of it); turn off when the
-        model is used for anything that needs its own parameter storage afterwards (saving)."""
+        model is used for anything that needs its own parameter storage afterwards (saving).
+        `grammar_limits`: what a grammar may cost (default: `grammar.GrammarLimits()`)."""
         self.base = base
         self.fleet = fleet
         self.max_batch = max_batch
@@ -84,7 +88,9 @@ class Engine:
         eos = generation_config.eos_token_id
         self.eos_ids = {base.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
         self.vocab_size = base.model.get_output_embeddings().weight.shape[0]
+        self.grammar_limits = grammar_limits
         self._grammars: Grammars | None = None
+        self._masks: MaskWorkers | None = None
         self.output = RowOutput(base.tokenizer, self.eos_ids, self.max_positions)
 
     @property
@@ -94,8 +100,16 @@ class Engine:
         if self._grammars is None:
             from lorafleet.serve.engine.grammar import Grammars  # llguidance: only once a grammar is asked for
 
-            self._grammars = Grammars(self.base.tokenizer, self.vocab_size)
+            self._grammars = Grammars.for_tokenizer(self.base.tokenizer, self.vocab_size, self.grammar_limits)
         return self._grammars
+
+    @property
+    def masks(self) -> MaskWorkers:
+        """The threads computing grammar rows' masks (started with the first grammar row)."""
+        if self._masks is None:
+            limits = self.grammars.limits
+            self._masks = MaskWorkers(self.vocab_size, limits.mask_threads, limits.mask_budget_ms / 1000)
+        return self._masks
 
     # --- public interface (any thread) ----------------------------------------------------
 
@@ -107,6 +121,8 @@ class Engine:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=30)
+        if self._masks is not None:
+            self._masks.close()
 
     def submit(
         self,
@@ -197,12 +213,17 @@ class Engine:
 
     def _start(self, requests: list[Request]) -> None:
         """Prefill `requests` into free slots and choose their first tokens (all start, or none: it
-        raises only before any row joins the batch)."""
+        raises only before any row joins the batch). A row whose grammar cannot give its first mask
+        joins only to fail alone."""
         slots = [self.cache.take() for _ in requests]
         try:
-            rows, logits = self._prefill(requests, slots)
+            rows = self._new_rows(requests, slots)
+            grammar_rows = any(row.grammar is not None for row in rows)
+            if grammar_rows:
+                self.masks.start(rows)  # the first masks compute during the prefill
+            logits = self._prefill(rows)
+            bitmask, failed = self.masks.gather(rows) if grammar_rows else (None, {})
             host = self._sampling_inputs(rows)
-            bitmask = self._bitmask(rows)
             kind = StepKind(sampling_mode(host["temperature"], host["top_p"]), bitmask is not None, host["logprobs"])
             device = logits.device
             inputs = {name: torch.tensor(host[name], device=device) for name in ("temperature", "top_p", "seeds")}
@@ -218,41 +239,80 @@ class Engine:
                 self.cache.release(slot)
             raise
         self._rows += rows
-        self.output.take_tokens(rows, tokens, finite, scores)
+        self._take_tokens(rows, tokens, finite, scores, failed)
 
-    def _prefill(self, requests: list[Request], slots: list[int]) -> tuple[list[Row], torch.Tensor]:
-        prompts = [r.prompt for r in requests]
-        with self.fleet.route(_segments([r.adapter for r in requests])):
-            logits, keys, values = prefill(self.base, prompts, self.base.device)
-        lengths = [p.num_tokens for p in prompts]
-        self.cache.write_prompts(slots, keys, values, lengths)
+    def _new_rows(self, requests: list[Request], slots: list[int]) -> list[Row]:
         rows = [
-            Row(r, IncrementalText(self.base.tokenizer, r.params.stop), _seed(r.params), slot, length)
-            for r, slot, length in zip(requests, slots, lengths, strict=True)
+            Row(r, IncrementalText(self.base.tokenizer, r.params.stop), _seed(r.params), slot, r.prompt.num_tokens)
+            for r, slot in zip(requests, slots, strict=True)
         ]
         for row in rows:
             if row.request.params.grammar is not None:
-                row.grammar = self.grammars.matcher(row.request.params.grammar)
-        return rows, logits
+                row.grammar = self._row_grammar(row.request.params.grammar)
+        return rows
+
+    def _row_grammar(self, grammar) -> RowGrammar:
+        """A row's matcher: a copy of a grammar the gateway compiled (`grammar.CompiledGrammar`), or
+        one built here from a grammar's text (trusted callers: evaluation, tests)."""
+        return self.grammars.matcher(grammar) if isinstance(grammar, str) else grammar.row()
+
+    def _prefill(self, rows: list[Row]) -> torch.Tensor:
+        """The rows' prompts through the model, their keys and values into their slots; the last
+        prompt token's logits of each."""
+        prompts = [row.request.prompt for row in rows]
+        with self.fleet.route(_segments([row.request.adapter for row in rows])):
+            logits, keys, values = prefill(self.base, prompts, self.base.device)
+        self.cache.write_prompts([row.slot for row in rows], keys, values, [p.num_tokens for p in prompts])
+        return logits
 
     def _decode_step(self) -> None:
+        rows = self._rows
         slots = self.fleet.routing.slots
-        host = self._sampling_inputs(self._rows)
+        host = self._sampling_inputs(rows)
         host |= {
-            "tokens": [row.next_token for row in self._rows],
-            "slots": [row.slot for row in self._rows],
-            "positions": [row.position for row in self._rows],
-            "adapters": [slots.get(row.request.adapter, 0) for row in self._rows],
+            "tokens": [row.next_token for row in rows],
+            "slots": [row.slot for row in rows],
+            "positions": [row.position for row in rows],
+            "adapters": [slots.get(row.request.adapter, 0) for row in rows],
         }
-        bitmask = self._bitmask(self._rows)
+        failed: dict[Row, tuple[str, bool]] = {}
+
+        def masks() -> torch.Tensor | None:  # called by the step once its forward is under way
+            bitmask, late = self.masks.gather(rows)
+            failed.update(late)
+            return bitmask
+
+        grammar_rows = any(row.grammar is not None for row in rows)
         tokens, finite, scores = self.decoder.step(
-            host, slots, self.fleet.routing.slots_version, bitmask, host["logprobs"]
+            host, slots, self.fleet.routing.slots_version, masks if grammar_rows else None, host["logprobs"]
         )
         self.cache.advance(host["slots"])
-        for row in self._rows:
+        for row in rows:
             row.position += 1
-        self.output.take_tokens(self._rows, tokens, finite, scores)
+        self._take_tokens(rows, tokens, finite, scores, failed)
         self._retire()
+
+    def _take_tokens(
+        self,
+        rows: list[Row],
+        tokens: list[int],
+        finite: list[bool],
+        scores: list[list[float]] | None,
+        failed: dict[Row, tuple[str, bool]],
+    ) -> None:
+        """Hand the chosen tokens to their rows, except those of rows that could not get a mask
+        (they end alone, their tokens unused); then start the next masks of the rows going on."""
+        for row, (message, client_error) in failed.items():
+            fail(row, message, client_error)
+        kept = [i for i, row in enumerate(rows) if row not in failed]
+        self.output.take_tokens(
+            [rows[i] for i in kept],
+            [tokens[i] for i in kept],
+            [finite[i] for i in kept],
+            [scores[i] for i in kept] if scores is not None else None,
+        )
+        if any(row.grammar is not None for row in rows):
+            self.masks.start(rows)
 
     @staticmethod
     def _sampling_inputs(rows: list[Row]) -> dict:
@@ -262,18 +322,6 @@ class Engine:
             "seeds": [row.seed for row in rows],
             "logprobs": any(row.request.params.logprobs is not None for row in rows),
         }
-
-    def _bitmask(self, rows: list[Row]) -> torch.Tensor | None:
-        """The tokens each row may take next, when any row is under a grammar (else None)."""
-        if all(row.grammar is None for row in rows):
-            return None
-        from lorafleet.serve.engine.grammar import bitmask_for  # loaded by the row's grammar already
-
-        bitmask = bitmask_for(len(rows), self.vocab_size)
-        for index, row in enumerate(rows):
-            if row.grammar is not None:
-                row.grammar.fill(bitmask, index)
-        return bitmask
 
     def _retire(self) -> None:
         kept = []

@@ -1,10 +1,17 @@
 """Grammar-constrained decoding: JSON mode, JSON Schema output and forced tool calls.
 
-A request's constraint is compiled once, when it arrives (an invalid schema is the client's error,
-a 400), into an llguidance grammar. The engine gives each constrained row its own matcher: before
-every step the matcher fills the row's bitmask of the tokens it may take next, the device applies
-it to the logits (`device_sampling.allowed_tokens`), and the token chosen is fed back. Rows without
-a grammar in the same batch are untouched; a step with no constrained row carries no mask at all.
+A request's constraint becomes an llguidance grammar (its text: `json_schema_grammar`,
+`tool_calls_grammar`). The engine gives each constrained row its own matcher: before every step the
+matcher computes the row's bitmask of the tokens it may take next (off the engine thread:
+`masks.py`), the device applies it to the logits (`device_sampling.allowed_tokens`), and the token
+chosen is fed back. Rows without a grammar in the same batch are untouched; a step with no
+constrained row carries no mask at all.
+
+A schema comes from a tenant, so it is compiled where it can be killed (`grammar_sandbox.py`, which
+runs this module in a worker process: so this module never imports torch) and every cost it can
+have is bounded by `GrammarLimits`: its size and depth, the compile's time and memory,
+llguidance's own parser and lexer limits (which bound each later step too), and the time a step
+waits for its mask. Trusted callers (evaluation, tests) compile in-process with `Grammars`.
 
 JSON is written as Python's `json.dumps` writes it (", " and ": ", no other whitespace): what chat
 templates render with `tojson`, so models see their own format, and a small model cannot wander
@@ -14,11 +21,12 @@ JSON reader turns into infinity.
 
 from __future__ import annotations
 
+import copy
 import json
+import time
+from dataclasses import asdict, dataclass
 
 import llguidance
-import llguidance.hf
-import torch
 
 from lorafleet.errors import LorafleetError
 
@@ -28,73 +36,200 @@ TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 
 
 class GrammarError(LorafleetError):
-    """A response format or tool list that cannot be compiled into a grammar."""
+    """A response format or tool list that cannot be compiled into a grammar, or that a limit refuses."""
+
+
+@dataclass(frozen=True)
+class GrammarLimits:
+    """What one request's grammar may cost the server (docs/security.md lists each with its flag)."""
+
+    max_schema_bytes: int = 128 * 1024  # a response_format schema, as compact JSON
+    max_tools_bytes: int = 128 * 1024  # all of a request's tools together, as compact JSON
+    max_schema_depth: int = 32  # objects and arrays nested inside a schema (or the tools)
+    compile_timeout_s: float = 10.0  # wall time of one compile in its worker, which is killed after it
+    compile_memory_mb: int = 1024  # address space one compile may add to its worker
+    compile_workers: int = 2  # worker processes, and compiles at once (one per tenant at a time)
+    cached_per_tenant: int = 64  # compiled grammars (and refusals) kept per tenant, least recently used out
+    mask_budget_ms: float = 50.0  # the most a step waits for its rows' masks; a row later than this fails
+    mask_threads: int = 2  # threads computing masks beside the engine thread
+    # llguidance's own limits (`LLParserLimits`), set here so that its defaults changing cannot
+    # widen them. They bound the compile and every later step: a step that would pass one leaves
+    # the row's matcher in error, and the row fails alone.
+    max_items_in_row: int = 2000  # Earley items in one row (its default)
+    initial_lexer_fuel: int = 1_000_000  # work building the lexer's regexes, ~20 ms (its default)
+    step_lexer_fuel: int = 200_000  # lexer work in one mask, ~15 ms (its default)
+    step_max_items: int = 50_000  # Earley items in one step, ~3 ms (its default)
+    max_lexer_states: int = 50_000  # ~1-2 kB each, built lazily as rows decode (its default: 250,000)
+    max_grammar_size: int = 500_000  # symbols in the grammar's productions (its default)
+
+    def parser_limits(self) -> llguidance.LLParserLimits:
+        return llguidance.LLParserLimits(
+            max_items_in_row=self.max_items_in_row,
+            initial_lexer_fuel=self.initial_lexer_fuel,
+            step_lexer_fuel=self.step_lexer_fuel,
+            step_max_items=self.step_max_items,
+            max_lexer_states=self.max_lexer_states,
+            max_grammar_size=self.max_grammar_size,
+            verbose_errors=False,  # a message names the limit, never the parser's state
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_size(value: object, max_bytes: int, max_depth: int, what: str) -> None:
+    """Refuse `value` (a schema, or a request's tools; `what` names its field) nested deeper than
+    `max_depth` or larger than `max_bytes` as compact JSON, before anything renders or compiles
+    it. Walked without recursion: a value nested thousands deep is refused, not a RecursionError."""
+    level, depth = [value], 0
+    while level:
+        depth += 1
+        if depth > max_depth:
+            raise GrammarError(f"{what}: nested deeper than {max_depth} levels, the most this server takes")
+        level = [
+            child
+            for node in level
+            for child in (node.values() if isinstance(node, dict) else node if isinstance(node, list) else ())
+            if isinstance(child, dict | list)
+        ]
+    size = len(json.dumps(value, separators=(",", ":")))
+    if size > max_bytes:
+        raise GrammarError(f"{what}: {size} bytes as JSON; this server takes at most {max_bytes}; simplify it")
+
+
+def json_schema_grammar(schema: dict | None) -> str:
+    """Output that is one JSON value valid under `schema`; None: any JSON object (JSON mode)."""
+    if schema is not None and not isinstance(schema, dict):
+        raise GrammarError("the JSON schema must be an object")
+    schema = bounded_numbers(schema or {"type": "object"})
+    return llguidance.LLMatcher.grammar_from_json_schema(schema, JSON_STYLE)
+
+
+def tool_calls_grammar(tools: list[dict], only: str | None = None, parallel: bool = True) -> str:
+    """Output that is tool calls and nothing else: one (or, with `parallel`, one or more)
+    `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` blocks, the arguments valid
+    under the function's parameter schema; `only`: that function."""
+    calls = []
+    for tool in tools:
+        function = tool["function"]
+        if only is not None and function["name"] != only:
+            continue
+        parameters = function.get("parameters") or {"type": "object"}
+        calls.append({
+            "type": "object",
+            "properties": {"name": {"const": function["name"]}, "arguments": parameters},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        })  # fmt: skip
+    if not calls:
+        raise GrammarError(f"tool_choice names the function {only!r}, which is not among the tools")
+    schema = bounded_numbers({"anyOf": calls} if len(calls) > 1 else calls[0])
+    schema["x-guidance"] = JSON_STYLE
+    call = f'"{TOOL_CALL_OPEN}\\n" body "\\n{TOOL_CALL_CLOSE}"'
+    start = 'call ("\\n" call)*' if parallel else "call"
+    lark = f"start: {start}\ncall: {call}\nbody: %json {json.dumps(schema)}\n"
+    return llguidance.LLMatcher.grammar_from_lark(lark)
+
+
+def grammar_text(kind: str, spec: dict) -> str:
+    """The grammar of a request's constraint: `kind` "json_schema" (spec: {"schema"}) or
+    "tool_calls" (spec: {"tools", "only", "parallel"})."""
+    if kind == "json_schema":
+        return json_schema_grammar(spec.get("schema"))
+    if kind == "tool_calls":
+        return tool_calls_grammar(spec["tools"], spec.get("only"), spec.get("parallel", True))
+    raise ValueError(f"unknown grammar kind {kind!r}")
+
+
+def tokenizer_spec(tokenizer, vocab_size: int) -> dict:
+    """A Hugging Face fast tokenizer as llguidance reads it (`llguidance.hf.from_tokenizer` does the
+    same): plain data, so that a worker process builds the same `LLTokenizer` without transformers."""
+    backend = copy.copy(tokenizer.backend_tokenizer)  # padding and truncation off, on a copy
+    backend.no_padding()
+    backend.no_truncation()
+    return {"json": backend.to_str(), "n_vocab": vocab_size, "eos_token": tokenizer.eos_token_id}
 
 
 class Grammars:
-    """Compiles constraints for one tokenizer; `matcher` starts one row's."""
+    """Compiles constraints for one tokenizer in this process, under `limits` (trusted callers; a
+    tenant's go through `grammar_sandbox.GrammarSandbox`); `matcher` starts one row's."""
 
-    def __init__(self, tokenizer, vocab_size: int) -> None:
-        # The model's vocabulary may be wider than the tokenizer's (padded embeddings): those
-        # extra ids are never allowed under a grammar.
-        self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
-        self.vocab_size = vocab_size
+    def __init__(self, spec: dict, limits: GrammarLimits | None = None) -> None:
+        """`spec`: `tokenizer_spec`. The model's vocabulary may be wider than the tokenizer's
+        (padded embeddings): those extra ids are never allowed under a grammar."""
+        self.spec = spec
+        self.limits = limits or GrammarLimits()
+        self.vocab_size = spec["n_vocab"]
+        self._tokenizer = llguidance.LLTokenizer(spec["json"], n_vocab=self.vocab_size, eos_token=spec["eos_token"])
+        self._parser_limits = self.limits.parser_limits()
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, vocab_size: int, limits: GrammarLimits | None = None) -> Grammars:
+        return cls(tokenizer_spec(tokenizer, vocab_size), limits)
 
     def json_schema(self, schema: dict | None) -> str:
-        """Output that is one JSON value valid under `schema`; None: any JSON object (JSON mode)."""
-        if schema is not None and not isinstance(schema, dict):
-            raise GrammarError("the JSON schema must be an object")
-        schema = bounded_numbers(schema or {"type": "object"})
-        return self.check(llguidance.LLMatcher.grammar_from_json_schema(schema, JSON_STYLE))
+        return self.check(json_schema_grammar(schema))
 
     def tool_calls(self, tools: list[dict], only: str | None = None, parallel: bool = True) -> str:
-        """Output that is tool calls and nothing else: one (or, with `parallel`, one or more)
-        `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` blocks, the arguments
-        valid under the function's parameter schema; `only`: that function."""
-        calls = []
-        for tool in tools:
-            function = tool["function"]
-            if only is not None and function["name"] != only:
-                continue
-            parameters = function.get("parameters") or {"type": "object"}
-            calls.append({
-                "type": "object",
-                "properties": {"name": {"const": function["name"]}, "arguments": parameters},
-                "required": ["name", "arguments"],
-                "additionalProperties": False,
-            })  # fmt: skip
-        if not calls:
-            raise GrammarError(f"tool_choice names the function {only!r}, which is not among the tools")
-        schema = bounded_numbers({"anyOf": calls} if len(calls) > 1 else calls[0])
-        schema["x-guidance"] = JSON_STYLE
-        call = f'"{TOOL_CALL_OPEN}\\n" body "\\n{TOOL_CALL_CLOSE}"'
-        start = 'call ("\\n" call)*' if parallel else "call"
-        lark = f"start: {start}\ncall: {call}\nbody: %json {json.dumps(schema)}\n"
-        return self.check(llguidance.LLMatcher.grammar_from_lark(lark))
+        return self.check(tool_calls_grammar(tools, only, parallel))
 
     def check(self, grammar: str) -> str:
-        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self._tokenizer)
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+            grammar, self._tokenizer, limits=self._parser_limits
+        )
         if failed:
             raise GrammarError(f"the schema cannot be used for constrained decoding: {messages[0]}")
         return grammar
 
     def matcher(self, grammar: str) -> RowGrammar:
-        return RowGrammar(llguidance.LLMatcher(self._tokenizer, grammar), self.vocab_size)
+        return RowGrammar(self._new_matcher(grammar), self.vocab_size)
+
+    def compiled(self, grammar: str) -> CompiledGrammar:
+        """`grammar` built once, with its first mask computed (and timed): each row copies it
+        (`CompiledGrammar.row`) and starts from there, in microseconds."""
+        template = self._new_matcher(grammar)
+        start = time.perf_counter()
+        template.compute_bitmask()
+        seconds = time.perf_counter() - start
+        if template.is_error():
+            raise GrammarError(f"the schema cannot be used for constrained decoding: {template.get_error()}")
+        return CompiledGrammar(grammar, template, self.vocab_size, seconds)
+
+    def _new_matcher(self, grammar: str) -> llguidance.LLMatcher:
+        return llguidance.LLMatcher(self._tokenizer, grammar, log_level=0, limits=self._parser_limits)
+
+
+class CompiledGrammar:
+    """A grammar compiled in the server, ready for any number of rows (the engine calls `row()`)."""
+
+    def __init__(self, text: str, template: llguidance.LLMatcher, vocab_size: int, first_mask_s: float) -> None:
+        self.text = text
+        self._template = template  # at its start, first mask computed; never advanced
+        self.vocab_size = vocab_size
+        self.first_mask_s = first_mask_s
+
+    def row(self) -> RowGrammar:
+        # A copy shares what the template's first mask built: its own first mask costs nothing.
+        return RowGrammar(self._template.deep_copy(), self.vocab_size)
 
 
 class RowGrammar:
-    """One row's position in its grammar."""
+    """One row's position in its grammar. `fill` may run on any one thread at a time."""
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
         self._matcher = matcher
         self.words = (vocab_size + 31) // 32
 
-    def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        """Write the row's allowed next tokens into `bitmask[row]` (int32 words, on the host)."""
-        self._matcher.unsafe_compute_mask_ptr(bitmask[row].data_ptr(), self.words * 4)
+    def fill(self, mask) -> str | None:
+        """Write the row's allowed next tokens into `mask`, a host int32 tensor of `words` words.
+        Returns what the client is told when one of llguidance's limits stopped the grammar (the
+        matcher is then in error for good), else None."""
+        self._matcher.unsafe_compute_mask_ptr(mask.data_ptr(), self.words * 4)
+        return self.refusal if self._matcher.is_error() else None
 
     def accept(self, token: int) -> bool:
-        """Feed the chosen token; False if the grammar refuses it (it never should: it was masked)."""
+        """Feed the chosen token; False if the grammar refuses it (it never should: it was masked,
+        unless one of llguidance's limits stopped the grammar on the way)."""
         return self._matcher.consume_token(token)
 
     @property
@@ -105,6 +240,11 @@ class RowGrammar:
     @property
     def error(self) -> str:
         return self._matcher.get_error()
+
+    @property
+    def refusal(self) -> str:
+        """What the client is told when one of llguidance's limits stopped its grammar mid-reply."""
+        return f"the requested structure (response_format or tools) is too complex to follow: {self.error}; simplify it"
 
 
 # llguidance spells a number the schema leaves unbounded as -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?
@@ -191,8 +331,3 @@ def _add_bounds(node: dict, out: dict) -> None:
         out["minimum"] = -NUMBER_LIMIT
     if high is None and (low is None or low <= NUMBER_LIMIT):
         out["maximum"] = NUMBER_LIMIT
-
-
-def bitmask_for(rows: int, vocab_size: int) -> torch.Tensor:
-    """A host bitmask that allows every token to every row (rows without a grammar stay so)."""
-    return torch.full((rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)

@@ -52,8 +52,8 @@ class RowOutput:
             if params.logprobs is not None and scores is not None:
                 row.logprobs.append(self._logprob_entry(token, scores, params.logprobs))
             if row.grammar is not None and not row.grammar.accept(token):
-                row.finish = "error"
-                row.request.stream.put(Event("", "error", error=f"the grammar refused a token: {row.grammar.error}"))
+                # masked, so only one of llguidance's limits can have stopped it: the schema's fault
+                fail(row, row.grammar.refusal, client_error=True)
                 return "error"
             if row.text.add(token):
                 finish = "stop"  # a stop string appeared
@@ -84,7 +84,8 @@ class RowOutput:
         return self._token_texts[token]
 
 
-def fail(row: Row, message: str) -> None:
-    """End `row` with an error event (its slot is freed when the engine retires it)."""
+def fail(row: Row, message: str, client_error: bool = False) -> None:
+    """End `row` with an error event (its slot is freed when the engine retires it);
+    `client_error`: the request's own fault, not the server's."""
     row.finish = "error"
-    send_quietly(row.request.stream, Event("", "error", error=message))
+    send_quietly(row.request.stream, Event("", "error", error=message, client_error=client_error))

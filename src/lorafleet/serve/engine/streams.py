@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import queue
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -33,6 +34,9 @@ class Event:
     # this event completes, when the request asked for logprobs
     logprobs: list[dict] | None = None
     tool_calls: list[dict] | None = None  # tool-call deltas an upstream server parsed itself (relayed)
+    # the failure is the request's own (its grammar cannot be followed within the server's limits):
+    # a client error, never a server fault
+    client_error: bool = False
 
 
 class EventSource(Protocol):
@@ -104,6 +108,7 @@ class Row:
     next_token: int = -1  # sampled, accounted, not yet fed to the model
     finish: str | None = None
     grammar: RowGrammar | None = None
+    mask: Future | None = None  # its next grammar mask, being computed (`masks.MaskWorkers`)
     logprobs: list[dict] = field(default_factory=list)  # entries not yet sent
 
 

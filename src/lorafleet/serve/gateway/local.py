@@ -24,7 +24,8 @@ from lorafleet.data.records import IMAGE_PLACEHOLDER, ChatRecord, parse_openai_m
 from lorafleet.errors import AdapterError, DataError
 from lorafleet.models.loading import FrozenBase
 from lorafleet.serve.engine.engine import Engine
-from lorafleet.serve.engine.grammar import GrammarError
+from lorafleet.serve.engine.grammar import CompiledGrammar, GrammarError, GrammarLimits, check_size
+from lorafleet.serve.engine.grammar_sandbox import GrammarSandbox
 from lorafleet.serve.engine.sampling import SamplingParams
 from lorafleet.serve.engine.streams import ReplyStream
 from lorafleet.serve.gateway.calls import PreparedRequest
@@ -55,10 +56,15 @@ class LocalBackend:
         max_seq_len: int = 4096,
         max_images: int = 8,
         max_tiles: int | None = None,
+        grammar_limits: GrammarLimits | None = None,
     ) -> None:
         self.base = base
         self.fleet = LoRAFleet(base.model, base.language_prefix)
-        self.engine = Engine(base, self.fleet, max_batch=max_batch, max_seq_len=max_seq_len)
+        self.grammar_limits = grammar_limits or GrammarLimits()
+        self.engine = Engine(
+            base, self.fleet, max_batch=max_batch, max_seq_len=max_seq_len, grammar_limits=self.grammar_limits
+        )
+        self._grammar_sandbox: GrammarSandbox | None = None
         self.image_policy = image_policy
         self.max_image_pixels = max_image_pixels
         self.max_images = max_images
@@ -102,6 +108,15 @@ class LocalBackend:
 
     def close(self) -> None:
         self.engine.stop()
+        if self._grammar_sandbox is not None:
+            self._grammar_sandbox.close()
+
+    @property
+    def grammar_sandbox(self) -> GrammarSandbox:
+        """Where tenants' grammars compile (its worker processes start with the first one)."""
+        if self._grammar_sandbox is None:
+            self._grammar_sandbox = GrammarSandbox(self.engine.grammars)
+        return self._grammar_sandbox
 
     async def ready_problem(self) -> str | None:
         """None when a real one-token generation succeeds, else what went wrong."""
@@ -119,12 +134,13 @@ class LocalBackend:
     # --- completions: prepare (render, count, check), then submit ----------------------------
 
     async def prepare_chat(
-        self, body: ChatCompletionRequest, adapter: str | None, tools: ToolUse | None
+        self, body: ChatCompletionRequest, adapter: str | None, tools: ToolUse | None, tenant: str = ""
     ) -> LocalRequest:
-        """The chat's prompt rendered (images tiled), counted and checked, its grammar compiled: a
-        400 for what cannot run, and nothing in the engine yet."""
+        """The chat's prompt rendered (images tiled), counted and checked, its grammar compiled (in
+        the sandbox, cached for `tenant`): a 400 for what cannot run, and nothing in the engine yet."""
+        self._check_schema_sizes(body.response_format, tools)  # before anything renders or compiles them
         prompt = await asyncio.to_thread(self._encode, body.messages, adapter, tools)
-        grammar = await asyncio.to_thread(self._grammar, body.response_format, tools)
+        grammar = await self._grammar(body.response_format, tools, tenant)
         params = body.to_sampling_params(prompt.num_tokens, self.engine.max_positions, grammar)
         return _prepared((prompt,), body.n, adapter, params)
 
@@ -177,22 +193,43 @@ class LocalBackend:
                 "tools",
             )
 
-    def _grammar(self, response_format: dict | None, tools: ToolUse | None) -> str | None:
+    def _check_schema_sizes(self, response_format: dict | None, tools: ToolUse | None) -> None:
+        """The tools and the response_format schema within their size and depth caps (else a 400
+        naming the field), before anything renders or compiles them."""
+        limits = self.grammar_limits
+        spec = response_format.get("json_schema") if isinstance(response_format, dict) else None
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        capped = (
+            (tools.tools if tools else None, limits.max_tools_bytes, "tools", "tools"),
+            (schema, limits.max_schema_bytes, "response_format.json_schema.schema", "response_format"),
+        )
+        for value, max_bytes, field, param in capped:
+            try:
+                if value is not None:
+                    check_size(value, max_bytes, limits.max_schema_depth, field)
+            except GrammarError as err:
+                raise APIError(400, str(err), "invalid_request", param) from err
+
+    async def _grammar(
+        self, response_format: dict | None, tools: ToolUse | None, tenant: str
+    ) -> CompiledGrammar | None:
         """The grammar the reply must follow: a JSON schema, JSON mode, or forced tool calls."""
+        forced = tools is not None and tools.forced
         try:
-            if tools is not None and tools.forced:
-                return self.engine.grammars.tool_calls(tools.tools, tools.only, tools.parallel)
+            if forced:
+                spec = {"tools": tools.tools, "only": tools.only, "parallel": tools.parallel}
+                return await self.grammar_sandbox.compile(tenant, "tool_calls", spec, "tools' parameter schemas")
             kind = (response_format or {}).get("type", "text")
             if kind == "json_object":
-                return self.engine.grammars.json_schema(None)
+                return await self.grammar_sandbox.compile(tenant, "json_schema", {"schema": None}, "JSON mode grammar")
             if kind == "json_schema":
                 spec = response_format.get("json_schema")
                 if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
                     raise GrammarError("response_format.json_schema must be {'name': ..., 'schema': {...}}")
-                return self.engine.grammars.json_schema(spec.get("schema") or {"type": "object"})
+                schema = {"schema": spec.get("schema") or {"type": "object"}}
+                return await self.grammar_sandbox.compile(tenant, "json_schema", schema, "response_format schema")
         except GrammarError as err:
-            param = "tools" if tools is not None and tools.forced else "response_format"
-            raise APIError(400, str(err), "invalid_request", param) from err
+            raise APIError(400, str(err), "invalid_request", "tools" if forced else "response_format") from err
         return None
 
     def _raw_prompt(self, prompt: str | list[int]) -> Example:

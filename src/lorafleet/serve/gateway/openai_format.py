@@ -142,9 +142,10 @@ def chunk(call: Call, kind: str, choices: list[dict]) -> dict:
     return _envelope(call, kind, choices)
 
 
-def stream_error(message: str) -> dict:
+def stream_error(message: str, client_error: bool = False) -> dict:
     """An error after the stream has begun: the status line is already sent, so it is an event."""
-    return {"error": {"message": message, "type": "server_error", "param": None, "code": "engine_error"}}
+    kind, code = ("invalid_request_error", "invalid_request") if client_error else ("server_error", "engine_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
 def sse(payload: dict | str) -> str:
@@ -154,8 +155,8 @@ def sse(payload: dict | str) -> str:
 DONE = sse("[DONE]")  # a stream's last line
 
 
-async def collect(call: Call, sources: list[EventSource], shape: ReplyShape) -> tuple[list[Choice], str | None]:
-    """Every event of every choice; returns the choices and the first error, if any."""
+async def collect(call: Call, sources: list[EventSource], shape: ReplyShape) -> tuple[list[Choice], Event | None]:
+    """Every event of every choice; returns the choices and the first error event, if any."""
     choices = [Choice(i, shape) for i in range(len(sources))]
     error = None
     for choice, source in zip(choices, sources, strict=True):
@@ -164,7 +165,7 @@ async def collect(call: Call, sources: list[EventSource], shape: ReplyShape) -> 
             choice.add(event)
             _count(call, choices, event)
             if event.finish_reason == "error":
-                error = error or event.error
+                error = error or event
     call.replies = [choice.text for choice in choices]
     return choices, error
 
@@ -187,8 +188,8 @@ async def server_sent_events(
             pieces = choices[index].add(event)
             _count(call, choices, event)
             if event.finish_reason == "error":
-                status, error = 500, event.error
-                yield sse(stream_error(f"generation failed: {error}"))
+                status, error = 400 if event.client_error else 500, event.error
+                yield sse(stream_error(f"generation failed: {error}", event.client_error))
                 break
             if event.text and call.first_token_seconds is None:
                 call.first_token_seconds = call.seconds

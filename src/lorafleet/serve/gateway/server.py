@@ -27,6 +27,7 @@ from lorafleet.governance.registry import withdrawn_weights
 from lorafleet.governance.shipping import Shipper, open_destination
 from lorafleet.governance.signing import load_private_key
 from lorafleet.models.loading import load_base
+from lorafleet.serve.engine.grammar import GrammarLimits
 from lorafleet.serve.engine.streams import EventSource
 from lorafleet.serve.gateway.audit_trail import SIGN_EVERY_SECONDS, AuditTrail, adapter_id
 from lorafleet.serve.gateway.calls import PreparedRequest
@@ -64,9 +65,10 @@ class Backend(Protocol):
     # A completion in two phases, so that the gateway admits a request (the tenant's token limit)
     # between them, knowing what it can use, before the engine sees it.
     async def prepare_chat(
-        self, body: ChatCompletionRequest, adapter: str | None, tools: ToolUse | None
+        self, body: ChatCompletionRequest, adapter: str | None, tools: ToolUse | None, tenant: str = ""
     ) -> PreparedRequest:
-        """The chat rendered, counted and checked (APIError when it cannot run); nothing generates yet."""
+        """The chat rendered, counted and checked (APIError when it cannot run), its grammar
+        compiled for `tenant` (the name its compiled grammars are cached under); nothing generates yet."""
         ...
 
     async def prepare_completion(self, body: TextCompletionRequest, adapter: str | None) -> PreparedRequest:
@@ -106,6 +108,8 @@ class ServeOptions:
     serve_withdrawn: bool = False  # load adapters the registry has withdrawn (erasure) all the same
     audit_ship_to: str | None = None  # syslog(+tcp)://HOST:PORT or an OTLP/HTTP logs URL
     audit_ship_queue: int = 10_000  # entries waiting to be shipped at most; more are counted, shipped later
+    # structured output: schema caps, the compile sandbox's limits, the mask budget (docs/security.md)
+    grammar_limits: GrammarLimits = field(default_factory=GrammarLimits)
 
 
 def not_a_fleet_directory(path: Path) -> str:
@@ -177,6 +181,7 @@ class FleetServer:
             options.max_seq_len,
             options.max_images,
             options.max_tiles,
+            options.grammar_limits,
         )
         for name, path in adapters.items():
             backend.load_adapter(name, path)

@@ -48,14 +48,15 @@ class Completions:
             call.tenant = self.access.authenticate(request)
             body = await read_body(request, self.server.options.max_body_bytes, kind)
             adapter = self._accept(call, body)
-            prepared, shape = await self._prepare(body, adapter)
+            prepared, shape = await self._prepare(body, adapter, call.tenant.name if call.tenant else "")
             self._admit(call, prepared)
             sources = await self.server.backend.submit(prepared)
             if body.stream:
                 return self._stream(call, openai_format.server_sent_events(call, sources, shape, body.include_usage))
             choices, error = await openai_format.collect(call, sources, shape)
-            if error is not None:
-                raise APIError(500, f"generation failed: {error}", "engine_error")
+            if error is not None:  # the request's own fault (its grammar) is a 400, never a 500
+                status, code = (400, "invalid_request") if error.client_error else (500, "engine_error")
+                raise APIError(status, f"generation failed: {error.error}", code)
             call.finish(200)
             self.recorder.record(call)
             return openai_format.completion(call, choices)
@@ -79,14 +80,14 @@ class Completions:
         return adapter
 
     async def _prepare(
-        self, body: CompletionParameters, adapter: str | None
+        self, body: CompletionParameters, adapter: str | None, tenant: str
     ) -> tuple[PreparedRequest, openai_format.ReplyShape]:
         """The backend's prepared request, and the shape its reply takes."""
         backend = self.server.backend
         if isinstance(body, ChatCompletionRequest):
             tools = tool_use(body.tools, body.tool_choice, body.parallel_tool_calls)
             shape = openai_format.ReplyShape(False, tools, body.logprobs is True)
-            return await backend.prepare_chat(body, adapter, tools), shape
+            return await backend.prepare_chat(body, adapter, tools, tenant), shape
         shape = openai_format.ReplyShape(True, None, body.logprobs is not None)
         return await backend.prepare_completion(body, adapter), shape
 

@@ -92,11 +92,11 @@ class UpstreamBackend:
         self._adapters.discard(name)
 
     async def prepare_chat(
-        self, body: ChatCompletionRequest, adapter: str | None, tools: ToolUse | None = None
+        self, body: ChatCompletionRequest, adapter: str | None, tools: ToolUse | None = None, tenant: str = ""
     ) -> UpstreamRequest:
         """Sent on with the adapter's name as the model, always as a stream with usage (what the
         gateway formats, counts and logs is the same for every backend); tools, response_format
-        and logprobs go as they came, for the upstream to honour."""
+        and logprobs go as they came, for the upstream to honour (and compile: `tenant` is unused)."""
         return self._prepare("/v1/chat/completions", body, adapter)
 
     async def prepare_completion(self, body: TextCompletionRequest, adapter: str | None) -> UpstreamRequest:
