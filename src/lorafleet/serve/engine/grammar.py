@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from dataclasses import asdict, dataclass
 
 import llguidance
@@ -185,15 +184,14 @@ class Grammars:
         return RowGrammar(self._new_matcher(grammar), self.vocab_size)
 
     def compiled(self, grammar: str) -> CompiledGrammar:
-        """`grammar` built once, with its first mask computed (and timed): each row copies it
-        (`CompiledGrammar.row`) and starts from there, in microseconds."""
+        """`grammar` built once, with its first mask computed (the costliest: it builds what every
+        later mask reuses): each row copies it (`CompiledGrammar.row`) and starts from there, in
+        microseconds."""
         template = self._new_matcher(grammar)
-        start = time.perf_counter()
         template.compute_bitmask()
-        seconds = time.perf_counter() - start
         if template.is_error():
             raise GrammarError(f"the schema cannot be used for constrained decoding: {template.get_error()}")
-        return CompiledGrammar(grammar, template, self.vocab_size, seconds)
+        return CompiledGrammar(grammar, template, self.vocab_size)
 
     def _new_matcher(self, grammar: str) -> llguidance.LLMatcher:
         return llguidance.LLMatcher(self._tokenizer, grammar, log_level=0, limits=self._parser_limits)
@@ -202,11 +200,10 @@ class Grammars:
 class CompiledGrammar:
     """A grammar compiled in the server, ready for any number of rows (the engine calls `row()`)."""
 
-    def __init__(self, text: str, template: llguidance.LLMatcher, vocab_size: int, first_mask_s: float) -> None:
+    def __init__(self, text: str, template: llguidance.LLMatcher, vocab_size: int) -> None:
         self.text = text
         self._template = template  # at its start, first mask computed; never advanced
         self.vocab_size = vocab_size
-        self.first_mask_s = first_mask_s
 
     def row(self) -> RowGrammar:
         # A copy shares what the template's first mask built: its own first mask costs nothing.
@@ -244,7 +241,8 @@ class RowGrammar:
     @property
     def refusal(self) -> str:
         """What the client is told when one of llguidance's limits stopped its grammar mid-reply."""
-        return f"the requested structure (response_format or tools) is too complex to follow: {self.error}; simplify it"
+        reason = self.error.splitlines()[0] if self.error else "stopped"  # without llguidance's "<non-verbose/>"
+        return f"the requested structure (response_format or tools) is too complex to follow: {reason}; simplify it"
 
 
 # llguidance spells a number the schema leaves unbounded as -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?

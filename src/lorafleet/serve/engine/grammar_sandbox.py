@@ -23,6 +23,7 @@ the others' compiles are never queued behind more than one of its compiles per w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -48,7 +49,9 @@ class GrammarSandbox:
     def __init__(self, grammars: Grammars) -> None:
         self.grammars = grammars
         self.limits = grammars.limits
-        self._executor = ThreadPoolExecutor(self.limits.compile_workers, thread_name_prefix="lorafleet-grammar")
+        self._executor = ThreadPoolExecutor(
+            self.limits.compile_workers, thread_name_prefix="lorafleet-grammar", initializer=_yield_to_the_engine
+        )
         self._local = threading.local()  # each of the executor's threads drives a worker of its own
         self._workers: list[_Worker] = []
         self._workers_lock = threading.Lock()
@@ -125,6 +128,13 @@ class GrammarSandbox:
         entries[key] = outcome
         while len(entries) > self.limits.cached_per_tenant:
             entries.popitem(last=False)
+
+
+def _yield_to_the_engine() -> None:
+    """Run this thread (the server's rebuild of a grammar a worker accepted) at a lower priority,
+    as the workers run: Linux gives each thread its own nice value."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 async def _to_the_end(compiling: asyncio.Future):

@@ -27,6 +27,7 @@ from lorafleet.serve.engine.grammar import GrammarError, GrammarLimits, Grammars
 
 
 def main() -> None:
+    os.nice(10)  # a compile yields the CPU to the server's engine and event loop
     setup = _read()
     limits = GrammarLimits(**setup["limits"])
     grammars = Grammars(setup["tokenizer"], limits)
@@ -46,16 +47,10 @@ def main() -> None:
 
 
 def compile_checked(grammars: Grammars, kind: str, spec: dict) -> str:
-    """The constraint's grammar, compiled as the server will compile it, its first mask within
-    the mask budget; GrammarError when it cannot be used."""
+    """The constraint's grammar, compiled as the server will compile it (its matcher and first
+    mask: `Grammars.compiled`); GrammarError when it cannot be used."""
     text = grammar_text(kind, spec)
-    compiled = grammars.compiled(text)
-    budget_ms = grammars.limits.mask_budget_ms
-    if compiled.first_mask_s * 1000 > budget_ms:
-        raise GrammarError(
-            f"the schema's first allowed-token mask took {compiled.first_mask_s * 1000:.0f} ms to compute; every "
-            f"step must compute one within {budget_ms:g} ms: simplify it"
-        )
+    grammars.compiled(text)
     return text
 
 
