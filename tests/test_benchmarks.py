@@ -27,6 +27,7 @@ DEVICE_IMAGE = REPO / "tests" / "device_image"
 SMALLEST = {
     "preference_reference.py": ["--steps", "2", "--pairs", "8"],
     "distributed_cpu.py": ["--processes", "2", "--steps", "2", "--modes", "fsdp2"],
+    "grammar_compile.py": ["--repeats", "2", "--sizes", "3,30"],
 }
 # Every row of the GPU suite at its smallest size on a CPU (gpu_suite.sh's knobs).
 SMALLEST_SUITE = {
@@ -90,12 +91,17 @@ def check_distributed_cpu(result: dict) -> None:
     assert len(result["tokens_per_s"]) == 2, "one process, and the mode asked for"
 
 
+def check_grammar_compile(result: dict) -> None:
+    positive(result, "worker_start_s", "in_process_ms", "sandbox_cold_ms", "sandbox_cached_ms", "row_start_ms")
+
+
 CHECKS = {
     "train_throughput": check_train_throughput,
     "serve_throughput": check_serve_throughput,
     "profile_train": check_profile_train,
     "preference_reference": check_preference_reference,
     "distributed_cpu": check_distributed_cpu,
+    "grammar_compile": check_grammar_compile,
 }
 
 
