@@ -58,6 +58,10 @@ def chat(model: str, content: str, **extra) -> dict:
     return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 4, **extra}
 
 
+def hostile_chat(schema: dict) -> dict:
+    return chat("legal", "hi", response_format=with_schema(schema))
+
+
 @pytest.fixture(scope="module")
 def guarded_server(fleet_dir, keys_file):
     options = ServeOptions(fleet_dir=fleet_dir, tenants=load_tenants(keys_file), grammar_limits=TIGHT)
@@ -110,9 +114,10 @@ async def victim_round(client: httpx.AsyncClient) -> list[tuple[httpx.Response, 
     return await asyncio.gather(*(send(client, VICTIM, chat("finance", f"question {i}")) for i in range(12)))
 
 
-def attack(url: str, hostile_bodies: list[dict]) -> tuple[float, list[tuple[httpx.Response, float]], list]:
-    """The victim's unloaded p99, then its 12 requests sent while the hostile tenant's are under
-    way: (unloaded p99, the victim's replies and latencies, the hostile replies)."""
+def attack(url: str, hostile_bodies: list[dict], victim_extra: dict | None = None) -> tuple:
+    """The victim's unloaded p99, then its 12 requests (and `victim_extra`, sent with them) while
+    the hostile tenant's are under way: (unloaded p99, the victim's replies and latencies, the
+    hostile replies, `victim_extra`'s reply and latency or None)."""
 
     async def run():
         async with httpx.AsyncClient(base_url=url, timeout=300) as client:
@@ -123,8 +128,10 @@ def attack(url: str, hostile_bodies: list[dict]) -> tuple[float, list[tuple[http
             unloaded = p99([latency for replies in rounds for _, latency in replies])
             hostile = [asyncio.create_task(send(client, HOSTILE, body)) for body in hostile_bodies]
             await asyncio.sleep(0.3)  # the hostile compiles are under way
+            extra = asyncio.create_task(send(client, VICTIM, victim_extra)) if victim_extra else None
             victim = await victim_round(client)
-            return unloaded, victim, [reply for reply, _ in await asyncio.gather(*hostile)]
+            hostile_replies = [reply for reply, _ in await asyncio.gather(*hostile)]
+            return unloaded, victim, hostile_replies, await extra if extra else None
 
     return asyncio.run(run())
 
@@ -145,9 +152,7 @@ def error_of(reply: httpx.Response) -> str:
 def test_all_of_two_thousand_regexes_is_refused_at_its_limit_and_the_server_does_not_grow(guarded_server):
     url, _ = guarded_server
     with MemoryWatch() as memory:
-        unloaded, victim, hostile = attack(
-            url, [chat("legal", "hi", response_format=with_schema(all_of_regexes(2000)))]
-        )
+        unloaded, victim, hostile, _ = attack(url, [hostile_chat(all_of_regexes(2000))])
     check_victim_unharmed(unloaded, victim)
     (reply,) = hostile
     assert reply.status_code == 400, reply.text
@@ -160,10 +165,14 @@ def test_all_of_two_thousand_regexes_is_refused_at_its_limit_and_the_server_does
 
 def test_six_pattern_properties_schemas_cost_their_sender_six_400s_and_nobody_else_a_thing(guarded_server):
     url, _ = guarded_server
-    bodies = [chat("legal", "hi", response_format=with_schema(pattern_properties(1000, tag=f"t{n}"))) for n in range(6)]
+    bodies = [hostile_chat(pattern_properties(1000, tag=f"t{n}")) for n in range(6)]
+    own_schema = chat("finance", "hi", response_format=with_schema({"type": "object"}))
     with MemoryWatch() as memory:
-        unloaded, victim, hostile = attack(url, bodies)
+        unloaded, victim, hostile, (structured, waited) = attack(url, bodies, own_schema)
     check_victim_unharmed(unloaded, victim)
+    # the hostile tenant's compiles run one at a time, on one worker: the victim's own schema
+    # compiles on another meanwhile, never behind the six (9 s at 1.5 s each)
+    assert structured.status_code == 200 and waited < 3 * TIGHT.compile_timeout_s, (structured.text, waited)
     assert [reply.status_code for reply in hostile] == [400] * 6
     assert all("took longer than 1.5 s to compile; simplify it" in error_of(reply) for reply in hostile)
     assert memory.growth_mb < SERVER_GROWTH_BOUND_MB, f"the server grew by {memory.growth_mb:.0f} MiB"
@@ -173,11 +182,9 @@ def test_thousands_of_optional_properties_fail_their_own_request_with_a_400_and_
     """Before: each matcher was built on the engine thread holding the model lock (seconds), and the
     reply ended as a 500 when llguidance's item limit stopped the grammar mid-reply."""
     url, _ = guarded_server
-    bodies = [
-        chat("legal", "hi", response_format=with_schema(optional_properties(2000, tag=f"t{n}"))) for n in range(3)
-    ]
+    bodies = [hostile_chat(optional_properties(2000, tag=f"t{n}")) for n in range(3)]
     with MemoryWatch() as memory:
-        unloaded, victim, hostile = attack(url, bodies)
+        unloaded, victim, hostile, _ = attack(url, bodies)
     check_victim_unharmed(unloaded, victim)
     assert [reply.status_code for reply in hostile] == [400] * 3, [reply.text for reply in hostile]
     assert all("simplify" in error_of(reply) for reply in hostile), [error_of(reply) for reply in hostile]
@@ -252,6 +259,24 @@ def test_a_killed_worker_is_replaced_and_compiled_grammars_are_cached_per_tenant
     row = after.row()
     mask = torch.empty(row.words, dtype=torch.int32)
     assert row.fill(mask) is None and mask.any()
+
+
+def test_a_tenants_cache_keeps_no_more_grammar_text_than_its_byte_budget(tiny_grammars):
+    from lorafleet.serve.engine.grammar_sandbox import GrammarSandbox
+
+    base, vocab = tiny_grammars
+    limits = GrammarLimits(compile_workers=1, cache_bytes_per_tenant=100)  # smaller than any grammar's text
+    sandbox = GrammarSandbox(Grammars.for_tokenizer(base.tokenizer, vocab, limits))
+    spec = {"schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}
+
+    async def twice():
+        return [await sandbox.compile("a", "json_schema", spec, "response_format schema") for _ in range(2)]
+
+    try:
+        first, second = asyncio.run(twice())
+    finally:
+        sandbox.close()
+    assert len(first.text) > 100 and second is not first, "a grammar over the tenant's byte budget is not kept"
 
 
 def test_a_compile_past_its_memory_limit_ends_its_worker_not_the_server(tiny_grammars):

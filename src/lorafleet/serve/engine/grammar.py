@@ -49,6 +49,9 @@ class GrammarLimits:
     compile_memory_mb: int = 1024  # address space one compile may add to its worker
     compile_workers: int = 2  # worker processes, and compiles at once (one per tenant at a time)
     cached_per_tenant: int = 64  # compiled grammars (and refusals) kept per tenant, least recently used out
+    # ... and their grammars' text together: a matcher holds ~300x its text (2,000 properties: 60 kB
+    # of text, 17 MiB of matcher), so this bounds what one tenant's cache holds at ~75 MiB
+    cache_bytes_per_tenant: int = 256 * 1024
     mask_budget_ms: float = 50.0  # the most a step waits for its rows' masks; a row later than this fails
     mask_threads: int = 2  # threads computing masks beside the engine thread
     # llguidance's own limits (`LLParserLimits`), set here so that its defaults changing cannot

@@ -124,10 +124,21 @@ class GrammarSandbox:
         return entries[key]
 
     def _remember(self, tenant: str, key: str, outcome: CompiledGrammar | str) -> None:
+        """Keep `outcome` for `tenant`, least recently used out past the count or the bytes it may
+        keep; one larger than all those bytes is not kept."""
+        limits = self.limits
+        if _size(outcome) > limits.cache_bytes_per_tenant:
+            return
         entries = self._cache.setdefault(tenant, OrderedDict())
         entries[key] = outcome
-        while len(entries) > self.limits.cached_per_tenant:
-            entries.popitem(last=False)
+        kept = sum(map(_size, entries.values()))
+        while len(entries) > limits.cached_per_tenant or kept > limits.cache_bytes_per_tenant:
+            kept -= _size(entries.popitem(last=False)[1])
+
+
+def _size(outcome: CompiledGrammar | str) -> int:
+    """What a cached outcome counts against its tenant's bytes: its grammar's text, or the refusal."""
+    return len(outcome.text if isinstance(outcome, CompiledGrammar) else outcome)
 
 
 def _yield_to_the_engine() -> None:
