@@ -200,8 +200,8 @@ def test_schema_and_tools_over_their_caps_are_refused_before_anything_compiles_t
     tool = {"type": "function", "function": {"name": "f", "description": "y" * 200_000, "parameters": {}}}
     cases = {
         "nested deeper than 32 levels": chat("legal", "hi", response_format=with_schema(deep)),
-        "this server takes at most 131072": chat("legal", "hi", response_format=with_schema(big)),
-        "tools: 200": chat("legal", "hi", tools=[tool]),
+        "response_format.json_schema.schema: over 131072 bytes": chat("legal", "hi", response_format=with_schema(big)),
+        "tools: over 131072 bytes": chat("legal", "hi", tools=[tool]),
     }
 
     async def run():
@@ -215,6 +215,26 @@ def test_schema_and_tools_over_their_caps_are_refused_before_anything_compiles_t
 
 
 # --- the sandbox and the engine's masks on their own ----------------------------------------
+
+
+def test_the_size_cap_counts_compact_json_bytes_exactly_and_the_depth_cap_needs_no_recursion():
+    from lorafleet.serve.engine.grammar import GrammarError, check_size
+
+    values = [
+        {"type": "object", "properties": {"é\n": {"enum": [1, 2.5e300, None, True, '"q"']}}, "required": []},
+        [[], {}, [{"a": -0.0}], "x" * 50, 10**30],
+        optional_properties(40),
+    ]
+    for value in values:
+        size = len(json.dumps(value, separators=(",", ":")))
+        check_size(value, size, 32, "tools")
+        with pytest.raises(GrammarError, match=f"tools: over {size - 1} bytes as JSON"):
+            check_size(value, size - 1, 32, "tools")
+    deep: list = []
+    for _ in range(100_000):  # far past Python's recursion limit
+        deep = [deep]
+    with pytest.raises(GrammarError, match="nested deeper than 32 levels"):
+        check_size(deep, 10**9, 32, "tools")
 
 
 @pytest.fixture(scope="module")

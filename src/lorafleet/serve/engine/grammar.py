@@ -81,22 +81,29 @@ class GrammarLimits:
 
 def check_size(value: object, max_bytes: int, max_depth: int, what: str) -> None:
     """Refuse `value` (a schema, or a request's tools; `what` names its field) nested deeper than
-    `max_depth` or larger than `max_bytes` as compact JSON, before anything renders or compiles
-    it. Walked without recursion: a value nested thousands deep is refused, not a RecursionError."""
-    level, depth = [value], 0
-    while level:
-        depth += 1
+    `max_depth` objects and arrays or larger than `max_bytes` as compact JSON, before anything
+    renders or compiles it. Walked without recursion (a value nested thousands deep is refused,
+    not a RecursionError) and only until a cap is passed: the work is bounded by the caps, not by
+    the value, which may be most of a 32 MiB body."""
+    too_big = GrammarError(f"{what}: over {max_bytes} bytes as JSON, the most this server takes; simplify it")
+    size, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
         if depth > max_depth:
             raise GrammarError(f"{what}: nested deeper than {max_depth} levels, the most this server takes")
-        level = [
-            child
-            for node in level
-            for child in (node.values() if isinstance(node, dict) else node if isinstance(node, list) else ())
-            if isinstance(child, dict | list)
-        ]
-    size = len(json.dumps(value, separators=(",", ":")))
-    if size > max_bytes:
-        raise GrammarError(f"{what}: {size} bytes as JSON; this server takes at most {max_bytes}; simplify it")
+        size += 2 + max(len(node) - 1, 0)  # brackets and commas
+        pairs = node.items() if isinstance(node, dict) else ((None, child) for child in node)
+        for key, child in pairs:
+            if size > max_bytes:
+                raise too_big
+            if key is not None:
+                size += len(json.dumps(key)) + 1  # the key and its colon
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+            else:
+                size += len(json.dumps(child))
+        if size > max_bytes:
+            raise too_big
 
 
 def json_schema_grammar(schema: dict | None) -> str:

@@ -5,8 +5,12 @@ temperature and nucleus (top-p) sampling with a seed. The engine samples on the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from lorafleet.serve.engine.grammar import CompiledGrammar
 
 
 @dataclass(frozen=True)
@@ -17,7 +21,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None  # same seed, same prompt, same adapter: same reply
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
-    grammar: str | None = None  # the reply must match it (`grammar.Grammars` compiles one)
+    # the reply must match it: a grammar's text (`grammar.Grammars` compiles one; trusted callers)
+    # or one compiled already (`grammar.CompiledGrammar`, from the gateway's sandbox)
+    grammar: str | CompiledGrammar | None = None
     logprobs: int | None = None  # report each token's log-probability and this many alternatives
 
 
