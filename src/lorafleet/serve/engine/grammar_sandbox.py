@@ -88,15 +88,15 @@ class GrammarSandbox:
         worker = self._worker()
         try:
             reply = worker.compile({"kind": kind, "spec": spec}, limits.compile_timeout_s)
+            if reply.get("error") == "memory":  # a MemoryError in Python: that interpreter is not reused
+                worker.stop()
+                raise WorkerStopped("memory")
         except WorkerStopped as stopped:
             self._local.worker = None
-            if stopped.out_of_time:
-                return f"the {what} took longer than {limits.compile_timeout_s:g} s to compile; simplify it"
-            return f"the {what} needs more than {limits.compile_memory_mb} MiB to compile; simplify it"
-        if reply.get("error") == "memory":
-            worker.stop()
-            self._local.worker = None
-            return f"the {what} needs more than {limits.compile_memory_mb} MiB to compile; simplify it"
+            return {
+                "time": f"the {what} took longer than {limits.compile_timeout_s:g} s to compile; simplify it",
+                "memory": f"the {what} needs more than {limits.compile_memory_mb} MiB to compile; simplify it",
+            }.get(stopped.reason, f"the grammar compiler failed on the {what} ({stopped.reason}); simplify it")
         if "error" in reply:
             return reply["error"]
         try:  # the same work the worker has just done within the limits
@@ -159,12 +159,13 @@ async def _to_the_end(compiling: asyncio.Future):
 
 
 class WorkerStopped(Exception):
-    """The worker was stopped during a compile: killed when its time was over, or ended by its
-    memory limit."""
+    """The worker ended during a compile: `reason` "time" (killed when its time was over, or by
+    its CPU limit), "memory" (its address space ran out: Rust aborts when an allocation fails),
+    or how else it ended."""
 
-    def __init__(self, out_of_time: bool) -> None:
-        super().__init__("out of time" if out_of_time else "out of memory")
-        self.out_of_time = out_of_time
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class _Worker:
@@ -202,7 +203,7 @@ class _Worker:
             self._send(json.dumps(request).encode())
             return self._receive(deadline)
         except BrokenPipeError:
-            stopped = WorkerStopped(out_of_time=self._ended_by_cpu_limit())
+            stopped = WorkerStopped(self._how_it_ended())
         except WorkerStopped as err:
             stopped = err
         self.stop()
@@ -225,16 +226,21 @@ class _Worker:
         while b"\n" not in self._received:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise WorkerStopped(out_of_time=True)
+                raise WorkerStopped("time")
             readable, _, _ = select.select([descriptor], [], [], remaining)
             if not readable:
                 continue
             chunk = os.read(descriptor, 1 << 20)
-            if not chunk:  # it ended: its address space ran out (Rust aborts), or its CPU time
-                raise WorkerStopped(out_of_time=self._ended_by_cpu_limit())
+            if not chunk:  # it ended
+                raise WorkerStopped(self._how_it_ended())
             self._received += chunk
         line, _, self._received = self._received.partition(b"\n")
         return json.loads(line)
 
-    def _ended_by_cpu_limit(self) -> bool:
-        return self.process.wait() == -signal.SIGXCPU
+    def _how_it_ended(self) -> str:
+        status = self.process.wait()
+        if status == -signal.SIGXCPU:
+            return "time"
+        if status in (-signal.SIGABRT, -signal.SIGKILL):  # an allocation failed; or the kernel's OOM killer
+            return "memory"
+        return f"exit status {status}"

@@ -44,6 +44,8 @@ def main() -> None:
             return
         except RecursionError:
             _write({"error": "the schema nests too deeply to be used for constrained decoding"})
+        except Exception as err:  # whatever else a tenant's input makes the compiler raise is still its input's
+            _write({"error": f"the schema cannot be used for constrained decoding: {type(err).__name__}: {err}"})
 
 
 def compile_checked(grammars: Grammars, kind: str, spec: dict) -> str:
