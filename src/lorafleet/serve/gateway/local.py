@@ -111,11 +111,12 @@ class LocalBackend:
         if self._grammar_sandbox is not None:
             self._grammar_sandbox.close()
 
-    @property
-    def grammar_sandbox(self) -> GrammarSandbox:
-        """Where tenants' grammars compile (its worker processes start with the first one)."""
+    async def grammar_sandbox(self) -> GrammarSandbox:
+        """Where tenants' grammars compile, made with the first one (its worker processes start
+        then too). Off the event loop: reading a 150k-token vocabulary into llguidance takes a second."""
         if self._grammar_sandbox is None:
-            self._grammar_sandbox = GrammarSandbox(self.engine.grammars)
+            grammars = await asyncio.to_thread(lambda: self.engine.grammars)
+            self._grammar_sandbox = self._grammar_sandbox or GrammarSandbox(grammars)
         return self._grammar_sandbox
 
     async def ready_problem(self) -> str | None:
@@ -213,24 +214,16 @@ class LocalBackend:
     async def _grammar(
         self, response_format: dict | None, tools: ToolUse | None, tenant: str
     ) -> CompiledGrammar | None:
-        """The grammar the reply must follow: a JSON schema, JSON mode, or forced tool calls."""
+        """The grammar the reply must follow (a JSON schema, JSON mode, or forced tool calls),
+        compiled in the sandbox for `tenant`; None when the reply is free."""
         forced = tools is not None and tools.forced
         try:
-            if forced:
-                spec = {"tools": tools.tools, "only": tools.only, "parallel": tools.parallel}
-                return await self.grammar_sandbox.compile(tenant, "tool_calls", spec, "tools' parameter schemas")
-            kind = (response_format or {}).get("type", "text")
-            if kind == "json_object":
-                return await self.grammar_sandbox.compile(tenant, "json_schema", {"schema": None}, "JSON mode grammar")
-            if kind == "json_schema":
-                spec = response_format.get("json_schema")
-                if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
-                    raise GrammarError("response_format.json_schema must be {'name': ..., 'schema': {...}}")
-                schema = {"schema": spec.get("schema") or {"type": "object"}}
-                return await self.grammar_sandbox.compile(tenant, "json_schema", schema, "response_format schema")
+            constraint = _constraint(response_format, tools if forced else None)
+            if constraint is None:
+                return None
+            return await (await self.grammar_sandbox()).compile(tenant, *constraint)
         except GrammarError as err:
             raise APIError(400, str(err), "invalid_request", "tools" if forced else "response_format") from err
-        return None
 
     def _raw_prompt(self, prompt: str | list[int]) -> Example:
         if isinstance(prompt, str):
@@ -252,6 +245,23 @@ class LocalBackend:
             found = next((token for token in self._special_tokens if token in text), None)
             if found:
                 raise DataError(f"request: messages[{index}] contains the model's special token {found!r}")
+
+
+def _constraint(response_format: dict | None, forced_tools: ToolUse | None) -> tuple[str, dict, str] | None:
+    """What the sandbox compiles for a request: (`grammar.grammar_text`'s kind and spec, how a
+    refusal names it), or None when the reply is free."""
+    if forced_tools is not None:
+        spec = {"tools": forced_tools.tools, "only": forced_tools.only, "parallel": forced_tools.parallel}
+        return "tool_calls", spec, "tools' schemas"
+    kind = (response_format or {}).get("type", "text")
+    if kind == "json_object":
+        return "json_schema", {"schema": None}, "JSON mode grammar"
+    if kind != "json_schema":
+        return None
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+        raise GrammarError("response_format.json_schema must be {'name': ..., 'schema': {...}}")
+    return "json_schema", {"schema": spec.get("schema") or {"type": "object"}}, "response_format schema"
 
 
 def _prepared(prompts: tuple[Example, ...], n: int, adapter: str | None, params: SamplingParams) -> LocalRequest:
