@@ -115,23 +115,25 @@ async def victim_round(client: httpx.AsyncClient) -> list[tuple[httpx.Response, 
 
 
 def attack(url: str, hostile_bodies: list[dict], victim_extra: dict | None = None) -> tuple:
-    """The victim's unloaded p99, then its 12 requests (and `victim_extra`, sent with them) while
-    the hostile tenant's are under way: (unloaded p99, the victim's replies and latencies, the
-    hostile replies, `victim_extra`'s reply and latency or None)."""
+    """The victim's 12 requests (and `victim_extra`, sent with them) while the hostile tenant's are
+    under way, and its unloaded p99 from rounds of the same 12 before and after: (unloaded p99, the
+    victim's replies and latencies under attack, the hostile replies, `victim_extra`'s reply and
+    latency or None). The baseline is a tail estimated from 48 requests on either side of the
+    attack, so that a machine shared with other work does not make it a lucky draw."""
 
     async def run():
         async with httpx.AsyncClient(base_url=url, timeout=300) as client:
             await victim_round(client)  # warm: the first requests of a fresh server pay for its caches
-            # the unloaded p99 of three rounds: a tail estimated from 36 requests, not 12, so that a
-            # machine shared with other work does not make the baseline a lucky draw
-            rounds = [await victim_round(client) for _ in range(3)]
-            unloaded = p99([latency for replies in rounds for _, latency in replies])
+            calm = [await victim_round(client) for _ in range(2)]
             hostile = [asyncio.create_task(send(client, HOSTILE, body)) for body in hostile_bodies]
             await asyncio.sleep(0.3)  # the hostile compiles are under way
             extra = asyncio.create_task(send(client, VICTIM, victim_extra)) if victim_extra else None
             victim = await victim_round(client)
             hostile_replies = [reply for reply, _ in await asyncio.gather(*hostile)]
-            return unloaded, victim, hostile_replies, await extra if extra else None
+            extra_reply = await extra if extra else None
+            calm += [await victim_round(client) for _ in range(2)]
+            unloaded = p99([latency for replies in calm for _, latency in replies])
+            return unloaded, victim, hostile_replies, extra_reply
 
     return asyncio.run(run())
 
