@@ -316,6 +316,28 @@ def test_a_compile_past_its_memory_limit_ends_its_worker_not_the_server(tiny_gra
     assert memory.growth_mb < 64
 
 
+def test_a_schema_the_compiler_raises_on_is_refused_as_the_schemas_fault_and_its_worker_lives_on(tiny_grammars):
+    """llguidance raises ValueError on a number no double holds (`minimum: 10**300`): a 400 that
+    says so, not a worker ended and reported as out of memory."""
+    from lorafleet.serve.engine.grammar import GrammarError
+    from lorafleet.serve.engine.grammar_sandbox import GrammarSandbox
+
+    base, vocab = tiny_grammars
+    sandbox = GrammarSandbox(Grammars.for_tokenizer(base.tokenizer, vocab, GrammarLimits(compile_workers=1)))
+
+    async def compile(schema: dict):
+        return await sandbox.compile("a", "json_schema", {"schema": schema}, "response_format schema")
+
+    try:
+        with pytest.raises(GrammarError, match="the schema cannot be used for constrained decoding: ValueError"):
+            asyncio.run(compile({"type": "number", "minimum": 10**300}))
+        (worker,) = sandbox._workers
+        asyncio.run(compile({"type": "object"}))
+        assert sandbox._workers == [worker] and worker.alive, "the same worker compiles the next schema"
+    finally:
+        sandbox.close()
+
+
 def prompt(ids: list[int]) -> Example:
     tensor = torch.tensor(ids)
     return Example(tensor, torch.full_like(tensor, IGNORE_INDEX), None)
