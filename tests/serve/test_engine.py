@@ -213,3 +213,14 @@ def drain(stream) -> list:
             events.append(stream.get(timeout=0))
         except queue.Empty:
             return events
+
+
+def test_requests_wait_in_the_queue_until_the_engine_admits_them(tiny_lm_dir):
+    base = load_base(tiny_lm_dir)
+    engine = Engine(base, LoRAFleet(base.model))  # not started: nothing is admitted yet
+    params = SamplingParams(max_tokens=2, temperature=0)
+    engine.submit(prompt([5, 6, 7]), None, params)
+    engine.submit(prompt([8, 9]), None, params)
+    assert (engine.waiting, engine.running) == (2, 0)
+    engine.run_until_idle()
+    assert (engine.waiting, engine.running) == (0, 0)

@@ -267,6 +267,17 @@ def test_health_ready_metrics_and_request_log(keyed_server, fleet_dir):
     assert all(r[3] > 0 and r[4] is None for r in rows if r[2] == 200)
 
 
+def test_metrics_count_requests_and_tokens_per_tenant_and_the_queue(keyed_server):
+    url, _ = keyed_server
+    client(url, KEYS["legal-team"]).chat.completions.create(
+        model="legal", messages=[{"role": "user", "content": "count me"}], max_tokens=2
+    )
+    metrics = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEYS['ops']}"}).text
+    assert 'lorafleet_tenant_requests_total{model="legal",status="200",tenant="legal-team"}' in metrics
+    assert 'lorafleet_tenant_tokens_total{kind="completion",model="legal",tenant="legal-team"}' in metrics
+    assert "lorafleet_waiting_requests 0.0" in metrics
+
+
 @pytest.mark.slow
 def test_a_burst_of_200_concurrent_requests_gets_no_server_errors(keyed_server):
     url, _ = keyed_server

@@ -146,6 +146,12 @@ class Engine:
     def running(self) -> int:
         return len(self._rows)
 
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet admitted to the running batch."""
+        with self._waiting_lock:
+            return len(self._waiting)
+
     # --- the engine thread ----------------------------------------------------------------
 
     def run_until_idle(self) -> None:

@@ -20,7 +20,12 @@ UNKNOWN_MODEL = "unknown"  # the metric label and log name of a call before it n
 class Recorder:
     def __init__(self, server: FleetServer) -> None:
         self.server = server
-        self.metrics = Metrics(server.backend.running, lambda: server.audit.failures, lambda: server.audit.shipper)
+        self.metrics = Metrics(
+            server.backend.running,
+            lambda: server.audit.failures,
+            lambda: server.audit.shipper,
+            waiting=server.backend.waiting,
+        )
 
     def record(self, call: Call) -> None:
         """Record an ended call (`Call.finish`), once."""
@@ -49,7 +54,8 @@ class Recorder:
         # Metric labels only for models that exist and the caller may use: a client cannot mint
         # label values (each one is a time series held in memory and rendered on every scrape).
         label = call.model if call.known_model else UNKNOWN_MODEL
-        self.metrics.observe(label, call.status, call.prompt_tokens, call.completion_tokens, call.seconds)
+        tenant = call.tenant.name if call.tenant else ""  # a tenant of the keys file: a bounded label too
+        self.metrics.observe(label, call.status, call.prompt_tokens, call.completion_tokens, call.seconds, tenant)
         if call.first_token_seconds is not None:
             self.metrics.first_token.labels(label).observe(call.first_token_seconds)
 

@@ -103,6 +103,9 @@ class LocalBackend:
     def running(self) -> int:
         return self.engine.running
 
+    def waiting(self) -> int:
+        return self.engine.waiting
+
     def start(self) -> None:
         self.engine.start()
 

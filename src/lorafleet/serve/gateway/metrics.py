@@ -1,5 +1,7 @@
-"""Prometheus metrics per adapter: requests, tokens, latency, time to first token; and the audit
-log's: entries not written, and (when it is shipped off the host) shipped, not shipped, queued."""
+"""Prometheus metrics per adapter: requests, tokens, latency, time to first token; per tenant and
+adapter: requests and tokens (tenants are the keys file's, so their number is bounded); the
+engine's running and waiting requests; and the audit log's: entries not written, and (when it is
+shipped off the host) shipped, not shipped, queued."""
 
 from __future__ import annotations
 
@@ -19,12 +21,25 @@ class Metrics:
         running: Callable[[], int],
         audit_failures: Callable[[], int] = lambda: 0,
         audit_shipper: Callable[[], Shipper | None] = lambda: None,
+        waiting: Callable[[], int] = lambda: 0,
     ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "lorafleet_requests", "Chat completion requests", ["model", "status"], registry=self.registry
         )
         self.tokens = Counter("lorafleet_tokens", "Tokens processed", ["model", "kind"], registry=self.registry)
+        self.tenant_requests = Counter(
+            "lorafleet_tenant_requests",
+            "Requests per tenant (empty: a server without keys) and model",
+            ["tenant", "model", "status"],
+            registry=self.registry,
+        )
+        self.tenant_tokens = Counter(
+            "lorafleet_tenant_tokens",
+            "Tokens per tenant and model",
+            ["tenant", "model", "kind"],
+            registry=self.registry,
+        )
         self.latency = Histogram(
             "lorafleet_request_latency_seconds",
             "Request latency",
@@ -41,6 +56,10 @@ class Metrics:
         )
         running_gauge = Gauge("lorafleet_running_sequences", "Sequences in the running batch", registry=self.registry)
         running_gauge.set_function(running)
+        waiting_gauge = Gauge(
+            "lorafleet_waiting_requests", "Requests waiting for a place in the running batch", registry=self.registry
+        )
+        waiting_gauge.set_function(waiting)
         failures = Gauge(
             "lorafleet_audit_append_failures",
             "Audit log entries that could not be written, and checkpoints that could not be signed, since the "
@@ -50,11 +69,16 @@ class Metrics:
         failures.set_function(audit_failures)
         self.registry.register(_ShippingCollector(audit_shipper))
 
-    def observe(self, model: str, status: int, prompt_tokens: int, completion_tokens: int, seconds: float) -> None:
+    def observe(
+        self, model: str, status: int, prompt_tokens: int, completion_tokens: int, seconds: float, tenant: str = ""
+    ) -> None:
         self.requests.labels(model, str(status)).inc()
         self.tokens.labels(model, "prompt").inc(prompt_tokens)
         self.tokens.labels(model, "completion").inc(completion_tokens)
         self.latency.labels(model).observe(seconds)
+        self.tenant_requests.labels(tenant, model, str(status)).inc()
+        self.tenant_tokens.labels(tenant, model, "prompt").inc(prompt_tokens)
+        self.tenant_tokens.labels(tenant, model, "completion").inc(completion_tokens)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -52,6 +52,8 @@ class Backend(Protocol):
     @property
     def running(self) -> int: ...  # requests being generated now
 
+    def waiting(self) -> int: ...  # requests submitted and not yet generating (the engine's queue)
+
     def start(self) -> None: ...
 
     def close(self) -> None: ...

@@ -65,6 +65,9 @@ class UpstreamBackend:
     def running(self) -> int:
         return 0  # not observable from here; the upstream exports its own metrics
 
+    def waiting(self) -> int:
+        return 0  # vLLM's queue is vLLM's own (its /metrics: vllm:num_requests_waiting)
+
     def start(self) -> None:
         pass
 
