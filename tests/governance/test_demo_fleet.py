@@ -31,3 +31,13 @@ def test_the_demo_fleet_has_a_valid_audit_log_and_registry_rows_matching_its_fil
         assert lineage.base["weights_sha256"] == base_weights
         (data,) = lineage.data
         assert data.sha256 == sha256(out / "data" / f"{name}.jsonl") and data.images == data.records > 0
+
+
+@pytest.mark.slow  # trains the demo fleet (shared with the compression and eval tests)
+def test_the_demo_records_each_adapters_held_out_accuracy_beside_the_bases(trained_demo):
+    out, rows = trained_demo
+    records = {lineage.name: lineage for lineage in Registry(out).all()}
+    for row in rows:
+        held_out = sha256(out / "data" / f"{row.adapter}-test.jsonl")
+        scores = records[row.adapter].evaluation[held_out]
+        assert (scores["accuracy"], scores["base_accuracy"]) == (row.adapter_accuracy, row.base_accuracy)

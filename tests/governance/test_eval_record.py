@@ -27,6 +27,7 @@ def test_eval_results_land_in_the_registry_and_lineage_json(trained_fleet, tmp_p
         scores = Registry(fleet).find(name).evaluation[digest]
         assert scores["data"] == str(data.resolve()) and scores["questions"] == 3 and scores["format"] == "chat"
         assert (scores["accuracy"], scores["token_f1"]) == (overall[name]["accuracy"], overall[name]["token_f1"])
+        assert scores["base_accuracy"] == overall["base"]["accuracy"]  # what the adapter adds, in its record
         assert read_lineage(fleet / "adapters" / name).evaluation == {digest: scores}
     assert verify_chain(fleet).entries == verify_chain(trained_fleet[0]).entries + 1
     assert main(["registry", "show", "hr", "--fleet", str(fleet)]) == 0

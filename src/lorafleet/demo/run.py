@@ -27,6 +27,8 @@ from lorafleet.data.records import read_records
 from lorafleet.demo.synthetic import TASKS, write_task
 from lorafleet.eval.chat import exact_match_accuracy, reference_answers
 from lorafleet.eval.greedy import generate_replies
+from lorafleet.eval.run import BASE as BASE_MODEL
+from lorafleet.eval.run import record_scores
 from lorafleet.fleet_dir import BASE, FleetDir
 from lorafleet.governance.audit import verify_chain
 from lorafleet.models.loading import load_base
@@ -95,6 +97,7 @@ def run_demo(
     report = write_report(out)  # as `lorafleet train` does, before the evaluation can fail
     log("[5/5] held-out accuracy, greedy decoding")
     rows = evaluate_fleet(out)
+    record_demo_scores(out, rows)
     log(format_table(rows))
     if preference_steps:
         from lorafleet.demo.preference import describe, run_preference_stage
@@ -154,6 +157,15 @@ def evaluate_fleet(out: Path) -> list[DemoRow]:
         adapter_accuracy = exact_match_accuracy(generate_replies(base, fleet, task.department, records), answers)
         rows.append(DemoRow(task.department, base_accuracy, adapter_accuracy))
     return rows
+
+
+def record_demo_scores(out: Path, rows: list[DemoRow]) -> None:
+    """Each adapter's held-out accuracy, with the base's on the same file, into its registry record
+    (as `lorafleet eval` records them), so the fleet says what each adapter adds without a rerun."""
+    for row in rows:
+        held_out = out / "data" / f"{row.adapter}-test.jsonl"
+        scores = {row.adapter: {"accuracy": row.adapter_accuracy}, BASE_MODEL: {"accuracy": row.base_accuracy}}
+        record_scores(out, held_out, "chat", scores)
 
 
 def format_table(rows: list[DemoRow]) -> str:

@@ -154,17 +154,23 @@ def record_in_registry(fleet_dir: Path, data: Path, report: EvalReport) -> list[
 
 
 def record_scores(fleet_dir: Path, data: Path, kind: str, scores: dict[str, dict]) -> list[str]:
-    """`record_in_registry` for any evaluation: `scores` maps each model to its numbers."""
+    """`record_in_registry` for any evaluation: `scores` maps each model to its numbers. Each
+    adapter's record keeps the base's accuracy on the same file beside its own (`base_accuracy`),
+    so that what an adapter adds can be read from its record alone."""
     if not FleetDir(fleet_dir).database.exists():
         return []
     data_sha256, adapters, recorded = sha256_file(data), fleet_adapters(fleet_dir), {}
+    base_accuracy = scores.get(BASE, {}).get("accuracy")
     registry = Registry(fleet_dir)
     try:
         for name, numbers in scores.items():
             lineage = registry.get(weights_id(weight_hashes(adapters[name]))) if name in adapters else None
             if lineage is None:
                 continue
-            record_evaluation(lineage, data, data_sha256, {"format": kind, "evaluated": utc_now()} | numbers)
+            against_base = {"base_accuracy": base_accuracy} if base_accuracy is not None and name != BASE else {}
+            record_evaluation(
+                lineage, data, data_sha256, {"format": kind, "evaluated": utc_now()} | numbers | against_base
+            )
             registry.add(lineage)
             write_lineage(lineage, adapters[name], fleet_dir)
             recorded[name] = lineage.id
