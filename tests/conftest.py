@@ -24,6 +24,15 @@ if os.environ.get("LORAFLEET_TEST_DETERMINISTIC") == "1":
     torch.use_deterministic_algorithms(True)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report on the test item (item.report_setup, report_call, report_teardown), for
+    fixtures that keep evidence of a failure (the console's browser tests keep a screenshot)."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"report_{report.when}", report)
+
+
 @pytest.fixture(scope="session")
 def tiny_vlm_dir(tmp_path_factory) -> Path:
     return build_tiny_internvl(tmp_path_factory.mktemp("tiny-internvl"), seed=0)

@@ -2,7 +2,7 @@
 
 This module builds the top-level parser and runs the chosen command; each command group has a
 module of its own beside it, with its parser next to the handler that reads it: `demo`, `train`
-(train, plan, report), `serve` (serve, keys), `compress`, `cost`, `evaluate` (eval), `governance`
+(train, plan, report), `serve` (serve, keys), `console`, `compress`, `cost`, `evaluate` (eval), `governance`
 (audit, registry, docs) and `data`. It is the only place that parses arguments and prints.
 """
 
@@ -14,7 +14,7 @@ import sys
 import warnings
 
 from lorafleet import __version__
-from lorafleet.cli import compress, cost, data, demo, evaluate, governance, serve, train
+from lorafleet.cli import compress, console, cost, data, demo, evaluate, governance, serve, train
 from lorafleet.errors import LorafleetError
 
 EXAMPLES = """\
@@ -26,8 +26,9 @@ examples:
   lorafleet train fleet.yaml --resume     continue an interrupted run from its last checkpoint
   torchrun --nproc-per-node 4 -m lorafleet train fleet.yaml   the fleet on 4 GPUs (parallel: adapter or data)
   lorafleet plan fleet.yaml --budget-gb 80   predicted peak memory; how many adapters like these fit
-  lorafleet serve --fleet demo-out        OpenAI-compatible API on 127.0.0.1:8000 (base + adapters)
+  lorafleet serve --fleet demo-out        OpenAI-compatible API on 127.0.0.1:8000 (base + adapters), console at /ui
   lorafleet serve --fleet demo-out --keys keys.yaml --host 0.0.0.0    with tenants, keys and limits
+  lorafleet console --fleet demo-out      the web console alone (runs, lineage, audit) at http://127.0.0.1:8000/ui
   lorafleet keys new                      a fresh API key and the hash that goes in keys.yaml
   lorafleet compress --base demo-out/base --calib demo-out/data/marketing.jsonl --prune-mlp 0.5 --plan
                                           what pruning half the MLP would remove
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_train_parser(commands)
     train.add_plan_parser(commands)
     serve.add_serve_parser(commands)
+    console.add_console_parser(commands)
     compress.add_compress_parser(commands)
     serve.add_keys_parser(commands)
     cost.add_cost_parser(commands)

@@ -54,6 +54,12 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         help="entries held for shipping at most (default 10000); more are counted and shipped later from the log",
     )
     serve.add_argument(
+        "--manage-keys",
+        action="store_true",
+        help="with --keys, the web console (/ui) may create, revoke and rotate keys; it rewrites the keys file "
+        "(comments in it are not kept) and reloads it",
+    )
+    serve.add_argument(
         "--serve-withdrawn",
         action="store_true",
         help="load adapters the fleet's registry has withdrawn (lorafleet data forget) all the same",
@@ -151,11 +157,14 @@ def _grammar_limits(args: argparse.Namespace):
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    from lorafleet.errors import ConfigError
     from lorafleet.serve.gateway.images import ImagePolicy
     from lorafleet.serve.gateway.run import serve
     from lorafleet.serve.gateway.server import ServeOptions
     from lorafleet.serve.gateway.tenants import load_tenants
 
+    if args.manage_keys and not args.keys:
+        raise ConfigError("--manage-keys needs --keys FILE: the console manages the keys in that file")
     options = ServeOptions(
         fleet_dir=args.fleet,
         base_dir=args.base,
@@ -180,6 +189,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         audit_ship_to=args.audit_ship_to,
         audit_ship_queue=args.audit_ship_queue,
         grammar_limits=_grammar_limits(args),
+        manage_keys=args.manage_keys,
     )
     serve(options, args.host, args.port, log=lambda message: print(message, file=sys.stderr))
     return 0

@@ -4,7 +4,8 @@ to a serving object and returning its JSON or its stream.
 Routes: GET /v1/models and /v1/models/{id}, POST /v1/chat/completions and /v1/completions (JSON
 or SSE streaming; `n` choices, logprobs, structured output, tools), POST /v1/adapters and DELETE
 /v1/adapters/{name} (admin; vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter work too),
-POST /v1/keys/reload (admin), GET /health, /ready, /metrics. The gateway authenticates, applies
+POST /v1/keys/reload (admin), GET /health, /ready, /metrics, and the web console under /ui
+(console/app.py). The gateway authenticates, applies
 the tenant's adapters and limits, and records every call (access.py, accounting.py); the backend
 generates. Every error is OpenAI's error object with the matching status, and a bad request never
 disturbs the requests around it. A parameter of OpenAI's API that is not supported is refused
@@ -23,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from lorafleet.serve.gateway.access import Access
 from lorafleet.serve.gateway.accounting import Recorder
+from lorafleet.serve.gateway.console.app import mount_console, served_console
 from lorafleet.serve.gateway.errors import install_error_handlers
 from lorafleet.serve.gateway.protocol import (
     AdapterLoadRequest,
@@ -47,6 +49,7 @@ def create_app(server: FleetServer) -> FastAPI:
     app.state.completions = Completions(server, app.state.access, app.state.recorder)
     app.state.models = Models(server, app.state.access)
     app.include_router(router)
+    mount_console(app, served_console(server, app.state.recorder.metrics))  # /ui: console/app.py
     return app
 
 

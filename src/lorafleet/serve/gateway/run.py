@@ -9,9 +9,12 @@ import os
 import signal
 import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from lorafleet.errors import ConfigError
-from lorafleet.serve.gateway.server import FleetServer, ServeOptions
+
+if TYPE_CHECKING:  # the server (and torch) only where a server starts: `lorafleet console` needs neither
+    from lorafleet.serve.gateway.server import FleetServer, ServeOptions
 
 
 def is_loopback(host: str) -> bool:
@@ -58,6 +61,7 @@ def serve(options: ServeOptions, host: str, port: int, log: Callable[[str], None
     import uvicorn
 
     from lorafleet.serve.gateway.api import create_app
+    from lorafleet.serve.gateway.server import FleetServer
 
     check_address(host, options)
     listener = take_port(host, port)
@@ -77,8 +81,10 @@ def serve(options: ServeOptions, host: str, port: int, log: Callable[[str], None
     # exception instead, it unwinds through the `finally` below.
     signal.signal(signal.SIGTERM, _exit)
     try:
-        config = uvicorn.Config(create_app(server), host=host, port=port, log_level="warning")
-        uvicorn.Server(config).run(sockets=[listener])
+        app = create_app(server)
+        web = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        app.state.console.stopping = lambda: web.should_exit  # an open console tab must not hold up the stop
+        web.run(sockets=[listener])
     finally:
         server.close()
 

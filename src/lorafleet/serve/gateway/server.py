@@ -112,6 +112,7 @@ class ServeOptions:
     audit_ship_queue: int = 10_000  # entries waiting to be shipped at most; more are counted, shipped later
     # structured output: schema caps, the compile sandbox's limits, the mask budget (docs/security.md)
     grammar_limits: GrammarLimits = field(default_factory=GrammarLimits)
+    manage_keys: bool = False  # the console may create, revoke and rotate keys by rewriting the keys file
 
 
 def not_a_fleet_directory(path: Path) -> str:
