@@ -28,6 +28,7 @@ SMALLEST = {
     "preference_reference.py": ["--steps", "2", "--pairs", "8"],
     "distributed_cpu.py": ["--processes", "2", "--steps", "2", "--modes", "fsdp2"],
     "grammar_compile.py": ["--repeats", "2", "--sizes", "3,30"],
+    "console_first_paint.py": ["--adapters", "3", "--metric-lines", "300", "--repeat", "1"],
 }
 # Every row of the GPU suite at its smallest size on a CPU (gpu_suite.sh's knobs).
 SMALLEST_SUITE = {
@@ -95,6 +96,11 @@ def check_grammar_compile(result: dict) -> None:
     positive(result, "worker_start_s", "in_process_ms", "sandbox_cold_ms", "sandbox_cached_ms", "row_start_ms")
 
 
+def check_console_first_paint(result: dict) -> None:
+    positive(result, "first_contentful_paint_ms", "ready_ms")
+    assert set(result["ready_ms"]) == {"fleet", "runs"}
+
+
 CHECKS = {
     "train_throughput": check_train_throughput,
     "serve_throughput": check_serve_throughput,
@@ -102,6 +108,7 @@ CHECKS = {
     "preference_reference": check_preference_reference,
     "distributed_cpu": check_distributed_cpu,
     "grammar_compile": check_grammar_compile,
+    "console_first_paint": check_console_first_paint,
 }
 
 
