@@ -183,7 +183,7 @@ def keep_screenshot(browser: Browser, name: str) -> None:
     """Save the page as docs/console/NAME.png when asked to (LORAFLEET_CONSOLE_SCREENSHOTS=docs/console)."""
     directory = os.environ.get("LORAFLEET_CONSOLE_SCREENSHOTS")
     if directory:
-        browser.page.set_viewport_size({"width": 1360, "height": 900})
+        browser.page.evaluate("() => window.scrollTo(0, 0)")
         browser.page.screenshot(path=str(Path(directory) / f"{name}.png"))
 
 
@@ -220,9 +220,10 @@ def test_the_fleet_page_lists_every_adapter_with_its_scores_against_the_base(bro
         assert float(score.get_attribute("data-accuracy")) == pytest.approx(row.adapter_accuracy)
         assert f"{100 * row.base_accuracy:.0f}% → {100 * row.adapter_accuracy:.0f}%" in score.inner_text()
         assert cells.locator("td").nth(1).inner_text() == "yes"  # served
+    page.wait_for_selector(f"#lineage g.node[data-name='{COMPRESSED}']")
+    keep_screenshot(browser, "fleet")
     page.click("#adapters tr[data-adapter='marketing'] a.doc-link:has-text('model card')")
     page.wait_for_selector("#document-text:has-text('marketing')")
-    keep_screenshot(browser, "fleet")
 
 
 def test_the_lineage_graph_shows_a_compressed_models_parents(browser):
@@ -340,13 +341,20 @@ def test_the_audit_page_flags_an_edited_log(browser, fleet):
     page.wait_for_selector("#verification[data-valid='true']")
     page.fill("#audit-event", "serve.key_")
     page.click("#audit-form button[type=submit]")
-    page.wait_for_selector("#entries tr[data-event='serve.key_revoked']")
+    page.wait_for_function(ONLY_KEY_EVENTS_LISTED)
+    assert page.locator("#entries tr[data-event='serve.key_revoked']").count() == 1
     keep_screenshot(browser, "audit")
     segment, number = edit_audit_entry(fleet, "serve.key_created", b'"contractor"', b'"contractoR"')
     page.click("#audit-form button[type=submit]")
     page.wait_for_selector("#verification[data-valid='false']")
     assert f"{segment}:{number}" in page.inner_text("#verification")
     assert page.inner_text("#entries tr[data-event='serve.key_created'] td:last-child") == "EDITED"
+
+
+ONLY_KEY_EVENTS_LISTED = """() => {
+    const rows = [...document.querySelectorAll('#entries tbody tr')];
+    return rows.length > 0 && rows.every((row) => row.dataset.event.startsWith('serve.key_'));
+}"""
 
 
 def edit_audit_entry(fleet: Path, event: str, old: bytes, new: bytes) -> tuple[str, int]:

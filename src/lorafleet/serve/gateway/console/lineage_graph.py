@@ -16,6 +16,7 @@ from pathlib import Path
 from lorafleet.governance.lineage import Lineage
 
 COLUMN, ROW, NODE_W, NODE_H, MARGIN = 230, 56, 180, 36, 16
+LANE = 22  # above the top row: where an edge that skips a column runs, so it crosses no node
 FILL = {"base": "#e8eef8", "adapter": "#e9f5ea", "model": "#fdf1e1", "external": "#f1f1f1"}
 
 
@@ -95,7 +96,7 @@ def render_svg(nodes: dict[str, Node], edges: list[Edge]) -> str:
             '<text x="8" y="24">no registry records yet</text></svg>'
         )
     width = MARGIN * 2 + max(node.column for node in nodes.values()) * COLUMN + NODE_W
-    height = MARGIN * 2 + max(node.row for node in nodes.values()) * ROW + NODE_H
+    height = MARGIN * 2 + LANE + max(node.row for node in nodes.values()) * ROW + NODE_H
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" class="lineage" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" role="img" aria-label="lineage graph">',
@@ -109,19 +110,26 @@ def render_svg(nodes: dict[str, Node], edges: list[Edge]) -> str:
 
 
 def _position(node: Node) -> tuple[int, int]:
-    return MARGIN + node.column * COLUMN, MARGIN + node.row * ROW
+    return MARGIN + node.column * COLUMN, MARGIN + LANE + node.row * ROW
 
 
 def _edge_svg(edge: Edge, nodes: dict[str, Node]) -> str:
-    (x1, y1), (x2, y2) = _position(nodes[edge.parent]), _position(nodes[edge.child])
+    parent_node, child_node = nodes[edge.parent], nodes[edge.child]
+    (x1, y1), (x2, y2) = _position(parent_node), _position(child_node)
     x1, y1, x2, y2 = x1 + NODE_W, y1 + NODE_H // 2, x2, y2 + NODE_H // 2
-    bend = (x2 - x1) // 2
-    label_x, label_y = (x1 + x2) // 2, (y1 + y2) // 2 - 4
-    parent, child, relation = escape(nodes[edge.parent].name), escape(nodes[edge.child].name), escape(edge.relation)
+    if child_node.column - parent_node.column > 1:  # over the columns between, along the lane
+        lane = MARGIN + LANE // 2
+        path = f"M{x1},{y1} C{x1 + 20},{y1} {x1 + 4},{lane} {x1 + 24},{lane} L{x2 - 24},{lane} "
+        path += f"C{x2 - 4},{lane} {x2 - 20},{y2} {x2},{y2}"
+        label_x, label_y = (x1 + x2) // 2, lane - 3
+    else:
+        bend = (x2 - x1) // 2
+        path = f"M{x1},{y1} C{x1 + bend},{y1} {x2 - bend},{y2} {x2},{y2}"
+        label_x, label_y = (x1 + x2) // 2, (y1 + y2) // 2 - 4
+    parent, child, relation = escape(parent_node.name), escape(child_node.name), escape(edge.relation)
     return (
         f'<g class="edge" data-parent="{parent}" data-child="{child}" data-relation="{relation}">'
-        f'<path d="M{x1},{y1} C{x1 + bend},{y1} {x2 - bend},{y2} {x2},{y2}" '
-        f'fill="none" stroke="#889" stroke-width="1.4" marker-end="url(#arrow)"/>'
+        f'<path d="{path}" fill="none" stroke="#889" stroke-width="1.4" marker-end="url(#arrow)"/>'
         f'<text x="{label_x}" y="{label_y}" font-size="10" fill="#556" text-anchor="middle">{relation}</text></g>'
     )
 
