@@ -129,19 +129,7 @@ function startLive(query, handlers) {
       try {
         const response = await fetch(`/ui/api/live?${query()}`, { headers: headers(), signal: controller.signal });
         if (!response.ok) throw new Error(await errorMessage(response));
-        const reader = response.body.getReader();
-        const decoder = new TextDecoder();
-        let buffer = "";
-        for (;;) {
-          const { value, done } = await reader.read();
-          if (done) break;
-          buffer += decoder.decode(value, { stream: true });
-          let end;
-          while ((end = buffer.indexOf("\n\n")) >= 0) {
-            dispatch(buffer.slice(0, end), handlers);
-            buffer = buffer.slice(end + 2);
-          }
-        }
+        await readEventBlocks(response, (block) => dispatch(block, handlers));
       } catch (err) {
         if (controller.signal.aborted) return;
       }
@@ -149,6 +137,23 @@ function startLive(query, handlers) {
     }
   };
   connect();
+}
+
+// Calls onBlock with each Server-Sent Events block (the text between blank lines) of a streamed response.
+async function readEventBlocks(response, onBlock) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      onBlock(buffer.slice(0, end));
+      buffer = buffer.slice(end + 2);
+    }
+  }
 }
 
 function dispatch(block, handlers) {
@@ -386,24 +391,15 @@ async function streamAnswer(pane, body) {
   try {
     const response = await fetch("/v1/chat/completions", { method: "POST", headers: headers({ "Content-Type": "application/json" }), body: JSON.stringify(body) });
     if (!response.ok) throw new Error(await errorMessage(response));
-    const reader = response.body.getReader();
-    const decoder = new TextDecoder();
-    let buffer = "", chunks = 0;
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buffer += decoder.decode(value, { stream: true });
-      let end;
-      while ((end = buffer.indexOf("\n\n")) >= 0) {
-        const line = buffer.slice(0, end).trim();
-        buffer = buffer.slice(end + 2);
-        if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
-        const chunk = JSON.parse(line.slice(6));
-        const delta = chunk.choices && chunk.choices[0] ? chunk.choices[0].delta.content || "" : "";
-        if (delta) { pane.text.textContent += delta; chunks++; pane.pane.dataset.chunks = String(chunks); }
-        if (chunk.choices && chunk.choices[0] && chunk.choices[0].finish_reason) pane.status.textContent = `finished: ${chunk.choices[0].finish_reason}`;
-      }
-    }
+    let chunks = 0;
+    await readEventBlocks(response, (block) => {
+      const line = block.trim();
+      if (!line.startsWith("data: ") || line === "data: [DONE]") return;
+      const chunk = JSON.parse(line.slice(6));
+      const delta = chunk.choices && chunk.choices[0] ? chunk.choices[0].delta.content || "" : "";
+      if (delta) { pane.text.textContent += delta; chunks++; pane.pane.dataset.chunks = String(chunks); }
+      if (chunk.choices && chunk.choices[0] && chunk.choices[0].finish_reason) pane.status.textContent = `finished: ${chunk.choices[0].finish_reason}`;
+    });
     pane.status.textContent += ` in ${((performance.now() - started) / 1000).toFixed(2)} s`;
   } catch (err) {
     pane.pane.classList.add("failed");
