@@ -44,7 +44,7 @@ def seconds_per_step(base: Path, data: Path, output: Path, steps: int, keep_refe
     spec = FleetSpec(base=str(base), output=str(output), adapters=[adapter], checkpoint_every=0)
     trainer = FleetTrainer(spec, progress=False)
     if not keep_references:
-        trainer.on_step = lambda step: trainer.reference_logps.clear()
+        trainer.on_step = lambda step: trainer.references.logps.clear()
     started = time.perf_counter()
     trainer.run()
     return (time.perf_counter() - started) / steps

@@ -209,7 +209,7 @@ def run_fleet(args, base: FrozenBase, specs: list[AdapterSpec], output: Path) ->
 
         base.model.set_attn_implementation(varlen.register() if attention == "varlen" else attention)
     trainer = FleetTrainer(spec, base=base, progress=False, on_step=mark)
-    predicted = trainer.predicted_memory(specs)
+    predicted = trainer.admission.predicted_memory(specs)
     trainer.run()
     # The last step also writes the finished adapters to disk: time up to the step before it.
     (start, start_tokens), (end, end_tokens) = marks[args.warmup - 1], marks[-2]

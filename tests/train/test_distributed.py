@@ -301,15 +301,14 @@ def test_data_parallel_preference_adapters_equal_the_single_process_run(tiny_lm_
 def test_a_share_of_the_pairs_scales_preference_statistics_in_their_own_dtype():
     """A process's share (here 1/3) scales its preference statistics in their dtype: a float64 run
     logs float64 numbers (the share used to be rounded to float32 first: 3e-8 off)."""
-    from lorafleet.train.objectives import AnswerLogProbs, preference_loss
-    from lorafleet.train.trainer import shared_preference_loss
+    from lorafleet.train.objectives import AnswerLogProbs, objective_for, preference_loss
 
     values = lambda *numbers: torch.tensor(numbers, dtype=torch.float64)  # noqa: E731
     logps = AnswerLogProbs(values(-20.0, -21.0), values(-20.5, -20.5), values(1, 1), torch.float64)
     for objective in ("dpo", "mpo"):
         spec = AdapterSpec(name="x", data="x", objective=objective)
         _, whole = preference_loss(spec, logps)
-        _, share = shared_preference_loss(spec, logps, 1 / 3, 1 / 3)
+        _, share = objective_for(spec).shared_loss(logps, 1 / 3, 1 / 3)
         assert torch.equal(share, whole * (1 / 3)), objective
 
 

@@ -100,7 +100,7 @@ def test_a_fleet_step_never_waits_for_the_device(tmp_path, packing):
         from lorafleet.models import varlen
 
         base.model.set_attn_implementation(varlen.register())
-        trainer._attention = "varlen"
+        trainer.layout.attention = "varlen"
     trainer._prepare_output(resume=False)
     trainer._admit()
     trainer._step()  # warm: caches, optimizer state
@@ -153,7 +153,7 @@ def test_memory_prediction_is_within_15_percent_of_the_measured_peak(tmp_path, s
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     trainer = FleetTrainer(spec, base=base, progress=False)
-    predicted = trainer.predicted_memory(adapters).total
+    predicted = trainer.admission.predicted_memory(adapters).total
     trainer.run()
     measured = torch.cuda.max_memory_allocated()
     assert 0.85 * measured <= predicted <= 1.15 * measured, (

@@ -13,10 +13,11 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from lorafleet.adapters.fleet import LoRAFleet, LoRAShape, find_target_modules
 from lorafleet.config import ALL_PROJECTIONS, AdapterSpec, FleetSpec
 from lorafleet.models.attention import training_attention
+from lorafleet.models.hf_compat import checkpoint_decoder_layers
 from lorafleet.segments import Segment
 from lorafleet.train import memory
 from lorafleet.train.loss import chunked_segment_losses
-from lorafleet.train.trainer import FleetTrainer, checkpoint_decoder_layers, train_fleet
+from lorafleet.train.trainer import FleetTrainer, train_fleet
 from tests import tolerances
 from tests.conftest import write_text_dataset
 from tests.train.test_loss import saved_bytes
@@ -91,8 +92,8 @@ def fleet_spec(base, tmp_path, data, **options):
 def test_admission_keeps_the_predicted_peak_within_the_budget(tiny_lm_dir, tmp_path):
     data = write_text_dataset(tmp_path / "d.jsonl", n=8, seed=0)
     probe = FleetTrainer(fleet_spec(tiny_lm_dir, tmp_path / "probe", data), progress=False)
-    two = probe.predicted_memory(probe.spec.adapters[:2]).total
-    three = probe.predicted_memory(probe.spec.adapters).total
+    two = probe.admission.predicted_memory(probe.spec.adapters[:2]).total
+    three = probe.admission.predicted_memory(probe.spec.adapters).total
     assert two < three
     budget_gb = (two + three) / 2 / memory.GIB
 

@@ -141,7 +141,7 @@ def fleet_loss_and_gradients(model_dir, data, init_dir, spec_changes: dict, pair
     trainer._prepare_output(resume=False)
     trainer._admit()
     step = trainer._prepare_step()
-    step.references = trainer._references({0: (trainer.active[0], step.pairs[0])})
+    trainer.references.look_up(trainer.active, step.parts)
     losses, _ = trainer._forward_backward(step)
     gradients = {name: weight.grad.clone() for name, weight in trainer.fleet.named_weights("p")}
     return losses[0].item(), gradients

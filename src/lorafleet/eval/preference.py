@@ -27,7 +27,7 @@ from lorafleet.data.preference import PreferencePair, load_preference_pairs
 from lorafleet.fleet_dir import find_base_dir
 from lorafleet.models.loading import FrozenBase, load_base
 from lorafleet.train.objectives import rounding_noise, wins
-from lorafleet.train.trainer import answer_logps
+from lorafleet.train.scoring import answer_logps
 
 
 @dataclass

@@ -1,11 +1,12 @@
 """Every use of a transformers internal, in one place, each with its own test.
 
 lorafleet builds on transformers' model definitions but reaches past their public API in a few
-places: the decoder without its head, the per-layer gradient-checkpointing hook, the KV cache a
-prefill returns, the attention-function registry, the SDPA attention function, the weight-name
-conversion of checkpoints, and the RMSNorm forward of a float64 model. Those change between
-releases (`past_key_values` became `cache` in 5.23 and goes away in 5.40), so nothing else imports
-them: when a release moves one, this module and tests/models/test_hf_compat.py are what change.
+places: the decoder without its head, the per-layer gradient-checkpointing hook (set on each of
+the decoder layers, which regional compilation walks too), the KV cache a prefill returns, the
+attention-function registry, the SDPA attention function, the weight-name conversion of
+checkpoints, and the RMSNorm forward of a float64 model. Those change between releases
+(`past_key_values` became `cache` in 5.23 and goes away in 5.40), so nothing else imports them:
+when a release moves one, this module and tests/models/test_hf_compat.py are what change.
 pyproject pins transformers to the releases the suite has passed on.
 """
 
@@ -39,6 +40,23 @@ def checkpoint_layer(layer: nn.Module) -> None:
     layer.gradient_checkpointing = True
     layer._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
     layer.training = True
+
+
+def checkpoint_decoder_layers(language_model: nn.Module) -> None:
+    """Recompute every decoder layer in backward (transformers' own checkpointing hook, non-reentrant).
+    Only the layers are put in training mode, which that hook requires; the frozen base otherwise
+    stays in eval mode. LoRA dropout masks are reproduced exactly (the RNG state is preserved)."""
+    for layer in language_model.layers:
+        checkpoint_layer(layer)
+
+
+def compile_decoder_layers(language_model: nn.Module) -> None:
+    """Regional compilation: every decoder layer through torch.compile. The layers share their
+    code, so one compiled graph serves all of them; a new routing (adapters joining or leaving, a
+    new padded length) compiles once more, hence the larger cache."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for layer in language_model.layers:
+        layer.compile()
 
 
 def prefill_with_cache(model: nn.Module, inputs: dict) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:

@@ -1,8 +1,9 @@
-"""One adapter's training job: its data stream, optimizer, schedule and counters.
+"""One adapter's training job: its objective, data stream, optimizer, schedule and counters.
 
 The fleet trainer owns the shared forward/backward and the fleet's optimizer; everything that is
-an adapter's own (when it steps, its schedule, its optimizer state) lives here or under its name
-in the optimizer, so adapters never affect each other.
+an adapter's own (what it learns from, when it steps, its schedule, its optimizer state) lives
+here, in its objective (train/objectives.py) or under its name in the optimizer, so adapters never
+affect each other.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from transformers import get_scheduler
 
 from lorafleet.config import AdapterSpec
 from lorafleet.data.stream import ExampleStream
+from lorafleet.train.objectives import Objective
 from lorafleet.train.optimizer import FleetAdamW
 
 _SCHEDULER_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -43,9 +45,15 @@ def build_schedule(spec: AdapterSpec, total_steps: int) -> torch.optim.lr_schedu
 
 class AdapterJob:
     def __init__(
-        self, spec: AdapterSpec, stream: ExampleStream, params: list[torch.nn.Parameter], optimizer: FleetAdamW
+        self,
+        spec: AdapterSpec,
+        objective: Objective,
+        stream: ExampleStream,
+        params: list[torch.nn.Parameter],
+        optimizer: FleetAdamW,
     ) -> None:
         self.spec = spec
+        self.objective = objective
         self.stream = stream
         self.params = params
         self.total_steps = total_optimizer_steps(spec, len(stream.examples))

@@ -3,7 +3,8 @@
 Reads the fleet spec and the data (tokenised as the trainer will), builds the base on the meta
 device (no weights read), and prints the memory model's prediction (train/memory.py) for each
 adapter alone, for the adapters the trainer would run together, and the largest number of copies
-of the fleet's biggest adapter that fit in the budget.
+of the fleet's biggest adapter that fit in the budget. It asks the trainer's own admission
+(train/admission.py), without building a trainer.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from dataclasses import dataclass, field
 import torch
 
 from lorafleet.config import FleetSpec
-from lorafleet.models.loading import default_device, default_dtype, load_base
+from lorafleet.models.loading import FrozenBase, default_device, default_dtype, load_base
 from lorafleet.train import distributed, memory
-from lorafleet.train.trainer import FleetTrainer
+from lorafleet.train.admission import Admission, target_modules
+from lorafleet.train.objectives import objective_for
 
 
 @dataclass
@@ -63,36 +65,42 @@ def training_dtype(spec: FleetSpec) -> torch.dtype:
 def plan_fleet(spec: FleetSpec, budget_gb: float | None = None, dtype: torch.dtype | None = None) -> FleetPlan:
     dtype = dtype or training_dtype(spec)
     base = load_base(spec.base, dtype=dtype, weights=False)
-    trainer = FleetTrainer(spec, base=base, progress=False)
+    shape = memory.model_shape(base.model)
     if spec.quantize_base == "nf4":  # the skeleton is unquantized: count its language-model Linears as NF4
-        trainer.shape = _with_nf4_weights(trainer.shape, base.language_model, dtype)
+        shape = _with_nf4_weights(shape, base.language_model, dtype)
     budget_gb = budget_gb or spec.memory_budget_gb
     budget = int(budget_gb * memory.GIB) if budget_gb else _local_gpu_budget()
-    trainer.memory_budget = budget
-    alone = {a.name: trainer.predicted_memory([a]) for a in spec.adapters}
+    targets = {a.name: target_modules(base, a) for a in spec.adapters if a.init_from is None}
+    admission = Admission(spec, base, training_items(spec, base), targets, budget, shape)
+    alone = {a.name: admission.predicted_memory([a]) for a in spec.adapters}
     together = []  # the first adapters the trainer admits: the first always, then while they fit
     for adapter in spec.adapters[: spec.max_concurrent]:
-        if together and not trainer.within_budget([*together, adapter]):
+        if together and not admission.within_budget([*together, adapter]):
             break
         together.append(adapter)
-    loads = {a.name: trainer.adapter_load(a) for a in spec.adapters}
-    work = {a.name: trainer.adapter_work(a) for a in spec.adapters}
-    parallel = [option for world in WORLDS for option in parallel_options(trainer, loads, work, world)]
+    loads = {a.name: admission.load(a) for a in spec.adapters}
+    work = {a.name: admission.work(a) for a in spec.adapters}
+    parallel = [option for world in WORLDS for option in parallel_options(admission, loads, work, world)]
     return FleetPlan(
         dtype=str(dtype).removeprefix("torch."),
         weights=alone[spec.adapters[0].name].weights,
         alone=alone,
         together=[a.name for a in together],
-        together_estimate=trainer.predicted_memory(together),
+        together_estimate=admission.predicted_memory(together),
         budget=budget,
-        fit_count=_copies_that_fit(trainer, loads, budget) if budget is not None else None,
+        fit_count=_copies_that_fit(admission, loads, budget) if budget is not None else None,
         loads=loads,
         parallel=parallel,
     )
 
 
+def training_items(spec: FleetSpec, base: FrozenBase) -> dict[str, list]:
+    """Each adapter's training items, read and tokenised as the trainer reads them."""
+    return {a.name: objective_for(a).load(a.data, base, spec)[0] for a in spec.adapters}
+
+
 def parallel_options(
-    trainer: FleetTrainer, loads: dict[str, memory.AdapterLoad], work: dict[str, float], world: int
+    admission: Admission, loads: dict[str, memory.AdapterLoad], work: dict[str, float], world: int
 ) -> list[ParallelOption]:
     """The fleet on `world` processes in each mode: the busiest process's peak memory with every
     adapter running at once, what each process sends per step (ring all-reduce: 2(w-1)/w of the
@@ -101,30 +109,30 @@ def parallel_options(
     ring = 2 * (world - 1) / world
     shares = distributed.place(work, world)
     if world == 1:  # one process: every mode is the single-process fleet
-        estimate = trainer.predicted_memory_of(list(loads.values()))
+        estimate = admission.predicted_memory_of(list(loads.values()))
         return [ParallelOption("single", 1, peak=estimate.total, traffic=0, speedup=1.0)]
     busiest = max(sum(work[name] for name in share) for share in shares)
     adapter = ParallelOption(
         "adapter",
         world,
-        peak=max(trainer.predicted_memory_of([loads[name] for name in share]).total for share in shares),
+        peak=max(admission.predicted_memory_of([loads[name] for name in share]).total for share in shares),
         traffic=0,
         speedup=sum(work.values()) / busiest,
     )
     split = [dataclasses.replace(load, rows=math.ceil(load.rows / world)) for load in loads.values()]
-    data_estimate = trainer.predicted_memory_of(split)
+    data_estimate = admission.predicted_memory_of(split)
     data = ParallelOption(
         "data",
         world,
         peak=data_estimate.total,
         traffic=int(ring * lora_bytes),
         speedup=float(world),
-        possible=all(spec.micro_batch_size >= world for spec in trainer.spec.adapters),  # pairs split whole
+        possible=all(spec.micro_batch_size >= world for spec in admission.spec.adapters),  # pairs split whole
     )
     # FSDP2 of the frozen base (data mode, shard_base): each process keeps 1/world of the weights and
     # gathers the rest of one decoder layer at a time (two with prefetch), in forward and in backward.
-    shape = trainer.shape
-    layer = (data_estimate.weights - shape.vocab * shape.hidden * trainer.base.dtype.itemsize) / max(shape.layers, 1)
+    shape = admission.shape
+    layer = (data_estimate.weights - shape.vocab * shape.hidden * admission.base.dtype.itemsize) / max(shape.layers, 1)
     gathered = min(2, shape.layers) * layer * (world - 1) / world
     sharded = data_estimate.weights / world + gathered
     fsdp = ParallelOption(
@@ -144,7 +152,7 @@ def gpus_needed(plan: FleetPlan, mode: str) -> int | None:
     return next((o.world for o in options if o.fits(plan.budget)), None)
 
 
-def _copies_that_fit(trainer: FleetTrainer, loads: dict, budget: int, limit: int = 100_000) -> int:
+def _copies_that_fit(admission: Admission, loads: dict, budget: int, limit: int = 100_000) -> int:
     """The most copies of the fleet's largest adapter whose step fits the budget (the prediction
     grows with every copy, so a doubling then bisection search finds it)."""
     largest = max(
@@ -153,7 +161,7 @@ def _copies_that_fit(trainer: FleetTrainer, loads: dict, budget: int, limit: int
 
     def fits(count: int) -> bool:
         copies = [dataclasses.replace(largest, name=f"copy{i}") for i in range(count)]
-        return trainer.predicted_memory_of(copies).total <= budget
+        return admission.predicted_memory_of(copies).total <= budget
 
     if not fits(1):
         return 0
