@@ -64,6 +64,7 @@ class SingleProcess:
     mail: Mail | None = None  # adapter-parallel: what this process sends process 0 when they meet
 
     def on_this_process(self, spec: FleetSpec) -> FleetSpec:
+        """The fleet as this process runs it (on its own device), refused when the mode cannot run it."""
         return spec
 
     @property
@@ -117,6 +118,8 @@ class SingleProcess:
 
 
 class DataParallel(SingleProcess):
+    """Every adapter on every process, each micro-batch split between them."""
+
     def __init__(self, group: Group) -> None:
         self.group, self.rank, self.world = group, group.rank, group.world
         self.shards_base = group.shards_base
@@ -238,6 +241,8 @@ class Mail:
 
 
 class AdapterParallel(SingleProcess):
+    """Each process trains its share of the adapters; they meet at checkpoint steps and at the end."""
+
     def __init__(self, group: Group) -> None:
         self.group, self.rank, self.world = group, group.rank, group.world
         self.mail = Mail()
