@@ -80,3 +80,20 @@ def test_limits_in_exponent_notation_are_numbers(tmp_path):
     path.write_text("tenants:\n  - {name: a, key: k, requests_per_minute: 6e1, tokens_per_minute: 2e4}\n")
     (tenant,) = load_tenants(path).tenants
     assert (tenant.requests_per_minute, tenant.tokens_per_minute) == (60, 20000)
+
+
+def test_the_token_window_keeps_a_running_total_through_reserve_settle_and_expiry():
+    tenant = Tenant("t", hash_key("k"), None, tokens_per_minute=100)
+    assert tenant.exceeds_allowance(101) and not tenant.exceeds_allowance(100)
+    assert tenant.reserve(101, now=0.0)[0] is None, "more than the whole minute never fits, even in an empty window"
+    first, _ = tenant.reserve(60, now=0.0)
+    assert tenant.reserve(50, now=1.0) == (None, pytest.approx(59.0))
+    tenant.settle(first, 10)  # it used less than it held: room for the next one
+    second, _ = tenant.reserve(50, now=1.0)
+    assert second is not None and tenant.retry_after(now=2.0) is None
+    assert tenant.reserve(41, now=2.0)[0] is None and tenant.reserve(40, now=2.0)[0] is not None
+    tenant.settle(second, 50)
+    assert tenant.retry_after(now=30.0) == pytest.approx(30.0)  # 100 used: full until the first leaves
+    assert tenant.retry_after(now=60.5) is None  # the first has left the window
+    tenant.settle(first, 1000)  # settled after it left: it no longer counts
+    assert tenant.reserve(10, now=60.5)[0] is not None

@@ -13,7 +13,7 @@ from fastapi import Request
 from lorafleet.errors import LorafleetError
 from lorafleet.serve.gateway.errors import APIError
 from lorafleet.serve.gateway.server import FleetServer
-from lorafleet.serve.gateway.tenants import Tenant
+from lorafleet.serve.gateway.tenants import Reservation, Tenant
 
 
 class Access:
@@ -80,12 +80,23 @@ def check_rate(tenant: Tenant | None) -> None:
     tenant.record_request()
 
 
-def reserve_tokens(tenant: Tenant | None, most: int) -> list | None:
-    """Hold the most a request can use (`PreparedRequest.most_tokens`) against the tenant's tokens
-    per minute before it runs, so that a burst cannot overrun the limit; accounting settles the
-    reservation to what the request really used. None when the tenant has no token limit."""
+def reserve_tokens(tenant: Tenant | None, most: int) -> Reservation | None:
+    """Hold the most a request can use (`PreparedRequest.most_tokens`: every prompt, and every
+    choice of every prompt at its cap) against the tenant's tokens per minute before it runs, so
+    that a burst cannot overrun the limit; accounting settles the reservation to what the request
+    really used. A request that could use more than the tenant's whole minute is refused outright,
+    as OpenAI refuses it ("Request too large"): no wait would let it run. None when the tenant has
+    no token limit."""
     if tenant is None or tenant.tokens_per_minute is None:
         return None
+    if tenant.exceeds_allowance(most):
+        raise APIError(
+            429,
+            f"Request too large for tenant {tenant.name} on tokens per minute: limit {tenant.tokens_per_minute}, "
+            f"requested up to {most} (each prompt, and n replies of up to max_tokens to each). Send fewer "
+            "prompts, a smaller n or a smaller max_tokens",
+            "rate_limit_exceeded",
+        )
     reservation, wait = tenant.reserve(most)
     if reservation is None:
         raise _too_many(f"Token rate limit reached for tenant {tenant.name}; retry in {wait:.0f} s.", wait)

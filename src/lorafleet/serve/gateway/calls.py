@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from lorafleet.serve.gateway.tenants import Tenant
+from lorafleet.serve.gateway.tenants import Reservation, Tenant
 
 
 @dataclass(frozen=True)
@@ -38,13 +38,13 @@ class Call:
     model: str  # the name the client asked for
     tenant: Tenant | None = None
     started: float = field(default_factory=time.perf_counter)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    prompt_tokens: int = 0  # every prompt's, once each (as OpenAI counts them, however many choices)
+    completion_tokens: int = 0  # every choice's
     first_token_seconds: float | None = None  # streaming only
     status: int | None = None  # how it ended (HTTP status; 499: the client hung up); None while it runs
     error: str | None = None
     known_model: bool = False  # the model exists and the caller may use it (a metric label then)
-    reservation: list | None = None  # the tenant's token reservation (`Tenant.reserve`)
+    reservation: Reservation | None = None  # the tenant's tokens held for it (`Tenant.reserve`)
     content: dict | None = None  # the request's messages, kept only with --log-content
     input_sha256: str | None = None  # of the request's messages (or prompt): the audit log's record
     replies: list[str] | None = None  # every choice's text, once generated (hashed for the audit log)

@@ -237,7 +237,9 @@ async def _interleaved(sources: list[EventSource]) -> AsyncIterator[tuple[int, E
 
 
 def _count(call: Call, choices: list[Choice], event: Event) -> None:
-    call.prompt_tokens = event.prompt_tokens or call.prompt_tokens
+    # The prompts are counted when the request is prepared, all of them; an event carries its own
+    # prompt's count, which only an upstream (that counts its own) has to give.
+    call.prompt_tokens = call.prompt_tokens or event.prompt_tokens
     call.completion_tokens = sum(choice.completion_tokens for choice in choices)
 
 

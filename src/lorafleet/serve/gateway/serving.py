@@ -94,8 +94,8 @@ class Completions:
     def _admit(self, call: Call, prepared: PreparedRequest) -> None:
         """Hold the most the prepared request can use against the tenant's limits (429 when they
         cannot), before the backend starts it."""
-        call.prompt_tokens = sum(prepared.prompt_tokens)  # each prompt counted once, as OpenAI does
         call.reservation = reserve_tokens(call.tenant, prepared.most_tokens)
+        call.prompt_tokens = sum(prepared.prompt_tokens)  # each prompt counted once, as OpenAI does
 
     async def _stream(self, call: Call, chunks: AsyncGenerator[str, None]) -> AsyncIterator[str]:
         """The reply's chunks, then [DONE] once the call is recorded: a client that hangs up on

@@ -32,6 +32,46 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+@dataclass(eq=False)  # identity: a reservation is settled in place, never compared by value
+class Reservation:
+    """Tokens a request holds in its tenant's window: the most it can use until it has ended,
+    then what it used."""
+
+    time: float
+    tokens: int
+    counted: bool = True  # still inside the window (its tokens in the window's total)
+
+
+class TokenWindow:
+    """The tokens a tenant used in the last minute, with their running total: reserving, settling
+    and expiring are O(1) amortised, however many requests the window holds."""
+
+    def __init__(self) -> None:
+        self._entries: deque[Reservation] = deque()
+        self.total = 0
+
+    def add(self, tokens: int, now: float) -> Reservation:
+        entry = Reservation(now, tokens)
+        self._entries.append(entry)
+        self.total += tokens
+        return entry
+
+    def settle(self, reservation: Reservation, tokens: int) -> None:
+        if reservation.counted:  # one that has left the window no longer counts
+            self.total += tokens - reservation.tokens
+        reservation.tokens = tokens
+
+    def expire(self, now: float) -> None:
+        while self._entries and self._entries[0].time <= now - WINDOW_SECONDS:
+            gone = self._entries.popleft()
+            gone.counted = False
+            self.total -= gone.tokens
+
+    def seconds_until_room(self, now: float) -> float:
+        """Until the oldest entry leaves the window."""
+        return max(self._entries[0].time + WINDOW_SECONDS - now, 0.0) if self._entries else 0.0
+
+
 @dataclass
 class Tenant:
     name: str
@@ -41,7 +81,7 @@ class Tenant:
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     _requests: deque[float] = field(default_factory=deque, repr=False)
-    _tokens: deque[list] = field(default_factory=deque, repr=False)  # [time, tokens]: reserved, then settled
+    _tokens: TokenWindow = field(default_factory=TokenWindow, repr=False)
 
     @property
     def key_id(self) -> str:
@@ -58,44 +98,41 @@ class Tenant:
         waits = []
         if self.requests_per_minute is not None and len(self._requests) >= self.requests_per_minute:
             waits.append(self._requests[0] + WINDOW_SECONDS - now)
-        if self.tokens_per_minute is not None and self._tokens_used() >= self.tokens_per_minute:
-            waits.append(self._tokens[0][0] + WINDOW_SECONDS - now)
+        if self.tokens_per_minute is not None and self._tokens.total >= self.tokens_per_minute:
+            waits.append(self._tokens.seconds_until_room(now))
         return max(waits) if waits else None
 
     def record_request(self, now: float | None = None) -> None:
         self._requests.append(time.monotonic() if now is None else now)
 
     def record_tokens(self, tokens: int, now: float | None = None) -> None:
-        self._tokens.append([time.monotonic() if now is None else now, tokens])
+        self._tokens.add(tokens, time.monotonic() if now is None else now)
 
-    def reserve(self, tokens: int, now: float | None = None) -> tuple[list | None, float]:
+    def reserve(self, tokens: int, now: float | None = None) -> tuple[Reservation | None, float]:
         """Hold `tokens` against the per-minute limit before a request runs: (the reservation, 0),
         or (None, seconds to wait) when they do not fit. A request larger than the whole limit
-        runs only when nothing else is counted in the window."""
+        never fits (`exceeds_allowance`: the gateway refuses it before it gets here)."""
         now = time.monotonic() if now is None else now
         self._expire(now)
-        used = self._tokens_used()
-        if self.tokens_per_minute is not None and used and used + tokens > self.tokens_per_minute:
-            return None, max(self._tokens[0][0] + WINDOW_SECONDS - now, 0.0)
-        entry = [now, tokens]
-        self._tokens.append(entry)
-        return entry, 0.0
+        if self.tokens_per_minute is not None and self._tokens.total + tokens > self.tokens_per_minute:
+            return None, self._tokens.seconds_until_room(now)
+        return self._tokens.add(tokens, now), 0.0
 
-    def settle(self, reservation: list | None, tokens: int) -> None:
+    def exceeds_allowance(self, tokens: int) -> bool:
+        """More tokens than the tenant may use in a whole minute: no wait would let them run."""
+        return self.tokens_per_minute is not None and tokens > self.tokens_per_minute
+
+    def settle(self, reservation: Reservation | None, tokens: int) -> None:
         """What a finished request really used: its reservation becomes that (or it is recorded)."""
         if reservation is None:
             self.record_tokens(tokens)
         else:
-            reservation[1] = tokens
-
-    def _tokens_used(self) -> int:
-        return sum(n for _, n in self._tokens)
+            self._tokens.settle(reservation, tokens)
 
     def _expire(self, now: float) -> None:
         while self._requests and self._requests[0] <= now - WINDOW_SECONDS:
             self._requests.popleft()
-        while self._tokens and self._tokens[0][0] <= now - WINDOW_SECONDS:
-            self._tokens.popleft()
+        self._tokens.expire(now)
 
 
 class TenantDirectory:
