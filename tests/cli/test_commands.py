@@ -128,3 +128,18 @@ def test_version():
 
     run = lorafleet("--version")
     assert run.returncode == 0 and run.stdout.strip() == f"lorafleet {__version__}"
+
+
+def test_serve_limit_flags_reach_the_server_options(tmp_path):
+    from lorafleet.cli import build_parser
+    from lorafleet.cli.serve import serve_options
+    from lorafleet.serve.gateway.protocol import RequestLimits
+
+    parse = build_parser().parse_args
+    assert serve_options(parse(["serve", "--fleet", str(tmp_path)])).limits == RequestLimits()
+    flags = ["--max-prompts", "3", "--max-choices", "5", "--max-stop", "2", "--max-stop-chars", "7", "--max-tools", "1",
+             "--max-json-depth", "9"]  # fmt: skip
+    limits = serve_options(parse(["serve", "--fleet", str(tmp_path), *flags])).limits
+    assert limits == RequestLimits(3, 5, 2, 7, 1, 9)
+    with pytest.raises(SystemExit):
+        parse(["serve", "--fleet", str(tmp_path), "--max-stop", "0"])

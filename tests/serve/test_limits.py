@@ -5,6 +5,7 @@ are metered for every prompt and every choice before anything runs. All through 
 
 from __future__ import annotations
 
+import json
 import re
 
 import httpx
@@ -13,6 +14,8 @@ import pytest
 import yaml
 from transformers import AutoTokenizer
 
+from lorafleet.serve.engine.grammar import GrammarLimits
+from lorafleet.serve.gateway.protocol import RequestLimits
 from lorafleet.serve.gateway.tenants import hash_key, load_tenants
 from tests.serve.conftest import running_server
 from tests.serve.test_audit_trail import copy_fleet, entries
@@ -23,6 +26,13 @@ TENANTS = {
     "metered": {"key": "sk-metered", "adapters": "*", "tokens_per_minute": 300},
     "ops": {"key": "sk-ops", "adapters": "*", "admin": True},
 }
+
+
+# Tight, so that each attack is small: the defaults are 64 prompts, 128 choices, 4 stop strings of
+# 256 characters, 128 tools in 128 KiB and a depth of 64.
+LIMITS = RequestLimits(max_prompts=8, max_choices=16, max_stop=4, max_stop_chars=20, max_tools=3,
+                       max_json_depth=16)  # fmt: skip
+TOOLS_BYTES = 2000  # the tools' size, a grammar limit (--max-tools-kb)
 
 
 def key(tenant: str) -> str:
@@ -40,7 +50,8 @@ def limited(fleet_dir, tmp_path_factory):
     tenants = [{"name": name, "key_sha256": hash_key(t["key"])} | {k: v for k, v in t.items() if k != "key"}
                for name, t in TENANTS.items()]  # fmt: skip
     keys.write_text(yaml.safe_dump({"tenants": tenants}))
-    options = ServeOptions(fleet_dir=fleet, tenants=load_tenants(keys))
+    grammar_limits = GrammarLimits(max_tools_bytes=TOOLS_BYTES)
+    options = ServeOptions(fleet_dir=fleet, tenants=load_tenants(keys), limits=LIMITS, grammar_limits=grammar_limits)
     with running_server(options) as (url, server):
         yield url, server, fleet
 
@@ -58,9 +69,9 @@ def metric(url: str, name: str, labels: str) -> float:
 def test_every_prompt_and_choice_is_metered_and_a_request_over_the_minute_is_refused(limited, fleet_dir):
     url, server, fleet = limited
     metered = client(url, "metered")
-    # 12 prompts x n=8 x 4 tokens alone is 384 > 300: no wait would let it run (it ran, uncounted, before).
+    # 8 prompts x n=2 x 20 tokens alone is 320 > 300: no wait would let it run (it ran, uncounted, before).
     with pytest.raises(openai.RateLimitError, match="Request too large.*limit 300"):
-        metered.completions.create(model="base", prompt=["a b c"] * 12, n=8, max_tokens=4)
+        metered.completions.create(model="base", prompt=["a b c"] * 8, n=2, max_tokens=20)
     prompts = ["one two", "three four five six", "seven"]
     tokenizer = AutoTokenizer.from_pretrained(fleet_dir / "base")
     expected = sum(len(tokenizer(p)["input_ids"]) for p in prompts)
@@ -78,3 +89,52 @@ def test_every_prompt_and_choice_is_metered_and_a_request_over_the_minute_is_ref
     logged = [e["data"] for e in entries(fleet) if e["event"] == "serve.request" and e["data"]["tenant"] == "metered"]
     assert [e["prompt_tokens"] for e in logged] == [0, expected, expected]
     assert [e["status"] for e in logged] == [429, 200, 200]
+
+
+def post(url: str, tenant: str, route: str, body: dict | str) -> httpx.Response:
+    content = body if isinstance(body, str) else json.dumps(body)
+    headers = {"Authorization": f"Bearer {key(tenant)}", "Content-Type": "application/json"}
+    return httpx.post(f"{url}/v1/{route}", content=content, headers=headers, timeout=120)
+
+
+def chat(content: str = "hi", **extra) -> dict:
+    return {"model": "base", "messages": [{"role": "user", "content": content}], "max_tokens": 2, **extra}
+
+
+def tool(name: str, description: str = "") -> dict:
+    parameters = {"type": "object", "properties": {"city": {"type": "string"}}}
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": parameters}}
+
+
+OVER_LIMITS = {  # what one request asks for -> (route, body, the parameter the 400 names)
+    "a million stop strings, scaled down": ("chat/completions", chat(stop=[f"s{i}" for i in range(5)]), "stop"),
+    "a long stop string": ("chat/completions", chat(stop="x" * 21), "stop"),
+    "2,000 prompts, scaled down": ("completions", {"model": "base", "prompt": ["p"] * 9, "max_tokens": 1}, "prompt"),
+    "n x prompts": ("completions", {"model": "base", "prompt": ["p"] * 3, "n": 6, "max_tokens": 1}, "n"),
+    "token-id prompts": ("completions", {"model": "base", "prompt": [[5, 6]] * 9, "max_tokens": 1}, "prompt"),
+    "many tools": ("chat/completions", chat(tools=[tool(f"f{i}") for i in range(4)]), "tools"),
+    "large tools": ("chat/completions", chat(tools=[tool("f", "d" * 2000)]), "tools"),
+}
+
+
+def test_prompts_choices_stop_strings_and_tools_are_capped(limited):
+    url, _, _ = limited
+    replies = {name: post(url, "hostile", route, body) for name, (route, body, _) in OVER_LIMITS.items()}
+    assert {name: r.status_code for name, r in replies.items()} == dict.fromkeys(OVER_LIMITS, 400)
+    assert {name: r.json()["error"]["param"] for name, r in replies.items()} == {
+        name: param for name, (_, _, param) in OVER_LIMITS.items()
+    }
+    assert "--max-stop" in replies["a million stop strings, scaled down"].json()["error"]["message"]
+    within = {"model": "base", "prompt": ["p"] * 8, "n": 2, "max_tokens": 1, "stop": ["a", "b", "c", "d"]}
+    assert post(url, "hostile", "completions", within).status_code == 200, "the limits themselves are allowed"
+
+
+@pytest.mark.parametrize("depth", [17, 1000, 100_000])
+def test_a_body_nested_deeper_than_the_limit_is_a_400(limited, depth):
+    url, _, fleet = limited
+    body = json.dumps(chat()).replace(
+        '"max_tokens"', '"metadata": ' + "[" * (depth - 1) + "]" * (depth - 1) + ', "max_tokens"'
+    )
+    reply = post(url, "hostile", "chat/completions", body)
+    assert reply.status_code == 400 and "more than 16 deep" in reply.json()["error"]["message"]
+    assert post(url, "hostile", "chat/completions", json.dumps(chat(metadata=[[[[]]]]))).status_code == 200

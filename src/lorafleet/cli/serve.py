@@ -85,6 +85,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--max-body-mb", type=float, default=32, help="request body size limit, MiB (default: 32)")
     _add_grammar_limits(serve)
+    _add_request_limits(serve)
     serve.add_argument(
         "--public-metrics", action="store_true", help="with --keys, serve /metrics without a key (default: key needed)"
     )
@@ -156,16 +157,54 @@ def _grammar_limits(args: argparse.Namespace):
     return GrammarLimits(**given)
 
 
+# What one request may ask for (flag, RequestLimits field, help); the defaults are RequestLimits' own. The
+# size of its tools is a grammar limit (--max-tools-kb, above).
+_REQUEST_LIMITS = (
+    ("--max-prompts", "max_prompts", "prompts in one /v1/completions request (default: 64)"),
+    ("--max-choices", "max_choices", "replies one request asks for, n x prompts (default: 128)"),
+    ("--max-stop", "max_stop", "stop strings per request (default: 4, as OpenAI)"),
+    ("--max-stop-chars", "max_stop_chars", "characters in each stop string (default: 256)"),
+    ("--max-tools", "max_tools", "tools per chat request (default: 128, as OpenAI)"),
+    ("--max-json-depth", "max_json_depth", "nesting of a request body's arrays and objects (default: 64)"),
+)
+
+
+def _add_request_limits(serve: argparse.ArgumentParser) -> None:
+    for flag, _, help_text in _REQUEST_LIMITS:
+        serve.add_argument(flag, type=_positive_int, metavar="N", help=help_text)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text}")
+    return value
+
+
+def _request_limits(args: argparse.Namespace):
+    from lorafleet.serve.gateway.protocol import RequestLimits
+
+    given = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field, _ in _REQUEST_LIMITS}
+    return RequestLimits(**{field: value for field, value in given.items() if value is not None})
+
+
 def _run_serve(args: argparse.Namespace) -> int:
+    from lorafleet.serve.gateway.run import serve
+
+    serve(serve_options(args), args.host, args.port, log=lambda message: print(message, file=sys.stderr))
+    return 0
+
+
+def serve_options(args: argparse.Namespace):
+    """The server's options from `lorafleet serve`'s flags."""
     from lorafleet.errors import ConfigError
     from lorafleet.serve.gateway.images import ImagePolicy
-    from lorafleet.serve.gateway.run import serve
     from lorafleet.serve.gateway.server import ServeOptions
     from lorafleet.serve.gateway.tenants import load_tenants
 
     if args.manage_keys and not args.keys:
         raise ConfigError("--manage-keys needs --keys FILE: the console manages the keys in that file")
-    options = ServeOptions(
+    return ServeOptions(
         fleet_dir=args.fleet,
         base_dir=args.base,
         tenants=load_tenants(args.keys) if args.keys else None,
@@ -176,6 +215,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         max_images=args.max_images,
         max_tiles=args.max_tiles,
         max_body_bytes=int(args.max_body_mb * 2**20),
+        limits=_request_limits(args),
         public_metrics=args.public_metrics,
         engine=args.engine,
         upstream_url=args.upstream,
@@ -191,8 +231,6 @@ def _run_serve(args: argparse.Namespace) -> int:
         grammar_limits=_grammar_limits(args),
         manage_keys=args.manage_keys,
     )
-    serve(options, args.host, args.port, log=lambda message: print(message, file=sys.stderr))
-    return 0
 
 
 def add_keys_parser(commands: argparse._SubParsersAction) -> None:

@@ -1,4 +1,5 @@
-"""What a client may send: OpenAI's request bodies as typed models, read within a size limit,
+"""What a client may send: OpenAI's request bodies as typed models, read within a size and a
+nesting limit, held to the caps of `RequestLimits` (prompts, choices, stop strings, tools),
 refused when they ask for what this server does not do, and turned into the engine's sampling
 parameters by the request itself (`to_sampling_params`, as vLLM's requests do).
 
@@ -10,6 +11,7 @@ silently ignored (`refuse_unsupported`).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -19,6 +21,20 @@ from lorafleet.serve.gateway.errors import APIError
 
 MAX_CHOICES = 8  # `n` per request
 DEFAULT_MAX_TOKENS = 256  # a reply's cap when the client sets none (and the context has room)
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask for beyond its body's size (`ServeOptions.max_body_bytes`): past
+    any of these it gets a 400 naming the limit, before its prompts are rendered or counted. One
+    tenant's request must not take the service from the others, however valid it is otherwise."""
+
+    max_prompts: int = 64  # prompts in one /v1/completions request
+    max_choices: int = 128  # replies one request asks for: n x prompts
+    max_stop: int = 4  # stop strings (OpenAI's own limit): each is searched for after every token
+    max_stop_chars: int = 256  # characters in each stop string
+    max_tools: int = 128  # tools in one chat request (OpenAI's own limit)
+    max_json_depth: int = 64  # nesting of the body's arrays and objects
 
 
 class CompletionParameters(BaseModel):
@@ -100,6 +116,13 @@ class TextCompletionRequest(CompletionParameters):
     best_of: int | None = None
 
     @property
+    def prompt_count(self) -> int:
+        """One text, one list of token ids, or several of either."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return 1
+        return len(self.prompt)
+
+    @property
     def top_alternatives(self) -> int | None:
         return self.logprobs
 
@@ -121,8 +144,11 @@ UNSUPPORTED = {
 }  # fmt: skip
 
 
-async def read_body(request: Request, limit: int, model: type[CompletionParameters]) -> CompletionParameters:
-    """The request body, at most `limit` bytes, as a validated request (400 / 413 otherwise)."""
+async def read_body(
+    request: Request, limit: int, model: type[CompletionParameters], max_depth: int = RequestLimits.max_json_depth
+) -> CompletionParameters:
+    """The request body, at most `limit` bytes and nested at most `max_depth` deep, as a
+    validated request (400 / 413 otherwise)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"the request body is over the limit of {limit} bytes", "request_too_large")
@@ -131,10 +157,15 @@ async def read_body(request: Request, limit: int, model: type[CompletionParamete
         raw += piece
         if len(raw) > limit:
             raise APIError(413, f"the request body is over the limit of {limit} bytes", "request_too_large")
+    too_deep = APIError(400, f"the request body nests arrays and objects more than {max_depth} deep", "invalid_request")
     try:
         data = json.loads(raw)
+    except RecursionError as err:  # deeper than Python's own stack allows, far past any limit
+        raise too_deep from err
     except (ValueError, UnicodeDecodeError) as err:
         raise APIError(400, "the request body is not valid JSON", "invalid_request") from err
+    if nested_deeper_than(data, max_depth):
+        raise too_deep  # before validation, which walks the body by recursion
     try:
         return model.model_validate(data)
     except ValidationError as err:
@@ -142,6 +173,45 @@ async def read_body(request: Request, limit: int, model: type[CompletionParamete
         where = ".".join(str(p) for p in first.get("loc", ()))
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else "invalid request"
         raise APIError(400, message, "invalid_request", where or None) from err
+
+
+def nested_deeper_than(value: object, limit: int) -> bool:
+    """Whether JSON `value` nests arrays and objects more than `limit` deep (the outermost counts
+    1), walked without recursion."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        pending.extend((child, depth + 1) for child in children)
+    return False
+
+
+def refuse_over_limits(body: CompletionParameters, limits: RequestLimits) -> None:
+    """A request that asks for more than `limits` allow: 400 naming the limit and the flag that sets it."""
+    stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    if len(stops) > limits.max_stop:
+        _over("stop", f"{len(stops)} stop strings; this server takes at most {limits.max_stop} (--max-stop)")
+    if any(len(stop) > limits.max_stop_chars for stop in stops):
+        longest = max(len(stop) for stop in stops)
+        _over("stop", f"a stop string of {longest} characters; at most {limits.max_stop_chars} (--max-stop-chars)")
+    prompts = body.prompt_count if isinstance(body, TextCompletionRequest) else 1
+    if prompts > limits.max_prompts:
+        _over("prompt", f"{prompts} prompts; this server takes at most {limits.max_prompts} per request "
+              "(--max-prompts): send them in several requests")  # fmt: skip
+    if prompts * body.n > limits.max_choices:
+        _over("n", f"{prompts} prompt(s) x n = {body.n} asks for {prompts * body.n} replies; this server gives at "
+              f"most {limits.max_choices} per request (--max-choices): send fewer prompts or a smaller n")  # fmt: skip
+    if isinstance(body, ChatCompletionRequest) and body.tools:
+        if len(body.tools) > limits.max_tools:  # their size is a grammar limit: GrammarLimits.max_tools_bytes
+            _over("tools", f"{len(body.tools)} tools; this server takes at most {limits.max_tools} (--max-tools)")
+
+
+def _over(param: str, problem: str) -> None:
+    raise APIError(400, f"{param}: {problem}", "over_limit", param)
 
 
 def refuse_unsupported(body: CompletionParameters) -> None:

@@ -33,7 +33,7 @@ from lorafleet.serve.gateway.audit_trail import SIGN_EVERY_SECONDS, AuditTrail, 
 from lorafleet.serve.gateway.calls import PreparedRequest
 from lorafleet.serve.gateway.images import ImagePolicy
 from lorafleet.serve.gateway.local import LocalBackend
-from lorafleet.serve.gateway.protocol import ChatCompletionRequest, TextCompletionRequest
+from lorafleet.serve.gateway.protocol import ChatCompletionRequest, RequestLimits, TextCompletionRequest
 from lorafleet.serve.gateway.request_log import RequestLog
 from lorafleet.serve.gateway.tenants import TenantDirectory
 from lorafleet.serve.gateway.tools import ToolUse
@@ -96,6 +96,7 @@ class ServeOptions:
     max_images: int = 8  # per request
     max_tiles: int | None = None  # image tiles for every model; default: each adapter's training setting
     max_body_bytes: int = 32 * 2**20  # a request body over this gets 413 before it is parsed
+    limits: RequestLimits = field(default_factory=RequestLimits)  # prompts, choices, stops, tools, JSON depth
     public_metrics: bool = False  # with keys, /metrics needs one unless this is set
     device: str | None = None
     dtype: torch.dtype | None = None

@@ -24,6 +24,7 @@ from lorafleet.serve.gateway.protocol import (
     ChatCompletionRequest,
     CompletionParameters,
     read_body,
+    refuse_over_limits,
     refuse_unsupported,
 )
 from lorafleet.serve.gateway.server import FleetServer
@@ -46,7 +47,8 @@ class Completions:
             # The body is read after the key is checked: an unauthenticated client learns nothing
             # about request validation and costs no parsing.
             call.tenant = self.access.authenticate(request)
-            body = await read_body(request, self.server.options.max_body_bytes, kind)
+            options = self.server.options
+            body = await read_body(request, options.max_body_bytes, kind, options.limits.max_json_depth)
             adapter = self._accept(call, body)
             prepared, shape = await self._prepare(body, adapter, call.tenant.name if call.tenant else "")
             self._admit(call, prepared)
@@ -66,14 +68,16 @@ class Completions:
             raise
 
     def _accept(self, call: Call, body: CompletionParameters) -> str | None:
-        """The model the caller may use (its adapter; None: the base), within the request rate and
-        asking only for what this server does; what the call records of the request."""
+        """The model the caller may use (its adapter; None: the base), within the request rate,
+        asking only for what this server does and within its limits; what the call records of the
+        request."""
         chat = isinstance(body, ChatCompletionRequest)
         call.model = body.model
         call.input_sha256 = content_sha256(body.messages if chat else body.prompt)
         adapter = self.access.resolve(call.tenant, body.model)
         call.known_model = True
         refuse_unsupported(body)
+        refuse_over_limits(body, self.server.options.limits)
         check_rate(call.tenant)
         if self.server.options.log_content:
             call.content = {"messages": body.messages} if chat else {"prompt": body.prompt}
