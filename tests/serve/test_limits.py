@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 
 import httpx
 import openai
@@ -24,6 +25,7 @@ TENANTS = {
     "victim": {"key": "sk-victim", "adapters": "*"},
     "hostile": {"key": "sk-hostile", "adapters": "*"},
     "metered": {"key": "sk-metered", "adapters": "*", "tokens_per_minute": 300},
+    "prober": {"key": "sk-prober", "adapters": "*"},
     "ops": {"key": "sk-ops", "adapters": "*", "admin": True},
 }
 
@@ -138,3 +140,48 @@ def test_a_body_nested_deeper_than_the_limit_is_a_400(limited, depth):
     reply = post(url, "hostile", "chat/completions", body)
     assert reply.status_code == 400 and "more than 16 deep" in reply.json()["error"]["message"]
     assert post(url, "hostile", "chat/completions", json.dumps(chat(metadata=[[[[]]]]))).status_code == 200
+
+
+def schema_reply(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
+
+
+MALFORMED = {  # each was a 500, recorded nowhere but stderr
+    "nested 1,000 deep": (
+        "chat/completions",
+        json.dumps(chat()).replace("{", '{"metadata": ' + "[" * 999 + "]" * 999 + ", ", 1),
+    ),
+    "role as a list": ("chat/completions", {"model": "base", "messages": [{"role": ["user"], "content": "hi"}]}),
+    "lone surrogate in a completions prompt": (
+        "completions",
+        {"model": "base", "prompt": "\ud800 hi", "max_tokens": 1},
+    ),
+    "lone surrogate in a tool description": ("chat/completions", chat(tools=[tool("f", "\ud800")])),
+    "lone surrogate in a schema's pattern": (
+        "chat/completions",
+        chat(response_format=schema_reply({"type": "string", "pattern": "\ud800"})),
+    ),
+    "minimum: 10**300": (
+        "chat/completions",
+        chat(response_format=schema_reply({"type": "integer", "minimum": 10**300})),
+    ),
+}
+
+
+def test_malformed_input_is_a_400_recorded_in_the_request_log_and_the_audit_log(limited):
+    url, server, fleet = limited
+
+    def refusals() -> tuple[int, int]:
+        server.audit.flush()
+        with sqlite3.connect(fleet / "lorafleet.sqlite") as db:
+            logged = db.execute("SELECT COUNT(*) FROM requests WHERE tenant = 'prober' AND status = 400").fetchone()[0]
+        audited = [e for e in entries(fleet) if e["event"] == "serve.request" and e["data"]["tenant"] == "prober"]
+        return logged, sum(e["data"]["status"] == 400 for e in audited)
+
+    before = refusals()
+    replies = {name: post(url, "prober", route, body) for name, (route, body) in MALFORMED.items()}
+    assert {name: reply.status_code for name, reply in replies.items()} == dict.fromkeys(MALFORMED, 400)
+    assert all(reply.json()["error"]["type"] == "invalid_request_error" for reply in replies.values())
+    after = refusals()
+    assert (after[0] - before[0], after[1] - before[1]) == (len(MALFORMED), len(MALFORMED))
+    assert httpx.get(f"{url}/health").status_code == 200

@@ -201,7 +201,7 @@ def parse_openai_messages(
     messages, images = [], []
     for index, turn in enumerate(turns):
         where = f"{source}: messages[{index}]"
-        if not isinstance(turn, dict) or turn.get("role") not in _OPENAI_ROLES:
+        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or turn["role"] not in _OPENAI_ROLES:
             raise DataError(f"{where} needs a 'role' of system, developer, user, assistant or tool")
         role = _OPENAI_ROLES[turn["role"]]
         content = turn.get("content")

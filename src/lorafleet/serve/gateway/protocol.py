@@ -11,6 +11,7 @@ silently ignored (`refuse_unsupported`).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -208,6 +209,36 @@ def refuse_over_limits(body: CompletionParameters, limits: RequestLimits) -> Non
     if isinstance(body, ChatCompletionRequest) and body.tools:
         if len(body.tools) > limits.max_tools:  # their size is a grammar limit: GrammarLimits.max_tools_bytes
             _over("tools", f"{len(body.tools)} tools; this server takes at most {limits.max_tools} (--max-tools)")
+
+
+# The fields whose text reaches the tokenizer, the chat template, the grammar compiler or the stop
+# search; the model's name is checked by looking it up (a 404 for one that cannot exist).
+TEXT_FIELDS = ("messages", "prompt", "stop", "tools", "tool_choice", "response_format")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads pairs valid ones: what is left stands alone
+
+
+def refuse_invalid_text(body: CompletionParameters) -> None:
+    """A lone UTF-16 surrogate ("\\ud800": JSON can escape one, UTF-8 cannot hold it) anywhere in the
+    text a request is made of: 400 naming the field, rather than a tokenizer's or compiler's failure."""
+    for name in TEXT_FIELDS:
+        if _holds_lone_surrogate(getattr(body, name, None)):
+            raise APIError(400, f"{name}: holds a lone UTF-16 surrogate (such as \\ud800), which is not a character; "
+                           "send valid Unicode", "invalid_request", name)  # fmt: skip
+
+
+def _holds_lone_surrogate(value: object) -> bool:
+    pending = [value]
+    while pending:  # iterative: the body's depth is bounded, but no need to spend the stack on it
+        item = pending.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            pending += item.keys()
+            pending += item.values()
+        elif isinstance(item, list):
+            pending += item
+    return False
 
 
 def _over(param: str, problem: str) -> None:

@@ -8,6 +8,7 @@ Every call, refused or answered, is recorded once when it ends (accounting).
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 
@@ -24,11 +25,14 @@ from lorafleet.serve.gateway.protocol import (
     ChatCompletionRequest,
     CompletionParameters,
     read_body,
+    refuse_invalid_text,
     refuse_over_limits,
     refuse_unsupported,
 )
 from lorafleet.serve.gateway.server import FleetServer
 from lorafleet.serve.gateway.tools import tool_use
+
+_log = logging.getLogger(__name__)
 
 
 class Completions:
@@ -66,6 +70,11 @@ class Completions:
             call.finish(err.status, err.message)
             self.recorder.record(call)
             raise
+        except Exception as err:  # a fault of ours: recorded like any other ending, never only on stderr
+            _log.exception("request %s failed", call.request_id)
+            call.finish(500, f"internal error: {type(err).__name__}: {err}"[:500])
+            self.recorder.record(call)
+            raise APIError(500, f"internal error: {type(err).__name__}", "internal_error") from err
 
     def _accept(self, call: Call, body: CompletionParameters) -> str | None:
         """The model the caller may use (its adapter; None: the base), within the request rate,
@@ -78,6 +87,7 @@ class Completions:
         call.known_model = True
         refuse_unsupported(body)
         refuse_over_limits(body, self.server.options.limits)
+        refuse_invalid_text(body)
         check_rate(call.tenant)
         if self.server.options.log_content:
             call.content = {"messages": body.messages} if chat else {"prompt": body.prompt}
