@@ -269,8 +269,12 @@ def read_yaml(path: Path, what: str) -> object:
         return parse_yaml(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise ConfigError(f"cannot read the {what} {path}: {err.strerror}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"the {what} {path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML/JSON: {err}") from err
+    except RecursionError as err:  # PyYAML builds nested collections by recursion
+        raise ConfigError(f"the {what} {path} nests its lists and mappings too deep to read") from err
 
 
 def load_fleet_spec(path: str | Path) -> FleetSpec:

@@ -215,13 +215,18 @@ def test_sighup_reloads_the_keys_of_a_running_lorafleet_serve_and_stop_is_logged
         keys.write_text(yaml.safe_dump({"tenants": [tenant, tenant | {"name": "new", "key_sha256": hash_key("k2")}]}))
         server.send_signal(signal.SIGHUP)
         wait_for(lambda: logged("serve.keys_reloaded"))
+        keys.write_bytes(b"tenants:\n  - name: \xff\n")  # not UTF-8: this used to stop the server
+        server.send_signal(signal.SIGHUP)
+        wait_for(lambda: logged("serve.keys_reload_failed"))
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=30)
     finally:
         server.terminate()
         server.wait(timeout=30)
+    assert health.status_code == 200
     assert "keys reloaded: 2 tenants" in server.stderr.read()
     events = [entry["event"] for entry in entries(tmp_path / "fleet")]
-    assert events == ["serve.start", "serve.keys_reloaded", "serve.stop"]
-    assert verify_chain(tmp_path / "fleet").entries == 3
+    assert events == ["serve.start", "serve.keys_reloaded", "serve.keys_reload_failed", "serve.stop"]
+    assert verify_chain(tmp_path / "fleet").entries == 4
 
 
 def test_the_server_signs_checkpoints_at_start_on_a_period_and_at_shutdown(fleet_dir, tmp_path, capsys):

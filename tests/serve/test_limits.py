@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 
 from lorafleet.serve.engine.grammar import GrammarLimits
 from lorafleet.serve.gateway.protocol import RequestLimits
+from lorafleet.serve.gateway.run import reload_keys_now
 from lorafleet.serve.gateway.tenants import hash_key, load_tenants
 from tests.serve.conftest import running_server
 from tests.serve.test_audit_trail import copy_fleet, entries
@@ -185,3 +186,38 @@ def test_malformed_input_is_a_400_recorded_in_the_request_log_and_the_audit_log(
     after = refusals()
     assert (after[0] - before[0], after[1] - before[1]) == (len(MALFORMED), len(MALFORMED))
     assert httpx.get(f"{url}/health").status_code == 200
+
+
+BROKEN_KEYS = {
+    "a YAML syntax error": b"tenants:\n  - {name: victim, key: sk-victim\n   admin: [\n",
+    "not UTF-8": b"tenants:\n  - name: \xff\xfe\n",
+    "nested past the parser's stack": b"tenants: " + b"[" * 5000 + b"\n",
+    "a directory": None,
+}
+
+
+@pytest.mark.parametrize("broken", BROKEN_KEYS)
+def test_a_keys_file_that_cannot_be_read_keeps_the_keys_in_force_over_http_and_sighup(limited, broken):
+    url, server, fleet = limited
+    keys = server.options.tenants.source
+    in_force, original = server.options.tenants, keys.read_bytes()
+    messages: list[str] = []
+    try:
+        if BROKEN_KEYS[broken] is None:
+            keys.unlink()
+            keys.mkdir()
+        else:
+            keys.write_bytes(BROKEN_KEYS[broken])
+        reply = httpx.post(f"{url}/v1/keys/reload", headers={"Authorization": f"Bearer {key('ops')}"}, timeout=60)
+        reload_keys_now(server, messages.append)  # what SIGHUP runs; an exception would stop the server
+    finally:
+        if keys.is_dir():
+            keys.rmdir()
+        keys.write_bytes(original)
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "keys_reload_failed", reply.text
+    assert messages[0].startswith("lorafleet: keys NOT reloaded, the previous keys stay in force")
+    assert server.options.tenants is in_force
+    server.audit.flush()
+    failed = [e["data"] for e in entries(fleet) if e["event"] == "serve.keys_reload_failed"][-2:]
+    assert [(f["tenant"], f.get("signal")) for f in failed] == [("ops", None), (None, "SIGHUP")]
+    assert post(url, "victim", "chat/completions", chat()).status_code == 200

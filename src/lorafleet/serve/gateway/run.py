@@ -94,9 +94,12 @@ def _exit(signum: int, frame: object) -> None:
 
 
 def reload_keys_now(server: FleetServer, log: Callable[[str], None]) -> None:
-    """What SIGHUP does: reload the keys file, saying whether it worked (a bad file keeps the old keys)."""
+    """What SIGHUP does: reload the keys file, saying whether it worked (a bad file keeps the old
+    keys). It never raises: an exception out of a signal handler would stop the server."""
     try:
         described = server.reload_keys({"tenant": None, "key_id": None, "signal": "SIGHUP"})
         log(f"lorafleet: keys reloaded: {len(described['tenants'])} tenants (sha256 {described['sha256'][:16]})")
     except ConfigError as err:
         log(f"lorafleet: keys NOT reloaded, the previous keys stay in force: {err}")
+    except Exception as err:  # noqa: BLE001 - e.g. the audit log failing: report it, keep serving
+        log(f"lorafleet: keys NOT reloaded, the previous keys stay in force: {type(err).__name__}: {err}")

@@ -250,23 +250,29 @@ class FleetServer:
             self.adapter_ids.pop(name, None)
 
     def reload_keys(self, by: dict) -> dict:
-        """Read the keys file again and use it from the next request; a file that no longer loads
-        leaves the keys in force unchanged (ConfigError). Both outcomes are audited; `by` names
-        who asked (tenant and key id, or the signal)."""
+        """Read the keys file again and use it from the next request; a file that no longer loads,
+        whatever is in it, leaves the keys in force unchanged (ConfigError). Both outcomes are
+        audited; `by` names who asked (tenant and key id, or the signal)."""
         if self.options.tenants is None:
             raise ConfigError("the server was started without --keys: there is no keys file to reload")
         previous = self.options.tenants
         try:
             fresh = previous.reloaded()
             self._check_tenants(fresh, self.adapters)
-            self.options.tenants = fresh
         except ConfigError as err:
-            failure = {"error": str(err), "kept_sha256": previous.source_sha256}
-            self.audit.record("serve.keys_reload_failed", failure | by)
+            self._audit_failed_reload(err, previous, by)
             raise
+        except Exception as err:  # noqa: BLE001 - whatever the file holds, the server keeps the keys it has
+            problem = ConfigError(f"{previous.source}: cannot be read as a keys file ({type(err).__name__}: {err})")
+            self._audit_failed_reload(problem, previous, by)
+            raise problem from err
+        self.options.tenants = fresh
         described = self.options.tenants.describe()
         self.audit.record("serve.keys_reloaded", described | {"previous_sha256": previous.source_sha256} | by)
         return described
+
+    def _audit_failed_reload(self, problem: ConfigError, kept: TenantDirectory, by: dict) -> None:
+        self.audit.record("serve.keys_reload_failed", {"error": str(problem), "kept_sha256": kept.source_sha256} | by)
 
     def start(self) -> FleetServer:
         self.backend.start()
