@@ -23,6 +23,7 @@ def write(tmp_path, tenants) -> str:
         ({"name": "a", "key_sha256": "abc"}, "64 hex digits"),
         ({"name": "a", "key": "k", "adpaters": ["x"]}, "unknown field 'adpaters'"),
         ({"name": "a", "key": "k", "requests_per_minute": 0}, "positive integer"),
+        ({"name": "a", "key": "k", "admin": "false"}, "admin must be true or false"),
     ],
 )
 def test_bad_tenants_are_named(tmp_path, tenant, message):

@@ -219,6 +219,9 @@ def _tenant(entry: object, where: str) -> Tenant:
     adapters = entry.get("adapters", [])
     if adapters != "*" and not (isinstance(adapters, list) and all(isinstance(a, str) for a in adapters)):
         raise ConfigError(f'{where}: adapters must be a list of adapter names or "*"')
+    admin = entry.get("admin", False)
+    if not isinstance(admin, bool):  # `admin: "false"` is a string, and a string is true
+        raise ConfigError(f"{where}: admin must be true or false, not {admin!r}")
     limits = {}
     for name in ("requests_per_minute", "tokens_per_minute"):
         value = entry.get(name)
@@ -231,6 +234,6 @@ def _tenant(entry: object, where: str) -> Tenant:
         name=entry["name"],
         key_sha256=digest,
         adapters=None if adapters == "*" else frozenset(adapters),
-        admin=bool(entry.get("admin", False)),
+        admin=admin,
         **limits,
     )
