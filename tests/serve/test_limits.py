@@ -221,3 +221,23 @@ def test_a_keys_file_that_cannot_be_read_keeps_the_keys_in_force_over_http_and_s
     failed = [e["data"] for e in entries(fleet) if e["event"] == "serve.keys_reload_failed"][-2:]
     assert [(f["tenant"], f.get("signal")) for f in failed] == [("ops", None), (None, "SIGHUP")]
     assert post(url, "victim", "chat/completions", chat()).status_code == 200
+
+
+def test_requests_without_a_valid_key_are_counted_in_the_metrics_and_never_written_to_disk(limited):
+    url, server, fleet = limited
+
+    def on_disk() -> tuple[int, int]:
+        server.audit.flush()
+        with sqlite3.connect(fleet / "lorafleet.sqlite") as db:
+            return db.execute("SELECT COUNT(*) FROM requests").fetchone()[0], len(entries(fleet))
+
+    def refused() -> float:
+        return metric(url, "lorafleet_requests_total", 'model="unknown",status="401"')
+
+    before, counted = on_disk(), refused()
+    with httpx.Client(base_url=url, timeout=60) as anyone:  # 2,000 in the attack; 200 show the same
+        for i in range(200):
+            headers = {"Authorization": "Bearer sk-wrong"} if i % 2 else {}
+            assert anyone.post("/v1/chat/completions", json=chat(), headers=headers).status_code == 401
+    assert on_disk() == before, "keyless requests must not grow the request log or the audit log"
+    assert refused() - counted == 200

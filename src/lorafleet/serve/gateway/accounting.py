@@ -1,6 +1,7 @@
 """What a completion call leaves behind once it has ended, refused or answered: the tenant's
 token reservation settled to what it used, Prometheus metrics, a row of the request log and an
-entry of the audit log (serve/gateway/audit_trail.py says what each field of it is)."""
+entry of the audit log (serve/gateway/audit_trail.py says what each field of it is). A call
+without a valid key leaves the metrics only."""
 
 from __future__ import annotations
 
@@ -28,10 +29,13 @@ class Recorder:
         )
 
     def record(self, call: Call) -> None:
-        """Record an ended call (`Call.finish`), once."""
+        """Record an ended call (`Call.finish`), once. One refused for its key (401) is counted in
+        the metrics only: anyone who reaches the port can send those, and must not fill the disk."""
         if call.tenant is not None:
             call.tenant.settle(call.reservation, call.prompt_tokens + call.completion_tokens)
         self._observe(call)
+        if call.status == 401:
+            return
         content = None
         if call.content is not None:
             content = call.content | ({"reply": call.replies[0]} if call.replies else {})
