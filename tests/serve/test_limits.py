@@ -241,3 +241,15 @@ def test_requests_without_a_valid_key_are_counted_in_the_metrics_and_never_writt
             assert anyone.post("/v1/chat/completions", json=chat(), headers=headers).status_code == 401
     assert on_disk() == before, "keyless requests must not grow the request log or the audit log"
     assert refused() - counted == 200
+
+
+def test_ready_without_an_admin_key_says_ready_or_not_and_runs_no_generation(limited):
+    url, server, _ = limited
+    engine = server.backend.engine
+    with engine.model_lock:  # the engine cannot generate: a readiness check that did would wait
+        anyone = httpx.get(f"{url}/ready", timeout=10)
+        tenant = httpx.get(f"{url}/ready", headers={"Authorization": f"Bearer {key('victim')}"}, timeout=10)
+    assert (anyone.status_code, anyone.json()) == (200, {"status": "ready"}), "no adapter names without a key"
+    assert (tenant.status_code, tenant.json()) == (200, {"status": "ready"})
+    admin = httpx.get(f"{url}/ready", headers={"Authorization": f"Bearer {key('ops')}"}, timeout=60)
+    assert admin.status_code == 200 and admin.json()["adapters"] == ["finance", "legal"]  # a real generation ran

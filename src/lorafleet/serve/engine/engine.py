@@ -152,6 +152,11 @@ class Engine:
         with self._waiting_lock:
             return len(self._waiting)
 
+    @property
+    def alive(self) -> bool:
+        """Its thread is serving (started and not stopped)."""
+        return self._thread.is_alive() and not self._stop.is_set()
+
     # --- the engine thread ----------------------------------------------------------------
 
     def run_until_idle(self) -> None:

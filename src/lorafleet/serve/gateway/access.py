@@ -25,12 +25,19 @@ class Access:
         tenants = self.server.options.tenants  # read every time: reloading the keys replaces them
         if tenants is None:
             return None
-        header = request.headers.get("authorization", "")
-        key = header[7:].strip() if header.lower().startswith("bearer ") else None
-        tenant = tenants.authenticate(key)
+        tenant = tenants.authenticate(_bearer_key(request))
         if tenant is None:
             raise APIError(401, "Incorrect or missing API key.", "invalid_api_key")
         return tenant
+
+    def is_admin(self, request: Request) -> bool:
+        """Whether the caller may administer the server (an admin key, or no keys at all), without
+        refusing anyone: for the routes that answer everybody, but some more fully."""
+        tenants = self.server.options.tenants
+        if tenants is None:
+            return True
+        tenant = tenants.authenticate(_bearer_key(request))
+        return tenant is not None and tenant.admin
 
     def authenticate_admin(self, request: Request) -> Tenant | None:
         tenant = self.authenticate(request)
@@ -63,6 +70,11 @@ class Access:
         except LorafleetError as err:
             raise APIError(400, str(err), "keys_reload_failed") from err
         return {"object": "keys", "sha256": described["sha256"], "tenants": sorted(described["tenants"])}
+
+
+def _bearer_key(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    return header[7:].strip() if header.lower().startswith("bearer ") else None
 
 
 def require_admin(tenant: Tenant | None) -> None:

@@ -117,7 +117,7 @@ async def health() -> dict:
 
 @router.get("/ready")
 async def ready(request: Request) -> dict:
-    return await models(request).ready()
+    return await models(request).ready(request)
 
 
 @router.get("/metrics")

@@ -122,6 +122,9 @@ class LocalBackend:
             self._grammar_sandbox = self._grammar_sandbox or GrammarSandbox(grammars)
         return self._grammar_sandbox
 
+    def alive(self) -> bool:
+        return self.engine.alive
+
     async def ready_problem(self) -> str | None:
         """None when a real one-token generation succeeds, else what went wrong."""
         ids = torch.tensor(self.base.tokenizer("ready?", add_special_tokens=False)["input_ids"])

@@ -60,6 +60,8 @@ class Backend(Protocol):
 
     async def ready_problem(self) -> str | None: ...  # None when a real generation succeeds
 
+    def alive(self) -> bool: ...  # whether it is serving, judged without generating anything
+
     def load_adapter(self, name: str, path) -> None: ...
 
     def unload_adapter(self, name: str) -> None: ...  # KeyError when it is not loaded

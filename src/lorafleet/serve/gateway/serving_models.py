@@ -1,6 +1,7 @@
 """The models a caller sees and the admin's hand on them: GET /v1/models (the base under both of
-its names, and the adapters the tenant may use), readiness, and loading or unloading an adapter
-at runtime (admin keys only; audited with who asked and the weights' registry id)."""
+its names, and the adapters the tenant may use), readiness (a real generation for admins only),
+and loading or unloading an adapter at runtime (admin keys only; audited with who asked and the
+weights' registry id)."""
 
 from __future__ import annotations
 
@@ -31,8 +32,15 @@ class Models:
             )
         return found[0]
 
-    async def ready(self) -> dict:
-        """Ready when a real generation succeeds (503 otherwise), with the adapters it serves."""
+    async def ready(self, request: Request) -> dict:
+        """For an admin (or anyone, on a server without keys): ready when a real one-token
+        generation succeeds (503 otherwise, saying why), with the adapters served. For anyone
+        else, who needs no key here: ready or not, from the backend's state, and nothing more;
+        no generation runs for them, and no adapter is named."""
+        if not self.access.is_admin(request):
+            if not self.server.backend.alive():
+                raise APIError(503, "not ready", "not_ready")
+            return {"status": "ready"}
         problem = await self.server.backend.ready_problem()
         if problem is not None:
             raise APIError(503, problem, "not_ready")

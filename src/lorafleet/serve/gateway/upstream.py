@@ -76,6 +76,11 @@ class UpstreamBackend:
             self.process.terminate()
             self.process.wait(timeout=60)
 
+    def alive(self) -> bool:
+        """The vLLM this server started is still running (one attached to is taken as alive: a
+        real check is `ready_problem`, for admins)."""
+        return self.process is None or self.process.poll() is None
+
     async def ready_problem(self) -> str | None:
         try:
             response = await self._client.get("/health")
