@@ -70,8 +70,9 @@ def _weights(directory: Path) -> dict:
 
 
 def _log_requests(fleet: Path) -> dict[str, bool]:
-    """Three served requests, two holding the person, as the gateway logs them (content on)."""
-    log, trail = RequestLog(FleetDir(fleet).database, log_content=True), AuditTrail(fleet, redact=True)
+    """Three served requests, two holding the person, as the gateway logs them (content on), in a
+    request log written before content went to the audit log only: its rows hold the content too."""
+    log, trail = RequestLog(FleetDir(fleet).database), AuditTrail(fleet, redact=True)
     requests = {
         "req-mail": ("Is my address anna.schmidt@example.org on file?", "Yes, Anna Schmidt is on file.", True),
         "req-name": ("Write to Frau Anna Schmidt about her leave.", "Dear Anna Schmidt, ...", True),
@@ -79,7 +80,9 @@ def _log_requests(fleet: Path) -> dict[str, bool]:
     }
     for request_id, (prompt, reply, _) in requests.items():
         content = {"messages": [{"role": "user", "content": prompt}], "reply": reply}
-        log.record(RequestRecord(request_id, "hr-team", "hr", 10, 5, 12.0, 200, None, content))
+        log.record(RequestRecord(request_id, "hr-team", "hr", 10, 5, 12.0, 200, None))
+        log._db.execute("UPDATE requests SET content = ? WHERE request_id = ?", (json.dumps(content), request_id))
+        log._db.commit()
         trail.record("serve.request", {"request_id": request_id, "model": "hr", "content": content})
     trail.close()
     log.close()

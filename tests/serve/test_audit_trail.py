@@ -114,6 +114,9 @@ def test_content_is_logged_only_when_asked_and_then_with_personal_data_replaced(
     assert "reply" in request["content"] and reply.choices[0].message.content is not None
     assert request["input_sha256"] == content_sha256(personal)  # the hash is of what was sent
     assert request["tenant"] is None and request["key_id"] is None
+    with sqlite3.connect(fleet / DATABASE) as db:  # one copy, redacted: none in the request log
+        assert db.execute("SELECT content FROM requests").fetchall() == [(None,)]
+    assert b"jane.doe" not in b"".join(path.read_bytes() for path in fleet.glob("lorafleet.sqlite*"))
 
 
 def test_a_text_completions_prompts_and_reply_are_redacted_with_shared_placeholders():
@@ -265,12 +268,13 @@ def test_a_server_given_a_key_that_is_not_a_private_key_refuses_to_start(fleet_d
 def test_the_servers_retention_covers_the_request_log_and_its_content(fleet_dir, tmp_path):
     fleet = copy_fleet(fleet_dir, tmp_path)
     set_retention(fleet, 200, via="lorafleet train")
-    requests = RequestLog(fleet / DATABASE, log_content=True)
+    requests = RequestLog(fleet / DATABASE)
     for request_id in ("old", "new"):
-        requests.record(RequestRecord(request_id, "t", "base", 1, 1, 1.0, 200, content={"prompt": "private"}))
+        requests.record(RequestRecord(request_id, "t", "base", 1, 1, 1.0, 200))
     requests.close()
     with sqlite3.connect(fleet / DATABASE) as db:
         db.execute("UPDATE requests SET time = ? WHERE request_id = 'old'", (time.time() - 201 * 86400,))
+        db.execute("UPDATE requests SET content = ?", ('{"prompt": "private"}',))  # as servers once stored it
     with running_server(ServeOptions(fleet_dir=fleet)) as (_, server):
         server.audit.flush()
     with sqlite3.connect(fleet / DATABASE) as db:

@@ -169,17 +169,26 @@ def test_image_fetches_stay_inside_the_allow_list(fleet_dir, image_host):
     assert "0x" not in "".join(r.text for r in replies.values()), "no memory addresses in messages"
 
 
-def test_log_content_stores_the_prompt_and_the_reply(fleet_dir, tmp_path):
+def test_log_content_records_the_prompt_and_the_reply_in_the_audit_log_only(fleet_dir, tmp_path):
     import shutil
 
+    from lorafleet.governance.audit import list_segments
+
     fleet = tmp_path / "fleet"
-    shutil.copytree(fleet_dir, fleet, ignore=shutil.ignore_patterns("lorafleet.sqlite*"))
-    with running_server(ServeOptions(fleet_dir=fleet, log_content=True)) as (url, _):
+    shutil.copytree(fleet_dir, fleet, ignore=shutil.ignore_patterns("lorafleet.sqlite*", "audit"))
+    with running_server(ServeOptions(fleet_dir=fleet, log_content=True)) as (url, server):
         reply = post(url, None, chat_body("finance", "What is the total?")).json()
         stream = post(url, None, chat_body("finance", "And the date?", stream=True))
+        server.audit.flush()
     rows = logged(fleet, 0)
     assert len(rows) == 2 and stream.status_code == 200
-    contents = [json.loads(row[5]) for row in rows]
+    assert [row[5] for row in rows] == [None, None], "the request log keeps no content"
+    audited = [
+        json.loads(line)["data"]
+        for segment in list_segments(fleet / "audit")
+        for line in segment.read_text().splitlines()
+    ]
+    contents = [entry["content"] for entry in audited if "content" in entry]
     assert contents[0]["messages"][0]["content"] == "What is the total?"
     assert contents[0]["reply"] == reply["choices"][0]["message"]["content"]
     assert contents[1]["messages"][0]["content"] == "And the date?" and "reply" in contents[1]

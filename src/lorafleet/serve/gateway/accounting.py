@@ -36,9 +36,6 @@ class Recorder:
         self._observe(call)
         if call.status == 401:
             return
-        content = None
-        if call.content is not None:
-            content = call.content | ({"reply": call.replies[0]} if call.replies else {})
         self.server.request_log.record(
             RequestRecord(
                 call.request_id,
@@ -49,9 +46,11 @@ class Recorder:
                 call.seconds * 1000,
                 call.status,
                 call.error,
-                content,
             )
         )
+        content = None  # with --log-content: to the audit log only, which replaces personal data in it
+        if call.content is not None:
+            content = call.content | ({"reply": call.replies[0]} if call.replies else {})
         self.server.audit.record("serve.request", audit_entry(call, content, self.server.adapter_ids))
 
     def _observe(self, call: Call) -> None:

@@ -1,13 +1,14 @@
 """Every request, recorded in the fleet's SQLite database: who, which adapter, tokens, latency, status.
 
-Content (prompt and reply) is stored only when the operator asks for it. The fleet's retention
+Never the content: with `--log-content` the prompt and the reply go to the audit log only, with
+personal data replaced (audit_trail.py), so that there is one copy, redacted. The `content`
+column stays for databases written before, whose rows may hold content. The fleet's retention
 period (`audit_keep_days`) applies here too: `prune_requests` deletes the rows, content and all,
 older than it (the server daily, `lorafleet audit prune` on demand).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import threading
@@ -47,16 +48,14 @@ class RequestRecord:
     latency_ms: float
     status: int
     error: str | None = None
-    content: dict | None = None
 
 
 class RequestLog:
-    def __init__(self, path: str | Path, log_content: bool = False) -> None:
+    def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.log_content = log_content
         self._lock = threading.Lock()
-        # Owner-only: the log names tenants and, with --log-content, holds what they sent. SQLite
+        # Owner-only: the log names tenants (and older rows may hold what they sent). SQLite
         # gives its -wal and -shm files the database's mode.
         self.path.touch(mode=0o600, exist_ok=True)
         os.chmod(self.path, 0o600)
@@ -66,7 +65,6 @@ class RequestLog:
         self._db.commit()
 
     def record(self, entry: RequestRecord) -> None:
-        content = json.dumps(entry.content) if self.log_content and entry.content is not None else None
         row = (
             time.time(),
             entry.request_id,
@@ -77,12 +75,11 @@ class RequestLog:
             entry.latency_ms,
             entry.status,
             _utf8(entry.error),
-            content,
         )
         with self._lock:
             self._db.execute(
                 "INSERT INTO requests (time, request_id, tenant, model, prompt_tokens, completion_tokens,"
-                " latency_ms, status, error, content) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " latency_ms, status, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 row,
             )
             self._db.commit()

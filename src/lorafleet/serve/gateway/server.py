@@ -91,7 +91,7 @@ class ServeOptions:
     base_dir: Path | None = None
     tenants: TenantDirectory | None = None  # None: no keys, loopback only
     image_policy: ImagePolicy = field(default_factory=ImagePolicy)
-    log_content: bool = False
+    log_content: bool = False  # prompts and replies in the audit log, personal data replaced
     max_batch: int = 32
     max_seq_len: int = 4096  # tokens per request (prompt and reply): the KV cache's capacity per row
     max_image_pixels: int = 4096 * 4096
@@ -158,7 +158,7 @@ class FleetServer:
         self._admin_lock = threading.Lock()
         self.adapter_ids: dict[str, str | None] = {}  # name -> registry id of the weights being served
         self.backend = self._backend()
-        self.request_log = RequestLog(options.fleet_dir / DATABASE, log_content=options.log_content)
+        self.request_log = RequestLog(options.fleet_dir / DATABASE)
         shipper = audit_shipper(options.fleet_dir, options.audit_ship_to, options.audit_ship_queue)
         self.audit = AuditTrail(options.fleet_dir, options.log_content, signer, options.audit_sign_every_s, shipper)
 
