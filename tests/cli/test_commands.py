@@ -136,7 +136,12 @@ def test_serve_limit_flags_reach_the_server_options(tmp_path):
     from lorafleet.serve.gateway.protocol import RequestLimits
 
     parse = build_parser().parse_args
-    assert serve_options(parse(["serve", "--fleet", str(tmp_path)])).limits == RequestLimits()
+    defaults = serve_options(parse(["serve", "--fleet", str(tmp_path)]))
+    assert defaults.limits == RequestLimits() and defaults.image_policy.fetch_timeout_s == 10.0
+    assert (
+        serve_options(parse(["serve", "--fleet", ".", "--image-fetch-seconds", "2.5"])).image_policy.fetch_timeout_s
+        == 2.5
+    )
     flags = ["--max-prompts", "3", "--max-choices", "5", "--max-stop", "2", "--max-stop-chars", "7", "--max-tools", "1",
              "--max-json-depth", "9"]  # fmt: skip
     limits = serve_options(parse(["serve", "--fleet", str(tmp_path), *flags])).limits

@@ -5,14 +5,19 @@ are metered for every prompt and every choice before anything runs. All through 
 
 from __future__ import annotations
 
+import http.server
+import io
 import json
 import re
 import sqlite3
+import threading
+import time
 
 import httpx
 import openai
 import pytest
 import yaml
+from PIL import Image
 from transformers import AutoTokenizer
 
 from lorafleet.serve.engine.grammar import GrammarLimits
@@ -42,9 +47,48 @@ def key(tenant: str) -> str:
     return TENANTS[tenant]["key"]
 
 
+class Trickler(http.server.BaseHTTPRequestHandler):
+    """An allowed image host gone slow: /body sends a PNG a byte every 0.2 s, /headers its status
+    line and headers the same way (either takes about 15 s in all)."""
+
+    def do_GET(self):  # noqa: N802
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), "red").save(buffer, format="PNG")
+        png = buffer.getvalue()
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {len(png)}\r\n\r\n".encode()
+        slow, fast = (head, png) if self.path == "/headers" else (png, head)
+        try:
+            if self.path != "/headers":
+                self.wfile.write(fast)
+            for byte in slow:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.2)
+            if self.path == "/headers":
+                self.wfile.write(fast)
+        except OSError:
+            pass  # the server gave up on us, as it should
+
+    def log_message(self, *args):
+        pass
+
+
 @pytest.fixture(scope="module")
-def limited(fleet_dir, tmp_path_factory):
+def slow_host():
+    host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickler)
+    host.daemon_threads = True
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{host.server_address[1]}"
+    host.shutdown()
+
+
+FETCH_SECONDS = 1.0  # the whole fetch (default 10 s)
+
+
+@pytest.fixture(scope="module")
+def limited(fleet_dir, tmp_path_factory, slow_host):
     """A server of its own (its own request log and audit log) for the tenants above."""
+    from lorafleet.serve.gateway.images import ImagePolicy
     from lorafleet.serve.gateway.server import ServeOptions
 
     root = tmp_path_factory.mktemp("limited")
@@ -53,8 +97,11 @@ def limited(fleet_dir, tmp_path_factory):
     tenants = [{"name": name, "key_sha256": hash_key(t["key"])} | {k: v for k, v in t.items() if k != "key"}
                for name, t in TENANTS.items()]  # fmt: skip
     keys.write_text(yaml.safe_dump({"tenants": tenants}))
+    images = ImagePolicy(allowed_hosts=[slow_host], fetch_timeout_s=FETCH_SECONDS)
     grammar_limits = GrammarLimits(max_tools_bytes=TOOLS_BYTES)
-    options = ServeOptions(fleet_dir=fleet, tenants=load_tenants(keys), limits=LIMITS, grammar_limits=grammar_limits)
+    options = ServeOptions(
+        fleet_dir=fleet, tenants=load_tenants(keys), limits=LIMITS, image_policy=images, grammar_limits=grammar_limits
+    )
     with running_server(options) as (url, server):
         yield url, server, fleet
 
@@ -253,3 +300,18 @@ def test_ready_without_an_admin_key_says_ready_or_not_and_runs_no_generation(lim
     assert (tenant.status_code, tenant.json()) == (200, {"status": "ready"})
     admin = httpx.get(f"{url}/ready", headers={"Authorization": f"Bearer {key('ops')}"}, timeout=60)
     assert admin.status_code == 200 and admin.json()["adapters"] == ["finance", "legal"]  # a real generation ran
+
+
+def image_chat(url: str) -> dict:
+    return chat([{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "colour?"}])
+
+
+@pytest.mark.parametrize("path", ["/body", "/headers"])
+def test_a_slow_image_host_is_given_the_fetch_deadline_in_all_not_per_read(limited, slow_host, path):
+    url, _, _ = limited
+    started = time.monotonic()
+    reply = post(url, "hostile", "chat/completions", image_chat(f"http://{slow_host}{path}"))
+    took = time.monotonic() - started
+    assert reply.status_code == 400 and "could not be fetched" in reply.json()["error"]["message"]
+    # No read waits a whole second, so per-read timeouts let the trickle run its ~15 s.
+    assert took < FETCH_SECONDS + 4, f"{took:.1f} s for a {FETCH_SECONDS} s deadline"

@@ -79,6 +79,13 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         help="host (and port; default the scheme's) http(s) image URLs may come from (repeatable); "
         "redirects are never followed",
     )
+    serve.add_argument(
+        "--image-fetch-seconds",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="the whole fetch of an allowed http(s) image, connecting to the last byte (default: 10)",
+    )
     serve.add_argument("--max-images", type=int, default=8, help="images per request (default: 8)")
     serve.add_argument(
         "--max-tiles", type=int, help="image tiles for every model (default: as each adapter was trained)"
@@ -208,7 +215,11 @@ def serve_options(args: argparse.Namespace):
         fleet_dir=args.fleet,
         base_dir=args.base,
         tenants=load_tenants(args.keys) if args.keys else None,
-        image_policy=ImagePolicy(allowed_dirs=list(args.allow_image_dir), allowed_hosts=list(args.allow_image_host)),
+        image_policy=ImagePolicy(
+            allowed_dirs=list(args.allow_image_dir),
+            allowed_hosts=list(args.allow_image_host),
+            fetch_timeout_s=args.image_fetch_seconds,
+        ),
         log_content=args.log_content,
         max_batch=args.max_batch,
         max_seq_len=args.max_seq_len,
