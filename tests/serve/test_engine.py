@@ -224,3 +224,30 @@ def test_requests_wait_in_the_queue_until_the_engine_admits_them(tiny_lm_dir):
     assert (engine.waiting, engine.running) == (2, 0)
     engine.run_until_idle()
     assert (engine.waiting, engine.running) == (0, 0)
+
+
+def test_admission_takes_tenants_in_turn_not_first_come_first_served(tiny_lm_dir):
+    base = load_base(tiny_lm_dir)
+    engine = Engine(base, LoRAFleet(base.model), max_batch=1)
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)  # each ends at its prefill
+    streams = {}
+    for tenant, count in (("a", 3), ("b", 3), ("c", 1)):
+        streams |= {(tenant, i): engine.submit(prompt([5, 6, 7]), None, params, tenant=tenant) for i in range(count)}
+    started: list[tuple[str, int]] = []
+    for _ in range(len(streams)):  # one row: one request admitted per iteration
+        engine._iteration()
+        started += [name for name, stream in streams.items() if stream.first_token_at and name not in started]
+    assert [tenant for tenant, _ in started] == ["a", "b", "c", "a", "b", "a", "b"]
+
+
+def test_a_tenant_flooding_the_engine_holds_at_most_its_rows_and_another_starts_at_once(tiny_lm_dir):
+    base = load_base(tiny_lm_dir)
+    engine = Engine(base, LoRAFleet(base.model), max_batch=4, max_rows_per_tenant=3)
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    flood = [engine.submit(prompt([5, 6, 7]), None, params, tenant="hostile") for _ in range(20)]
+    victim = engine.submit(prompt([8, 9]), None, params, tenant="victim")
+    engine._iteration()  # one admission
+    assert victim.first_token_at is not None, "started at the first admission, behind 20 of another tenant's"
+    assert engine.running == 4 and sum(stream.first_token_at is not None for stream in flood) == 3
+    engine.run_until_idle()
+    assert [list(stream)[-1].completion_tokens for stream in [*flood, victim]] == [3] * 21

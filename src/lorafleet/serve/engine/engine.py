@@ -1,16 +1,16 @@
 """The in-process generation engine: continuous batching over one base and many adapters.
 
 One background thread owns the model. Each iteration, as vLLM's engine core does (schedule,
-execute, update), it (1) admits newly arrived requests: each takes a slot of the static KV cache
-(`kv_cache.py`), their prompts are prefilled as one right-padded batch (a bounded number of prompt
-tokens per iteration, so that a burst of arrivals never stalls the running streams for long) and
-their keys/values copied into their slots; then (2) decodes one token for every running row in one
-step of `decode.py` (a CUDA graph on a GPU), each row with its own adapter and its own sampling, the
-next tokens chosen on the device (under the row's grammar when it has one: `grammar.py`, its masks
-computed beside this thread within a budget: `masks.py`); and (3) hands each row's token to
-`output.py` (text, stop strings, events) and retires finished rows, whose slots are free at once.
-A request therefore joins the batch at the next token, not when the current batch ends. Requests,
-rows and the streams callers read are in `streams.py`.
+execute, update), it (1) admits newly arrived requests, tenants in turn (`waiting.py`): each takes
+a slot of the static KV cache (`kv_cache.py`), their prompts are prefilled as one right-padded
+batch (a bounded number of prompt tokens per iteration, so that a burst of arrivals never stalls
+the running streams for long) and their keys/values copied into their slots; then (2) decodes one
+token for every running row in one step of `decode.py` (a CUDA graph on a GPU), each row with its
+own adapter and its own sampling, the next tokens chosen on the device (under the row's grammar
+when it has one: `grammar.py`, its masks computed beside this thread within a budget: `masks.py`);
+and (3) hands each row's token to `output.py` (text, stop strings, events) and retires finished
+rows, whose slots are free at once. A request therefore joins the batch at the next token, not
+when the current batch ends. Requests, rows and the streams callers read are in `streams.py`.
 
 A row whose logits are not finite, whose prompt does not fit, or whose output cannot be handled
 (its text, stop strings or grammar raise, or its reader's event loop has closed), or whose grammar
@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,6 +43,7 @@ from lorafleet.serve.engine.output import RowOutput, fail
 from lorafleet.serve.engine.sampling import SamplingParams
 from lorafleet.serve.engine.streams import Event, ReplyStream, Request, Row, send_quietly
 from lorafleet.serve.engine.text import IncrementalText
+from lorafleet.serve.engine.waiting import WaitingRequests
 
 if TYPE_CHECKING:
     from lorafleet.serve.engine.grammar import GrammarLimits, Grammars, RowGrammar
@@ -62,18 +64,22 @@ class Engine:
         graphs: bool | None = None,
         fuse_weights: bool = True,
         grammar_limits: GrammarLimits | None = None,
+        max_rows_per_tenant: int | None = None,
     ) -> None:
         """`max_seq_len`: tokens per request (prompt and reply) the KV cache holds, for every one of
         `max_batch` slots. `graphs`: capture the decode step as CUDA graphs (default: on CUDA).
         `fuse_weights`: let the decode step move each projection group's base weights into one
         buffer with the adapters (the model keeps working, on views of it); turn off when the
         model is used for anything that needs its own parameter storage afterwards (saving).
-        `grammar_limits`: what a grammar may cost (default: `grammar.GrammarLimits()`)."""
+        `grammar_limits`: what a grammar may cost (default: `grammar.GrammarLimits()`).
+        `max_rows_per_tenant`: the most rows of the batch the requests of one tenant (the tag
+        given to `submit`) hold at once (default: no cap)."""
         self.base = base
         self.fleet = fleet
         self.max_batch = max_batch
         self.model_lock = threading.Lock()  # held for every forward and for adapter loads/unloads
-        self._waiting: list[Request] = []
+        self.max_rows_per_tenant = max_rows_per_tenant
+        self._waiting = WaitingRequests()
         self._waiting_lock = threading.Lock()
         self._wake = threading.Event()
         self._rows: list[Row] = []
@@ -130,10 +136,14 @@ class Engine:
         adapter: str | None,
         params: SamplingParams,
         loop: asyncio.AbstractEventLoop | None = None,
+        tenant: str | None = None,
+        max_rows: int | None = None,
     ) -> ReplyStream:
+        """Queue a request; `tenant` tags whose it is, for fair admission between tenants, and
+        `max_rows` caps that tenant's rows (default: `max_rows_per_tenant`)."""
         stream = ReplyStream(loop)
         with self._waiting_lock:
-            self._waiting.append(Request(prompt, adapter, params, stream))
+            self._waiting.add(Request(prompt, adapter, params, stream, tenant, max_rows))
         self._wake.set()
         return stream
 
@@ -185,14 +195,9 @@ class Engine:
             self._fail_all(f"{type(err).__name__}: {err}")
 
     def _admit(self) -> None:
+        running = Counter(row.request.tenant for row in self._rows)
         with self._waiting_lock:
-            arriving, budget = [], PREFILL_TOKENS
-            while self._waiting and len(arriving) < self.cache.free_slots:
-                cost = self._waiting[0].prompt.num_tokens
-                if arriving and cost > budget:
-                    break
-                arriving.append(self._waiting.pop(0))
-                budget -= cost
+            arriving = self._waiting.take(self.cache.free_slots, PREFILL_TOKENS, running, self.max_rows_per_tenant)
         arriving = [r for r in arriving if not r.stream.cancelled]
         refused = {}
         for request in arriving:
@@ -348,8 +353,7 @@ class Engine:
         for row in self._rows:
             self.cache.release(row.slot)
         with self._waiting_lock:
-            failed += self._waiting
-            self._waiting = []
+            failed += self._waiting.drain()
         self._rows = []
         for request in failed:
             send_quietly(request.stream, Event("", "error", error=message))

@@ -93,6 +93,8 @@ class Request:
     adapter: str | None
     params: SamplingParams
     stream: ReplyStream
+    tenant: str | None = None  # whose request: admission takes tenants in turn (waiting.py)
+    max_rows: int | None = None  # rows its tenant may hold at once (None: the engine's own cap)
 
 
 @dataclass(eq=False)
