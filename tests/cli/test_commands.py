@@ -146,5 +146,18 @@ def test_serve_limit_flags_reach_the_server_options(tmp_path):
              "--max-json-depth", "9"]  # fmt: skip
     limits = serve_options(parse(["serve", "--fleet", str(tmp_path), *flags])).limits
     assert limits == RequestLimits(3, 5, 2, 7, 1, 9)
+    fairness = [
+        "--max-tenant-rows",
+        "5",
+        "--max-tenant-requests",
+        "6",
+        "--max-tenant-waiting",
+        "7",
+        "--prepare-threads",
+        "3",
+    ]
+    options = serve_options(parse(["serve", "--fleet", str(tmp_path), *fairness]))
+    assert (options.max_tenant_rows, options.max_tenant_requests, options.max_tenant_waiting) == (5, 6, 7)
+    assert options.prepare_threads == 3 and (defaults.max_tenant_rows, defaults.prepare_threads) == (None, 8)
     with pytest.raises(SystemExit):
         parse(["serve", "--fleet", str(tmp_path), "--max-stop", "0"])

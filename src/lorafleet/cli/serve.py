@@ -20,6 +20,13 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--keys", type=Path, help="KEYS.yaml: tenants, their keys, adapters and limits")
     serve.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default: 32)")
     serve.add_argument(
+        "--max-tenant-rows",
+        type=_positive_int,
+        metavar="N",
+        help="rows of the batch one tenant's requests hold at once (default: half of --max-batch with --keys, "
+        "so another tenant always finds rows free; all of it without)",
+    )
+    serve.add_argument(
         "--max-seq-len",
         type=int,
         default=4096,
@@ -92,6 +99,28 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--max-body-mb", type=float, default=32, help="request body size limit, MiB (default: 32)")
     _add_grammar_limits(serve)
+    serve.add_argument(
+        "--max-tenant-requests",
+        type=_positive_int,
+        default=32,
+        metavar="N",
+        help="one tenant's requests in flight at once; more wait their turn (default: 32)",
+    )
+    serve.add_argument(
+        "--max-tenant-waiting",
+        type=_positive_int,
+        default=128,
+        metavar="N",
+        help="one tenant's requests waiting for a place in flight; past this, 429 (default: 128)",
+    )
+    serve.add_argument(
+        "--prepare-threads",
+        type=_positive_int,
+        default=8,
+        metavar="N",
+        help="threads fetching images and tokenising prompts off the event loop; with --keys one tenant holds "
+        "at most half of them (default: 8)",
+    )
     _add_request_limits(serve)
     serve.add_argument(
         "--public-metrics", action="store_true", help="with --keys, serve /metrics without a key (default: key needed)"
@@ -222,10 +251,14 @@ def serve_options(args: argparse.Namespace):
         ),
         log_content=args.log_content,
         max_batch=args.max_batch,
+        max_tenant_rows=args.max_tenant_rows,
         max_seq_len=args.max_seq_len,
         max_images=args.max_images,
         max_tiles=args.max_tiles,
         max_body_bytes=int(args.max_body_mb * 2**20),
+        max_tenant_requests=args.max_tenant_requests,
+        max_tenant_waiting=args.max_tenant_waiting,
+        prepare_threads=args.prepare_threads,
         limits=_request_limits(args),
         public_metrics=args.public_metrics,
         engine=args.engine,

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import io
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -57,14 +58,24 @@ class LocalBackend:
         max_images: int = 8,
         max_tiles: int | None = None,
         grammar_limits: GrammarLimits | None = None,
+        max_rows_per_tenant: int | None = None,
+        prepare_threads: int = 8,
     ) -> None:
         self.base = base
         self.fleet = LoRAFleet(base.model, base.language_prefix)
         self.grammar_limits = grammar_limits or GrammarLimits()
         self.engine = Engine(
-            base, self.fleet, max_batch=max_batch, max_seq_len=max_seq_len, grammar_limits=self.grammar_limits
+            base,
+            self.fleet,
+            max_batch=max_batch,
+            max_seq_len=max_seq_len,
+            grammar_limits=self.grammar_limits,
+            max_rows_per_tenant=max_rows_per_tenant,
         )
         self._grammar_sandbox: GrammarSandbox | None = None
+        # Image fetches and decoding, chat rendering and tokenising: blocking work, kept off the
+        # event loop on a pool of its own, bounded (the gateway holds each tenant to half of it).
+        self._preparing = ThreadPoolExecutor(prepare_threads, thread_name_prefix="lorafleet-prepare")
         self.image_policy = image_policy
         self.max_image_pixels = max_image_pixels
         self.max_images = max_images
@@ -113,6 +124,7 @@ class LocalBackend:
         self.engine.stop()
         if self._grammar_sandbox is not None:
             self._grammar_sandbox.close()
+        self._preparing.shutdown(wait=False, cancel_futures=True)
 
     async def grammar_sandbox(self) -> GrammarSandbox:
         """Where tenants' grammars compile, made with the first one (its worker processes start
@@ -146,20 +158,23 @@ class LocalBackend:
         """The chat's prompt rendered (images tiled), counted and checked, its grammar compiled (in
         the sandbox, cached for `tenant`): a 400 for what cannot run, and nothing in the engine yet."""
         self._check_schema_sizes(body.response_format, tools)  # before anything renders or compiles them
-        prompt = await asyncio.to_thread(self._encode, body.messages, adapter, tools)
+        prompt = await self._off_the_loop(self._encode, body.messages, adapter, tools)
         grammar = await self._grammar(body.response_format, tools, tenant)
         params = body.to_sampling_params(prompt.num_tokens, self.engine.max_positions, grammar)
         return _prepared((prompt,), body.n, adapter, params)
 
     async def prepare_completion(self, body: TextCompletionRequest, adapter: str | None) -> LocalRequest:
         """A text completion: each prompt as it is (no chat template), `n` choices of each."""
-        prompts = tuple(self._raw_prompt(prompt) for prompt in _prompt_list(body.prompt))
+        prompts = await self._off_the_loop(self._raw_prompts, body.prompt)
         params = body.to_sampling_params(max(p.num_tokens for p in prompts), self.engine.max_positions)
         return _prepared(prompts, body.n, adapter, params)
 
-    async def submit(self, request: LocalRequest) -> list[ReplyStream]:
+    async def submit(
+        self, request: LocalRequest, tenant: str | None = None, max_rows: int | None = None
+    ) -> list[ReplyStream]:
         """n choices of every prompt, in OpenAI's order; each choice with its own seed (seed + i
-        when the client gave one, so that a seeded request is reproducible)."""
+        when the client gave one, so that a seeded request is reproducible), each tagged with the
+        tenant, whose rows the engine admits in turn with other tenants'."""
         params = request.params
         base_seed = params.seed if params.seed is not None else secrets.randbits(32)
         loop = asyncio.get_running_loop()
@@ -167,7 +182,7 @@ class LocalBackend:
         for prompt in request.prompts:
             for choice in range(request.choices):
                 seeded = dataclasses.replace(params, seed=base_seed + choice)
-                streams.append(self.engine.submit(prompt, request.adapter, seeded, loop))
+                streams.append(self.engine.submit(prompt, request.adapter, seeded, loop, tenant, max_rows))
         return streams
 
     def _encode(self, messages: list[dict], adapter: str | None = None, tools: ToolUse | None = None) -> Example:
@@ -230,6 +245,12 @@ class LocalBackend:
             return await (await self.grammar_sandbox()).compile(tenant, *constraint)
         except GrammarError as err:
             raise APIError(400, str(err), "invalid_request", "tools" if forced else "response_format") from err
+
+    async def _off_the_loop(self, work, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._preparing, work, *args)
+
+    def _raw_prompts(self, prompt: str | list) -> tuple[Example, ...]:
+        return tuple(self._raw_prompt(one) for one in _prompt_list(prompt))
 
     def _raw_prompt(self, prompt: str | list[int]) -> Example:
         if isinstance(prompt, str):

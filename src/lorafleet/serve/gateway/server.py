@@ -79,9 +79,13 @@ class Backend(Protocol):
         """The same for a text completion and its prompts."""
         ...
 
-    async def submit(self, request: PreparedRequest) -> list[EventSource]:
+    async def submit(
+        self, request: PreparedRequest, tenant: str | None = None, max_rows: int | None = None
+    ) -> list[EventSource]:
         """Start generating `request.choices` replies to each prompt, in OpenAI's order: each one's
-        text as events, the last one with the finish reason and token counts."""
+        text as events, the last one with the finish reason and token counts. `tenant` names whose
+        request it is and `max_rows` caps that tenant's rows (its own cap; None: the server's),
+        for a backend that shares its batch fairly between tenants."""
         ...
 
 
@@ -93,11 +97,19 @@ class ServeOptions:
     image_policy: ImagePolicy = field(default_factory=ImagePolicy)
     log_content: bool = False  # prompts and replies in the audit log, personal data replaced
     max_batch: int = 32
+    # Rows of the batch one tenant's requests hold at once; default: half of max_batch with keys
+    # (another tenant always finds rows free), all of it without (one caller: nobody to share with).
+    max_tenant_rows: int | None = None
     max_seq_len: int = 4096  # tokens per request (prompt and reply): the KV cache's capacity per row
     max_image_pixels: int = 4096 * 4096
     max_images: int = 8  # per request
     max_tiles: int | None = None  # image tiles for every model; default: each adapter's training setting
     max_body_bytes: int = 32 * 2**20  # a request body over this gets 413 before it is parsed
+    max_tenant_requests: int = 32  # one tenant's requests in flight at once (the rest wait their turn) ...
+    max_tenant_waiting: int = 128  # ... and waiting for it, past which the tenant gets a 429
+    # Threads that fetch and decode images and tokenise prompts, off the event loop; with keys one
+    # tenant's requests hold at most half of them.
+    prepare_threads: int = 8
     limits: RequestLimits = field(default_factory=RequestLimits)  # prompts, choices, stops, tools, JSON depth
     public_metrics: bool = False  # with keys, /metrics needs one unless this is set
     device: str | None = None
@@ -188,6 +200,8 @@ class FleetServer:
             options.max_images,
             options.max_tiles,
             options.grammar_limits,
+            self._rows_per_tenant(),
+            options.prepare_threads,
         )
         for name, path in adapters.items():
             backend.load_adapter(name, path)
@@ -206,6 +220,12 @@ class FleetServer:
                 "to serve it anyway"
             )
         return weights
+
+    def _rows_per_tenant(self) -> int | None:
+        options = self.options
+        if options.max_tenant_rows is not None:
+            return options.max_tenant_rows
+        return max(1, options.max_batch // 2) if options.tenants is not None else None
 
     def _check_tenants(self, tenants: TenantDirectory | None, adapters: Iterable[str]) -> None:
         if tenants is not None:

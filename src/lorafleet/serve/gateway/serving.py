@@ -1,16 +1,19 @@
 """Chat and text completions from the request's first byte to its last, in the order that keeps
-a bad or greedy request cheap: who asks (access), what they ask (protocol: read, validated and
+a bad or greedy request cheap: who asks (access), its turn among the tenant's own requests in
+flight (admission), what they ask (protocol: read, validated, held to the request limits and
 refused when unsupported, only after the key is checked), what it will take (the backend prepares
-it: prompt rendered and counted, nothing generating), whether the tenant's limits hold it (the
-tokens reserved), then generation (the backend submits it) shaped as one JSON reply or a stream.
-Every call, refused or answered, is recorded once when it ends (accounting).
+it on its bounded pool, the tenant holding at most half of it: prompt rendered and counted,
+nothing generating), whether the tenant's limits hold it (every prompt's and every choice's
+tokens reserved), then generation (the backend submits it, tagged with the tenant for the
+engine's fair admission) shaped as one JSON reply or a stream. Every call, refused or answered,
+is recorded once when it ends (accounting).
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from fastapi import Request
 
@@ -18,6 +21,7 @@ from lorafleet import __version__
 from lorafleet.serve.gateway import openai_format
 from lorafleet.serve.gateway.access import Access, check_rate, reserve_tokens
 from lorafleet.serve.gateway.accounting import UNKNOWN_MODEL, Recorder
+from lorafleet.serve.gateway.admission import TenantLimiter
 from lorafleet.serve.gateway.audit_trail import content_sha256
 from lorafleet.serve.gateway.calls import Call, PreparedRequest
 from lorafleet.serve.gateway.errors import APIError
@@ -41,24 +45,37 @@ class Completions:
     def __init__(self, server: FleetServer, access: Access, recorder: Recorder) -> None:
         self.server, self.access, self.recorder = server, access, recorder
         self.fingerprint = f"lorafleet-{__version__}-{server.fingerprint}"
+        options = server.options
+        self.in_flight = TenantLimiter(options.max_tenant_requests, options.max_tenant_waiting)
+        # With keys, one tenant prepares on half the threads at most, so another always finds some
+        # free; without, every caller is the same tenant and there is nobody to keep threads for.
+        shared = options.prepare_threads // 2 if options.tenants is not None else options.prepare_threads
+        self.preparing = TenantLimiter(max(1, shared), stage="requests being prepared")
 
     async def create(self, request: Request, kind: type[CompletionParameters]) -> dict | AsyncIterator[str]:
         """The whole reply (OpenAI's JSON), or its SSE lines when the client asked for a stream;
         APIError for a request refused or failed before its first byte of reply."""
         prefix = "chatcmpl" if kind is ChatCompletionRequest else "cmpl"
         call = Call(f"{prefix}-{uuid.uuid4().hex[:24]}", UNKNOWN_MODEL, fingerprint=self.fingerprint)
+        leave = None  # gives back the tenant's place in flight; a stream gives it back when it ends
         try:
             # The body is read after the key is checked: an unauthenticated client learns nothing
             # about request validation and costs no parsing.
             call.tenant = self.access.authenticate(request)
+            tenant = call.tenant.name if call.tenant else None
+            leave = await self.in_flight.enter(tenant)  # waits behind the tenant's own requests only
             options = self.server.options
             body = await read_body(request, options.max_body_bytes, kind, options.limits.max_json_depth)
             adapter = self._accept(call, body)
-            prepared, shape = await self._prepare(body, adapter, call.tenant.name if call.tenant else "")
+            async with self.preparing.hold(tenant):  # the grammar's compile too: one tenant's at a time
+                prepared, shape = await self._prepare(body, adapter, tenant or "")
             self._admit(call, prepared)
-            sources = await self.server.backend.submit(prepared)
+            sources = await self.server.backend.submit(prepared, tenant, call.tenant.max_rows if call.tenant else None)
             if body.stream:
-                return self._stream(call, openai_format.server_sent_events(call, sources, shape, body.include_usage))
+                chunks = openai_format.server_sent_events(call, sources, shape, body.include_usage)
+                stream = self._stream(call, chunks, leave)
+                leave = None  # the stream gives the place back when it ends
+                return stream
             choices, error = await openai_format.collect(call, sources, shape)
             if error is not None:  # the request's own fault (its grammar) is a 400, never a 500
                 status, code = (400, "invalid_request") if error.client_error else (500, "engine_error")
@@ -75,6 +92,9 @@ class Completions:
             call.finish(500, f"internal error: {type(err).__name__}: {err}"[:500])
             self.recorder.record(call)
             raise APIError(500, f"internal error: {type(err).__name__}", "internal_error") from err
+        finally:
+            if leave is not None:
+                leave()
 
     def _accept(self, call: Call, body: CompletionParameters) -> str | None:
         """The model the caller may use (its adapter; None: the base), within the request rate,
@@ -111,14 +131,18 @@ class Completions:
         call.reservation = reserve_tokens(call.tenant, prepared.most_tokens)
         call.prompt_tokens = sum(prepared.prompt_tokens)  # each prompt counted once, as OpenAI does
 
-    async def _stream(self, call: Call, chunks: AsyncGenerator[str, None]) -> AsyncIterator[str]:
+    async def _stream(
+        self, call: Call, chunks: AsyncGenerator[str, None], leave: Callable[[], None]
+    ) -> AsyncIterator[str]:
         """The reply's chunks, then [DONE] once the call is recorded: a client that hangs up on
         [DONE] must not beat the log. A client that leaves early ends the chunks (which cancels
-        its generation), and the call is recorded as it ended."""
+        its generation), and the call is recorded as it ended; either way the tenant's place in
+        flight is given back (`leave`)."""
         try:
             async for piece in chunks:
                 yield piece
         finally:
+            leave()
             await chunks.aclose()
             self.recorder.record(call)
         yield openai_format.DONE

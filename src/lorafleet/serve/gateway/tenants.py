@@ -7,6 +7,7 @@ KEYS.yaml:
         adapters: [finance]            # or "*"
         requests_per_minute: 60
         tokens_per_minute: 20000
+        max_rows: 8                    # of the engine's batch at once (default: lorafleet serve --max-tenant-rows)
       - name: ops
         key_sha256: ...
         adapters: "*"
@@ -80,6 +81,7 @@ class Tenant:
     admin: bool = False
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
+    max_rows: int | None = None  # rows of the engine's batch its requests hold at once (None: the server's cap)
     _requests: deque[float] = field(default_factory=deque, repr=False)
     _tokens: TokenWindow = field(default_factory=TokenWindow, repr=False)
 
@@ -201,7 +203,7 @@ def load_tenants(path: str | Path) -> TenantDirectory:
     return TenantDirectory(tenants, path)
 
 
-_FIELDS = {"name", "key", "key_sha256", "adapters", "admin", "requests_per_minute", "tokens_per_minute"}
+_FIELDS = {"name", "key", "key_sha256", "adapters", "admin", "requests_per_minute", "tokens_per_minute", "max_rows"}
 
 
 def _tenant(entry: object, where: str) -> Tenant:
@@ -223,7 +225,7 @@ def _tenant(entry: object, where: str) -> Tenant:
     if not isinstance(admin, bool):  # `admin: "false"` is a string, and a string is true
         raise ConfigError(f"{where}: admin must be true or false, not {admin!r}")
     limits = {}
-    for name in ("requests_per_minute", "tokens_per_minute"):
+    for name in ("requests_per_minute", "tokens_per_minute", "max_rows"):
         value = entry.get(name)
         if isinstance(value, float) and value.is_integer():
             value = int(value)  # `tokens_per_minute: 2e4` is a float to YAML, and a whole number to the reader

@@ -121,9 +121,11 @@ class UpstreamBackend:
         reply_tokens = body.reply_tokens or DEFAULT_REPLY_TOKENS
         return UpstreamRequest((0,), body.n, reply_tokens, route, payload, body.seed)
 
-    async def submit(self, request: UpstreamRequest) -> list[UpstreamEvents]:
+    async def submit(
+        self, request: UpstreamRequest, tenant: str | None = None, max_rows: int | None = None
+    ) -> list[UpstreamEvents]:
         """One upstream stream per choice (n = 1 each, seeds seed + i), so every backend's choices
-        arrive the same way."""
+        arrive the same way. vLLM schedules its own batch: the tenant is not passed on."""
         payload = dict(request.payload)
         streams: list[UpstreamEvents] = []
         try:
