@@ -421,12 +421,16 @@ class Attack:
         await self.client.aclose()
 
 
+ROUNDS = 5
+
+
 def test_a_victims_requests_keep_their_latency_while_another_tenant_attacks(limited, slow_host):
     """The victim's 12 requests all succeed, their p99 under attack under twice their p99 alone.
-    Each side is measured in three rounds (alone: two before the attack and one after) and
-    judged by its best round: other processes on the machine only ever add time, and a tenant
-    starved by the attack (behind one queue, or a thread pool of slow fetches) is slow in every
-    round of it, since the attack goes on until all three have been measured."""
+    Each side is measured in five rounds (alone: three before the attack and two after) and
+    judged by its best round: other processes on the machine only ever add time (in bursts that
+    can outlast a round or two), and a tenant starved by the attack (behind one queue, or a
+    thread pool of slow fetches) is slow in every round of it, since the attack goes on until all
+    five have been measured."""
     url, server, _ = limited
     engine = server.backend.engine
 
@@ -437,14 +441,14 @@ def test_a_victims_requests_keep_their_latency_while_another_tenant_attacks(limi
             await asyncio.sleep(0.01)
         attack.start(attack.huge(), *(attack.fetch_slowly() for _ in range(34)))
         await asyncio.sleep(0.1)  # the slow fetches have begun
-        rounds = [p99(await victims_latencies(url)) for _ in range(3)]
+        rounds = [p99(await victims_latencies(url)) for _ in range(ROUNDS)]
         await attack.stop()
         return rounds, attack.statuses
 
     asyncio.run(victims_latencies(url))  # warm
-    alone = [p99(asyncio.run(victims_latencies(url))) for _ in range(2)]
+    alone = [p99(asyncio.run(victims_latencies(url))) for _ in range(3)]
     attacked, statuses = asyncio.run(under_attack())
-    alone.append(p99(asyncio.run(victims_latencies(url))))
+    alone += [p99(asyncio.run(victims_latencies(url))) for _ in range(2)]
     assert min(attacked) < 2 * min(alone), f"p99 per round: {attacked} attacked, {alone} alone (s)"
     assert 400 in statuses and set(statuses) <= {200, 400}, statuses  # slow fetches and 2,000 prompts: 400s
 
