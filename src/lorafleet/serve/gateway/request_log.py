@@ -61,6 +61,11 @@ class RequestLog:
         os.chmod(self.path, 0o600)
         self._db = sqlite3.connect(self.path, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
+        # A row is written on the event loop, where an fsync per commit (2.8 ms median, 72 ms at
+        # worst, measured on a busy two-core machine) is time every tenant waits. In WAL mode
+        # NORMAL syncs at checkpoints only: a power cut may lose the last rows, never corrupt the
+        # file; the audit log, appended off the event loop, is the durable record.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(SCHEMA)
         self._db.commit()
 
