@@ -304,7 +304,11 @@ def test_a_burst_of_200_concurrent_requests_gets_no_server_errors(keyed_server):
             return [r.status_code for r in await asyncio.gather(*requests)]
 
     statuses = asyncio.run(burst())
-    assert statuses.count(200) == 150 and statuses.count(404) == 50
+    # One tenant's 200 at once: 32 in flight and 128 waiting their turn (the defaults); any more
+    # are told to come back (429), and none is a server error.
+    expected = [404 if models[i % 4] == "finance-typo" else 200 for i in range(200)]
+    assert all(status in (answer, 429) for status, answer in zip(statuses, expected, strict=True)), statuses
+    assert statuses.count(429) <= 200 - 32 - 128
 
 
 def test_images_are_tiled_as_the_adapter_was_trained(tiny_vlm_dir, tmp_path):
