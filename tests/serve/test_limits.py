@@ -349,11 +349,11 @@ def test_a_tenants_requests_in_flight_are_limited_and_past_those_waiting_it_gets
             with engine.model_lock:
                 hostile = [send("hostile") for _ in range(IN_FLIGHT + WAITING + 3)]
                 await until(lambda: sum(task.done() for task in hostile) == 3, "3 refused")
-                await until(lambda: len(engine._waiting) == IN_FLIGHT, "40 in the engine's queue")
+                await until(lambda: engine.waiting == IN_FLIGHT, "40 in the engine's queue")
                 victim = send("victim")
-                await until(lambda: len(engine._waiting) == IN_FLIGHT + 1, "the victim's in the engine's queue")
+                await until(lambda: engine.waiting == IN_FLIGHT + 1, "the victim's in the engine's queue")
                 await asyncio.sleep(0.2)
-                assert len(engine._waiting) == IN_FLIGHT + 1, "no more of the hostile tenant's got through"
+                assert engine.waiting == IN_FLIGHT + 1, "no more of the hostile tenant's got through"
                 refused = [task for task in hostile if task.done()]
             answered = await asyncio.gather(*(task for task in hostile if task not in refused))
             refused = [task.result() for task in refused]
