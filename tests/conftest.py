@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from lorafleet.models.tiny import build_tiny_internvl, build_tiny_qwen2
+from tests.services import postgres_server, postgres_url, redis_server, redis_url  # noqa: F401  (fixtures)
 
 if os.environ.get("LORAFLEET_TEST_DETERMINISTIC") == "1":
     # The suite must pass with deterministic kernels as well as with the defaults (and with any

@@ -9,7 +9,7 @@ so libraries that probe for optional packages (transformers, peft) take the path
 
 The image (an H200 machine's, 2026-12) holds torch, triton, transformers, peft, numpy, pyyaml,
 safetensors, tokenizers, pillow, tqdm, pyarrow, matplotlib, prometheus-client, httpx and pytest:
-not the web server, grammar support, nor the data, governance and test-only extras.
+not the web server, grammar support, nor the data, governance, replicas and test-only extras.
 tests/test_device_image.py and tests/test_benchmarks.py run under it.
 """
 
@@ -21,6 +21,7 @@ import sys
 ABSENT = frozenset({
     "llguidance", "fastapi", "starlette", "uvicorn", "openai", "cryptography", "datasketch", "phonenumbers",
     "pypdf", "bitsandbytes", "trl", "datasets", "spacy", "langchain_openai", "compressed_tensors",
+    "psycopg", "psycopg_binary", "redis",
 })  # fmt: skip
 
 

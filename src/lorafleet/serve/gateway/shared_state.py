@@ -1,0 +1,155 @@
+"""The shared serving state: PostgreSQL (postgres_store.py) for keys, tenants, usage and the request
+log, Redis (redis_windows.py) for the rate and token windows. Any number of gateway replicas
+pointed at the same two servers act as one gateway: one limit per tenant, one list of keys, one
+record of usage, so a replica holds nothing that another needs and can be stopped at any time.
+
+Keys are looked up in memory, never per request in the database: each replica holds every usable
+key's hash with its tenant and reloads them when the database's change counter moves, which a
+thread polls every `REFRESH_SECONDS` — so a key revoked through any replica is refused by all
+within that, well inside a second. A database that cannot be reached leaves the keys in force as
+they were (no change could be made there meanwhile), and polling goes on until it is back.
+
+The drivers are imported here and nowhere else, and this module only when `--state` names a
+database: `pip install 'lorafleet[replicas]'`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from datetime import UTC, date, datetime
+
+from lorafleet.serve.gateway.postgres_store import PostgresStore
+from lorafleet.serve.gateway.redis_windows import RedisWindows
+from lorafleet.serve.gateway.request_log import RequestRecord
+from lorafleet.serve.gateway.state import IssuedKey, KeyInfo, StateUnavailable, TenantSettings, UsageRow
+from lorafleet.serve.gateway.tenants import WINDOW_SECONDS, Tenant, TenantDirectory, hash_key
+
+REFRESH_SECONDS = 0.25
+
+
+class SharedState:
+    def __init__(
+        self,
+        database_url: str,
+        redis_url: str,
+        replica: str,
+        refresh_seconds: float = REFRESH_SECONDS,
+        window_seconds: float = WINDOW_SECONDS,
+    ) -> None:
+        self.replica = replica  # names this replica in the request log
+        self.refresh_seconds = refresh_seconds
+        self.store = PostgresStore(database_url)
+        self.windows = RedisWindows(redis_url, window_seconds)
+        self.failed_refreshes = 0
+        self._keys: dict[str, tuple[Tenant, datetime | None]] = {}  # key hash -> its tenant, its expiry
+        self._version: int | None = None
+        self._lock = threading.Lock()  # one refresh at a time: the poller's, or one after a change here
+        self.refresh()
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name="lorafleet-state-refresh", daemon=True)
+        self._poller.start()
+
+    # --- who asks ---------------------------------------------------------------------------
+
+    def authenticate(self, key: str | None) -> Tenant | None:
+        if not key:
+            return None
+        found = self._keys.get(hash_key(key))
+        if found is None:
+            return None
+        tenant, expires = found
+        return tenant if expires is None or expires > datetime.now(UTC) else None
+
+    def refresh(self) -> None:
+        """Reload the keys if anything changed since the last load."""
+        with self._lock:
+            if self.store.change_version() == self._version:
+                return
+            version, rows = self.store.directory()
+            self._keys = {digest: (settings.tenant(digest), expires) for digest, expires, settings in rows}
+            self._version = version
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.refresh_seconds):
+            try:
+                self.refresh()
+            except StateUnavailable:
+                self.failed_refreshes += 1  # the keys in force stay; the next poll tries again
+
+    # --- the windows --------------------------------------------------------------------------
+
+    def count_request(self, tenant: Tenant) -> float | None:
+        if tenant.requests_per_minute is None and tenant.tokens_per_minute is None:
+            return None  # nothing to hold it to: no round trip
+        return self.windows.count_request(tenant.name, tenant.requests_per_minute, tenant.tokens_per_minute)
+
+    def reserve_tokens(self, tenant: Tenant, tokens: int) -> tuple[object | None, float]:
+        if tenant.tokens_per_minute is None:
+            return None, 0.0
+        return self.windows.reserve(tenant.name, tokens, tenant.tokens_per_minute)
+
+    def settle_tokens(self, tenant: Tenant, reservation: object | None, tokens: int) -> None:
+        if reservation is not None:  # none: the tenant has no token limit, nothing counts them
+            self.windows.settle(tenant.name, reservation, tokens)
+
+    # --- what happened ------------------------------------------------------------------------
+
+    def log_request(self, record: RequestRecord) -> None:
+        self.store.log_request(record, self.replica)
+
+    def usage(self, since: date, tenant: str | None = None) -> list[UsageRow]:
+        return self.store.usage(since, tenant)
+
+    # --- administration -----------------------------------------------------------------------
+
+    def tenants(self) -> list[TenantSettings]:
+        return self.store.tenants()
+
+    def put_tenant(self, settings: TenantSettings) -> None:
+        self.store.put_tenant(settings)
+        self.refresh()
+
+    def keys(self, tenant: str | None = None) -> list[KeyInfo]:
+        return self.store.keys(tenant)
+
+    def create_key(self, tenant: str, expires: datetime | None = None) -> IssuedKey:
+        issued = self.store.create_key(tenant, expires)
+        self.refresh()
+        return issued
+
+    def revoke_key(self, key_id: str) -> KeyInfo:
+        info = self.store.revoke_key(key_id)
+        self.refresh()
+        return info
+
+    def rotate_key(self, key_id: str) -> IssuedKey:
+        issued = self.store.rotate_key(key_id)
+        self.refresh()
+        return issued
+
+    def import_keys_file(self, directory: TenantDirectory) -> int:
+        """The keys file's tenants and keys, into the database: the file's settings replace a
+        tenant's (its budgets, which a keys file does not hold, stay), and a key is added unless
+        the database knows it already (so a key revoked there stays revoked). Returns how many
+        keys were added."""
+        known = {settings.name: settings for settings in self.store.tenants()}
+        added = 0
+        for tenant in directory.tenants:
+            settings = replace(
+                known.get(tenant.name, TenantSettings(tenant.name)),  # budgets are not in the file: they stay
+                adapters=tenant.adapters,
+                admin=tenant.admin,
+                requests_per_minute=tenant.requests_per_minute,
+                tokens_per_minute=tenant.tokens_per_minute,
+            )
+            self.store.put_tenant(settings)
+            added += self.store.import_key(tenant.name, tenant.key_sha256)
+        self.refresh()
+        return added
+
+    def close(self) -> None:
+        self._stop.set()
+        self._poller.join(timeout=5)
+        self.store.close()
+        self.windows.close()

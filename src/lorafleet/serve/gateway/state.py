@@ -1,0 +1,148 @@
+"""Where a gateway keeps what outlives a request: who may call (keys and tenants), what they have
+used (rate and token windows, usage, the request log). One interface, two implementations:
+
+- embedded (`embedded_state.EmbeddedState`, the default): the keys file, windows in this process,
+  the request log in the fleet's SQLite database. Zero set-up; one process enforces the limits.
+- shared (`shared_state.SharedState`, `lorafleet serve --state postgresql://… --redis redis://…`):
+  keys (hashed), tenants, usage and the request log in PostgreSQL, the windows in Redis, checked
+  and reserved atomically there, so that any number of replicas enforce one limit and a key
+  revoked through one replica is refused by all of them.
+
+The gateway (access, serving, accounting) speaks only to `ServingState`. The shared
+implementation's drivers (psycopg, redis) are an optional extra, `lorafleet[replicas]`, imported
+only when `--state` names a database: the embedded path and the GPU image never load them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Protocol
+
+from lorafleet.errors import LorafleetError
+from lorafleet.serve.gateway.request_log import RequestRecord
+from lorafleet.serve.gateway.tenants import Tenant
+
+
+class StateUnavailable(LorafleetError):
+    """The shared state (PostgreSQL or Redis) cannot be reached or did not answer in time."""
+
+
+class KeysAreReadOnly(LorafleetError):
+    """Keys and tenants cannot be changed through this state (the embedded state's are a file)."""
+
+
+@dataclass(frozen=True)
+class TenantSettings:
+    """A tenant as an administrator sets it up; its keys are separate (`KeyInfo`)."""
+
+    name: str
+    adapters: frozenset[str] | None = frozenset()  # None: every adapter
+    admin: bool = False
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    monthly_token_budget: int | None = None  # prompt and completion tokens in a calendar month (UTC)
+    monthly_cost_budget: float | None = None  # in the currency usage is priced in
+
+    def tenant(self, key_sha256: str) -> Tenant:
+        """The gateway's view of this tenant when it calls with the key of that hash."""
+        return Tenant(
+            name=self.name,
+            key_sha256=key_sha256,
+            adapters=self.adapters,
+            admin=self.admin,
+            requests_per_minute=self.requests_per_minute,
+            tokens_per_minute=self.tokens_per_minute,
+        )
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What is known of a key without the key: its id (the first 16 hex digits of its SHA-256),
+    whose it is and when it stops working."""
+
+    key_id: str
+    tenant: str
+    created: datetime | None = None  # None: from a keys file, which does not say
+    expires: datetime | None = None
+    revoked: datetime | None = None
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    """A key just made: `key` is shown once, to whoever asked for it, and stored nowhere."""
+
+    key: str
+    info: KeyInfo
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """One tenant's use of one model (an adapter, or the base) on one day (UTC)."""
+
+    day: date
+    tenant: str | None  # None: a server without keys
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class ServingState(Protocol):
+    """What the gateway asks of its state. Window methods return what the embedded `Tenant`
+    methods return, so that both implementations decide alike (tests/serve/test_shared_state.py
+    holds them to each other)."""
+
+    def authenticate(self, key: str | None) -> Tenant | None:
+        """The tenant whose key this is (None: no such key, revoked or expired)."""
+        ...
+
+    def count_request(self, tenant: Tenant) -> float | None:
+        """Count a request against the tenant's requests per minute: None when counted, or the
+        seconds until one is allowed (a full request window, or a spent token window)."""
+        ...
+
+    def reserve_tokens(self, tenant: Tenant, tokens: int) -> tuple[object | None, float]:
+        """Hold `tokens` against the tenant's tokens per minute: (the reservation, 0), or (None,
+        seconds to wait) when they do not fit. The reservation is opaque: settle it."""
+        ...
+
+    def settle_tokens(self, tenant: Tenant, reservation: object | None, tokens: int) -> None:
+        """What the request really used: its reservation becomes that."""
+        ...
+
+    def log_request(self, record: RequestRecord) -> None:
+        """The request log's row, and the tenant's usage counted with it."""
+        ...
+
+    def usage(self, since: date, tenant: str | None = None) -> list[UsageRow]:
+        """Usage per day, tenant and model from `since` (UTC) on, oldest first."""
+        ...
+
+    def tenants(self) -> list[TenantSettings]: ...
+
+    def put_tenant(self, settings: TenantSettings) -> None:
+        """Create the tenant, or replace its settings (its keys stay)."""
+        ...
+
+    def keys(self, tenant: str | None = None) -> list[KeyInfo]: ...
+
+    def create_key(self, tenant: str, expires: datetime | None = None) -> IssuedKey: ...
+
+    def revoke_key(self, key_id: str) -> KeyInfo:
+        """Revoke the key with this id (KeyError when there is none); every replica refuses it
+        within a second."""
+        ...
+
+    def rotate_key(self, key_id: str) -> IssuedKey:
+        """A new key for the same tenant and expiry, the old one revoked at once."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def without_password(url: str) -> str:
+    """A database URL fit for a message or a log: its password left out."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    return f"{scheme}{sep}{credentials.partition(':')[0]}{at}{host}" if at else url
