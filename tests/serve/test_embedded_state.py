@@ -80,6 +80,15 @@ def test_keys_cannot_be_changed_through_the_embedded_state_and_the_error_says_wh
             change()
 
 
+@pytest.mark.parametrize("given", [{"state_url": "postgresql://db/lorafleet"}, {"redis_url": "redis://cache"}])
+def test_the_shared_state_needs_both_postgresql_and_redis(fleet_dir, given):
+    from lorafleet.errors import ConfigError
+    from lorafleet.serve.gateway.server import FleetServer, ServeOptions
+
+    with pytest.raises(ConfigError, match="give both --state postgresql://… and --redis redis://…, or neither"):
+        FleetServer(ServeOptions(fleet_dir=fleet_dir, **given))
+
+
 def test_the_embedded_path_imports_neither_postgresql_nor_redis_drivers():
     script = (
         "import sys\n"

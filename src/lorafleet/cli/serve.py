@@ -18,6 +18,18 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--keys", type=Path, help="KEYS.yaml: tenants, their keys, adapters and limits")
+    serve.add_argument(
+        "--state",
+        metavar="postgresql://…",
+        help="keep keys, tenants, usage and the request log in this PostgreSQL database, shared by every "
+        "replica (with --redis; the keys file, if given, is imported at start; pip install 'lorafleet[replicas]')",
+    )
+    serve.add_argument(
+        "--redis", metavar="redis://…", help="keep the rate and token windows in this Redis (with --state)"
+    )
+    serve.add_argument(
+        "--replica-id", help="this replica's name in the request log (default: the host name and process id)"
+    )
     serve.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default: 32)")
     serve.add_argument(
         "--max-tenant-rows",
@@ -274,6 +286,9 @@ def serve_options(args: argparse.Namespace):
         audit_ship_queue=args.audit_ship_queue,
         grammar_limits=_grammar_limits(args),
         manage_keys=args.manage_keys,
+        state_url=args.state,
+        redis_url=args.redis,
+        **({"replica_id": args.replica_id} if args.replica_id else {}),
     )
 
 

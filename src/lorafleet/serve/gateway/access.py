@@ -1,7 +1,8 @@
 """Who is asking and what they may do: the caller's key (its tenant; without --keys, anyone on
 loopback), the models a tenant may use, the admin's rights, and the tenant's limits: requests per
 minute, checked as a request arrives, and tokens per minute, reserved once the backend has
-counted what the request can use and before anything generates (tenants.py keeps the windows).
+counted what the request can use and before anything generates (the serving state keeps keys and
+windows: state.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from fastapi import Request
 from lorafleet.errors import LorafleetError
 from lorafleet.serve.gateway.errors import APIError
 from lorafleet.serve.gateway.server import FleetServer
-from lorafleet.serve.gateway.tenants import Reservation, Tenant
+from lorafleet.serve.gateway.state import ServingState
+from lorafleet.serve.gateway.tenants import Tenant
 
 
 class Access:
@@ -22,10 +24,10 @@ class Access:
 
     def authenticate(self, request: Request) -> Tenant | None:
         """The caller's tenant (None when the server has no keys); 401 for a missing or wrong key."""
-        tenants = self.server.options.tenants  # read every time: reloading the keys replaces them
-        if tenants is None:
+        state = self.server.state
+        if not state.keys_required:
             return None
-        tenant = tenants.authenticate(_bearer_key(request))
+        tenant = state.authenticate(_bearer_key(request))
         if tenant is None:
             raise APIError(401, "Incorrect or missing API key.", "invalid_api_key")
         return tenant
@@ -33,10 +35,10 @@ class Access:
     def is_admin(self, request: Request) -> bool:
         """Whether the caller may administer the server (an admin key, or no keys at all), without
         refusing anyone: for the routes that answer everybody, but some more fully."""
-        tenants = self.server.options.tenants
-        if tenants is None:
+        state = self.server.state
+        if not state.keys_required:
             return True
-        tenant = tenants.authenticate(_bearer_key(request))
+        tenant = state.authenticate(_bearer_key(request))
         return tenant is not None and tenant.admin
 
     def authenticate_admin(self, request: Request) -> Tenant | None:
@@ -82,17 +84,16 @@ def require_admin(tenant: Tenant | None) -> None:
         raise APIError(403, "This key may not load or unload adapters.", "permission_denied")
 
 
-def check_rate(tenant: Tenant | None) -> None:
+def check_rate(state: ServingState, tenant: Tenant | None) -> None:
     """Count the request against the tenant's requests per minute (429 when they are spent)."""
     if tenant is None:
         return
-    wait = tenant.retry_after()
+    wait = state.count_request(tenant)
     if wait is not None:
         raise _too_many(f"Rate limit reached for tenant {tenant.name}; retry in {wait:.0f} s.", wait)
-    tenant.record_request()
 
 
-def reserve_tokens(tenant: Tenant | None, most: int) -> Reservation | None:
+def reserve_tokens(state: ServingState, tenant: Tenant | None, most: int) -> object | None:
     """Hold the most a request can use (`PreparedRequest.most_tokens`: every prompt, and every
     choice of every prompt at its cap) against the tenant's tokens per minute before it runs, so
     that a burst cannot overrun the limit; accounting settles the reservation to what the request
@@ -109,7 +110,7 @@ def reserve_tokens(tenant: Tenant | None, most: int) -> Reservation | None:
             "prompts, a smaller n or a smaller max_tokens",
             "rate_limit_exceeded",
         )
-    reservation, wait = tenant.reserve(most)
+    reservation, wait = state.reserve_tokens(tenant, most)
     if reservation is None:
         raise _too_many(f"Token rate limit reached for tenant {tenant.name}; retry in {wait:.0f} s.", wait)
     return reservation

@@ -32,11 +32,11 @@ class Recorder:
         """Record an ended call (`Call.finish`), once. One refused for its key (401) is counted in
         the metrics only: anyone who reaches the port can send those, and must not fill the disk."""
         if call.tenant is not None:
-            call.tenant.settle(call.reservation, call.prompt_tokens + call.completion_tokens)
+            self.server.state.settle_tokens(call.tenant, call.reservation, call.prompt_tokens + call.completion_tokens)
         self._observe(call)
         if call.status == 401:
             return
-        self.server.request_log.record(
+        self.server.state.log_request(
             RequestRecord(
                 call.request_id,
                 call.tenant.name if call.tenant else None,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from lorafleet.serve.gateway.tenants import Reservation, Tenant
+from lorafleet.serve.gateway.tenants import Tenant
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class Call:
     status: int | None = None  # how it ended (HTTP status; 499: the client hung up); None while it runs
     error: str | None = None
     known_model: bool = False  # the model exists and the caller may use it (a metric label then)
-    reservation: Reservation | None = None  # the tenant's tokens held for it (`Tenant.reserve`)
+    reservation: object | None = None  # the tenant's token reservation (`ServingState.reserve_tokens`)
     content: dict | None = None  # the request's messages, kept only with --log-content
     input_sha256: str | None = None  # of the request's messages (or prompt): the audit log's record
     replies: list[str] | None = None  # every choice's text, once generated (hashed for the audit log)

@@ -29,6 +29,10 @@ class EmbeddedState:
         self._directory = directory
         self.request_log = request_log
 
+    @property
+    def keys_required(self) -> bool:
+        return self._directory() is not None
+
     def authenticate(self, key: str | None) -> Tenant | None:
         directory = self._directory()
         return directory.authenticate(key) if directory is not None else None
@@ -61,6 +65,9 @@ class EmbeddedState:
         finally:
             db.close()
         return [UsageRow(date.fromisoformat(day), *rest) for day, *rest in rows]
+
+    def import_keys_file(self, directory: TenantDirectory) -> int:
+        return 0  # the directory in force is the file itself
 
     def tenants(self) -> list[TenantSettings]:
         directory = self._directory()

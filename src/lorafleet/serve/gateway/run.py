@@ -28,7 +28,7 @@ def is_loopback(host: str) -> bool:
 
 def check_address(host: str, options: ServeOptions) -> None:
     """Without keys anyone who reaches the port could use the fleet: loopback only."""
-    if options.tenants is None and not is_loopback(host):
+    if not options.keyed and not is_loopback(host):
         raise ConfigError(
             f"refusing to listen on {host} without --keys: anyone could use the fleet. "
             "Pass --keys KEYS.yaml, or listen on 127.0.0.1"
@@ -70,7 +70,9 @@ def serve(options: ServeOptions, host: str, port: int, log: Callable[[str], None
     except BaseException:
         listener.close()
         raise
-    if options.tenants is None:
+    if options.state_url is not None:
+        log(f"lorafleet: replica {options.replica_id}: keys, usage and windows in the shared state")
+    elif options.tenants is None:
         log(f"lorafleet: no --keys given: requests need no key; listening on {host} only")
     log(f"lorafleet: serving {', '.join(['base', *server.adapters])} on http://{host}:{port}/v1")
     if options.tenants is not None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import os
+import socket
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -32,10 +34,12 @@ from lorafleet.serve.engine.grammar import GrammarLimits
 from lorafleet.serve.engine.streams import EventSource
 from lorafleet.serve.gateway.audit_trail import SIGN_EVERY_SECONDS, AuditTrail, adapter_id
 from lorafleet.serve.gateway.calls import PreparedRequest
+from lorafleet.serve.gateway.embedded_state import EmbeddedState
 from lorafleet.serve.gateway.images import ImagePolicy
 from lorafleet.serve.gateway.local import LocalBackend
 from lorafleet.serve.gateway.protocol import ChatCompletionRequest, RequestLimits, TextCompletionRequest
 from lorafleet.serve.gateway.request_log import RequestLog
+from lorafleet.serve.gateway.state import ServingState, StateUnavailable
 from lorafleet.serve.gateway.tenants import TenantDirectory
 from lorafleet.serve.gateway.tools import ToolUse
 from lorafleet.serve.gateway.upstream import UpstreamBackend, start_vllm
@@ -129,6 +133,16 @@ class ServeOptions:
     # structured output: schema caps, the compile sandbox's limits, the mask budget (docs/security.md)
     grammar_limits: GrammarLimits = field(default_factory=GrammarLimits)
     manage_keys: bool = False  # the console may create, revoke and rotate keys by rewriting the keys file
+    # The shared serving state of replicas (both, or neither): keys, tenants, usage and the request
+    # log in PostgreSQL, the windows in Redis. Without them, the embedded state (state.py).
+    state_url: str | None = None  # postgresql://…
+    redis_url: str | None = None  # redis://…
+    replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+
+    @property
+    def keyed(self) -> bool:
+        """Callers need a key: a keys file, or the shared state of replicas (whose keys are never optional)."""
+        return self.tenants is not None or self.state_url is not None
 
 
 def not_a_fleet_directory(path: Path) -> str:
@@ -168,10 +182,16 @@ class FleetServer:
         if not options.fleet_dir.is_dir():
             raise ConfigError(not_a_fleet_directory(options.fleet_dir))
         signer = load_private_key(options.audit_key) if options.audit_key else None  # a bad key fails before loading
+        if (options.state_url is None) != (options.redis_url is None):
+            raise ConfigError(
+                "replicas share their state in PostgreSQL and Redis: give both --state postgresql://… and "
+                "--redis redis://…, or neither (one process, the embedded state)"
+            )
         self._admin_lock = threading.Lock()
         self.adapter_ids: dict[str, str | None] = {}  # name -> registry id of the weights being served
         self.backend = self._backend()
-        self.request_log = RequestLog(options.fleet_dir / DATABASE)
+        self.request_log: RequestLog | None = None  # the embedded state's; the shared state logs to PostgreSQL
+        self.state = self._state()
         shipper = audit_shipper(options.fleet_dir, options.audit_ship_to, options.audit_ship_queue)
         self.audit = AuditTrail(options.fleet_dir, options.log_content, signer, options.audit_sign_every_s, shipper)
 
@@ -209,6 +229,21 @@ class FleetServer:
             self.adapter_ids[name] = ids[name]
         return backend
 
+    def _state(self) -> ServingState:
+        options = self.options
+        if options.state_url is None:
+            self.request_log = RequestLog(options.fleet_dir / DATABASE)
+            return EmbeddedState(lambda: self.options.tenants, self.request_log)  # reloading replaces the keys
+        from lorafleet.serve.gateway.shared_state import SharedState  # the drivers load only here
+
+        try:
+            state = SharedState(options.state_url, options.redis_url, options.replica_id)
+        except StateUnavailable as err:
+            raise ConfigError(f"the shared serving state cannot be reached: {err}") from err
+        if options.tenants is not None:
+            state.import_keys_file(options.tenants)
+        return state
+
     def _allowed_id(self, name: str, path: Path) -> str | None:
         """The registry id of the adapter in `path`; AdapterError when the fleet's registry has
         withdrawn those weights and the server was not told to serve them anyway."""
@@ -226,7 +261,7 @@ class FleetServer:
         options = self.options
         if options.max_tenant_rows is not None:
             return options.max_tenant_rows
-        return max(1, options.max_batch // 2) if options.tenants is not None else None
+        return max(1, options.max_batch // 2) if options.keyed else None
 
     def _check_tenants(self, tenants: TenantDirectory | None, adapters: Iterable[str]) -> None:
         if tenants is not None:
@@ -282,6 +317,7 @@ class FleetServer:
         try:
             fresh = previous.reloaded()
             self._check_tenants(fresh, self.adapters)
+            self.state.import_keys_file(fresh)
         except ConfigError as err:
             self._audit_failed_reload(err, previous, by)
             raise
@@ -325,6 +361,6 @@ class FleetServer:
         self.audit.record("serve.stop", {"fleet": str(self.options.fleet_dir.resolve())})
         try:
             self.backend.close()
-            self.request_log.close()
+            self.state.close()
         finally:
             self.audit.close()

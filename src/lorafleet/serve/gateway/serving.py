@@ -49,7 +49,7 @@ class Completions:
         self.in_flight = TenantLimiter(options.max_tenant_requests, options.max_tenant_waiting)
         # With keys, one tenant prepares on half the threads at most, so another always finds some
         # free; without, every caller is the same tenant and there is nobody to keep threads for.
-        shared = options.prepare_threads // 2 if options.tenants is not None else options.prepare_threads
+        shared = options.prepare_threads // 2 if options.keyed else options.prepare_threads
         self.preparing = TenantLimiter(max(1, shared), stage="requests being prepared")
 
     async def create(self, request: Request, kind: type[CompletionParameters]) -> dict | AsyncIterator[str]:
@@ -108,7 +108,7 @@ class Completions:
         refuse_unsupported(body)
         refuse_over_limits(body, self.server.options.limits)
         refuse_invalid_text(body)
-        check_rate(call.tenant)
+        check_rate(self.server.state, call.tenant)
         if self.server.options.log_content:
             call.content = {"messages": body.messages} if chat else {"prompt": body.prompt}
         return adapter
@@ -128,7 +128,7 @@ class Completions:
     def _admit(self, call: Call, prepared: PreparedRequest) -> None:
         """Hold the most the prepared request can use against the tenant's limits (429 when they
         cannot), before the backend starts it."""
-        call.reservation = reserve_tokens(call.tenant, prepared.most_tokens)
+        call.reservation = reserve_tokens(self.server.state, call.tenant, prepared.most_tokens)
         call.prompt_tokens = sum(prepared.prompt_tokens)  # each prompt counted once, as OpenAI does
 
     async def _stream(

@@ -52,6 +52,8 @@ class SharedState:
 
     # --- who asks ---------------------------------------------------------------------------
 
+    keys_required = True  # a replica is reached over the network: never without a key
+
     def authenticate(self, key: str | None) -> Tenant | None:
         if not key:
             return None

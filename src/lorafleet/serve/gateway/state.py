@@ -21,7 +21,7 @@ from typing import Protocol
 
 from lorafleet.errors import LorafleetError
 from lorafleet.serve.gateway.request_log import RequestRecord
-from lorafleet.serve.gateway.tenants import Tenant
+from lorafleet.serve.gateway.tenants import Tenant, TenantDirectory
 
 
 class StateUnavailable(LorafleetError):
@@ -93,6 +93,12 @@ class ServingState(Protocol):
     methods return, so that both implementations decide alike (tests/serve/test_shared_state.py
     holds them to each other)."""
 
+    @property
+    def keys_required(self) -> bool:
+        """Whether a caller needs a key (without a keys file the embedded state serves loopback
+        callers without one; the shared state always needs one)."""
+        ...
+
     def authenticate(self, key: str | None) -> Tenant | None:
         """The tenant whose key this is (None: no such key, revoked or expired)."""
         ...
@@ -117,6 +123,11 @@ class ServingState(Protocol):
 
     def usage(self, since: date, tenant: str | None = None) -> list[UsageRow]:
         """Usage per day, tenant and model from `since` (UTC) on, oldest first."""
+        ...
+
+    def import_keys_file(self, directory: TenantDirectory) -> int:
+        """Take in the keys file in force, at start and on each reload (the embedded state reads
+        it as it is; the shared state adds its tenants and keys); returns the keys added."""
         ...
 
     def tenants(self) -> list[TenantSettings]: ...

@@ -1,0 +1,151 @@
+"""Two `lorafleet serve` replicas on 127.0.0.1 sharing one PostgreSQL and one Redis (real servers,
+tests/services.py) act as one gateway: one tenant's limit holds across both, a key revoked in the
+shared state is refused by both within a second, and usage sums what both answered."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+import yaml
+
+from lorafleet.serve.gateway.tenants import hash_key
+from tests.services import RedisServer, free_port
+
+pytest.importorskip("psycopg", reason="the shared state's drivers: pip install 'lorafleet[replicas]'")
+pytest.importorskip("redis", reason="the shared state's drivers: pip install 'lorafleet[replicas]'")
+
+TENANTS = [
+    {"name": "ops", "key_sha256": hash_key("sk-ops"), "adapters": "*", "admin": True},
+    {"name": "limited", "key_sha256": hash_key("sk-limited"), "adapters": "*", "requests_per_minute": 6},
+    {"name": "counted", "key_sha256": hash_key("sk-counted"), "adapters": "*"},
+]
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+class Replica:
+    def __init__(self, name: str, argv: list[str], log) -> None:
+        self.name, self.port = name, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "lorafleet.cli", *argv, "--port", str(self.port), "--replica-id", name]
+        self.process = subprocess.Popen(command, stdout=log, stderr=log)
+
+    def wait_ready(self, seconds: float = 180) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            assert self.process.poll() is None, f"replica {self.name} exited with {self.process.returncode}"
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"replica {self.name} did not start in {seconds} s"
+            time.sleep(0.2)
+
+    def chat(self, key: str, max_tokens: int = 2) -> httpx.Response:
+        body = {"model": "base", "messages": MESSAGES, "max_tokens": max_tokens}
+        headers = {"Authorization": f"Bearer {key}"}
+        return httpx.post(f"{self.url}/v1/chat/completions", json=body, headers=headers, timeout=120)
+
+
+def stop(replicas: list[Replica]) -> None:
+    """Stop them all at once (each takes seconds to shut down)."""
+    running = [replica.process for replica in replicas if replica.process.poll() is None]
+    for process in running:
+        process.terminate()
+    for process in running:
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def shared(postgres_server, tmp_path_factory):
+    """The shared state's servers: the session's PostgreSQL (a database of its own) and a Redis of
+    this module's own, which a test may stop and start again."""
+    redis = RedisServer().start()
+    yield postgres_server.database(), redis
+    redis.remove()
+
+
+@pytest.fixture(scope="module")
+def replicas(shared, tmp_path_factory):
+    from lorafleet.models.tiny import build_tiny_qwen2
+
+    database, redis = shared
+    root = tmp_path_factory.mktemp("replicas")
+    build_tiny_qwen2(root / "fleet" / "base")
+    keys = root / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"tenants": TENANTS}))
+    argv = ["serve", "--fleet", str(root / "fleet"), "--keys", str(keys), "--state", database, "--redis", redis.url]
+    with (root / "replicas.log").open("wb") as log:
+        started = [Replica(name, argv, log) for name in ("replica-1", "replica-2")]
+    try:
+        for replica in started:
+            replica.wait_ready()
+        yield started
+    finally:
+        stop(started)
+
+
+@pytest.fixture
+def state(shared):
+    """The shared state as an administrator reaches it (what `lorafleet keys` does)."""
+    from lorafleet.serve.gateway.shared_state import SharedState
+
+    database, redis = shared
+    opened = SharedState(database, redis.url, "admin")
+    yield opened
+    opened.close()
+
+
+@pytest.mark.slow
+def test_one_tenants_request_limit_holds_across_both_replicas(replicas):
+    with ThreadPoolExecutor(20) as pool:
+        replies = list(pool.map(lambda i: replicas[i % 2].chat("sk-limited"), range(20)))
+    statuses = Counter(reply.status_code for reply in replies)
+    assert statuses == {200: 6, 429: 14}, statuses
+    refused = next(reply for reply in replies if reply.status_code == 429)
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded" and int(refused.headers["retry-after"]) >= 1
+
+
+@pytest.mark.slow
+def test_a_key_revoked_in_the_shared_state_is_refused_by_both_replicas_within_a_second(replicas, state):
+    from lorafleet.serve.gateway.state import TenantSettings
+
+    state.put_tenant(TenantSettings("revocable", None))
+    issued = state.create_key("revocable")
+    within_a_second(replicas, lambda replica: replica.chat(issued.key, max_tokens=1).status_code == 200, "accept")
+    state.revoke_key(issued.info.key_id)
+    within_a_second(replicas, lambda replica: replica.chat(issued.key, max_tokens=1).status_code == 401, "refuse")
+
+
+def within_a_second(replicas: list[Replica], done, what: str) -> None:
+    """Every replica gets to `done` within a second of now."""
+    start = time.monotonic()
+    waiting = list(replicas)
+    while waiting:
+        waiting = [replica for replica in waiting if not done(replica)]
+        assert time.monotonic() - start < 1.0, f"{[r.name for r in waiting]} do not {what} the key after a second"
+
+
+@pytest.mark.slow
+def test_usage_sums_what_both_replicas_answered(replicas, state):
+    replies = [replica.chat("sk-counted", max_tokens=3) for replica in replicas for _ in range(3)]
+    assert all(reply.status_code == 200 for reply in replies)
+    sent = [reply.json()["usage"] for reply in replies]
+    (usage,) = state.usage(since=datetime.now(UTC).date(), tenant="counted")
+    assert (usage.model, usage.requests) == ("base", 6)
+    assert usage.prompt_tokens == sum(u["prompt_tokens"] for u in sent)
+    assert usage.completion_tokens == sum(u["completion_tokens"] for u in sent)
+    logged = [row for row in state.store.requests() if row["tenant"] == "counted"]
+    assert Counter(row["replica"] for row in logged) == {"replica-1": 3, "replica-2": 3}
+    assert {row["request_id"] for row in logged} == {reply.json()["id"] for reply in replies}
