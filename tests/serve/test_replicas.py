@@ -4,6 +4,7 @@ shared state is refused by both within a second, and usage sums what both answer
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ import httpx
 import pytest
 import yaml
 
+from lorafleet.governance.audit import list_segments
 from lorafleet.serve.gateway.tenants import hash_key
 from tests.services import RedisServer, free_port
 
@@ -88,12 +90,32 @@ def replicas(shared, tmp_path_factory):
     argv = ["serve", "--fleet", str(root / "fleet"), "--keys", str(keys), "--state", database, "--redis", redis.url]
     with (root / "replicas.log").open("wb") as log:
         started = [Replica(name, argv, log) for name in ("replica-1", "replica-2")]
+    for replica in started:
+        replica.fleet = root / "fleet"
     try:
         for replica in started:
             replica.wait_ready()
         yield started
     finally:
         stop(started)
+
+
+@pytest.fixture
+def admin(monkeypatch, capsys):
+    """`lorafleet keys …` or `lorafleet usage …` run against a replica with the admin key: what it
+    printed, as fields (`key:`, `id:`) and lines."""
+    from lorafleet.cli import main
+
+    monkeypatch.setenv("LORAFLEET_ADMIN_KEY", "sk-ops")
+
+    def run(replica: Replica, *argv: str) -> dict:
+        capsys.readouterr()
+        assert main([*argv, "--url", replica.url]) == 0, capsys.readouterr().err
+        lines = capsys.readouterr().out.splitlines()
+        fields = dict(line.split(":", 1) for line in lines if ":" in line.split()[0])
+        return {name: value.split()[0] for name, value in fields.items() if value.split()} | {"lines": lines}
+
+    return run
 
 
 @pytest.fixture
@@ -118,14 +140,37 @@ def test_one_tenants_request_limit_holds_across_both_replicas(replicas):
 
 
 @pytest.mark.slow
-def test_a_key_revoked_in_the_shared_state_is_refused_by_both_replicas_within_a_second(replicas, state):
-    from lorafleet.serve.gateway.state import TenantSettings
+def test_keys_made_rotated_and_revoked_through_one_replica_hold_on_both_within_a_second(replicas, admin):
+    first, second = replicas
+    issued = admin(first, "keys", "create", "acme", "--adapters", "*", "--rpm", "100")
+    key, key_id = issued["key"], issued["id"]
+    within_a_second(replicas, lambda replica: replica.chat(key, max_tokens=1).status_code == 200, "accept")
 
-    state.put_tenant(TenantSettings("revocable", None))
-    issued = state.create_key("revocable")
-    within_a_second(replicas, lambda replica: replica.chat(issued.key, max_tokens=1).status_code == 200, "accept")
-    state.revoke_key(issued.info.key_id)
-    within_a_second(replicas, lambda replica: replica.chat(issued.key, max_tokens=1).status_code == 401, "refuse")
+    rotated = admin(first, "keys", "rotate", key_id)
+    within_a_second(replicas, lambda replica: replica.chat(key, max_tokens=1).status_code == 401, "refuse")
+    assert second.chat(rotated["key"], max_tokens=1).status_code == 200
+
+    admin(first, "keys", "revoke", rotated["id"])
+    within_a_second([second], lambda replica: replica.chat(rotated["key"], max_tokens=1).status_code == 401, "refuse")
+    listed = admin(second, "keys", "list", "--tenant", "acme")
+    assert [line.split()[0] for line in listed["lines"]] == [key_id, rotated["id"]]
+    assert all(" revoked " in line for line in listed["lines"])
+
+    audit = "\n".join(segment.read_text() for segment in list_segments(first.fleet / "audit"))
+    assert key not in audit and rotated["key"] not in audit  # key ids only
+    logged = [json.loads(line) for line in audit.splitlines() if '"admin.' in line]
+    changes = {
+        (entry["event"], entry["data"]["status"], entry["data"].get("issued_key_id")): entry["data"]["target"]
+        for entry in logged
+        if entry["event"] in ("admin.key_create", "admin.key_rotate", "admin.key_revoke")
+    }
+    assert changes == {
+        ("admin.key_create", 200, key_id): {"tenant": "acme", "expires_at": None},
+        ("admin.key_rotate", 200, rotated["id"]): {"key_id": key_id},
+        ("admin.key_revoke", 200, None): {"key_id": rotated["id"]},
+    }
+    assert "admin.tenant_put" in {entry["event"] for entry in logged}  # keys create --rpm set the tenant up
+    assert {entry["data"]["key_id"] for entry in logged} == {hash_key("sk-ops")[:16]}  # who asked
 
 
 def within_a_second(replicas: list[Replica], done, what: str) -> None:
@@ -138,7 +183,7 @@ def within_a_second(replicas: list[Replica], done, what: str) -> None:
 
 
 @pytest.mark.slow
-def test_usage_sums_what_both_replicas_answered(replicas, state):
+def test_usage_sums_what_both_replicas_answered(replicas, state, admin):
     replies = [replica.chat("sk-counted", max_tokens=3) for replica in replicas for _ in range(3)]
     assert all(reply.status_code == 200 for reply in replies)
     sent = [reply.json()["usage"] for reply in replies]
@@ -149,3 +194,6 @@ def test_usage_sums_what_both_replicas_answered(replicas, state):
     logged = [row for row in state.store.requests() if row["tenant"] == "counted"]
     assert Counter(row["replica"] for row in logged) == {"replica-1": 3, "replica-2": 3}
     assert {row["request_id"] for row in logged} == {reply.json()["id"] for reply in replies}
+    printed = admin(replicas[1], "usage", "--since", datetime.now(UTC).date().isoformat(), "--tenant", "counted")
+    (row,) = [line.split() for line in printed["lines"][1:]]
+    assert row[1:] == ["counted", "base", "6", str(usage.prompt_tokens), str(usage.completion_tokens)]

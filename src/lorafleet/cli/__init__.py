@@ -2,8 +2,9 @@
 
 This module builds the top-level parser and runs the chosen command; each command group has a
 module of its own beside it, with its parser next to the handler that reads it: `demo`, `train`
-(train, plan, report), `serve` (serve, keys), `console`, `compress`, `cost`, `evaluate` (eval), `governance`
-(audit, registry, docs) and `data`. It is the only place that parses arguments and prints.
+(train, plan, report), `serve`, `keys` (keys, usage), `console`, `compress`, `cost`, `evaluate`
+(eval), `governance` (audit, registry, docs) and `data`. It is the only place that parses arguments
+and prints.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 import warnings
 
 from lorafleet import __version__
-from lorafleet.cli import compress, console, cost, data, demo, evaluate, governance, serve, train
+from lorafleet.cli import compress, console, cost, data, demo, evaluate, governance, keys, serve, train
 from lorafleet.errors import LorafleetError
 
 EXAMPLES = """\
@@ -30,6 +31,7 @@ examples:
   lorafleet serve --fleet demo-out --keys keys.yaml --host 0.0.0.0    with tenants, keys and limits
   lorafleet console --fleet demo-out      the web console alone (runs, lineage, audit) at http://127.0.0.1:8000/ui
   lorafleet keys new                      a fresh API key and the hash that goes in keys.yaml
+  lorafleet keys create finance-team      a key made live on a running gateway (admin key in $LORAFLEET_ADMIN_KEY)
   lorafleet compress --base demo-out/base --calib demo-out/data/marketing.jsonl --prune-mlp 0.5 --plan
                                           what pruning half the MLP would remove
   lorafleet compress --base demo-out/base --adapter demo-out/adapters/marketing --calib demo-out/data/marketing.jsonl
@@ -83,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_serve_parser(commands)
     console.add_console_parser(commands)
     compress.add_compress_parser(commands)
-    serve.add_keys_parser(commands)
+    keys.add_keys_parser(commands)
+    keys.add_usage_parser(commands)
     cost.add_cost_parser(commands)
     evaluate.add_eval_parser(commands)
     train.add_report_parser(commands)

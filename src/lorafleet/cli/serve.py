@@ -1,4 +1,4 @@
-"""`lorafleet serve` and `keys`: the fleet behind the OpenAI-compatible API, and the tenants' keys."""
+"""`lorafleet serve`: the fleet behind the OpenAI-compatible API."""
 
 from __future__ import annotations
 
@@ -290,25 +290,3 @@ def serve_options(args: argparse.Namespace):
         redis_url=args.redis,
         **({"replica_id": args.replica_id} if args.replica_id else {}),
     )
-
-
-def add_keys_parser(commands: argparse._SubParsersAction) -> None:
-    keys = commands.add_parser("keys", help="make API keys for KEYS.yaml (only their hashes go in the file)")
-    keys.add_argument("action", choices=["new", "hash"], help="new: a fresh random key; hash: the hash of KEY")
-    keys.add_argument("key", nargs="?", help="the key to hash")
-    keys.set_defaults(command="keys", run=_run_keys)
-
-
-def _run_keys(args: argparse.Namespace) -> int:
-    import secrets
-
-    from lorafleet.errors import ConfigError
-    from lorafleet.serve.gateway.tenants import hash_key
-
-    if args.action == "hash" and not args.key:
-        raise ConfigError("lorafleet keys hash needs the KEY to hash")
-    key = args.key if args.action == "hash" else "sk-lf-" + secrets.token_urlsafe(32)
-    if args.action == "new":
-        print(f"key:        {key}   (give this to the tenant; it is not stored)")
-    print(f"key_sha256: {hash_key(key)}")
-    return 0

@@ -4,8 +4,9 @@ to a serving object and returning its JSON or its stream.
 Routes: GET /v1/models and /v1/models/{id}, POST /v1/chat/completions and /v1/completions (JSON
 or SSE streaming; `n` choices, logprobs, structured output, tools), POST /v1/adapters and DELETE
 /v1/adapters/{name} (admin; vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter work too),
-POST /v1/keys/reload (admin), GET /health, /ready, /metrics, and the web console under /ui
-(console/app.py). The gateway authenticates, applies
+POST /v1/keys/reload (admin), /v1/admin/tenants, /v1/admin/keys and /v1/admin/usage (admin: keys,
+tenants and usage managed live, admin.py), GET /health, /ready, /metrics, and the web console under
+/ui (console/app.py). The gateway authenticates, applies
 the tenant's adapters and limits, and records every call (access.py, accounting.py); the backend
 generates. Every error is OpenAI's error object with the matching status, and a bad request never
 disturbs the requests around it. A parameter of OpenAI's API that is not supported is refused
@@ -24,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from lorafleet.serve.gateway.access import Access
 from lorafleet.serve.gateway.accounting import Recorder
+from lorafleet.serve.gateway.admin import Admin
 from lorafleet.serve.gateway.console.app import mount_console, served_console
 from lorafleet.serve.gateway.errors import install_error_handlers
 from lorafleet.serve.gateway.protocol import (
@@ -48,6 +50,7 @@ def create_app(server: FleetServer) -> FastAPI:
     app.state.recorder = Recorder(server)
     app.state.completions = Completions(server, app.state.access, app.state.recorder)
     app.state.models = Models(server, app.state.access)
+    app.state.admin = Admin(server, app.state.access)
     app.include_router(router)
     mount_console(app, served_console(server, app.state.recorder.metrics))  # /ui: console/app.py
     return app
@@ -63,6 +66,10 @@ def completions(request: Request) -> Completions:
 
 def models(request: Request) -> Models:
     return request.app.state.models
+
+
+def admin(request: Request) -> Admin:
+    return request.app.state.admin
 
 
 @router.post("/v1/chat/completions")
@@ -108,6 +115,41 @@ async def vllm_unload(request: Request, body: VLLMLoadRequest) -> dict:
 @router.post("/v1/keys/reload")
 async def reload_keys(request: Request) -> dict:
     return await access(request).reload_keys(request)
+
+
+@router.get("/v1/admin/tenants")
+async def list_tenants(request: Request) -> dict:
+    return await admin(request).list_tenants(request)
+
+
+@router.post("/v1/admin/tenants")
+async def put_tenant(request: Request) -> dict:
+    return await admin(request).put_tenant(request)
+
+
+@router.get("/v1/admin/keys")
+async def list_keys(request: Request) -> dict:
+    return await admin(request).list_keys(request)
+
+
+@router.post("/v1/admin/keys")
+async def create_key(request: Request) -> dict:
+    return await admin(request).create_key(request)
+
+
+@router.post("/v1/admin/keys/{key_id}/revoke")
+async def revoke_key(request: Request, key_id: str) -> dict:
+    return await admin(request).revoke_key(request, key_id)
+
+
+@router.post("/v1/admin/keys/{key_id}/rotate")
+async def rotate_key(request: Request, key_id: str) -> dict:
+    return await admin(request).rotate_key(request, key_id)
+
+
+@router.get("/v1/admin/usage")
+async def usage(request: Request) -> dict:
+    return await admin(request).usage(request)
 
 
 @router.get("/health")
