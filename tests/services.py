@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -46,7 +47,8 @@ def _wait_until(ready, what: str, log: Path, seconds: float = 30) -> None:
 
 
 class PostgresServer:
-    """A PostgreSQL cluster of its own: `database()` gives each test a fresh database's URL."""
+    """A PostgreSQL cluster of its own: `database()` gives each test a fresh database's URL;
+    `stop()` then `start()` brings it back on the same port with its data."""
 
     def __init__(self) -> None:
         bindir = _postgres_bindir()
@@ -85,13 +87,18 @@ class PostgresServer:
         return self.url(name)
 
     def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()  # SIGTERM: PostgreSQL's smart shutdown; the clients are gone by now
+        """Stop the server (`start()` brings it back, data and all)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)  # fast shutdown: clients still connected are cut off
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self.process = None
+
+    def remove(self) -> None:
+        self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
     def _accepts(self) -> bool:
@@ -174,7 +181,7 @@ def postgres_server():
     try:
         yield server
     finally:
-        server.stop()
+        server.remove()
 
 
 @pytest.fixture(scope="session")

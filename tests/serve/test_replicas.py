@@ -27,6 +27,7 @@ TENANTS = [
     {"name": "ops", "key_sha256": hash_key("sk-ops"), "adapters": "*", "admin": True},
     {"name": "limited", "key_sha256": hash_key("sk-limited"), "adapters": "*", "requests_per_minute": 6},
     {"name": "counted", "key_sha256": hash_key("sk-counted"), "adapters": "*"},
+    {"name": "steady", "key_sha256": hash_key("sk-steady"), "adapters": "*", "requests_per_minute": 1000},
 ]
 MESSAGES = [{"role": "user", "content": "hello"}]
 
@@ -197,3 +198,23 @@ def test_usage_sums_what_both_replicas_answered(replicas, state, admin):
     printed = admin(replicas[1], "usage", "--since", datetime.now(UTC).date().isoformat(), "--tenant", "counted")
     (row,) = [line.split() for line in printed["lines"][1:]]
     assert row[1:] == ["counted", "base", "6", str(usage.prompt_tokens), str(usage.completion_tokens)]
+
+
+@pytest.mark.slow
+def test_with_redis_stopped_both_replicas_refuse_with_503_never_500_and_recover_when_it_returns(replicas, shared):
+    _, redis = shared
+    redis.stop()
+    try:
+        refused = [replica.chat("sk-steady", max_tokens=1) for replica in replicas for _ in range(2)]
+        assert {reply.status_code for reply in refused} == {503}  # the default policy: closed
+        assert refused[0].json()["error"]["code"] == "state_unavailable" and refused[0].headers["retry-after"] == "1"
+        for replica in replicas:
+            metrics = httpx.get(f"{replica.url}/metrics", headers={"Authorization": "Bearer sk-ops"}).text
+            assert 'lorafleet_state_unavailable_total{outcome="refused",store="redis"} 2.0' in metrics
+    finally:
+        redis.start()
+    deadline = time.monotonic() + 5
+    for replica in replicas:  # recovered, without a restart
+        while (status := replica.chat("sk-steady", max_tokens=1).status_code) != 200:
+            assert status == 503 and time.monotonic() < deadline, status
+            time.sleep(0.1)

@@ -22,10 +22,10 @@ from lorafleet.errors import ConfigError  # noqa: E402
 from lorafleet.serve.gateway.postgres_store import MIGRATIONS, PostgresStore  # noqa: E402
 from lorafleet.serve.gateway.redis_windows import RedisWindows  # noqa: E402
 from lorafleet.serve.gateway.request_log import RequestRecord  # noqa: E402
-from lorafleet.serve.gateway.shared_state import SharedState  # noqa: E402
+from lorafleet.serve.gateway.shared_state import REDIS_RETRY_SECONDS, SharedState  # noqa: E402
 from lorafleet.serve.gateway.state import StateUnavailable, TenantSettings  # noqa: E402
 from lorafleet.serve.gateway.tenants import Tenant, hash_key, load_tenants  # noqa: E402
-from tests.services import free_port  # noqa: E402
+from tests.services import PostgresServer, RedisServer, free_port  # noqa: E402
 
 
 @pytest.fixture
@@ -278,3 +278,74 @@ def test_usage_is_per_day_in_utc(replicas, postgres_url):
     yesterday = datetime.now(UTC).date() - timedelta(days=1)
     assert state.usage(since=yesterday) == []
     assert state.usage(since=date(2000, 1, 1))[0].prompt_tokens == 3
+
+
+def test_redis_out_of_reach_is_refused_when_closed_and_held_per_replica_when_open_until_it_answers(postgres_url):
+    redis = RedisServer().start()
+    closed = SharedState(postgres_url, redis.url, "closed")
+    opened = SharedState(postgres_url, redis.url, "open", when_unavailable="open")
+    try:
+        closed.put_tenant(TenantSettings("acme", None, requests_per_minute=2, tokens_per_minute=100))
+        key = closed.create_key("acme").key
+        opened.refresh()
+        redis.stop()
+        with pytest.raises(StateUnavailable):
+            closed.count_request(closed.authenticate(key))
+        with pytest.raises(StateUnavailable):  # and at once, not after another timeout
+            closed.reserve_tokens(closed.authenticate(key), 10)
+        assert closed.unavailable == {("redis", "refused"): 2}
+        tenant = opened.authenticate(key)
+        assert [opened.count_request(tenant) is None for _ in range(3)] == [True, True, False]  # this replica's own
+        held, _ = opened.reserve_tokens(tenant, 90)
+        assert opened.reserve_tokens(tenant, 20)[0] is None
+        opened.settle_tokens(tenant, held, 10)
+        assert opened.reserve_tokens(tenant, 20)[0] is not None
+        assert opened.unavailable[("redis", "local_limits")] == 6
+
+        redis.start()  # empty, on the same port
+        time.sleep(REDIS_RETRY_SECONDS)
+        assert closed.count_request(closed.authenticate(key)) is None  # back on Redis: recovered, no restart
+        assert redis_client(redis).exists("{lorafleet:acme}:requests")
+    finally:
+        closed.close()
+        opened.close()
+        redis.remove()
+
+
+def test_postgresql_out_of_reach_refuses_requests_until_it_answers_again():
+    postgres = PostgresServer().start()
+    redis = RedisServer().start()
+    state = SharedState(postgres.database(), redis.url, "replica", refresh_seconds=0.05)
+    try:
+        state.put_tenant(TenantSettings("acme", None))
+        key = state.create_key("acme").key
+        tenant = state.authenticate(key)
+        postgres.stop()
+        deadline = time.monotonic() + 5
+        while state.postgres_reachable:
+            assert time.monotonic() < deadline, "the poll never noticed PostgreSQL was gone"
+            time.sleep(0.05)
+        assert state.authenticate(key) is tenant  # the keys in force stay while it is away
+        with pytest.raises(StateUnavailable, match="PostgreSQL"):
+            state.count_request(tenant)
+        with pytest.raises(StateUnavailable):
+            state.log_request(RequestRecord("r0", "acme", "base", 1, 1, 1.0, 200))
+        assert state.unavailable == {("postgresql", "refused"): 1, ("postgresql", "unlogged"): 1}
+        postgres.start()
+        deadline = time.monotonic() + 10
+        while not state.postgres_reachable:
+            assert time.monotonic() < deadline, "the replica did not see PostgreSQL come back"
+            time.sleep(0.05)
+        assert state.count_request(tenant) is None
+        state.log_request(RequestRecord("r1", "acme", "base", 1, 1, 1.0, 200))
+        assert [row["request_id"] for row in state.store.requests()] == ["r1"]
+    finally:
+        state.close()
+        redis.remove()
+        postgres.remove()
+
+
+def redis_client(server: RedisServer):
+    import redis
+
+    return redis.Redis(port=server.port)

@@ -30,6 +30,13 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--replica-id", help="this replica's name in the request log (default: the host name and process id)"
     )
+    serve.add_argument(
+        "--state-unavailable",
+        choices=["closed", "open"],
+        default="closed",
+        help="when Redis cannot be reached: closed refuses requests with 503; open holds each tenant to its "
+        "limits on this replica alone (N replicas: up to N times a limit). PostgreSQL out of reach is always 503",
+    )
     serve.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default: 32)")
     serve.add_argument(
         "--max-tenant-rows",
@@ -287,6 +294,7 @@ def serve_options(args: argparse.Namespace):
         grammar_limits=_grammar_limits(args),
         manage_keys=args.manage_keys,
         state_url=args.state,
+        state_unavailable=args.state_unavailable,
         redis_url=args.redis,
         **({"replica_id": args.replica_id} if args.replica_id else {}),
     )

@@ -14,7 +14,7 @@ from fastapi import Request
 from lorafleet.errors import LorafleetError
 from lorafleet.serve.gateway.errors import APIError
 from lorafleet.serve.gateway.server import FleetServer
-from lorafleet.serve.gateway.state import ServingState
+from lorafleet.serve.gateway.state import ServingState, StateUnavailable
 from lorafleet.serve.gateway.tenants import Tenant
 
 
@@ -88,7 +88,10 @@ def check_rate(state: ServingState, tenant: Tenant | None) -> None:
     """Count the request against the tenant's requests per minute (429 when they are spent)."""
     if tenant is None:
         return
-    wait = state.count_request(tenant)
+    try:
+        wait = state.count_request(tenant)
+    except StateUnavailable as err:
+        raise unavailable(err) from err
     if wait is not None:
         raise _too_many(f"Rate limit reached for tenant {tenant.name}; retry in {wait:.0f} s.", wait)
 
@@ -110,10 +113,19 @@ def reserve_tokens(state: ServingState, tenant: Tenant | None, most: int) -> obj
             "prompts, a smaller n or a smaller max_tokens",
             "rate_limit_exceeded",
         )
-    reservation, wait = state.reserve_tokens(tenant, most)
+    try:
+        reservation, wait = state.reserve_tokens(tenant, most)
+    except StateUnavailable as err:
+        raise unavailable(err) from err
     if reservation is None:
         raise _too_many(f"Token rate limit reached for tenant {tenant.name}; retry in {wait:.0f} s.", wait)
     return reservation
+
+
+def unavailable(err: StateUnavailable) -> APIError:
+    """What a caller gets when the serving state cannot be reached: 503, retry in a second."""
+    message = f"The gateway's shared state is unavailable; retry shortly. ({err})"
+    return APIError(503, message, "state_unavailable", headers={"Retry-After": "1"})
 
 
 def who(tenant: Tenant | None) -> dict:

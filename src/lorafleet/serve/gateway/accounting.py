@@ -5,6 +5,7 @@ without a valid key leaves the metrics only."""
 
 from __future__ import annotations
 
+import sys
 import time
 
 from lorafleet.governance.audit import utc_time
@@ -14,6 +15,7 @@ from lorafleet.serve.gateway.calls import Call
 from lorafleet.serve.gateway.metrics import Metrics
 from lorafleet.serve.gateway.request_log import RequestRecord
 from lorafleet.serve.gateway.server import FleetServer
+from lorafleet.serve.gateway.state import StateUnavailable
 
 UNKNOWN_MODEL = "unknown"  # the metric label and log name of a call before it names a model it may use
 
@@ -26,6 +28,7 @@ class Recorder:
             lambda: server.audit.failures,
             lambda: server.audit.shipper,
             waiting=server.backend.waiting,
+            state_unavailable=lambda: server.state.unavailable,
         )
 
     def record(self, call: Call) -> None:
@@ -36,7 +39,7 @@ class Recorder:
         self._observe(call)
         if call.status == 401:
             return
-        self.server.state.log_request(
+        self._log(
             RequestRecord(
                 call.request_id,
                 call.tenant.name if call.tenant else None,
@@ -52,6 +55,15 @@ class Recorder:
         if call.content is not None:
             content = call.content | ({"reply": call.replies[0]} if call.replies else {})
         self.server.audit.record("serve.request", audit_entry(call, content, self.server.adapter_ids))
+
+    def _log(self, record: RequestRecord) -> None:
+        """The request log's row. The shared state refuses requests while its PostgreSQL is out of
+        reach (503 at admission); one that lost it while it ran is still answered and in the audit
+        log, its row counted as unlogged (lorafleet_state_unavailable_total) and reported here."""
+        try:
+            self.server.state.log_request(record)
+        except StateUnavailable as err:
+            print(f"lorafleet: request {record.request_id} not in the request log: {err}", file=sys.stderr)
 
     def _observe(self, call: Call) -> None:
         # Metric labels only for models that exist and the caller may use: a client cannot mint

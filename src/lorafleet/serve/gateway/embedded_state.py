@@ -30,6 +30,10 @@ class EmbeddedState:
         self.request_log = request_log
 
     @property
+    def unavailable(self) -> dict[tuple[str, str], int]:
+        return {}  # nothing here can be out of reach
+
+    @property
     def keys_required(self) -> bool:
         return self._directory() is not None
 

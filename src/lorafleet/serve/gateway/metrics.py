@@ -1,11 +1,12 @@
 """Prometheus metrics per adapter: requests, tokens, latency, time to first token; per tenant and
 adapter: requests and tokens (tenants are the keys file's, so their number is bounded); the
 engine's running and waiting requests; and the audit log's: entries not written, and (when it is
-shipped off the host) shipped, not shipped, queued."""
+shipped off the host) shipped, not shipped, queued; and, for replicas, how often the shared
+state could not be reached and what was done instead."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -22,6 +23,7 @@ class Metrics:
         audit_failures: Callable[[], int] = lambda: 0,
         audit_shipper: Callable[[], Shipper | None] = lambda: None,
         waiting: Callable[[], int] = lambda: 0,
+        state_unavailable: Callable[[], Mapping[tuple[str, str], int]] = dict,
     ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -68,6 +70,7 @@ class Metrics:
         )
         failures.set_function(audit_failures)
         self.registry.register(_ShippingCollector(audit_shipper))
+        self.registry.register(_StateCollector(state_unavailable))
 
     def observe(
         self, model: str, status: int, prompt_tokens: int, completion_tokens: int, seconds: float, tenant: str = ""
@@ -108,3 +111,23 @@ class _ShippingCollector:
         yield GaugeMetricFamily(
             "lorafleet_audit_ship_queue", "Audit entries waiting to be shipped", value=shipper.queued
         )
+
+
+class _StateCollector:
+    """lorafleet_state_unavailable_total{store, outcome}: the shared state out of reach (nothing
+    for the embedded state, which cannot be)."""
+
+    def __init__(self, counts: Callable[[], Mapping[tuple[str, str], int]]) -> None:
+        self.counts = counts
+
+    def collect(self):
+        family = CounterMetricFamily(
+            "lorafleet_state_unavailable",
+            "Times the shared state's store could not be reached, by what was done: refused (503), local_limits "
+            "(limits held on this replica alone), unlogged (a reply withheld, 503), unsettled (a token hold left to "
+            "expire)",
+            labels=["store", "outcome"],
+        )
+        for (store, outcome), count in sorted(dict(self.counts()).items()):
+            family.add_metric([store, outcome], count)
+        yield family

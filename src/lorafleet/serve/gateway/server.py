@@ -138,6 +138,7 @@ class ServeOptions:
     state_url: str | None = None  # postgresql://…
     redis_url: str | None = None  # redis://…
     replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    state_unavailable: str = "closed"  # Redis out of reach: refuse (503), or "open": limits per replica
 
     @property
     def keyed(self) -> bool:
@@ -237,7 +238,9 @@ class FleetServer:
         from lorafleet.serve.gateway.shared_state import SharedState  # the drivers load only here
 
         try:
-            state = SharedState(options.state_url, options.redis_url, options.replica_id)
+            state = SharedState(
+                options.state_url, options.redis_url, options.replica_id, when_unavailable=options.state_unavailable
+            )
         except StateUnavailable as err:
             raise ConfigError(f"the shared serving state cannot be reached: {err}") from err
         if options.tenants is not None:

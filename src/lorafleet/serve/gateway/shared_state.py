@@ -9,6 +9,15 @@ thread polls every `REFRESH_SECONDS` — so a key revoked through any replica is
 within that, well inside a second. A database that cannot be reached leaves the keys in force as
 they were (no change could be made there meanwhile), and polling goes on until it is back.
 
+When a store cannot be reached the gateway never answers 500. PostgreSQL down (the last poll
+failed, or a write): requests are refused with 503 — a request that cannot be logged and metered
+is not served — until it answers again. Redis down: the limits follow `when_unavailable`:
+"closed" refuses with 503; "open" holds each tenant to its limits on this replica's own windows
+(the embedded ones), so N replicas let at most N times a limit through while Redis is away. After
+a Redis failure the next `REDIS_RETRY_SECONDS` go straight to that policy instead of each waiting
+for a timeout; then Redis is tried again, so the gateway recovers without a restart. Every such
+outcome is counted (`unavailable`, in /metrics as lorafleet_state_unavailable_total).
+
 The drivers are imported here and nowhere else, and this module only when `--state` names a
 database: `pip install 'lorafleet[replicas]'`.
 """
@@ -16,6 +25,8 @@ database: `pip install 'lorafleet[replicas]'`.
 from __future__ import annotations
 
 import threading
+import time
+from collections import Counter
 from dataclasses import replace
 from datetime import UTC, date, datetime
 
@@ -26,6 +37,8 @@ from lorafleet.serve.gateway.state import IssuedKey, KeyInfo, StateUnavailable, 
 from lorafleet.serve.gateway.tenants import WINDOW_SECONDS, Tenant, TenantDirectory, hash_key
 
 REFRESH_SECONDS = 0.25
+REDIS_RETRY_SECONDS = 1.0
+FAILURE_POLICIES = ("closed", "open")
 
 
 class SharedState:
@@ -36,9 +49,16 @@ class SharedState:
         replica: str,
         refresh_seconds: float = REFRESH_SECONDS,
         window_seconds: float = WINDOW_SECONDS,
+        when_unavailable: str = "closed",
     ) -> None:
+        if when_unavailable not in FAILURE_POLICIES:
+            raise ValueError(f"when_unavailable must be one of {FAILURE_POLICIES}, not {when_unavailable!r}")
         self.replica = replica  # names this replica in the request log
         self.refresh_seconds = refresh_seconds
+        self.when_unavailable = when_unavailable
+        self.unavailable: Counter[tuple[str, str]] = Counter()  # (store, what was done) -> times
+        self.postgres_reachable = True  # as of the last poll
+        self._redis_retry_at = 0.0  # monotonic time before which Redis is taken to be down
         self.store = PostgresStore(database_url)
         self.windows = RedisWindows(redis_url, window_seconds)
         self.failed_refreshes = 0
@@ -76,29 +96,66 @@ class SharedState:
         while not self._stop.wait(self.refresh_seconds):
             try:
                 self.refresh()
+                self.postgres_reachable = True
             except StateUnavailable:
-                self.failed_refreshes += 1  # the keys in force stay; the next poll tries again
+                self.postgres_reachable = False  # the keys in force stay; the next poll tries again
 
     # --- the windows --------------------------------------------------------------------------
 
     def count_request(self, tenant: Tenant) -> float | None:
+        if not self.postgres_reachable:  # what could not be logged and metered is not served
+            self.unavailable["postgresql", "refused"] += 1
+            raise StateUnavailable(f"PostgreSQL did not answer this replica's last poll ({self.replica})")
         if tenant.requests_per_minute is None and tenant.tokens_per_minute is None:
             return None  # nothing to hold it to: no round trip
-        return self.windows.count_request(tenant.name, tenant.requests_per_minute, tenant.tokens_per_minute)
+        return self._windows(
+            lambda: self.windows.count_request(tenant.name, tenant.requests_per_minute, tenant.tokens_per_minute),
+            lambda: _count_locally(tenant),
+        )
 
     def reserve_tokens(self, tenant: Tenant, tokens: int) -> tuple[object | None, float]:
         if tenant.tokens_per_minute is None:
             return None, 0.0
-        return self.windows.reserve(tenant.name, tokens, tenant.tokens_per_minute)
+        return self._windows(
+            lambda: self.windows.reserve(tenant.name, tokens, tenant.tokens_per_minute), lambda: tenant.reserve(tokens)
+        )
 
     def settle_tokens(self, tenant: Tenant, reservation: object | None, tokens: int) -> None:
-        if reservation is not None:  # none: the tenant has no token limit, nothing counts them
+        if reservation is None:  # the tenant has no token limit: nothing counts its tokens
+            return
+        if not isinstance(reservation, int):  # held on this replica's windows while Redis was away
+            tenant.settle(reservation, tokens)
+            return
+        try:
             self.windows.settle(tenant.name, reservation, tokens)
+        except StateUnavailable:  # the request has been answered: its hold expires with the window
+            self.unavailable["redis", "unsettled"] += 1
+
+    def _windows(self, shared, local):
+        """`shared()` on Redis; when Redis cannot be reached, the failure policy: StateUnavailable
+        (closed), or `local()` on this replica's own windows (open)."""
+        if time.monotonic() >= self._redis_retry_at:
+            try:
+                return shared()
+            except StateUnavailable:
+                self._redis_retry_at = time.monotonic() + REDIS_RETRY_SECONDS
+                if self.when_unavailable == "closed":
+                    self.unavailable["redis", "refused"] += 1
+                    raise
+        elif self.when_unavailable == "closed":
+            self.unavailable["redis", "refused"] += 1
+            raise StateUnavailable(f"Redis did not answer within the last {REDIS_RETRY_SECONDS:.0f} s")
+        self.unavailable["redis", "local_limits"] += 1
+        return local()
 
     # --- what happened ------------------------------------------------------------------------
 
     def log_request(self, record: RequestRecord) -> None:
-        self.store.log_request(record, self.replica)
+        try:
+            self.store.log_request(record, self.replica)
+        except StateUnavailable:
+            self.unavailable["postgresql", "unlogged"] += 1
+            raise
 
     def usage(self, since: date, tenant: str | None = None) -> list[UsageRow]:
         return self.store.usage(since, tenant)
@@ -155,3 +212,11 @@ class SharedState:
         self._poller.join(timeout=5)
         self.store.close()
         self.windows.close()
+
+
+def _count_locally(tenant: Tenant) -> float | None:
+    """The embedded state's count: the tenant's own windows on this replica."""
+    wait = tenant.retry_after()
+    if wait is None:
+        tenant.record_request()
+    return wait

@@ -15,6 +15,7 @@ only when `--state` names a database: the embedded path and the GPU image never 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Protocol
@@ -99,13 +100,19 @@ class ServingState(Protocol):
         callers without one; the shared state always needs one)."""
         ...
 
+    @property
+    def unavailable(self) -> Mapping[tuple[str, str], int]:
+        """How often a store could not be reached, by (store, what was done): for /metrics."""
+        ...
+
     def authenticate(self, key: str | None) -> Tenant | None:
         """The tenant whose key this is (None: no such key, revoked or expired)."""
         ...
 
     def count_request(self, tenant: Tenant) -> float | None:
         """Count a request against the tenant's requests per minute: None when counted, or the
-        seconds until one is allowed (a full request window, or a spent token window)."""
+        seconds until one is allowed (a full request window, or a spent token window).
+        StateUnavailable when it cannot be served now (the shared state's failure policy)."""
         ...
 
     def reserve_tokens(self, tenant: Tenant, tokens: int) -> tuple[object | None, float]:
