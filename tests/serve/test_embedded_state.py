@@ -13,7 +13,7 @@ import yaml
 
 from lorafleet.serve.gateway.embedded_state import EmbeddedState
 from lorafleet.serve.gateway.request_log import RequestLog, RequestRecord
-from lorafleet.serve.gateway.state import KeysAreReadOnly, TenantSettings
+from lorafleet.serve.gateway.state import KeysAreReadOnly, Prices, TenantSettings
 from lorafleet.serve.gateway.tenants import hash_key, load_tenants
 
 
@@ -66,6 +66,8 @@ def test_usage_is_summed_from_the_request_log(embedded):
     assert rows[("finance-team", "finance")].completion_tokens == 3 and rows[(None, "base")].day == today
     assert [row.tenant for row in state.usage(since=today, tenant="finance-team")] == ["finance-team"]
     assert state.usage(since=today + timedelta(days=1)) == []
+    priced = EmbeddedState(lambda: None, state.request_log, Prices(input_per_million=1e6, output_per_million=2e6))
+    assert [row.cost for row in priced.usage(since=today, tenant="finance-team")] == [30 + 2 * 3]
 
 
 def test_keys_cannot_be_changed_through_the_embedded_state_and_the_error_says_what_to_do(embedded):

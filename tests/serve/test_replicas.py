@@ -89,6 +89,7 @@ def replicas(shared, tmp_path_factory):
     keys = root / "keys.yaml"
     keys.write_text(yaml.safe_dump({"tenants": TENANTS}))
     argv = ["serve", "--fleet", str(root / "fleet"), "--keys", str(keys), "--state", database, "--redis", redis.url]
+    argv += ["--price-input", "1000", "--price-output", "2000"]
     with (root / "replicas.log").open("wb") as log:
         started = [Replica(name, argv, log) for name in ("replica-1", "replica-2")]
     for replica in started:
@@ -174,6 +175,20 @@ def test_keys_made_rotated_and_revoked_through_one_replica_hold_on_both_within_a
     assert {entry["data"]["key_id"] for entry in logged} == {hash_key("sk-ops")[:16]}  # who asked
 
 
+@pytest.mark.slow
+def test_a_tenant_over_its_monthly_budget_gets_insufficient_quota_from_both_replicas(replicas, admin):
+    first, second = replicas
+    key = admin(first, "keys", "create", "thrifty", "--adapters", "*", "--monthly-tokens", "40")["key"]
+    within_a_second(replicas, lambda replica: replica.chat(key, max_tokens=3).status_code == 200, "accept")
+    for _ in range(20):
+        if first.chat(key, max_tokens=3).status_code == 429:
+            break
+    refused = lambda replica: replica.chat(key, max_tokens=1).json().get("error", {}).get("code")  # noqa: E731
+    within_a_second(replicas, lambda replica: refused(replica) == "insufficient_quota", "refuse")
+    (used,) = admin(second, "usage", "--tenant", "thrifty")["lines"][1:]
+    assert int(used.split()[4]) + int(used.split()[5]) >= 40
+
+
 def within_a_second(replicas: list[Replica], done, what: str) -> None:
     """Every replica gets to `done` within a second of now."""
     start = time.monotonic()
@@ -197,7 +212,9 @@ def test_usage_sums_what_both_replicas_answered(replicas, state, admin):
     assert {row["request_id"] for row in logged} == {reply.json()["id"] for reply in replies}
     printed = admin(replicas[1], "usage", "--since", datetime.now(UTC).date().isoformat(), "--tenant", "counted")
     (row,) = [line.split() for line in printed["lines"][1:]]
-    assert row[1:] == ["counted", "base", "6", str(usage.prompt_tokens), str(usage.completion_tokens)]
+    cost = (usage.prompt_tokens * 1000 + usage.completion_tokens * 2000) / 1e6  # --price-input 1000 --price-output 2000
+    assert usage.cost == pytest.approx(cost)
+    assert row[1:] == ["counted", "base", "6", str(usage.prompt_tokens), str(usage.completion_tokens), f"{cost:.4f}"]
 
 
 @pytest.mark.slow

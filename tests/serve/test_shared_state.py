@@ -23,7 +23,7 @@ from lorafleet.serve.gateway.postgres_store import MIGRATIONS, PostgresStore  # 
 from lorafleet.serve.gateway.redis_windows import RedisWindows  # noqa: E402
 from lorafleet.serve.gateway.request_log import RequestRecord  # noqa: E402
 from lorafleet.serve.gateway.shared_state import REDIS_RETRY_SECONDS, SharedState  # noqa: E402
-from lorafleet.serve.gateway.state import StateUnavailable, TenantSettings  # noqa: E402
+from lorafleet.serve.gateway.state import Prices, StateUnavailable, TenantSettings  # noqa: E402
 from lorafleet.serve.gateway.tenants import Tenant, hash_key, load_tenants  # noqa: E402
 from tests.services import PostgresServer, RedisServer, free_port  # noqa: E402
 
@@ -349,3 +349,45 @@ def redis_client(server: RedisServer):
     import redis
 
     return redis.Redis(port=server.port)
+
+
+def test_a_database_of_an_older_schema_is_migrated_and_keeps_its_rows(postgres_url):
+    with psycopg.connect(postgres_url, autocommit=True) as db:
+        db.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied TIMESTAMPTZ DEFAULT now())")
+        db.execute(MIGRATIONS[0])
+        db.execute("INSERT INTO schema_version (version) VALUES (1)")
+        db.execute(
+            "INSERT INTO usage_daily (day, tenant, model, requests, prompt_tokens)"
+            " VALUES ('2026-01-02', 'a', 'm', 3, 9)"
+        )
+    store = PostgresStore(postgres_url)
+    (row,) = store.usage(since=date(2026, 1, 1))
+    assert (row.requests, row.prompt_tokens, row.cost) == (3, 9, 0.0)
+    store.close()
+    with psycopg.connect(postgres_url) as db:
+        assert [r[0] for r in db.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2]
+
+
+def test_a_tenant_over_its_monthly_token_or_cost_budget_is_refused_by_every_replica(postgres_url, redis_url):
+    prices = Prices(input_per_million=2_000.0, output_per_million=10_000.0)  # a token costs 0.002 and 0.01
+    one, two = (SharedState(postgres_url, redis_url, f"r{i}", refresh_seconds=0.05, prices=prices) for i in (1, 2))
+    try:
+        one.put_tenant(TenantSettings("tokens", None, monthly_token_budget=100))
+        one.put_tenant(TenantSettings("spend", None, monthly_cost_budget=0.5))
+        keys = [one.create_key("tokens").key, one.create_key("spend").key]
+        two.refresh()
+        by_tokens, by_spend = (two.authenticate(key) for key in keys)
+        assert two.over_budget(by_tokens) is None and two.over_budget(by_spend) is None
+        one.log_request(RequestRecord("r0", "tokens", "base", 60, 39, 1.0, 200))  # 99 of 100
+        one.log_request(RequestRecord("r1", "spend", "base", 100, 20, 1.0, 200))  # 0.2 + 0.2 = 0.4 of 0.5
+        two.refresh_spend()
+        assert two.over_budget(by_tokens) is None and two.over_budget(by_spend) is None
+        one.log_request(RequestRecord("r2", "tokens", "base", 1, 0, 1.0, 200))
+        one.log_request(RequestRecord("r3", "spend", "base", 0, 10, 1.0, 200))
+        two.refresh_spend()
+        assert two.over_budget(by_tokens) == "tenant tokens has used 100 of its 100 tokens this month"
+        assert two.over_budget(by_spend) == "tenant spend has spent 0.5000 of its 0.5 this month"
+        assert [round(row.cost, 6) for row in one.usage(since=date(2000, 1, 1), tenant="spend")] == [0.5]
+    finally:
+        one.close()
+        two.close()

@@ -80,12 +80,12 @@ def _run_keys(args: argparse.Namespace) -> int:
 
 def _run_usage(args: argparse.Namespace) -> int:
     rows = _client(args).usage(args.since, args.tenant)
-    print(f"{'day':<10}  {'tenant':<24} {'model':<24} {'requests':>9} {'prompt':>11} {'completion':>11}")
+    print(f"{'day':<10}  {'tenant':<24} {'model':<24} {'requests':>9} {'prompt':>11} {'completion':>11} {'cost':>10}")
     for row in rows:
         tenant = row["tenant"] or "-"
         print(
             f"{row['day']:<10}  {tenant:<24} {row['model']:<24} {row['requests']:>9} "
-            f"{row['prompt_tokens']:>11} {row['completion_tokens']:>11}"
+            f"{row['prompt_tokens']:>11} {row['completion_tokens']:>11} {row['cost']:>10.4f}"
         )
     return 0
 

@@ -31,6 +31,12 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         "--replica-id", help="this replica's name in the request log (default: the host name and process id)"
     )
     serve.add_argument(
+        "--price-input", type=float, default=0.0, help="what a million prompt tokens cost, for usage and budgets"
+    )
+    serve.add_argument(
+        "--price-output", type=float, default=0.0, help="what a million completion tokens cost (as lorafleet cost)"
+    )
+    serve.add_argument(
         "--state-unavailable",
         choices=["closed", "open"],
         default="closed",
@@ -255,6 +261,7 @@ def serve_options(args: argparse.Namespace):
     from lorafleet.errors import ConfigError
     from lorafleet.serve.gateway.images import ImagePolicy
     from lorafleet.serve.gateway.server import ServeOptions
+    from lorafleet.serve.gateway.state import Prices
     from lorafleet.serve.gateway.tenants import load_tenants
 
     if args.manage_keys and not args.keys:
@@ -295,6 +302,7 @@ def serve_options(args: argparse.Namespace):
         manage_keys=args.manage_keys,
         state_url=args.state,
         state_unavailable=args.state_unavailable,
+        prices=Prices(args.price_input, args.price_output),
         redis_url=args.redis,
         **({"replica_id": args.replica_id} if args.replica_id else {}),
     )

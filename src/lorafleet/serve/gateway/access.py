@@ -85,9 +85,17 @@ def require_admin(tenant: Tenant | None) -> None:
 
 
 def check_rate(state: ServingState, tenant: Tenant | None) -> None:
-    """Count the request against the tenant's requests per minute (429 when they are spent)."""
+    """Count the request against the tenant's monthly budget and requests per minute (429 when
+    either is spent)."""
     if tenant is None:
         return
+    spent = state.over_budget(tenant)
+    if spent is not None:  # OpenAI's refusal for a spent quota: 429 insufficient_quota, no retry time
+        message = (
+            f"You exceeded your current quota: {spent}. The budget renews on the 1st (UTC); "
+            "an administrator can raise it."
+        )
+        raise APIError(429, message, "insufficient_quota")
     try:
         wait = state.count_request(tenant)
     except StateUnavailable as err:

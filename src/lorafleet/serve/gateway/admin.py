@@ -196,6 +196,7 @@ def _usage(row: UsageRow) -> dict:
         "requests": row.requests,
         "prompt_tokens": row.prompt_tokens,
         "completion_tokens": row.completion_tokens,
+        "cost": round(row.cost, 6),
     }
 
 

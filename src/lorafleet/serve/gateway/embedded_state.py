@@ -14,9 +14,11 @@ from datetime import UTC, date, datetime
 
 from lorafleet.serve.gateway.request_log import RequestLog, RequestRecord
 from lorafleet.serve.gateway.state import (
+    FREE,
     IssuedKey,
     KeyInfo,
     KeysAreReadOnly,
+    Prices,
     TenantSettings,
     UsageRow,
 )
@@ -24,10 +26,13 @@ from lorafleet.serve.gateway.tenants import Tenant, TenantDirectory
 
 
 class EmbeddedState:
-    def __init__(self, directory: Callable[[], TenantDirectory | None], request_log: RequestLog) -> None:
+    def __init__(
+        self, directory: Callable[[], TenantDirectory | None], request_log: RequestLog, prices: Prices = FREE
+    ) -> None:
         # A getter, not the directory: reloading the keys file replaces the directory in force.
         self._directory = directory
         self.request_log = request_log
+        self.prices = prices
 
     @property
     def unavailable(self) -> dict[tuple[str, str], int]:
@@ -46,6 +51,9 @@ class EmbeddedState:
         if wait is None:
             tenant.record_request()
         return wait
+
+    def over_budget(self, tenant: Tenant) -> str | None:
+        return None  # budgets are set through the admin API, which needs the shared state
 
     def reserve_tokens(self, tenant: Tenant, tokens: int) -> tuple[object | None, float]:
         return tenant.reserve(tokens)
@@ -68,7 +76,18 @@ class EmbeddedState:
             rows = db.execute(query, (start, tenant, tenant)).fetchall()
         finally:
             db.close()
-        return [UsageRow(date.fromisoformat(day), *rest) for day, *rest in rows]
+        return [
+            UsageRow(
+                date.fromisoformat(day),
+                tenant,
+                model,
+                requests,
+                prompt,
+                completion,
+                self.prices.cost(prompt, completion),
+            )
+            for day, tenant, model, requests, prompt, completion in rows
+        ]
 
     def import_keys_file(self, directory: TenantDirectory) -> int:
         return 0  # the directory in force is the file itself

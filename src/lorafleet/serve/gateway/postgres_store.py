@@ -91,6 +91,10 @@ MIGRATIONS = [
     CREATE TABLE state_changes (one BOOLEAN PRIMARY KEY DEFAULT true CHECK (one), version BIGINT NOT NULL);
     INSERT INTO state_changes (version) VALUES (0);
     """,
+    # 1 -> 2: usage priced (lorafleet serve --price-input/--price-output), for monthly cost budgets.
+    """
+    ALTER TABLE usage_daily ADD COLUMN cost DOUBLE PRECISION NOT NULL DEFAULT 0;
+    """,
 ]
 
 _TENANT_COLUMNS = (
@@ -204,7 +208,7 @@ class PostgresStore:
 
     # --- requests and usage -----------------------------------------------------------------
 
-    def log_request(self, record: RequestRecord, replica: str) -> None:
+    def log_request(self, record: RequestRecord, replica: str, cost: float = 0.0) -> None:
         with self._transaction() as db:
             row = db.execute(
                 "INSERT INTO requests (replica, request_id, tenant, model, prompt_tokens, completion_tokens,"
@@ -223,16 +227,17 @@ class PostgresStore:
                 ),
             ).fetchone()
             db.execute(
-                "INSERT INTO usage_daily AS u (day, tenant, model, requests, prompt_tokens, completion_tokens)"
-                " VALUES (%s, %s, %s, 1, %s, %s) ON CONFLICT (day, tenant, model) DO UPDATE SET"
+                "INSERT INTO usage_daily AS u (day, tenant, model, requests, prompt_tokens, completion_tokens, cost)"
+                " VALUES (%s, %s, %s, 1, %s, %s, %s) ON CONFLICT (day, tenant, model) DO UPDATE SET"
                 " requests = u.requests + 1, prompt_tokens = u.prompt_tokens + excluded.prompt_tokens,"
-                " completion_tokens = u.completion_tokens + excluded.completion_tokens",
+                " completion_tokens = u.completion_tokens + excluded.completion_tokens, cost = u.cost + excluded.cost",
                 (
                     row["day"],
                     record.tenant or "",
                     _text(record.model) or "",
                     record.prompt_tokens,
                     record.completion_tokens,
+                    cost,
                 ),
             )
 
@@ -251,9 +256,23 @@ class PostgresStore:
                 row["requests"],
                 row["prompt_tokens"],
                 row["completion_tokens"],
+                row["cost"],
             )
             for row in rows
         ]
+
+    def month_to_date(self, tenants: list[str]) -> dict[str, tuple[int, float]]:
+        """Each tenant's tokens (prompt and completion) and cost since the month began (UTC)."""
+        if not tenants:
+            return {}
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT tenant, sum(prompt_tokens + completion_tokens) AS tokens, sum(cost) AS cost FROM usage_daily"
+                " WHERE day >= date_trunc('month', now() AT TIME ZONE 'UTC')::date AND tenant = ANY(%s)"
+                " GROUP BY tenant",
+                (tenants,),
+            ).fetchall()
+        return {row["tenant"]: (int(row["tokens"]), float(row["cost"])) for row in rows}
 
     def requests(self) -> list[dict]:
         """Every logged request, oldest first (for audits and tests)."""

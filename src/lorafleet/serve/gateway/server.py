@@ -39,7 +39,7 @@ from lorafleet.serve.gateway.images import ImagePolicy
 from lorafleet.serve.gateway.local import LocalBackend
 from lorafleet.serve.gateway.protocol import ChatCompletionRequest, RequestLimits, TextCompletionRequest
 from lorafleet.serve.gateway.request_log import RequestLog
-from lorafleet.serve.gateway.state import ServingState, StateUnavailable
+from lorafleet.serve.gateway.state import Prices, ServingState, StateUnavailable
 from lorafleet.serve.gateway.tenants import TenantDirectory
 from lorafleet.serve.gateway.tools import ToolUse
 from lorafleet.serve.gateway.upstream import UpstreamBackend, start_vllm
@@ -139,6 +139,7 @@ class ServeOptions:
     redis_url: str | None = None  # redis://…
     replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     state_unavailable: str = "closed"  # Redis out of reach: refuse (503), or "open": limits per replica
+    prices: Prices = field(default_factory=Prices)  # per million tokens: usage's cost, monthly cost budgets
 
     @property
     def keyed(self) -> bool:
@@ -234,12 +235,17 @@ class FleetServer:
         options = self.options
         if options.state_url is None:
             self.request_log = RequestLog(options.fleet_dir / DATABASE)
-            return EmbeddedState(lambda: self.options.tenants, self.request_log)  # reloading replaces the keys
+            # a getter: reloading the keys file replaces the directory in force
+            return EmbeddedState(lambda: self.options.tenants, self.request_log, options.prices)
         from lorafleet.serve.gateway.shared_state import SharedState  # the drivers load only here
 
         try:
             state = SharedState(
-                options.state_url, options.redis_url, options.replica_id, when_unavailable=options.state_unavailable
+                options.state_url,
+                options.redis_url,
+                options.replica_id,
+                when_unavailable=options.state_unavailable,
+                prices=options.prices,
             )
         except StateUnavailable as err:
             raise ConfigError(f"the shared serving state cannot be reached: {err}") from err

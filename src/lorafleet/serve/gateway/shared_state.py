@@ -33,7 +33,15 @@ from datetime import UTC, date, datetime
 from lorafleet.serve.gateway.postgres_store import PostgresStore
 from lorafleet.serve.gateway.redis_windows import RedisWindows
 from lorafleet.serve.gateway.request_log import RequestRecord
-from lorafleet.serve.gateway.state import IssuedKey, KeyInfo, StateUnavailable, TenantSettings, UsageRow
+from lorafleet.serve.gateway.state import (
+    FREE,
+    IssuedKey,
+    KeyInfo,
+    Prices,
+    StateUnavailable,
+    TenantSettings,
+    UsageRow,
+)
 from lorafleet.serve.gateway.tenants import WINDOW_SECONDS, Tenant, TenantDirectory, hash_key
 
 REFRESH_SECONDS = 0.25
@@ -50,12 +58,16 @@ class SharedState:
         refresh_seconds: float = REFRESH_SECONDS,
         window_seconds: float = WINDOW_SECONDS,
         when_unavailable: str = "closed",
+        prices: Prices = FREE,
     ) -> None:
         if when_unavailable not in FAILURE_POLICIES:
             raise ValueError(f"when_unavailable must be one of {FAILURE_POLICIES}, not {when_unavailable!r}")
         self.replica = replica  # names this replica in the request log
         self.refresh_seconds = refresh_seconds
         self.when_unavailable = when_unavailable
+        self.prices = prices
+        self._budgets: dict[str, tuple[int | None, float | None]] = {}  # tenant -> monthly tokens, cost
+        self._spent: dict[str, tuple[int, float]] = {}  # tenant -> tokens, cost this month, as of the last poll
         self.unavailable: Counter[tuple[str, str]] = Counter()  # (store, what was done) -> times
         self.postgres_reachable = True  # as of the last poll
         self._redis_retry_at = 0.0  # monotonic time before which Redis is taken to be down
@@ -66,6 +78,7 @@ class SharedState:
         self._version: int | None = None
         self._lock = threading.Lock()  # one refresh at a time: the poller's, or one after a change here
         self.refresh()
+        self.refresh_spend()
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="lorafleet-state-refresh", daemon=True)
         self._poller.start()
@@ -90,12 +103,22 @@ class SharedState:
                 return
             version, rows = self.store.directory()
             self._keys = {digest: (settings.tenant(digest), expires) for digest, expires, settings in rows}
+            self._budgets = {
+                settings.name: (settings.monthly_token_budget, settings.monthly_cost_budget)
+                for _, _, settings in rows
+                if settings.monthly_token_budget is not None or settings.monthly_cost_budget is not None
+            }
             self._version = version
+
+    def refresh_spend(self) -> None:
+        """This month's spend of the tenants with a budget (one query, whatever their number)."""
+        self._spent = self.store.month_to_date(sorted(self._budgets))
 
     def _poll(self) -> None:
         while not self._stop.wait(self.refresh_seconds):
             try:
                 self.refresh()
+                self.refresh_spend()
                 self.postgres_reachable = True
             except StateUnavailable:
                 self.postgres_reachable = False  # the keys in force stay; the next poll tries again
@@ -112,6 +135,17 @@ class SharedState:
             lambda: self.windows.count_request(tenant.name, tenant.requests_per_minute, tenant.tokens_per_minute),
             lambda: _count_locally(tenant),
         )
+
+    def over_budget(self, tenant: Tenant) -> str | None:
+        """Checked against the spend of the last poll: every replica sees a tenant reach its budget
+        within `refresh_seconds`, so it can be overrun by what is admitted meanwhile, no more."""
+        tokens_budget, cost_budget = self._budgets.get(tenant.name, (None, None))
+        tokens, cost = self._spent.get(tenant.name, (0, 0.0))
+        if tokens_budget is not None and tokens >= tokens_budget:
+            return f"tenant {tenant.name} has used {tokens} of its {tokens_budget} tokens this month"
+        if cost_budget is not None and cost >= cost_budget:
+            return f"tenant {tenant.name} has spent {cost:.4f} of its {cost_budget:g} this month"
+        return None
 
     def reserve_tokens(self, tenant: Tenant, tokens: int) -> tuple[object | None, float]:
         if tenant.tokens_per_minute is None:
@@ -152,7 +186,9 @@ class SharedState:
 
     def log_request(self, record: RequestRecord) -> None:
         try:
-            self.store.log_request(record, self.replica)
+            self.store.log_request(
+                record, self.replica, self.prices.cost(record.prompt_tokens, record.completion_tokens)
+            )
         except StateUnavailable:
             self.unavailable["postgresql", "unlogged"] += 1
             raise

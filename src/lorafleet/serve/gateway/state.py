@@ -87,6 +87,22 @@ class UsageRow:
     requests: int
     prompt_tokens: int
     completion_tokens: int
+    cost: float = 0.0
+
+
+@dataclass(frozen=True)
+class Prices:
+    """What tokens cost, per million, in one currency: as an API bills them and as `lorafleet cost`
+    takes them (--api-input-price, --api-output-price). Usage is priced when it is logged."""
+
+    input_per_million: float = 0.0
+    output_per_million: float = 0.0
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input_per_million + completion_tokens * self.output_per_million) / 1e6
+
+
+FREE = Prices()  # usage counted in tokens only
 
 
 class ServingState(Protocol):
@@ -113,6 +129,11 @@ class ServingState(Protocol):
         """Count a request against the tenant's requests per minute: None when counted, or the
         seconds until one is allowed (a full request window, or a spent token window).
         StateUnavailable when it cannot be served now (the shared state's failure policy)."""
+        ...
+
+    def over_budget(self, tenant: Tenant) -> str | None:
+        """Why the tenant may not spend more this month (its monthly token or cost budget is
+        used up), or None."""
         ...
 
     def reserve_tokens(self, tenant: Tenant, tokens: int) -> tuple[object | None, float]:
