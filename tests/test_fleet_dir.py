@@ -19,6 +19,7 @@ LAYOUT_NAMES = {
     fleet_dir.DATABASE,
     fleet_dir.AUDIT,
     fleet_dir.ERASURES,
+    fleet_dir.REPLICAS,
 }
 
 

@@ -12,6 +12,7 @@ demo` makes; serving, evaluation, compression, the report and governance read it
     eval*.json                     `lorafleet eval --json` results the report tables
     lorafleet.sqlite               the lineage registry and the request log
     audit/                         the hash-chained audit log
+    replicas/<id>/audit/           each gateway replica's own audit chain (lorafleet serve --state)
     erasures/<id>/                 what `lorafleet data forget` did: its plan, the retraining fleet
                                    file and the retraining run (a fleet directory of its own)
 
@@ -37,6 +38,8 @@ REPORT = "report.html"
 DATABASE = "lorafleet.sqlite"  # shared by the registry and the request log: the fleet's one database
 AUDIT = "audit"
 ERASURES = "erasures"
+REPLICAS = "replicas"
+_REPLICA_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _CHECKPOINT = re.compile(r"^step-(\d{8})\.pt$")
 
 
@@ -92,6 +95,20 @@ class FleetDir:
     @property
     def audit(self) -> Path:
         return self.root / AUDIT
+
+    def replica(self, replica_id: str) -> Path:
+        """A gateway replica's own directory, holding its audit chain in `audit/` (ConfigError for
+        an id that is not a plain name)."""
+        if not _REPLICA_ID.match(replica_id):
+            raise ConfigError(
+                f"replica id {replica_id!r}: use letters, digits, '.', '_' and '-' (at most 64, starting with a "
+                "letter or digit); it names the replica's directory and every entry of its audit chain"
+            )
+        return self.root / REPLICAS / replica_id
+
+    def replica_audits(self) -> list[Path]:
+        """Every replica's audit chain under this fleet, by replica id."""
+        return sorted(path for path in (self.root / REPLICAS).glob(f"*/{AUDIT}") if path.is_dir())
 
     @property
     def erasures(self) -> Path:

@@ -5,8 +5,10 @@ shared state is refused by both within a second, and usage sums what both answer
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -158,9 +160,9 @@ def test_keys_made_rotated_and_revoked_through_one_replica_hold_on_both_within_a
     assert [line.split()[0] for line in listed["lines"]] == [key_id, rotated["id"]]
     assert all(" revoked " in line for line in listed["lines"])
 
-    audit = "\n".join(segment.read_text() for segment in list_segments(first.fleet / "audit"))
-    assert key not in audit and rotated["key"] not in audit  # key ids only
-    logged = [json.loads(line) for line in audit.splitlines() if '"admin.' in line]
+    logged = chain_entries(first, lambda entry: entry["event"] == "admin.key_revoke")
+    assert key not in str(logged) and rotated["key"] not in str(logged)  # key ids only
+    logged = [entry for entry in logged if entry["event"].startswith("admin.")]
     changes = {
         (entry["event"], entry["data"]["status"], entry["data"].get("issued_key_id")): entry["data"]["target"]
         for entry in logged
@@ -187,6 +189,18 @@ def test_a_tenant_over_its_monthly_budget_gets_insufficient_quota_from_both_repl
     within_a_second(replicas, lambda replica: refused(replica) == "insufficient_quota", "refuse")
     (used,) = admin(second, "usage", "--tenant", "thrifty")["lines"][1:]
     assert int(used.split()[4]) + int(used.split()[5]) >= 40
+
+
+def chain_entries(replica: Replica, until=lambda entry: True, seconds: float = 5) -> list[dict]:
+    """The entries of the replica's own audit chain, once one of them is `until` (admin events are
+    written in the background, moments after the reply)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        chain = replica.fleet / "replicas" / replica.name / "audit"
+        entries = [json.loads(line) for segment in list_segments(chain) for line in segment.read_text().splitlines()]
+        if any(until(entry) for entry in entries) or time.monotonic() > deadline:
+            return entries
+        time.sleep(0.05)
 
 
 def within_a_second(replicas: list[Replica], done, what: str) -> None:
@@ -235,3 +249,47 @@ def test_with_redis_stopped_both_replicas_refuse_with_503_never_500_and_recover_
         while (status := replica.chat("sk-steady", max_tokens=1).status_code) != 200:
             assert status == 503 and time.monotonic() < deadline, status
             time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_replica_killed_mid_load_has_logged_every_request_it_answered_and_every_chain_verifies(
+    replicas, state, admin, capsys
+):
+    """Runs last: it kills replica 2."""
+    from lorafleet.cli import main
+
+    victim = replicas[1]
+    answered, stop = [], threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                reply = victim.chat("sk-counted", max_tokens=2)
+            except httpx.TransportError:
+                return  # the replica is gone
+            if reply.status_code == 200:
+                answered.append(reply.json()["id"])
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while len(answered) < 8:
+        assert time.monotonic() < deadline, "the replica answered too few requests"
+        time.sleep(0.01)
+    victim.process.send_signal(signal.SIGKILL)
+    victim.process.wait()
+    stop.set()
+    for thread in threads:
+        thread.join()
+
+    logged = {row["request_id"] for row in state.store.requests() if row["replica"] == victim.name}
+    assert set(answered) <= logged  # the request log holds every answered request
+    entries = chain_entries(victim)
+    in_chain = {entry["data"]["request_id"] for entry in entries if entry["event"] == "serve.request"}
+    assert set(answered) <= in_chain and {entry["data"]["replica"] for entry in entries} == {victim.name}
+
+    capsys.readouterr()
+    assert main(["audit", "verify", str(victim.fleet)]) == 0, capsys.readouterr().err
+    verified = capsys.readouterr().out
+    assert "replica replica-1's audit log valid" in verified and "replica replica-2's audit log valid" in verified

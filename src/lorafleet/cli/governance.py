@@ -48,18 +48,36 @@ def _run_audit_verify(args: argparse.Namespace) -> int:
     if args.checkpoints and not args.public_key:
         raise ConfigError("--checkpoints needs --public-key: the copy is checked by its signatures")
     key = load_public_key(args.public_key) if args.public_key else None  # a bad key file is a usage error
-    try:
-        report = verify_chain(args.dir)
-        signed = verify_checkpoints(args.dir, key, report, args.checkpoints) if key else None
-    except AuditError as err:
-        print(f"lorafleet: audit log NOT valid: {err}", file=sys.stderr)
-        return 1
-    print(f"audit log valid: {report.entries} entries, seq {report.first_seq}..{report.last_seq}")
-    for line in describe_retention(report):
-        print(line)
-    if signed is not None:
-        print(f"signed checkpoints: {signed.checked} verified, {signed.before_retention} before retention")
+    for name, path in _audit_chains(args.dir):
+        try:
+            report = verify_chain(path)
+            signed = (
+                verify_checkpoints(path, key, report, args.checkpoints if name == "audit log" else None)
+                if key
+                else None
+            )
+        except AuditError as err:
+            print(f"lorafleet: {name} NOT valid: {err}", file=sys.stderr)
+            return 1
+        print(f"{name} valid: {report.entries} entries, seq {report.first_seq}..{report.last_seq}")
+        for line in describe_retention(report):
+            print(line)
+        if signed is not None:
+            print(f"signed checkpoints: {signed.checked} verified, {signed.before_retention} before retention")
     return 0
+
+
+def _audit_chains(path: Path) -> list[tuple[str, Path]]:
+    """The chains to verify: the fleet's own, and each gateway replica's (lorafleet serve --state),
+    whose chain lies in the fleet directory under the replica's id. A fleet only served by
+    replicas may have no chain of its own."""
+    from lorafleet.fleet_dir import FleetDir
+    from lorafleet.governance.audit import audit_dir, list_segments
+
+    replicas = [(f"replica {chain.parent.name}'s audit log", chain) for chain in FleetDir(path).replica_audits()]
+    if replicas and path.is_dir() and not list_segments(audit_dir(path)):
+        return replicas
+    return [("audit log", path), *replicas]
 
 
 def _add_export(actions: argparse._SubParsersAction) -> None:

@@ -5,6 +5,7 @@ without a valid key leaves the metrics only."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 
@@ -31,9 +32,11 @@ class Recorder:
             state_unavailable=lambda: server.state.unavailable,
         )
 
-    def record(self, call: Call) -> None:
+    async def record(self, call: Call) -> None:
         """Record an ended call (`Call.finish`), once. One refused for its key (401) is counted in
-        the metrics only: anyone who reaches the port can send those, and must not fill the disk."""
+        the metrics only: anyone who reaches the port can send those, and must not fill the disk. A
+        replica's audit entry is written before this returns, and so before the reply is complete
+        (audit_trail.py says why)."""
         if call.tenant is not None:
             self.server.state.settle_tokens(call.tenant, call.reservation, call.prompt_tokens + call.completion_tokens)
         self._observe(call)
@@ -54,7 +57,11 @@ class Recorder:
         content = None  # with --log-content: to the audit log only, which replaces personal data in it
         if call.content is not None:
             content = call.content | ({"reply": call.replies[0]} if call.replies else {})
-        self.server.audit.record("serve.request", audit_entry(call, content, self.server.adapter_ids))
+        entry = audit_entry(call, content, self.server.adapter_ids)
+        if self.server.audit.replica is None:
+            self.server.audit.record("serve.request", entry)
+        else:
+            await asyncio.wrap_future(self.server.audit.record_durably("serve.request", entry))
 
     def _log(self, record: RequestRecord) -> None:
         """The request log's row. The shared state refuses requests while its PostgreSQL is out of

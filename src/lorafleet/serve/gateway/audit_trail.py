@@ -24,6 +24,16 @@ shutdown, so a verifier with the public key finds at most that long unsigned. Si
 the whole chain first (reading every line), which is what makes it worth an hour's wait; a log
 that fails is never signed, and each failure is printed and counted like an append failure.
 
+A replica of a gateway on the shared state (`lorafleet serve --state`) keeps a chain of its own
+(`<fleet>/replicas/<id>/audit/`, its id in every entry: `replica`), rather than all replicas
+appending to one chain in PostgreSQL under a lock: one lock would serialise every replica's
+requests on one database row, make the audit log as available as the database, and leave the
+signing, shipping and verifying of chains (governance/) to be built again for a table.
+`lorafleet audit verify FLEET` verifies the fleet's chain and every replica's. A replica's
+request entries are durable before the reply leaves (`record_durably`, which the request
+awaits): a replica killed with -9 has logged every request it answered; entries queued together
+are still written together.
+
 Given a shipper (`lorafleet serve --audit-ship-to URL`: governance/shipping.py), each batch just
 written is offered to it, which never waits: it ships on a thread of its own, from a bounded
 queue, and counts what it could not ship (`lorafleet_audit_unshipped_total`).
@@ -39,6 +49,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from concurrent.futures import Future
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -106,8 +117,10 @@ class AuditTrail:
         signer: Ed25519PrivateKey | None = None,
         sign_every_s: float = SIGN_EVERY_SECONDS,
         shipper: Shipper | None = None,
+        replica: str | None = None,
     ) -> None:
         self.fleet_dir = fleet_dir
+        self.replica = replica  # named in every entry of a replica's own chain
         self.shipper = shipper
         self._detector = PiiDetector() if redact else None  # for content, logged with --log-content
         self.log = AuditLog(fleet_dir)
@@ -116,13 +129,23 @@ class AuditTrail:
         self.signed = 0  # checkpoints signed since start
         self._unsigned = False  # entries written since the last checkpoint
         self._last_signed = 0.0
-        self._queue: queue.Queue[tuple[str, dict] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[str, dict, Future | None] | None] = queue.Queue()
         self._last_retention = 0.0
         self._writer = threading.Thread(target=self._write, name="lorafleet-audit", daemon=True)
         self._writer.start()
 
     def record(self, event: str, data: dict) -> None:
-        self._queue.put((event, data))
+        self._queue.put((event, self._tagged(data), None))
+
+    def record_durably(self, event: str, data: dict) -> Future:
+        """Queue an entry; the future is done once it is written (or its write failed and was
+        counted), so a caller can hold its reply until then."""
+        written: Future = Future()
+        self._queue.put((event, self._tagged(data), written))
+        return written
+
+    def _tagged(self, data: dict) -> dict:
+        return data | {"replica": self.replica} if self.replica is not None else data
 
     def flush(self) -> None:
         """Wait until every queued entry is written (or has failed)."""
@@ -139,9 +162,9 @@ class AuditTrail:
         while not closing:
             batch = self._next_batch()
             closing = None in batch
-            entries = [item for item in batch if item is not None]
+            items = [item for item in batch if item is not None]
             try:
-                entries = [(event, utf8_only(self._redacted(data))) for event, data in entries]
+                entries = [(event, utf8_only(self._redacted(data))) for event, data, _ in items]
                 self._retain()
                 if entries:
                     written = self.log.append_all(entries)
@@ -149,15 +172,18 @@ class AuditTrail:
                     if self.shipper is not None:
                         self.shipper.offer(written)
             except Exception as err:  # noqa: BLE001 - any failure must be counted, and serving go on
-                self.failures += len(entries)
-                events = ", ".join(sorted({event for event, _ in entries}))
+                self.failures += len(items)
+                events = ", ".join(sorted({event for event, _, _ in items}))
                 print(f"lorafleet: audit log append failed ({events}): {type(err).__name__}: {err}", file=sys.stderr)
             finally:
+                for _, _, written in items:
+                    if written is not None:
+                        written.set_result(None)
                 self._sign_if_due(closing)
                 for _ in batch:
                     self._queue.task_done()
 
-    def _next_batch(self) -> list[tuple[str, dict] | None]:
+    def _next_batch(self) -> list[tuple[str, dict, Future | None] | None]:
         """The queued entries (waiting for one), or none when a checkpoint falls due first."""
         wait = None
         if self.signer is not None and self._unsigned:

@@ -24,7 +24,7 @@ import torch
 
 from lorafleet.config import read_yaml
 from lorafleet.errors import AdapterError, ConfigError
-from lorafleet.fleet_dir import DATABASE, find_base_dir, fleet_adapters
+from lorafleet.fleet_dir import DATABASE, FleetDir, find_base_dir, fleet_adapters
 from lorafleet.governance.export import Cursor, shipping_cursor
 from lorafleet.governance.registry import withdrawn_weights
 from lorafleet.governance.shipping import Shipper, open_destination
@@ -189,13 +189,20 @@ class FleetServer:
                 "replicas share their state in PostgreSQL and Redis: give both --state postgresql://… and "
                 "--redis redis://…, or neither (one process, the embedded state)"
             )
+        if options.state_url is not None:
+            FleetDir(options.fleet_dir).replica(options.replica_id)  # a bad replica id fails before loading
         self._admin_lock = threading.Lock()
         self.adapter_ids: dict[str, str | None] = {}  # name -> registry id of the weights being served
         self.backend = self._backend()
         self.request_log: RequestLog | None = None  # the embedded state's; the shared state logs to PostgreSQL
         self.state = self._state()
-        shipper = audit_shipper(options.fleet_dir, options.audit_ship_to, options.audit_ship_queue)
-        self.audit = AuditTrail(options.fleet_dir, options.log_content, signer, options.audit_sign_every_s, shipper)
+        # A replica of the shared state keeps its own chain (audit_trail.py says why), named by its id.
+        replica = options.replica_id if options.state_url is not None else None
+        audit_home = FleetDir(options.fleet_dir).replica(replica) if replica is not None else options.fleet_dir
+        shipper = audit_shipper(audit_home, options.audit_ship_to, options.audit_ship_queue)
+        self.audit = AuditTrail(
+            audit_home, options.log_content, signer, options.audit_sign_every_s, shipper, replica=replica
+        )
 
     def _backend(self) -> Backend:
         options = self.options

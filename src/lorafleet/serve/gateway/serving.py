@@ -81,16 +81,16 @@ class Completions:
                 status, code = (400, "invalid_request") if error.client_error else (500, "engine_error")
                 raise APIError(status, f"generation failed: {error.error}", code)
             call.finish(200)
-            self.recorder.record(call)
+            await self.recorder.record(call)
             return openai_format.completion(call, choices)
         except APIError as err:
             call.finish(err.status, err.message)
-            self.recorder.record(call)
+            await self.recorder.record(call)
             raise
         except Exception as err:  # a fault of ours: recorded like any other ending, never only on stderr
             _log.exception("request %s failed", call.request_id)
             call.finish(500, f"internal error: {type(err).__name__}: {err}"[:500])
-            self.recorder.record(call)
+            await self.recorder.record(call)
             raise APIError(500, f"internal error: {type(err).__name__}", "internal_error") from err
         finally:
             if leave is not None:
@@ -144,5 +144,5 @@ class Completions:
         finally:
             leave()
             await chunks.aclose()
-            self.recorder.record(call)
+            await self.recorder.record(call)
         yield openai_format.DONE
