@@ -29,6 +29,7 @@ SMALLEST = {
     "distributed_cpu.py": ["--processes", "2", "--steps", "2", "--modes", "fsdp2"],
     "grammar_compile.py": ["--repeats", "2", "--sizes", "3,30"],
     "console_first_paint.py": ["--adapters", "3", "--metric-lines", "300", "--repeat", "1"],
+    "gateway_overhead.py": ["--requests", "40", "--concurrency", "8"],  # starts a throwaway PostgreSQL and Redis
 }
 # Every row of the GPU suite at its smallest size on a CPU (gpu_suite.sh's knobs).
 SMALLEST_SUITE = {
@@ -101,6 +102,12 @@ def check_console_first_paint(result: dict) -> None:
     assert set(result["ready_ms"]) == {"fleet", "runs"}
 
 
+def check_gateway_overhead(result: dict) -> None:
+    for state in ("embedded", "shared"):
+        positive(result, f"{state}.p50_ms", f"{state}.p99_ms", f"{state}.requests_per_s")
+        assert result[state]["p50_ms"] <= result[state]["p99_ms"]
+
+
 CHECKS = {
     "train_throughput": check_train_throughput,
     "serve_throughput": check_serve_throughput,
@@ -109,6 +116,7 @@ CHECKS = {
     "distributed_cpu": check_distributed_cpu,
     "grammar_compile": check_grammar_compile,
     "console_first_paint": check_console_first_paint,
+    "gateway_overhead": check_gateway_overhead,
 }
 
 

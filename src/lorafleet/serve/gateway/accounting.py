@@ -42,7 +42,7 @@ class Recorder:
         self._observe(call)
         if call.status == 401:
             return
-        self._log(
+        await self._log(
             RequestRecord(
                 call.request_id,
                 call.tenant.name if call.tenant else None,
@@ -63,12 +63,16 @@ class Recorder:
         else:
             await asyncio.wrap_future(self.server.audit.record_durably("serve.request", entry))
 
-    def _log(self, record: RequestRecord) -> None:
+    async def _log(self, record: RequestRecord) -> None:
         """The request log's row. The shared state refuses requests while its PostgreSQL is out of
         reach (503 at admission); one that lost it while it ran is still answered and in the audit
         log, its row counted as unlogged (lorafleet_state_unavailable_total) and reported here."""
+        state = self.server.state
         try:
-            self.server.state.log_request(record)
+            if state.remote:
+                await asyncio.to_thread(state.log_request, record)
+            else:
+                state.log_request(record)
         except StateUnavailable as err:
             print(f"lorafleet: request {record.request_id} not in the request log: {err}", file=sys.stderr)
 

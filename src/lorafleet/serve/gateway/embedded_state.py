@@ -26,6 +26,8 @@ from lorafleet.serve.gateway.tenants import Tenant, TenantDirectory
 
 
 class EmbeddedState:
+    remote = False  # a row in SQLite, written on the event loop as before
+
     def __init__(
         self, directory: Callable[[], TenantDirectory | None], request_log: RequestLog, prices: Prices = FREE
     ) -> None:

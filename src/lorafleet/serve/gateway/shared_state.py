@@ -86,6 +86,7 @@ class SharedState:
     # --- who asks ---------------------------------------------------------------------------
 
     keys_required = True  # a replica is reached over the network: never without a key
+    remote = True
 
     def authenticate(self, key: str | None) -> Tenant | None:
         if not key:

@@ -110,6 +110,10 @@ class ServingState(Protocol):
     methods return, so that both implementations decide alike (tests/serve/test_shared_state.py
     holds them to each other)."""
 
+    # Whether writes wait on another server (a commit to PostgreSQL): the gateway then makes them
+    # off the event loop, where they would hold up every other request.
+    remote: bool
+
     @property
     def keys_required(self) -> bool:
         """Whether a caller needs a key (without a keys file the embedded state serves loopback
