@@ -113,7 +113,7 @@ def gateway(root: Path, name: str, state: list[str]):
     server = subprocess.Popen([*command, "--port", str(port), "--max-batch", "64", *state], stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: server.poll() is None and accepts(port), f"lorafleet serve ({name})")
+        wait_until(lambda: running(server, name) and accepts(port), f"lorafleet serve ({name})")
         yield url
     except BaseException:
         print(f"lorafleet serve ({name}) said:\n{(root / f'{name}.log').read_text()[-3000:]}", file=sys.stderr)
@@ -122,6 +122,12 @@ def gateway(root: Path, name: str, state: list[str]):
         server.terminate()
         server.wait(timeout=120)
         log.close()
+
+
+def running(server: subprocess.Popen, name: str) -> bool:
+    if server.poll() is not None:
+        raise RuntimeError(f"lorafleet serve ({name}) exited with {server.returncode}")
+    return True
 
 
 async def load(url: str, requests: int, concurrency: int) -> dict:

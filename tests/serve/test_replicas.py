@@ -252,6 +252,23 @@ def test_with_redis_stopped_both_replicas_refuse_with_503_never_500_and_recover_
 
 
 @pytest.mark.slow
+def test_a_replicas_console_checks_callers_against_the_shared_state(replicas, admin):
+    first, second = replicas
+    key = admin(first, "keys", "create", "console-ops", "--adapters", "*", "--admin")["key"]
+
+    def console(replica: Replica, key: str | None) -> int:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.get(f"{replica.url}/ui/api/tenants", headers=headers, timeout=30).status_code
+
+    assert console(second, None) == 401
+    within_a_second([second], lambda replica: console(replica, key) == 200, "let in")  # a key made live
+    listed = httpx.get(f"{second.url}/ui/api/tenants", headers={"Authorization": f"Bearer {key}"}).json()
+    assert "console-ops" in {row["name"] for row in listed["tenants"]} and listed["manages_keys"] is False
+    admin(first, "keys", "revoke", hash_key(key)[:16])
+    within_a_second([second], lambda replica: console(replica, key) == 401, "shut out")
+
+
+@pytest.mark.slow
 def test_a_replica_killed_mid_load_has_logged_every_request_it_answered_and_every_chain_verifies(
     replicas, state, admin, capsys
 ):

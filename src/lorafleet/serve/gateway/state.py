@@ -189,3 +189,22 @@ def without_password(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     credentials, at, host = rest.rpartition("@")
     return f"{scheme}{sep}{credentials.partition(':')[0]}{at}{host}" if at else url
+
+
+class StateDirectory:
+    """A serving state seen as a keys file's directory is read (`authenticate`, `tenants`): for
+    readers written against the keys file, such as the console, so that on the shared state they
+    check callers against the keys in force there (a key revoked there is refused) and list them."""
+
+    def __init__(self, state: ServingState) -> None:
+        self.state = state
+
+    def authenticate(self, key: str | None) -> Tenant | None:
+        return self.state.authenticate(key)
+
+    @property
+    def tenants(self) -> list[Tenant]:
+        """One per usable key, as a keys file has one per entry (named by the key's id)."""
+        settings = {tenant.name: tenant for tenant in self.state.tenants()}
+        usable = [key for key in self.state.keys() if key.revoked is None and key.tenant in settings]
+        return [settings[key.tenant].tenant(key.key_id) for key in usable]

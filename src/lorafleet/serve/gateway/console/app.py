@@ -38,6 +38,7 @@ from lorafleet.serve.gateway.console.lineage_graph import lineage_graph, render_
 from lorafleet.serve.gateway.console.runs import RunReader, find_runs
 from lorafleet.serve.gateway.console.serving_view import ServingSampler
 from lorafleet.serve.gateway.errors import APIError, install_error_handlers
+from lorafleet.serve.gateway.state import StateDirectory
 from lorafleet.serve.gateway.tenants import Tenant, TenantDirectory
 
 if TYPE_CHECKING:
@@ -91,10 +92,16 @@ def served_console(server: FleetServer, metrics: Metrics) -> Console:
     """The console of a fleet being served: its counters, its adapters, its keys."""
     options = server.options
     keys_file = None
-    if options.manage_keys and options.tenants is not None and options.tenants.source is not None:
+    # Rewriting the keys file manages nothing on the shared state (its keys live in PostgreSQL:
+    # lorafleet keys, /v1/admin/keys), so a replica's console only lists them.
+    file_keys = options.state_url is None and options.tenants is not None and options.tenants.source is not None
+    if options.manage_keys and file_keys:
         keys_file = KeysFile(options.tenants.source, server.reload_keys)
     serving = Serving(lambda: server.adapters, server.base_name, ServingSampler(metrics.registry))
-    return Console(options.fleet_dir, lambda: options.tenants, serving, keys_file, server.audit.record)
+    # A replica's keys are the shared state's (a key revoked there is refused here too), never optional.
+    shared = StateDirectory(server.state) if options.state_url is not None else None
+    keys = (lambda: shared) if shared is not None else (lambda: options.tenants)
+    return Console(options.fleet_dir, keys, serving, keys_file, server.audit.record)
 
 
 def mount_console(app: FastAPI, console: Console) -> None:
