@@ -33,6 +33,7 @@ def add_keys_parser(commands: argparse._SubParsersAction) -> None:
     create.add_argument("--tpm", type=int, help="the tenant's tokens per minute")
     create.add_argument("--monthly-tokens", type=int, help="the tenant's tokens per calendar month")
     create.add_argument("--monthly-cost", type=float, help="the tenant's spend per calendar month")
+    create.add_argument("--max-rows", type=int, help="rows of the engine's batch the tenant's requests hold at once")
     listed = _admin_parser(actions, "list", "the keys (ids, never the keys) and whose they are")
     listed.add_argument("--tenant", help="only this tenant's")
     for action, text in (("revoke", "revoke the key KEY_ID at once"), ("rotate", "a new key; KEY_ID revoked")):
@@ -118,6 +119,7 @@ def _tenant_settings(args: argparse.Namespace) -> dict:
         "tokens_per_minute": args.tpm,
         "monthly_token_budget": args.monthly_tokens,
         "monthly_cost_budget": args.monthly_cost,
+        "max_rows": args.max_rows,
     }
     settings = {name: value for name, value in given.items() if value is not None}
     return settings | ({"admin": True} if args.admin else {})

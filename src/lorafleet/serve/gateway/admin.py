@@ -44,6 +44,7 @@ class TenantRequest(BaseModel):
     tokens_per_minute: PositiveInt | None = None
     monthly_token_budget: PositiveInt | None = None
     monthly_cost_budget: PositiveFloat | None = None
+    max_rows: PositiveInt | None = None
 
     def settings(self) -> TenantSettings:
         fields = self.model_dump()
@@ -170,6 +171,7 @@ def _tenant(settings: TenantSettings) -> dict:
         "tokens_per_minute": settings.tokens_per_minute,
         "monthly_token_budget": settings.monthly_token_budget,
         "monthly_cost_budget": settings.monthly_cost_budget,
+        "max_rows": settings.max_rows,
     }
 
 

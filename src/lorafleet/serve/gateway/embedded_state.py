@@ -131,5 +131,10 @@ class EmbeddedState:
 
 def _settings(tenant: Tenant) -> TenantSettings:
     return TenantSettings(
-        tenant.name, tenant.adapters, tenant.admin, tenant.requests_per_minute, tenant.tokens_per_minute
+        tenant.name,
+        tenant.adapters,
+        tenant.admin,
+        tenant.requests_per_minute,
+        tenant.tokens_per_minute,
+        max_rows=tenant.max_rows,
     )

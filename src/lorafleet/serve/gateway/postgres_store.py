@@ -95,10 +95,14 @@ MIGRATIONS = [
     """
     ALTER TABLE usage_daily ADD COLUMN cost DOUBLE PRECISION NOT NULL DEFAULT 0;
     """,
+    # 2 -> 3: a tenant's share of the engine's batch (keys files' max_rows; fair admission).
+    """
+    ALTER TABLE tenants ADD COLUMN max_rows INTEGER;
+    """,
 ]
 
 _TENANT_COLUMNS = (
-    "name, adapters, admin, requests_per_minute, tokens_per_minute, monthly_token_budget, monthly_cost_budget"
+    "name, adapters, admin, requests_per_minute, tokens_per_minute, monthly_token_budget, monthly_cost_budget, max_rows"
 )
 
 
@@ -140,14 +144,15 @@ class PostgresStore:
             settings.tokens_per_minute,
             settings.monthly_token_budget,
             settings.monthly_cost_budget,
+            settings.max_rows,
         )
         with self._transaction() as db:
             db.execute(
-                f"INSERT INTO tenants ({_TENANT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+                f"INSERT INTO tenants ({_TENANT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (name) DO UPDATE SET adapters = excluded.adapters, admin = excluded.admin,"
                 " requests_per_minute = excluded.requests_per_minute, tokens_per_minute = excluded.tokens_per_minute,"
                 " monthly_token_budget = excluded.monthly_token_budget,"
-                " monthly_cost_budget = excluded.monthly_cost_budget, updated = now()",
+                " monthly_cost_budget = excluded.monthly_cost_budget, max_rows = excluded.max_rows, updated = now()",
                 values,
             )
             _changed(db)
@@ -347,6 +352,7 @@ def _settings(row: dict) -> TenantSettings:
         tokens_per_minute=row["tokens_per_minute"],
         monthly_token_budget=row["monthly_token_budget"],
         monthly_cost_budget=row["monthly_cost_budget"],
+        max_rows=row["max_rows"],
     )
 
 

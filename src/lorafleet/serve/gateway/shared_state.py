@@ -238,6 +238,7 @@ class SharedState:
                 admin=tenant.admin,
                 requests_per_minute=tenant.requests_per_minute,
                 tokens_per_minute=tenant.tokens_per_minute,
+                max_rows=tenant.max_rows,
             )
             self.store.put_tenant(settings)
             added += self.store.import_key(tenant.name, tenant.key_sha256)

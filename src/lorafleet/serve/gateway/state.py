@@ -44,6 +44,7 @@ class TenantSettings:
     tokens_per_minute: int | None = None
     monthly_token_budget: int | None = None  # prompt and completion tokens in a calendar month (UTC)
     monthly_cost_budget: float | None = None  # in the currency usage is priced in
+    max_rows: int | None = None  # rows of the engine's batch its requests hold at once (None: the server's cap)
 
     def tenant(self, key_sha256: str) -> Tenant:
         """The gateway's view of this tenant when it calls with the key of that hash."""
@@ -54,6 +55,7 @@ class TenantSettings:
             admin=self.admin,
             requests_per_minute=self.requests_per_minute,
             tokens_per_minute=self.tokens_per_minute,
+            max_rows=self.max_rows,
         )
 
 
