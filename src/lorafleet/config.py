@@ -287,14 +287,19 @@ def load_fleet_spec(path: str | Path) -> FleetSpec:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     spec = fleet_spec_from_dict(raw, str(path))
-    root = path.resolve().parent  # absolute: adapters record the base as a path any directory resolves
+    resolve_paths(spec, path.resolve().parent)
+    return spec
+
+
+def resolve_paths(spec: FleetSpec, root: Path) -> None:
+    """Make the spec's relative paths relative to `root` (the directory of the file that names them),
+    and absolute: adapters record the base as a path any directory resolves."""
     spec.base = _resolve(root, spec.base)
     spec.output = _resolve(root, spec.output)
     for adapter in spec.adapters:
         adapter.data = _resolve(root, adapter.data)
         adapter.init_from = _resolve(root, adapter.init_from) if adapter.init_from else None
         adapter.eval_data = _resolve(root, adapter.eval_data) if adapter.eval_data else None
-    return spec
 
 
 def fleet_spec_from_dict(raw: object, where: str = "fleet spec") -> FleetSpec:
