@@ -58,7 +58,11 @@ class FleetTrainer:
         progress: bool = True,
         on_step: Callable[[int], None] | None = None,
         group: distributed.Group | None = None,
+        stops_early: Callable[[AdapterJob, dict[str, float]], bool] | None = None,
     ) -> None:
+        """`stops_early(job, held_out)`: asked after each held-out evaluation of an unfinished adapter
+        whether it stops there (a sweep's rung decision); a stopped adapter is saved as it stands
+        and its slot goes to the next queued one in the same step."""
         self.parallel = parallel_mode(group)
         self._is_rank_zero = self.parallel.rank == 0
         self.spec = spec = self.parallel.on_this_process(spec)
@@ -84,6 +88,7 @@ class FleetTrainer:
             compile_decoder_layers(self.base.language_model)
         self.output = Path(spec.output)
         self.on_step = on_step
+        self.stops_early = stops_early
         self.result = FleetResult()
         self.objectives = {a.name: objective_for(a) for a in spec.adapters}
         self.targets = {a.name: target_modules(self.base, a) for a in spec.adapters if a.init_from is None}
@@ -210,13 +215,21 @@ class FleetTrainer:
         for job, loss in zip(jobs, step_losses, strict=True):
             self.result.losses.setdefault(job.name, []).append(loss)
             record = step_record(job, loss, self.fleet_step, elapsed) | evaluations.get(job.name, {})
+            stopped = self._stopped_early(job, evaluations.get(job.name))
+            if stopped:
+                record["stopped"] = True
             if self.parallel.mail is not None:  # adapter-parallel: process 0 writes every process's lines
                 self.parallel.mail.records.append(record)
             elif self._is_rank_zero:
                 self.run_log.write(record)
             self.bars.stepped(job, record, elapsed)
-            if job.done:
+            if job.done or stopped:
                 self._finish(job)
+
+    def _stopped_early(self, job: AdapterJob, held_out: dict[str, float] | None) -> bool:
+        return (
+            self.stops_early is not None and held_out is not None and not job.done and self.stops_early(job, held_out)
+        )
 
     # --- starting and finishing adapters ---------------------------------------------------
 
