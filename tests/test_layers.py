@@ -19,7 +19,7 @@ FLOORS = {
     "data": 4,
     "adapters": 5,
     "train": 6, "serve": 6, "compress": 6,
-    "eval": 7, "report": 7,
+    "eval": 7, "report": 7, "sweep": 7,
     "demo": 8,  # the whole story: trains, evaluates and writes the report
     "cli": 9,
     "__main__": 10,  # python -m lorafleet: runs the CLI

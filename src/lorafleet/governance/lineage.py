@@ -64,6 +64,7 @@ class Lineage:
     evaluation: dict = field(default_factory=dict)  # held-out file's SHA-256 -> its path and scores
     parents: list[dict] = field(default_factory=list)  # {"relation", "name", "path", "id"}
     compression: dict = field(default_factory=dict)  # a compressed model's settings and stages
+    sweep: dict = field(default_factory=dict)  # the search that chose this adapter: space, trials, why it won
 
     @property
     def id(self) -> str:

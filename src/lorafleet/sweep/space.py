@@ -1,0 +1,204 @@
+"""A sweep file: the search space over adapter spec fields, its samplers, and the trials they draw.
+
+A sweep file names one department's adapter with the fields every trial shares (`adapter`, as in
+a fleet file, without a name), the fields to search (`space`), how to draw them (`sampler`: grid
+or a seeded random draw), how many trials, and the successive-halving rungs (`asha`). Each trial
+becomes an ordinary adapter spec named `<department>-trial<NN>`, validated as a fleet file is, so
+a misspelt field names the sweep file and the field.
+
+A dimension of the space is one of:
+
+  learning_rate: {log_uniform: [1e-4, 1e-2]}   drawn uniformly in log space (random sampler only)
+  dropout:       {uniform: [0.0, 0.1]}          drawn uniformly (random sampler only)
+  rank:          {choice: [4, 8, 16]}           one of the values (the grid takes each in turn)
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorafleet.config import (
+    AdapterSpec,
+    FleetSpec,
+    adapter_name_problem,
+    fleet_spec_from_dict,
+    read_yaml,
+    resolve_paths,
+)
+from lorafleet.errors import ConfigError
+
+SAMPLERS = ("grid", "random")
+KINDS = ("choice", "log_uniform", "uniform")
+METRICS = ("eval_loss",)
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched field: `kind` is choice, log_uniform or uniform; `values` the choices or [low, high]."""
+
+    name: str
+    kind: str
+    values: tuple
+
+    def draw(self, rng: random.Random) -> object:
+        if self.kind == "choice":
+            return rng.choice(self.values)
+        low, high = self.values
+        if self.kind == "uniform":
+            return rng.uniform(low, high)
+        return math.exp(rng.uniform(math.log(low), math.log(high)))
+
+
+@dataclass(frozen=True)
+class Rungs:
+    """Successive halving: a rung every `min_steps` x `reduction_factor`^k optimizer steps below the
+    budget; at each, a trial continues only while among the best 1/reduction_factor there so far."""
+
+    min_steps: int
+    reduction_factor: int
+    budget: int
+
+    def steps(self) -> list[int]:
+        rungs, step = [], self.min_steps
+        while step < self.budget:
+            rungs.append(step)
+            step *= self.reduction_factor
+        return rungs
+
+
+@dataclass
+class SweepSpec:
+    department: str
+    fleet: FleetSpec  # every trial as an adapter of one fleet, in the order they are queued
+    space: list[Dimension]
+    sampler: str
+    rungs: Rungs
+    metric: str = "eval_loss"
+    seed: int = 0
+    trials: dict[str, dict] = field(default_factory=dict)  # trial name -> the values drawn for it
+
+    def describe_space(self) -> dict:
+        return {d.name: {d.kind: list(d.values)} for d in self.space}
+
+
+def load_sweep_spec(path: str | Path) -> SweepSpec:
+    """Read and validate a sweep file; relative paths are taken from its directory."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"sweep file {path} does not exist")
+    raw = read_yaml(path, "sweep file")
+    return sweep_spec_from_dict(raw, str(path), path.resolve().parent)
+
+
+def sweep_spec_from_dict(raw: object, where: str, root: Path | None = None) -> SweepSpec:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping with base, output, department, adapter, space and trials")
+    known = {"base", "output", "department", "adapter", "space", "sampler", "trials", "seed", "metric", "asha", "fleet"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r}; known fields: {', '.join(sorted(known))}")
+    for required in ("base", "output", "department", "adapter", "space"):
+        if required not in raw:
+            raise ConfigError(f"{where}: missing required field {required!r}")
+    department = raw["department"]
+    if problem := adapter_name_problem(department):
+        raise ConfigError(f"{where}: department: {problem}")
+    space = _space(raw["space"], f"{where}: space")
+    sampler = raw.get("sampler", "random")
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"{where}: sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    metric = raw.get("metric", "eval_loss")
+    if metric not in METRICS:
+        raise ConfigError(f"{where}: metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    seed = raw.get("seed", 0)
+    drawn = draw_trials(space, sampler, raw.get("trials"), seed, where)
+    adapter = _mapping(raw["adapter"], f"{where}: adapter")
+    if "name" in adapter:
+        raise ConfigError(f"{where}: adapter: leave out 'name'; trials are named after the department")
+    if adapter.get("steps") is None or adapter.get("eval_data") is None:
+        raise ConfigError(f"{where}: adapter needs 'steps' (each trial's budget) and 'eval_data' (the held-out metric)")
+    rungs = _rungs(raw.get("asha", {}), int(adapter["steps"]), f"{where}: asha")
+    names = [f"{department}-trial{index:02d}" for index in range(len(drawn))]
+    adapters = [
+        {**adapter, **values, "name": name, "eval_every": rungs.min_steps}
+        for name, values in zip(names, drawn, strict=True)
+    ]
+    fleet_raw = {**_mapping(raw.get("fleet", {}), f"{where}: fleet"), "base": raw["base"], "output": raw["output"]}
+    fleet = fleet_spec_from_dict({**fleet_raw, "adapters": adapters}, where)
+    if root is not None:
+        resolve_paths(fleet, root)
+    trials = dict(zip(names, drawn, strict=True))
+    return SweepSpec(department, fleet, space, sampler, rungs, metric, seed, trials)
+
+
+def draw_trials(space: list[Dimension], sampler: str, trials: object, seed: int, where: str) -> list[dict]:
+    """The values of each trial: every combination of the choices (grid; `trials` caps it), or
+    `trials` independent draws from a generator seeded with `seed` (random)."""
+    if trials is not None and (not isinstance(trials, int) or trials < 1):
+        raise ConfigError(f"{where}: trials must be a whole number of at least 1, got {trials!r}")
+    if sampler == "grid":
+        continuous = [d for d in space if d.kind != "choice"]
+        if continuous:
+            raise ConfigError(
+                f"{where}: the grid sampler takes choice dimensions only; {continuous[0].name} is "
+                f"{continuous[0].kind} (list its values as a choice, or use sampler: random)"
+            )
+        grid = [
+            dict(zip([d.name for d in space], combination, strict=True))
+            for combination in itertools.product(*(d.values for d in space))
+        ]
+        return grid[:trials] if trials else grid
+    if trials is None:
+        raise ConfigError(f"{where}: the random sampler needs 'trials' (how many to draw)")
+    rng = random.Random(seed)
+    return [{d.name: d.draw(rng) for d in space} for _ in range(trials)]
+
+
+def _space(raw: object, where: str) -> list[Dimension]:
+    searchable = {f for f in AdapterSpec.__dataclass_fields__} - {"name", "data", "eval_data", "eval_every", "steps"}
+    space = []
+    for name, dimension in _mapping(raw, where).items():
+        if name not in searchable:
+            raise ConfigError(
+                f"{where}: {name!r} is not a searchable adapter field; use one of {', '.join(sorted(searchable))}"
+            )
+        if not isinstance(dimension, dict) or len(dimension) != 1 or next(iter(dimension)) not in KINDS:
+            raise ConfigError(
+                f"{where}: {name} must be one of {{choice: [...]}}, {{log_uniform: [low, high]}}, "
+                "{uniform: [low, high]}"
+            )
+        kind, values = next(iter(dimension.items()))
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: {name}: {kind} takes a non-empty list")
+        if kind != "choice" and (
+            len(values) != 2 or not values[0] < values[1] or (kind == "log_uniform" and values[0] <= 0)
+        ):
+            raise ConfigError(
+                f"{where}: {name}: {kind} takes [low, high] with low < high (and low > 0 for log_uniform)"
+            )
+        space.append(Dimension(name, kind, tuple(values)))
+    if not space:
+        raise ConfigError(f"{where}: name at least one field to search")
+    return space
+
+
+def _rungs(raw: object, budget: int, where: str) -> Rungs:
+    raw = _mapping(raw, where)
+    min_steps, factor = raw.get("min_steps", max(budget // 9, 1)), raw.get("reduction_factor", 3)
+    if not isinstance(min_steps, int) or not 1 <= min_steps < budget:
+        raise ConfigError(
+            f"{where}: min_steps must be a whole number from 1 to below the budget ({budget}), got {min_steps!r}"
+        )
+    if not isinstance(factor, int) or factor < 2:
+        raise ConfigError(f"{where}: reduction_factor must be a whole number of at least 2, got {factor!r}")
+    return Rungs(min_steps, factor, budget)
+
+
+def _mapping(raw: object, where: str) -> dict:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    return raw

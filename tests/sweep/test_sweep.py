@@ -1,0 +1,189 @@
+"""A sweep trains its trials as adapters of one fleet: each trial must be exactly its configuration
+trained alone, and the rungs must decide as a plain ASHA over the same metrics would.
+
+The sweep and the lone runs train in float64, so their weights and losses are held to the derived
+bounds of tests/tolerances.py, as tests/train/test_equivalence.py holds the fleet to peft."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from lorafleet.config import FleetSpec
+from lorafleet.errors import ConfigError
+from lorafleet.governance.lineage import read_lineage
+from lorafleet.governance.registry import Registry
+from lorafleet.sweep.run import run_sweep
+from lorafleet.sweep.space import sweep_spec_from_dict
+from lorafleet.train.trainer import train_fleet
+from tests import tolerances
+from tests.conftest import write_text_dataset
+
+BUDGET, MIN_STEPS, REDUCTION = 8, 2, 2  # rungs at steps 2 and 4
+
+
+def sweep_file(data: Path, eval_data: Path, output: Path, base: Path) -> dict:
+    return {
+        "base": str(base),
+        "output": str(output),
+        "department": "finance",
+        "adapter": {
+            "data": str(data),
+            "eval_data": str(eval_data),
+            "steps": BUDGET,
+            "micro_batch_size": 2,
+            "target_modules": ["q_proj", "v_proj"],
+            "seed": 1,
+            "warmup_steps": 1,
+        },
+        # the largest rates first: the trials queued behind them do worse at the rungs, so some stop
+        "space": {"learning_rate": {"choice": [2e-2, 5e-3, 1e-3]}, "rank": {"choice": [4, 2]}},
+        "sampler": "grid",
+        "seed": 3,
+        "asha": {"min_steps": MIN_STEPS, "reduction_factor": REDUCTION},
+        "fleet": {"max_concurrent": 2, "checkpoint_every": 0},
+    }
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny_lm_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    data = write_text_dataset(root / "train.jsonl", 24, seed=0)
+    eval_data = write_text_dataset(root / "eval.jsonl", 6, seed=1)
+    spec = sweep_spec_from_dict(sweep_file(data, eval_data, root / "out", tiny_lm_dir), "sweep.yaml")
+    spec.fleet.dtype = "float64"  # for the exact comparisons; a sweep file cannot ask for it
+    return spec, run_sweep(spec, progress=False)
+
+
+def metric_lines(output: str) -> list[dict]:
+    return [json.loads(line) for line in (Path(output) / "metrics.jsonl").read_text().splitlines()]
+
+
+def plain_asha(arrivals: list[tuple[str, int, float]], rungs: list[int], reduction: int) -> list[tuple[str, int, bool]]:
+    """Optuna's SuccessiveHalvingPruner, written out: a trial at a rung continues when its value is
+    at most the (n // reduction)-th best of the n values seen there so far (the best, while n < reduction)."""
+    seen: dict[int, list[float]] = {rung: [] for rung in rungs}
+    decisions = []
+    for trial, step, value in arrivals:
+        if step not in seen:
+            continue
+        seen[step].append(value)
+        ranked = sorted(seen[step])
+        index = max(len(ranked) // reduction - 1, 0)
+        decisions.append((trial, step, value <= ranked[index]))
+    return decisions
+
+
+def test_rung_decisions_equal_a_plain_asha_over_the_same_metrics(sweep):
+    spec, result = sweep
+    lines = metric_lines(spec.fleet.output)
+    arrivals = [(r["adapter"], r["step"], r["eval_loss"]) for r in lines if "eval_loss" in r and r["step"] < BUDGET]
+    expected = plain_asha(arrivals, [2, 4], REDUCTION)
+    ours = [(d["trial"], d["step"], d["continues"]) for d in result.record["decisions"]]
+    assert ours == expected
+    stopped = {trial for trial, _, continues in expected if not continues}
+    assert stopped, "the sweep should stop some trial, or this test checks nothing"
+    # a stopped trial keeps its metrics and trains no further
+    for trial in result.trials:
+        assert (trial.stopped_at is not None) == (trial.name in stopped)
+        assert trial.steps == (trial.stopped_at or BUDGET)
+        assert trial.curve[-1][0] == trial.steps
+    # its slot goes to the next queued trial in the same fleet step: that one trains from the next
+    starts = {}
+    for r in lines:
+        starts.setdefault(r["adapter"], r["fleet_step"])
+    handed_over = [r["fleet_step"] for r in lines if r.get("stopped") and max(starts.values()) > r["fleet_step"]]
+    assert handed_over, "no trial was queued when one stopped, or this test checks nothing"
+    for fleet_step in handed_over:
+        assert fleet_step + 1 in starts.values()
+
+
+def test_a_trial_in_the_sweep_equals_its_configuration_trained_alone(sweep, tmp_path):
+    spec, result = sweep
+    by_name = {a.name: a for a in spec.fleet.adapters}
+    stopped = next(t for t in result.trials if t.stopped_at is not None)
+    for trial_name in (result.winner, stopped.name):
+        trial = by_name[trial_name]
+        alone_spec = FleetSpec(
+            base=spec.fleet.base,
+            output=str(tmp_path / trial_name),
+            adapters=[dataclasses.replace(trial)],
+            dtype="float64",
+            checkpoint_every=0,
+        )
+        alone = train_fleet(alone_spec, progress=False)
+        weight_tolerance = tolerances.trained_weights(trial.learning_rate, BUDGET)
+        ours = metric_lines(spec.fleet.output)
+        theirs = metric_lines(alone_spec.output)
+        mine = [r for r in ours if r["adapter"] == trial_name]
+        parameters = sum(
+            t.numel() for t in load_file(alone.adapters[trial_name] / "adapter_model.safetensors").values()
+        )
+        loss_tolerance = tolerances.metric(weight_tolerance, parameters, max(r["grad_norm"] for r in theirs))
+        for a, b in zip(mine, theirs, strict=False):  # the stopped trial's lines are a prefix of the lone run's
+            assert a["step"] == b["step"]
+            for key in ("loss", "eval_loss"):
+                assert (key in a) == (key in b), (trial_name, a["step"], key)
+                if key in a:
+                    assert abs(a[key] - b[key]) <= loss_tolerance * max(1.0, abs(b[key])), (trial_name, a["step"], key)
+        if trial_name == result.winner:
+            assert len(mine) == len(theirs) == BUDGET
+            reference = load_file(alone.adapters[trial_name] / "adapter_model.safetensors")
+            crowned = load_file(result.adapter / "adapter_model.safetensors")
+            tolerances.assert_same_weights({"w": crowned}, {"w": reference}, weight_tolerance)
+
+
+def test_the_winner_is_the_best_full_budget_trial_and_its_lineage_records_the_sweep(sweep):
+    spec, result = sweep
+    finished = [t for t in result.trials if t.stopped_at is None]
+    assert result.winner == min(finished, key=lambda t: t.final).name
+    lineage = read_lineage(result.adapter)
+    assert lineage.name == "finance"
+    assert lineage.sweep["winner"]["trial"] == result.winner
+    assert lineage.sweep["space"] == {"learning_rate": {"choice": [2e-2, 5e-3, 1e-3]}, "rank": {"choice": [4, 2]}}
+    assert {t["name"]: t["final"] for t in lineage.sweep["trials"]} == {t.name: t.final for t in result.trials}
+    assert "lowest final eval_loss" in lineage.sweep["winner"]["why"]
+    registry = Registry(spec.fleet.output)
+    try:
+        assert registry.find("finance").sweep["winner"]["trial"] == result.winner
+    finally:
+        registry.close()
+
+
+def test_samplers_are_seeded_and_the_grid_takes_every_combination(tmp_path):
+    raw = sweep_file(tmp_path / "d.jsonl", tmp_path / "e.jsonl", tmp_path / "out", tmp_path / "base")
+    raw |= {
+        "sampler": "random",
+        "trials": 5,
+        "space": {"learning_rate": {"log_uniform": [1e-4, 3e-2]}, "rank": {"choice": [2, 4]}},
+    }
+    first, again = (sweep_spec_from_dict(raw, "sweep.yaml").trials for _ in range(2))
+    assert first == again and len(first) == 5
+    assert all(1e-4 <= v["learning_rate"] <= 3e-2 and v["rank"] in (2, 4) for v in first.values())
+    assert len({v["learning_rate"] for v in first.values()}) == 5
+    grid = raw | {
+        "sampler": "grid",
+        "trials": None,
+        "space": {"rank": {"choice": [2, 4]}, "alpha": {"choice": [4, 8, 16]}},
+    }
+    trials = sweep_spec_from_dict(grid, "sweep.yaml").trials
+    assert sorted((v["rank"], v["alpha"]) for v in trials.values()) == [(r, a) for r in (2, 4) for a in (4, 8, 16)]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"space": {"learning_rat": {"choice": [1e-3]}}}, "'learning_rat' is not a searchable adapter field"),
+        ({"space": {"learning_rate": {"log_uniform": [1e-4, 1e-2]}}}, "the grid sampler takes choice dimensions only"),
+        ({"asha": {"min_steps": BUDGET}}, "min_steps must be a whole number from 1 to below the budget"),
+        ({"space": {"rank": [2, 4]}}, "rank must be one of {choice: [...]}"),
+    ],
+)
+def test_a_wrong_sweep_file_names_the_field_and_the_fix(tmp_path, change, message):
+    raw = sweep_file(tmp_path / "d.jsonl", tmp_path / "e.jsonl", tmp_path / "out", tmp_path / "base") | change
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("{", r"\{").replace("(", r"\(")):
+        sweep_spec_from_dict(raw, "sweep.yaml")
