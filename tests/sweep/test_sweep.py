@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 
+from lorafleet.cli import main
 from lorafleet.config import FleetSpec
 from lorafleet.errors import ConfigError
 from lorafleet.governance.lineage import read_lineage
 from lorafleet.governance.registry import Registry
 from lorafleet.sweep.run import run_sweep
-from lorafleet.sweep.space import sweep_spec_from_dict
+from lorafleet.sweep.space import load_sweep_spec, sweep_spec_from_dict
 from lorafleet.train.trainer import train_fleet
 from tests import tolerances
 from tests.conftest import write_text_dataset
@@ -187,3 +190,30 @@ def test_a_wrong_sweep_file_names_the_field_and_the_fix(tmp_path, change, messag
     raw = sweep_file(tmp_path / "d.jsonl", tmp_path / "e.jsonl", tmp_path / "out", tmp_path / "base") | change
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("{", r"\{").replace("(", r"\(")):
         sweep_spec_from_dict(raw, "sweep.yaml")
+
+
+README = Path(__file__).parents[2] / "README.md"
+
+
+def test_readme_sweep_example_is_a_valid_sweep_file(tmp_path):
+    example = re.search(r"```yaml\n(# sweep\.yaml.*?)```", README.read_text(), re.S).group(1)
+    (tmp_path / "sweep.yaml").write_text(example)
+    spec = load_sweep_spec(tmp_path / "sweep.yaml")
+    assert len(spec.trials) == 16 and spec.rungs.steps() == [10, 30, 90]
+    assert spec.fleet.adapters[0].name == "finance-trial00"
+    assert spec.fleet.adapters[0].eval_data == str(tmp_path / "data/finance-test.jsonl")
+    assert spec.fleet.max_concurrent == 8
+
+
+def test_the_sweep_command_saves_the_winner_and_prints_why(tiny_lm_dir, tmp_path, capsys):
+    write_text_dataset(tmp_path / "train.jsonl", 12, seed=0)
+    write_text_dataset(tmp_path / "eval.jsonl", 4, seed=1)
+    raw = sweep_file(Path("train.jsonl"), Path("eval.jsonl"), Path("out"), tiny_lm_dir)
+    raw["adapter"]["steps"] = 4
+    raw["space"] = {"learning_rate": {"choice": [2e-2, 1e-3]}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "winner: finance-trial" in printed and "why: lowest final eval_loss" in printed
+    assert (tmp_path / "out/adapters/finance/adapter_model.safetensors").exists()
+    assert json.loads((tmp_path / "out/sweep.json").read_text())["department"] == "finance"

@@ -2,9 +2,9 @@
 
 This module builds the top-level parser and runs the chosen command; each command group has a
 module of its own beside it, with its parser next to the handler that reads it: `demo`, `train`
-(train, plan, report), `serve`, `keys` (keys, usage), `console`, `compress`, `cost`, `evaluate`
-(eval), `governance` (audit, registry, docs) and `data`. It is the only place that parses arguments
-and prints.
+(train, plan, report), `sweep`, `serve`, `keys` (keys, usage), `console`, `compress`, `cost`,
+`evaluate` (eval), `governance` (audit, registry, docs) and `data`. It is the only place that parses
+arguments and prints.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import warnings
 
 from lorafleet import __version__
-from lorafleet.cli import compress, console, cost, data, demo, evaluate, governance, keys, serve, train
+from lorafleet.cli import compress, console, cost, data, demo, evaluate, governance, keys, serve, sweep, train
 from lorafleet.errors import LorafleetError
 
 EXAMPLES = """\
@@ -26,6 +26,7 @@ examples:
   lorafleet train fleet.yaml              train every adapter listed in fleet.yaml together
   lorafleet train fleet.yaml --resume     continue an interrupted run from its last checkpoint
   torchrun --nproc-per-node 4 -m lorafleet train fleet.yaml   the fleet on 4 GPUs (parallel: adapter or data)
+  lorafleet sweep sweep.yaml              search one adapter's settings as one fleet; the worst trials stop early
   lorafleet plan fleet.yaml --budget-gb 80   predicted peak memory; how many adapters like these fit
   lorafleet serve --fleet demo-out        OpenAI-compatible API on 127.0.0.1:8000 (base + adapters), console at /ui
   lorafleet serve --fleet demo-out --keys keys.yaml --host 0.0.0.0    with tenants, keys and limits
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_demo_parser(commands)
     train.add_train_parser(commands)
     train.add_plan_parser(commands)
+    sweep.add_sweep_parser(commands)
     serve.add_serve_parser(commands)
     console.add_console_parser(commands)
     compress.add_compress_parser(commands)

@@ -1,0 +1,38 @@
+"""`lorafleet sweep`: a sweep file's trials trained as one fleet, halved at rungs, the winner saved."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_sweep_parser(commands: argparse._SubParsersAction) -> None:
+    sweep = commands.add_parser(
+        "sweep",
+        help="search one department's adapter settings: every trial an adapter of one fleet, the worst stopped early",
+        description="Train the trials of SWEEP.yaml (a search space over adapter settings) side by side in one "
+        "fleet, stop the worst at each rung on their held-out loss (successive halving), and save the best "
+        "full-budget trial as the department's adapter, its lineage recording the whole sweep.",
+    )
+    sweep.add_argument("sweep", type=Path, help="sweep file (YAML): base, output, department, adapter, space, trials")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sweep.set_defaults(command="sweep", run=_run_sweep)
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from lorafleet.sweep.run import SWEEP_FILE, run_sweep
+    from lorafleet.sweep.space import load_sweep_spec
+
+    spec = load_sweep_spec(args.sweep)
+    result = run_sweep(spec, progress=not args.no_progress)
+    for trial in result.trials:
+        where = f"stopped at step {trial.stopped_at}" if trial.stopped_at else "full budget"
+        values = ", ".join(
+            f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+            for key, value in trial.values.items()
+        )
+        print(f"{trial.name}: {spec.metric} {trial.final:.4f} ({where}) {values}")
+    print(f"winner: {result.winner} -> {result.adapter}")
+    print(f"why: {result.record['winner']['why']}")
+    print(f"sweep: {Path(spec.fleet.output) / SWEEP_FILE}")
+    return 0
