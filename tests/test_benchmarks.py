@@ -30,6 +30,8 @@ SMALLEST = {
     "grammar_compile.py": ["--repeats", "2", "--sizes", "3,30"],
     "console_first_paint.py": ["--adapters", "3", "--metric-lines", "300", "--repeat", "1"],
     "gateway_overhead.py": ["--requests", "40", "--concurrency", "8"],  # starts a throwaway PostgreSQL and Redis
+    "sweep.py": ["--lrs", "5e-3,1e-3", "--ranks", "4", "--steps", "4", "--min-steps", "1"]
+    + ["--train-size", "16", "--test-size", "4", "--micro-batch-size", "2"],
 }
 # Every row of the GPU suite at its smallest size on a CPU (gpu_suite.sh's knobs).
 SMALLEST_SUITE = {
@@ -108,6 +110,12 @@ def check_gateway_overhead(result: dict) -> None:
         assert result[state]["p50_ms"] <= result[state]["p99_ms"]
 
 
+def check_sweep(result: dict) -> None:
+    positive(result, "wall_s", "speedup_vs_sequential", "speedup_vs_fleet")
+    positive(result, "winner.eval_loss", "best_of_grid.eval_loss")
+    assert result["winner"]["eval_loss"] >= result["best_of_grid"]["eval_loss"]
+
+
 CHECKS = {
     "train_throughput": check_train_throughput,
     "serve_throughput": check_serve_throughput,
@@ -117,6 +125,7 @@ CHECKS = {
     "grammar_compile": check_grammar_compile,
     "console_first_paint": check_console_first_paint,
     "gateway_overhead": check_gateway_overhead,
+    "sweep": check_sweep,
 }
 
 
