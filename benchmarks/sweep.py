@@ -52,7 +52,7 @@ def sweep_file(root: Path, output: Path, args: argparse.Namespace) -> dict:
         },
         "sampler": "grid",
         "asha": {"min_steps": args.min_steps, "reduction_factor": args.reduction_factor},
-        "fleet": {"max_concurrent": args.max_concurrent, "checkpoint_every": 0},
+        "fleet": {"max_concurrent": args.max_concurrent},
     }
 
 

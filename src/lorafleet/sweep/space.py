@@ -127,7 +127,13 @@ def sweep_spec_from_dict(raw: object, where: str, root: Path | None = None) -> S
         {**adapter, **values, "name": name, "eval_every": rungs.min_steps}
         for name, values in zip(names, drawn, strict=True)
     ]
-    fleet_raw = {**_mapping(raw.get("fleet", {}), f"{where}: fleet"), "base": raw["base"], "output": raw["output"]}
+    fleet_raw = _mapping(raw.get("fleet", {}), f"{where}: fleet")
+    if "checkpoint_every" in fleet_raw:
+        raise ConfigError(
+            f"{where}: fleet: a sweep keeps no checkpoints (it cannot resume yet); leave out checkpoint_every"
+        )
+    # the rung decisions live in the sweep, not in a fleet checkpoint: a checkpoint could not resume them
+    fleet_raw = {**fleet_raw, "checkpoint_every": 0, "base": raw["base"], "output": raw["output"]}
     fleet = fleet_spec_from_dict({**fleet_raw, "adapters": adapters}, where)
     if root is not None:
         resolve_paths(fleet, root)
