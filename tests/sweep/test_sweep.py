@@ -43,8 +43,9 @@ def sweep_file(data: Path, eval_data: Path, output: Path, base: Path) -> dict:
             "seed": 1,
             "warmup_steps": 1,
         },
-        # the largest rates first: the trials queued behind them do worse at the rungs, so some stop
-        "space": {"learning_rate": {"choice": [2e-2, 5e-3, 1e-3]}, "rank": {"choice": [4, 2]}},
+        # the largest rates first: the trials queued behind them do worse at the rungs, so some stop;
+        # the first two reach the first rung in one step, the worse first: ranked together, it stops
+        "space": {"learning_rate": {"choice": [2e-2, 5e-3, 1e-3]}, "rank": {"choice": [2, 4]}},
         "sampler": "grid",
         "seed": 3,
         "asha": {"min_steps": MIN_STEPS, "reduction_factor": REDUCTION},
@@ -66,28 +67,34 @@ def metric_lines(output: str) -> list[dict]:
     return [json.loads(line) for line in (Path(output) / "metrics.jsonl").read_text().splitlines()]
 
 
-def plain_asha(arrivals: list[tuple[str, int, float]], rungs: list[int], reduction: int) -> list[tuple[str, int, bool]]:
-    """Optuna's SuccessiveHalvingPruner, written out: a trial at a rung continues when its value is
-    at most the (n // reduction)-th best of the n values seen there so far (the best, while n < reduction)."""
+def plain_asha(arrivals: list[tuple[int, str, int, float]], rungs: list[int], reduction: int) -> list[tuple]:
+    """Optuna's SuccessiveHalvingPruner, written out, with the trials that reach a rung in the same
+    fleet step ranked together: each continues when its value is at most the (n // reduction)-th
+    best of the n values seen at the rung so far (the best, while n < reduction)."""
     seen: dict[int, list[float]] = {rung: [] for rung in rungs}
     decisions = []
-    for trial, step, value in arrivals:
-        if step not in seen:
-            continue
-        seen[step].append(value)
-        ranked = sorted(seen[step])
-        index = max(len(ranked) // reduction - 1, 0)
-        decisions.append((trial, step, value <= ranked[index]))
+    for fleet_step in sorted({arrival[0] for arrival in arrivals}):
+        now = [(trial, step, value) for at, trial, step, value in arrivals if at == fleet_step and step in seen]
+        for _, step, value in now:
+            seen[step].append(value)
+        for trial, step, value in now:
+            ranked = sorted(seen[step])
+            decisions.append((trial, step, value <= ranked[max(len(ranked) // reduction - 1, 0)]))
     return decisions
 
 
 def test_rung_decisions_equal_a_plain_asha_over_the_same_metrics(sweep):
     spec, result = sweep
     lines = metric_lines(spec.fleet.output)
-    arrivals = [(r["adapter"], r["step"], r["eval_loss"]) for r in lines if "eval_loss" in r and r["step"] < BUDGET]
+    arrivals = [
+        (r["fleet_step"], r["adapter"], r["step"], r["eval_loss"])
+        for r in lines
+        if "eval_loss" in r and r["step"] < BUDGET
+    ]
     expected = plain_asha(arrivals, [2, 4], REDUCTION)
     ours = [(d["trial"], d["step"], d["continues"]) for d in result.record["decisions"]]
     assert ours == expected
+    assert ("finance-trial00", 2, False) in ours  # ranked with trial01, which reached the rung in the same step
     stopped = {trial for trial, _, continues in expected if not continues}
     assert stopped, "the sweep should stop some trial, or this test checks nothing"
     # a stopped trial keeps its metrics and trains no further
@@ -147,7 +154,7 @@ def test_the_winner_is_the_best_full_budget_trial_and_its_lineage_records_the_sw
     lineage = read_lineage(result.adapter)
     assert lineage.name == "finance"
     assert lineage.sweep["winner"]["trial"] == result.winner
-    assert lineage.sweep["space"] == {"learning_rate": {"choice": [2e-2, 5e-3, 1e-3]}, "rank": {"choice": [4, 2]}}
+    assert lineage.sweep["space"] == {"learning_rate": {"choice": [2e-2, 5e-3, 1e-3]}, "rank": {"choice": [2, 4]}}
     assert {t["name"]: t["final"] for t in lineage.sweep["trials"]} == {t.name: t.final for t in result.trials}
     assert "lowest final eval_loss" in lineage.sweep["winner"]["why"]
     registry = Registry(spec.fleet.output)

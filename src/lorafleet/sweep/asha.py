@@ -1,11 +1,11 @@
 """Asynchronous successive halving (ASHA, Li et al. 2020), decided as trials reach each rung.
 
-A trial reaching a rung is compared with every trial that reached that rung before it (and those
-reaching it in the same fleet step, in the order the fleet runs them): it continues when its metric
-is among the best 1/reduction_factor of them, else it stops. The first trials at a rung continue
-only while they are the best so far, so a trial never waits for others to catch up. This is
-Optuna's SuccessiveHalvingPruner rule, decided on the held-out numbers the fleet already computes
-(lower is better). A trial whose metric is not finite always stops.
+A trial reaching a rung is ranked among every trial that has reached that rung so far, itself and
+those reaching it in the same fleet step included: it continues when its metric is among the best
+1/reduction_factor of them (the best one at least), else it stops. Trials arriving together are
+ranked together; a trial never waits for later ones to catch up, so the first at a rung compete
+only with each other. This is the rule of Optuna's SuccessiveHalvingPruner, decided on the
+held-out numbers the fleet already computes (lower is better). A non-finite metric always stops.
 """
 
 from __future__ import annotations
@@ -35,14 +35,22 @@ class SuccessiveHalving:
         self.reached: dict[int, list[float]] = {}  # rung step -> the metric of each trial that reached it
         self.decisions: list[RungDecision] = []
 
-    def stops(self, trial: str, step: int, value: float) -> bool:
-        """Whether `trial`, at optimizer step `step` with metric `value`, stops here (False off the rungs)."""
-        if step not in self.rung_steps:
-            return False
-        value = value if math.isfinite(value) else math.inf
-        reached = self.reached.setdefault(step, [])
-        reached.append(value)
-        kept = max(len(reached) // self.rungs.reduction_factor, 1)
-        continues = math.isfinite(value) and value <= sorted(reached)[kept - 1]
-        self.decisions.append(RungDecision(trial, step, value, continues, len(reached)))
-        return not continues
+    def stopping(self, arrivals: list[tuple[str, int, float]]) -> set[str]:
+        """The trials that stop among `arrivals` ((trial, optimizer step, metric): the held-out
+        numbers of one fleet step, in the order the trials run); trials off the rungs continue."""
+        at_rungs = [(trial, step, _finite(value)) for trial, step, value in arrivals if step in self.rung_steps]
+        for _, step, value in at_rungs:
+            self.reached.setdefault(step, []).append(value)
+        stopped = set()
+        for trial, step, value in at_rungs:
+            reached = sorted(self.reached[step])
+            kept = max(len(reached) // self.rungs.reduction_factor, 1)
+            continues = math.isfinite(value) and value <= reached[kept - 1]
+            self.decisions.append(RungDecision(trial, step, value, continues, len(reached)))
+            if not continues:
+                stopped.add(trial)
+        return stopped
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else math.inf

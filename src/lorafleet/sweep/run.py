@@ -66,8 +66,8 @@ def run_sweep(spec: SweepSpec, progress: bool = True, base: FrozenBase | None = 
         raise ConfigError(f"{destination} exists already; choose another output for the sweep or move it away")
     halving = SuccessiveHalving(spec.rungs)
 
-    def stops_early(job: AdapterJob, held_out: dict[str, float]) -> bool:
-        return halving.stops(job.name, job.optimizer_step, held_out[spec.metric])
+    def stops_early(evaluated: list[tuple[AdapterJob, dict[str, float]]]) -> set[str]:
+        return halving.stopping([(job.name, job.optimizer_step, numbers[spec.metric]) for job, numbers in evaluated])
 
     FleetTrainer(spec.fleet, base=base, progress=progress, stops_early=stops_early).run()
     trials = read_trials(spec, FleetDir(spec.fleet.output).metrics)
@@ -106,8 +106,8 @@ def sweep_record(spec: SweepSpec, trials: list[Trial], winner: Trial, halving: S
     finished = [t for t in trials if t.stopped_at is None]
     why = (
         f"lowest final {spec.metric} ({winner.final:.6g}) after the full budget of {spec.rungs.budget} steps "
-        f"among the {len(finished)} trials that reached it; {len(trials) - len(finished)} stopped at rungs "
-        f"{spec.rungs.steps()} (reduction factor {spec.rungs.reduction_factor})"
+        f"({len(finished)} of {len(trials)} trials reached it; the others stopped at rungs "
+        f"{spec.rungs.steps()}, reduction factor {spec.rungs.reduction_factor})"
     )
     return {
         "department": spec.department,

@@ -15,6 +15,7 @@ A dimension of the space is one of:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -34,6 +35,7 @@ from lorafleet.errors import ConfigError
 SAMPLERS = ("grid", "random")
 KINDS = ("choice", "log_uniform", "uniform")
 METRICS = ("eval_loss",)
+FIELDS = ("base", "output", "department", "adapter", "space", "sampler", "trials", "seed", "metric", "asha", "fleet")
 
 
 @dataclass(frozen=True)
@@ -95,50 +97,66 @@ def load_sweep_spec(path: str | Path) -> SweepSpec:
 
 
 def sweep_spec_from_dict(raw: object, where: str, root: Path | None = None) -> SweepSpec:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping with base, output, department, adapter, space and trials")
-    known = {"base", "output", "department", "adapter", "space", "sampler", "trials", "seed", "metric", "asha", "fleet"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown field {unknown[0]!r}; known fields: {', '.join(sorted(known))}")
-    for required in ("base", "output", "department", "adapter", "space"):
-        if required not in raw:
-            raise ConfigError(f"{where}: missing required field {required!r}")
+    """The sweep of a parsed sweep file (`where` names it in errors); relative paths from `root`."""
+    _check_fields(raw, where)
     department = raw["department"]
     if problem := adapter_name_problem(department):
         raise ConfigError(f"{where}: department: {problem}")
     space = _space(raw["space"], f"{where}: space")
-    sampler = raw.get("sampler", "random")
+    sampler, metric, seed = raw.get("sampler", "random"), raw.get("metric", "eval_loss"), raw.get("seed", 0)
     if sampler not in SAMPLERS:
         raise ConfigError(f"{where}: sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-    metric = raw.get("metric", "eval_loss")
     if metric not in METRICS:
         raise ConfigError(f"{where}: metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    seed = raw.get("seed", 0)
-    drawn = draw_trials(space, sampler, raw.get("trials"), seed, where)
-    adapter = _mapping(raw["adapter"], f"{where}: adapter")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"{where}: seed must be a whole number, got {seed!r}")
+    adapter = _shared_adapter(raw["adapter"], f"{where}: adapter")
+    rungs = _rungs(raw.get("asha", {}), adapter["steps"], f"{where}: asha")
+    trials = {
+        f"{department}-trial{index:02d}": values
+        for index, values in enumerate(draw_trials(space, sampler, raw.get("trials"), seed, where))
+    }
+    fleet = _trial_fleet(raw, adapter, trials, rungs, where)
+    if root is not None:
+        resolve_paths(fleet, root)
+    return SweepSpec(department, fleet, space, sampler, rungs, metric, seed, trials)
+
+
+def _check_fields(raw: object, where: str) -> None:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping with base, output, department, adapter, space and trials")
+    unknown = sorted(set(raw) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r}; known fields: {', '.join(FIELDS)}")
+    for required in ("base", "output", "department", "adapter", "space"):
+        if required not in raw:
+            raise ConfigError(f"{where}: missing required field {required!r}")
+
+
+def _shared_adapter(raw: object, where: str) -> dict:
+    """The adapter fields every trial shares: a budget in steps and a held-out file are required."""
+    adapter = _mapping(raw, where)
     if "name" in adapter:
-        raise ConfigError(f"{where}: adapter: leave out 'name'; trials are named after the department")
-    if adapter.get("steps") is None or adapter.get("eval_data") is None:
-        raise ConfigError(f"{where}: adapter needs 'steps' (each trial's budget) and 'eval_data' (the held-out metric)")
-    rungs = _rungs(raw.get("asha", {}), int(adapter["steps"]), f"{where}: asha")
-    names = [f"{department}-trial{index:02d}" for index in range(len(drawn))]
-    adapters = [
-        {**adapter, **values, "name": name, "eval_every": rungs.min_steps}
-        for name, values in zip(names, drawn, strict=True)
-    ]
-    fleet_raw = _mapping(raw.get("fleet", {}), f"{where}: fleet")
-    if "checkpoint_every" in fleet_raw:
+        raise ConfigError(f"{where}: leave out 'name'; trials are named after the department")
+    steps = adapter.get("steps")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
+        raise ConfigError(f"{where}: 'steps' (each trial's budget in optimizer steps) must be a whole number >= 2")
+    if adapter.get("eval_data") is None:
+        raise ConfigError(f"{where}: 'eval_data' (the held-out file the rungs compare trials on) is required")
+    return adapter
+
+
+def _trial_fleet(raw: dict, adapter: dict, trials: dict[str, dict], rungs: Rungs, where: str) -> FleetSpec:
+    """One fleet whose adapters are the trials, each evaluated at every rung, validated as a fleet file is."""
+    fleet = _mapping(raw.get("fleet", {}), f"{where}: fleet")
+    if "checkpoint_every" in fleet:
         raise ConfigError(
             f"{where}: fleet: a sweep keeps no checkpoints (it cannot resume yet); leave out checkpoint_every"
         )
+    adapters = [{**adapter, **values, "name": name, "eval_every": rungs.min_steps} for name, values in trials.items()]
     # the rung decisions live in the sweep, not in a fleet checkpoint: a checkpoint could not resume them
-    fleet_raw = {**fleet_raw, "checkpoint_every": 0, "base": raw["base"], "output": raw["output"]}
-    fleet = fleet_spec_from_dict({**fleet_raw, "adapters": adapters}, where)
-    if root is not None:
-        resolve_paths(fleet, root)
-    trials = dict(zip(names, drawn, strict=True))
-    return SweepSpec(department, fleet, space, sampler, rungs, metric, seed, trials)
+    fleet = {**fleet, "checkpoint_every": 0, "base": raw["base"], "output": raw["output"], "adapters": adapters}
+    return fleet_spec_from_dict(fleet, where)
 
 
 def draw_trials(space: list[Dimension], sampler: str, trials: object, seed: int, where: str) -> list[dict]:
@@ -165,7 +183,13 @@ def draw_trials(space: list[Dimension], sampler: str, trials: object, seed: int,
 
 
 def _space(raw: object, where: str) -> list[Dimension]:
-    searchable = {f for f in AdapterSpec.__dataclass_fields__} - {"name", "data", "eval_data", "eval_every", "steps"}
+    searchable = {f.name for f in dataclasses.fields(AdapterSpec)} - {
+        "name",
+        "data",
+        "eval_data",
+        "eval_every",
+        "steps",
+    }
     space = []
     for name, dimension in _mapping(raw, where).items():
         if name not in searchable:

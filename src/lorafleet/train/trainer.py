@@ -58,11 +58,12 @@ class FleetTrainer:
         progress: bool = True,
         on_step: Callable[[int], None] | None = None,
         group: distributed.Group | None = None,
-        stops_early: Callable[[AdapterJob, dict[str, float]], bool] | None = None,
+        stops_early: Callable[[list[tuple[AdapterJob, dict[str, float]]]], set[str]] | None = None,
     ) -> None:
-        """`stops_early(job, held_out)`: asked after each held-out evaluation of an unfinished adapter
-        whether it stops there (a sweep's rung decision); a stopped adapter is saved as it stands
-        and its slot goes to the next queued one in the same step."""
+        """`stops_early(evaluated)`: given the unfinished adapters evaluated on their held-out data in
+        a step, each with its numbers, in the order they run, the names of those that stop there (a
+        sweep's rung decision); a stopped adapter is saved as it stands and its slot goes to the
+        next queued one in the same step."""
         self.parallel = parallel_mode(group)
         self._is_rank_zero = self.parallel.rank == 0
         self.spec = spec = self.parallel.on_this_process(spec)
@@ -212,10 +213,11 @@ class FleetTrainer:
         elapsed = time.perf_counter() - self.started
         step_losses = [job.optimizer_stepped() for job in jobs]
         evaluations = self.held_out.measure([job for job in jobs if self.held_out.due(job)])
+        stopping = self._stopping(jobs, evaluations)
         for job, loss in zip(jobs, step_losses, strict=True):
             self.result.losses.setdefault(job.name, []).append(loss)
             record = step_record(job, loss, self.fleet_step, elapsed) | evaluations.get(job.name, {})
-            stopped = self._stopped_early(job, evaluations.get(job.name))
+            stopped = job.name in stopping
             if stopped:
                 record["stopped"] = True
             if self.parallel.mail is not None:  # adapter-parallel: process 0 writes every process's lines
@@ -226,10 +228,12 @@ class FleetTrainer:
             if job.done or stopped:
                 self._finish(job)
 
-    def _stopped_early(self, job: AdapterJob, held_out: dict[str, float] | None) -> bool:
-        return (
-            self.stops_early is not None and held_out is not None and not job.done and self.stops_early(job, held_out)
-        )
+    def _stopping(self, jobs: list[AdapterJob], evaluations: dict[str, dict[str, float]]) -> set[str]:
+        """The adapters of `jobs` that stop early after this step's held-out evaluation."""
+        evaluated = [(job, evaluations[job.name]) for job in jobs if job.name in evaluations and not job.done]
+        if self.stops_early is None or not evaluated:
+            return set()
+        return self.stops_early(evaluated)
 
     # --- starting and finishing adapters ---------------------------------------------------
 
