@@ -225,3 +225,11 @@ def test_the_sweep_command_saves_the_winner_and_prints_why(tiny_lm_dir, tmp_path
     assert "winner: finance-trial" in printed and "why: lowest final eval_loss" in printed
     assert (tmp_path / "out/adapters/finance/adapter_model.safetensors").exists()
     assert json.loads((tmp_path / "out/sweep.json").read_text())["department"] == "finance"
+
+
+def test_a_sweep_under_torchrun_is_refused_before_it_trains(tmp_path, monkeypatch):
+    raw = sweep_file(tmp_path / "d.jsonl", tmp_path / "e.jsonl", tmp_path / "out", tmp_path / "base")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="runs on one process"):
+        run_sweep(sweep_spec_from_dict(raw, "sweep.yaml"), progress=False)
+    assert not (tmp_path / "out").exists()

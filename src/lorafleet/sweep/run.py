@@ -28,6 +28,7 @@ from lorafleet.governance.registry import Registry
 from lorafleet.models.loading import FrozenBase
 from lorafleet.sweep.asha import SuccessiveHalving
 from lorafleet.sweep.space import SweepSpec
+from lorafleet.train import distributed
 from lorafleet.train.job import AdapterJob
 from lorafleet.train.trainer import FleetTrainer
 
@@ -61,6 +62,8 @@ class SweepResult:
 def run_sweep(spec: SweepSpec, progress: bool = True, base: FrozenBase | None = None) -> SweepResult:
     """Train every trial of `spec` in one fleet with successive halving; save the winner as the
     department's adapter in `<output>/adapters/<department>/`."""
+    if distributed.launched():  # every process would run the whole sweep and crown its own winner
+        raise ConfigError("lorafleet sweep runs on one process; start it without torchrun")
     destination = FleetDir(spec.fleet.output).adapter(spec.department)
     if destination.exists():
         raise ConfigError(f"{destination} exists already; choose another output for the sweep or move it away")
