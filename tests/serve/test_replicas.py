@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import pytest
@@ -36,7 +37,7 @@ MESSAGES = [{"role": "user", "content": "hello"}]
 
 class Replica:
     def __init__(self, name: str, argv: list[str], log) -> None:
-        self.name, self.port = name, free_port()
+        self.name, self.port, self.log_path = name, free_port(), log.name
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "lorafleet.cli", *argv, "--port", str(self.port), "--replica-id", name]
         self.process = subprocess.Popen(command, stdout=log, stderr=log)
@@ -44,7 +45,9 @@ class Replica:
     def wait_ready(self, seconds: float = 180) -> None:
         deadline = time.monotonic() + seconds
         while True:
-            assert self.process.poll() is None, f"replica {self.name} exited with {self.process.returncode}"
+            if self.process.poll() is not None:
+                said = Path(self.log_path).read_text(errors="replace")[-3000:]
+                pytest.fail(f"replica {self.name} exited with {self.process.returncode}; its log ends:\n{said}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
                     return
