@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--lrs", default="2e-2,5e-3,1e-3,2e-4")
     parser.add_argument("--ranks", default="4,8,16,32")
     parser.add_argument("--steps", type=int, default=27, help="each trial's budget (optimizer steps)")
-    parser.add_argument("--min-steps", type=int, default=9, help="the first rung (one at step 3 favoured the largest rate)")
+    parser.add_argument("--min-steps", type=int, default=9, help="the first rung (one at step 3 favoured the top rate)")
     parser.add_argument("--reduction-factor", type=int, default=3)
     parser.add_argument("--max-concurrent", type=int, default=8)
     parser.add_argument("--micro-batch-size", type=int, default=4)
