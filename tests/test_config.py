@@ -20,6 +20,13 @@ def test_defaults_fill_in_a_minimal_spec():
     assert spec.adapters[0].rank == 16 and spec.adapters[0].shuffle is True and spec.max_concurrent == 8
 
 
+def test_variant_fields_parse_from_yaml():
+    raw = {**MINIMAL, "adapters": [{"name": "f", "data": "d", "variant": "dora", "use_rslora": True}]}
+    adapter = fleet_spec_from_dict(raw).adapters[0]
+    assert adapter.variant == "dora" and adapter.use_rslora is True
+    assert fleet_spec_from_dict(MINIMAL).adapters[0].variant == "lora"
+
+
 def test_unknown_key_is_an_error_with_a_suggestion():
     raw = {**MINIMAL, "adapters": [{"name": "finance", "data": "f.jsonl", "rnak": 8}]}
     with pytest.raises(ConfigError, match=r"adapters\[0\] \(finance\): unknown field 'rnak'; did you mean 'rank'\?"):
@@ -44,6 +51,9 @@ def test_unknown_key_is_an_error_with_a_suggestion():
         ({"name": "v1.2", "data": "d"}, r"adapter name 'v1.2' must be 1-64 letters"),
         ({"name": "base", "data": "d"}, "reserved for the base model"),
         ({"name": "../x", "data": "d"}, "must be 1-64 letters"),
+        ({"name": "x", "data": "d", "variant": "vera"}, "variant 'vera' is not one of lora, dora"),
+        ({"name": "x", "data": "d", "variant": "dora", "dropout": 0.05}, "variant: dora trains without dropout.*0.05"),
+        ({"name": "x", "data": "d", "use_rslora": "yes"}, "use_rslora must be bool"),
     ],
 )
 def test_bad_adapter_fields_are_named(adapter, message):

@@ -29,6 +29,7 @@ REFERENCES = ("base", "init")
 # MPO (InternVL's post-training): preference (DPO sigmoid), quality (BCO pair), generation (SFT)
 MPO_LOSS_WEIGHTS = (0.8, 0.2, 1.0)
 PARALLEL_MODES = ("adapter", "data")
+VARIANTS = ("lora", "dora")  # dora: weight-decomposed LoRA (a trained magnitude per output feature)
 
 
 @dataclass
@@ -40,6 +41,8 @@ class AdapterSpec:
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
+    variant: str = "lora"  # lora | dora (DoRA: LoRA plus a trained magnitude vector, as peft's use_dora)
+    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank) instead of alpha / rank
     target_modules: list[str] | str = field(default_factory=lambda: list(ALL_PROJECTIONS))
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
@@ -70,6 +73,7 @@ class AdapterSpec:
                 raise ConfigError(f"{where}: {name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"{where}: dropout must be in [0, 1), got {self.dropout}")
+        self._validate_variant(where)
         for name, minimum in (("learning_rate", None), ("alpha", None), ("weight_decay", 0.0), ("max_grad_norm", None)):
             value = getattr(self, name)
             if value is None:
@@ -90,6 +94,15 @@ class AdapterSpec:
         self._validate_objective(where)
         if self.eval_every is not None and (self.eval_data is None or self.eval_every < 1):
             raise ConfigError(f"{where}: eval_every needs eval_data (a held-out file) and must be at least 1")
+
+    def _validate_variant(self, where: str) -> None:
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"{where}: variant {self.variant!r} is not one of {', '.join(VARIANTS)}")
+        if self.variant == "dora" and self.dropout:
+            raise ConfigError(
+                f"{where}: variant: dora trains without dropout in lorafleet (peft would apply it to DoRA's "
+                f"base term as well); set dropout: 0, got {self.dropout}"
+            )
 
     def _validate_objective(self, where: str) -> None:
         if self.objective not in OBJECTIVES:

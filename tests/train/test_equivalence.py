@@ -87,13 +87,17 @@ def train_alone_with_peft(
     quantize: str | None = None,
     device: str = "cpu",
     dtype: torch.dtype | None = None,
+    history: list[tuple[float, float]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The reference: one adapter, plain peft + torch, the textbook loop (QLoRA: on the same NF4 base)."""
+    """The reference: one adapter, plain peft + torch, the textbook loop (QLoRA: on the same NF4 base).
+    `history`, when given, receives each optimizer step's (loss, gradient norm before clipping)."""
     base = load_base(model_dir, device=device, dtype=dtype, quantize=quantize)
-    # Start from the same initial weights: our init, written as a PEFT directory, loaded by peft.
-    init_fleet = LoRAFleet(load_base(model_dir, device="cpu").model, base.language_prefix)
+    # Start from the same initial weights: our init, written as a PEFT directory, loaded by peft; in
+    # the training's dtype, where DoRA's initial magnitudes (the base's norms) are computed.
+    init_dtype = dtype or torch.float32
+    init_fleet = LoRAFleet(load_base(model_dir, device="cpu", dtype=init_dtype).model, base.language_prefix)
     targets = find_target_modules(init_fleet.model, base.language_prefix, spec.target_modules)
-    init_fleet.add_adapter(spec.name, LoRAShape(spec.rank, spec.alpha, 0.0, targets), seed=spec.seed)
+    init_fleet.add_adapter(spec.name, initial_shape(spec, targets), seed=spec.seed, dtype=init_dtype)
     init_dir = save_adapter(init_fleet, spec.name, workdir / f"init-{spec.name}", model_dir)
 
     model = PeftModel.from_pretrained(base.model, init_dir, is_trainable=True)
@@ -106,10 +110,15 @@ def train_alone_with_peft(
         SCHEDULE_NAMES[spec.schedule], optimizer, num_warmup_steps=spec.warmup_steps, num_training_steps=steps
     )
     for _ in range(steps):
+        step_loss = 0.0
         for _ in range(spec.grad_accum):
             batch = collate(stream.next_micro_batch(), base.tokenizer.pad_token_id).to(base.device)
             loss = causal_lm_loss(model(**batch.model_inputs()).logits, batch.labels)
             (loss / spec.grad_accum).backward()
+            step_loss += loss.item() / spec.grad_accum
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]).item()
+        if history is not None:
+            history.append((step_loss, norm))
         if spec.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
         optimizer.step()
@@ -118,6 +127,11 @@ def train_alone_with_peft(
     out = workdir / f"peft-{spec.name}"
     model.save_pretrained(out)
     return load_file(out / "adapter_model.safetensors")
+
+
+def initial_shape(spec: AdapterSpec, targets: tuple[str, ...]) -> LoRAShape:
+    """The shape the trainer gives `spec`'s adapter (its variant included), without dropout."""
+    return LoRAShape(spec.rank, spec.alpha, 0.0, targets, spec.use_rslora, spec.variant == "dora")
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -170,7 +184,7 @@ def with_perturbed_inits(model_dir: Path, adapters: list[AdapterSpec], workdir: 
     started = []
     for spec in adapters:
         targets = find_target_modules(base.model, base.language_prefix, spec.target_modules)
-        fleet.add_adapter(spec.name, LoRAShape(spec.rank, spec.alpha, 0.0, targets), seed=spec.seed)
+        fleet.add_adapter(spec.name, initial_shape(spec, targets), seed=spec.seed)
         generator = torch.Generator().manual_seed(spec.seed + 100)
         with torch.no_grad():
             for key, weight in fleet.named_weights(spec.name):

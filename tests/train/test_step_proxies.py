@@ -34,12 +34,14 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def trainer(tiny_lm_dir, tmp_path, adapters: int, rows: int, **fleet) -> FleetTrainer:
+def trainer(tiny_lm_dir, tmp_path, adapters: int, rows: int, dora_every: int = 0, **fleet) -> FleetTrainer:
+    """`adapters` adapters of `rows` rows each; with `dora_every`, every so many of them DoRA."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     data = write_text_dataset(tmp_path / "d.jsonl", n=40, seed=0)
     specs = [
         AdapterSpec(name=f"a{i}", data=str(data), rank=8, target_modules=list(ALL_PROJECTIONS),
-                    micro_batch_size=rows, steps=50, seed=i, shuffle=False)
+                    micro_batch_size=rows, steps=50, seed=i, shuffle=False,
+                    variant="dora" if dora_every and i % dora_every == 0 else "lora")
         for i in range(adapters)
     ]  # fmt: skip
     spec = FleetSpec(base=str(tiny_lm_dir), output=str(tmp_path / "out"), adapters=specs, checkpoint_every=0,
@@ -64,6 +66,15 @@ def test_eight_adapters_cost_about_the_ops_of_one_with_eight_rows(tiny_lm_dir, t
     one = ops_of_one_step(trainer(tiny_lm_dir, tmp_path / "one", adapters=1, rows=8, packing=packing))
     eight = ops_of_one_step(trainer(tiny_lm_dir, tmp_path / "eight", adapters=8, rows=1, packing=packing))
     assert eight <= 1.25 * one, f"8 adapters x 1 row: {eight} ops; 1 adapter x 8 rows: {one}"
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_dora_adapters_in_the_fleet_keep_the_ops_within_the_same_bound(tiny_lm_dir, tmp_path, packing):
+    """Half the fleet DoRA: the norms, magnitudes and per-row scales are a few operations per
+    projection for all DoRA adapters at once, not per adapter."""
+    one = ops_of_one_step(trainer(tiny_lm_dir, tmp_path / "one", adapters=1, rows=8, dora_every=1, packing=packing))
+    eight = ops_of_one_step(trainer(tiny_lm_dir, tmp_path / "eight", adapters=8, rows=1, dora_every=2, packing=packing))
+    assert eight <= 1.25 * one, f"8 adapters (4 DoRA) x 1 row: {eight} ops; 1 DoRA adapter x 8 rows: {one}"
 
 
 def test_attention_sees_no_more_shapes_than_length_buckets(tiny_lm_dir, tmp_path):

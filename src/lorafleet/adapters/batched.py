@@ -172,7 +172,7 @@ def row_feature_weights(
 
 def _dropout(x: torch.Tensor, layout: Layout, weights: list[LoRAWeights]) -> torch.Tensor:
     """x with each row's own adapter's LoRA dropout (x itself when no adapter drops anything)."""
-    probabilities = [_probability(w.dropout) for w in weights]
+    probabilities = [dropout_probability(w.dropout) for w in weights]
     if not any(probabilities):
         return x
     if layout.equal and len(set(probabilities)) == 1:
@@ -183,7 +183,7 @@ def _dropout(x: torch.Tensor, layout: Layout, weights: list[LoRAWeights]) -> tor
     )
 
 
-def _probability(dropout: nn.Module) -> float:
+def dropout_probability(dropout: nn.Module) -> float:
     return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
 
 

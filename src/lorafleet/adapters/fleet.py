@@ -29,6 +29,8 @@ class LoRAShape:
     alpha: float
     dropout: float
     modules: tuple[str, ...]  # full module names in the base model, e.g. model.layers.0.self_attn.q_proj
+    use_rslora: bool = False  # scaling alpha / sqrt(rank) instead of alpha / rank
+    use_dora: bool = False  # DoRA: a trained magnitude vector per module (adapters/dora.py)
 
 
 def find_target_modules(model: nn.Module, language_prefix: str, target_modules: Sequence[str] | str) -> tuple[str, ...]:
@@ -82,7 +84,9 @@ class LoRAFleet:
         generator = torch.Generator().manual_seed(seed)
         self._assign_slot(name)
         for module_name in shape.modules:
-            self._wrapped(module_name).add_adapter(name, shape.rank, shape.alpha, shape.dropout, generator, dtype)
+            self._wrapped(module_name).add_adapter(
+                name, shape.rank, shape.alpha, shape.dropout, generator, dtype, shape.use_rslora, shape.use_dora
+            )
         self.shapes[name] = shape
 
     def remove_adapter(self, name: str) -> None:
@@ -102,11 +106,14 @@ class LoRAFleet:
         return [weight for _, weight in self.named_weights(name)]
 
     def named_weights(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
-        """(module_name.lora_A|lora_B, weight) for every layer the adapter touches."""
+        """(module_name.lora_A|lora_B[|lora_magnitude_vector], weight) for every layer the adapter
+        touches (the magnitude vector for DoRA adapters)."""
         for module_name in self.shapes[name].modules:
             layer = self._wrapped(module_name)
             yield f"{module_name}.lora_A", layer.lora_A[name].weight
             yield f"{module_name}.lora_B", layer.lora_B[name].weight
+            if name in layer.lora_magnitude_vector:
+                yield f"{module_name}.lora_magnitude_vector", layer.lora_magnitude_vector[name].weight
 
     @contextmanager
     def route(self, segments: Sequence[Segment], by_token: bool = False) -> Iterator[None]:

@@ -5,7 +5,11 @@ of every adapter's micro-batch along dim 0, the frozen base matmul runs once ove
 each adapter's low-rank update runs only on its own segment of rows. Parameter names follow peft
 (`base_layer`, `lora_A.<adapter>.weight`, `lora_B.<adapter>.weight`) so saved adapters need no
 conversion. peft itself cannot do this: a peft model applies one active adapter (or one adapter
-per row at inference, without gradients), so we wrap the Linear ourselves.
+per row at inference, without gradients, and never DoRA), so we wrap the Linear ourselves.
+
+Variants: rsLoRA is only another scaling (alpha / sqrt(rank)); a DoRA adapter is a LoRA adapter
+whose rows are rescaled afterwards by its own per-feature scale (dora.py), so LoRA and DoRA
+adapters share the same batched, fused and stacked paths.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import math
 import torch
 from torch import nn
 
-from lorafleet.adapters import batched
+from lorafleet.adapters import batched, dora
 from lorafleet.adapters.reference import LoRAWeights, lora_delta_stacked, slot_feature_mask
+from lorafleet.errors import AdapterError
 from lorafleet.segments import Segment
 
 try:  # Triton ships with CUDA builds of PyTorch; without it the fused kernels are unavailable
@@ -72,11 +77,14 @@ class MultiLoRALinear(nn.Module):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
         self.scaling: dict[str, float] = {}
         self.routing = routing
         self._weights: dict[str, LoRAWeights] = {}  # rebuilt on add/remove: forward runs per token
         self._stack: tuple | None = None  # (key, a_cat, b_cat, r_max) for lora_delta_stacked
         self._mask: tuple | None = None  # (key, feature mask) for the current routing
+        self._base_norms: torch.Tensor | None = None  # ||W_i||² for DoRA: the base is frozen
+        self._dora_norms: tuple | None = None  # (key, norms) without gradients, while weights stay put
 
     @property
     def in_features(self) -> int:
@@ -98,8 +106,12 @@ class MultiLoRALinear(nn.Module):
         dropout: float,
         generator: torch.Generator | None = None,
         dtype: torch.dtype = torch.float32,
+        use_rslora: bool = False,
+        use_dora: bool = False,
     ) -> None:
-        """Attach adapter `name`: A as peft initialises it (Kaiming uniform), B zero."""
+        """Attach adapter `name`: A as peft initialises it (Kaiming uniform), B zero; scaled
+        alpha / rank, or alpha / sqrt(rank) with rsLoRA; with DoRA a magnitude vector
+        initialised, as peft does, to the norms of W + s·B·A (of W, B being zero)."""
         device = self.base_layer.weight.device
         lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
         lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
@@ -110,11 +122,17 @@ class MultiLoRALinear(nn.Module):
         self.lora_A[name] = lora_A
         self.lora_B[name] = lora_B
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.scaling[name] = alpha / rank
+        self.scaling[name] = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        if use_dora:
+            weights = LoRAWeights(lora_A, lora_B, self.lora_dropout[name], self.scaling[name])
+            self.lora_magnitude_vector[name] = dora.Magnitude(self._norms_reference(weights))
         self._weights = self._collect_weights()
 
+    def _norms_reference(self, weights: LoRAWeights) -> torch.Tensor:
+        return dora.weight_norm_reference(dora.dense_weight(self.base_layer), weights)
+
     def remove_adapter(self, name: str) -> None:
-        for table in (self.lora_A, self.lora_B, self.lora_dropout):
+        for table in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
             if name in table:
                 del table[name]
         self.scaling.pop(name, None)
@@ -125,7 +143,13 @@ class MultiLoRALinear(nn.Module):
 
     def _collect_weights(self) -> dict[str, LoRAWeights]:
         return {
-            name: LoRAWeights(self.lora_A[name], self.lora_B[name], self.lora_dropout[name], self.scaling[name])
+            name: LoRAWeights(
+                self.lora_A[name],
+                self.lora_B[name],
+                self.lora_dropout[name],
+                self.scaling[name],
+                self.lora_magnitude_vector[name].weight if name in self.lora_magnitude_vector else None,
+            )
             for name in self.lora_A
         }
 
@@ -146,7 +170,64 @@ class MultiLoRALinear(nn.Module):
             mask = self._feature_mask(r_max, a_cat.shape[0] // r_max, a_cat.dtype, x.device)
             delta = lora_delta_stacked(x, mask, a_cat, b_cat)
         delta = delta.view(result.shape)
+        if self.lora_magnitude_vector and any(s.adapter in self.lora_magnitude_vector for s in segments):
+            return self._rescaled(result, delta, segments)
         return result + delta if delta.dtype == result.dtype else (result + delta).to(result.dtype)
+
+    def _rescaled(self, result: torch.Tensor, delta: torch.Tensor, segments: tuple[Segment, ...]) -> torch.Tensor:
+        """The output with each DoRA adapter's rows rescaled by its m / ||W + s·B·A|| (dora.py);
+        every other row is result + delta exactly."""
+        names, row_index = self._dora_rows(segments, result.device)
+        weights = [self._weights[name] for name in names]
+        if torch.is_grad_enabled() and any(batched.dropout_probability(w.dropout) for w in weights):
+            raise AdapterError(
+                f"DoRA adapter {names[0]!r} has dropout: peft applies it to DoRA's base term too, which "
+                "lorafleet does not; train DoRA adapters with dropout: 0"
+            )
+        table = dora.scale_table([w.magnitude for w in weights], self._dora_weight_norms(names, weights))
+        scale = table.index_select(0, row_index)[:, None, :]  # (rows, 1, out): each row its own adapter's
+        by_row = (row_index.shape[0], -1, result.shape[-1])
+        out = dora.rescale_rows(result.view(by_row), self.base_layer.bias, delta.view(by_row), scale)
+        return out.view(result.shape)
+
+    def _dora_rows(self, segments: tuple[Segment, ...], device: torch.device) -> tuple[tuple[str, ...], torch.Tensor]:
+        """The DoRA adapters routed here and, per row (per token when routing by token), the row of
+        `dora.scale_table` it takes: its adapter's position, or the last row (scale 1). Built once
+        per routing and shared by every layer carrying the same DoRA adapters."""
+        names = tuple(dict.fromkeys(s.adapter for s in segments if s.adapter in self.lora_magnitude_vector))
+        key = ("dora", names, device)
+        cache = self.routing.step_cache
+        if key not in cache:
+            index = [names.index(s.adapter) if s.adapter in names else len(names) for s in segments]
+            lengths = [s.end - s.start for s in segments]
+            cache[key] = names, torch.repeat_interleave(torch.tensor(index), torch.tensor(lengths)).to(device)
+        return cache[key]
+
+    def _dora_weight_norms(self, names: tuple[str, ...], weights: list[LoRAWeights]) -> torch.Tensor:
+        """(K, out) ||W + s·B·A|| per DoRA adapter; kept between forwards without gradients (eval,
+        serving) until a weight changes."""
+        weight = dora.dense_weight(self.base_layer)
+        dtype = weights[0].lora_A.weight.dtype
+        if self._base_norms is None or self._base_norms.dtype != dtype or self._base_norms.device != weight.device:
+            self._base_norms = dora.row_norms_squared(weight, dtype)
+        if torch.is_grad_enabled():
+            return dora.weight_norms(weight, self._base_norms, weights)
+        versions = tuple((p.data_ptr(), p._version) for w in weights for p in (w.lora_A.weight, w.lora_B.weight))
+        key = (names, self.routing.slots_version, versions)
+        if self._dora_norms is None or self._dora_norms[0] != key:
+            self._dora_norms = (key, dora.weight_norms(weight, self._base_norms, weights))
+        return self._dora_norms[1]
+
+    def dora_scales(self) -> dict[str, torch.Tensor]:
+        """Each DoRA adapter's scale m / ||W + s·B·A|| (out,), without gradients: what a server
+        precomputes when it loads the adapter."""
+        names = tuple(self.lora_magnitude_vector)
+        if not names:
+            return {}
+        with torch.no_grad():
+            weights = [self._weights[name] for name in names]
+            norms = self._dora_weight_norms(names, weights)
+            return {name: w.magnitude / norm for name, w, norm in zip(names, weights, norms, strict=True)}
 
     def _training_layout(
         self, segments: tuple[Segment, ...], dtype: torch.dtype, device: torch.device

@@ -1,9 +1,11 @@
 """Adapters on disk are PEFT adapter directories, in both directions.
 
 We write `adapter_config.json` with peft's own `LoraConfig` and the weights as
-`adapter_model.safetensors` under peft's key names (`base_model.model.<module>.lora_A.weight`),
-so `peft.PeftModel.from_pretrained(base, dir)` and vLLM load them as they are; and we read any peft
-LoRA directory that uses features our layer implements.
+`adapter_model.safetensors` under peft's key names (`base_model.model.<module>.lora_A.weight`,
+and for DoRA `base_model.model.<module>.lora_magnitude_vector`), with `use_rslora` and `use_dora`
+in the config, so `peft.PeftModel.from_pretrained(base, dir)` loads them as they are (and vLLM the
+plain LoRA and rsLoRA ones); and we read any peft LoRA directory that uses features our layer
+implements.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from lorafleet.adapters.fleet import LoRAFleet, LoRAShape
 from lorafleet.errors import AdapterError
 
 PEFT_PREFIX = "base_model.model."
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<which>lora_A|lora_B)\.weight$")
+_MAGNITUDE_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<which>lora_magnitude_vector)$")
 
 
 def peft_target_modules(modules: tuple[str, ...], language_prefix: str) -> list[str] | str:
@@ -51,20 +54,25 @@ def save_adapter(
         r=shape.rank,
         lora_alpha=shape.alpha,
         lora_dropout=shape.dropout,
+        use_rslora=shape.use_rslora,
+        use_dora=shape.use_dora,
         target_modules=peft_target_modules(shape.modules, fleet.language_prefix),
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=str(base_path),
     )
     config.save_pretrained(out_dir)
-    tensors = {
-        f"{PEFT_PREFIX}{key}.weight": weight.detach().to("cpu").contiguous()
-        for key, weight in fleet.named_weights(name)
-    }
+    tensors = {peft_key(key): weight.detach().to("cpu").contiguous() for key, weight in fleet.named_weights(name)}
     save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
     if training is not None:
         (out_dir / TRAINING_FILE).write_text(json.dumps(training, indent=2) + "\n")
     return out_dir
+
+
+def peft_key(key: str) -> str:
+    """peft's file key of a `LoRAFleet.named_weights` key: lora_A/lora_B matrices end in .weight,
+    DoRA's magnitude vector does not."""
+    return f"{PEFT_PREFIX}{key}" if key.endswith(".lora_magnitude_vector") else f"{PEFT_PREFIX}{key}.weight"
 
 
 def training_settings(adapter_dir: str | Path) -> dict:
@@ -85,8 +93,6 @@ def read_adapter(adapter_dir: str | Path) -> tuple[LoRAShape, dict[str, torch.Te
         )
     config = LoraConfig.from_pretrained(str(adapter_dir))
     unsupported = {
-        "use_dora": config.use_dora,
-        "use_rslora": config.use_rslora,
         "modules_to_save": config.modules_to_save,
         "rank_pattern": config.rank_pattern,
         "alpha_pattern": config.alpha_pattern,
@@ -94,14 +100,30 @@ def read_adapter(adapter_dir: str | Path) -> tuple[LoRAShape, dict[str, torch.Te
     used = [key for key, value in unsupported.items() if value]
     if used or config.bias != "none":
         raise AdapterError(f"{adapter_dir}: adapter uses {used or ['bias']}, which lorafleet does not support yet")
+    if isinstance(config.init_lora_weights, str) and config.init_lora_weights.lower().startswith(("pissa", "olora")):
+        raise AdapterError(
+            f"{adapter_dir}: init_lora_weights {config.init_lora_weights!r} means the adapter expects a base whose "
+            "weights it changed; convert it to a plain LoRA as peft saves it (path_initial_model_for_weight_conversion)"
+        )
     weights: dict[str, torch.Tensor] = {}
     for key, tensor in load_file(weights_file).items():
-        match = _KEY.match(key)
+        match = _KEY.match(key) or (_MAGNITUDE_KEY.match(key) if config.use_dora else None)
         if match is None:
             raise AdapterError(f"{weights_file}: unexpected tensor {key!r} in a LoRA adapter")
-        weights[f"{match['module']}.lora_{match['which']}"] = tensor
+        weights[f"{match['module']}.{match['which']}"] = tensor
     modules = tuple(sorted({key.rsplit(".", 1)[0] for key in weights}))
-    shape = LoRAShape(rank=config.r, alpha=config.lora_alpha, dropout=config.lora_dropout, modules=modules)
+    if config.use_dora:
+        missing = [m for m in modules if f"{m}.lora_magnitude_vector" not in weights]
+        if missing:
+            raise AdapterError(f"{weights_file}: use_dora is set but {missing[0]!r} has no lora_magnitude_vector")
+    shape = LoRAShape(
+        rank=config.r,
+        alpha=config.lora_alpha,
+        dropout=config.lora_dropout,
+        modules=modules,
+        use_rslora=config.use_rslora,
+        use_dora=config.use_dora,
+    )
     return shape, weights
 
 

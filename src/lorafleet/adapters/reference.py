@@ -23,6 +23,7 @@ class LoRAWeights:
     lora_B: nn.Linear
     dropout: nn.Module
     scaling: float
+    magnitude: nn.Parameter | None = None  # DoRA's magnitude vector (out,); None for plain LoRA
 
 
 def lora_delta_reference(

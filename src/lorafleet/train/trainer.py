@@ -251,7 +251,9 @@ class FleetTrainer:
                 for weight in self.fleet.parameters(objective.reference_route):
                     weight.requires_grad_(False)
         else:
-            shape = LoRAShape(spec.rank, spec.alpha, spec.dropout, self.targets[spec.name])
+            shape = LoRAShape(
+                spec.rank, spec.alpha, spec.dropout, self.targets[spec.name], spec.use_rslora, spec.variant == "dora"
+            )
             self.fleet.add_adapter(spec.name, shape, seed=spec.seed, dtype=self.master_dtype)
         stream = ExampleStream(self.examples[spec.name], spec.micro_batch_size, spec.seed, spec.shuffle)
         job = AdapterJob(spec, objective, stream, self.fleet.parameters(spec.name), self.optimizer)
