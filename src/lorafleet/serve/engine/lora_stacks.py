@@ -5,6 +5,10 @@ captured CUDA graph needs every weight at one address for the server's lifetime.
 projections that reads the same input keeps all adapters in a few buffers, addressed by fleet slot
 (vLLM's stacked LoRA weights), and each row keeps only its own slot's features. Plain twin: the
 model's own forward through `MultiLoRALinear` (tests/serve/test_decode.py holds the step to it).
+
+DoRA adapters (adapters/dora.py) decode in the same step: their per-feature scale
+g = m / ||W + s·B·A|| is fixed while an adapter is loaded, so it is computed once when the stacks
+are refreshed and kept, per projection, in a table addressed by slot like the weights.
 """
 
 from __future__ import annotations
@@ -30,7 +34,12 @@ class ProjectionGroup:
     quantized base, or a model the caller keeps using elsewhere) the bases run as they are.
     Buffers are sized for `capacity` slots of the largest rank seen and rewritten in place when
     adapters change, so captured graphs stay valid; they grow (and `version` changes, so graphs
-    are captured again) only when a slot or rank beyond them arrives."""
+    are captured again) only when a slot or rank beyond them arrives.
+
+    DoRA: once a DoRA adapter is loaded, each projection j also keeps (capacity + 1, out_j)
+    tables by slot, the scale g and the offset (1 - g)·bias (1 and 0 for every other slot and the
+    base), and every row's output becomes (z_j + lora_j)·g + (1 - g)·bias = g·(W·x + lora) + bias:
+    peft's DoRA output. Rows of LoRA adapters and the base are multiplied by 1 and offset by 0."""
 
     def __init__(self, parent: nn.Module, names: tuple[str, ...], dtype, device, fuse_weights: bool) -> None:
         self.parent, self.names, self.dtype, self.device = parent, names, dtype, device
@@ -41,6 +50,8 @@ class ProjectionGroup:
         self.weight: torch.Tensor | None = None  # [W_1; ...; W_m; A] (fused) or A alone
         self.bias: torch.Tensor | None = None  # [bias; 0] (fused, when any base has a bias)
         self.b: list[torch.Tensor] = []
+        self.dora_scale: list[torch.Tensor] = []  # per projection (capacity + 1, out): g by slot
+        self.dora_offset: list[torch.Tensor] = []  # per projection (capacity + 1, out): (1 - g)·bias
         self.capacity = self.rank = 0
         self.version = 0
         if self.fused:
@@ -76,6 +87,31 @@ class ProjectionGroup:
                     row = index * self.features + start
                     adapters[row : row + rank_here] = w.lora_A.weight
                     self.b[index][start : start + rank_here] = w.lora_B.weight.T * w.scaling
+        self._refresh_dora(slots)
+
+    def _refresh_dora(self, slots: dict[str, int]) -> None:
+        """Each DoRA adapter's scale and offset into its slot's row of the tables (allocated, and
+        `version` bumped, when the first DoRA adapter arrives or the capacity grew)."""
+        modules = [m for m in self.modules() if isinstance(m, MultiLoRALinear)]
+        if not self.dora_scale and not any(m.lora_magnitude_vector for m in modules):
+            return
+        if not self.dora_scale or self.dora_scale[0].shape[0] != self.capacity + 1:
+            ones = lambda out: torch.ones(self.capacity + 1, out, dtype=self.dtype, device=self.device)  # noqa: E731
+            self.dora_scale = [ones(out) for out in self.splits]
+            self.dora_offset = [torch.zeros_like(scale) for scale in self.dora_scale]
+            self.version += 1
+        with torch.no_grad():
+            for module, base, scale, offset in zip(
+                self.modules(), self.bases(), self.dora_scale, self.dora_offset, strict=True
+            ):
+                scale.fill_(1)
+                offset.zero_()
+                if not isinstance(module, MultiLoRALinear):
+                    continue
+                for name, g in module.dora_scales().items():
+                    scale[slots[name]] = g
+                    if base.bias is not None:
+                        offset[slots[name]] = (1 - g) * base.bias
 
     def _allocate(self, rank: int, capacity: int) -> None:
         bases = self.bases()
@@ -116,7 +152,12 @@ class ProjectionGroup:
         # where, not a multiply: an overflow in another adapter's features must not reach this row
         low = torch.where(own[..., None, :], low, 0)
         pairs = zip(outputs, self.b, strict=True)
-        return [out + (low[..., j, :] @ b).to(out.dtype) for j, (out, b) in enumerate(pairs)]
+        outputs = [out + (low[..., j, :] @ b).to(out.dtype) for j, (out, b) in enumerate(pairs)]
+        if not self.dora_scale:
+            return outputs
+        slots = owners.row_slots
+        tables = zip(outputs, self.dora_scale, self.dora_offset, strict=True)
+        return [out * scale[slots][:, None, :] + offset[slots][:, None, :] for out, scale, offset in tables]
 
 
 class RowOwners:

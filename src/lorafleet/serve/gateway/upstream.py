@@ -6,7 +6,9 @@ each authorised request with the adapter's name as the model, always streamed; t
 back as the same events the local engine produces, which the gateway formats as JSON or SSE. Either lorafleet
 starts vLLM (`start_vllm`) or attaches to one already running (`--upstream URL`). vLLM pins other
 versions of transformers than lorafleet, so it is started as a command from an environment of its
-own (`--vllm-python`, or `vllm` on PATH), never imported here.
+own (`--vllm-python`, or `vllm` on PATH), never imported here. vLLM serves plain LoRA and rsLoRA
+adapters but not DoRA (its DoRA support is unmerged), so a DoRA adapter is refused here, at launch
+and at runtime loading, with a message that says where it can be served.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ class UpstreamBackend:
 
     # vLLM's runtime LoRA API (needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True on the vLLM side).
     def load_adapter(self, name: str, path: str) -> None:
+        refuse_what_vllm_cannot_serve(name, Path(path))
         _post_json(f"{self.url}/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
         self._adapters.add(name)
 
@@ -244,6 +247,19 @@ def vllm_launcher(python: Path | None = None) -> list[str]:
     raise LorafleetError(f"--engine vllm needs vLLM; none was found (no --vllm-python, no vllm on PATH). {VLLM_SETUP}")
 
 
+def refuse_what_vllm_cannot_serve(name: str, path: Path) -> None:
+    """A DoRA adapter (`use_dora` in its PEFT config) is an AdapterError: vLLM cannot apply its
+    magnitude vectors, and a DoRA adapter without them is another model. A path this host cannot
+    read is left to the upstream to judge."""
+    config_file = path / "adapter_config.json"
+    if config_file.is_file() and json.loads(config_file.read_text()).get("use_dora"):
+        raise AdapterError(
+            f"adapter {name!r} ({path}) is a DoRA adapter, which vLLM cannot serve; serve this fleet with "
+            "lorafleet's own engine (leave out --engine vllm / --upstream), which serves DoRA beside LoRA, "
+            "or train the adapter with variant: lora"
+        )
+
+
 def vllm_command(
     launcher: list[str],
     base_dir: Path,
@@ -256,6 +272,8 @@ def vllm_command(
     few of them on the GPU at once (`--max-loras`, the GPU's LoRA slots; vLLM swaps the others in
     from CPU memory, `--max-cpu-loras`, which also leaves room for adapters loaded at runtime),
     runtime loading allowed, and the user's own arguments last (so they win)."""
+    for name, path in adapters.items():
+        refuse_what_vllm_cannot_serve(name, path)
     ranks = [json.loads((path / "adapter_config.json").read_text())["r"] for path in adapters.values()]
     max_rank = next((r for r in VLLM_LORA_RANKS if r >= max(ranks, default=8)), None)
     if max_rank is None:
