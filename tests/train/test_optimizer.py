@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lorafleet.train.optimizer import FleetAdamW
+from lorafleet.train.optimizer import FleetAdamW, loraplus_scales
+from tests import tolerances
 
 
 def adapters(seed: int) -> dict[str, list[torch.nn.Parameter]]:
@@ -65,3 +66,41 @@ def test_state_round_trips_and_reads_a_torch_adamw_checkpoint():
     other.add("b", params, 0.0, None)
     other.load_state_dict("b", saved)
     assert other.state_dict("b")["step"] == 1
+
+
+def test_loraplus_steps_b_and_dora_magnitudes_as_peft_loraplus_optimizer_groups_them():
+    """peft's create_loraplus_optimizer on a DoRA adapter: B and the 1-D magnitude vector at
+    lr × ratio, A at lr, weight decay on all; the fleet optimizer with `loraplus_scales` steps
+    every tensor the same (float64; tests/tolerances.py bounds what rounding can move)."""
+    from peft import LoraConfig, get_peft_model
+    from peft.optimizers import create_loraplus_optimizer
+
+    class OneProjection(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj = torch.nn.Linear(6, 5)
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["q_proj"])
+    model = get_peft_model(OneProjection().double(), config)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names = [n.removeprefix("base_model.model.").replace(".default.weight", "") for n, _ in named]
+    assert sorted(names) == ["q_proj.lora_A", "q_proj.lora_B", "q_proj.lora_magnitude_vector"]
+    ours = [torch.nn.Parameter(p.detach().clone()) for _, p in named]
+    reference = create_loraplus_optimizer(
+        model, torch.optim.AdamW, lr=1e-2, loraplus_lr_ratio=16, loraplus_weight_decay=0.1
+    )
+    fleet = FleetAdamW()
+    fleet.add("dora", ours, 0.1, None, loraplus_scales(names, [p.shape for p in ours], 16))
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        for mine, (_, theirs) in zip(ours, named, strict=True):
+            grad = torch.randn(mine.shape, generator=generator, dtype=torch.float64)
+            mine.grad, theirs.grad = grad.clone(), grad.clone()
+        reference.step()
+        fleet.step({"dora": 1e-2})
+    for mine, (name, theirs) in zip(ours, named, strict=True):
+        bound = tolerances.trained_weights(16 * 1e-2, steps=5)  # a wrong group moves a weight by ~lr x 15 a step
+        torch.testing.assert_close(mine, theirs.detach(), rtol=0, atol=bound, msg=name)
+    plain = loraplus_scales(names, [p.shape for p in ours], None)
+    assert plain == [1.0, 1.0, 1.0]

@@ -9,6 +9,11 @@ path and a dozen kernels per adapter on CUDA; here the fleet's step is a dozen f
 plus one multiply per clipped adapter, whatever the number of adapters
 (tests/train/test_step_proxies.py counts them).
 
+An adapter's parameters may step at different multiples of its learning rate (`lr_scales`): LoRA+
+(peft's `create_loraplus_optimizer`) gives B matrices and 1-D parameters (DoRA's magnitude
+vectors) the learning rate times `loraplus_lr_ratio` and A the rate itself; each tensor then steps
+as `torch.optim.AdamW` steps its parameter group, weight decay included.
+
 Clipping is `torch.nn.utils.clip_grad_norm_` per adapter, from one foreach norm over every
 gradient: the per-adapter total norms are summed on the device, so nothing waits for the host.
 """
@@ -26,6 +31,7 @@ class _AdapterState:
     params: list[torch.nn.Parameter]
     weight_decay: float
     max_grad_norm: float | None
+    lr_scales: list[float]  # per parameter: its learning rate over the adapter's
     step: int = 0
     exp_avg: list[torch.Tensor] = field(default_factory=list)
     exp_avg_sq: list[torch.Tensor] = field(default_factory=list)
@@ -37,8 +43,19 @@ class FleetAdamW:
         self.adapters: dict[str, _AdapterState] = {}
         self._clip_indices: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # per set of clipped adapters
 
-    def add(self, name: str, params: list[torch.nn.Parameter], weight_decay: float, max_grad_norm: float | None):
-        self.adapters[name] = _AdapterState(list(params), weight_decay, max_grad_norm)
+    def add(
+        self,
+        name: str,
+        params: list[torch.nn.Parameter],
+        weight_decay: float,
+        max_grad_norm: float | None,
+        lr_scales: list[float] | None = None,
+    ):
+        """Step `params` as one adapter; `lr_scales` (default all 1) multiply its learning rate per parameter."""
+        scales = list(lr_scales) if lr_scales is not None else [1.0] * len(params)
+        if len(scales) != len(params):
+            raise ValueError(f"adapter {name!r}: {len(scales)} learning-rate scales for {len(params)} parameters")
+        self.adapters[name] = _AdapterState(list(params), weight_decay, max_grad_norm, scales)
 
     def remove(self, name: str) -> None:
         self.adapters.pop(name, None)
@@ -63,13 +80,13 @@ class FleetAdamW:
                 state.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in state.params]
                 state.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in state.params]
             state.step += 1
-            lr, count = learning_rates[name], len(state.params)
+            rates, count = [learning_rates[name] * scale for scale in state.lr_scales], len(state.params)
             params += state.params
             grads += [p.grad for p in state.params]
             exp_avgs += state.exp_avg
             exp_avg_sqs += state.exp_avg_sq
-            decay += [1 - lr * state.weight_decay] * count
-            step_sizes += [-(lr / (1 - beta1**state.step))] * count
+            decay += [1 - lr * state.weight_decay for lr in rates]
+            step_sizes += [-(lr / (1 - beta1**state.step)) for lr in rates]
             corrections += [math.sqrt(1 - beta2**state.step)] * count
         if any(factor != 1 for factor in decay):
             torch._foreach_mul_(params, decay)
@@ -120,6 +137,17 @@ class FleetAdamW:
         state.step = saved["step"]
         state.exp_avg = [t.to(p.device) for t, p in zip(saved["exp_avg"], state.params, strict=True)]
         state.exp_avg_sq = [t.to(p.device) for t, p in zip(saved["exp_avg_sq"], state.params, strict=True)]
+
+
+def loraplus_scales(names: list[str], shapes: list[torch.Size], ratio: float | None) -> list[float]:
+    """Per parameter (named as `LoRAFleet.named_weights` names them), its learning rate over the
+    adapter's under LoRA+ as peft groups them: `ratio` for B matrices and 1-D parameters (DoRA's
+    magnitude vectors), 1 for A; all 1 without LoRA+."""
+    if ratio is None:
+        return [1.0] * len(names)
+    return [
+        ratio if name.endswith(".lora_B") or len(shape) == 1 else 1.0 for name, shape in zip(names, shapes, strict=True)
+    ]
 
 
 def _from_torch_adamw(saved: dict, count: int) -> dict:
