@@ -54,6 +54,7 @@ def test_unknown_key_is_an_error_with_a_suggestion():
         ({"name": "x", "data": "d", "variant": "vera"}, "variant 'vera' is not one of lora, dora"),
         ({"name": "x", "data": "d", "variant": "dora", "dropout": 0.05}, "variant: dora trains without dropout.*0.05"),
         ({"name": "x", "data": "d", "use_rslora": "yes"}, "use_rslora must be bool"),
+        ({"name": "x", "data": "d", "loraplus_lr_ratio": 0}, "loraplus_lr_ratio must be a finite number, positive"),
     ],
 )
 def test_bad_adapter_fields_are_named(adapter, message):

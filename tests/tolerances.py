@@ -40,8 +40,10 @@ def metric(weight_tolerance: float, parameters: int, gradient_norm: float) -> fl
 
 
 def fleet_weights(adapters) -> float:
-    """`trained_weights` for the largest learning rate and the most steps among `adapters` (AdapterSpecs)."""
-    return trained_weights(max(a.learning_rate for a in adapters), max(a.steps for a in adapters))
+    """`trained_weights` for the largest learning rate (LoRA+'s B rate included) and the most steps
+    among `adapters` (AdapterSpecs)."""
+    rates = [a.learning_rate * (getattr(a, "loraplus_lr_ratio", None) or 1) for a in adapters]
+    return trained_weights(max(rates), max(a.steps for a in adapters))
 
 
 def assert_same_weights(ours: dict, reference: dict, tolerance: float) -> float:

@@ -43,6 +43,7 @@ class AdapterSpec:
     dropout: float = 0.0
     variant: str = "lora"  # lora | dora (DoRA: LoRA plus a trained magnitude vector, as peft's use_dora)
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank) instead of alpha / rank
+    loraplus_lr_ratio: float | None = None  # LoRA+: B (and DoRA's magnitudes) at learning_rate x this
     target_modules: list[str] | str = field(default_factory=lambda: list(ALL_PROJECTIONS))
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
@@ -74,7 +75,8 @@ class AdapterSpec:
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"{where}: dropout must be in [0, 1), got {self.dropout}")
         self._validate_variant(where)
-        for name, minimum in (("learning_rate", None), ("alpha", None), ("weight_decay", 0.0), ("max_grad_norm", None)):
+        numbers = ("learning_rate", "alpha", "weight_decay", "max_grad_norm", "loraplus_lr_ratio")
+        for name, minimum in ((name, 0.0 if name == "weight_decay" else None) for name in numbers):
             value = getattr(self, name)
             if value is None:
                 continue

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
+from peft.optimizers import create_loraplus_optimizer
 from safetensors.torch import load_file
 from transformers import get_scheduler
 
@@ -105,7 +106,13 @@ def train_alone_with_peft(
     examples, _ = load_examples(spec.data, base)
     stream = ExampleStream(examples, spec.micro_batch_size, spec.seed, spec.shuffle)
     steps = total_optimizer_steps(spec, len(examples))
-    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    if spec.loraplus_lr_ratio:  # peft's LoRA+ groups: B and 1-D parameters at lr x ratio
+        optimizer = create_loraplus_optimizer(
+            model, torch.optim.AdamW, lr=spec.learning_rate, loraplus_lr_ratio=spec.loraplus_lr_ratio,
+            loraplus_weight_decay=spec.weight_decay,
+        )  # fmt: skip
+    else:
+        optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
     scheduler = get_scheduler(
         SCHEDULE_NAMES[spec.schedule], optimizer, num_warmup_steps=spec.warmup_steps, num_training_steps=steps
     )

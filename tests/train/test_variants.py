@@ -1,10 +1,10 @@
-"""LoRA variants trained in the fleet equal peft training each alone: DoRA and rsLoRA, each alone
-and mixed in one fleet with plain LoRA adapters — losses, gradient norms and saved weights in
-float64 (tests/tolerances.py), and the first step's gradients in float32; peft loads every saved
-adapter."""
+"""LoRA variants trained in the fleet equal peft training each alone: DoRA, rsLoRA and LoRA+ (peft's
+create_loraplus_optimizer), each alone and mixed in one fleet with plain LoRA adapters — losses and
+saved weights in float64 (tests/tolerances.py), and the first step's gradients in float32."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorafleet.config import AdapterSpec, FleetSpec
+from lorafleet.errors import ConfigError
 from lorafleet.train.trainer import train_fleet
 from tests import tolerances
 from tests.conftest import write_text_dataset
@@ -28,12 +29,14 @@ def variant_adapters(data) -> list[AdapterSpec]:
     return [
         AdapterSpec(name="dora", data=str(data[0]), variant="dora", rank=4, alpha=8, learning_rate=3e-3, grad_accum=2,
                     target_modules=["q_proj", "v_proj", "down_proj"], seed=1, **common),
-        AdapterSpec(name="rslora", data=str(data[1]), use_rslora=True, rank=8, alpha=8, learning_rate=2e-3,
+        AdapterSpec(name="rslora", data=str(data[1]), use_rslora=True, rank=8, alpha=8, learning_rate=1e-3,
+                    loraplus_lr_ratio=8, weight_decay=0.05,
                     target_modules=["o_proj", "up_proj", "q_proj"], seed=2, schedule="cosine", **common),
         AdapterSpec(name="plain", data=str(data[2]), rank=2, alpha=4, learning_rate=5e-3,
                     target_modules=["k_proj", "q_proj"], seed=3, schedule="constant", **common),
         AdapterSpec(name="rsdora", data=str(data[0]), variant="dora", use_rslora=True, rank=8, alpha=4,
-                    learning_rate=4e-3, target_modules=["gate_proj", "v_proj"], seed=4, shuffle=False, **common),
+                    learning_rate=2e-3, loraplus_lr_ratio=4, target_modules=["gate_proj", "v_proj"], seed=4,
+                    shuffle=False, **common),
     ]  # fmt: skip
 
 
@@ -70,7 +73,7 @@ def test_dora_rslora_and_plain_adapters_trained_together_match_peft_alone(tiny_l
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["dora", "rslora"])
+@pytest.mark.parametrize("name", ["dora", "rslora", "rsdora"])
 def test_each_variant_trained_alone_in_the_fleet_matches_peft(tiny_lm_dir, tmp_path, name):
     adapters = [a for a in variant_adapters(datasets(tmp_path)) if a.name == name]
     assert_trained_like_peft(tiny_lm_dir, adapters, tmp_path)
@@ -91,3 +94,15 @@ def test_first_fleet_step_gradients_of_a_mixed_fleet_equal_peft_in_float32(tiny_
             assert scale > 0 and math.isfinite(scale), f"{adapter.name} {key}: a zero gradient compares nothing"
             difference = (ours[adapter.name][key] - gradient).abs().max().item()
             assert difference <= tolerance * scale, f"{adapter.name} {key}: {difference / scale:.2e} of the largest"
+
+
+def test_continuing_an_adapter_as_another_variant_is_a_clear_error(tiny_lm_dir, tmp_path):
+    plain = AdapterSpec(name="plain", data=str(datasets(tmp_path)[0]), rank=2, steps=1)
+    first = train_fleet(
+        FleetSpec(base=str(tiny_lm_dir), output=str(tmp_path / "first"), adapters=[plain], checkpoint_every=0),
+        progress=False,
+    )
+    continued = dataclasses.replace(plain, variant="dora", init_from=str(first.adapters["plain"]))
+    spec = FleetSpec(base=str(tiny_lm_dir), output=str(tmp_path / "second"), adapters=[continued], checkpoint_every=0)
+    with pytest.raises(ConfigError, match="is a LoRA adapter with use_rslora: False; set variant: lora"):
+        train_fleet(spec, progress=False)

@@ -51,6 +51,7 @@ class AdapterJob:
         stream: ExampleStream,
         params: list[torch.nn.Parameter],
         optimizer: FleetAdamW,
+        lr_scales: list[float] | None = None,  # per parameter, e.g. LoRA+'s (optimizer.loraplus_scales)
     ) -> None:
         self.spec = spec
         self.objective = objective
@@ -58,7 +59,7 @@ class AdapterJob:
         self.params = params
         self.total_steps = total_optimizer_steps(spec, len(stream.examples))
         self.optimizer = optimizer  # the fleet's, shared: this job's state is the entry under its name
-        optimizer.add(spec.name, params, spec.weight_decay, spec.max_grad_norm)
+        optimizer.add(spec.name, params, spec.weight_decay, spec.max_grad_norm, lr_scales)
         self.scheduler = build_schedule(spec, self.total_steps)
         self.micro_step = 0
         self.optimizer_step = 0

@@ -40,7 +40,7 @@ from lorafleet.train.held_out import HeldOut
 from lorafleet.train.job import AdapterJob
 from lorafleet.train.loss import loss_dtype
 from lorafleet.train.objectives import objective_for
-from lorafleet.train.optimizer import FleetAdamW
+from lorafleet.train.optimizer import FleetAdamW, loraplus_scales
 from lorafleet.train.parallel import parallel_mode
 from lorafleet.train.progress import FleetResult, ProgressBars, step_record
 from lorafleet.train.provenance import TrainingProvenance
@@ -245,7 +245,15 @@ class FleetTrainer:
     def _start(self, spec: AdapterSpec) -> AdapterJob:
         objective = self.objectives[spec.name]
         if spec.init_from:
-            load_adapter(self.fleet, spec.name, spec.init_from, self.master_dtype)
+            loaded = load_adapter(self.fleet, spec.name, spec.init_from, self.master_dtype)
+            if (loaded.use_dora, loaded.use_rslora) != (spec.variant == "dora", spec.use_rslora):
+                self.fleet.remove_adapter(spec.name)
+                raise ConfigError(
+                    f"adapter {spec.name!r}: init_from {spec.init_from} is a "
+                    f"{'DoRA' if loaded.use_dora else 'LoRA'} adapter with use_rslora: {loaded.use_rslora}; "
+                    f"set variant: {'dora' if loaded.use_dora else 'lora'} and use_rslora: "
+                    f"{str(loaded.use_rslora).lower()} to continue it"
+                )
             if objective.reference_route is not None:  # reference: init, the same weights, frozen
                 load_adapter(self.fleet, objective.reference_route, spec.init_from, self.master_dtype)
                 for weight in self.fleet.parameters(objective.reference_route):
@@ -256,7 +264,9 @@ class FleetTrainer:
             )
             self.fleet.add_adapter(spec.name, shape, seed=spec.seed, dtype=self.master_dtype)
         stream = ExampleStream(self.examples[spec.name], spec.micro_batch_size, spec.seed, spec.shuffle)
-        job = AdapterJob(spec, objective, stream, self.fleet.parameters(spec.name), self.optimizer)
+        named = dict(self.fleet.named_weights(spec.name))
+        scales = loraplus_scales(list(named), [w.shape for w in named.values()], spec.loraplus_lr_ratio)
+        job = AdapterJob(spec, objective, stream, list(named.values()), self.optimizer, scales)
         self.active.append(job)
         if self.parallel.mail is not None:
             self.parallel.mail.note_started(spec.name)
