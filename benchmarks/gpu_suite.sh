@@ -69,6 +69,8 @@ row t-1.5b-4x1 70 $T --model $M15 --adapters 4 --seqs 1 --steps 8 --warmup 3 --j
 row serve-1.5b 90 $S --model $M15 --json $R/serve-1.5b.json $SA
 row t-7b-4x2 90 $T --model $M7 --adapters 4 --seqs 2 --steps 6 --warmup 3 --json $R/t-7b-4x2.json $TA
 row serve-1.5b-32-adapters 60 $S --model $M15 --adapters 32 --engine-only --json $R/serve-1.5b-32.json $SA
+row t-1.5b-2lora-2dora 70 $T --model $M15 --adapters 4 --dora 2 --seqs 1 --steps 8 --warmup 3 \
+    --json $R/t-1.5b-2lora-2dora.json $TA
 row t-7b-4x1 80 $T --model $M7 --adapters 4 --seqs 1 --steps 6 --warmup 3 --json $R/t-7b-4x1.json $TA
 row t-1.5b-mix-pad 45 $T --model $M15 --min-len 64 --seq-len 2048 --skip-peft --steps 6 --warmup 3 \
     --json $R/t-1.5b-mix-pad.json $TA

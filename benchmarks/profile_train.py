@@ -45,7 +45,7 @@ def main() -> None:
     base = build_base(args.model, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     workdir = tempfile.TemporaryDirectory()  # data and the trained adapters; removed after the run
     tmp = Path(workdir.name)
-    options = SimpleNamespace(rank=16, seqs=args.seqs, warmup=3, steps=7)
+    options = SimpleNamespace(rank=16, seqs=args.seqs, warmup=3, steps=7, dora=0)
     data = [write_data(tmp, f"a{i}", 64, args.seq_len, i) for i in range(args.adapters)]
     spec = FleetSpec(base=str(base.path), output=str(tmp / "out"), adapters=adapter_specs(options, data),
                      checkpoint_every=0, max_concurrent=args.adapters)  # fmt: skip

@@ -132,6 +132,7 @@ def adapter_specs(args, data: list[Path]) -> list[AdapterSpec]:
             steps=args.warmup + args.steps,
             seed=i,
             schedule="constant",
+            variant="dora" if i < args.dora else "lora",
         )
         for i, path in enumerate(data)
     ]
@@ -180,13 +181,13 @@ class KernelWatch:
 
 def run_fleet(args, base: FrozenBase, specs: list[AdapterSpec], output: Path) -> dict:
     """lorafleet: every adapter in each fleet step; timed after `warmup` steps."""
-    marks: list[tuple[float, int]] = []  # (time, tokens so far) after each fleet step
+    marks: list[tuple[float, int, float]] = []  # (time, tokens so far, process CPU time) after each fleet step
     watch = KernelWatch(base.device)
     watch.before_step(0)
 
     def mark(step: int) -> None:
         synchronize(base.device)
-        marks.append((time.perf_counter(), trainer.result.tokens))
+        marks.append((time.perf_counter(), trainer.result.tokens, time.process_time()))
         watch.after_step(step - 1)
         watch.before_step(step)
 
@@ -212,10 +213,14 @@ def run_fleet(args, base: FrozenBase, specs: list[AdapterSpec], output: Path) ->
     predicted = trainer.admission.predicted_memory(specs)
     trainer.run()
     # The last step also writes the finished adapters to disk: time up to the step before it.
-    (start, start_tokens), (end, end_tokens) = marks[args.warmup - 1], marks[-2]
+    (start, start_tokens, start_cpu), (end, end_tokens, end_cpu) = marks[args.warmup - 1], marks[-2]
+    timed_steps = len(marks) - 1 - args.warmup
     return {
         "tokens_per_s": (end_tokens - start_tokens) / (end - start),
         "seconds": end - start,
+        # CPU seconds this process spent per timed step (all its threads): on a shared CPU it moves
+        # far less with other work than wall time does
+        "cpu_ms_per_step": round(1000 * (end_cpu - start_cpu) / max(timed_steps, 1), 1),
         "step_ms": [round(1000 * (b[0] - a[0]), 1) for a, b in zip(marks, marks[1:], strict=False)],
         "predicted_peak_gib": predicted.total / 2**30,
         "predicted": {part: getattr(predicted, part) / 2**30 for part in PREDICTED_PARTS},
@@ -233,7 +238,9 @@ def run_peft_sequential(args, base: FrozenBase, specs: list[AdapterSpec]) -> dic
     watch = KernelWatch(base.device)
     for spec in specs:
         examples, _ = load_examples(spec.data, base)
-        config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(ALL_PROJECTIONS))
+        config = LoraConfig(
+            r=spec.rank, lora_alpha=spec.alpha, target_modules=list(ALL_PROJECTIONS), use_dora=spec.variant == "dora"
+        )
         model = get_peft_model(base.model, config)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=spec.learning_rate)
@@ -279,6 +286,7 @@ def main() -> None:
     parser.add_argument("--length-multiple", type=int, default=64, help="lorafleet pads lengths to a multiple of this")
     parser.add_argument("--compile", action="store_true", help="lorafleet compiles each decoder layer")
     parser.add_argument("--fused", action="store_true", help="lorafleet with the fused Triton LoRA kernels (CUDA)")
+    parser.add_argument("--dora", type=int, default=0, help="the first this many adapters are DoRA (peft: use_dora)")
     parser.add_argument("--skip-peft", action="store_true", help="measure lorafleet only (e.g. padding vs packing)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM)")
     parser.add_argument("--json", type=Path, help="also write the result here")
@@ -308,6 +316,7 @@ def main() -> None:
         "model": args.model,
         "adapters": args.adapters,
         "seqs_per_adapter": args.seqs,
+        "dora_adapters": args.dora,
         "seq_len": args.seq_len,
         "rank": args.rank,
         "steps": args.steps,

@@ -23,7 +23,8 @@ from tests.conftest import write_text_dataset
 from tests.train.test_loss import saved_bytes
 
 
-def small_model_with_adapters(rank: int, adapters: int, dtype: torch.dtype = torch.float32):
+def small_model_with_adapters(rank: int, adapters: int, dtype: torch.dtype = torch.float32, dora: int = 0):
+    """A three-layer Qwen2 with `adapters` LoRA adapters on every projection, the first `dora` of them DoRA."""
     config = Qwen2Config(
         hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=1024, attn_implementation="sdpa",
@@ -32,17 +33,20 @@ def small_model_with_adapters(rank: int, adapters: int, dtype: torch.dtype = tor
     fleet = LoRAFleet(model, "")
     targets = find_target_modules(model, "", list(ALL_PROJECTIONS))
     for index in range(adapters):
-        fleet.add_adapter(f"a{index}", LoRAShape(rank, 2 * rank, 0.0, targets), seed=index)
+        shape = LoRAShape(rank, 2 * rank, 0.0, targets, use_dora=index < dora)
+        fleet.add_adapter(f"a{index}", shape, seed=index)
     return model, fleet, targets
 
 
+@pytest.mark.parametrize("dora", [0, 2], ids=["lora", "half-dora"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["kept", "recomputed"])
-def test_predicted_activations_match_what_autograd_keeps(checkpointing, dtype):
+def test_predicted_activations_match_what_autograd_keeps(checkpointing, dtype, dora):
     """Everything autograd keeps in a fleet step (the base's own weights aside: they are resident
-    anyway) against the activation and adapter-copy terms of the prediction."""
+    anyway) against the activation and adapter-copy terms of the prediction; with DoRA adapters
+    in the step too."""
     rank, rows, length = 16, 4, 256
-    model, fleet, targets = small_model_with_adapters(rank, rows, dtype)
+    model, fleet, targets = small_model_with_adapters(rank, rows, dtype, dora)
     if checkpointing:
         checkpoint_decoder_layers(model.model)
     ids = torch.randint(0, 1024, (rows, length), generator=torch.Generator().manual_seed(0))
@@ -59,7 +63,8 @@ def test_predicted_activations_match_what_autograd_keeps(checkpointing, dtype):
     measured = saved_bytes(step, exclude=resident)
     shape = memory.model_shape(model)
     parameters = memory.lora_parameters(model, targets, rank)
-    loads = [memory.AdapterLoad(f"a{i}", rank, parameters, 1, length) for i in range(rows)]
+    outputs = memory.output_features(model, targets)
+    loads = [memory.AdapterLoad(f"a{i}", rank, parameters, 1, length, outputs if i < dora else 0) for i in range(rows)]
     size = dtype.itemsize
     predicted = memory.estimate(shape, loads, dtype_bytes=size, activation_checkpointing=checkpointing)
     copies = rows * parameters * size  # the compute-dtype adapter weights the batched path keeps
@@ -74,9 +79,9 @@ def test_predicted_activations_match_what_autograd_keeps(checkpointing, dtype):
 
 
 def test_lora_parameter_count_matches_the_adapter():
-    model, fleet, targets = small_model_with_adapters(rank=8, adapters=1)
-    counted = sum(p.numel() for p in fleet.parameters("a0"))
-    assert memory.lora_parameters(model, targets, 8) == counted
+    model, fleet, targets = small_model_with_adapters(rank=8, adapters=2, dora=1)
+    assert memory.lora_parameters(model, targets, 8) == sum(p.numel() for p in fleet.parameters("a1"))
+    assert memory.lora_parameters(model, targets, 8, dora=True) == sum(p.numel() for p in fleet.parameters("a0"))
 
 
 def fleet_spec(base, tmp_path, data, **options):
@@ -164,3 +169,19 @@ def test_plan_predicts_each_mode_on_more_gpus(tiny_lm_dir, tmp_path):
     assert option["fsdp2", 2].traffic > option["data", 2].traffic
     assert option["adapter", 4].speedup == pytest.approx(3.0, rel=0.3)  # three adapters: one per GPU at best
     assert gpus_needed(plan, "data") == 1
+
+
+def test_plan_counts_a_dora_adapters_magnitudes_and_the_activations_its_rescale_keeps(tiny_lm_dir, tmp_path):
+    from lorafleet.train.plan import plan_fleet
+
+    data = write_text_dataset(tmp_path / "d.jsonl", n=8, seed=0)
+    adapters = [AdapterSpec(name=name, data=str(data), rank=8, variant=name) for name in ("lora", "dora")]
+    plan = plan_fleet(FleetSpec(base=str(tiny_lm_dir), output=str(tmp_path / "out"), adapters=adapters))
+    lora, dora = plan.alone["lora"], plan.alone["dora"]
+    loads = plan.loads
+    assert loads["lora"].dora_outputs == 0 and loads["dora"].dora_outputs > 0
+    magnitudes = loads["dora"].lora_parameters - loads["lora"].lora_parameters
+    assert magnitudes == loads["dora"].dora_outputs  # one magnitude per output feature of every target
+    assert dora.adapter_state - lora.adapter_state == magnitudes * (memory.ADAPTER_STATE_BYTES + 4)
+    tokens = loads["dora"].rows * loads["dora"].longest
+    assert dora.activations - lora.activations == tokens * loads["dora"].dora_outputs * 4  # fp32 on CPU

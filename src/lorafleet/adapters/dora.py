@@ -70,7 +70,7 @@ def weight_norms(weight: torch.Tensor, row_norms_sq: torch.Tensor, adapters: lis
         scalings = a.new_tensor([w.scaling for w in adapters])[:, None]  # (K, 1)
         # W·Aᵀ in the base's dtype (the compute dtype), the sums in the adapters' dtype
         projected = F.linear(a.flatten(0, 1).to(weight.dtype), weight).to(a.dtype)  # (K·r, out)
-        projected = projected.view(len(adapters), rank, -1).mT  # (K, out, r)
+        projected = projected.view(len(adapters), rank, -1).mT.contiguous()  # (K, out, r), summed along r
         cross = (b * projected).sum(-1)
         quadratic = (torch.bmm(b, torch.bmm(a, a.mT)) * b).sum(-1)
         squared = row_norms_sq + 2 * scalings * cross + scalings.square() * quadratic
@@ -90,12 +90,28 @@ def scale_table(magnitudes: list[torch.Tensor], norms: torch.Tensor) -> torch.Te
 
 
 def rescale_rows(result: torch.Tensor, bias: torch.Tensor | None, delta: torch.Tensor, scale: torch.Tensor):
-    """y = result + (g - 1)·(result - b) + g·delta, g the row's scale broadcast over its tokens.
+    """y = result + (g - 1)·(result - b) + g·delta for (rows, tokens, out) result and delta and
+    (rows, 1, out) scale g: each row its own adapter's g, broadcast over its tokens.
 
-    Rows whose g is 1 get result + delta exactly (their (g - 1) term is an exact 0)."""
+    Rows whose g is 1 get result + delta exactly (their (g - 1) term is an exact 0). Backward
+    keeps one (rows, tokens, out) tensor, result - b + delta (what g's gradient needs), where
+    autograd would keep two."""
     scale = scale.to(result.dtype)
-    linear = result if bias is None else result - bias.to(result.dtype)
-    return result + (scale - 1) * linear + scale * delta.to(result.dtype)
+    return _RowRescale.apply(result, None if bias is None else bias.to(result.dtype), delta.to(result.dtype), scale)
+
+
+class _RowRescale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, result, bias, delta, scale):
+        linear = result if bias is None else result - bias
+        ctx.save_for_backward(scale, linear + delta)
+        return result + (scale - 1) * linear + scale * delta
+
+    @staticmethod
+    def backward(ctx, grad):
+        scale, combined = ctx.saved_tensors
+        through = grad * scale  # dy/d(result) = dy/d(delta) = g
+        return through, None, through, (grad * combined).sum(dim=1, keepdim=True)
 
 
 def _pad(weight: torch.Tensor, rank: int, dim: int) -> torch.Tensor:

@@ -177,7 +177,8 @@ class MultiLoRALinear(nn.Module):
     def _rescaled(self, result: torch.Tensor, delta: torch.Tensor, segments: tuple[Segment, ...]) -> torch.Tensor:
         """The output with each DoRA adapter's rows rescaled by its m / ||W + s·B·A|| (dora.py);
         every other row is result + delta exactly."""
-        names, row_index = self._dora_rows(segments, result.device)
+        dtype = next(iter(self.lora_magnitude_vector.values())).weight.dtype  # the masters'
+        names, row_choice = self._dora_rows(segments, result.device, dtype)
         weights = [self._weights[name] for name in names]
         if torch.is_grad_enabled() and any(batched.dropout_probability(w.dropout) for w in weights):
             raise AdapterError(
@@ -185,22 +186,27 @@ class MultiLoRALinear(nn.Module):
                 "lorafleet does not; train DoRA adapters with dropout: 0"
             )
         table = dora.scale_table([w.magnitude for w in weights], self._dora_weight_norms(names, weights))
-        scale = table.index_select(0, row_index)[:, None, :]  # (rows, 1, out): each row its own adapter's
-        by_row = (row_index.shape[0], -1, result.shape[-1])
+        # (rows, 1, out): each row its own adapter's; a one-hot matmul, whose backward is another
+        # (a gather's backward scatters, with atomics on a GPU and slowly on a CPU)
+        scale = (row_choice @ table)[:, None, :]
+        by_row = (row_choice.shape[0], -1, result.shape[-1])
         out = dora.rescale_rows(result.view(by_row), self.base_layer.bias, delta.view(by_row), scale)
         return out.view(result.shape)
 
-    def _dora_rows(self, segments: tuple[Segment, ...], device: torch.device) -> tuple[tuple[str, ...], torch.Tensor]:
-        """The DoRA adapters routed here and, per row (per token when routing by token), the row of
-        `dora.scale_table` it takes: its adapter's position, or the last row (scale 1). Built once
-        per routing and shared by every layer carrying the same DoRA adapters."""
+    def _dora_rows(
+        self, segments: tuple[Segment, ...], device: torch.device, dtype: torch.dtype
+    ) -> tuple[tuple[str, ...], torch.Tensor]:
+        """The DoRA adapters routed here and, per row (per token when routing by token), which row
+        of `dora.scale_table` it takes, one-hot (rows, K + 1): its adapter's, or the last (scale 1).
+        Built once per routing and shared by every layer carrying the same DoRA adapters."""
         names = tuple(dict.fromkeys(s.adapter for s in segments if s.adapter in self.lora_magnitude_vector))
-        key = ("dora", names, device)
+        key = ("dora", names, device, dtype)
         cache = self.routing.step_cache
         if key not in cache:
             index = [names.index(s.adapter) if s.adapter in names else len(names) for s in segments]
             lengths = [s.end - s.start for s in segments]
-            cache[key] = names, torch.repeat_interleave(torch.tensor(index), torch.tensor(lengths)).to(device)
+            rows = torch.repeat_interleave(torch.tensor(index), torch.tensor(lengths))
+            cache[key] = names, torch.nn.functional.one_hot(rows, len(names) + 1).to(device=device, dtype=dtype)
         return cache[key]
 
     def _dora_weight_norms(self, names: tuple[str, ...], weights: list[LoRAWeights]) -> torch.Tensor:

@@ -91,13 +91,14 @@ class Admission:
         """What `spec` adds to a fleet step, for the memory model (computed once per adapter)."""
         if spec.name not in self.loads:
             if spec.init_from:
-                rank, parameters = adapter_file_size(spec.init_from)
+                rank, parameters, dora_outputs = adapter_file_size(spec.init_from)
             else:
-                rank = spec.rank
-                parameters = memory.lora_parameters(self.base.model, self.targets[spec.name], rank)
+                rank, dora = spec.rank, spec.variant == "dora"
+                parameters = memory.lora_parameters(self.base.model, self.targets[spec.name], rank, dora)
+                dora_outputs = memory.output_features(self.base.model, self.targets[spec.name]) if dora else 0
             objective, items = objective_for(spec), self.examples[spec.name]
             rows, longest = objective.rows_per_micro_batch, objective.longest(items)
-            self.loads[spec.name] = memory.AdapterLoad(spec.name, rank, parameters, rows, longest)
+            self.loads[spec.name] = memory.AdapterLoad(spec.name, rank, parameters, rows, longest, dora_outputs)
         return self.loads[spec.name]
 
     def work(self, spec: AdapterSpec) -> float:
@@ -141,12 +142,14 @@ def target_modules(base: FrozenBase, spec: AdapterSpec) -> tuple[str, ...]:
         raise AdapterError(f"adapter {spec.name!r}: {err}") from err
 
 
-def adapter_file_size(directory: str | Path) -> tuple[int, int]:
-    """(rank, parameters) of a saved PEFT adapter, read from its files without loading weights."""
+def adapter_file_size(directory: str | Path) -> tuple[int, int, int]:
+    """(rank, parameters, DoRA output features) of a saved PEFT adapter, read from its files
+    without loading weights (the last: its magnitude vectors' length, 0 for LoRA)."""
     from safetensors import safe_open
 
     directory = Path(directory)
     rank = json.loads((directory / "adapter_config.json").read_text())["r"]
     with safe_open(directory / "adapter_model.safetensors", "pt") as tensors:
-        parameters = sum(math.prod(tensors.get_slice(key).get_shape()) for key in tensors.keys())
-    return rank, parameters
+        sizes = {key: math.prod(tensors.get_slice(key).get_shape()) for key in tensors.keys()}
+    magnitudes = sum(size for key, size in sizes.items() if key.endswith("lora_magnitude_vector"))
+    return rank, sum(sizes.values()), magnitudes

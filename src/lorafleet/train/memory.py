@@ -6,7 +6,8 @@ anything is loaded. The model is analytic; its terms, per fleet step:
 
 - weights: every parameter and buffer of the base (vision tower included) as held in memory
   (int8/int4/NF4 weights at their stored size);
-- adapter state: fp32 LoRA weights, their gradients and AdamW's two moments (16 bytes/parameter),
+- adapter state: fp32 LoRA weights (DoRA's magnitude vectors included), their gradients and
+  AdamW's two moments (16 bytes/parameter),
   plus the compute-dtype copy of every adapter's weights that the batched LoRA path
   (adapters/batched.py) keeps for backward;
 - activations kept for backward, per token and decoder layer, for a Qwen2/Llama-style layer with
@@ -18,8 +19,11 @@ anything is loaded. The model is analytic; its terms, per fleet step:
   per adapter: packing, unequal micro-batches); in fp32 the two RMSNorm inputs (transformers
   normalises in fp32), their reciprocal RMS and attention's log-sum-exp per head:
   dtype·(2·hidden + 2·q_width + 2·kv_width + 4·intermediate + 7·r) + 4·(2·hidden + heads + 2)
-  bytes. With activation checkpointing only each layer's input is kept, plus one layer's
-  activations while it is recomputed;
+  bytes. A step with DoRA adapters also keeps, for every token and every projection a DoRA
+  adapter targets, one output-wide tensor in the compute dtype (adapters/dora.py: what the
+  magnitude's gradient needs; the rescale runs over all the step's rows). With activation
+  checkpointing only each layer's input is kept, plus one layer's activations while it is
+  recomputed;
 - the loss: the final norm's fp32 input and the hidden states, and chunks of logits (chunked
   loss) or the full tokens × vocabulary logits in the compute dtype, their fp32 copy and its
   gradient;
@@ -81,6 +85,7 @@ class AdapterLoad:
     lora_parameters: int
     rows: int  # sequences per step (micro-batch size)
     longest: int  # tokens of its longest sequence
+    dora_outputs: int = 0  # DoRA: output features of the projections it targets, over all layers
 
 
 @dataclass
@@ -101,11 +106,19 @@ class MemoryEstimate:
         return f"{self.total / GIB:.2f} GiB ({detail})"
 
 
-def activation_bytes_per_token(shape: ModelShape, features: int, dtype_bytes: int) -> int:
+def activation_bytes_per_token(shape: ModelShape, features: int, dtype_bytes: int, dora_outputs: int = 0) -> int:
     """Bytes autograd keeps per token and decoder layer, with `features` LoRA features per
-    projection and token (see the module docstring)."""
+    projection and token and `dora_outputs` output features rescaled by DoRA adapters in the
+    layer (see the module docstring)."""
     compute = 2 * shape.hidden + 2 * shape.q_width + 2 * shape.kv_width + 4 * shape.intermediate + 7 * features
-    return dtype_bytes * compute + 4 * (2 * shape.hidden + shape.heads + 2)
+    return dtype_bytes * (compute + dora_outputs) + 4 * (2 * shape.hidden + shape.heads + 2)
+
+
+def dora_outputs_per_layer(shape: ModelShape, loads: Sequence[AdapterLoad]) -> int:
+    """Output features per layer that the step's DoRA adapters rescale: their targets' widths
+    summed (an overcount where two target the same projection), at most every projection's."""
+    every_projection = shape.q_width + 2 * shape.kv_width + 2 * shape.hidden + 2 * shape.intermediate
+    return min(sum(load.dora_outputs for load in loads) // max(shape.layers, 1), every_projection)
 
 
 def lora_features(loads: Sequence[AdapterLoad], packing: bool) -> int:
@@ -134,7 +147,9 @@ def estimate(
     activation_checkpointing: bool = False,
 ) -> MemoryEstimate:
     tokens = step_tokens(loads, packing)
-    per_layer = activation_bytes_per_token(shape, lora_features(loads, packing), dtype_bytes)
+    per_layer = activation_bytes_per_token(
+        shape, lora_features(loads, packing), dtype_bytes, dora_outputs_per_layer(shape, loads)
+    )
     if activation_checkpointing:
         activations = tokens * (shape.layers * shape.hidden * dtype_bytes + per_layer)
     else:
@@ -161,14 +176,22 @@ def model_shape(model: torch.nn.Module) -> ModelShape:
     return ModelShape.from_config(model.config, parameters, sum(t.numel() * t.element_size() for t in tensors))
 
 
-def lora_parameters(model: torch.nn.Module, targets: Sequence[str], rank: int) -> int:
-    """Parameters of a rank-`rank` LoRA adapter on the named Linear modules of `model`."""
-    total = 0
-    for name in targets:
-        module = model.get_submodule(name)
-        base = getattr(module, "base_layer", module)
-        total += rank * (base.in_features + base.out_features)
-    return total
+def lora_parameters(model: torch.nn.Module, targets: Sequence[str], rank: int, dora: bool = False) -> int:
+    """Parameters of a rank-`rank` LoRA adapter on the named Linear modules of `model` (with
+    `dora`, its magnitude vectors too)."""
+    return sum(rank * (b.in_features + b.out_features) for b in _bases(model, targets)) + (
+        output_features(model, targets) if dora else 0
+    )
+
+
+def output_features(model: torch.nn.Module, targets: Sequence[str]) -> int:
+    """The named Linear modules' output features, summed: a DoRA adapter's magnitudes, and the
+    widths its rescale keeps for backward per token."""
+    return sum(base.out_features for base in _bases(model, targets))
+
+
+def _bases(model: torch.nn.Module, targets: Sequence[str]) -> list[torch.nn.Module]:
+    return [getattr(model.get_submodule(name), "base_layer", model.get_submodule(name)) for name in targets]
 
 
 def default_budget(device: torch.device) -> int | None:
