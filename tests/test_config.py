@@ -55,6 +55,9 @@ def test_unknown_key_is_an_error_with_a_suggestion():
         ({"name": "x", "data": "d", "variant": "dora", "dropout": 0.05}, "variant: dora trains without dropout.*0.05"),
         ({"name": "x", "data": "d", "use_rslora": "yes"}, "use_rslora must be bool"),
         ({"name": "x", "data": "d", "loraplus_lr_ratio": 0}, "loraplus_lr_ratio must be a finite number, positive"),
+        ({"name": "x", "data": "d", "init": "svd"}, "init 'svd' is not one of kaiming, gaussian, pissa, olora"),
+        ({"name": "x", "data": "d", "init": "pissa", "variant": "dora"}, "init: pissa with variant: dora is not"),
+        ({"name": "x", "data": "d", "init": "olora", "init_from": "a"}, "init sets how a new adapter starts"),
     ],
 )
 def test_bad_adapter_fields_are_named(adapter, message):

@@ -30,6 +30,7 @@ REFERENCES = ("base", "init")
 MPO_LOSS_WEIGHTS = (0.8, 0.2, 1.0)
 PARALLEL_MODES = ("adapter", "data")
 VARIANTS = ("lora", "dora")  # dora: weight-decomposed LoRA (a trained magnitude per output feature)
+INITS = ("kaiming", "gaussian", "pissa", "olora")  # how a new adapter's A and B start (adapters/initial.py)
 
 
 @dataclass
@@ -44,6 +45,7 @@ class AdapterSpec:
     variant: str = "lora"  # lora | dora (DoRA: LoRA plus a trained magnitude vector, as peft's use_dora)
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank) instead of alpha / rank
     loraplus_lr_ratio: float | None = None  # LoRA+: B (and DoRA's magnitudes) at learning_rate x this
+    init: str = "kaiming"  # kaiming | gaussian (A random, B zero) | pissa | olora (both from the base's weight)
     target_modules: list[str] | str = field(default_factory=lambda: list(ALL_PROJECTIONS))
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
@@ -100,6 +102,12 @@ class AdapterSpec:
     def _validate_variant(self, where: str) -> None:
         if self.variant not in VARIANTS:
             raise ConfigError(f"{where}: variant {self.variant!r} is not one of {', '.join(VARIANTS)}")
+        if self.init not in INITS:
+            raise ConfigError(f"{where}: init {self.init!r} is not one of {', '.join(INITS)}")
+        if self.init in ("pissa", "olora") and self.variant == "dora":
+            raise ConfigError(f"{where}: init: {self.init} with variant: dora is not supported yet; use one of them")
+        if self.init != "kaiming" and self.init_from:
+            raise ConfigError(f"{where}: init sets how a new adapter starts; init_from continues one: give one of them")
         if self.variant == "dora" and self.dropout:
             raise ConfigError(
                 f"{where}: variant: dora trains without dropout in lorafleet (peft would apply it to DoRA's "

@@ -13,18 +13,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.optimizers import create_loraplus_optimizer
 from safetensors.torch import load_file
 from transformers import get_scheduler
 
 from lorafleet.adapters.fleet import LoRAFleet, LoRAShape, find_target_modules
-from lorafleet.adapters.peft_io import save_adapter
+from lorafleet.adapters.peft_io import peft_target_modules, save_adapter
 from lorafleet.config import AdapterSpec, FleetSpec
 from lorafleet.data.batch import collate
 from lorafleet.data.dataset import load_examples
 from lorafleet.data.encode import IGNORE_INDEX
 from lorafleet.data.stream import ExampleStream
+from lorafleet.models.hf_compat import norms_in_float64
 from lorafleet.models.loading import load_base
 from lorafleet.train.job import total_optimizer_steps
 from lorafleet.train.trainer import FleetTrainer, train_fleet
@@ -101,7 +102,12 @@ def train_alone_with_peft(
     init_fleet.add_adapter(spec.name, initial_shape(spec, targets), seed=spec.seed, dtype=init_dtype)
     init_dir = save_adapter(init_fleet, spec.name, workdir / f"init-{spec.name}", model_dir)
 
-    model = PeftModel.from_pretrained(base.model, init_dir, is_trainable=True)
+    conversion = None  # PiSSA / OLoRA: where peft keeps the initial adapter its save converts against
+    if spec.init in ("pissa", "olora"):
+        conversion = workdir / f"peft-init-{spec.name}"
+        model = peft_from_the_base(model_dir, spec, targets, base, conversion)
+    else:
+        model = PeftModel.from_pretrained(base.model, init_dir, is_trainable=True)
     params = [p for p in model.parameters() if p.requires_grad]
     examples, _ = load_examples(spec.data, base)
     stream = ExampleStream(examples, spec.micro_batch_size, spec.seed, spec.shuffle)
@@ -132,13 +138,40 @@ def train_alone_with_peft(
         scheduler.step()
         optimizer.zero_grad()
     out = workdir / f"peft-{spec.name}"
-    model.save_pretrained(out)
+    model.save_pretrained(out, path_initial_model_for_weight_conversion=conversion and str(conversion))
     return load_file(out / "adapter_model.safetensors")
+
+
+def peft_from_the_base(model_dir: Path, spec: AdapterSpec, targets, base, conversion: Path) -> PeftModel:
+    """peft's own PiSSA / OLoRA start for `spec` on `base` (modified in place): the factors from a
+    float32 copy of the base (peft decomposes in float32 and refuses float64), then in `base`'s
+    dtype with the residual W - s·B0·A0 recomputed there, so that a float64 reference is exact;
+    the initial adapter is saved to `conversion` first, as peft's conversion on save needs it."""
+    config = LoraConfig(
+        r=spec.rank, lora_alpha=spec.alpha, use_rslora=spec.use_rslora, init_lora_weights=spec.init,
+        target_modules=peft_target_modules(targets, base.language_prefix),
+    )  # fmt: skip
+    model = get_peft_model(load_base(model_dir, device="cpu").model, config)
+    model.peft_config["default"].init_lora_weights = True  # what peft's docs say to save the start with
+    model.save_pretrained(conversion)
+    model.peft_config["default"].init_lora_weights = spec.init
+    model = model.to(base.dtype)
+    norms_in_float64(model)  # as load_base makes a float64 model's norms compute
+    with torch.no_grad():
+        for target in targets:
+            layer = model.base_model.model.get_submodule(target)
+            start = layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+            original = base.model.get_submodule(target).weight
+            layer.base_layer.weight.copy_(original - layer.scaling["default"] * start)
+    model.base_model.model.requires_grad_(False)
+    for name, param in model.named_parameters():
+        param.requires_grad_(".lora_" in name)
+    return model
 
 
 def initial_shape(spec: AdapterSpec, targets: tuple[str, ...]) -> LoRAShape:
     """The shape the trainer gives `spec`'s adapter (its variant included), without dropout."""
-    return LoRAShape(spec.rank, spec.alpha, 0.0, targets, spec.use_rslora, spec.variant == "dora")
+    return LoRAShape(spec.rank, spec.alpha, 0.0, targets, spec.use_rslora, spec.variant == "dora", spec.init)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

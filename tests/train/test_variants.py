@@ -5,6 +5,7 @@ saved weights in float64 (tests/tolerances.py), and the first step's gradients i
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -106,3 +107,20 @@ def test_continuing_an_adapter_as_another_variant_is_a_clear_error(tiny_lm_dir, 
     spec = FleetSpec(base=str(tiny_lm_dir), output=str(tmp_path / "second"), adapters=[continued], checkpoint_every=0)
     with pytest.raises(ConfigError, match="is a LoRA adapter with use_rslora: False; set variant: lora"):
         train_fleet(spec, progress=False)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_adapter_started_from_the_base_trains_beside_plain_ones_as_peft_trains_it_on_its_residual(
+    tiny_lm_dir, tmp_path, init
+):
+    """peft trains a PiSSA / OLoRA adapter on the residual base W - s·B0·A0 and converts it to a
+    plain LoRA of twice the rank on save; the fleet keeps W for the plain adapter beside it and
+    saves the same converted adapter."""
+    data = datasets(tmp_path)
+    started = AdapterSpec(name="started", data=str(data[0]), init=init, rank=4, alpha=8, learning_rate=2e-3,
+                          micro_batch_size=2, steps=6, target_modules=["q_proj", "down_proj"], seed=1)  # fmt: skip
+    plain = AdapterSpec(name="plain", data=str(data[1]), rank=2, alpha=4, learning_rate=5e-3, micro_batch_size=2,
+                        steps=6, target_modules=["q_proj", "v_proj"], seed=2)  # fmt: skip
+    assert_trained_like_peft(tiny_lm_dir, [started, plain], tmp_path)
+    saved = json.loads((tmp_path / "fleet" / "adapters" / "started" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"], saved["init_lora_weights"]) == (8, 16, True)

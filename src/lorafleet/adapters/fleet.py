@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lorafleet.adapters.initial import FROM_THE_BASE
 from lorafleet.adapters.layer import MultiLoRALinear, Routing
 from lorafleet.errors import AdapterError
 from lorafleet.models.quantized import QuantizedLinear
@@ -31,6 +32,12 @@ class LoRAShape:
     modules: tuple[str, ...]  # full module names in the base model, e.g. model.layers.0.self_attn.q_proj
     use_rslora: bool = False  # scaling alpha / sqrt(rank) instead of alpha / rank
     use_dora: bool = False  # DoRA: a trained magnitude vector per module (adapters/dora.py)
+    init: str = "kaiming"  # kaiming | gaussian | pissa | olora (adapters/initial.py)
+
+    @property
+    def saved_rank(self) -> int:
+        """The rank of the PEFT adapter it saves as: PiSSA / OLoRA save as a plain LoRA of twice the rank."""
+        return 2 * self.rank if self.init in FROM_THE_BASE else self.rank
 
 
 def find_target_modules(model: nn.Module, language_prefix: str, target_modules: Sequence[str] | str) -> tuple[str, ...]:
@@ -85,7 +92,15 @@ class LoRAFleet:
         self._assign_slot(name)
         for module_name in shape.modules:
             self._wrapped(module_name).add_adapter(
-                name, shape.rank, shape.alpha, shape.dropout, generator, dtype, shape.use_rslora, shape.use_dora
+                name,
+                shape.rank,
+                shape.alpha,
+                shape.dropout,
+                generator,
+                dtype,
+                shape.use_rslora,
+                shape.use_dora,
+                shape.init,
             )
         self.shapes[name] = shape
 
@@ -114,6 +129,17 @@ class LoRAFleet:
             yield f"{module_name}.lora_B", layer.lora_B[name].weight
             if name in layer.lora_magnitude_vector:
                 yield f"{module_name}.lora_magnitude_vector", layer.lora_magnitude_vector[name].weight
+
+    def saved_weights(self, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """`named_weights` as the adapter saves: for PiSSA / OLoRA the plain LoRA [A; A0], [B, -B0]
+        that applies to the unchanged base (adapters/initial.py), else the weights themselves."""
+        for module_name in self.shapes[name].modules:
+            layer = self._wrapped(module_name)
+            weights = layer.adapter_weights()[name]
+            yield f"{module_name}.lora_A", weights.lora_A.weight
+            yield f"{module_name}.lora_B", weights.lora_B.weight
+            if weights.magnitude is not None:
+                yield f"{module_name}.lora_magnitude_vector", weights.magnitude
 
     @contextmanager
     def route(self, segments: Sequence[Segment], by_token: bool = False) -> Iterator[None]:

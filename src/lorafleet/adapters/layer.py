@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from lorafleet.adapters import batched, dora
+from lorafleet.adapters import batched, dora, initial
 from lorafleet.adapters.reference import LoRAWeights, lora_delta_stacked, slot_feature_mask
 from lorafleet.errors import AdapterError
 from lorafleet.segments import Segment
@@ -78,6 +78,7 @@ class MultiLoRALinear(nn.Module):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
+        self.lora_initial = nn.ModuleDict()  # PiSSA / OLoRA adapters only: their frozen start
         self.scaling: dict[str, float] = {}
         self.routing = routing
         self._weights: dict[str, LoRAWeights] = {}  # rebuilt on add/remove: forward runs per token
@@ -108,31 +109,38 @@ class MultiLoRALinear(nn.Module):
         dtype: torch.dtype = torch.float32,
         use_rslora: bool = False,
         use_dora: bool = False,
+        init: str = "kaiming",
     ) -> None:
-        """Attach adapter `name`: A as peft initialises it (Kaiming uniform), B zero; scaled
-        alpha / rank, or alpha / sqrt(rank) with rsLoRA; with DoRA a magnitude vector
-        initialised, as peft does, to the norms of W + s·B·A (of W, B being zero)."""
+        """Attach adapter `name`, scaled alpha / rank (alpha / sqrt(rank) with rsLoRA), initialised
+        as peft does: A Kaiming-uniform (`init: gaussian`: normal, std 1 / rank) and B zero, or
+        with PiSSA / OLoRA both from the base's weight, kept apart from it (initial.py); with DoRA
+        a magnitude vector set to the norms of W + s·B·A."""
         device = self.base_layer.weight.device
         lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
         lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
+        self.scaling[name] = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         with torch.no_grad():
-            bound = 1 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) as in nn.Linear / peft
-            lora_A.weight.copy_(torch.rand(lora_A.weight.shape, generator=generator) * 2 * bound - bound)
-            lora_B.weight.zero_()
+            if init in initial.FROM_THE_BASE:
+                a0, b0 = initial.principal_factors(dora.dense_weight(self.base_layer), rank, self.scaling[name], init)
+                lora_A.weight.copy_(a0)
+                lora_B.weight.copy_(b0)
+                self.lora_initial[name] = initial.Initial(a0.to(device, dtype), b0.to(device, dtype))
+            else:
+                lora_A.weight.copy_(_initial_a(lora_A.weight.shape, init, generator))
+                lora_B.weight.zero_()
         self.lora_A[name] = lora_A
         self.lora_B[name] = lora_B
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.scaling[name] = alpha / math.sqrt(rank) if use_rslora else alpha / rank
-        if use_dora:
-            weights = LoRAWeights(lora_A, lora_B, self.lora_dropout[name], self.scaling[name])
-            self.lora_magnitude_vector[name] = dora.Magnitude(self._norms_reference(weights))
         self._weights = self._collect_weights()
+        if use_dora:
+            self.lora_magnitude_vector[name] = dora.Magnitude(self._norms_reference(self._weights[name]))
+            self._weights = self._collect_weights()
 
     def _norms_reference(self, weights: LoRAWeights) -> torch.Tensor:
         return dora.weight_norm_reference(dora.dense_weight(self.base_layer), weights)
 
     def remove_adapter(self, name: str) -> None:
-        for table in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
+        for table in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector, self.lora_initial):
             if name in table:
                 del table[name]
         self.scaling.pop(name, None)
@@ -144,14 +152,21 @@ class MultiLoRALinear(nn.Module):
     def _collect_weights(self) -> dict[str, LoRAWeights]:
         return {
             name: LoRAWeights(
-                self.lora_A[name],
-                self.lora_B[name],
+                *self._factors(name),
                 self.lora_dropout[name],
                 self.scaling[name],
                 self.lora_magnitude_vector[name].weight if name in self.lora_magnitude_vector else None,
             )
             for name in self.lora_A
         }
+
+    def _factors(self, name: str) -> tuple:
+        """A and B as the maths uses them: the trained ones, or with an initial part kept apart
+        from the base (PiSSA, OLoRA: initial.Combined)."""
+        if name not in self.lora_initial:
+            return self.lora_A[name], self.lora_B[name]
+        kept = self.lora_initial[name]
+        return initial.Combined(self.lora_A[name], kept, "lora_A"), initial.Combined(self.lora_B[name], kept, "lora_B")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
@@ -218,7 +233,7 @@ class MultiLoRALinear(nn.Module):
             self._base_norms = dora.row_norms_squared(weight, dtype)
         if torch.is_grad_enabled():
             return dora.weight_norms(weight, self._base_norms, weights)
-        versions = tuple((p.data_ptr(), p._version) for w in weights for p in (w.lora_A.weight, w.lora_B.weight))
+        versions = tuple(initial.weight_version(f) for w in weights for f in (w.lora_A, w.lora_B))
         key = (names, self.routing.slots_version, versions)
         if self._dora_norms is None or self._dora_norms[0] != key:
             self._dora_norms = (key, dora.weight_norms(weight, self._base_norms, weights))
@@ -264,7 +279,9 @@ class MultiLoRALinear(nn.Module):
 
     def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(a_cat, b_cat, r_max) for `lora_delta_stacked`; rebuilt when adapters or weights change."""
-        versions = tuple((n, w.lora_A.weight._version, w.lora_B.weight._version) for n, w in self._weights.items())
+        versions = tuple(
+            (n, initial.weight_version(w.lora_A), initial.weight_version(w.lora_B)) for n, w in self._weights.items()
+        )
         key = (self.routing.slots_version, versions)
         if self._stack is None or self._stack[0] != key:
             self._stack = (key, *self._build_stack())
@@ -290,3 +307,12 @@ class MultiLoRALinear(nn.Module):
         if self._mask is None or self._mask[0] != key:
             self._mask = (key, slot_feature_mask(row_slots, slots, r_max, dtype))
         return self._mask[1]
+
+
+def _initial_a(shape: torch.Size, init: str, generator: torch.Generator | None) -> torch.Tensor:
+    """A as peft initialises it, drawn from `generator`: Kaiming-uniform (a = sqrt(5), as
+    nn.Linear and peft's default), or normal with std 1 / rank (peft's "gaussian")."""
+    if init == "gaussian":
+        return torch.randn(shape, generator=generator) / shape[0]
+    bound = 1 / math.sqrt(shape[1])
+    return torch.rand(shape, generator=generator) * 2 * bound - bound

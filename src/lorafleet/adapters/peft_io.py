@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorafleet.adapters.fleet import LoRAFleet, LoRAShape
+from lorafleet.adapters.initial import converted_alpha
 from lorafleet.errors import AdapterError
 
 PEFT_PREFIX = "base_model.model."
@@ -43,16 +44,18 @@ TRAINING_FILE = "lorafleet.json"  # beside the PEFT files: how the adapter's inp
 def save_adapter(
     fleet: LoRAFleet, name: str, out_dir: str | Path, base_path: str | Path, training: dict | None = None
 ) -> Path:
-    """Write adapter `name` as a PEFT LoRA directory; `training` (e.g. the image tiling it was
+    """Write adapter `name` as a PEFT LoRA directory (a PiSSA / OLoRA adapter as the plain LoRA of
+    twice its rank that peft's conversion writes); `training` (e.g. the image tiling it was
     trained with) goes to lorafleet.json, for the server to prepare requests the same way."""
     from peft import LoraConfig
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shape = fleet.shapes[name]
+    converted = shape.saved_rank != shape.rank  # PiSSA / OLoRA, saved as peft converts them
     config = LoraConfig(
-        r=shape.rank,
-        lora_alpha=shape.alpha,
+        r=shape.saved_rank,
+        lora_alpha=converted_alpha(shape.alpha, shape.use_rslora) if converted else shape.alpha,
         lora_dropout=shape.dropout,
         use_rslora=shape.use_rslora,
         use_dora=shape.use_dora,
@@ -62,7 +65,7 @@ def save_adapter(
         base_model_name_or_path=str(base_path),
     )
     config.save_pretrained(out_dir)
-    tensors = {peft_key(key): weight.detach().to("cpu").contiguous() for key, weight in fleet.named_weights(name)}
+    tensors = {peft_key(key): weight.detach().to("cpu").contiguous() for key, weight in fleet.saved_weights(name)}
     save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
     if training is not None:
         (out_dir / TRAINING_FILE).write_text(json.dumps(training, indent=2) + "\n")

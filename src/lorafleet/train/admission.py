@@ -95,6 +95,8 @@ class Admission:
             else:
                 rank, dora = spec.rank, spec.variant == "dora"
                 parameters = memory.lora_parameters(self.base.model, self.targets[spec.name], rank, dora)
+                if spec.init in ("pissa", "olora"):  # the frozen start doubles the rank its matmuls compute
+                    rank *= 2
                 dora_outputs = memory.output_features(self.base.model, self.targets[spec.name]) if dora else 0
             objective, items = objective_for(spec), self.examples[spec.name]
             rows, longest = objective.rows_per_micro_batch, objective.longest(items)

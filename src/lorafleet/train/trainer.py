@@ -260,7 +260,13 @@ class FleetTrainer:
                     weight.requires_grad_(False)
         else:
             shape = LoRAShape(
-                spec.rank, spec.alpha, spec.dropout, self.targets[spec.name], spec.use_rslora, spec.variant == "dora"
+                spec.rank,
+                spec.alpha,
+                spec.dropout,
+                self.targets[spec.name],
+                spec.use_rslora,
+                spec.variant == "dora",
+                spec.init,
             )
             self.fleet.add_adapter(spec.name, shape, seed=spec.seed, dtype=self.master_dtype)
         stream = ExampleStream(self.examples[spec.name], spec.micro_batch_size, spec.seed, spec.shuffle)
