@@ -150,6 +150,35 @@ def test_a_keys_file_is_imported_and_importing_it_again_revives_no_revoked_key(r
     assert {s.name: s for s in state.tenants()}["finance-team"].monthly_cost_budget == 12.5  # not in the file: kept
 
 
+def test_replicas_starting_together_import_one_keys_file_at_once_without_an_error(postgres_url, redis_url, tmp_path):
+    """Replicas started together (a deployment's rollout) import the same keys file at the same
+    moment: each key is added once and no replica fails on the other's insert."""
+    path = tmp_path / "keys.yaml"
+    tenants = [{"name": f"team-{i}", "key": f"sk-team-{i}", "adapters": "*"} for i in range(20)]
+    path.write_text(yaml.safe_dump({"tenants": tenants}))
+    directory = load_tenants(path)
+    states = [SharedState(postgres_url, redis_url, f"replica-{i}") for i in range(6)]
+    together = threading.Barrier(len(states))
+    added, failed = [], []
+
+    def start(state: SharedState) -> None:
+        together.wait()
+        try:
+            added.append(state.import_keys_file(directory))
+        except Exception as error:  # what a replica's start-up would die of
+            failed.append(repr(error))
+
+    threads = [threading.Thread(target=start, args=(state,)) for state in states]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for state in states:
+        state.close()
+    assert failed == []
+    assert sum(added) == len(tenants)
+
+
 def test_every_request_is_logged_with_its_replica_and_usage_sums_it(replicas):
     one, two = replicas
     for i in range(6):

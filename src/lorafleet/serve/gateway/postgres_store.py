@@ -175,10 +175,8 @@ class PostgresStore:
         """A key known by its hash (a keys file's): added unless it is known already, revoked or not,
         so that importing the file again never brings a revoked key back. True when added."""
         with self._transaction() as db:
-            known = db.execute("SELECT 1 FROM api_keys WHERE key_sha256 = %s", (key_sha256,)).fetchone()
-            if known is None:
-                self._insert_key(db, tenant, key_sha256, None)
-        return known is None
+            added = self._insert_key(db, tenant, key_sha256, None, if_new=True)
+        return added is not None
 
     def revoke_key(self, key_id: str) -> KeyInfo:
         with self._transaction() as db:
@@ -201,13 +199,22 @@ class PostgresStore:
             info = self._insert_key(db, old["tenant"], hash_key(key), old["expires"])
         return IssuedKey(key, info)
 
-    def _insert_key(self, db: psycopg.Connection, tenant: str, key_sha256: str, expires: datetime | None) -> KeyInfo:
+    def _insert_key(
+        self, db: psycopg.Connection, tenant: str, key_sha256: str, expires: datetime | None, if_new: bool = False
+    ) -> KeyInfo | None:
+        """The key added to `tenant`. With `if_new`, a key the database knows already is left as it
+        is and None returned: replicas starting together import one keys file at the same moment, and
+        a look-then-insert would let two of them insert the same key (and one die of it)."""
         if db.execute("SELECT 1 FROM tenants WHERE name = %s", (tenant,)).fetchone() is None:
             raise KeyError(tenant)
         row = db.execute(
-            "INSERT INTO api_keys (key_sha256, key_id, tenant, expires) VALUES (%s, %s, %s, %s) RETURNING *",
+            "INSERT INTO api_keys (key_sha256, key_id, tenant, expires) VALUES (%s, %s, %s, %s)"
+            + (" ON CONFLICT (key_sha256) DO NOTHING" if if_new else "")
+            + " RETURNING *",
             (key_sha256, key_sha256[:16], tenant, expires),
         ).fetchone()
+        if row is None:
+            return None
         _changed(db)
         return _key_info(row)
 
