@@ -16,21 +16,13 @@ from lorafleet.adapters.layer import MultiLoRALinear, Routing
 from lorafleet.errors import AdapterError
 from lorafleet.segments import Segment
 from tests import tolerances
+from tests.adapters.one_projection import OneProjection
 
 # name: (rank, alpha, use_rslora, use_dora)
 ADAPTERS = {"plain": (4, 8.0, False, False), "rs": (8, 16.0, True, False), "dora": (4, 8.0, False, True),
             "rsdora": (16, 8.0, True, True)}  # fmt: skip
 MIXED = (Segment("dora", 0, 2), Segment("plain", 2, 3), Segment(None, 3, 4), Segment("rsdora", 4, 7),
          Segment("rs", 7, 8))  # fmt: skip
-
-
-class OneProjection(nn.Module):
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.q_proj = linear
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.q_proj(x)
 
 
 def base_linear() -> nn.Linear:

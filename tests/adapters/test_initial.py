@@ -13,15 +13,7 @@ from torch import nn
 from lorafleet.adapters.initial import principal_factors
 from lorafleet.adapters.layer import MultiLoRALinear, Routing
 from lorafleet.segments import Segment
-
-
-class OneProjection(nn.Module):
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.q_proj = linear
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.q_proj(x)
+from tests.adapters.one_projection import OneProjection
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
