@@ -4,20 +4,18 @@ reference implementation would answer, prompts of several lengths and images dec
 
 from __future__ import annotations
 
-import copy
 import shutil
 
 import pytest
 import torch
-from peft import PeftModel
 
 from lorafleet.adapters.fleet import LoRAFleet, LoRAShape, find_target_modules
 from lorafleet.adapters.peft_io import load_adapter, save_adapter
-from lorafleet.data.encode import encode_prompt
 from lorafleet.data.records import ChatRecord, Message, read_records
 from lorafleet.eval.greedy import base_exact_match, generate_replies
 from lorafleet.models.loading import load_base
 from tests.conftest import write_image_dataset
+from tests.peft_generate import peft_greedy_replies
 
 
 @pytest.fixture(scope="module")
@@ -44,27 +42,10 @@ def records(tmp_path_factory) -> list[ChatRecord]:
 
 
 def generate_reference(fleet_dir, adapter: str | None, records: list[ChatRecord], max_new_tokens: int) -> list[str]:
-    """transformers' greedy `generate` (through peft for an adapter), one prompt at a time."""
-    base = load_base(fleet_dir / "base")
-    model = base.model
-    if adapter is not None:
-        model = PeftModel.from_pretrained(copy.deepcopy(base.model), fleet_dir / "adapters" / adapter)
-    replies = []
-    for record in records:
-        prompt = encode_prompt(ChatRecord(record.messages[:-1], record.images, record.source), base)
-        inputs = {"input_ids": prompt.input_ids[None], "attention_mask": torch.ones_like(prompt.input_ids)[None]}
-        if prompt.pixel_values is not None:
-            inputs["pixel_values"] = prompt.pixel_values
-        with torch.no_grad():
-            output = model.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=base.tokenizer.eos_token_id,
-                pad_token_id=base.tokenizer.pad_token_id,
-            )
-        replies.append(base.tokenizer.decode(output[0, prompt.num_tokens :], skip_special_tokens=True).strip())
-    return replies
+    """transformers' greedy `generate` (through peft for an adapter) for each record's prompt: its
+    messages but the last (the answer scored)."""
+    prompts = [ChatRecord(record.messages[:-1], record.images, record.source) for record in records]
+    return [reply.strip() for reply in peft_greedy_replies(fleet_dir, adapter, prompts, max_new_tokens)]
 
 
 def test_greedy_replies_of_the_base_and_an_adapter_are_transformers_generate(fleet_dir, records):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import copy
 import io
 import json
 import sqlite3
@@ -12,14 +11,11 @@ import sqlite3
 import httpx
 import openai
 import pytest
-import torch
-from peft import PeftModel
 from PIL import Image, ImageDraw
 
-from lorafleet.data.encode import encode_prompt
 from lorafleet.data.records import ChatRecord, Message
-from lorafleet.models.loading import load_base
 from lorafleet.serve.gateway.server import ServeOptions
+from tests.peft_generate import peft_greedy_replies
 from tests.serve.conftest import KEYS, running_server
 
 QUESTION = "What is the invoice total?"
@@ -39,25 +35,7 @@ def png_data_url(size=(96, 64), colour="red") -> str:
 
 def peft_greedy(fleet_dir, adapter: str | None, record: ChatRecord, max_new_tokens: int = 8) -> str:
     """What peft + transformers generate for the same adapter and prompt."""
-    base = load_base(fleet_dir / "base")
-    prompt = encode_prompt(record, base)
-    model = (
-        base.model
-        if adapter is None
-        else PeftModel.from_pretrained(copy.deepcopy(base.model), fleet_dir / "adapters" / adapter)
-    )
-    inputs = {"input_ids": prompt.input_ids[None], "attention_mask": torch.ones_like(prompt.input_ids)[None]}
-    if prompt.pixel_values is not None:
-        inputs["pixel_values"] = prompt.pixel_values
-    with torch.no_grad():
-        output = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=base.tokenizer.eos_token_id,
-            pad_token_id=base.tokenizer.pad_token_id,
-        )
-    return base.tokenizer.decode(output[0, prompt.num_tokens :], skip_special_tokens=True)
+    return peft_greedy_replies(fleet_dir, adapter, [record], max_new_tokens)[0]
 
 
 def test_models_lists_what_the_key_may_use(keyed_server):
