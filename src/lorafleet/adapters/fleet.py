@@ -166,6 +166,13 @@ class LoRAFleet:
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
         child = getattr(parent, child_name)
         if isinstance(child, MultiLoRALinear):
+            if child.routing is not self.routing:  # wrapped by an earlier fleet on the same base
+                if len(child.lora_A):
+                    raise AdapterError(
+                        f"{module_name} carries adapters of another fleet ({', '.join(child.lora_A)}); "
+                        "one base serves one fleet at a time"
+                    )
+                child.follow(self.routing)
             return child
         if not isinstance(child, (nn.Linear, QuantizedLinear)):
             raise AdapterError(f"{module_name} is a {type(child).__name__}, not a Linear layer")

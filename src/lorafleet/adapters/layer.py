@@ -87,6 +87,12 @@ class MultiLoRALinear(nn.Module):
         self._base_norms: torch.Tensor | None = None  # ||W_i||² for DoRA: the base is frozen
         self._dora_norms: tuple | None = None  # (key, norms) without gradients, while weights stay put
 
+    def follow(self, routing: Routing) -> None:
+        """Route by `routing` from now on: a base reused by a new fleet after the last one finished.
+        The caches are keyed by the old routing's version counters, which the new one restarts."""
+        self.routing = routing
+        self._stack = self._mask = self._dora_norms = None
+
     @property
     def in_features(self) -> int:
         return self.base_layer.in_features
