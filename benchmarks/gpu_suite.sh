@@ -13,7 +13,7 @@
 # The test suite runs it end to end on a CPU before any GPU run (tests/test_benchmarks.py), every
 # row at its smallest size and without the packages the GPU machine's image lacks:
 #   M15=tiny M7=tiny TRAIN_ARGS="--seq-len 64 --steps 2 --warmup 1" ... benchmarks/gpu_suite.sh
-# TRAIN_ARGS, SERVE_ARGS and PROFILE_ARGS are appended to every row of that script (the last value
+# TRAIN_ARGS, SERVE_ARGS, PROFILE_ARGS and SWEEP_ARGS are appended to every row of that script (the last value
 # of an option wins), TEST_ARGS to the pytest row (e.g. -m gpu); TIME_FACTOR multiplies every
 # row's time limit (a slow, shared CPU); RESULTS is where the rows' logs and JSON go.
 set -u
@@ -59,8 +59,9 @@ row() {  # row NAME MAXSECONDS COMMAND...
 T="python3 benchmarks/train_throughput.py"
 S="python3 benchmarks/serve_throughput.py"
 P="python3 benchmarks/profile_train.py"
+W="python3 benchmarks/sweep.py"
 M15=${M15:-qwen2.5-1.5b} M7=${M7:-qwen2.5-7b}
-TA=${TRAIN_ARGS:-} SA=${SERVE_ARGS:-} PA=${PROFILE_ARGS:-}
+TA=${TRAIN_ARGS:-} SA=${SERVE_ARGS:-} PA=${PROFILE_ARGS:-} WA=${SWEEP_ARGS:-}
 # Highest priority first: under the default deadline the last rows are skipped on a slow start;
 # run them with ROWS="..." in a second call.
 row tests 120 python3 -m pytest -q -p no:cacheprovider tests/train/test_gpu.py tests/serve/test_decode.py \
@@ -81,6 +82,8 @@ row t-7b-8x4-ckpt 60 $T --model $M7 --adapters 8 --seqs 4 --steps 4 --warmup 3 -
 row serve-7b 90 $S --model $M7 --engine-only --json $R/serve-7b.json $SA
 row t-1.5b-4x1-compiled 100 $T --model $M15 --adapters 4 --seqs 1 --steps 8 --warmup 4 --skip-peft --compile \
     --json $R/t-1.5b-4x1-compiled.json $TA
+# 16 trials (4 learning rates x 4 ranks) of 27 steps: peft one after another, one fleet, the sweep
+row sweep-1.5b 120 $W --model $M15 --seq-len 512 --json $R/sweep-1.5b.json $WA
 row profile-1.5b 50 $P --model $M15 --adapters 4 --seqs 1 --json $R/profile-1.5b.json $PA
 echo "total ${SECONDS}s" | tee -a $R/summary.txt
 pack

@@ -30,8 +30,6 @@ SMALLEST = {
     "grammar_compile.py": ["--repeats", "2", "--sizes", "3,30"],
     "console_first_paint.py": ["--adapters", "3", "--metric-lines", "300", "--repeat", "1"],
     "gateway_overhead.py": ["--requests", "40", "--concurrency", "8"],  # starts a throwaway PostgreSQL and Redis
-    "sweep.py": ["--lrs", "5e-3,1e-3", "--ranks", "4", "--steps", "4", "--min-steps", "1"]
-    + ["--train-size", "16", "--test-size", "4", "--micro-batch-size", "2"],
 }
 # Every row of the GPU suite at its smallest size on a CPU (gpu_suite.sh's knobs).
 SMALLEST_SUITE = {
@@ -40,6 +38,8 @@ SMALLEST_SUITE = {
     "TRAIN_ARGS": "--seq-len 64 --steps 2 --warmup 1",
     "SERVE_ARGS": "--streams 4 --prompt-len 16 --tokens 8",
     "PROFILE_ARGS": "--seq-len 64",
+    "SWEEP_ARGS": "--seq-len 64 --lrs 5e-3,1e-3 --ranks 4 --steps 4 --min-steps 1 --train-size 16 --test-size 4 "
+    "--micro-batch-size 2",
     "TEST_ARGS": "-m gpu",  # the GPU tests (skipped here); the others in these files run in this suite
     "TIME_FACTOR": "4",  # the rows' time limits are a GPU's; a shared 2-core machine is slower
     "DEADLINE": "1500",
@@ -111,7 +111,7 @@ def check_gateway_overhead(result: dict) -> None:
 
 
 def check_sweep(result: dict) -> None:
-    positive(result, "wall_s", "speedup_vs_sequential", "speedup_vs_fleet")
+    positive(result, "wall_s", "speedup_vs_peft", "speedup_vs_fleet", "peft_eval_loss")
     positive(result, "winner.eval_loss", "best_of_grid.eval_loss")
     assert result["winner"]["eval_loss"] >= result["best_of_grid"]["eval_loss"]
 
@@ -132,7 +132,9 @@ CHECKS = {
 def test_every_benchmark_script_runs_in_the_suite_and_has_a_check():
     scripts = {path.name for path in BENCHMARKS.glob("*.py")}
     in_gpu_suite = {f"{runs}.py" for runs, _ in suite_rows().values() if runs != "pytest"}
-    assert in_gpu_suite == {"train_throughput.py", "serve_throughput.py", "profile_train.py"}, "the parser broke"
+    assert in_gpu_suite == {"train_throughput.py", "serve_throughput.py", "profile_train.py", "sweep.py"}, (
+        "the parser broke"
+    )
     missing = scripts - in_gpu_suite - set(SMALLEST)
     assert not missing, f"give {sorted(missing)} a smallest size in SMALLEST (tests/test_benchmarks.py)"
     assert {name.removesuffix(".py") for name in scripts} <= set(CHECKS), "say in CHECKS what each script writes"
