@@ -184,12 +184,13 @@ def main() -> None:
         base, data = prepare(root, args)
         where = "benchmarks/sweep.py"
         sweep = sweep_spec_from_dict(sweep_file(str(base.path), data, root / "sweep", args), where)
+        marketing = sweep.departments["marketing"]
         every = sweep_spec_from_dict(sweep_file(str(base.path), data, root / "fleet", args), where).fleet
         peft_finals = {}
         peft_s = timed(base, lambda: peft_finals.update(peft_one_after_another(base, every.adapters, data[1])))
         fleet_s = timed(base, lambda: FleetTrainer(every, base=base, progress=False).run())
         result = {}
-        sweep_s = timed(base, lambda: result.update(outcome=run_sweep(sweep, progress=False, base=base)))
+        sweep_s = timed(base, lambda: result.update(outcome=run_sweep(sweep, progress=False, base=base)["marketing"]))
         grid = final_eval_losses(every.output)
         best, best_with_peft = min(grid, key=grid.get), min(peft_finals, key=peft_finals.get)
         outcome = result["outcome"]
@@ -199,7 +200,7 @@ def main() -> None:
             "device": str(base.device),
             "trials": len(grid),
             "steps": args.steps,
-            "rungs": sweep.rungs.steps(),
+            "rungs": marketing.rungs.steps(),
             "wall_s": {"peft_one_after_another": peft_s, "fleet_no_stopping": fleet_s, "sweep": sweep_s},
             "speedup_vs_peft": peft_s / sweep_s,
             "speedup_vs_fleet": fleet_s / sweep_s,
@@ -207,7 +208,7 @@ def main() -> None:
             # its held-out loss in the sweep, and the same configuration's in the fleet that stops none
             "winner": {"trial": winner.name, "values": winner.values, "eval_loss": winner.final},
             "winner_in_full_grid_eval_loss": grid[winner.name],
-            "best_of_grid": {"trial": best, "values": sweep.trials[best], "eval_loss": grid[best]},
+            "best_of_grid": {"trial": best, "values": marketing.trials[best], "eval_loss": grid[best]},
             "same_winner": outcome.winner == best,
             # peft's own grid (its dropout and initial weights drawn by peft, not the fleet's seeds)
             "best_with_peft": {"trial": best_with_peft, "eval_loss": peft_finals[best_with_peft]},

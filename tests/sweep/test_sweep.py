@@ -60,7 +60,7 @@ def sweep(tiny_lm_dir, tmp_path_factory):
     eval_data = write_text_dataset(root / "eval.jsonl", 6, seed=1)
     spec = sweep_spec_from_dict(sweep_file(data, eval_data, root / "out", tiny_lm_dir), "sweep.yaml")
     spec.fleet.dtype = "float64"  # for the exact comparisons; a sweep file cannot ask for it
-    return spec, run_sweep(spec, progress=False)
+    return spec, run_sweep(spec, progress=False)["finance"]
 
 
 def metric_lines(output: str) -> list[dict]:
@@ -171,7 +171,7 @@ def test_samplers_are_seeded_and_the_grid_takes_every_combination(tmp_path):
         "trials": 5,
         "space": {"learning_rate": {"log_uniform": [1e-4, 3e-2]}, "rank": {"choice": [2, 4]}},
     }
-    first, again = (sweep_spec_from_dict(raw, "sweep.yaml").trials for _ in range(2))
+    first, again = (sweep_spec_from_dict(raw, "sweep.yaml").departments["finance"].trials for _ in range(2))
     assert first == again and len(first) == 5
     assert all(1e-4 <= v["learning_rate"] <= 3e-2 and v["rank"] in (2, 4) for v in first.values())
     assert len({v["learning_rate"] for v in first.values()}) == 5
@@ -180,7 +180,7 @@ def test_samplers_are_seeded_and_the_grid_takes_every_combination(tmp_path):
         "trials": None,
         "space": {"rank": {"choice": [2, 4]}, "alpha": {"choice": [4, 8, 16]}},
     }
-    trials = sweep_spec_from_dict(grid, "sweep.yaml").trials
+    trials = sweep_spec_from_dict(grid, "sweep.yaml").departments["finance"].trials
     assert sorted((v["rank"], v["alpha"]) for v in trials.values()) == [(r, a) for r in (2, 4) for a in (4, 8, 16)]
 
 
@@ -207,7 +207,8 @@ def test_readme_sweep_example_is_a_valid_sweep_file(tmp_path):
     example = re.search(r"```yaml\n(# sweep\.yaml.*?)```", README.read_text(), re.S).group(1)
     (tmp_path / "sweep.yaml").write_text(example)
     spec = load_sweep_spec(tmp_path / "sweep.yaml")
-    assert len(spec.trials) == 16 and spec.rungs.steps() == [10, 30, 90]
+    finance = spec.departments["finance"]
+    assert len(finance.trials) == 16 and finance.rungs.steps() == [10, 30, 90]
     assert spec.fleet.adapters[0].name == "finance-trial00"
     assert spec.fleet.adapters[0].eval_data == str(tmp_path / "data/finance-test.jsonl")
     assert spec.fleet.max_concurrent == 8
@@ -224,7 +225,7 @@ def test_the_sweep_command_saves_the_winner_and_prints_why(tiny_lm_dir, tmp_path
     printed = capsys.readouterr().out
     assert "winner: finance-trial" in printed and "why: lowest final eval_loss" in printed
     assert (tmp_path / "out/adapters/finance/adapter_model.safetensors").exists()
-    assert json.loads((tmp_path / "out/sweep.json").read_text())["department"] == "finance"
+    assert json.loads((tmp_path / "out/sweep.json").read_text())["departments"][0]["department"] == "finance"
 
 
 def test_a_sweep_under_torchrun_is_refused_before_it_trains(tmp_path, monkeypatch):

@@ -9,12 +9,15 @@ from pathlib import Path
 def add_sweep_parser(commands: argparse._SubParsersAction) -> None:
     sweep = commands.add_parser(
         "sweep",
-        help="search one department's adapter settings: every trial an adapter of one fleet, the worst stopped early",
-        description="Train the trials of SWEEP.yaml (a search space over adapter settings) side by side in one "
-        "fleet, stop the worst at each rung on their held-out loss (successive halving), and save the best "
-        "full-budget trial as the department's adapter, its lineage recording the whole sweep.",
+        help="search departments' adapter settings: every trial an adapter of one fleet, the worst stopped early",
+        description="Train the trials of SWEEP.yaml (a search space over adapter settings, for one department "
+        "or several) side by side in one fleet, stop the worst at each rung on their held-out loss (successive "
+        "halving, each department's trials ranked among themselves), and save each department's best "
+        "full-budget trial as its adapter, its lineage recording the whole sweep.",
     )
-    sweep.add_argument("sweep", type=Path, help="sweep file (YAML): base, output, department, adapter, space, trials")
+    sweep.add_argument(
+        "sweep", type=Path, help="sweep file (YAML): base, output, department (or departments), adapter, space, trials"
+    )
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
     sweep.set_defaults(command="sweep", run=_run_sweep)
 
@@ -24,15 +27,17 @@ def _run_sweep(args: argparse.Namespace) -> int:
     from lorafleet.sweep.space import load_sweep_spec
 
     spec = load_sweep_spec(args.sweep)
-    result = run_sweep(spec, progress=not args.no_progress)
-    for trial in result.trials:
-        where = f"stopped at step {trial.stopped_at}" if trial.stopped_at else "full budget"
-        values = ", ".join(
-            f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
-            for key, value in trial.values.items()
-        )
-        print(f"{trial.name}: {spec.metric} {trial.final:.4f} ({where}) {values}")
-    print(f"winner: {result.winner} -> {result.adapter}")
-    print(f"why: {result.record['winner']['why']}")
+    results = run_sweep(spec, progress=not args.no_progress)
+    for department, result in results.items():
+        metric = spec.departments[department].metric
+        for trial in result.trials:
+            where = f"stopped at step {trial.stopped_at}" if trial.stopped_at else "full budget"
+            values = ", ".join(
+                f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+                for key, value in trial.values.items()
+            )
+            print(f"{trial.name}: {metric} {trial.final:.4f} ({where}) {values}")
+        print(f"winner: {result.winner} -> {result.adapter}")
+        print(f"why: {result.record['winner']['why']}")
     print(f"sweep: {Path(spec.fleet.output) / SWEEP_FILE}")
     return 0

@@ -1,15 +1,17 @@
 """`lorafleet sweep`: a sweep's trials trained as adapters of one fleet, halved at rungs, the best crowned.
 
-Every trial is an adapter of one fleet run (train/trainer.py), so all trials share each forward and
-backward over the frozen base. Held-out evaluation at the rungs is the trainer's batched no-grad
-pass; successive halving (sweep/asha.py) decides on its numbers through the trainer's
-`stops_early`, and a stopped trial is saved as it stands, keeps its metrics in metrics.jsonl, and
-hands its slot to the next queued trial in the same fleet step.
+Every trial is an adapter of one fleet run (train/trainer.py), so all trials, of every department
+the sweep searches, share each forward and backward over the frozen base. Held-out evaluation at
+the rungs is the trainer's batched no-grad pass; successive halving (sweep/asha.py), one per
+department so that a trial is ranked only among its own department's trials, decides on its
+numbers through the trainer's `stops_early`, and a stopped trial is saved as it stands, keeps its
+metrics in metrics.jsonl, and hands its slot to the next queued trial in the same fleet step.
 
-The winner is the trial with the lowest final metric among those that trained their whole budget.
-Its weights are copied to the department's adapter directory, and its lineage (under the
-department's name, in the registry) records the sweep: the space, every trial with its values, its
-metric curve and where it stopped, and why the winner won. `sweep.json` in the output holds the same.
+A department's winner is its trial with the lowest final metric among those that trained their
+whole budget. Its weights are copied to the department's adapter directory, and its lineage (under
+the department's name, in the registry) records the sweep: the space, every trial with its values,
+its metric curve and where it stopped, and why the winner won. `sweep.json` in the output holds
+the same for every department.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +30,7 @@ from lorafleet.governance.lineage import read_lineage, write_lineage
 from lorafleet.governance.registry import Registry
 from lorafleet.models.loading import FrozenBase
 from lorafleet.sweep.asha import SuccessiveHalving
-from lorafleet.sweep.space import SweepSpec
+from lorafleet.sweep.space import DepartmentSearch, SweepSpec
 from lorafleet.train import distributed
 from lorafleet.train.job import AdapterJob
 from lorafleet.train.trainer import FleetTrainer
@@ -53,35 +56,66 @@ class Trial:
 
 @dataclass
 class SweepResult:
+    """One department's outcome."""
+
+    department: str
     winner: str  # the winning trial
     adapter: Path  # the department's adapter: the winner's weights
     trials: list[Trial]
-    record: dict  # what sweep.json and the winner's lineage hold
+    record: dict  # what sweep.json and the department's lineage hold
 
 
-def run_sweep(spec: SweepSpec, progress: bool = True, base: FrozenBase | None = None) -> SweepResult:
-    """Train every trial of `spec` in one fleet with successive halving; save the winner as the
-    department's adapter in `<output>/adapters/<department>/`."""
+def run_sweep(spec: SweepSpec, progress: bool = True, base: FrozenBase | None = None) -> dict[str, SweepResult]:
+    """Train every trial of `spec` in one fleet with successive halving per department; save each
+    department's winner as its adapter in `<output>/adapters/<department>/`."""
     if distributed.launched():  # every process would run the whole sweep and crown its own winner
         raise ConfigError("lorafleet sweep runs on one process; start it without torchrun")
-    destination = FleetDir(spec.fleet.output).adapter(spec.department)
-    if destination.exists():
-        raise ConfigError(f"{destination} exists already; choose another output for the sweep or move it away")
-    halving = SuccessiveHalving(spec.rungs)
+    output = FleetDir(spec.fleet.output)
+    for department in spec.departments:
+        if output.adapter(department).exists():
+            raise ConfigError(
+                f"{output.adapter(department)} exists already; choose another output for the sweep or move it away"
+            )
+    halvings = {department: SuccessiveHalving(search.rungs) for department, search in spec.departments.items()}
+    FleetTrainer(spec.fleet, base=base, progress=progress, stops_early=per_department(spec, halvings)).run()
+    outcomes = {}
+    for department, search in spec.departments.items():
+        trials = read_trials(search, output.metrics)
+        winner = choose_winner(trials, search)
+        outcomes[department] = (trials, winner, sweep_record(search, trials, winner, halvings[department]))
+    sources = {department: output.adapter(winner.name) for department, (_, winner, _) in outcomes.items()}
+    records = [record for _, _, record in outcomes.values()]
+    (Path(spec.fleet.output) / SWEEP_FILE).write_text(json.dumps({"departments": records}, indent=2) + "\n")
+    results = {}
+    for department, (trials, winner, record) in outcomes.items():
+        adapter = crown(spec, department, winner, record, sources[department])
+        results[department] = SweepResult(department, winner.name, adapter, trials, record)
+    return results
+
+
+def per_department(
+    spec: SweepSpec, halvings: dict[str, SuccessiveHalving]
+) -> Callable[[list[tuple[AdapterJob, dict[str, float]]]], set[str]]:
+    """The trainer's `stops_early`: each department's arrivals go to its own successive halving,
+    so a trial is ranked only among its own department's trials."""
+    department_of = {trial: department for department, search in spec.departments.items() for trial in search.trials}
 
     def stops_early(evaluated: list[tuple[AdapterJob, dict[str, float]]]) -> set[str]:
-        return halving.stopping([(job.name, job.optimizer_step, numbers[spec.metric]) for job, numbers in evaluated])
+        stopping = set()
+        for department, halving in halvings.items():
+            metric = spec.departments[department].metric
+            arrivals = [
+                (job.name, job.optimizer_step, numbers[metric])
+                for job, numbers in evaluated
+                if department_of[job.name] == department
+            ]
+            stopping |= halving.stopping(arrivals)
+        return stopping
 
-    FleetTrainer(spec.fleet, base=base, progress=progress, stops_early=stops_early).run()
-    trials = read_trials(spec, FleetDir(spec.fleet.output).metrics)
-    winner = choose_winner(trials, spec)
-    record = sweep_record(spec, trials, winner, halving)
-    (Path(spec.fleet.output) / SWEEP_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    adapter = crown(spec, winner, record, destination)
-    return SweepResult(winner.name, adapter, trials, record)
+    return stops_early
 
 
-def read_trials(spec: SweepSpec, metrics: Path) -> list[Trial]:
+def read_trials(spec: DepartmentSearch, metrics: Path) -> list[Trial]:
     """Each trial's metric curve, steps and rung of stopping, from the run's metrics.jsonl."""
     trials = {name: Trial(name, values, [], 0, None) for name, values in spec.trials.items()}
     for line in metrics.read_text().splitlines():
@@ -97,7 +131,7 @@ def read_trials(spec: SweepSpec, metrics: Path) -> list[Trial]:
     return list(trials.values())
 
 
-def choose_winner(trials: list[Trial], spec: SweepSpec) -> Trial:
+def choose_winner(trials: list[Trial], spec: DepartmentSearch) -> Trial:
     """The lowest final metric among the trials that trained their whole budget (ties: the first queued)."""
     finished = [t for t in trials if t.stopped_at is None and t.final is not None]
     if not finished:
@@ -105,7 +139,7 @@ def choose_winner(trials: list[Trial], spec: SweepSpec) -> Trial:
     return min(finished, key=lambda t: t.final)
 
 
-def sweep_record(spec: SweepSpec, trials: list[Trial], winner: Trial, halving: SuccessiveHalving) -> dict:
+def sweep_record(spec: DepartmentSearch, trials: list[Trial], winner: Trial, halving: SuccessiveHalving) -> dict:
     finished = [t for t in trials if t.stopped_at is None]
     why = (
         f"lowest final {spec.metric} ({winner.final:.6g}) after the full budget of {spec.rungs.budget} steps "
@@ -125,14 +159,15 @@ def sweep_record(spec: SweepSpec, trials: list[Trial], winner: Trial, halving: S
     }
 
 
-def crown(spec: SweepSpec, winner: Trial, record: dict, destination: Path) -> Path:
-    """The winner's weights as the department's adapter, its lineage carrying the sweep; registered
-    under the department's name (the same weights: the same lineage id as the trial) and audited."""
+def crown(spec: SweepSpec, department: str, winner: Trial, record: dict, source: Path) -> Path:
+    """The weights in `source` (the winning trial's) as the department's adapter,
+    its lineage carrying the sweep; registered under the department's name (the trial's own weights:
+    the same lineage id as the trial) and audited."""
     output = Path(spec.fleet.output)
-    trial_dir = FleetDir(output).adapter(winner.name)
-    shutil.copytree(trial_dir, destination)
+    destination = FleetDir(output).adapter(department)
+    shutil.copytree(source, destination)
     lineage = dataclasses.replace(
-        read_lineage(trial_dir), name=spec.department, directory=str(destination.resolve()), sweep=record
+        read_lineage(source), name=department, directory=str(destination.resolve()), sweep=record
     )
     write_lineage(lineage, destination, output)
     registry = Registry(output)
@@ -142,6 +177,11 @@ def crown(spec: SweepSpec, winner: Trial, record: dict, destination: Path) -> Pa
         registry.close()
     AuditLog(output).append(
         "sweep.winner",
-        {"department": spec.department, "trial": winner.name, "directory": str(destination), "lineage_id": lineage.id},
+        {
+            "department": department,
+            "trial": winner.name,
+            "directory": str(destination),
+            "lineage_id": lineage.id,
+        },
     )
     return destination

@@ -1,10 +1,15 @@
 """A sweep file: the search space over adapter spec fields, its samplers, and the trials they draw.
 
-A sweep file names one department's adapter with the fields every trial shares (`adapter`, as in
-a fleet file, without a name), the fields to search (`space`), how to draw them (`sampler`: grid
-or a seeded random draw), how many trials, and the successive-halving rungs (`asha`). Each trial
-becomes an ordinary adapter spec named `<department>-trial<NN>`, validated as a fleet file is, so
-a misspelt field names the sweep file and the field.
+A sweep file searches one department's adapter or several at once. For one, `department` names it
+and the top level holds its search: the fields every trial shares (`adapter`, as in a fleet file,
+without a name), the fields to search (`space`), how to draw them (`sampler`: grid or a seeded
+random draw), how many trials, and the successive-halving rungs (`asha`). For several,
+`departments` maps each name to its own search with the same fields; what the top level holds is
+the default for every department: a department's `adapter` is laid over the shared one field by
+field, and its other fields replace the shared ones. All departments' trials train in one fleet
+(queued in turn, one of each department), and each department's trials are ranked only among
+themselves. Each trial becomes an ordinary adapter spec named `<department>-trial<NN>`, validated
+as a fleet file is, so a misspelt field names the sweep file, the department and the field.
 
 A dimension of the space is one of:
 
@@ -35,7 +40,8 @@ from lorafleet.errors import ConfigError
 SAMPLERS = ("grid", "random")
 KINDS = ("choice", "log_uniform", "uniform")
 METRICS = ("eval_loss",)
-FIELDS = ("base", "output", "department", "adapter", "space", "sampler", "trials", "seed", "metric", "asha", "fleet")
+SEARCH_FIELDS = ("adapter", "space", "sampler", "trials", "seed", "metric", "asha")  # per department
+FIELDS = ("base", "output", "department", "departments", "fleet", *SEARCH_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -73,9 +79,10 @@ class Rungs:
 
 
 @dataclass
-class SweepSpec:
+class DepartmentSearch:
+    """One department's search: its trials are ranked only among themselves, its best becomes its adapter."""
+
     department: str
-    fleet: FleetSpec  # every trial as an adapter of one fleet, in the order they are queued
     space: list[Dimension]
     sampler: str
     rungs: Rungs
@@ -85,6 +92,12 @@ class SweepSpec:
 
     def describe_space(self) -> dict:
         return {d.name: {d.kind: list(d.values)} for d in self.space}
+
+
+@dataclass
+class SweepSpec:
+    fleet: FleetSpec  # every department's trials as adapters of one fleet, in the order they are queued
+    departments: dict[str, DepartmentSearch]  # in the sweep file's order
 
 
 def load_sweep_spec(path: str | Path) -> SweepSpec:
@@ -99,27 +112,17 @@ def load_sweep_spec(path: str | Path) -> SweepSpec:
 def sweep_spec_from_dict(raw: object, where: str, root: Path | None = None) -> SweepSpec:
     """The sweep of a parsed sweep file (`where` names it in errors); relative paths from `root`."""
     _check_fields(raw, where)
-    department = raw["department"]
-    if problem := adapter_name_problem(department):
-        raise ConfigError(f"{where}: department: {problem}")
-    space = _space(raw["space"], f"{where}: space")
-    sampler, metric, seed = raw.get("sampler", "random"), raw.get("metric", "eval_loss"), raw.get("seed", 0)
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"{where}: sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-    if metric not in METRICS:
-        raise ConfigError(f"{where}: metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ConfigError(f"{where}: seed must be a whole number, got {seed!r}")
-    adapter = _shared_adapter(raw["adapter"], f"{where}: adapter")
-    rungs = _rungs(raw.get("asha", {}), adapter["steps"], f"{where}: asha")
-    trials = {
-        f"{department}-trial{index:02d}": values
-        for index, values in enumerate(draw_trials(space, sampler, raw.get("trials"), seed, where))
-    }
-    fleet = _trial_fleet(raw, adapter, trials, rungs, where)
+    searches, trial_adapters = {}, []
+    for department, (fields, here) in _department_fields(raw, where).items():
+        searches[department], adapters = _department_search(raw, department, fields, here)
+        trial_adapters.append(adapters)
+    trial_names = {adapter["name"] for adapters in trial_adapters for adapter in adapters}
+    if clash := sorted(set(searches) & trial_names):
+        raise ConfigError(f"{where}: department {clash[0]!r} has the name of another department's trial; rename it")
+    fleet = _trial_fleet(raw, _interleaved(trial_adapters), where)
     if root is not None:
         resolve_paths(fleet, root)
-    return SweepSpec(department, fleet, space, sampler, rungs, metric, seed, trials)
+    return SweepSpec(fleet, searches)
 
 
 def _check_fields(raw: object, where: str) -> None:
@@ -128,9 +131,67 @@ def _check_fields(raw: object, where: str) -> None:
     unknown = sorted(set(raw) - set(FIELDS))
     if unknown:
         raise ConfigError(f"{where}: unknown field {unknown[0]!r}; known fields: {', '.join(FIELDS)}")
-    for required in ("base", "output", "department", "adapter", "space"):
+    for required in ("base", "output"):
         if required not in raw:
             raise ConfigError(f"{where}: missing required field {required!r}")
+    if ("department" in raw) == ("departments" in raw):
+        raise ConfigError(
+            f"{where}: give 'department' (the one department searched) or 'departments' (a mapping of several, "
+            "each with its own adapter, space and trials), one of them"
+        )
+
+
+def _department_fields(raw: dict, where: str) -> dict[str, tuple[dict, str]]:
+    """Each department's search fields (the top level's under its own) and how its errors name it."""
+    shared = {key: raw[key] for key in SEARCH_FIELDS if key in raw}
+    if "department" in raw:
+        return {raw["department"]: (shared, where)}
+    departments = _mapping(raw["departments"], f"{where}: departments")
+    if not departments:
+        raise ConfigError(f"{where}: departments is empty; name at least one department and its search")
+    fields = {}
+    for name, own in departments.items():
+        here = f"{where}: departments: {name}"
+        own = _mapping({} if own is None else own, here)
+        if unknown := sorted(set(own) - set(SEARCH_FIELDS)):
+            raise ConfigError(f"{here}: unknown field {unknown[0]!r}; a department takes {', '.join(SEARCH_FIELDS)}")
+        adapter = _mapping(shared.get("adapter", {}), f"{where}: adapter") | _mapping(
+            own.get("adapter", {}), f"{here}: adapter"
+        )
+        fields[name] = ({**shared, **own, "adapter": adapter}, here)
+    return fields
+
+
+def _department_search(raw: dict, department: object, fields: dict, where: str) -> tuple[DepartmentSearch, list[dict]]:
+    """One department's search and its trials as adapter specs (validated here, so that an error
+    names the department)."""
+    if problem := adapter_name_problem(department):
+        raise ConfigError(f"{where}: department: {problem}" if "department" in raw else f"{where}: {problem}")
+    for required in ("adapter", "space"):
+        if required not in fields:
+            raise ConfigError(f"{where}: missing required field {required!r}")
+    space = _space(fields["space"], f"{where}: space")
+    sampler, metric, seed = fields.get("sampler", "random"), fields.get("metric", "eval_loss"), fields.get("seed", 0)
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"{where}: sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if metric not in METRICS:
+        raise ConfigError(f"{where}: metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"{where}: seed must be a whole number, got {seed!r}")
+    adapter = _shared_adapter(fields["adapter"], f"{where}: adapter")
+    rungs = _rungs(fields.get("asha", {}), adapter["steps"], f"{where}: asha")
+    trials = {
+        f"{department}-trial{index:02d}": values
+        for index, values in enumerate(draw_trials(space, sampler, fields.get("trials"), seed, where))
+    }
+    adapters = [{**adapter, **values, "name": name, "eval_every": rungs.min_steps} for name, values in trials.items()]
+    fleet_spec_from_dict({"base": raw["base"], "output": raw["output"], "adapters": adapters}, where)
+    return DepartmentSearch(department, space, sampler, rungs, metric, seed, trials), adapters
+
+
+def _interleaved(departments: list[list[dict]]) -> list[dict]:
+    """One trial of each department in turn: every department's search starts in the first steps."""
+    return [adapter for turn in itertools.zip_longest(*departments) for adapter in turn if adapter is not None]
 
 
 def _shared_adapter(raw: object, where: str) -> dict:
@@ -146,14 +207,13 @@ def _shared_adapter(raw: object, where: str) -> dict:
     return adapter
 
 
-def _trial_fleet(raw: dict, adapter: dict, trials: dict[str, dict], rungs: Rungs, where: str) -> FleetSpec:
+def _trial_fleet(raw: dict, adapters: list[dict], where: str) -> FleetSpec:
     """One fleet whose adapters are the trials, each evaluated at every rung, validated as a fleet file is."""
     fleet = _mapping(raw.get("fleet", {}), f"{where}: fleet")
     if "checkpoint_every" in fleet:
         raise ConfigError(
             f"{where}: fleet: a sweep keeps no checkpoints (it cannot resume yet); leave out checkpoint_every"
         )
-    adapters = [{**adapter, **values, "name": name, "eval_every": rungs.min_steps} for name, values in trials.items()]
     # the rung decisions live in the sweep, not in a fleet checkpoint: a checkpoint could not resume them
     fleet = {**fleet, "checkpoint_every": 0, "base": raw["base"], "output": raw["output"], "adapters": adapters}
     return fleet_spec_from_dict(fleet, where)

@@ -1,0 +1,198 @@
+"""One sweep file searching several departments: all trials in one fleet, each department's trials
+ranked only among themselves and crowned apart.
+
+The sweep trains in float64, as tests/sweep/test_sweep.py's does, so a trial is held to its
+configuration trained alone within the derived bounds of tests/tolerances.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from lorafleet.config import FleetSpec
+from lorafleet.errors import ConfigError
+from lorafleet.fleet_dir import FleetDir
+from lorafleet.governance.registry import Registry
+from lorafleet.sweep.run import run_sweep
+from lorafleet.sweep.space import load_sweep_spec, sweep_spec_from_dict
+from lorafleet.train.trainer import train_fleet
+from tests import tolerances
+from tests.conftest import write_text_dataset
+from tests.sweep.test_sweep import metric_lines, plain_asha
+
+BUDGET, MIN_STEPS, REDUCTION = 8, 2, 2  # rungs at steps 2 and 4
+TRAIN_RECORDS, HELD_OUT_RECORDS = 24, 6
+
+
+def two_departments(root: Path, output: Path, base: Path) -> dict:
+    """finance searches large learning rates, legal tiny ones on the same data: pooled, legal's
+    trials would lose every rung to finance's; ranked apart, each department keeps its best."""
+    return {
+        "base": str(base),
+        "output": str(output),
+        "adapter": {  # shared by both departments
+            "data": str(root / "finance.jsonl"),
+            "eval_data": str(root / "finance-test.jsonl"),
+            "steps": BUDGET,
+            "micro_batch_size": 2,
+            "target_modules": ["q_proj", "v_proj"],
+            "seed": 1,
+            "warmup_steps": 1,
+        },
+        "sampler": "grid",
+        "asha": {"min_steps": MIN_STEPS, "reduction_factor": REDUCTION},
+        "departments": {
+            "finance": {"space": {"learning_rate": {"choice": [2e-2, 5e-3, 1e-3]}}},
+            "legal": {
+                "adapter": {"seed": 2},
+                "space": {"learning_rate": {"choice": [3e-5, 1e-5]}, "rank": {"choice": [2, 4]}},
+            },
+        },
+        "fleet": {"max_concurrent": 3},
+    }
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny_lm_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("departments")
+    write_text_dataset(root / "finance.jsonl", TRAIN_RECORDS, seed=0)
+    write_text_dataset(root / "finance-test.jsonl", HELD_OUT_RECORDS, seed=1)
+    spec = sweep_spec_from_dict(two_departments(root, root / "out", tiny_lm_dir), "sweep.yaml")
+    spec.fleet.dtype = "float64"  # for the exact comparisons; a sweep file cannot ask for it
+    return spec, run_sweep(spec, progress=False)
+
+
+def arrivals_at_rungs(output: str, trials: set[str]) -> list[tuple[int, str, int, float]]:
+    return [
+        (r["fleet_step"], r["adapter"], r["step"], r["eval_loss"])
+        for r in metric_lines(output)
+        if "eval_loss" in r and r["step"] < BUDGET and r["adapter"] in trials
+    ]
+
+
+def test_each_departments_rung_decisions_equal_a_plain_asha_over_its_own_trials(sweep):
+    spec, results = sweep
+    every_trial = set()
+    for department, search in spec.departments.items():
+        arrivals = arrivals_at_rungs(spec.fleet.output, set(search.trials))
+        ours = [(d["trial"], d["step"], d["continues"]) for d in results[department].record["decisions"]]
+        assert ours == plain_asha(arrivals, [2, 4], REDUCTION), department
+        assert not all(continues for _, _, continues in ours), f"{department}: no trial stopped; nothing is checked"
+        every_trial |= set(search.trials)
+    pooled = plain_asha(arrivals_at_rungs(spec.fleet.output, every_trial), [2, 4], REDUCTION)
+    decisions = [d for result in results.values() for d in result.record["decisions"]]
+    ranked_apart = sorted((d["trial"], d["step"], d["continues"]) for d in decisions)
+    assert sorted(pooled) != ranked_apart, "one ASHA over both departments decides the same; this test checks nothing"
+
+
+def test_the_departments_trials_share_one_fleet_queued_in_turn(sweep):
+    spec, _ = sweep
+    assert [a.name for a in spec.fleet.adapters] == [
+        "finance-trial00", "legal-trial00", "finance-trial01", "legal-trial01",
+        "finance-trial02", "legal-trial02", "legal-trial03",
+    ]  # fmt: skip
+    steps_with_both = {
+        r["fleet_step"] for r in metric_lines(spec.fleet.output) if r["adapter"].startswith("finance")
+    } & {r["fleet_step"] for r in metric_lines(spec.fleet.output) if r["adapter"].startswith("legal")}
+    assert 1 in steps_with_both  # one base pass carried trials of both departments
+    legal = next(a for a in spec.fleet.adapters if a.name == "legal-trial00")
+    assert (legal.seed, legal.micro_batch_size, legal.eval_every) == (2, 2, MIN_STEPS)  # its own over the shared
+
+
+def test_each_department_gets_its_own_winner(sweep):
+    spec, results = sweep
+    assert list(results) == ["finance", "legal"]
+    record = json.loads((Path(spec.fleet.output) / "sweep.json").read_text())
+    assert [r["department"] for r in record["departments"]] == ["finance", "legal"]
+    registry = Registry(spec.fleet.output)
+    try:
+        for department, result in results.items():
+            finished = [t for t in result.trials if t.stopped_at is None]
+            assert {t.name for t in result.trials} == set(spec.departments[department].trials)
+            assert result.winner == min(finished, key=lambda t: t.final).name
+            assert result.winner.startswith(f"{department}-trial")
+            assert registry.find(department).sweep["winner"]["trial"] == result.winner
+    finally:
+        registry.close()
+
+
+def test_a_trial_of_the_second_department_equals_its_configuration_trained_alone(sweep, tmp_path):
+    """Legal's winner, which shared fleet steps with finance's trials (a stopped trial matching its
+    lone run is tests/sweep/test_sweep.py's)."""
+    spec, results = sweep
+    trial = next(a for a in spec.fleet.adapters if a.name == results["legal"].winner)
+    alone_spec = FleetSpec(
+        base=spec.fleet.base,
+        output=str(tmp_path / trial.name),
+        adapters=[dataclasses.replace(trial)],
+        dtype="float64",
+        checkpoint_every=0,
+    )
+    alone = train_fleet(alone_spec, progress=False)
+    weight_tolerance = tolerances.trained_weights(trial.learning_rate, BUDGET)
+    reference = load_file(alone.adapters[trial.name] / "adapter_model.safetensors")
+    theirs = metric_lines(alone_spec.output)
+    loss_tolerance = tolerances.metric(
+        weight_tolerance, sum(t.numel() for t in reference.values()), max(r["grad_norm"] for r in theirs)
+    )
+    mine = [r for r in metric_lines(spec.fleet.output) if r["adapter"] == trial.name]
+    assert len(mine) == len(theirs) == BUDGET
+    for a, b in zip(mine, theirs, strict=True):
+        assert a["step"] == b["step"]
+        for key in ("loss", "eval_loss"):
+            assert (key in a) == (key in b), (a["step"], key)
+            if key in a:
+                assert abs(a[key] - b[key]) <= loss_tolerance * max(1.0, abs(b[key])), (a["step"], key)
+    in_sweep = load_file(FleetDir(spec.fleet.output).adapter(trial.name) / "adapter_model.safetensors")
+    tolerances.assert_same_weights({"w": in_sweep}, {"w": reference}, weight_tolerance)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"legal": {"spce": {}}}, "sweep.yaml: departments: legal: unknown field 'spce'"),
+        ({"legal": {}}, "sweep.yaml: departments: legal: missing required field 'space'"),
+        (
+            {"legal": {"space": {"rank": {"choice": [2]}}, "adapter": {"eval_data": None}}},
+            "sweep.yaml: departments: legal: adapter: 'eval_data'",
+        ),
+        (
+            {"legal": {"space": {"rank": {"choice": [2]}}, "adapter": {"micro_batch_size": 0}}},
+            "sweep.yaml: departments: legal: adapters[0] (legal-trial00): micro_batch_size must be at least 1",
+        ),
+        (
+            {"legal": {"space": {"rank": {"choice": [2]}}, "asha": {"min_steps": BUDGET}}},
+            "sweep.yaml: departments: legal: asha: min_steps",
+        ),
+        ({"le gal": {"space": {"rank": {"choice": [2]}}}}, "sweep.yaml: departments: le gal: adapter name"),
+    ],
+)
+def test_a_wrong_department_names_the_department_and_the_field(tmp_path, change, message):
+    raw = two_departments(tmp_path, tmp_path / "out", tmp_path / "base")
+    raw["departments"] = {"finance": raw["departments"]["finance"], **change}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        sweep_spec_from_dict(raw, "sweep.yaml")
+
+
+def test_a_sweep_names_one_department_or_several_not_both(tmp_path):
+    raw = two_departments(tmp_path, tmp_path / "out", tmp_path / "base") | {"department": "finance"}
+    with pytest.raises(ConfigError, match="give 'department' .* or 'departments'"):
+        sweep_spec_from_dict(raw, "sweep.yaml")
+
+
+README = Path(__file__).parents[2] / "README.md"
+
+
+def test_readme_departments_example_is_a_valid_sweep_file(tmp_path):
+    example = re.search(r"```yaml\n(# departments-sweep\.yaml.*?)```", README.read_text(), re.S).group(1)
+    (tmp_path / "departments-sweep.yaml").write_text(example)
+    spec = load_sweep_spec(tmp_path / "departments-sweep.yaml")
+    assert list(spec.departments) == ["finance", "legal"]
+    assert all(len(search.trials) == 12 for search in spec.departments.values())
+    legal = next(a for a in spec.fleet.adapters if a.name.startswith("legal"))
+    assert legal.data == str(tmp_path / "data/legal.jsonl") and legal.micro_batch_size == 4
