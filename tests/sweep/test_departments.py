@@ -1,5 +1,6 @@
 """One sweep file searching several departments: all trials in one fleet, each department's trials
-ranked only among themselves and crowned apart.
+ranked only among themselves and crowned apart; and `--retrain-full`, which trains each winner's
+configuration again on the training and held-out files together.
 
 The sweep trains in float64, as tests/sweep/test_sweep.py's does, so a trial is held to its
 configuration trained alone within the derived bounds of tests/tolerances.py."""
@@ -12,11 +13,15 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from safetensors.torch import load_file
 
+from lorafleet.cli import main
 from lorafleet.config import FleetSpec
 from lorafleet.errors import ConfigError
 from lorafleet.fleet_dir import FleetDir
+from lorafleet.governance.lineage import read_lineage
 from lorafleet.governance.registry import Registry
 from lorafleet.sweep.run import run_sweep
 from lorafleet.sweep.space import load_sweep_spec, sweep_spec_from_dict
@@ -64,7 +69,7 @@ def sweep(tiny_lm_dir, tmp_path_factory):
     write_text_dataset(root / "finance-test.jsonl", HELD_OUT_RECORDS, seed=1)
     spec = sweep_spec_from_dict(two_departments(root, root / "out", tiny_lm_dir), "sweep.yaml")
     spec.fleet.dtype = "float64"  # for the exact comparisons; a sweep file cannot ask for it
-    return spec, run_sweep(spec, progress=False)
+    return spec, run_sweep(spec, progress=False, retrain_full=True)
 
 
 def arrivals_at_rungs(output: str, trials: set[str]) -> list[tuple[int, str, int, float]]:
@@ -152,6 +157,28 @@ def test_a_trial_of_the_second_department_equals_its_configuration_trained_alone
     tolerances.assert_same_weights({"w": in_sweep}, {"w": reference}, weight_tolerance)
 
 
+def test_retrain_full_saves_the_winner_retrained_on_all_the_data_and_says_so(sweep):
+    spec, results = sweep
+    for department, result in results.items():
+        trial_dir = FleetDir(spec.fleet.output).adapter(result.winner)
+        retrained = load_file(result.adapter / "adapter_model.safetensors")
+        trial = load_file(trial_dir / "adapter_model.safetensors")
+        assert retrained.keys() == trial.keys()
+        assert any(not torch.equal(retrained[name], trial[name]) for name in trial)
+        assert read_lineage(trial_dir).name == result.winner  # the trial's weights stay where they were
+        lineage = read_lineage(result.adapter)
+        assert lineage.name == department
+        assert lineage.sweep["winner"]["trial"] == result.winner
+        assert lineage.sweep["retrained"]["trial"] == result.winner
+        assert "not a held-out number" in lineage.sweep["retrained"]["held_out"]
+        assert [d["records"] for d in lineage.sweep["retrained"]["data"]] == [TRAIN_RECORDS, HELD_OUT_RECORDS]
+        assert [d.records for d in lineage.data] == [TRAIN_RECORDS + HELD_OUT_RECORDS]
+        assert lineage.loss["optimizer_steps"] == BUDGET
+        assert lineage.id != read_lineage(trial_dir).id
+    written = json.loads((Path(spec.fleet.output) / "sweep.json").read_text())
+    assert all(r["retrained"]["trial"] == results[r["department"]].winner for r in written["departments"])
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -196,3 +223,22 @@ def test_readme_departments_example_is_a_valid_sweep_file(tmp_path):
     assert all(len(search.trials) == 12 for search in spec.departments.values())
     legal = next(a for a in spec.fleet.adapters if a.name.startswith("legal"))
     assert legal.data == str(tmp_path / "data/legal.jsonl") and legal.micro_batch_size == 4
+
+
+def test_the_sweep_command_retrains_each_departments_winner(tiny_lm_dir, tmp_path, capsys):
+    write_text_dataset(tmp_path / "train.jsonl", 8, seed=0)
+    write_text_dataset(tmp_path / "eval.jsonl", 4, seed=1)
+    raw = two_departments(Path("."), Path("out"), tiny_lm_dir)
+    raw["adapter"] |= {"data": "train.jsonl", "eval_data": "eval.jsonl", "steps": 3}
+    raw["asha"] = {"min_steps": 1}
+    raw["departments"] = {
+        "finance": {"space": {"learning_rate": {"choice": [2e-2]}}},
+        "legal": {"space": {"learning_rate": {"choice": [1e-3]}}},
+    }
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--retrain-full", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "winner: finance-trial00" in printed and "winner: legal-trial00" in printed
+    assert printed.count("(retrained on the training and held-out data)") == 2
+    for department in ("finance", "legal"):
+        assert read_lineage(tmp_path / "out/adapters" / department).sweep["retrained"]["steps"] == 3

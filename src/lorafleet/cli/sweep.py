@@ -18,6 +18,12 @@ def add_sweep_parser(commands: argparse._SubParsersAction) -> None:
     sweep.add_argument(
         "sweep", type=Path, help="sweep file (YAML): base, output, department (or departments), adapter, space, trials"
     )
+    sweep.add_argument(
+        "--retrain-full",
+        action="store_true",
+        help="after the sweep, train each winner's configuration on its training and held-out files together "
+        "(full budget, no stopping) and save that as the department's adapter",
+    )
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
     sweep.set_defaults(command="sweep", run=_run_sweep)
 
@@ -27,7 +33,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
     from lorafleet.sweep.space import load_sweep_spec
 
     spec = load_sweep_spec(args.sweep)
-    results = run_sweep(spec, progress=not args.no_progress)
+    results = run_sweep(spec, progress=not args.no_progress, retrain_full=args.retrain_full)
     for department, result in results.items():
         metric = spec.departments[department].metric
         for trial in result.trials:
@@ -37,7 +43,8 @@ def _run_sweep(args: argparse.Namespace) -> int:
                 for key, value in trial.values.items()
             )
             print(f"{trial.name}: {metric} {trial.final:.4f} ({where}) {values}")
-        print(f"winner: {result.winner} -> {result.adapter}")
+        retrained = " (retrained on the training and held-out data)" if "retrained" in result.record else ""
+        print(f"winner: {result.winner} -> {result.adapter}{retrained}")
         print(f"why: {result.record['winner']['why']}")
     print(f"sweep: {Path(spec.fleet.output) / SWEEP_FILE}")
     return 0

@@ -25,8 +25,6 @@ also agree on an 8x8 colour thumbnail. Both are a few lines of Pillow, so we tak
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import re
 import unicodedata
 from collections import Counter, defaultdict
@@ -37,8 +35,9 @@ from pathlib import Path
 from datasketch import MinHash, MinHashLSH
 from PIL import Image
 
+from lorafleet.data.join import relocated
 from lorafleet.data.records import ChatRecord, parse_record, read_jsonl_lines
-from lorafleet.data.redact import image_fields, write_atomically
+from lorafleet.data.redact import write_atomically
 from lorafleet.errors import DataError
 from lorafleet.governance.lineage import sha256_file
 
@@ -225,7 +224,7 @@ def dedup_file(
             continue
         index.add(text, images)
         kept_sources.append(record.source)
-        kept_lines.append(_relocated(line, source.parent, out.parent))
+        kept_lines.append(relocated(line, source.parent, out.parent))
     write_atomically(out, "".join(line + "\n" for line in kept_lines))
     return len(kept_lines), dropped
 
@@ -243,19 +242,3 @@ def audit_summary(source: Path, out: Path, threshold: float, kept: int, dropped:
         "kept": kept,
         "dropped": {"exact": kinds["exact"], "near": kinds["near"]},
     }
-
-
-def _relocated(line: str, source_root: Path, out_root: Path) -> str:
-    """The line with its image paths made relative to OUT's directory (a path in a record is
-    relative to the file that names it)."""
-    if source_root.resolve() == out_root.resolve():
-        return line
-    raw = json.loads(line)
-    moved = False
-    for container, key in image_fields(raw):
-        ref = container[key]
-        name = ref.removeprefix("file://")
-        if not ref.startswith("data:") and not Path(name).is_absolute():
-            container[key] = os.path.relpath((source_root / name).resolve(), out_root.resolve())
-            moved = True
-    return json.dumps(raw, ensure_ascii=False) if moved else line

@@ -11,7 +11,9 @@ A department's winner is its trial with the lowest final metric among those that
 whole budget. Its weights are copied to the department's adapter directory, and its lineage (under
 the department's name, in the registry) records the sweep: the space, every trial with its values,
 its metric curve and where it stopped, and why the winner won. `sweep.json` in the output holds
-the same for every department.
+the same for every department. With `retrain_full`, the winners' configurations train again, in a
+fleet of their own, on the training and held-out files together, and that retraining becomes the
+department's adapter; its record says so, and that the winner's metric is no longer held out.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorafleet.data.join import join_jsonl
+from lorafleet.data.records import read_jsonl_lines
 from lorafleet.errors import ConfigError, TrainingError
 from lorafleet.fleet_dir import FleetDir
 from lorafleet.governance.audit import AuditLog
-from lorafleet.governance.lineage import read_lineage, write_lineage
+from lorafleet.governance.lineage import read_lineage, sha256_file, write_lineage
 from lorafleet.governance.registry import Registry
 from lorafleet.models.loading import FrozenBase
 from lorafleet.sweep.asha import SuccessiveHalving
@@ -36,6 +40,7 @@ from lorafleet.train.job import AdapterJob
 from lorafleet.train.trainer import FleetTrainer
 
 SWEEP_FILE = "sweep.json"
+RETRAIN_DIR = "retrain"  # --retrain-full's fleet, inside the sweep's output
 
 
 @dataclass
@@ -60,14 +65,17 @@ class SweepResult:
 
     department: str
     winner: str  # the winning trial
-    adapter: Path  # the department's adapter: the winner's weights
+    adapter: Path  # the department's adapter: the winner's weights, or its retraining on all the data
     trials: list[Trial]
     record: dict  # what sweep.json and the department's lineage hold
 
 
-def run_sweep(spec: SweepSpec, progress: bool = True, base: FrozenBase | None = None) -> dict[str, SweepResult]:
+def run_sweep(
+    spec: SweepSpec, progress: bool = True, base: FrozenBase | None = None, retrain_full: bool = False
+) -> dict[str, SweepResult]:
     """Train every trial of `spec` in one fleet with successive halving per department; save each
-    department's winner as its adapter in `<output>/adapters/<department>/`."""
+    department's winner as its adapter in `<output>/adapters/<department>/` (with `retrain_full`,
+    the winner's configuration trained again on the training and held-out files together)."""
     if distributed.launched():  # every process would run the whole sweep and crown its own winner
         raise ConfigError("lorafleet sweep runs on one process; start it without torchrun")
     output = FleetDir(spec.fleet.output)
@@ -84,6 +92,11 @@ def run_sweep(spec: SweepSpec, progress: bool = True, base: FrozenBase | None = 
         winner = choose_winner(trials, search)
         outcomes[department] = (trials, winner, sweep_record(search, trials, winner, halvings[department]))
     sources = {department: output.adapter(winner.name) for department, (_, winner, _) in outcomes.items()}
+    if retrain_full:
+        winners = {department: winner.name for department, (_, winner, _) in outcomes.items()}
+        sources = retrain_winners(spec, winners, progress)
+        for department, (_, _, record) in outcomes.items():
+            record["retrained"] = retraining_record(spec, department, winners[department], record)
     records = [record for _, _, record in outcomes.values()]
     (Path(spec.fleet.output) / SWEEP_FILE).write_text(json.dumps({"departments": records}, indent=2) + "\n")
     results = {}
@@ -159,8 +172,43 @@ def sweep_record(spec: DepartmentSearch, trials: list[Trial], winner: Trial, hal
     }
 
 
+def retrain_winners(spec: SweepSpec, winners: dict[str, str], progress: bool) -> dict[str, Path]:
+    """Each department's winning configuration (department -> trial) trained again on its training
+    and held-out files together, the full budget with no rungs, all departments in one fleet of its
+    own in `<output>/retrain/` (the trials' weights stay where they are); where each was saved."""
+    retrain = FleetDir(Path(spec.fleet.output) / RETRAIN_DIR)
+    trials = {adapter.name: adapter for adapter in spec.fleet.adapters}
+    adapters = []
+    for department, trial in winners.items():
+        winning = trials[trial]
+        everything = [Path(winning.data), Path(winning.eval_data)]
+        data = join_jsonl(everything, retrain.root / "data" / f"{department}.jsonl")
+        adapters.append(dataclasses.replace(winning, name=department, data=str(data), eval_data=None, eval_every=None))
+    fleet = dataclasses.replace(spec.fleet, output=str(retrain.root), adapters=adapters)
+    return FleetTrainer(fleet, progress=progress).run().adapters
+
+
+def retraining_record(spec: SweepSpec, department: str, trial: str, record: dict) -> dict:
+    """What the sweep record says of a retrained winner: its data, and that the winner's metric is
+    not a held-out number for the retrained adapter (it trained on the held-out file)."""
+    winning = next(adapter for adapter in spec.fleet.adapters if adapter.name == trial)
+    files = [Path(winning.data), Path(winning.eval_data)]
+    metric = record["metric"]
+    return {
+        "trial": trial,
+        "steps": winning.steps,
+        "data": [
+            {"path": str(path.resolve()), "sha256": sha256_file(path), "records": len(read_jsonl_lines(path))}
+            for path in files
+        ],
+        "held_out": f"none: retrained on {files[1]} too, so the winner's {metric} "
+        f"({record['winner'][metric]:.6g}) was measured on data this adapter trained on and is not a held-out "
+        "number for it; evaluate it on data it has not seen",
+    }
+
+
 def crown(spec: SweepSpec, department: str, winner: Trial, record: dict, source: Path) -> Path:
-    """The weights in `source` (the winning trial's) as the department's adapter,
+    """The weights in `source` (the winning trial's, or its retraining) as the department's adapter,
     its lineage carrying the sweep; registered under the department's name (the trial's own weights:
     the same lineage id as the trial) and audited."""
     output = Path(spec.fleet.output)
@@ -180,6 +228,7 @@ def crown(spec: SweepSpec, department: str, winner: Trial, record: dict, source:
         {
             "department": department,
             "trial": winner.name,
+            "retrained_on_all_data": "retrained" in record,
             "directory": str(destination),
             "lineage_id": lineage.id,
         },
