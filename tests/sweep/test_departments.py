@@ -179,6 +179,22 @@ def test_retrain_full_saves_the_winner_retrained_on_all_the_data_and_says_so(swe
     assert all(r["retrained"]["trial"] == results[r["department"]].winner for r in written["departments"])
 
 
+def test_the_retrained_adapter_equals_the_winners_configuration_trained_alone_on_both_files(sweep, tmp_path):
+    spec, results = sweep
+    winning = next(a for a in spec.fleet.adapters if a.name == results["finance"].winner)
+    joined = Path(spec.fleet.output) / "retrain/data/finance.jsonl"
+    assert len(joined.read_text().splitlines()) == TRAIN_RECORDS + HELD_OUT_RECORDS
+    retrain = dataclasses.replace(winning, name="finance", data=str(joined), eval_data=None, eval_every=None)
+    alone_spec = FleetSpec(
+        base=spec.fleet.base, output=str(tmp_path / "alone"), adapters=[retrain], dtype="float64", checkpoint_every=0
+    )
+    alone = train_fleet(alone_spec, progress=False)
+    reference = load_file(alone.adapters["finance"] / "adapter_model.safetensors")
+    crowned = load_file(results["finance"].adapter / "adapter_model.safetensors")
+    tolerance = tolerances.trained_weights(winning.learning_rate, BUDGET)
+    tolerances.assert_same_weights({"w": crowned}, {"w": reference}, tolerance)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -85,7 +85,8 @@ def run_sweep(
                 f"{output.adapter(department)} exists already; choose another output for the sweep or move it away"
             )
     halvings = {department: SuccessiveHalving(search.rungs) for department, search in spec.departments.items()}
-    FleetTrainer(spec.fleet, base=base, progress=progress, stops_early=per_department(spec, halvings)).run()
+    trainer = FleetTrainer(spec.fleet, base=base, progress=progress, stops_early=per_department(spec, halvings))
+    trainer.run()
     outcomes = {}
     for department, search in spec.departments.items():
         trials = read_trials(search, output.metrics)
@@ -94,7 +95,7 @@ def run_sweep(
     sources = {department: output.adapter(winner.name) for department, (_, winner, _) in outcomes.items()}
     if retrain_full:
         winners = {department: winner.name for department, (_, winner, _) in outcomes.items()}
-        sources = retrain_winners(spec, winners, progress)
+        sources = retrain_winners(spec, winners, progress, trainer.base)
         for department, (_, _, record) in outcomes.items():
             record["retrained"] = retraining_record(spec, department, winners[department], record)
     records = [record for _, _, record in outcomes.values()]
@@ -172,10 +173,11 @@ def sweep_record(spec: DepartmentSearch, trials: list[Trial], winner: Trial, hal
     }
 
 
-def retrain_winners(spec: SweepSpec, winners: dict[str, str], progress: bool) -> dict[str, Path]:
+def retrain_winners(spec: SweepSpec, winners: dict[str, str], progress: bool, base: FrozenBase) -> dict[str, Path]:
     """Each department's winning configuration (department -> trial) trained again on its training
     and held-out files together, the full budget with no rungs, all departments in one fleet of its
-    own in `<output>/retrain/` (the trials' weights stay where they are); where each was saved."""
+    own in `<output>/retrain/` on the sweep's loaded base (the trials' weights stay where they
+    are); where each was saved."""
     retrain = FleetDir(Path(spec.fleet.output) / RETRAIN_DIR)
     trials = {adapter.name: adapter for adapter in spec.fleet.adapters}
     adapters = []
@@ -185,7 +187,7 @@ def retrain_winners(spec: SweepSpec, winners: dict[str, str], progress: bool) ->
         data = join_jsonl(everything, retrain.root / "data" / f"{department}.jsonl")
         adapters.append(dataclasses.replace(winning, name=department, data=str(data), eval_data=None, eval_every=None))
     fleet = dataclasses.replace(spec.fleet, output=str(retrain.root), adapters=adapters)
-    return FleetTrainer(fleet, progress=progress).run().adapters
+    return FleetTrainer(fleet, base=base, progress=progress).run().adapters
 
 
 def retraining_record(spec: SweepSpec, department: str, trial: str, record: dict) -> dict:
