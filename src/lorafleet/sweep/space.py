@@ -171,13 +171,7 @@ def _department_search(raw: dict, department: object, fields: dict, where: str) 
         if required not in fields:
             raise ConfigError(f"{where}: missing required field {required!r}")
     space = _space(fields["space"], f"{where}: space")
-    sampler, metric, seed = fields.get("sampler", "random"), fields.get("metric", "eval_loss"), fields.get("seed", 0)
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"{where}: sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-    if metric not in METRICS:
-        raise ConfigError(f"{where}: metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ConfigError(f"{where}: seed must be a whole number, got {seed!r}")
+    sampler, metric, seed = _sampler_metric_seed(fields, where)
     adapter = _shared_adapter(fields["adapter"], f"{where}: adapter")
     rungs = _rungs(fields.get("asha", {}), adapter["steps"], f"{where}: asha")
     trials = {
@@ -187,6 +181,17 @@ def _department_search(raw: dict, department: object, fields: dict, where: str) 
     adapters = [{**adapter, **values, "name": name, "eval_every": rungs.min_steps} for name, values in trials.items()]
     fleet_spec_from_dict({"base": raw["base"], "output": raw["output"], "adapters": adapters}, where)
     return DepartmentSearch(department, space, sampler, rungs, metric, seed, trials), adapters
+
+
+def _sampler_metric_seed(fields: dict, where: str) -> tuple[str, str, int]:
+    sampler, metric, seed = fields.get("sampler", "random"), fields.get("metric", "eval_loss"), fields.get("seed", 0)
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"{where}: sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if metric not in METRICS:
+        raise ConfigError(f"{where}: metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"{where}: seed must be a whole number, got {seed!r}")
+    return sampler, metric, seed
 
 
 def _interleaved(departments: list[list[dict]]) -> list[dict]:
