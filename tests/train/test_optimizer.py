@@ -68,6 +68,22 @@ def test_state_round_trips_and_reads_a_torch_adamw_checkpoint():
     assert other.state_dict("b")["step"] == 1
 
 
+def test_the_state_of_an_adapter_that_has_not_stepped_yet_round_trips():
+    """A checkpoint may fall in the fleet step a queued adapter joined in, before its first step:
+    its moments do not exist yet, and a resumed run makes them at that first step as an unbroken one does."""
+    straight, resumed = adapters(0)["a"], adapters(0)["a"]
+    fleet, other = FleetAdamW(), FleetAdamW()
+    fleet.add("a", straight, 0.0, 1.0)
+    other.add("a", resumed, 0.0, 1.0)
+    other.load_state_dict("a", fleet.state_dict("a"))
+    for params, optimizer in ((straight, fleet), (resumed, other)):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        optimizer.step({"a": 1e-2})
+    for mine, theirs in zip(resumed, straight, strict=True):
+        assert mine.equal(theirs)
+
+
 def test_loraplus_steps_b_and_dora_magnitudes_as_peft_loraplus_optimizer_groups_them():
     """peft's create_loraplus_optimizer on a DoRA adapter: B and the 1-D magnitude vector at
     lr × ratio, A at lr, weight decay on all; the fleet optimizer with `loraplus_scales` steps

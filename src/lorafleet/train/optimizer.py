@@ -135,6 +135,9 @@ class FleetAdamW:
         if "param_groups" in saved:  # a checkpoint written with one torch.optim.AdamW per adapter
             saved = _from_torch_adamw(saved, len(state.params))
         state.step = saved["step"]
+        if not saved["exp_avg"]:  # saved before its first step: the moments are made at that step
+            state.exp_avg, state.exp_avg_sq = [], []
+            return
         state.exp_avg = [t.to(p.device) for t, p in zip(saved["exp_avg"], state.params, strict=True)]
         state.exp_avg_sq = [t.to(p.device) for t, p in zip(saved["exp_avg_sq"], state.params, strict=True)]
 
