@@ -15,6 +15,8 @@ demo` makes; serving, evaluation, compression, the report and governance read it
     replicas/<id>/audit/           each gateway replica's own audit chain (lorafleet serve --state)
     erasures/<id>/                 what `lorafleet data forget` did: its plan, the retraining fleet
                                    file and the retraining run (a fleet directory of its own)
+    trials/                        a sweep's trials (`lorafleet sweep`): a fleet directory of its
+                                   own, so that adapters/ holds the winner alone
 
 Paths inside a fleet resolve relative to it, so a fleet can be copied or moved. What lies inside
 `audit/` and inside each adapter's directory belongs to governance and to the PEFT format.
@@ -39,6 +41,7 @@ DATABASE = "lorafleet.sqlite"  # shared by the registry and the request log: the
 AUDIT = "audit"
 ERASURES = "erasures"
 REPLICAS = "replicas"
+TRIALS = "trials"
 _REPLICA_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _CHECKPOINT = re.compile(r"^step-(\d{8})\.pt$")
 
@@ -116,6 +119,10 @@ class FleetDir:
 
     def erasure(self, erasure_id: str) -> Path:
         return self.erasures / erasure_id
+
+    @property
+    def trials(self) -> Path:
+        return self.root / TRIALS
 
 
 def checkpoint_step(path: Path) -> int | None:

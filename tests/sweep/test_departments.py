@@ -112,9 +112,9 @@ def test_the_departments_trials_share_one_fleet_queued_in_turn(sweep):
 def test_each_department_gets_its_own_winner(sweep):
     spec, results = sweep
     assert list(results) == ["finance", "legal"]
-    record = json.loads((Path(spec.fleet.output) / "sweep.json").read_text())
+    record = json.loads((spec.output / "sweep.json").read_text())
     assert [r["department"] for r in record["departments"]] == ["finance", "legal"]
-    registry = Registry(spec.fleet.output)
+    registry = Registry(spec.output)
     try:
         for department, result in results.items():
             finished = [t for t in result.trials if t.stopped_at is None]
@@ -175,14 +175,14 @@ def test_retrain_full_saves_the_winner_retrained_on_all_the_data_and_says_so(swe
         assert [d.records for d in lineage.data] == [TRAIN_RECORDS + HELD_OUT_RECORDS]
         assert lineage.loss["optimizer_steps"] == BUDGET
         assert lineage.id != read_lineage(trial_dir).id
-    written = json.loads((Path(spec.fleet.output) / "sweep.json").read_text())
+    written = json.loads((spec.output / "sweep.json").read_text())
     assert all(r["retrained"]["trial"] == results[r["department"]].winner for r in written["departments"])
 
 
 def test_the_retrained_adapter_equals_the_winners_configuration_trained_alone_on_both_files(sweep, tmp_path):
     spec, results = sweep
     winning = next(a for a in spec.fleet.adapters if a.name == results["finance"].winner)
-    joined = Path(spec.fleet.output) / "retrain/data/finance.jsonl"
+    joined = spec.output / "retrain/data/finance.jsonl"
     assert len(joined.read_text().splitlines()) == TRAIN_RECORDS + HELD_OUT_RECORDS
     retrain = dataclasses.replace(winning, name="finance", data=str(joined), eval_data=None, eval_every=None)
     alone_spec = FleetSpec(

@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 from lorafleet.cli import main
 from lorafleet.config import FleetSpec
 from lorafleet.errors import ConfigError
+from lorafleet.fleet_dir import FleetDir, fleet_adapters
+from lorafleet.governance.audit import verify_chain
 from lorafleet.governance.lineage import read_lineage
 from lorafleet.governance.registry import Registry
 from lorafleet.sweep.run import run_sweep
@@ -157,11 +159,27 @@ def test_the_winner_is_the_best_full_budget_trial_and_its_lineage_records_the_sw
     assert lineage.sweep["space"] == {"learning_rate": {"choice": [2e-2, 5e-3, 1e-3]}, "rank": {"choice": [2, 4]}}
     assert {t["name"]: t["final"] for t in lineage.sweep["trials"]} == {t.name: t.final for t in result.trials}
     assert "lowest final eval_loss" in lineage.sweep["winner"]["why"]
-    registry = Registry(spec.fleet.output)
+    registry = Registry(spec.output)
     try:
         assert registry.find("finance").sweep["winner"]["trial"] == result.winner
     finally:
         registry.close()
+
+
+def test_the_output_fleet_holds_the_winner_alone_and_the_trials_a_fleet_of_their_own(sweep):
+    """`lorafleet serve --fleet <output>` lists adapters as fleet_adapters does: the winner only;
+    the trials keep their adapters, metrics, registry and audit log in `<output>/trials/`."""
+    spec, result = sweep
+    output = spec.output
+    assert fleet_adapters(output) == {"finance": output / "adapters/finance"}
+    trials = fleet_adapters(output / "trials")
+    assert set(trials) == {t.name for t in result.trials}
+    assert result.record["winner"]["trial_directory"] == f"trials/adapters/{result.winner}"
+    assert read_lineage(result.adapter).sweep["winner"]["trial_directory"] == f"trials/adapters/{result.winner}"
+    crowned, trial = (load_file(d / "adapter_model.safetensors") for d in (result.adapter, trials[result.winner]))
+    assert crowned.keys() == trial.keys() and all(crowned[k].equal(trial[k]) for k in trial)
+    assert verify_chain(FleetDir(output).audit).entries == 1  # sweep.winner; the trials' training is theirs
+    assert verify_chain(FleetDir(output / "trials").audit).entries > len(trials)
 
 
 def test_samplers_are_seeded_and_the_grid_takes_every_combination(tmp_path):

@@ -46,5 +46,5 @@ def _run_sweep(args: argparse.Namespace) -> int:
         retrained = " (retrained on the training and held-out data)" if "retrained" in result.record else ""
         print(f"winner: {result.winner} -> {result.adapter}{retrained}")
         print(f"why: {result.record['winner']['why']}")
-    print(f"sweep: {Path(spec.fleet.output) / SWEEP_FILE}")
+    print(f"sweep: {spec.output / SWEEP_FILE}")
     return 0

@@ -7,11 +7,14 @@ department so that a trial is ranked only among its own department's trials, dec
 numbers through the trainer's `stops_early`, and a stopped trial is saved as it stands, keeps its
 metrics in metrics.jsonl, and hands its slot to the next queued trial in the same fleet step.
 
-A department's winner is its trial with the lowest final metric among those that trained their
-whole budget. Its weights are copied to the department's adapter directory, and its lineage (under
-the department's name, in the registry) records the sweep: the space, every trial with its values,
-its metric curve and where it stopped, and why the winner won. `sweep.json` in the output holds
-the same for every department. With `retrain_full`, the winners' configurations train again, in a
+The trials are a fleet of their own in `<output>/trials/` (their adapters, metrics.jsonl, registry
+and audit log), so that the output's `adapters/` holds the winners alone and `lorafleet serve
+--fleet <output>` serves them, not every trial. A department's winner is its trial with the lowest
+final metric among those that trained their whole budget. Its weights are copied to
+`<output>/adapters/<department>/`, and its lineage (under the department's name, in the output's
+registry) records the sweep: the space, every trial with its values, its metric curve and where
+it stopped, why the winner won and where the trial lies. `sweep.json` in the output holds the
+same for every department. With `retrain_full`, the winners' configurations train again, in a
 fleet of their own, on the training and held-out files together, and that retraining becomes the
 department's adapter; its record says so, and that the winner's metric is no longer held out.
 """
@@ -78,7 +81,7 @@ def run_sweep(
     the winner's configuration trained again on the training and held-out files together)."""
     if distributed.launched():  # every process would run the whole sweep and crown its own winner
         raise ConfigError("lorafleet sweep runs on one process; start it without torchrun")
-    output = FleetDir(spec.fleet.output)
+    output, trials_fleet = FleetDir(spec.output), FleetDir(spec.fleet.output)
     for department in spec.departments:
         if output.adapter(department).exists():
             raise ConfigError(
@@ -89,17 +92,20 @@ def run_sweep(
     trainer.run()
     outcomes = {}
     for department, search in spec.departments.items():
-        trials = read_trials(search, output.metrics)
+        trials = read_trials(search, trials_fleet.metrics)
         winner = choose_winner(trials, search)
-        outcomes[department] = (trials, winner, sweep_record(search, trials, winner, halvings[department]))
-    sources = {department: output.adapter(winner.name) for department, (_, winner, _) in outcomes.items()}
+        record = sweep_record(search, trials, winner, halvings[department])
+        # where the trial itself lies, relative to the output (its lineage and registry row are the trials' own)
+        record["winner"]["trial_directory"] = str(trials_fleet.adapter(winner.name).relative_to(spec.output))
+        outcomes[department] = (trials, winner, record)
+    sources = {department: trials_fleet.adapter(winner.name) for department, (_, winner, _) in outcomes.items()}
     if retrain_full:
         winners = {department: winner.name for department, (_, winner, _) in outcomes.items()}
         sources = retrain_winners(spec, winners, progress, trainer.base)
         for department, (_, _, record) in outcomes.items():
             record["retrained"] = retraining_record(spec, department, winners[department], record)
     records = [record for _, _, record in outcomes.values()]
-    (Path(spec.fleet.output) / SWEEP_FILE).write_text(json.dumps({"departments": records}, indent=2) + "\n")
+    (spec.output / SWEEP_FILE).write_text(json.dumps({"departments": records}, indent=2) + "\n")
     results = {}
     for department, (trials, winner, record) in outcomes.items():
         adapter = crown(spec, department, winner, record, sources[department])
@@ -178,7 +184,7 @@ def retrain_winners(spec: SweepSpec, winners: dict[str, str], progress: bool, ba
     and held-out files together, the full budget with no rungs, all departments in one fleet of its
     own in `<output>/retrain/` on the sweep's loaded base (the trials' weights stay where they
     are); where each was saved."""
-    retrain = FleetDir(Path(spec.fleet.output) / RETRAIN_DIR)
+    retrain = FleetDir(spec.output / RETRAIN_DIR)
     trials = {adapter.name: adapter for adapter in spec.fleet.adapters}
     adapters = []
     for department, trial in winners.items():
@@ -213,7 +219,7 @@ def crown(spec: SweepSpec, department: str, winner: Trial, record: dict, source:
     """The weights in `source` (the winning trial's, or its retraining) as the department's adapter,
     its lineage carrying the sweep; registered under the department's name (the trial's own weights:
     the same lineage id as the trial) and audited."""
-    output = Path(spec.fleet.output)
+    output = spec.output
     destination = FleetDir(output).adapter(department)
     shutil.copytree(source, destination)
     lineage = dataclasses.replace(

@@ -9,7 +9,9 @@ the default for every department: a department's `adapter` is laid over the shar
 field, and its other fields replace the shared ones. All departments' trials train in one fleet
 (queued in turn, one of each department), and each department's trials are ranked only among
 themselves. Each trial becomes an ordinary adapter spec named `<department>-trial<NN>`, validated
-as a fleet file is, so a misspelt field names the sweep file, the department and the field.
+as a fleet file is, so a misspelt field names the sweep file, the department and the field. The
+trials train as a fleet of their own in `<output>/trials/`; the output's own `adapters/` receives
+the winners alone.
 
 A dimension of the space is one of:
 
@@ -36,6 +38,7 @@ from lorafleet.config import (
     resolve_paths,
 )
 from lorafleet.errors import ConfigError
+from lorafleet.fleet_dir import FleetDir
 
 SAMPLERS = ("grid", "random")
 KINDS = ("choice", "log_uniform", "uniform")
@@ -98,6 +101,11 @@ class DepartmentSearch:
 class SweepSpec:
     fleet: FleetSpec  # every department's trials as adapters of one fleet, in the order they are queued
     departments: dict[str, DepartmentSearch]  # in the sweep file's order
+
+    @property
+    def output(self) -> Path:
+        """The sweep's output: the winners' fleet, holding the trials' own fleet in `trials/`."""
+        return Path(self.fleet.output).parent
 
 
 def load_sweep_spec(path: str | Path) -> SweepSpec:
@@ -220,7 +228,9 @@ def _trial_fleet(raw: dict, adapters: list[dict], where: str) -> FleetSpec:
             f"{where}: fleet: a sweep keeps no checkpoints (it cannot resume yet); leave out checkpoint_every"
         )
     # the rung decisions live in the sweep, not in a fleet checkpoint: a checkpoint could not resume them
-    fleet = {**fleet, "checkpoint_every": 0, "base": raw["base"], "output": raw["output"], "adapters": adapters}
+    # the trials are a fleet of their own inside the output, whose adapters/ receives the winners alone
+    output = str(FleetDir(raw["output"]).trials) if isinstance(raw["output"], str) else raw["output"]
+    fleet = {**fleet, "checkpoint_every": 0, "base": raw["base"], "output": output, "adapters": adapters}
     return fleet_spec_from_dict(fleet, where)
 
 
