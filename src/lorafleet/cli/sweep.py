@@ -37,12 +37,15 @@ def _run_sweep(args: argparse.Namespace) -> int:
     for department, result in results.items():
         metric = spec.departments[department].metric
         for trial in result.trials:
-            where = f"stopped at step {trial.stopped_at}" if trial.stopped_at else "full budget"
+            where = "full budget" if trial.stopped_at is None else f"stopped at step {trial.stopped_at}"
+            if trial.diverged:
+                where = f"diverged at step {trial.stopped_at + 1}: the loss was no longer a number"
+            final = "-" if trial.final is None else f"{trial.final:.4f}"
             values = ", ".join(
                 f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
                 for key, value in trial.values.items()
             )
-            print(f"{trial.name}: {metric} {trial.final:.4f} ({where}) {values}")
+            print(f"{trial.name}: {metric} {final} ({where}) {values}")
         retrained = " (retrained on the training and held-out data)" if "retrained" in result.record else ""
         print(f"winner: {result.winner} -> {result.adapter}{retrained}")
         print(f"why: {result.record['winner']['why']}")

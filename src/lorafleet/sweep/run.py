@@ -53,6 +53,7 @@ class Trial:
     curve: list[tuple[int, float]]  # (optimizer step, metric) at each held-out evaluation
     steps: int  # optimizer steps trained
     stopped_at: int | None  # the rung it stopped at; None: it trained its whole budget
+    diverged: bool = False  # stopped at `stopped_at` because its loss was no longer a number (never saved)
 
     @property
     def final(self) -> float | None:
@@ -88,7 +89,10 @@ def run_sweep(
                 f"{output.adapter(department)} exists already; choose another output for the sweep or move it away"
             )
     halvings = {department: SuccessiveHalving(search.rungs) for department, search in spec.departments.items()}
-    trainer = FleetTrainer(spec.fleet, base=base, progress=progress, stops_early=per_department(spec, halvings))
+    # a trial whose loss breaks stops alone (stops_diverged): the others are still worth finishing
+    trainer = FleetTrainer(
+        spec.fleet, base=base, progress=progress, stops_early=per_department(spec, halvings), stops_diverged=True
+    )
     trainer.run()
     outcomes = {}
     for department, search in spec.departments.items():
@@ -148,11 +152,13 @@ def read_trials(spec: DepartmentSearch, metrics: Path) -> list[Trial]:
             trial.curve.append((record["step"], record[spec.metric]))
         if record.get("stopped"):
             trial.stopped_at = record["step"]
+            trial.diverged = bool(record.get("diverged"))
     return list(trials.values())
 
 
 def choose_winner(trials: list[Trial], spec: DepartmentSearch) -> Trial:
-    """The lowest final metric among the trials that trained their whole budget (ties: the first queued)."""
+    """The lowest final metric among the trials that trained their whole budget (ties: the first
+    queued); a diverged trial stopped, so it never wins."""
     finished = [t for t in trials if t.stopped_at is None and t.final is not None]
     if not finished:
         raise TrainingError(f"sweep of {spec.department!r}: no trial trained its whole budget; see metrics.jsonl")
@@ -166,6 +172,9 @@ def sweep_record(spec: DepartmentSearch, trials: list[Trial], winner: Trial, hal
         f"({len(finished)} of {len(trials)} trials reached it; the others stopped at rungs "
         f"{spec.rungs.steps()}, reduction factor {spec.rungs.reduction_factor})"
     )
+    diverged = [t.name for t in trials if t.diverged]
+    if diverged:
+        why += f"; {', '.join(diverged)} diverged (the loss was no longer a number) and could not win"
     return {
         "department": spec.department,
         "metric": spec.metric,
@@ -175,6 +184,7 @@ def sweep_record(spec: DepartmentSearch, trials: list[Trial], winner: Trial, hal
         "rungs": {"steps": spec.rungs.steps(), **dataclasses.asdict(spec.rungs)},
         "trials": [t.to_dict() for t in trials],
         "decisions": [d.to_dict() for d in halving.decisions],
+        "diverged": diverged,
         "winner": {"trial": winner.name, "values": winner.values, spec.metric: winner.final, "why": why},
     }
 

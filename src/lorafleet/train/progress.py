@@ -21,6 +21,7 @@ class FleetResult:
     adapters: dict[str, Path] = field(default_factory=dict)  # name -> PEFT directory
     losses: dict[str, list[float]] = field(default_factory=dict)  # per optimizer step
     skipped: dict[str, list[str]] = field(default_factory=dict)  # bad records skipped, per adapter
+    diverged: list[str] = field(default_factory=list)  # stopped unsaved: the loss was no longer a number
     fleet_steps: int = 0
     tokens: int = 0  # non-padding tokens of all adapters processed so far
 
@@ -70,6 +71,9 @@ class ProgressBars:
         bar = self.bars[job.name]
         bar.set_postfix(shown, refresh=False)
         bar.update(1)
+
+    def stopped(self, job: AdapterJob) -> None:
+        self.bars[job.name].set_postfix({"stopped": "loss not a number"}, refresh=False)
 
     def close(self) -> None:
         for bar in self.bars.values():

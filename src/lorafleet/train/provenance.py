@@ -135,6 +135,13 @@ class TrainingProvenance:
         )
         return lineage
 
+    def adapter_diverged(self, name: str, loss: float, fleet_step: int, optimizer_steps: int) -> None:
+        """An adapter stopped unsaved because its loss was no longer a number (a sweep's trial)."""
+        self.audit.append(
+            "train.adapter_diverged",
+            {"adapter": name, "loss": str(loss), "fleet_step": fleet_step, "optimizer_steps": optimizer_steps},
+        )
+
     def run_finished(self, fleet_steps: int, tokens: int, adapters: dict[str, Path]) -> None:
         self.audit.append(
             "train.finish",

@@ -59,11 +59,13 @@ class FleetTrainer:
         on_step: Callable[[int], None] | None = None,
         group: distributed.Group | None = None,
         stops_early: Callable[[list[tuple[AdapterJob, dict[str, float]]]], set[str]] | None = None,
+        stops_diverged: bool = False,
     ) -> None:
         """`stops_early(evaluated)`: given the unfinished adapters evaluated on their held-out data in
         a step, each with its numbers, in the order they run, the names of those that stop there (a
         sweep's rung decision); a stopped adapter is saved as it stands and its slot goes to the
-        next queued one in the same step."""
+        next queued one in the same step. `stops_diverged`: an adapter whose loss is no longer a
+        number stops alone, unsaved, its slot handed on (a sweep's trial); else the run raises."""
         self.parallel = parallel_mode(group)
         self._is_rank_zero = self.parallel.rank == 0
         self.spec = spec = self.parallel.on_this_process(spec)
@@ -90,6 +92,9 @@ class FleetTrainer:
         self.output = Path(spec.output)
         self.on_step = on_step
         self.stops_early = stops_early
+        if stops_diverged and group is not None:
+            raise ConfigError("stopping diverged adapters alone runs on one process; start it without torchrun")
+        self.stops_diverged = stops_diverged
         self.result = FleetResult()
         self.objectives = {a.name: objective_for(a) for a in spec.adapters}
         self.targets = {a.name: target_modules(self.base, a) for a in spec.adapters if a.init_from is None}
@@ -157,16 +162,23 @@ class FleetTrainer:
             rest = rest[len(numbers) :]
         for job, grad_norm in zip(due, rest, strict=True):
             job.last_grad_norm = grad_norm
+        diverged = []
         for job, value in zip(self.active, values, strict=True):
             if not math.isfinite(value):  # stop before anything of it is saved
-                raise TrainingError(
-                    f"adapter {job.name!r}: the loss became {value} at fleet step {self.fleet_step} "
-                    f"(optimizer step {job.optimizer_step + 1}); its weights are not saved. Lower its "
-                    f"learning_rate ({job.spec.learning_rate:g}) or keep max_grad_norm on, and train "
-                    "again (or --resume from the last checkpoint)"
-                )
+                if not self.stops_diverged:
+                    raise TrainingError(
+                        f"adapter {job.name!r}: the loss became {value} at fleet step {self.fleet_step} "
+                        f"(optimizer step {job.optimizer_step + 1}); its weights are not saved. Lower its "
+                        f"learning_rate ({job.spec.learning_rate:g}) or keep max_grad_norm on, and train "
+                        "again (or --resume from the last checkpoint)"
+                    )
+                diverged.append((job, value))
+                continue
             job.add_loss(value)
         self.result.tokens += sum(step.tokens)
+        for job, value in diverged:
+            self._drop_diverged(job, value)
+        due = [job for job in due if job in self.active]
         if due:
             self._optimizer_stepped(due)
         self._admit()
@@ -291,12 +303,34 @@ class FleetTrainer:
             self.parallel.mail.note_saved(job, directory, self.fleet_step, step_losses)
         elif self._is_rank_zero:
             self.provenance.adapter_saved(job, directory, self.fleet_step, step_losses)
+        self._release(job)
+
+    def _release(self, job: AdapterJob) -> None:
+        """Take a finished or stopped `job` out of the step, the optimizer and the fleet."""
         self.active.remove(job)
         self.optimizer.remove(job.name)
         self.fleet.remove_adapter(job.name)
         if job.objective.reference_route is not None:
             self.fleet.remove_adapter(job.objective.reference_route)
         self.references.forget(job.name)
+
+    def _drop_diverged(self, job: AdapterJob, loss: float) -> None:
+        """Stop `job`, whose loss is no longer a number, without saving it (its weights are not
+        numbers either); its metrics line says why, and the others train on."""
+        record = {
+            "adapter": job.name,
+            "step": job.optimizer_step,  # the optimizer steps it took before the loss broke
+            "fleet_step": self.fleet_step,
+            "tokens": job.tokens,
+            "stopped": True,
+            "diverged": True,
+            "diverged_loss": str(loss),  # nan or inf: JSON has no number for either
+        }
+        self.run_log.write(record)
+        self.provenance.adapter_diverged(job.name, loss, self.fleet_step, job.optimizer_step)
+        self.result.diverged.append(job.name)
+        self.bars.stopped(job)
+        self._release(job)
 
     def _load(self, spec: AdapterSpec, path: str | None = None) -> list:
         """The adapter's training items (or those of `path`, its held-out file), as its objective reads them."""
@@ -309,8 +343,9 @@ class FleetTrainer:
 
     def checkpoint_state(self) -> dict:
         active = {job.name: job.state_dict() for job in self.active}
-        finished, losses = list(self.result.adapters), self.result.losses
-        return checkpoint.fleet_state(self.fleet_step, self.spec, finished, losses, active, self.references.saved())
+        finished, losses = list(self.result.adapters) + self.result.diverged, self.result.losses
+        state = checkpoint.fleet_state(self.fleet_step, self.spec, finished, losses, active, self.references.saved())
+        return state | {"diverged": list(self.result.diverged)}
 
     def save_checkpoint(self, state: dict) -> None:
         path = checkpoint.save_checkpoint(self.output, state, self.spec.keep_checkpoints)
@@ -341,8 +376,10 @@ class FleetTrainer:
         checkpoint.check_same_training(state, self.spec)
         self.fleet_step = state["fleet_step"]
         self.result.losses = state["losses"]
+        self.result.diverged = list(state.get("diverged", []))  # finished too, but never saved
         for name in state["finished"]:
-            self.result.adapters[name] = FleetDir(self.output).adapter(name)
+            if name not in self.result.diverged:
+                self.result.adapters[name] = FleetDir(self.output).adapter(name)
         by_name = {a.name: a for a in self.spec.adapters}
         self.pending = self.parallel.place(self.admission.remaining_work(state), self.pending)
         for name, job_state in state["active"].items():
