@@ -209,7 +209,6 @@ def test_samplers_are_seeded_and_the_grid_takes_every_combination(tmp_path):
         ({"space": {"learning_rate": {"log_uniform": [1e-4, 1e-2]}}}, "the grid sampler takes choice dimensions only"),
         ({"asha": {"min_steps": BUDGET}}, "min_steps must be a whole number from 1 to below the budget"),
         ({"space": {"rank": [2, 4]}}, "rank must be one of {choice: [...]}"),
-        ({"fleet": {"checkpoint_every": 10}}, "a sweep keeps no checkpoints"),
     ],
 )
 def test_a_wrong_sweep_file_names_the_field_and_the_fix(tmp_path, change, message):

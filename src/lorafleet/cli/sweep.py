@@ -24,6 +24,7 @@ def add_sweep_parser(commands: argparse._SubParsersAction) -> None:
         help="after the sweep, train each winner's configuration on its training and held-out files together "
         "(full budget, no stopping) and save that as the department's adapter",
     )
+    sweep.add_argument("--resume", action="store_true", help="continue a killed sweep from its last checkpoint")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
     sweep.set_defaults(command="sweep", run=_run_sweep)
 
@@ -33,7 +34,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
     from lorafleet.sweep.space import load_sweep_spec
 
     spec = load_sweep_spec(args.sweep)
-    results = run_sweep(spec, progress=not args.no_progress, retrain_full=args.retrain_full)
+    results = run_sweep(spec, progress=not args.no_progress, retrain_full=args.retrain_full, resume=args.resume)
     for department, result in results.items():
         metric = spec.departments[department].metric
         for trial in result.trials:

@@ -17,6 +17,15 @@ it stopped, why the winner won and where the trial lies. `sweep.json` in the out
 same for every department. With `retrain_full`, the winners' configurations train again, in a
 fleet of their own, on the training and held-out files together, and that retraining becomes the
 department's adapter; its record says so, and that the winner's metric is no longer held out.
+`sweep.json` is written last, after the crowning: it marks the sweep finished.
+
+A sweep resumes (`--resume`) from the trials' fleet checkpoints (train/checkpoint.py): stopped
+trials are finished there like any other. Successive halving's state is not in a checkpoint; it is
+rebuilt by replaying the metrics.jsonl lines up to the checkpoint's fleet step, a fleet step at a
+time in the order the trials ran, through the same rule, so the decisions are the same by
+construction (each replayed decision is checked against the `stopped` mark of its line). The sweep
+the trials started from is kept in `trials/sweep-spec.json`; resuming under a changed sweep file
+is refused.
 """
 
 from __future__ import annotations
@@ -31,19 +40,23 @@ from pathlib import Path
 from lorafleet.data.join import join_jsonl
 from lorafleet.data.records import read_jsonl_lines
 from lorafleet.errors import ConfigError, TrainingError
-from lorafleet.fleet_dir import FleetDir
+from lorafleet.fleet_dir import FleetDir, checkpoint_step
 from lorafleet.governance.audit import AuditLog
 from lorafleet.governance.lineage import read_lineage, sha256_file, write_lineage
 from lorafleet.governance.registry import Registry
 from lorafleet.models.loading import FrozenBase
 from lorafleet.sweep.asha import SuccessiveHalving
 from lorafleet.sweep.space import DepartmentSearch, SweepSpec
-from lorafleet.train import distributed
+from lorafleet.train import checkpoint, distributed
 from lorafleet.train.job import AdapterJob
 from lorafleet.train.trainer import FleetTrainer
 
 SWEEP_FILE = "sweep.json"
 RETRAIN_DIR = "retrain"  # --retrain-full's fleet, inside the sweep's output
+SPEC_FILE = "sweep-spec.json"  # in trials/: the sweep the trials started from, for --resume
+# fleet settings a resumed sweep may change: they decide no weight and no rung
+NOT_DECIDING = ("checkpoint_every", "keep_checkpoints")
+Arrival = tuple[str, int, dict[str, float]]  # a trial evaluated in a fleet step: name, optimizer step, numbers
 
 
 @dataclass
@@ -75,25 +88,34 @@ class SweepResult:
 
 
 def run_sweep(
-    spec: SweepSpec, progress: bool = True, base: FrozenBase | None = None, retrain_full: bool = False
+    spec: SweepSpec,
+    progress: bool = True,
+    base: FrozenBase | None = None,
+    retrain_full: bool = False,
+    resume: bool = False,
 ) -> dict[str, SweepResult]:
     """Train every trial of `spec` in one fleet with successive halving per department; save each
     department's winner as its adapter in `<output>/adapters/<department>/` (with `retrain_full`,
-    the winner's configuration trained again on the training and held-out files together)."""
+    the winner's configuration trained again on the training and held-out files together).
+    `resume`: continue a killed sweep from its last checkpoint."""
     if distributed.launched():  # every process would run the whole sweep and crown its own winner
         raise ConfigError("lorafleet sweep runs on one process; start it without torchrun")
     output, trials_fleet = FleetDir(spec.output), FleetDir(spec.fleet.output)
-    for department in spec.departments:
-        if output.adapter(department).exists():
-            raise ConfigError(
-                f"{output.adapter(department)} exists already; choose another output for the sweep or move it away"
-            )
     halvings = {department: SuccessiveHalving(search.rungs) for department, search in spec.departments.items()}
+    decide = per_department(spec, halvings)
+    if resume:
+        replay_decisions(decide, spec)
+        for department in spec.departments:  # a crowning the kill cut short
+            shutil.rmtree(output.adapter(department), ignore_errors=True)
+    else:
+        start_fresh(spec)
+
+    def stops_early(evaluated: list[tuple[AdapterJob, dict[str, float]]]) -> set[str]:
+        return decide([(job.name, job.optimizer_step, numbers) for job, numbers in evaluated])
+
     # a trial whose loss breaks stops alone (stops_diverged): the others are still worth finishing
-    trainer = FleetTrainer(
-        spec.fleet, base=base, progress=progress, stops_early=per_department(spec, halvings), stops_diverged=True
-    )
-    trainer.run()
+    trainer = FleetTrainer(spec.fleet, base=base, progress=progress, stops_early=stops_early, stops_diverged=True)
+    trainer.run(resume=resume)
     outcomes = {}
     for department, search in spec.departments.items():
         trials = read_trials(search, trials_fleet.metrics)
@@ -108,30 +130,109 @@ def run_sweep(
         sources = retrain_winners(spec, winners, progress, trainer.base)
         for department, (_, _, record) in outcomes.items():
             record["retrained"] = retraining_record(spec, department, winners[department], record)
-    records = [record for _, _, record in outcomes.values()]
-    (spec.output / SWEEP_FILE).write_text(json.dumps({"departments": records}, indent=2) + "\n")
     results = {}
     for department, (trials, winner, record) in outcomes.items():
         adapter = crown(spec, department, winner, record, sources[department])
         results[department] = SweepResult(department, winner.name, adapter, trials, record)
+    records = [record for _, _, record in outcomes.values()]
+    (spec.output / SWEEP_FILE).write_text(json.dumps({"departments": records}, indent=2) + "\n")  # last: done
     return results
 
 
-def per_department(
-    spec: SweepSpec, halvings: dict[str, SuccessiveHalving]
-) -> Callable[[list[tuple[AdapterJob, dict[str, float]]]], set[str]]:
-    """The trainer's `stops_early`: each department's arrivals go to its own successive halving,
-    so a trial is ranked only among its own department's trials."""
+def start_fresh(spec: SweepSpec) -> None:
+    """Refuse an output that holds a sweep already; keep the sweep the trials start from."""
+    if checkpoint.latest_checkpoint(spec.fleet.output) is not None:
+        raise ConfigError(
+            f"{spec.fleet.output} holds checkpoints of an earlier sweep; continue it with lorafleet sweep "
+            "SWEEP.yaml --resume, or choose another output"
+        )
+    for department in spec.departments:
+        if FleetDir(spec.output).adapter(department).exists():
+            raise ConfigError(
+                f"{FleetDir(spec.output).adapter(department)} exists already; choose another output for the sweep "
+                "or move it away"
+            )
+    Path(spec.fleet.output).mkdir(parents=True, exist_ok=True)
+    (Path(spec.fleet.output) / SPEC_FILE).write_text(json.dumps(started_from(spec), indent=2) + "\n")
+
+
+def started_from(spec: SweepSpec) -> dict:
+    """What decides a sweep's trials and rungs, as JSON holds it: compared when it resumes."""
+    departments = {
+        name: {
+            "metric": search.metric,
+            "sampler": search.sampler,
+            "seed": search.seed,
+            "space": search.describe_space(),
+            "asha": dataclasses.asdict(search.rungs),
+            "trials": search.trials,
+        }
+        for name, search in spec.departments.items()
+    }
+    fleet = {k: v for k, v in dataclasses.asdict(spec.fleet).items() if k not in NOT_DECIDING}
+    return json.loads(json.dumps({"departments": departments, "fleet": fleet}))
+
+
+def check_same_sweep(started: dict, now: dict) -> None:
+    """A sweep resumes only under the sweep file it started from (checkpoint settings aside)."""
+    what = None
+    if list(started["departments"]) != list(now["departments"]):
+        what = "departments"
+    for department, fields in started["departments"].items():
+        changed = [key for key in fields if fields[key] != now["departments"].get(department, {}).get(key)]
+        what = what or (f"{department}: {changed[0]}" if changed else None)
+    changed = [key for key in started["fleet"] if started["fleet"][key] != now["fleet"].get(key)]
+    if changed and what is None:
+        what = "adapter (a field every trial shares)" if changed[0] == "adapters" else f"fleet: {changed[0]}"
+    if what is not None:
+        raise ConfigError(
+            f"--resume: the sweep file changed since the sweep started ({what} differs); restore it, "
+            "or start the changed sweep in another output"
+        )
+
+
+def replay_decisions(decide: Callable[[list[Arrival]], set[str]], spec: SweepSpec) -> None:
+    """Rebuild the successive halvings behind `decide` as they stood at the last checkpoint: the
+    metrics.jsonl lines up to its fleet step (those a resumed trainer keeps), a fleet step at a
+    time in the order the trials ran."""
+    trials = FleetDir(spec.fleet.output)
+    if (spec.output / SWEEP_FILE).exists():
+        raise ConfigError(f"--resume: the sweep in {spec.output} finished already; its result is {SWEEP_FILE}")
+    latest = checkpoint.latest_checkpoint(trials.root)
+    if latest is None or not (trials.root / SPEC_FILE).exists():
+        raise ConfigError(
+            f"--resume: no checkpoint of a sweep in {trials.checkpoints} (a sweep checkpoints every "
+            f"{spec.fleet.checkpoint_every} fleet steps); start it again without --resume"
+        )
+    check_same_sweep(json.loads((trials.root / SPEC_FILE).read_text()), started_from(spec))
+    metric_of = {trial: search.metric for search in spec.departments.values() for trial in search.trials}
+    upto, by_step = checkpoint_step(latest), {}
+    for line in trials.metrics.read_text().splitlines():
+        record = json.loads(line)
+        if record["fleet_step"] <= upto and not record.get("diverged"):
+            by_step.setdefault(record["fleet_step"], []).append(record)
+    for fleet_step, records in sorted(by_step.items()):
+        stopped = decide([(r["adapter"], r["step"], r) for r in records if metric_of[r["adapter"]] in r])
+        marked = {r["adapter"] for r in records if r.get("stopped")}
+        if stopped != marked:  # the metrics were not written by this sweep's rungs
+            raise ConfigError(
+                f"--resume: at fleet step {fleet_step} {trials.metrics} stopped {sorted(marked)} but the sweep "
+                f"file's rungs stop {sorted(stopped)}; start the sweep again in another output"
+            )
+
+
+def per_department(spec: SweepSpec, halvings: dict[str, SuccessiveHalving]) -> Callable[[list[Arrival]], set[str]]:
+    """The rung decision of a fleet step's evaluated trials (the trainer's `stops_early`, and a
+    resumed sweep's replay): each department's arrivals go to its own successive halving, so a
+    trial is ranked only among its own department's trials."""
     department_of = {trial: department for department, search in spec.departments.items() for trial in search.trials}
 
-    def stops_early(evaluated: list[tuple[AdapterJob, dict[str, float]]]) -> set[str]:
+    def stops_early(evaluated: list[Arrival]) -> set[str]:
         stopping = set()
         for department, halving in halvings.items():
             metric = spec.departments[department].metric
             arrivals = [
-                (job.name, job.optimizer_step, numbers[metric])
-                for job, numbers in evaluated
-                if department_of[job.name] == department
+                (name, step, numbers[metric]) for name, step, numbers in evaluated if department_of[name] == department
             ]
             stopping |= halving.stopping(arrivals)
         return stopping
@@ -202,7 +303,8 @@ def retrain_winners(spec: SweepSpec, winners: dict[str, str], progress: bool, ba
         everything = [Path(winning.data), Path(winning.eval_data)]
         data = join_jsonl(everything, retrain.root / "data" / f"{department}.jsonl")
         adapters.append(dataclasses.replace(winning, name=department, data=str(data), eval_data=None, eval_every=None))
-    fleet = dataclasses.replace(spec.fleet, output=str(retrain.root), adapters=adapters)
+    # no checkpoints: a resumed sweep trains the retraining again from its start
+    fleet = dataclasses.replace(spec.fleet, output=str(retrain.root), adapters=adapters, checkpoint_every=0)
     return FleetTrainer(fleet, base=base, progress=progress).run().adapters
 
 

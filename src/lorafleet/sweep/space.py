@@ -127,7 +127,8 @@ def sweep_spec_from_dict(raw: object, where: str, root: Path | None = None) -> S
     trial_names = {adapter["name"] for adapters in trial_adapters for adapter in adapters}
     if clash := sorted(set(searches) & trial_names):
         raise ConfigError(f"{where}: department {clash[0]!r} has the name of another department's trial; rename it")
-    fleet = _trial_fleet(raw, _interleaved(trial_adapters), where)
+    first_rung = min(search.rungs.min_steps for search in searches.values())
+    fleet = _trial_fleet(raw, _interleaved(trial_adapters), first_rung, where)
     if root is not None:
         resolve_paths(fleet, root)
     return SweepSpec(fleet, searches)
@@ -220,17 +221,15 @@ def _shared_adapter(raw: object, where: str) -> dict:
     return adapter
 
 
-def _trial_fleet(raw: dict, adapters: list[dict], where: str) -> FleetSpec:
+def _trial_fleet(raw: dict, adapters: list[dict], first_rung: int, where: str) -> FleetSpec:
     """One fleet whose adapters are the trials, each evaluated at every rung, validated as a fleet file is."""
     fleet = _mapping(raw.get("fleet", {}), f"{where}: fleet")
-    if "checkpoint_every" in fleet:
-        raise ConfigError(
-            f"{where}: fleet: a sweep keeps no checkpoints (it cannot resume yet); leave out checkpoint_every"
-        )
-    # the rung decisions live in the sweep, not in a fleet checkpoint: a checkpoint could not resume them
+    # a checkpoint every first rung's min_steps fleet steps by default (for --resume); the rung
+    # decisions are not in it: a resumed sweep replays them from metrics.jsonl (sweep/run.py)
+    fleet = {"checkpoint_every": first_rung, **fleet}
     # the trials are a fleet of their own inside the output, whose adapters/ receives the winners alone
     output = str(FleetDir(raw["output"]).trials) if isinstance(raw["output"], str) else raw["output"]
-    fleet = {**fleet, "checkpoint_every": 0, "base": raw["base"], "output": output, "adapters": adapters}
+    fleet = {**fleet, "base": raw["base"], "output": output, "adapters": adapters}
     return fleet_spec_from_dict(fleet, where)
 
 
