@@ -71,7 +71,8 @@ def sweep_file(base: str, data: tuple[Path, Path], output: Path, args: argparse.
         },
         "sampler": "grid",
         "asha": {"min_steps": args.min_steps, "reduction_factor": args.reduction_factor},
-        "fleet": {"max_concurrent": args.max_concurrent},
+        # no checkpoints in either timed run, as docs/benchmarks.md measured (a sweep keeps one every min_steps)
+        "fleet": {"max_concurrent": args.max_concurrent, "checkpoint_every": 0},
     }
 
 
