@@ -251,3 +251,19 @@ def test_a_sweep_under_torchrun_is_refused_before_it_trains(tmp_path, monkeypatc
     with pytest.raises(ConfigError, match="runs on one process"):
         run_sweep(sweep_spec_from_dict(raw, "sweep.yaml"), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_winners_model_card_names_the_sweep_and_why_the_winner_won(sweep, capsys):
+    spec, result = sweep
+    assert main(["docs", "finance", "--fleet", spec.fleet.output]) == 0
+    card = (result.adapter / "README.md").read_text()
+    chosen = card.split("## How it was chosen", 1)[1].split("\n## ", 1)[0]
+    assert "6 trials (grid sampler, seed 3)" in chosen and "held-out `eval_loss`" in chosen
+    assert "learning_rate choice [0.02, 0.005, 0.001], rank choice [2, 4]" in chosen
+    assert f"winner: trial `{result.winner}`" in chosen and result.record["winner"]["why"] in chosen
+    for trial in result.trials:
+        row = next(line for line in chosen.splitlines() if line.startswith(f"| `{trial.name}` |"))
+        outcome = "won" if trial.name == result.winner else (
+            f"stopped at step {trial.stopped_at}" if trial.stopped_at else "full budget"
+        )  # fmt: skip
+        assert row.endswith(f"| {trial.final:.6g} | {trial.steps} | {outcome} |"), row

@@ -2,13 +2,14 @@
 
 `README.md` (written into the adapter's directory) is a model card whose YAML metadata the Hub
 and `huggingface_hub.ModelCard` read: base_model, library_name peft, the training data by
-SHA-256, the metrics and evaluation results. `annex-iv.md` follows the nine points of Annex IV
-(Regulation (EU) 2024/1689, technical documentation, Art. 11(1)) in the Official Journal's order.
-It fills in what the registry and the audit log know (software, hardware, training method, data
-and the checks logged for those exact files, compute, metrics, how the fleet was served, the
-change log) and marks every answer only the provider can give with "PROVIDER MUST COMPLETE", so an
-unfinished draft is plain to see and easy to search for. Nothing is claimed that the records do
-not show: a log that fails verification is said to, in the draft and by `lorafleet docs`.
+SHA-256, the metrics and evaluation results, and for an adapter a sweep chose (`lorafleet sweep`)
+how it was chosen: the space, every trial and why the winner won. `annex-iv.md` follows the
+nine points of Annex IV (Regulation (EU) 2024/1689, technical documentation, Art. 11(1)) in the
+Official Journal's order. It fills in what the registry and the audit log know (software,
+hardware, training method, data and the checks logged for those exact files, compute, metrics,
+how the fleet was served, the change log) and marks every answer only the provider can give with
+"PROVIDER MUST COMPLETE", so an unfinished draft is plain to see and easy to search for. Nothing
+is claimed that the records do not show: a log that fails verification is said to, in the draft and by `lorafleet docs`.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def model_card(lineage: Lineage) -> str:
             + f"{PROVIDER_MUST_COMPLETE} who may use it, for what, and what it must not be used for.",
             "## Training data\n\n" + _data_table(lineage),
             "## Training procedure\n\n" + _procedure(lineage),
+            *(["## How it was chosen\n\n" + _sweep(lineage.sweep)] if lineage.sweep else []),
             "## Results\n\n" + _results(lineage),
             "## Use\n\n```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, "
             f'"{lineage.directory}")\n```\n\nor serve it with its fleet: `lorafleet serve --fleet FLEET_DIR` '
@@ -168,6 +170,40 @@ def _results(lineage: Lineage) -> str:
         shown = _pairs(scores, skip={"data", "data_sha256"})
         lines.append(f"- held-out `{scores.get('data', data_key)}` (sha256 `{scores.get('data_sha256')}`): {shown}")
     return "\n".join(lines) or "Not evaluated yet: `lorafleet eval --fleet FLEET_DIR --data HELD_OUT.jsonl`."
+
+
+def _sweep(sweep: dict) -> str:
+    """The search that crowned this adapter (`lorafleet sweep`): its space, every trial with its
+    values, metric and where it stopped, and why the winner won."""
+    metric, winner = sweep["metric"], sweep["winner"]
+    space = ", ".join(
+        f"{name} {kind} {values}" for name, drawn in sweep["space"].items() for kind, values in drawn.items()
+    )
+    rungs = sweep["rungs"]
+    lines = [
+        f"Chosen by a hyperparameter sweep of `{sweep['department']}`: {len(sweep['trials'])} trials "
+        f"({sweep['sampler']} sampler, seed {sweep['seed']}) trained together as adapters of one fleet, "
+        f"compared on held-out `{metric}` (lower is better), the worst stopped at rungs {rungs['steps']} "
+        f"(successive halving, reduction factor {rungs['reduction_factor']}, budget {rungs['budget']} steps).",
+        f"- space: {space}",
+        f"- winner: trial `{winner['trial']}` ({_values(winner['values'])}): {winner['why']}",
+        "",
+        f"| trial | values | final {metric} | steps | outcome |",
+        "|---|---|---|---|---|",
+    ]
+    for trial in sweep["trials"]:
+        outcome = f"stopped at step {trial['stopped_at']}" if trial["stopped_at"] is not None else "full budget"
+        if trial["name"] == winner["trial"]:
+            outcome = "won"
+        final = "-" if trial["final"] is None else f"{trial['final']:.6g}"
+        lines.append(f"| `{trial['name']}` | {_values(trial['values'])} | {final} | {trial['steps']} | {outcome} |")
+    return "\n".join(lines)
+
+
+def _values(values: dict) -> str:
+    return ", ".join(
+        f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}" for key, value in values.items()
+    )
 
 
 def _pairs(values: dict, skip: set[str] = frozenset()) -> str:
