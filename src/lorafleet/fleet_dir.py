@@ -9,6 +9,7 @@ demo` makes; serving, evaluation, compression, the report and governance read it
     metrics.jsonl                  one line per optimizer step of each adapter
     tensorboard/<name>/            the same numbers as TensorBoard events (report_to: [tensorboard])
     report.html                    the run as one page (`lorafleet report`)
+    sweep.json                     a sweep's space, trials, rung decisions and winner (`lorafleet sweep`)
     eval*.json                     `lorafleet eval --json` results the report tables
     lorafleet.sqlite               the lineage registry and the request log
     audit/                         the hash-chained audit log
@@ -37,6 +38,7 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 REPORT = "report.html"
+SWEEP = "sweep.json"
 DATABASE = "lorafleet.sqlite"  # shared by the registry and the request log: the fleet's one database
 AUDIT = "audit"
 ERASURES = "erasures"
@@ -87,6 +89,10 @@ class FleetDir:
     @property
     def report(self) -> Path:
         return self.root / REPORT
+
+    @property
+    def sweep(self) -> Path:
+        return self.root / SWEEP
 
     def eval_results(self) -> list[Path]:
         return sorted(self.root.glob("eval*.json"))

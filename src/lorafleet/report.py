@@ -9,6 +9,10 @@ Loss curves can be smoothed as TensorBoard smooths them (`--smooth`), the raw cu
 Evaluations are tabled as `lorafleet eval` prints them: exact match and token F1 for chats,
 accuracy per subfield and per difficulty for MMMU.
 
+When the directory holds a sweep (`sweep.json`, written by `lorafleet sweep`), the page adds every
+trial's held-out curve with its rung decisions marked (continued or stopped, at which step) and a
+table of the trials, read from sweep.json alone: where the trials' weights lie does not matter.
+
 A resume shows in the metrics as the clock starting again: the trainer keeps the lines up to the
 checkpoint it resumes from, and the new process counts seconds from zero.
 """
@@ -36,6 +40,7 @@ class RunRecord:
     checkpoints: list[int]  # fleet steps of the checkpoints still on disk
     resumes: list[int] = field(default_factory=list)  # fleet steps a run resumed from
     evals: dict[str, dict] = field(default_factory=dict)  # file name -> `lorafleet eval --json` output
+    sweep: dict | None = None  # sweep.json, when the run is a sweep's
 
     @property
     def adapters(self) -> list[str]:
@@ -60,7 +65,9 @@ def read_run(directory: str | Path) -> RunRecord:
         content = json.loads(path.read_text())
         if isinstance(content, dict) and "overall" in content:
             evals[path.name] = content
-    return RunRecord(directory, steps, checkpoints, _resumes(steps), evals)
+    sweep = FleetDir(directory).sweep
+    sweep = json.loads(sweep.read_text()) if sweep.exists() else None
+    return RunRecord(directory, steps, checkpoints, _resumes(steps), evals, sweep)
 
 
 def _resumes(steps: list[dict]) -> list[int]:
@@ -141,6 +148,8 @@ def render(run: RunRecord, smoothing: float = 0.0) -> str:
         f"<p>Checkpoints on disk at fleet steps: {', '.join(map(str, run.checkpoints)) or 'none'}. "
         f"Resumed from fleet steps: {', '.join(map(str, run.resumes)) or 'never resumed'}.</p>",
     ]
+    if run.sweep:
+        parts += _sweep_section(run.sweep)
     for name, content in run.evals.items():
         parts += [f"<h2>Evaluation: {html.escape(name)}</h2>", _eval_table(content)]
     parts.append("</body></html>")
@@ -165,6 +174,59 @@ def _final_rows(run: RunRecord) -> list[list[str]]:
         rows.append([adapter, str(steps[-1]["step"]), f"{steps[-1]['loss']:.4f}", f"{sum(last) / len(last):.4f}",
                      f"{steps[-1]['tokens']:,}", span])  # fmt: skip
     return rows
+
+
+def _sweep_section(sweep: dict) -> list[str]:
+    """The sweep's trials: each held-out curve with its rung decisions, and a table of them."""
+    winner, metric = sweep["winner"], sweep["metric"]
+    decisions = {}
+    for decision in sweep["decisions"]:
+        outcome = "continued" if decision["continues"] else "stopped"
+        decisions.setdefault(decision["trial"], []).append(
+            f"step {decision['step']}: {outcome} ({decision['value']:.4f}, {decision['competitors']} at the rung)"
+        )
+    rows = [
+        [
+            trial["name"] + (" (winner)" if trial["name"] == winner["trial"] else ""),
+            ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                      for key, value in trial["values"].items()),
+            "-" if trial["final"] is None else f"{trial['final']:.4f}",
+            str(trial["steps"]),
+            "; ".join(decisions.get(trial["name"], [])) or "no rung reached",
+        ]
+        for trial in sweep["trials"]
+    ]  # fmt: skip
+    return [
+        f"<h2>Sweep of {html.escape(sweep['department'])}</h2>",
+        f"<p>{len(sweep['trials'])} trials compared on held-out {html.escape(metric)} at rungs "
+        f"{', '.join(map(str, sweep['rungs']['steps']))} (reduction factor {sweep['rungs']['reduction_factor']}); "
+        f"winner {html.escape(winner['trial'])}: {html.escape(winner['why'])}.</p>",
+        _img(_png(sweep_figure(sweep)), "held-out curve of every trial with its rung decisions"),
+        _table(["trial", "values", f"final {metric}", "steps", "rung decisions"], rows),
+    ]
+
+
+def sweep_figure(sweep: dict):
+    """Every trial's held-out curve in its own colour (the winner's thick), the rungs as dotted
+    lines, and each rung decision a mark on the curve: a dot where the trial continued, a cross
+    where it stopped."""
+    figure, (axes,) = _figure(1, width=10)
+    winner = sweep["winner"]["trial"]
+    for index, trial in enumerate(sweep["trials"]):
+        steps, values = zip(*trial["curve"], strict=True) if trial["curve"] else ((), ())
+        width = 3.0 if trial["name"] == winner else 1.2
+        # a point on every evaluation: a trial stopped at the first rung has a curve of one point
+        axes.plot(steps, values, color=f"C{index % 10}", linewidth=width, marker=".", label=trial["name"])
+    for rung in sweep["rungs"]["steps"]:
+        axes.axvline(rung, color="grey", linestyle=":", linewidth=0.8)
+    for outcome, marker, color in (("continued", "o", "green"), ("stopped", "x", "red")):
+        marks = [(d["step"], d["value"]) for d in sweep["decisions"] if d["continues"] == (outcome == "continued")]
+        if marks:
+            axes.scatter(*zip(*marks, strict=True), marker=marker, color=color, zorder=3, label=outcome)
+    metric = sweep["metric"]
+    axes.set(title=f"held-out {metric} of every trial; rung decisions marked", xlabel="optimizer step", ylabel=metric)
+    axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return figure
 
 
 def _eval_table(content: dict) -> str:
@@ -271,13 +333,14 @@ def _timeline(run: RunRecord) -> bytes:
     return _png(figure)
 
 
-def _figure(panels: int):
+def _figure(panels: int, width: float = 6):
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display, no GUI toolkit
     import matplotlib.pyplot as plt
 
-    return plt.subplots(1, panels, figsize=(6 * panels, 3.6), layout="constrained")
+    figure, axes = plt.subplots(1, panels, figsize=(width * panels, 3.6), layout="constrained", squeeze=False)
+    return figure, axes[0]
 
 
 def _png(figure) -> bytes:

@@ -22,6 +22,7 @@ from lorafleet.fleet_dir import FleetDir, fleet_adapters
 from lorafleet.governance.audit import verify_chain
 from lorafleet.governance.lineage import read_lineage
 from lorafleet.governance.registry import Registry
+from lorafleet.report import sweep_figure, write_report
 from lorafleet.sweep.run import run_sweep
 from lorafleet.sweep.space import load_sweep_spec, sweep_spec_from_dict
 from lorafleet.train.trainer import train_fleet
@@ -243,6 +244,7 @@ def test_the_sweep_command_saves_the_winner_and_prints_why(tiny_lm_dir, tmp_path
     assert "winner: finance-trial" in printed and "why: lowest final eval_loss" in printed
     assert (tmp_path / "out/adapters/finance/adapter_model.safetensors").exists()
     assert json.loads((tmp_path / "out/sweep.json").read_text())["departments"][0]["department"] == "finance"
+    assert "<h2>Sweep of finance</h2>" in (tmp_path / "out/report.html").read_text()
 
 
 def test_a_sweep_under_torchrun_is_refused_before_it_trains(tmp_path, monkeypatch):
@@ -267,3 +269,24 @@ def test_the_winners_model_card_names_the_sweep_and_why_the_winner_won(sweep, ca
             f"stopped at step {trial.stopped_at}" if trial.stopped_at else "full budget"
         )  # fmt: skip
         assert row.endswith(f"| {trial.final:.6g} | {trial.steps} | {outcome} |"), row
+
+
+def test_the_report_draws_every_trials_curve_and_marks_each_rung_decision(sweep):
+    spec, result = sweep
+    page = write_report(spec.fleet.output).read_text()
+    assert "<h2>Sweep of finance</h2>" in page and "held-out curve of every trial with its rung decisions" in page
+    rows = dict(re.findall(r"<tr><td>(finance-trial\d\d)(?: \(winner\))?</td>(.*?)</tr>", page))
+    assert sorted(rows) == sorted(t.name for t in result.trials)
+    assert f"<td>{result.winner} (winner)</td>" in page
+    for decision in result.record["decisions"]:
+        mark = f"step {decision['step']}: {'continued' if decision['continues'] else 'stopped'}"
+        assert mark in rows[decision["trial"]], (decision, rows[decision["trial"]])
+    # the drawing: one curve per trial, and each decision a mark at its (step, value)
+    axes = sweep_figure(result.record).axes[0]
+    assert {line.get_label() for line in axes.get_lines()} >= {t.name for t in result.trials}
+    marks = {c.get_label(): sorted(map(tuple, c.get_offsets().tolist())) for c in axes.collections}
+    for outcome in ("continued", "stopped"):
+        expected = [
+            (d["step"], d["value"]) for d in result.record["decisions"] if d["continues"] == (outcome == "continued")
+        ]
+        assert marks.get(outcome, []) == sorted(expected), outcome

@@ -30,6 +30,7 @@ def add_sweep_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
+    from lorafleet.report import write_report
     from lorafleet.sweep.run import SWEEP_FILE, run_sweep
     from lorafleet.sweep.space import load_sweep_spec
 
@@ -51,4 +52,5 @@ def _run_sweep(args: argparse.Namespace) -> int:
         print(f"winner: {result.winner} -> {result.adapter}{retrained}")
         print(f"why: {result.record['winner']['why']}")
     print(f"sweep: {spec.output / SWEEP_FILE}")
+    print(f"report: {write_report(spec.output)}")
     return 0

@@ -9,7 +9,8 @@ Official Journal's order. It fills in what the registry and the audit log know (
 hardware, training method, data and the checks logged for those exact files, compute, metrics,
 how the fleet was served, the change log) and marks every answer only the provider can give with
 "PROVIDER MUST COMPLETE", so an unfinished draft is plain to see and easy to search for. Nothing
-is claimed that the records do not show: a log that fails verification is said to, in the draft and by `lorafleet docs`.
+is claimed that the records do not show: a log that fails verification is said to, in the draft
+and by `lorafleet docs`.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from pathlib import Path
 from lorafleet.data.join import join_jsonl
 from lorafleet.data.records import read_jsonl_lines
 from lorafleet.errors import ConfigError, TrainingError
-from lorafleet.fleet_dir import FleetDir, checkpoint_step
+from lorafleet.fleet_dir import SWEEP, FleetDir, checkpoint_step
 from lorafleet.governance.audit import AuditLog
 from lorafleet.governance.lineage import read_lineage, sha256_file, write_lineage
 from lorafleet.governance.registry import Registry
@@ -51,7 +51,7 @@ from lorafleet.train import checkpoint, distributed
 from lorafleet.train.job import AdapterJob
 from lorafleet.train.trainer import FleetTrainer
 
-SWEEP_FILE = "sweep.json"
+SWEEP_FILE = SWEEP
 RETRAIN_DIR = "retrain"  # --retrain-full's fleet, inside the sweep's output
 SPEC_FILE = "sweep-spec.json"  # in trials/: the sweep the trials started from, for --resume
 # fleet settings a resumed sweep may change: they decide no weight and no rung
