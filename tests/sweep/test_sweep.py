@@ -23,8 +23,9 @@ from lorafleet.governance.audit import verify_chain
 from lorafleet.governance.lineage import read_lineage
 from lorafleet.governance.registry import Registry
 from lorafleet.report import sweep_figure, write_report
+from lorafleet.sweep.plan import format_sweep_plan, halving_steps, plan_sweep
 from lorafleet.sweep.run import run_sweep
-from lorafleet.sweep.space import load_sweep_spec, sweep_spec_from_dict
+from lorafleet.sweep.space import Rungs, load_sweep_spec, sweep_spec_from_dict
 from lorafleet.train.trainer import train_fleet
 from tests import tolerances
 from tests.conftest import write_text_dataset
@@ -290,3 +291,32 @@ def test_the_report_draws_every_trials_curve_and_marks_each_rung_decision(sweep)
             (d["step"], d["value"]) for d in result.record["decisions"] if d["continues"] == (outcome == "continued")
         ]
         assert marks.get(outcome, []) == sorted(expected), outcome
+
+
+def test_the_plan_predicts_the_steps_with_and_without_halving_and_the_peak_of_the_largest_ranks(sweep, capsys):
+    spec, result = sweep
+    plan = plan_sweep(spec, rate_from=Path(spec.fleet.output))
+    # 6 trials of 8 steps, rungs at 2 and 4 keeping 1/2: 6 x 2 + 3 x (4 - 2) + 1 x (8 - 4)
+    assert (plan.steps_worst, plan.steps_expected) == (48, 22)
+    assert halving_steps(16, Rungs(10, 3, 100)) == 16 * 10 + 5 * 20 + 1 * 70
+    assert plan.peak_trials == ["finance-trial01", "finance-trial03"]  # rank 4, two at once (max_concurrent)
+    assert plan.tokens_expected == 22 * plan.tokens_per_step and plan.tokens_per_step > 0
+    lines = metric_lines(spec.fleet.output)
+    last = {r["adapter"]: r["tokens"] for r in lines}
+    assert plan.tokens_per_s == sum(last.values()) / lines[-1]["elapsed_s"]
+    assert "measured" in plan.rate_source and "metrics.jsonl" in plan.rate_source
+    text = format_sweep_plan(plan, spec)
+    assert "finance-trial01, finance-trial03" in text and "22 trial steps" in text and "48 trial steps" in text
+
+
+def test_sweep_plan_prints_the_time_at_a_given_rate_and_trains_nothing(tiny_lm_dir, tmp_path, capsys):
+    write_text_dataset(tmp_path / "train.jsonl", 12, seed=0)
+    write_text_dataset(tmp_path / "eval.jsonl", 4, seed=1)
+    raw = sweep_file(Path("train.jsonl"), Path("eval.jsonl"), Path("out"), tiny_lm_dir)
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--plan", "--tokens-per-s", "10"]) == 0
+    printed = capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+    plan = plan_sweep(load_sweep_spec(tmp_path / "sweep.yaml"), tokens_per_s=10)
+    assert f"{plan.tokens_expected:,.0f} tokens, {plan.tokens_expected / 10 / 60:.1f} min" in printed
+    assert "at 10.0 tokens/s, given (--tokens-per-s)" in printed

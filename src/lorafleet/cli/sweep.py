@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lorafleet.sweep.space import SweepSpec
 
 
 def add_sweep_parser(commands: argparse._SubParsersAction) -> None:
@@ -25,8 +29,26 @@ def add_sweep_parser(commands: argparse._SubParsersAction) -> None:
         "(full budget, no stopping) and save that as the department's adapter",
     )
     sweep.add_argument("--resume", action="store_true", help="continue a killed sweep from its last checkpoint")
-    sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress display")
+    _add_plan_arguments(sweep)
     sweep.set_defaults(command="sweep", run=_run_sweep)
+
+
+def _add_plan_arguments(sweep: argparse.ArgumentParser) -> None:
+    sweep.add_argument(
+        "--plan",
+        action="store_true",
+        help="train nothing: predict the sweep's peak memory and the steps, tokens (and, with a rate, time) it spends",
+    )
+    sweep.add_argument("--budget-gb", type=float, help="--plan: memory to plan for (default: as lorafleet plan)")
+    sweep.add_argument(
+        "--dtype", choices=["bfloat16", "float16", "float32"], help="--plan: compute dtype (default: as training)"
+    )
+    rate = sweep.add_mutually_exclusive_group()
+    rate.add_argument("--tokens-per-s", type=float, help="--plan: the fleet's measured tokens/s, for the time")
+    rate.add_argument(
+        "--rate-from", type=Path, metavar="RUN_DIR", help="--plan: take tokens/s from an earlier run's metrics.jsonl"
+    )
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
@@ -35,6 +57,8 @@ def _run_sweep(args: argparse.Namespace) -> int:
     from lorafleet.sweep.space import load_sweep_spec
 
     spec = load_sweep_spec(args.sweep)
+    if args.plan:
+        return _plan_sweep(spec, args)
     results = run_sweep(spec, progress=not args.no_progress, retrain_full=args.retrain_full, resume=args.resume)
     for department, result in results.items():
         metric = spec.departments[department].metric
@@ -53,4 +77,14 @@ def _run_sweep(args: argparse.Namespace) -> int:
         print(f"why: {result.record['winner']['why']}")
     print(f"sweep: {spec.output / SWEEP_FILE}")
     print(f"report: {write_report(spec.output)}")
+    return 0
+
+
+def _plan_sweep(spec: SweepSpec, args: argparse.Namespace) -> int:
+    import torch
+
+    from lorafleet.sweep.plan import format_sweep_plan, plan_sweep
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    print(format_sweep_plan(plan_sweep(spec, args.budget_gb, dtype, args.tokens_per_s, args.rate_from), spec))
     return 0

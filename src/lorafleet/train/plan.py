@@ -64,14 +64,8 @@ def training_dtype(spec: FleetSpec) -> torch.dtype:
 
 def plan_fleet(spec: FleetSpec, budget_gb: float | None = None, dtype: torch.dtype | None = None) -> FleetPlan:
     dtype = dtype or training_dtype(spec)
-    base = load_base(spec.base, dtype=dtype, weights=False)
-    shape = memory.model_shape(base.model)
-    if spec.quantize_base == "nf4":  # the skeleton is unquantized: count its language-model Linears as NF4
-        shape = _with_nf4_weights(shape, base.language_model, dtype)
-    budget_gb = budget_gb or spec.memory_budget_gb
-    budget = int(budget_gb * memory.GIB) if budget_gb else _local_gpu_budget()
-    targets = {a.name: target_modules(base, a) for a in spec.adapters if a.init_from is None}
-    admission = Admission(spec, base, training_items(spec, base), targets, budget, shape)
+    admission = planning_admission(spec, budget_gb, dtype)
+    budget = admission.budget
     alone = {a.name: admission.predicted_memory([a]) for a in spec.adapters}
     together = []  # the first adapters the trainer admits: the first always, then while they fit
     for adapter in spec.adapters[: spec.max_concurrent]:
@@ -92,6 +86,20 @@ def plan_fleet(spec: FleetSpec, budget_gb: float | None = None, dtype: torch.dty
         loads=loads,
         parallel=parallel,
     )
+
+
+def planning_admission(spec: FleetSpec, budget_gb: float | None, dtype: torch.dtype) -> Admission:
+    """The trainer's admission for `spec` with the base on the meta device (no weights read): its
+    memory predictions and work are what planning asks. `budget_gb`: else the spec's, else 90% of
+    this machine's GPU (None on a CPU)."""
+    base = load_base(spec.base, dtype=dtype, weights=False)
+    shape = memory.model_shape(base.model)
+    if spec.quantize_base == "nf4":  # the skeleton is unquantized: count its language-model Linears as NF4
+        shape = _with_nf4_weights(shape, base.language_model, dtype)
+    budget_gb = budget_gb or spec.memory_budget_gb
+    budget = int(budget_gb * memory.GIB) if budget_gb else _local_gpu_budget()
+    targets = {a.name: target_modules(base, a) for a in spec.adapters if a.init_from is None}
+    return Admission(spec, base, training_items(spec, base), targets, budget, shape)
 
 
 def training_items(spec: FleetSpec, base: FrozenBase) -> dict[str, list]:
