@@ -24,6 +24,7 @@ from lorafleet.governance.lineage import read_lineage
 from lorafleet.governance.registry import Registry
 from lorafleet.report import sweep_figure, write_report
 from lorafleet.sweep.plan import format_sweep_plan, halving_steps, plan_sweep
+from lorafleet.sweep.progress import Best, sweep_status
 from lorafleet.sweep.run import run_sweep
 from lorafleet.sweep.space import Rungs, load_sweep_spec, sweep_spec_from_dict
 from lorafleet.train.trainer import train_fleet
@@ -233,15 +234,19 @@ def test_readme_sweep_example_is_a_valid_sweep_file(tmp_path):
     assert spec.fleet.max_concurrent == 8
 
 
-def test_the_sweep_command_saves_the_winner_and_prints_why(tiny_lm_dir, tmp_path, capsys):
+@pytest.mark.parametrize("shown", [False, True])
+def test_the_sweep_command_saves_the_winner_and_prints_why(tiny_lm_dir, tmp_path, capsys, shown):
     write_text_dataset(tmp_path / "train.jsonl", 12, seed=0)
     write_text_dataset(tmp_path / "eval.jsonl", 4, seed=1)
     raw = sweep_file(Path("train.jsonl"), Path("eval.jsonl"), Path("out"), tiny_lm_dir)
     raw["adapter"]["steps"] = 4
     raw["space"] = {"learning_rate": {"choice": [2e-2, 1e-3]}}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(raw))
-    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--no-progress"]) == 0
-    printed = capsys.readouterr().out
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), *([] if shown else ["--no-progress"])]) == 0
+    printed, shown_text = capsys.readouterr()
+    # the two start together and meet at the rung (step 2) in one step: one stops, one finishes
+    assert ("0 running, 0 queued, 1 stopped, 1 finished; best eval_loss" in shown_text) == shown
+    assert "finance-trial00:" not in shown_text  # one bar for the sweep, none per trial
     assert "winner: finance-trial" in printed and "why: lowest final eval_loss" in printed
     assert (tmp_path / "out/adapters/finance/adapter_model.safetensors").exists()
     assert json.loads((tmp_path / "out/sweep.json").read_text())["departments"][0]["department"] == "finance"
@@ -320,3 +325,14 @@ def test_sweep_plan_prints_the_time_at_a_given_rate_and_trains_nothing(tiny_lm_d
     plan = plan_sweep(load_sweep_spec(tmp_path / "sweep.yaml"), tokens_per_s=10)
     assert f"{plan.tokens_expected:,.0f} tokens, {plan.tokens_expected / 10 / 60:.1f} min" in printed
     assert "at 10.0 tokens/s, given (--tokens-per-s)" in printed
+
+
+def test_the_sweep_status_counts_trials_and_names_the_best_so_far():
+    assert (
+        sweep_status(2, 10, 3, 1, "eval_loss", None) == "2 running, 10 queued, 3 stopped, 1 finished; no eval_loss yet"
+    )
+    best = Best(1.234567, "finance-trial03", 30)
+    assert (
+        sweep_status(8, 0, 7, 1, "eval_loss", best)
+        == "8 running, 0 queued, 7 stopped, 1 finished; best eval_loss 1.2346 (finance-trial03, step 30)"
+    )

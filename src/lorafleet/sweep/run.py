@@ -46,6 +46,7 @@ from lorafleet.governance.lineage import read_lineage, sha256_file, write_lineag
 from lorafleet.governance.registry import Registry
 from lorafleet.models.loading import FrozenBase
 from lorafleet.sweep.asha import SuccessiveHalving
+from lorafleet.sweep.progress import SweepProgress
 from lorafleet.sweep.space import DepartmentSearch, SweepSpec
 from lorafleet.train import checkpoint, distributed
 from lorafleet.train.job import AdapterJob
@@ -113,8 +114,12 @@ def run_sweep(
     def stops_early(evaluated: list[tuple[AdapterJob, dict[str, float]]]) -> set[str]:
         return decide([(job.name, job.optimizer_step, numbers) for job, numbers in evaluated])
 
+    metric = next(iter(spec.departments.values())).metric
+    display = SweepProgress(len(spec.fleet.adapters), metric, shown=progress)
     # a trial whose loss breaks stops alone (stops_diverged): the others are still worth finishing
-    trainer = FleetTrainer(spec.fleet, base=base, progress=progress, stops_early=stops_early, stops_diverged=True)
+    trainer = FleetTrainer(
+        spec.fleet, base=base, progress=progress, stops_early=stops_early, stops_diverged=True, display=display
+    )
     trainer.run(resume=resume)
     outcomes = {}
     for department, search in spec.departments.items():

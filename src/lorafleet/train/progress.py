@@ -1,5 +1,5 @@
 """What a training run reports as it goes: a line of metrics per optimizer step, a progress bar
-per adapter, and the result it returns.
+per adapter (or another display the run is given, such as a sweep's), and the result it returns.
 
 The line (`step_record`) is what metrics.jsonl, TensorBoard (train/run_log.py), the report and an
 adapter's lineage read: loss, pre-clip gradient norm, learning rate, tokens, epoch, elapsed time,
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from tqdm.auto import tqdm
 
@@ -40,6 +41,16 @@ def step_record(job: AdapterJob, loss: float, fleet_step: int, elapsed: float) -
         "elapsed_s": round(elapsed, 3),
     }
     return record | dict(zip(job.objective.metric_names, job.take_statistics(), strict=True))
+
+
+class ProgressDisplay(Protocol):
+    """What the trainer tells a display: an adapter started or resumed, took an optimizer step
+    (its metrics line, seconds since the start), and the run ended."""
+
+    def start(self, job: AdapterJob) -> None: ...
+    def resumed(self, job: AdapterJob) -> None: ...
+    def stepped(self, job: AdapterJob, record: dict, elapsed: float) -> None: ...
+    def close(self) -> None: ...
 
 
 class ProgressBars:

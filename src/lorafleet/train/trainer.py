@@ -42,7 +42,7 @@ from lorafleet.train.loss import loss_dtype
 from lorafleet.train.objectives import objective_for
 from lorafleet.train.optimizer import FleetAdamW, loraplus_scales
 from lorafleet.train.parallel import parallel_mode
-from lorafleet.train.progress import FleetResult, ProgressBars, step_record
+from lorafleet.train.progress import FleetResult, ProgressBars, ProgressDisplay, step_record
 from lorafleet.train.provenance import TrainingProvenance
 from lorafleet.train.references import ReferenceCache
 from lorafleet.train.run_log import RunLog
@@ -60,12 +60,15 @@ class FleetTrainer:
         group: distributed.Group | None = None,
         stops_early: Callable[[list[tuple[AdapterJob, dict[str, float]]]], set[str]] | None = None,
         stops_diverged: bool = False,
+        display: ProgressDisplay | None = None,
     ) -> None:
         """`stops_early(evaluated)`: given the unfinished adapters evaluated on their held-out data in
         a step, each with its numbers, in the order they run, the names of those that stop there (a
         sweep's rung decision); a stopped adapter is saved as it stands and its slot goes to the
         next queued one in the same step. `stops_diverged`: an adapter whose loss is no longer a
-        number stops alone, unsaved, its slot handed on (a sweep's trial); else the run raises."""
+        number stops alone, unsaved, its slot handed on (a sweep's trial); else the run raises.
+        `display`: what shows the run's progress instead of one bar per adapter (a sweep's running,
+        queued and stopped trials)."""
         self.parallel = parallel_mode(group)
         self._is_rank_zero = self.parallel.rank == 0
         self.spec = spec = self.parallel.on_this_process(spec)
@@ -116,7 +119,7 @@ class FleetTrainer:
         self.pending: deque[AdapterSpec] = deque(spec.adapters)
         self.active: list[AdapterJob] = []
         self.optimizer = FleetAdamW()
-        self.bars = ProgressBars(shown=progress and self._is_rank_zero)
+        self.bars = display or ProgressBars(shown=progress and self._is_rank_zero)
         self.fleet_step = 0
         self.started = time.perf_counter()
 
