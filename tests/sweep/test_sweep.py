@@ -325,6 +325,10 @@ def test_sweep_plan_prints_the_time_at_a_given_rate_and_trains_nothing(tiny_lm_d
     plan = plan_sweep(load_sweep_spec(tmp_path / "sweep.yaml"), tokens_per_s=10)
     assert f"{plan.tokens_expected:,.0f} tokens, {plan.tokens_expected / 10 / 60:.1f} min" in printed
     assert "at 10.0 tokens/s, given (--tokens-per-s)" in printed
+    # a plan's option without --plan is refused before anything trains
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--tokens-per-s", "10"]) != 0
+    assert "--tokens-per-s is an option of --plan" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_sweep_status_counts_trials_and_names_the_best_so_far():

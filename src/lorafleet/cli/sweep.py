@@ -59,6 +59,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
     spec = load_sweep_spec(args.sweep)
     if args.plan:
         return _plan_sweep(spec, args)
+    _refuse_plan_options_without_plan(args)
     results = run_sweep(spec, progress=not args.no_progress, retrain_full=args.retrain_full, resume=args.resume)
     for department, result in results.items():
         metric = spec.departments[department].metric
@@ -78,6 +79,15 @@ def _run_sweep(args: argparse.Namespace) -> int:
     print(f"sweep: {spec.output / SWEEP_FILE}")
     print(f"report: {write_report(spec.output)}")
     return 0
+
+
+def _refuse_plan_options_without_plan(args: argparse.Namespace) -> None:
+    from lorafleet.errors import ConfigError
+
+    given = [name for name in ("budget_gb", "dtype", "tokens_per_s", "rate_from") if getattr(args, name) is not None]
+    if given:  # the sweep would train while the user asked for a prediction
+        option = "--" + given[0].replace("_", "-")
+        raise ConfigError(f"{option} is an option of --plan; add --plan to predict, or leave it out to run the sweep")
 
 
 def _plan_sweep(spec: SweepSpec, args: argparse.Namespace) -> int:
