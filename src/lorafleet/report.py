@@ -9,9 +9,10 @@ Loss curves can be smoothed as TensorBoard smooths them (`--smooth`), the raw cu
 Evaluations are tabled as `lorafleet eval` prints them: exact match and token F1 for chats,
 accuracy per subfield and per difficulty for MMMU.
 
-When the directory holds a sweep (`sweep.json`, written by `lorafleet sweep`), the page adds every
-trial's held-out curve with its rung decisions marked (continued or stopped, at which step) and a
-table of the trials, read from sweep.json alone: where the trials' weights lie does not matter.
+When the directory holds a sweep (`sweep.json`, written by `lorafleet sweep`), the page adds a
+section per department searched: every trial's held-out curve with its rung decisions marked
+(continued or stopped, at which step) and a table of the trials, read from sweep.json alone: where
+the trials' weights lie does not matter.
 
 A resume shows in the metrics as the clock starting again: the trainer keeps the lines up to the
 checkpoint it resumes from, and the new process counts seconds from zero.
@@ -40,7 +41,7 @@ class RunRecord:
     checkpoints: list[int]  # fleet steps of the checkpoints still on disk
     resumes: list[int] = field(default_factory=list)  # fleet steps a run resumed from
     evals: dict[str, dict] = field(default_factory=dict)  # file name -> `lorafleet eval --json` output
-    sweep: dict | None = None  # sweep.json, when the run is a sweep's
+    sweeps: list[dict] = field(default_factory=list)  # sweep.json's record of each department searched
 
     @property
     def adapters(self) -> list[str]:
@@ -66,8 +67,8 @@ def read_run(directory: str | Path) -> RunRecord:
         if isinstance(content, dict) and "overall" in content:
             evals[path.name] = content
     sweep = FleetDir(directory).sweep
-    sweep = json.loads(sweep.read_text()) if sweep.exists() else None
-    return RunRecord(directory, steps, checkpoints, _resumes(steps), evals, sweep)
+    sweeps = json.loads(sweep.read_text())["departments"] if sweep.exists() else []
+    return RunRecord(directory, steps, checkpoints, _resumes(steps), evals, sweeps)
 
 
 def _resumes(steps: list[dict]) -> list[int]:
@@ -148,8 +149,8 @@ def render(run: RunRecord, smoothing: float = 0.0) -> str:
         f"<p>Checkpoints on disk at fleet steps: {', '.join(map(str, run.checkpoints)) or 'none'}. "
         f"Resumed from fleet steps: {', '.join(map(str, run.resumes)) or 'never resumed'}.</p>",
     ]
-    if run.sweep:
-        parts += _sweep_section(run.sweep)
+    for sweep in run.sweeps:
+        parts += _sweep_section(sweep)
     for name, content in run.evals.items():
         parts += [f"<h2>Evaluation: {html.escape(name)}</h2>", _eval_table(content)]
     parts.append("</body></html>")
@@ -177,7 +178,7 @@ def _final_rows(run: RunRecord) -> list[list[str]]:
 
 
 def _sweep_section(sweep: dict) -> list[str]:
-    """The sweep's trials: each held-out curve with its rung decisions, and a table of them."""
+    """One department's sweep: each trial's held-out curve with its rung decisions, and a table of them."""
     winner, metric = sweep["winner"], sweep["metric"]
     decisions = {}
     for decision in sweep["decisions"]:
@@ -201,9 +202,19 @@ def _sweep_section(sweep: dict) -> list[str]:
         f"<p>{len(sweep['trials'])} trials compared on held-out {html.escape(metric)} at rungs "
         f"{', '.join(map(str, sweep['rungs']['steps']))} (reduction factor {sweep['rungs']['reduction_factor']}); "
         f"winner {html.escape(winner['trial'])}: {html.escape(winner['why'])}.</p>",
+        *([_retrained(sweep)] if "retrained" in sweep else []),
         _img(_png(sweep_figure(sweep)), "held-out curve of every trial with its rung decisions"),
         _table(["trial", "values", f"final {metric}", "steps", "rung decisions"], rows),
     ]
+
+
+def _retrained(sweep: dict) -> str:
+    retrained = sweep["retrained"]
+    return (
+        f"<p>The department's adapter is {html.escape(retrained['trial'])}'s configuration retrained on the "
+        f"training and held-out files ({retrained['steps']} steps); its held-out number: "
+        f"{html.escape(retrained['held_out'])}.</p>"
+    )
 
 
 def sweep_figure(sweep: dict):
