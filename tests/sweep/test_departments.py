@@ -23,6 +23,7 @@ from lorafleet.errors import ConfigError
 from lorafleet.fleet_dir import FleetDir
 from lorafleet.governance.lineage import read_lineage
 from lorafleet.governance.registry import Registry
+from lorafleet.report import write_report
 from lorafleet.sweep.run import run_sweep
 from lorafleet.sweep.space import load_sweep_spec, sweep_spec_from_dict
 from lorafleet.train.trainer import train_fleet
@@ -193,6 +194,32 @@ def test_the_retrained_adapter_equals_the_winners_configuration_trained_alone_on
     crowned = load_file(results["finance"].adapter / "adapter_model.safetensors")
     tolerance = tolerances.trained_weights(winning.learning_rate, BUDGET)
     tolerances.assert_same_weights({"w": crowned}, {"w": reference}, tolerance)
+
+
+def test_the_report_has_a_section_per_department_with_its_own_trials(sweep):
+    spec, results = sweep
+    page = write_report(spec.fleet.output).read_text()
+    parts = re.split(r"<h2>Sweep of (\w+)</h2>", page)[1:]
+    sections = {department: text.split("<h2>")[0] for department, text in zip(parts[::2], parts[1::2], strict=True)}
+    assert list(sections) == ["finance", "legal"]
+    for department, section in sections.items():
+        rows = re.findall(r"<tr><td>([\w-]+?)(?: \(winner\))?</td>", section)
+        assert rows == list(spec.departments[department].trials), department
+        assert f"<td>{results[department].winner} (winner)</td>" in section
+        assert "retrained on the training and held-out files" in section and "not a held-out number" in section
+
+
+def test_a_retrained_winners_model_card_names_its_own_departments_sweep_and_the_retraining(sweep):
+    spec, results = sweep
+    assert main(["docs", "legal", "--fleet", spec.fleet.output]) == 0
+    card = (results["legal"].adapter / "README.md").read_text()
+    chosen = card.split("## How it was chosen", 1)[1].split("\n## ", 1)[0]
+    assert "sweep of `legal`: 4 trials" in chosen and "finance-trial" not in chosen
+    assert all(f"| `{trial}` |" in chosen for trial in spec.departments["legal"].trials)
+    retrained = next(line for line in chosen.splitlines() if line.startswith("- retrained on all the data"))
+    assert f"trial `{results['legal'].winner}`'s configuration trained again for {BUDGET} steps" in retrained
+    assert f"{TRAIN_RECORDS} records" in retrained and f"{HELD_OUT_RECORDS} records" in retrained
+    assert "not a held-out number" in retrained
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,8 @@
 `README.md` (written into the adapter's directory) is a model card whose YAML metadata the Hub
 and `huggingface_hub.ModelCard` read: base_model, library_name peft, the training data by
 SHA-256, the metrics and evaluation results, and for an adapter a sweep chose (`lorafleet sweep`)
-how it was chosen: the space, every trial and why the winner won. `annex-iv.md` follows the
+how it was chosen: its department's space, every trial and why the winner won (and, retrained on
+all the data, that its held-out number no longer is one). `annex-iv.md` follows the
 nine points of Annex IV (Regulation (EU) 2024/1689, technical documentation, Art. 11(1)) in the
 Official Journal's order. It fills in what the registry and the audit log know (software,
 hardware, training method, data and the checks logged for those exact files, compute, metrics,
@@ -188,6 +189,7 @@ def _sweep(sweep: dict) -> str:
         f"(successive halving, reduction factor {rungs['reduction_factor']}, budget {rungs['budget']} steps).",
         f"- space: {space}",
         f"- winner: trial `{winner['trial']}` ({_values(winner['values'])}): {winner['why']}",
+        *([_retrained(sweep["retrained"])] if "retrained" in sweep else []),
         "",
         f"| trial | values | final {metric} | steps | outcome |",
         "|---|---|---|---|---|",
@@ -199,6 +201,16 @@ def _sweep(sweep: dict) -> str:
         final = "-" if trial["final"] is None else f"{trial['final']:.6g}"
         lines.append(f"| `{trial['name']}` | {_values(trial['values'])} | {final} | {trial['steps']} | {outcome} |")
     return "\n".join(lines)
+
+
+def _retrained(retrained: dict) -> str:
+    """`lorafleet sweep --retrain-full`: these weights are not the winning trial's but its
+    configuration trained again on the training and held-out files, so its held-out number is not."""
+    files = "; ".join(f"`{d['path']}` (sha256 `{d['sha256']}`, {d['records']} records)" for d in retrained["data"])
+    return (
+        f"- retrained on all the data: these weights are trial `{retrained['trial']}`'s configuration trained "
+        f"again for {retrained['steps']} steps on {files}, with no rungs. Held-out metric: {retrained['held_out']}."
+    )
 
 
 def _values(values: dict) -> str:
