@@ -279,8 +279,14 @@ def test_the_sweep_command_retrains_each_departments_winner(tiny_lm_dir, tmp_pat
         "legal": {"space": {"learning_rate": {"choice": [1e-3]}}},
     }
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(raw))
-    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--retrain-full", "--no-progress"]) == 0
-    printed = capsys.readouterr().out
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--retrain-full"]) == 0
+    printed, shown = capsys.readouterr()
+    # one bar counting both departments' trials, with each department's best so far
+    assert re.search(
+        r"0 running, 0 queued, 0 stopped, 2 finished; finance: best eval_loss [\d.]+ "
+        r"\(finance-trial00, step \d\); legal: best eval_loss [\d.]+ \(legal-trial00, step \d\)",
+        shown,
+    )
     assert "winner: finance-trial00" in printed and "winner: legal-trial00" in printed
     assert printed.count("(retrained on the training and held-out data)") == 2
     for department in ("finance", "legal"):

@@ -332,11 +332,16 @@ def test_sweep_plan_prints_the_time_at_a_given_rate_and_trains_nothing(tiny_lm_d
 
 
 def test_the_sweep_status_counts_trials_and_names_the_best_so_far():
-    assert (
-        sweep_status(2, 10, 3, 1, "eval_loss", None) == "2 running, 10 queued, 3 stopped, 1 finished; no eval_loss yet"
-    )
+    none_yet = {"finance": ("eval_loss", None)}
+    assert sweep_status(2, 10, 3, 1, none_yet) == "2 running, 10 queued, 3 stopped, 1 finished; no eval_loss yet"
     best = Best(1.234567, "finance-trial03", 30)
     assert (
-        sweep_status(8, 0, 7, 1, "eval_loss", best)
+        sweep_status(8, 0, 7, 1, {"finance": ("eval_loss", best)})
         == "8 running, 0 queued, 7 stopped, 1 finished; best eval_loss 1.2346 (finance-trial03, step 30)"
+    )
+    # several departments: each one's best, named, since their trials are compared apart
+    assert (
+        sweep_status(3, 0, 0, 0, {"finance": ("eval_loss", best), "legal": ("eval_loss", None)})
+        == "3 running, 0 queued, 0 stopped, 0 finished; "
+        "finance: best eval_loss 1.2346 (finance-trial03, step 30); legal: no eval_loss yet"
     )

@@ -1,9 +1,11 @@
 """What a sweep shows while it runs: one bar over its trials, with how many run, wait, stopped at a
-rung and finished their budget, and the best held-out number so far.
+rung and finished their budget, and each department's best held-out number so far.
 
 A sweep of sixteen trials would draw sixteen of the trainer's per-adapter bars; this display takes
-their place (the trainer's `display`), counting a trial as decided when it stops or finishes.
-`sweep_status` is the text itself, a pure function of the counts.
+their place (the trainer's `display`), counting a trial as decided when it stops or finishes. The
+counts are over every department's trials (they share the fleet's slots); the best is each
+department's own, since its trials are compared only among themselves. `sweep_status` is the text
+itself, a pure function of the counts and the bests.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
+from lorafleet.sweep.space import DepartmentSearch
 from lorafleet.train.job import AdapterJob
 
 
@@ -22,26 +25,39 @@ class Best:
     step: int
 
 
-def sweep_status(running: int, queued: int, stopped: int, finished: int, metric: str, best: Best | None) -> str:
+def sweep_status(
+    running: int, queued: int, stopped: int, finished: int, bests: dict[str, tuple[str, Best | None]]
+) -> str:
+    """`bests`: department -> (its metric, its best so far); a department is named when there are several."""
     counts = f"{running} running, {queued} queued, {stopped} stopped, {finished} finished"
+    named = len(bests) > 1
+    shown = [_best_text(department if named else "", metric, best) for department, (metric, best) in bests.items()]
+    return "; ".join([counts, *shown])
+
+
+def _best_text(department: str, metric: str, best: Best | None) -> str:
+    prefix = f"{department}: " if department else ""
     if best is None:
-        return f"{counts}; no {metric} yet"
-    return f"{counts}; best {metric} {best.value:.4f} ({best.trial}, step {best.step})"
+        return f"{prefix}no {metric} yet"
+    return f"{prefix}best {metric} {best.value:.4f} ({best.trial}, step {best.step})"
 
 
 class SweepProgress:
-    """The trainer's display for a sweep of `trials` compared on `metric` (shown or quiet)."""
+    """The trainer's display for a sweep of `departments` (shown or quiet)."""
 
-    def __init__(self, trials: int, metric: str, shown: bool) -> None:
-        self.trials, self.metric = trials, metric
+    def __init__(self, departments: dict[str, DepartmentSearch], shown: bool) -> None:
+        self.department_of = {trial: name for name, search in departments.items() for trial in search.trials}
+        self.metric = {name: search.metric for name, search in departments.items()}
+        self.trials = len(self.department_of)
         self.running: set[str] = set()
         self.stopped = self.finished = 0
-        self.best: Best | None = None
-        self.bar = tqdm(total=trials, desc="sweep", unit="trial", disable=not shown, dynamic_ncols=True)
+        self.best: dict[str, Best | None] = dict.fromkeys(departments)
+        self.bar = tqdm(total=self.trials, desc="sweep", unit="trial", disable=not shown, dynamic_ncols=True)
 
     def status(self) -> str:
         queued = self.trials - len(self.running) - self.stopped - self.finished
-        return sweep_status(len(self.running), queued, self.stopped, self.finished, self.metric, self.best)
+        bests = {department: (self.metric[department], best) for department, best in self.best.items()}
+        return sweep_status(len(self.running), queued, self.stopped, self.finished, bests)
 
     def start(self, job: AdapterJob) -> None:
         self.running.add(job.name)
@@ -51,9 +67,10 @@ class SweepProgress:
         pass  # started already: `start` counted it
 
     def stepped(self, job: AdapterJob, record: dict, elapsed: float) -> None:
-        value = record.get(self.metric)
-        if value is not None and (self.best is None or value < self.best.value):
-            self.best = Best(value, job.name, record["step"])
+        department = self.department_of[job.name]
+        value, best = record.get(self.metric[department]), self.best[department]
+        if value is not None and (best is None or value < best.value):
+            self.best[department] = Best(value, job.name, record["step"])
         if record.get("stopped") or job.done:
             self.running.discard(job.name)
             if record.get("stopped"):

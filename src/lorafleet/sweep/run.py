@@ -114,8 +114,7 @@ def run_sweep(
     def stops_early(evaluated: list[tuple[AdapterJob, dict[str, float]]]) -> set[str]:
         return decide([(job.name, job.optimizer_step, numbers) for job, numbers in evaluated])
 
-    metric = next(iter(spec.departments.values())).metric
-    display = SweepProgress(len(spec.fleet.adapters), metric, shown=progress)
+    display = SweepProgress(spec.departments, shown=progress)
     # a trial whose loss breaks stops alone (stops_diverged): the others are still worth finishing
     trainer = FleetTrainer(
         spec.fleet, base=base, progress=progress, stops_early=stops_early, stops_diverged=True, display=display
