@@ -24,6 +24,7 @@ from lorafleet.fleet_dir import FleetDir
 from lorafleet.governance.lineage import read_lineage
 from lorafleet.governance.registry import Registry
 from lorafleet.report import write_report
+from lorafleet.sweep.plan import format_sweep_plan, plan_sweep
 from lorafleet.sweep.run import run_sweep
 from lorafleet.sweep.space import load_sweep_spec, sweep_spec_from_dict
 from lorafleet.train.trainer import train_fleet
@@ -194,6 +195,25 @@ def test_the_retrained_adapter_equals_the_winners_configuration_trained_alone_on
     crowned = load_file(results["finance"].adapter / "adapter_model.safetensors")
     tolerance = tolerances.trained_weights(winning.learning_rate, BUDGET)
     tolerances.assert_same_weights({"w": crowned}, {"w": reference}, tolerance)
+
+
+def test_the_plan_counts_each_departments_halving_and_the_peak_over_all_trials(sweep):
+    spec, _ = sweep
+    plan = plan_sweep(spec, tokens_per_s=100)
+    # finance: 3 trials of 8 steps, rungs at 2 and 4 keeping 1/2: 3 x 2 + 1 x 2 + 1 x 4;
+    # legal: 4 trials: 4 x 2 + 2 x 2 + 1 x 4
+    spends = {d.department: (d.trials, d.steps_worst, d.steps_expected) for d in plan.departments}
+    assert spends == {"finance": (3, 24, 12), "legal": (4, 32, 16)}
+    assert (plan.trials, plan.steps_worst, plan.steps_expected) == (7, 56, 28)
+    assert plan.tokens_expected == sum(d.tokens_expected for d in plan.departments) > 0
+    # the three heaviest of the one fleet (max_concurrent 3): finance's rank-16 trials over legal's 2 and 4
+    assert plan.peak_trials == ["finance-trial00", "finance-trial01", "finance-trial02"]
+    text = format_sweep_plan(plan, spec)
+    assert "sweep of finance, legal: 7 trials in one fleet" in text
+    assert "finance: 3 trials" in text and "legal: 4 trials" in text
+    total = text.split("all 2 departments:\n", 1)[1]
+    assert f"{plan.tokens_expected:,.0f} tokens, {plan.tokens_expected / 100:.0f} s" in total
+    assert "     28 trial steps" in total and "     56 trial steps" in total
 
 
 def test_the_report_has_a_section_per_department_with_its_own_trials(sweep):

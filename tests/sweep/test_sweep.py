@@ -305,7 +305,8 @@ def test_the_plan_predicts_the_steps_with_and_without_halving_and_the_peak_of_th
     assert (plan.steps_worst, plan.steps_expected) == (48, 22)
     assert halving_steps(16, Rungs(10, 3, 100)) == 16 * 10 + 5 * 20 + 1 * 70
     assert plan.peak_trials == ["finance-trial01", "finance-trial03"]  # rank 4, two at once (max_concurrent)
-    assert plan.tokens_expected == 22 * plan.tokens_per_step and plan.tokens_per_step > 0
+    (finance,) = plan.departments
+    assert plan.tokens_expected == 22 * finance.tokens_per_step and finance.tokens_per_step > 0
     lines = metric_lines(spec.fleet.output)
     last = {r["adapter"]: r["tokens"] for r in lines}
     assert plan.tokens_per_s == sum(last.values()) / lines[-1]["elapsed_s"]

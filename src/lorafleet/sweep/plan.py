@@ -1,16 +1,17 @@
 """`lorafleet sweep --plan`: a sweep's memory and time, predicted before anything trains.
 
 Memory is `lorafleet plan`'s prediction (train/plan.py, the trainer's own admission) for the
-sweep's trial fleet. Which trials run together depends on the rung decisions, so the peak assumes
-the worst: the `max_concurrent` trials the memory model finds heaviest (the largest ranks) running
-at once.
+sweep's trial fleet, every department's trials in it. Which trials run together depends on the
+rung decisions, so the peak assumes the worst: the `max_concurrent` trials the memory model finds
+heaviest (the largest ranks), of whichever departments, running at once.
 
-Time is counted in optimizer steps and tokens, which the sweep file fixes: every trial's whole
-budget (the worst case: no trial stopped), and what successive halving spends if each rung keeps
-exactly 1/reduction_factor of the trials that reach it (the expected case; ASHA decides as trials
-arrive, so early arrivals can pass a rung with fewer rivals and a real sweep may spend somewhat
-more). Seconds need a measured rate, the fleet's tokens/s on this machine: given (`--tokens-per-s`)
-or read from the metrics.jsonl of an earlier run (`--rate-from`), never guessed.
+Time is counted in optimizer steps and tokens, which the sweep file fixes, per department and in
+all: every trial's whole budget (the worst case: no trial stopped), and what successive halving
+spends if each rung keeps exactly 1/reduction_factor of the department's trials that reach it (the
+expected case; ASHA decides as trials arrive, so early arrivals can pass a rung with fewer rivals
+and a real sweep may spend somewhat more). Seconds need a measured rate, the fleet's tokens/s on
+this machine: given (`--tokens-per-s`) or read from the metrics.jsonl of an earlier run
+(`--rate-from`), never guessed.
 """
 
 from __future__ import annotations
@@ -23,23 +24,21 @@ import torch
 
 from lorafleet.errors import ConfigError
 from lorafleet.fleet_dir import FleetDir
-from lorafleet.sweep.space import Rungs, SweepSpec
+from lorafleet.sweep.space import DepartmentSearch, Rungs, SweepSpec
 from lorafleet.train import memory
+from lorafleet.train.admission import Admission
 from lorafleet.train.plan import planning_admission, training_dtype
 
 
 @dataclass
-class SweepPlan:
-    dtype: str
-    peak_trials: list[str]  # the trials the peak assumes run at once: the heaviest max_concurrent
-    peak: memory.MemoryEstimate
-    budget: int | None  # bytes
+class DepartmentSpend:
+    """What one department's trials spend."""
+
+    department: str
     trials: int
     steps_worst: int  # optimizer steps if no trial stops
     steps_expected: int  # if every rung keeps exactly 1/reduction_factor
-    tokens_per_step: float  # mean over the trials: tokens one optimizer step of a trial computes
-    tokens_per_s: float | None = None  # the measured fleet rate the seconds rest on
-    rate_source: str | None = None  # where that rate comes from
+    tokens_per_step: float  # mean over its trials: tokens one optimizer step of a trial computes
 
     @property
     def tokens_worst(self) -> float:
@@ -48,6 +47,37 @@ class SweepPlan:
     @property
     def tokens_expected(self) -> float:
         return self.steps_expected * self.tokens_per_step
+
+
+@dataclass
+class SweepPlan:
+    dtype: str
+    peak_trials: list[str]  # the trials the peak assumes run at once: the heaviest max_concurrent
+    peak: memory.MemoryEstimate
+    budget: int | None  # bytes
+    departments: list[DepartmentSpend]  # in the sweep file's order
+    tokens_per_s: float | None = None  # the measured fleet rate the seconds rest on
+    rate_source: str | None = None  # where that rate comes from
+
+    @property
+    def trials(self) -> int:
+        return sum(d.trials for d in self.departments)
+
+    @property
+    def steps_worst(self) -> int:
+        return sum(d.steps_worst for d in self.departments)
+
+    @property
+    def steps_expected(self) -> int:
+        return sum(d.steps_expected for d in self.departments)
+
+    @property
+    def tokens_worst(self) -> float:
+        return sum(d.tokens_worst for d in self.departments)
+
+    @property
+    def tokens_expected(self) -> float:
+        return sum(d.tokens_expected for d in self.departments)
 
 
 def halving_steps(trials: int, rungs: Rungs) -> int:
@@ -72,7 +102,6 @@ def plan_sweep(
     admission = planning_admission(fleet, budget_gb, dtype)
     alone = {a.name: admission.predicted_memory([a]).total for a in fleet.adapters}
     heaviest = sorted(fleet.adapters, key=lambda a: alone[a.name], reverse=True)[: fleet.max_concurrent]
-    work = [admission.work(a) for a in fleet.adapters]  # tokens of a trial's whole budget
     source = None
     if tokens_per_s is not None:
         source = "given (--tokens-per-s)"
@@ -83,12 +112,21 @@ def plan_sweep(
         peak_trials=[a.name for a in heaviest],
         peak=admission.predicted_memory(heaviest),
         budget=admission.budget,
-        trials=len(fleet.adapters),
-        steps_worst=len(fleet.adapters) * spec.rungs.budget,
-        steps_expected=halving_steps(len(fleet.adapters), spec.rungs),
-        tokens_per_step=sum(work) / len(work) / spec.rungs.budget,
+        departments=[department_spend(search, spec, admission) for search in spec.departments.values()],
         tokens_per_s=tokens_per_s,
         rate_source=source,
+    )
+
+
+def department_spend(search: DepartmentSearch, spec: SweepSpec, admission: Admission) -> DepartmentSpend:
+    trials = [a for a in spec.fleet.adapters if a.name in search.trials]
+    work = [admission.work(a) for a in trials]  # tokens of a trial's whole budget
+    return DepartmentSpend(
+        department=search.department,
+        trials=len(trials),
+        steps_worst=len(trials) * search.rungs.budget,
+        steps_expected=halving_steps(len(trials), search.rungs),
+        tokens_per_step=sum(work) / len(work) / search.rungs.budget,
     )
 
 
@@ -111,10 +149,10 @@ def measured_rate(run_dir: Path) -> tuple[float, str]:
 
 
 def format_sweep_plan(plan: SweepPlan, spec: SweepSpec) -> str:
-    gib, rungs = memory.GIB, spec.rungs
+    gib = memory.GIB
     lines = [
-        f"sweep of {spec.department}: {plan.trials} trials, each {rungs.budget} steps, rungs at {rungs.steps()} "
-        f"(reduction factor {rungs.reduction_factor}), at most {spec.fleet.max_concurrent} at once, in {plan.dtype}",
+        f"sweep of {', '.join(spec.departments)}: {plan.trials} trials in one fleet, at most "
+        f"{spec.fleet.max_concurrent} at once, in {plan.dtype}",
         f"peak memory, the {len(plan.peak_trials)} heaviest trials at once ({', '.join(plan.peak_trials)}): "
         f"{plan.peak.describe()}",
     ]
@@ -123,13 +161,19 @@ def format_sweep_plan(plan: SweepPlan, spec: SweepSpec) -> str:
     else:
         verdict = "fits" if plan.peak.total <= plan.budget else "does NOT fit (fewer trials will run at once)"
         lines.append(f"budget {plan.budget / gib:.2f} GiB: {verdict}")
-    lines.append(f"tokens per trial step: {plan.tokens_per_step:,.0f} (mean over the trials, from their data)")
-    for case, steps, tokens in (
-        ("no trial stopped", plan.steps_worst, plan.tokens_worst),
-        (f"each rung keeping 1/{rungs.reduction_factor}", plan.steps_expected, plan.tokens_expected),
-    ):
-        time = "" if plan.tokens_per_s is None else f", {_duration(tokens / plan.tokens_per_s)}"
-        lines.append(f"{case + ':':<26} {steps:>7,} trial steps, {tokens:>14,.0f} tokens{time}")
+    several = len(plan.departments) > 1
+    for spend in plan.departments:
+        rungs = spec.departments[spend.department].rungs
+        lines.append(
+            f"{spend.department}: {spend.trials} trials, each {rungs.budget} steps, rungs at {rungs.steps()} "
+            f"(reduction factor {rungs.reduction_factor}), {spend.tokens_per_step:,.0f} tokens per trial step "
+            "(mean over its trials, from their data)"
+        )
+        halving = f"each rung keeping 1/{rungs.reduction_factor}"
+        lines += _spend_lines(plan, spend, halving, timed=not several)
+    if several:
+        lines.append(f"all {len(plan.departments)} departments:")
+        lines += _spend_lines(plan, plan, "each rung halving as above", timed=True)
     if plan.tokens_per_s is None:
         lines.append(
             "time: needs a measured rate; pass --tokens-per-s (the fleet's, on this machine) or --rate-from "
@@ -138,6 +182,19 @@ def format_sweep_plan(plan: SweepPlan, spec: SweepSpec) -> str:
     else:
         lines.append(f"at {plan.tokens_per_s:,.1f} tokens/s, {plan.rate_source}")
     return "\n".join(lines)
+
+
+def _spend_lines(plan: SweepPlan, spend: SweepPlan | DepartmentSpend, halving: str, timed: bool) -> list[str]:
+    """The steps and tokens of no trial stopped and of halving, with the seconds at the fleet's rate
+    (`timed`: only for the whole sweep, since the rate is the fleet's, all departments together)."""
+    lines = []
+    for case, steps, tokens in (
+        ("no trial stopped", spend.steps_worst, spend.tokens_worst),
+        (halving, spend.steps_expected, spend.tokens_expected),
+    ):
+        time = "" if plan.tokens_per_s is None or not timed else f", {_duration(tokens / plan.tokens_per_s)}"
+        lines.append(f"  {case + ':':<28} {steps:>7,} trial steps, {tokens:>14,.0f} tokens{time}")
+    return lines
 
 
 def _duration(seconds: float) -> str:
