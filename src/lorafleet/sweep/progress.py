@@ -50,14 +50,14 @@ class SweepProgress:
         self.metric = {name: search.metric for name, search in departments.items()}
         self.trials = len(self.department_of)
         self.running: set[str] = set()
-        self.stopped = self.finished = 0
+        self.stopped_trials = self.finished_trials = 0  # at a rung (or diverged); their whole budget
         self.best: dict[str, Best | None] = dict.fromkeys(departments)
         self.bar = tqdm(total=self.trials, desc="sweep", unit="trial", disable=not shown, dynamic_ncols=True)
 
     def status(self) -> str:
-        queued = self.trials - len(self.running) - self.stopped - self.finished
+        queued = self.trials - len(self.running) - self.stopped_trials - self.finished_trials
         bests = {department: (self.metric[department], best) for department, best in self.best.items()}
-        return sweep_status(len(self.running), queued, self.stopped, self.finished, bests)
+        return sweep_status(len(self.running), queued, self.stopped_trials, self.finished_trials, bests)
 
     def start(self, job: AdapterJob) -> None:
         self.running.add(job.name)
@@ -74,10 +74,17 @@ class SweepProgress:
         if record.get("stopped") or job.done:
             self.running.discard(job.name)
             if record.get("stopped"):
-                self.stopped += 1
+                self.stopped_trials += 1
             else:
-                self.finished += 1
+                self.finished_trials += 1
             self.bar.update(1)
+        self.bar.set_postfix_str(self.status(), refresh=False)
+
+    def stopped(self, job: AdapterJob) -> None:
+        """`job` diverged (its loss was no longer a number): stopped, though at no rung."""
+        self.running.discard(job.name)
+        self.stopped_trials += 1
+        self.bar.update(1)
         self.bar.set_postfix_str(self.status(), refresh=False)
 
     def close(self) -> None:
