@@ -11,8 +11,9 @@ accuracy per subfield and per difficulty for MMMU.
 
 When the directory holds a sweep (`sweep.json`, written by `lorafleet sweep`), the page adds a
 section per department searched: every trial's held-out curve with its rung decisions marked
-(continued or stopped, at which step) and a table of the trials, read from sweep.json alone: where
-the trials' weights lie does not matter.
+(continued or stopped, at which step, or diverged) and a table of the trials, read from sweep.json
+alone. A sweep's output keeps its trials' training in `trials/` (a fleet of their own): the page
+draws their losses, throughput and checkpoints from there, above the sweep's sections.
 
 A resume shows in the metrics as the clock starting again: the trainer keeps the lines up to the
 checkpoint it resumes from, and the new process counts seconds from zero.
@@ -52,23 +53,38 @@ class RunRecord:
 
 
 def read_run(directory: str | Path) -> RunRecord:
+    """The run in `directory`: a fleet's output, or a sweep's (its sweep.json, with the trials'
+    metrics and checkpoints read from `trials/`, where they trained as a fleet of their own)."""
     directory = Path(directory)
-    metrics = FleetDir(directory).metrics
-    if not metrics.exists():
-        raise ConfigError(f"{metrics} does not exist: give the output directory of `lorafleet train`")
-    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    steps = [line for line in lines if STEP_FIELDS <= line.keys()]  # other kinds of line are not drawn
-    if not steps:
-        raise ConfigError(f"{metrics} is empty: the run has not finished an optimizer step yet")
-    checkpoints = sorted(checkpoint_step(path) for path in FleetDir(directory).checkpoint_files())
+    sweep = FleetDir(directory).sweep
+    sweeps = json.loads(sweep.read_text())["departments"] if sweep.exists() else []
+    trained = FleetDir(directory)
+    if sweeps and not trained.metrics.exists():
+        trained = FleetDir(trained.trials)
+    steps = _steps(trained.metrics, sweep_only_if_missing=bool(sweeps))
+    checkpoints = sorted(checkpoint_step(path) for path in trained.checkpoint_files())
     evals = {}
     for path in FleetDir(directory).eval_results():
         content = json.loads(path.read_text())
         if isinstance(content, dict) and "overall" in content:
             evals[path.name] = content
-    sweep = FleetDir(directory).sweep
-    sweeps = json.loads(sweep.read_text())["departments"] if sweep.exists() else []
     return RunRecord(directory, steps, checkpoints, _resumes(steps), evals, sweeps)
+
+
+def _steps(metrics: Path, sweep_only_if_missing: bool) -> list[dict]:
+    """The optimizer steps' lines of `metrics` (none for a sweep whose trials' metrics are gone:
+    its page is drawn from sweep.json alone)."""
+    if not metrics.exists():
+        if sweep_only_if_missing:
+            return []
+        raise ConfigError(
+            f"{metrics} does not exist: give the output directory of `lorafleet train` or `lorafleet sweep`"
+        )
+    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    steps = [line for line in lines if STEP_FIELDS <= line.keys()]  # other kinds of line are not drawn
+    if not steps and not sweep_only_if_missing:
+        raise ConfigError(f"{metrics} is empty: the run has not finished an optimizer step yet")
+    return steps
 
 
 def _resumes(steps: list[dict]) -> list[int]:
@@ -132,11 +148,27 @@ def write_report(directory: str | Path, out: str | Path | None = None, smoothing
 
 
 def render(run: RunRecord, smoothing: float = 0.0) -> str:
-    title = f"Training run {run.directory.name}"
+    kind = "Sweep" if run.sweeps else "Training run"
+    title = f"{kind} {run.directory.name}"
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
         f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
-        f"<p>{len(run.adapters)} adapters, {max(s['fleet_step'] for s in run.steps)} fleet steps, "
+        *(_training_sections(run, smoothing) if run.steps else []),
+    ]
+    for sweep in run.sweeps:
+        parts += _sweep_section(sweep)
+    for name, content in run.evals.items():
+        parts += [f"<h2>Evaluation: {html.escape(name)}</h2>", _eval_table(content)]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _training_sections(run: RunRecord, smoothing: float) -> list[str]:
+    """The adapters' training: final numbers, loss and learning-rate curves, throughput, checkpoints
+    (a sweep's trials, when the page is a sweep's)."""
+    trials = " (the sweep's trials, in <code>trials/</code>)" if run.sweeps else ""
+    return [
+        f"<p>{len(run.adapters)} adapters{trials}, {max(s['fleet_step'] for s in run.steps)} fleet steps, "
         f"{wall_clock(run.steps)[-1]:.0f} s of training; directory <code>{html.escape(str(run.directory))}</code></p>",
         "<h2>Final metrics</h2>",
         _table(["adapter", "steps", "final loss", "mean loss, last 10", "tokens", "fleet steps"], _final_rows(run)),
@@ -149,12 +181,6 @@ def render(run: RunRecord, smoothing: float = 0.0) -> str:
         f"<p>Checkpoints on disk at fleet steps: {', '.join(map(str, run.checkpoints)) or 'none'}. "
         f"Resumed from fleet steps: {', '.join(map(str, run.resumes)) or 'never resumed'}.</p>",
     ]
-    for sweep in run.sweeps:
-        parts += _sweep_section(sweep)
-    for name, content in run.evals.items():
-        parts += [f"<h2>Evaluation: {html.escape(name)}</h2>", _eval_table(content)]
-    parts.append("</body></html>")
-    return "\n".join(parts)
 
 
 def _smoothing_note(smoothing: float) -> str:
@@ -186,9 +212,14 @@ def _sweep_section(sweep: dict) -> list[str]:
         decisions.setdefault(decision["trial"], []).append(
             f"step {decision['step']}: {outcome} ({decision['value']:.4f}, {decision['competitors']} at the rung)"
         )
+    for trial in sweep["trials"]:
+        if trial.get("diverged"):  # sweep.json of a sweep before diverged trials were marked has no field
+            decisions.setdefault(trial["name"], []).append(
+                f"diverged at step {trial['stopped_at'] + 1}: the loss was no longer a number"
+            )
     rows = [
         [
-            trial["name"] + (" (winner)" if trial["name"] == winner["trial"] else ""),
+            _trial_label(trial, winner["trial"]),
             ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
                       for key, value in trial["values"].items()),
             "-" if trial["final"] is None else f"{trial['final']:.4f}",
@@ -208,6 +239,12 @@ def _sweep_section(sweep: dict) -> list[str]:
     ]
 
 
+def _trial_label(trial: dict, winner: str) -> str:
+    if trial["name"] == winner:
+        return f"{trial['name']} (winner)"
+    return f"{trial['name']} (diverged)" if trial.get("diverged") else trial["name"]
+
+
 def _retrained(sweep: dict) -> str:
     retrained = sweep["retrained"]
     return (
@@ -220,14 +257,15 @@ def _retrained(sweep: dict) -> str:
 def sweep_figure(sweep: dict):
     """Every trial's held-out curve in its own colour (the winner's thick), the rungs as dotted
     lines, and each rung decision a mark on the curve: a dot where the trial continued, a cross
-    where it stopped."""
+    where it stopped; a diverged trial is named so in the legend (its curve ends before its loss broke)."""
     figure, (axes,) = _figure(1, width=10)
     winner = sweep["winner"]["trial"]
     for index, trial in enumerate(sweep["trials"]):
         steps, values = zip(*trial["curve"], strict=True) if trial["curve"] else ((), ())
         width = 3.0 if trial["name"] == winner else 1.2
         # a point on every evaluation: a trial stopped at the first rung has a curve of one point
-        axes.plot(steps, values, color=f"C{index % 10}", linewidth=width, marker=".", label=trial["name"])
+        label = trial["name"] + (" (diverged)" if trial.get("diverged") else "")
+        axes.plot(steps, values, color=f"C{index % 10}", linewidth=width, marker=".", label=label)
     for rung in sweep["rungs"]["steps"]:
         axes.axvline(rung, color="grey", linestyle=":", linewidth=0.8)
     for outcome, marker, color in (("continued", "o", "green"), ("stopped", "x", "red")):

@@ -218,7 +218,7 @@ def test_the_plan_counts_each_departments_halving_and_the_peak_over_all_trials(s
 
 def test_the_report_has_a_section_per_department_with_its_own_trials(sweep):
     spec, results = sweep
-    page = write_report(spec.fleet.output).read_text()
+    page = write_report(spec.output).read_text()
     parts = re.split(r"<h2>Sweep of (\w+)</h2>", page)[1:]
     sections = {department: text.split("<h2>")[0] for department, text in zip(parts[::2], parts[1::2], strict=True)}
     assert list(sections) == ["finance", "legal"]
@@ -231,7 +231,7 @@ def test_the_report_has_a_section_per_department_with_its_own_trials(sweep):
 
 def test_a_retrained_winners_model_card_names_its_own_departments_sweep_and_the_retraining(sweep):
     spec, results = sweep
-    assert main(["docs", "legal", "--fleet", spec.fleet.output]) == 0
+    assert main(["docs", "legal", "--fleet", str(spec.output)]) == 0
     card = (results["legal"].adapter / "README.md").read_text()
     chosen = card.split("## How it was chosen", 1)[1].split("\n## ", 1)[0]
     assert "sweep of `legal`: 4 trials" in chosen and "finance-trial" not in chosen

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
+from lorafleet.cli import main
 from lorafleet.config import FleetSpec
 from lorafleet.fleet_dir import FleetDir, fleet_adapters
 from lorafleet.governance.audit import verify_chain
+from lorafleet.report import sweep_figure
 from lorafleet.sweep.run import run_sweep
 from lorafleet.sweep.space import sweep_spec_from_dict
 from lorafleet.train.trainer import train_fleet
@@ -106,3 +109,21 @@ def test_the_trial_beside_a_diverged_one_equals_its_configuration_alone(divergin
     assert next(t for t in result.trials if t.name == beside.name).stopped_at is None
     saved = load_file(FleetDir(spec.fleet.output).adapter(beside.name) / "adapter_model.safetensors")
     tolerances.assert_same_weights({"w": saved}, {"w": reference}, weight_tolerance)
+
+
+def test_the_report_of_the_sweeps_output_and_the_model_card_mark_the_diverged_trial(diverging_sweep, capsys):
+    """`lorafleet report <output>` draws the sweep's page (the trials' metrics lie in trials/)."""
+    spec, result = diverging_sweep
+    wild = next(t for t in result.trials if t.diverged)
+    assert main(["report", str(spec.output)]) == 0
+    page = FleetDir(spec.output).report.read_text()
+    assert "<h2>Sweep of finance</h2>" in page and "<h2>Loss and learning rate</h2>" in page
+    row = re.search(rf"<tr><td>{wild.name} \(diverged\)</td>(.*?)</tr>", page)
+    assert row and f"diverged at step {wild.stopped_at + 1}: the loss was no longer a number" in row.group(1)
+    labels = {line.get_label() for line in sweep_figure(result.record).axes[0].get_lines()}
+    assert f"{wild.name} (diverged)" in labels
+    assert main(["docs", "finance", "--fleet", str(spec.output)]) == 0
+    card = (result.adapter / "README.md").read_text()
+    assert f"| `{wild.name}` |" in card
+    row = next(line for line in card.splitlines() if line.startswith(f"| `{wild.name}` |"))
+    assert row.endswith(f"| diverged at step {wild.stopped_at + 1} (the loss was no longer a number) |"), row

@@ -263,7 +263,7 @@ def test_a_sweep_under_torchrun_is_refused_before_it_trains(tmp_path, monkeypatc
 
 def test_the_winners_model_card_names_the_sweep_and_why_the_winner_won(sweep, capsys):
     spec, result = sweep
-    assert main(["docs", "finance", "--fleet", spec.fleet.output]) == 0
+    assert main(["docs", "finance", "--fleet", str(spec.output)]) == 0
     card = (result.adapter / "README.md").read_text()
     chosen = card.split("## How it was chosen", 1)[1].split("\n## ", 1)[0]
     assert "6 trials (grid sampler, seed 3)" in chosen and "held-out `eval_loss`" in chosen
@@ -279,7 +279,7 @@ def test_the_winners_model_card_names_the_sweep_and_why_the_winner_won(sweep, ca
 
 def test_the_report_draws_every_trials_curve_and_marks_each_rung_decision(sweep):
     spec, result = sweep
-    page = write_report(spec.fleet.output).read_text()
+    page = write_report(spec.output).read_text()
     assert "<h2>Sweep of finance</h2>" in page and "held-out curve of every trial with its rung decisions" in page
     rows = dict(re.findall(r"<tr><td>(finance-trial\d\d)(?: \(winner\))?</td>(.*?)</tr>", page))
     assert sorted(rows) == sorted(t.name for t in result.trials)

@@ -176,7 +176,7 @@ def _results(lineage: Lineage) -> str:
 
 def _sweep(sweep: dict) -> str:
     """The search that crowned this adapter (`lorafleet sweep`): its space, every trial with its
-    values, metric and where it stopped, and why the winner won."""
+    values, metric and where it stopped (or diverged), and why the winner won."""
     metric, winner = sweep["metric"], sweep["winner"]
     space = ", ".join(
         f"{name} {kind} {values}" for name, drawn in sweep["space"].items() for kind, values in drawn.items()
@@ -196,6 +196,8 @@ def _sweep(sweep: dict) -> str:
     ]
     for trial in sweep["trials"]:
         outcome = f"stopped at step {trial['stopped_at']}" if trial["stopped_at"] is not None else "full budget"
+        if trial.get("diverged"):  # absent from the sweep.json of a sweep before diverged trials were marked
+            outcome = f"diverged at step {trial['stopped_at'] + 1} (the loss was no longer a number)"
         if trial["name"] == winner["trial"]:
             outcome = "won"
         final = "-" if trial["final"] is None else f"{trial['final']:.6g}"
