@@ -330,6 +330,10 @@ def test_sweep_plan_prints_the_time_at_a_given_rate_and_trains_nothing(tiny_lm_d
     assert main(["sweep", str(tmp_path / "sweep.yaml"), "--tokens-per-s", "10"]) != 0
     assert "--tokens-per-s is an option of --plan" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    # a plan counts a sweep from its start: with --resume it is refused, and nothing trains
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--plan", "--resume"]) != 0
+    assert "--plan predicts a sweep before it starts" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_sweep_status_counts_trials_and_names_the_best_so_far():

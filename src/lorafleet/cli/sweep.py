@@ -93,7 +93,14 @@ def _refuse_plan_options_without_plan(args: argparse.Namespace) -> None:
 def _plan_sweep(spec: SweepSpec, args: argparse.Namespace) -> int:
     import torch
 
+    from lorafleet.errors import ConfigError
     from lorafleet.sweep.plan import format_sweep_plan, plan_sweep
+
+    if args.resume:  # the plan counts a whole sweep from its start: a resumed one has spent part of it
+        raise ConfigError(
+            "--plan predicts a sweep before it starts and --resume continues one that started; leave out --resume "
+            "to see the whole sweep's plan, or --plan to continue it"
+        )
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     print(format_sweep_plan(plan_sweep(spec, args.budget_gb, dtype, args.tokens_per_s, args.rate_from), spec))
