@@ -12,7 +12,7 @@ import dataclasses
 from datetime import UTC, datetime
 from pathlib import Path
 
-from lorafleet.config import FleetSpec
+from lorafleet.config import AdapterSpec, FleetSpec
 from lorafleet.data.encode import Example
 from lorafleet.data.preference import PreferencePair, read_preference_records
 from lorafleet.data.records import read_records
@@ -51,11 +51,14 @@ class TrainingProvenance:
             "name": base_model_name(spec.base),
             "weights_sha256": weight_hashes(spec.base) if Path(spec.base).is_dir() else {},
         }
-        self.data = {
-            a.name: describe_training_data(a.data, examples[a.name], len(skipped.get(a.name, [])))
-            for a in spec.adapters
-        }
+        self.data: dict[str, DataFile] = {}
+        for adapter in spec.adapters:
+            self.describe_data(adapter, examples[adapter.name], skipped)
         self.started: dict[str, str] = {}
+
+    def describe_data(self, adapter: AdapterSpec, examples: list[Example], skipped: dict[str, list[str]]) -> None:
+        """What the adapter's lineage says of its training data (hashed here: once per adapter)."""
+        self.data[adapter.name] = describe_training_data(adapter.data, examples, len(skipped.get(adapter.name, [])))
 
     def run_started(self, resumed_at: int | None) -> None:
         """`resumed_at`: the fleet step of the checkpoint a resumed run continues from."""

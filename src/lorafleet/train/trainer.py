@@ -61,15 +61,21 @@ class FleetTrainer:
         stops_early: Callable[[list[tuple[AdapterJob, dict[str, float]]]], set[str]] | None = None,
         stops_diverged: bool = False,
         display: ProgressDisplay | None = None,
+        next_adapter: Callable[[], AdapterSpec | None] | None = None,
     ) -> None:
-        """`stops_early(evaluated)`: given the unfinished adapters evaluated on their held-out data in
-        a step, each with its numbers, in the order they run, the names of those that stop there (a
-        sweep's rung decision); a stopped adapter is saved as it stands and its slot goes to the
-        next queued one in the same step. `stops_diverged`: an adapter whose loss is no longer a
-        number stops alone, unsaved, its slot handed on (a sweep's trial); else the run raises.
-        `display`: what shows the run's progress instead of one bar per adapter (a sweep's running,
-        queued and stopped trials)."""
+        """`stops_early(evaluated)`: given the adapters evaluated on their held-out data in a step,
+        each with its numbers, in the order they run (those that have just finished too: stopping
+        them changes nothing), the names of those that stop there (a sweep's rung decision); a
+        stopped adapter is saved as it stands and its slot goes to the next queued one in the same
+        step. `stops_diverged`: an adapter whose loss is no longer a number stops alone, unsaved,
+        its slot handed on (a sweep's trial); else the run raises. `display`: what shows the run's
+        progress instead of one bar per adapter (a sweep's running, queued and stopped trials).
+        `next_adapter()`: asked for one more adapter when none is queued and a slot is free, after
+        the step's `stops_early` (a sweep drawing each trial from the rungs decided so far); None
+        when there are no more. A drawn adapter joins `spec.adapters`."""
         self.parallel = parallel_mode(group)
+        if next_adapter is not None and self.parallel.world > 1:
+            raise ConfigError("adapters drawn while the fleet trains (a sweep's trials) need one process")
         self._is_rank_zero = self.parallel.rank == 0
         self.spec = spec = self.parallel.on_this_process(spec)
         dtype = getattr(torch, spec.dtype) if spec.dtype else None
@@ -98,11 +104,11 @@ class FleetTrainer:
         if stops_diverged and group is not None:
             raise ConfigError("stopping diverged adapters alone runs on one process; start it without torchrun")
         self.stops_diverged = stops_diverged
+        self.next_adapter = next_adapter
         self.result = FleetResult()
-        self.objectives = {a.name: objective_for(a) for a in spec.adapters}
-        self.targets = {a.name: target_modules(self.base, a) for a in spec.adapters if a.init_from is None}
-        self.examples = {a.name: self._load(a) for a in spec.adapters}
-        held_out = {a.name: self._load(a, a.eval_data) for a in spec.adapters if a.eval_data}
+        # each adapter's objective, target modules, training items and held-out items (_take_in)
+        self.objectives, self.targets, self.examples, held_out = {}, {}, {}, {}
+        self.loaded: dict[tuple, tuple[list, list[str]]] = {}  # a data file's items, read once for all adapters
         self.run_log = RunLog(self.output, spec.report_to)  # metrics.jsonl: written by process 0 alone
         self.provenance: TrainingProvenance | None = None  # process 0's, from the start of the run
         self.layout = StepLayout(self.base, spec, attention, self.master_dtype)
@@ -116,6 +122,8 @@ class FleetTrainer:
             shape = sharded_shape(shape, group.world)
         budget = memory_budget(spec, self.base)
         self.admission = Admission(spec, self.base, self.examples, self.targets, budget, shape)
+        for adapter in spec.adapters:
+            self._take_in(adapter)
         self.pending: deque[AdapterSpec] = deque(spec.adapters)
         self.active: list[AdapterJob] = []
         self.optimizer = FleetAdamW()
@@ -232,7 +240,7 @@ class FleetTrainer:
         for job, loss in zip(jobs, step_losses, strict=True):
             self.result.losses.setdefault(job.name, []).append(loss)
             record = step_record(job, loss, self.fleet_step, elapsed) | evaluations.get(job.name, {})
-            stopped = job.name in stopping
+            stopped = job.name in stopping and not job.done
             if stopped:
                 record["stopped"] = True
             if self.parallel.mail is not None:  # adapter-parallel: process 0 writes every process's lines
@@ -245,7 +253,7 @@ class FleetTrainer:
 
     def _stopping(self, jobs: list[AdapterJob], evaluations: dict[str, dict[str, float]]) -> set[str]:
         """The adapters of `jobs` that stop early after this step's held-out evaluation."""
-        evaluated = [(job, evaluations[job.name]) for job in jobs if job.name in evaluations and not job.done]
+        evaluated = [(job, evaluations[job.name]) for job in jobs if job.name in evaluations]
         if self.stops_early is None or not evaluated:
             return set()
         return self.stops_early(evaluated)
@@ -253,9 +261,36 @@ class FleetTrainer:
     # --- starting and finishing adapters ---------------------------------------------------
 
     def _admit(self) -> None:
-        """Start queued adapters while admission lets them (train/admission.py)."""
-        while self.pending and self.admission.admits(self.pending[0], [job.spec for job in self.active]):
+        """Start queued adapters while admission lets them (train/admission.py); with none queued
+        and a slot free, ask `next_adapter` for one more."""
+        while self.pending or self._draw_adapter():
+            if not self.admission.admits(self.pending[0], [job.spec for job in self.active]):
+                return
             self._start(self.pending.popleft())
+
+    def _draw_adapter(self) -> bool:
+        """Queue the adapter `next_adapter` draws, when a slot is free; False if none was drawn."""
+        if self.next_adapter is None or len(self.active) >= self.spec.max_concurrent:
+            return False
+        spec = self.next_adapter()
+        if spec is None:
+            self.next_adapter = None  # no more: never asked again
+            return False
+        self.spec.adapters.append(spec)
+        self._take_in(spec)
+        if self._is_rank_zero:
+            self.provenance.describe_data(spec, self.examples[spec.name], self.result.skipped)
+        self.pending.append(spec)
+        return True
+
+    def _take_in(self, spec: AdapterSpec) -> None:
+        """What the step loop and admission need of a new adapter: its objective, targets and items."""
+        self.objectives[spec.name] = objective_for(spec)
+        if spec.init_from is None:
+            self.targets[spec.name] = target_modules(self.base, spec)
+        self.examples[spec.name] = self._load(spec)
+        if spec.eval_data:
+            self.held_out.examples[spec.name] = self._load(spec, spec.eval_data)
 
     def _start(self, spec: AdapterSpec) -> AdapterJob:
         objective = self.objectives[spec.name]
@@ -336,8 +371,13 @@ class FleetTrainer:
         self._release(job)
 
     def _load(self, spec: AdapterSpec, path: str | None = None) -> list:
-        """The adapter's training items (or those of `path`, its held-out file), as its objective reads them."""
-        items, skipped = self.objectives[spec.name].load(path or spec.data, self.base, self.spec)
+        """The adapter's training items (or those of `path`, its held-out file), as its objective
+        reads them; adapters reading one file the same way share its items (a sweep's trials)."""
+        path = path or spec.data
+        read_as = (spec.objective, spec.skip_bad_records, str(path))  # all the objective's load reads of the spec
+        if read_as not in self.loaded:
+            self.loaded[read_as] = self.objectives[spec.name].load(path, self.base, self.spec)
+        items, skipped = self.loaded[read_as]
         if skipped:
             self.result.skipped.setdefault(spec.name, []).extend(skipped)
         return items
