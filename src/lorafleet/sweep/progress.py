@@ -42,13 +42,18 @@ def _best_text(department: str, metric: str, best: Best | None) -> str:
     return f"{prefix}best {metric} {best.value:.4f} ({best.trial}, step {best.step})"
 
 
+def _trials_to_run(search: DepartmentSearch) -> int:
+    """Every trial of the department's, those a TPE study has still to draw included."""
+    return search.trial_count if search.sampler == "tpe" else len(search.trials)
+
+
 class SweepProgress:
     """The trainer's display for a sweep of `departments` (shown or quiet)."""
 
     def __init__(self, departments: dict[str, DepartmentSearch], shown: bool) -> None:
-        self.department_of = {trial: name for name, search in departments.items() for trial in search.trials}
+        self.departments = departments  # a TPE department's trials join its `trials` as they are drawn
         self.metric = {name: search.metric for name, search in departments.items()}
-        self.trials = len(self.department_of)
+        self.trials = sum(_trials_to_run(search) for search in departments.values())
         self.running: set[str] = set()
         self.stopped_trials = self.finished_trials = 0  # at a rung (or diverged); their whole budget
         self.best: dict[str, Best | None] = dict.fromkeys(departments)
@@ -67,7 +72,7 @@ class SweepProgress:
         pass  # started already: `start` counted it
 
     def stepped(self, job: AdapterJob, record: dict, elapsed: float) -> None:
-        department = self.department_of[job.name]
+        department = next(name for name, search in self.departments.items() if job.name in search.trials)
         value, best = record.get(self.metric[department]), self.best[department]
         if value is not None and (best is None or value < best.value):
             self.best[department] = Best(value, job.name, record["step"])

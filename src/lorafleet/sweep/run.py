@@ -6,6 +6,9 @@ the rungs is the trainer's batched no-grad pass; successive halving (sweep/asha.
 department so that a trial is ranked only among its own department's trials, decides on its
 numbers through the trainer's `stops_early`, and a stopped trial is saved as it stands, keeps its
 metrics in metrics.jsonl, and hands its slot to the next queued trial in the same fleet step.
+A department with `sampler: tpe` draws its trials as slots open, each from the rungs of its
+department decided before it, its own study told every step's numbers and decisions; a sweep with
+one hands every department's trials over in turn as slots open (sweep/tpe.py).
 
 The trials are a fleet of their own in `<output>/trials/` (their adapters, metrics.jsonl, registry
 and audit log), so that the output's `adapters/` holds the winners alone and `lorafleet serve
@@ -36,6 +39,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorafleet.data.join import join_jsonl
 from lorafleet.data.records import read_jsonl_lines
@@ -48,9 +52,13 @@ from lorafleet.models.loading import FrozenBase
 from lorafleet.sweep.asha import SuccessiveHalving
 from lorafleet.sweep.progress import SweepProgress
 from lorafleet.sweep.space import DepartmentSearch, SweepSpec
+from lorafleet.sweep.tpe import DrawnTrials, TPETrials
 from lorafleet.train import checkpoint, distributed
 from lorafleet.train.job import AdapterJob
 from lorafleet.train.trainer import FleetTrainer
+
+if TYPE_CHECKING:
+    import optuna
 
 SWEEP_FILE = SWEEP
 RETRAIN_DIR = "retrain"  # --retrain-full's fleet, inside the sweep's output
@@ -86,6 +94,7 @@ class SweepResult:
     adapter: Path  # the department's adapter: the winner's weights, or its retraining on all the data
     trials: list[Trial]
     record: dict  # what sweep.json and the department's lineage hold
+    study: optuna.Study | None = None  # sampler: tpe: the department's Optuna study, told every rung
 
 
 def run_sweep(
@@ -103,21 +112,30 @@ def run_sweep(
         raise ConfigError("lorafleet sweep runs on one process; start it without torchrun")
     output, trials_fleet = FleetDir(spec.output), FleetDir(spec.fleet.output)
     halvings = {department: SuccessiveHalving(search.rungs) for department, search in spec.departments.items()}
-    decide = per_department(spec, halvings)
+    studies = {d: TPETrials(search) for d, search in spec.departments.items() if search.sampler == "tpe"}
+    decide = per_department(spec, halvings, studies)
     if resume:
         replay_decisions(decide, spec)
         for department in spec.departments:  # a crowning the kill cut short
             shutil.rmtree(output.adapter(department), ignore_errors=True)
     else:
         start_fresh(spec)
+    drawn = DrawnTrials(spec, studies) if studies else None
 
     def stops_early(evaluated: list[tuple[AdapterJob, dict[str, float]]]) -> set[str]:
-        return decide([(job.name, job.optimizer_step, numbers) for job, numbers in evaluated])
+        finished = {job.name for job, _ in evaluated if job.done}
+        return decide([(job.name, job.optimizer_step, numbers) for job, numbers in evaluated], finished)
 
     display = SweepProgress(spec.departments, shown=progress)
     # a trial whose loss breaks stops alone (stops_diverged): the others are still worth finishing
     trainer = FleetTrainer(
-        spec.fleet, base=base, progress=progress, stops_early=stops_early, stops_diverged=True, display=display
+        spec.fleet,
+        base=base,
+        progress=progress,
+        stops_early=stops_early,
+        stops_diverged=True,
+        display=display,
+        next_adapter=drawn.next_adapter if drawn else None,
     )
     trainer.run(resume=resume)
     outcomes = {}
@@ -127,6 +145,8 @@ def run_sweep(
         record = sweep_record(search, trials, winner, halvings[department])
         # where the trial itself lies, relative to the output (its lineage and registry row are the trials' own)
         record["winner"]["trial_directory"] = str(trials_fleet.adapter(winner.name).relative_to(spec.output))
+        if department in studies:
+            record["tpe"] = studies[department].describe()
         outcomes[department] = (trials, winner, record)
     sources = {department: trials_fleet.adapter(winner.name) for department, (_, winner, _) in outcomes.items()}
     if retrain_full:
@@ -137,7 +157,8 @@ def run_sweep(
     results = {}
     for department, (trials, winner, record) in outcomes.items():
         adapter = crown(spec, department, winner, record, sources[department])
-        results[department] = SweepResult(department, winner.name, adapter, trials, record)
+        study = studies[department].study if department in studies else None
+        results[department] = SweepResult(department, winner.name, adapter, trials, record, study)
     records = [record for _, _, record in outcomes.values()]
     (spec.output / SWEEP_FILE).write_text(json.dumps({"departments": records}, indent=2) + "\n")  # last: done
     return results
@@ -195,7 +216,7 @@ def check_same_sweep(started: dict, now: dict) -> None:
         )
 
 
-def replay_decisions(decide: Callable[[list[Arrival]], set[str]], spec: SweepSpec) -> None:
+def replay_decisions(decide: Callable[..., set[str]], spec: SweepSpec) -> None:
     """Rebuild the successive halvings behind `decide` as they stood at the last checkpoint: the
     metrics.jsonl lines up to its fleet step (those a resumed trainer keeps), a fleet step at a
     time in the order the trials ran."""
@@ -225,20 +246,26 @@ def replay_decisions(decide: Callable[[list[Arrival]], set[str]], spec: SweepSpe
             )
 
 
-def per_department(spec: SweepSpec, halvings: dict[str, SuccessiveHalving]) -> Callable[[list[Arrival]], set[str]]:
+def per_department(
+    spec: SweepSpec, halvings: dict[str, SuccessiveHalving], studies: dict[str, TPETrials]
+) -> Callable[..., set[str]]:
     """The rung decision of a fleet step's evaluated trials (the trainer's `stops_early`, and a
     resumed sweep's replay): each department's arrivals go to its own successive halving, so a
-    trial is ranked only among its own department's trials."""
-    department_of = {trial: department for department, search in spec.departments.items() for trial in search.trials}
+    trial is ranked only among its own department's trials, and a TPE department's study is told
+    them, the decisions and which of them `finished` their budget (its trials are drawn as the
+    sweep runs, so a trial's department is looked up as it arrives)."""
 
-    def stops_early(evaluated: list[Arrival]) -> set[str]:
+    def stops_early(evaluated: list[Arrival], finished: set[str] = frozenset()) -> set[str]:
         stopping = set()
         for department, halving in halvings.items():
-            metric = spec.departments[department].metric
+            search = spec.departments[department]
             arrivals = [
-                (name, step, numbers[metric]) for name, step, numbers in evaluated if department_of[name] == department
+                (name, step, numbers[search.metric]) for name, step, numbers in evaluated if name in search.trials
             ]
-            stopping |= halving.stopping(arrivals)
+            stopped = halving.stopping(arrivals)
+            if department in studies:
+                studies[department].tell(arrivals, stopped, finished & {name for name, _, _ in arrivals})
+            stopping |= stopped
         return stopping
 
     return stops_early

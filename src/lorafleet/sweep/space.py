@@ -3,7 +3,8 @@
 A sweep file searches one department's adapter or several at once. For one, `department` names it
 and the top level holds its search: the fields every trial shares (`adapter`, as in a fleet file,
 without a name), the fields to search (`space`), how to draw them (`sampler`: grid or a seeded
-random draw), how many trials, and the successive-halving rungs (`asha`). For several,
+random draw, or Optuna's TPE, which draws each trial while the sweep runs from the rungs decided
+before it: sweep/tpe.py), how many trials, and the successive-halving rungs (`asha`). For several,
 `departments` maps each name to its own search with the same fields; what the top level holds is
 the default for every department: a department's `adapter` is laid over the shared one field by
 field, and its other fields replace the shared ones. All departments' trials train in one fleet
@@ -15,17 +16,19 @@ the winners alone.
 
 A dimension of the space is one of:
 
-  learning_rate: {log_uniform: [1e-4, 1e-2]}   drawn uniformly in log space (random sampler only)
-  dropout:       {uniform: [0.0, 0.1]}          drawn uniformly (random sampler only)
+  learning_rate: {log_uniform: [1e-4, 1e-2]}   drawn uniformly in log space (random and tpe samplers)
+  dropout:       {uniform: [0.0, 0.1]}          drawn uniformly (random and tpe samplers)
   rank:          {choice: [4, 8, 16]}           one of the values (the grid takes each in turn)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,10 +43,10 @@ from lorafleet.config import (
 from lorafleet.errors import ConfigError
 from lorafleet.fleet_dir import FleetDir
 
-SAMPLERS = ("grid", "random")
+SAMPLERS = ("grid", "random", "tpe")
 KINDS = ("choice", "log_uniform", "uniform")
 METRICS = ("eval_loss",)
-SEARCH_FIELDS = ("adapter", "space", "sampler", "trials", "seed", "metric", "asha")  # per department
+SEARCH_FIELDS = ("adapter", "space", "sampler", "trials", "seed", "metric", "asha", "startup_trials")  # per department
 FIELDS = ("base", "output", "department", "departments", "fleet", *SEARCH_FIELDS)
 
 
@@ -92,6 +95,11 @@ class DepartmentSearch:
     metric: str = "eval_loss"
     seed: int = 0
     trials: dict[str, dict] = field(default_factory=dict)  # trial name -> the values drawn for it
+    # tpe: the trials to draw while the sweep runs (`trials` fills as they are), the first
+    # `startup_trials` of them at random, and how a drawn trial becomes an adapter spec
+    trial_count: int = 0
+    startup_trials: int = 10
+    new_trial: Callable[[str, dict], AdapterSpec] | None = None
 
     def describe_space(self) -> dict:
         return {d.name: {d.kind: list(d.values)} for d in self.space}
@@ -122,16 +130,24 @@ def sweep_spec_from_dict(raw: object, where: str, root: Path | None = None) -> S
     _check_fields(raw, where)
     searches, trial_adapters = {}, []
     for department, (fields, here) in _department_fields(raw, where).items():
-        searches[department], adapters = _department_search(raw, department, fields, here)
+        searches[department], adapters = _department_search(raw, department, fields, here, root)
         trial_adapters.append(adapters)
-    trial_names = {adapter["name"] for adapters in trial_adapters for adapter in adapters}
+    trial_names = {adapter["name"] for adapters in trial_adapters for adapter in adapters} | {
+        trial_name(search.department, index) for search in searches.values() for index in range(search.trial_count)
+    }
     if clash := sorted(set(searches) & trial_names):
         raise ConfigError(f"{where}: department {clash[0]!r} has the name of another department's trial; rename it")
     first_rung = min(search.rungs.min_steps for search in searches.values())
     fleet = _trial_fleet(raw, _interleaved(trial_adapters), first_rung, where)
     if root is not None:
         resolve_paths(fleet, root)
+    listed = {name for search in searches.values() for name in search.trials}
+    fleet.adapters = [adapter for adapter in fleet.adapters if adapter.name in listed]  # tpe: checked, drawn later
     return SweepSpec(fleet, searches)
+
+
+def trial_name(department: str, index: int) -> str:
+    return f"{department}-trial{index:02d}"
 
 
 def _check_fields(raw: object, where: str) -> None:
@@ -171,9 +187,13 @@ def _department_fields(raw: dict, where: str) -> dict[str, tuple[dict, str]]:
     return fields
 
 
-def _department_search(raw: dict, department: object, fields: dict, where: str) -> tuple[DepartmentSearch, list[dict]]:
+def _department_search(
+    raw: dict, department: object, fields: dict, where: str, root: Path | None
+) -> tuple[DepartmentSearch, list[dict]]:
     """One department's search and its trials as adapter specs (validated here, so that an error
-    names the department)."""
+    names the department). A tpe department's trials are drawn while the sweep runs: its one
+    adapter here is a first trial at the low end of every dimension, checked with the others so a
+    wrong field fails before anything trains, and left out of the fleet."""
     if problem := adapter_name_problem(department):
         raise ConfigError(f"{where}: department: {problem}" if "department" in raw else f"{where}: {problem}")
     for required in ("adapter", "space"):
@@ -184,12 +204,51 @@ def _department_search(raw: dict, department: object, fields: dict, where: str) 
     adapter = _shared_adapter(fields["adapter"], f"{where}: adapter")
     rungs = _rungs(fields.get("asha", {}), adapter["steps"], f"{where}: asha")
     trials = {
-        f"{department}-trial{index:02d}": values
+        trial_name(department, index): values
         for index, values in enumerate(draw_trials(space, sampler, fields.get("trials"), seed, where))
     }
-    adapters = [{**adapter, **values, "name": name, "eval_every": rungs.min_steps} for name, values in trials.items()]
+    search = DepartmentSearch(department, space, sampler, rungs, metric, seed, trials)
+    if sampler == "tpe":
+        search.trial_count, search.startup_trials = fields["trials"], _startup_trials(fields, where)
+        search.new_trial = functools.partial(_drawn_trial, raw, adapter, rungs, where, root)
+        trials = {trial_name(department, 0): {d.name: d.values[0] for d in space}}
+    elif "startup_trials" in fields:
+        raise ConfigError(f"{where}: startup_trials is for sampler: tpe only; leave it out")
+    adapters = [_trial_fields(adapter, rungs, name, values) for name, values in trials.items()]
     fleet_spec_from_dict({"base": raw["base"], "output": raw["output"], "adapters": adapters}, where)
-    return DepartmentSearch(department, space, sampler, rungs, metric, seed, trials), adapters
+    return search, adapters
+
+
+def _trial_fields(adapter: dict, rungs: Rungs, name: str, values: dict) -> dict:
+    """A trial's adapter fields: the shared ones with its drawn values, evaluated at every rung."""
+    return {**adapter, **values, "name": name, "eval_every": rungs.min_steps}
+
+
+def _startup_trials(fields: dict, where: str) -> int:
+    startup = fields.get("startup_trials", 10)
+    if not isinstance(startup, int) or isinstance(startup, bool) or startup < 1:
+        raise ConfigError(f"{where}: startup_trials must be a whole number of at least 1, got {startup!r}")
+    require_optuna(f"{where}: sampler: tpe")
+    return startup
+
+
+def require_optuna(what: str):
+    """The optuna module, or a ConfigError saying which extra to install."""
+    try:
+        import optuna
+    except ImportError as err:
+        raise ConfigError(f"{what} needs optuna, an optional extra: pip install 'lorafleet[sweep]'") from err
+    return optuna
+
+
+def _drawn_trial(
+    raw: dict, adapter: dict, rungs: Rungs, where: str, root: Path | None, name: str, values: dict
+) -> AdapterSpec:
+    """The adapter spec of one trial drawn while the sweep runs, validated as a fleet file is."""
+    fleet = _trial_fleet(raw, [_trial_fields(adapter, rungs, name, values)], where)
+    if root is not None:
+        resolve_paths(fleet, root)
+    return fleet.adapters[0]
 
 
 def _sampler_metric_seed(fields: dict, where: str) -> tuple[str, str, int]:
@@ -243,7 +302,7 @@ def draw_trials(space: list[Dimension], sampler: str, trials: object, seed: int,
         if continuous:
             raise ConfigError(
                 f"{where}: the grid sampler takes choice dimensions only; {continuous[0].name} is "
-                f"{continuous[0].kind} (list its values as a choice, or use sampler: random)"
+                f"{continuous[0].kind} (list its values as a choice, or use sampler: random or tpe)"
             )
         grid = [
             dict(zip([d.name for d in space], combination, strict=True))
@@ -251,7 +310,9 @@ def draw_trials(space: list[Dimension], sampler: str, trials: object, seed: int,
         ]
         return grid[:trials] if trials else grid
     if trials is None:
-        raise ConfigError(f"{where}: the random sampler needs 'trials' (how many to draw)")
+        raise ConfigError(f"{where}: the {sampler} sampler needs 'trials' (how many to draw)")
+    if sampler == "tpe":  # drawn while the sweep runs (sweep/tpe.py)
+        return []
     rng = random.Random(seed)
     return [{d.name: d.draw(rng) for d in space} for _ in range(trials)]
 
