@@ -1,5 +1,6 @@
 """A TPE sweep asks Optuna for each trial when a slot opens, after telling it every rung decided so
-far, and the same seed gives the same trials and the same winner."""
+far, and the same seed gives the same trials and the same winner; departments mixing samplers take
+turns as slots open, each TPE department with a study of its own."""
 
 from __future__ import annotations
 
