@@ -245,7 +245,8 @@ def _drawn_trial(
     raw: dict, adapter: dict, rungs: Rungs, where: str, root: Path | None, name: str, values: dict
 ) -> AdapterSpec:
     """The adapter spec of one trial drawn while the sweep runs, validated as a fleet file is."""
-    fleet = _trial_fleet(raw, [_trial_fields(adapter, rungs, name, values)], where)
+    # only the trial's adapter is kept: the fleet around it (its checkpoints among them) is the sweep's
+    fleet = _trial_fleet(raw, [_trial_fields(adapter, rungs, name, values)], rungs.min_steps, where)
     if root is not None:
         resolve_paths(fleet, root)
     return fleet.adapters[0]
