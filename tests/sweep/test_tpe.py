@@ -186,3 +186,27 @@ def test_departments_mixing_samplers_take_turns_and_each_study_holds_only_its_ow
     assert {d: r.record["retrained"]["trial"] for d, r in results.items()} == {d: r.winner for d, r in results.items()}
     sweep_file = json.loads((tmp_path / "out" / "sweep.json").read_text())
     assert [record["sampler"] for record in sweep_file["departments"]] == ["grid", "tpe", "tpe"]
+
+
+WILD = 1e300  # float64 weights overflow in the second step without clipping: the loss becomes nan
+
+
+def test_a_diverged_trial_is_told_to_its_study_as_failed_before_the_next_draw(tiny_lm_dir, tmp_path):
+    data = write_text_dataset(tmp_path / "train.jsonl", 12, seed=0)
+    eval_data = write_text_dataset(tmp_path / "eval.jsonl", 4, seed=1)
+    raw = tpe_file(data, eval_data, tmp_path / "out", tiny_lm_dir)
+    raw["adapter"]["max_grad_norm"] = None
+    # seed 0's random start draws the second choice first, then the first: the wild trial, then a sane one
+    raw |= {"space": {"learning_rate": {"choice": [5e-3, WILD]}}, "trials": 2, "startup_trials": 10, "seed": 0}
+    raw["fleet"] = {"max_concurrent": 1}  # the second trial is drawn only once the wild one has stopped
+    raw["asha"] = {"min_steps": 2, "reduction_factor": 2}  # no rung before its loss breaks in the second step
+    spec = sweep_spec_from_dict(raw, "sweep.yaml")
+    spec.fleet.dtype = "float64"
+    result = run_sweep(spec, progress=False)["legal"]
+    trials = spec.departments["legal"].trials
+    assert [values["learning_rate"] for values in trials.values()] == [WILD, 5e-3]
+    assert [t.diverged for t in result.trials] == [True, False] and result.winner == "legal-trial01"
+    states = {f"legal-trial{t.number:02d}": t.state.name for t in result.study.trials}
+    assert states == {"legal-trial00": "FAIL", "legal-trial01": "COMPLETE"}
+    # told before the next trial was asked: TPE drew it knowing the wild one failed
+    assert result.record["tpe"]["informed_by"]["legal-trial01"] == ["legal-trial00"]

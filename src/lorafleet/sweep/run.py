@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lorafleet.config import AdapterSpec
 from lorafleet.data.join import join_jsonl
 from lorafleet.data.records import read_jsonl_lines
 from lorafleet.errors import ConfigError, TrainingError
@@ -126,6 +127,10 @@ def run_sweep(
         finished = {job.name for job, _ in evaluated if job.done}
         return decide([(job.name, job.optimizer_step, numbers) for job, numbers in evaluated], finished)
 
+    def next_adapter() -> AdapterSpec | None:
+        fail_diverged(studies, trainer.result.diverged)  # before the study is asked: TPE models them as failed
+        return drawn.next_adapter()
+
     display = SweepProgress(spec.departments, shown=progress)
     # a trial whose loss breaks stops alone (stops_diverged): the others are still worth finishing
     trainer = FleetTrainer(
@@ -135,9 +140,10 @@ def run_sweep(
         stops_early=stops_early,
         stops_diverged=True,
         display=display,
-        next_adapter=drawn.next_adapter if drawn else None,
+        next_adapter=next_adapter if drawn else None,
     )
     trainer.run(resume=resume)
+    fail_diverged(studies, trainer.result.diverged)  # those after the last draw
     outcomes = {}
     for department, search in spec.departments.items():
         trials = read_trials(search, trials_fleet.metrics)
@@ -179,6 +185,12 @@ def start_fresh(spec: SweepSpec) -> None:
             )
     Path(spec.fleet.output).mkdir(parents=True, exist_ok=True)
     (Path(spec.fleet.output) / SPEC_FILE).write_text(json.dumps(started_from(spec), indent=2) + "\n")
+
+
+def fail_diverged(studies: dict[str, TPETrials], diverged: list[str]) -> None:
+    """Tell each TPE study its trials whose loss broke as failed (they never reach a rung decision)."""
+    for study in studies.values():
+        study.fail(diverged)
 
 
 def started_from(spec: SweepSpec) -> dict:

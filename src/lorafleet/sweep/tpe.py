@@ -6,8 +6,9 @@ queued and it is the department's turn, its study is asked for the next trial's 
 is modelled on every rung decided before it. Each department searched with TPE has a study of its
 own, told only its own trials: each held-out evaluation of a trial as an intermediate value
 (`report`), a trial stopped at a rung as pruned, one that trains its whole budget its final
-metric, and one whose final metric is not a number as failed (left out of TPE's model); TPE ranks
-pruned trials by the last step they reached and their value there. The rung decisions stay
+metric, and one whose final metric is not a number, or whose loss broke while it trained (a
+diverged trial, stopped alone by the trainer before any rung), as failed (left out of TPE's
+model); TPE ranks pruned trials by the last step they reached and their value there. The rung decisions stay
 successive halving's (sweep/asha.py): the sampler is Optuna's, the pruner is not.
 
 In a sweep with a TPE department every trial joins the fleet through the trainer's `next_adapter`
@@ -78,6 +79,15 @@ class TPETrials:
             elif name in finished and math.isfinite(value):
                 self._finish(name, values=value)
             elif name in finished:  # no number to rank it by: failed, left out of TPE's model
+                self._finish(name, state=TrialState.FAIL)
+
+    def fail(self, diverged: list[str]) -> None:
+        """Tell the study that those of its running trials among `diverged` failed: their loss broke,
+        so they stopped unsaved, never reaching a rung decision (left out of TPE's model)."""
+        from optuna.trial import TrialState
+
+        for name in diverged:
+            if name in self.running:
                 self._finish(name, state=TrialState.FAIL)
 
     def describe(self) -> dict:
