@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from lorafleet.errors import ConfigError
+from lorafleet.fleet_dir import FleetDir
 from lorafleet.sweep.run import run_sweep
 from lorafleet.sweep.space import sweep_spec_from_dict
 from tests.conftest import write_text_dataset
@@ -184,6 +185,12 @@ def test_departments_mixing_samplers_take_turns_and_each_study_holds_only_its_ow
         assert {d["trial"] for d in result.record["decisions"]} <= set(trials)
     # the winners' configurations (drawn ones too) trained again on all the data
     assert {d: r.record["retrained"]["trial"] for d, r in results.items()} == {d: r.winner for d, r in results.items()}
+    # the drawn trials trained in the trials' fleet; the output's adapters are the departments' alone
+    trials_fleet, output = FleetDir(tmp_path / "out" / "trials"), FleetDir(tmp_path / "out")
+    assert all(trials_fleet.adapter(trial).is_dir() for trial in [*legal, *hr])
+    assert sorted(path.name for path in output.adapters.iterdir()) == ["finance", "hr", "legal"]
+    for result in results.values():
+        assert result.record["winner"]["trial_directory"] == str(Path("trials") / "adapters" / result.winner)
     sweep_file = json.loads((tmp_path / "out" / "sweep.json").read_text())
     assert [record["sampler"] for record in sweep_file["departments"]] == ["grid", "tpe", "tpe"]
 
@@ -210,3 +217,11 @@ def test_a_diverged_trial_is_told_to_its_study_as_failed_before_the_next_draw(ti
     assert states == {"legal-trial00": "FAIL", "legal-trial01": "COMPLETE"}
     # told before the next trial was asked: TPE drew it knowing the wild one failed
     assert result.record["tpe"]["informed_by"]["legal-trial01"] == ["legal-trial00"]
+
+
+def test_resuming_a_sweep_with_a_tpe_department_is_refused_naming_it(tiny_lm_dir, tmp_path):
+    data = write_text_dataset(tmp_path / "train.jsonl", 12, seed=0)
+    eval_data = write_text_dataset(tmp_path / "eval.jsonl", 4, seed=1)
+    spec = sweep_spec_from_dict(mixed_departments(data, eval_data, tmp_path / "out", tiny_lm_dir), "sweep.yaml")
+    with pytest.raises(ConfigError, match=r"--resume: department 'legal' draws its trials with sampler: tpe"):
+        run_sweep(spec, progress=False, resume=True)

@@ -116,6 +116,7 @@ def run_sweep(
     studies = {d: TPETrials(search) for d, search in spec.departments.items() if search.sampler == "tpe"}
     decide = per_department(spec, halvings, studies)
     if resume:
+        refuse_resuming_tpe(spec)
         replay_decisions(decide, spec)
         for department in spec.departments:  # a crowning the kill cut short
             shutil.rmtree(output.adapter(department), ignore_errors=True)
@@ -185,6 +186,18 @@ def start_fresh(spec: SweepSpec) -> None:
             )
     Path(spec.fleet.output).mkdir(parents=True, exist_ok=True)
     (Path(spec.fleet.output) / SPEC_FILE).write_text(json.dumps(started_from(spec), indent=2) + "\n")
+
+
+def refuse_resuming_tpe(spec: SweepSpec) -> None:
+    """A TPE department's study lives only in the killed process (what it was asked and told, and its
+    sampler's random state), so a sweep with one cannot continue the same draws."""
+    for department, search in spec.departments.items():
+        if search.sampler == "tpe":
+            raise ConfigError(
+                f"--resume: department {department!r} draws its trials with sampler: tpe, whose study is not "
+                "checkpointed; start the sweep again in another output (or search it with grid or random to "
+                "resume)"
+            )
 
 
 def fail_diverged(studies: dict[str, TPETrials], diverged: list[str]) -> None:
