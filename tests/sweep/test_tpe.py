@@ -12,6 +12,7 @@ import pytest
 
 from lorafleet.errors import ConfigError
 from lorafleet.fleet_dir import FleetDir
+from lorafleet.sweep.plan import plan_sweep
 from lorafleet.sweep.run import run_sweep
 from lorafleet.sweep.space import sweep_spec_from_dict
 from tests.conftest import write_text_dataset
@@ -225,3 +226,11 @@ def test_resuming_a_sweep_with_a_tpe_department_is_refused_naming_it(tiny_lm_dir
     spec = sweep_spec_from_dict(mixed_departments(data, eval_data, tmp_path / "out", tiny_lm_dir), "sweep.yaml")
     with pytest.raises(ConfigError, match=r"--resume: department 'legal' draws its trials with sampler: tpe"):
         run_sweep(spec, progress=False, resume=True)
+
+
+def test_planning_a_sweep_with_a_tpe_department_is_refused_naming_it(tiny_lm_dir, tmp_path):
+    data = write_text_dataset(tmp_path / "train.jsonl", 12, seed=0)
+    eval_data = write_text_dataset(tmp_path / "eval.jsonl", 4, seed=1)
+    spec = sweep_spec_from_dict(mixed_departments(data, eval_data, tmp_path / "out", tiny_lm_dir), "sweep.yaml")
+    with pytest.raises(ConfigError, match=r"--plan: department 'legal' draws its trials with sampler: tpe"):
+        plan_sweep(spec, tokens_per_s=10)

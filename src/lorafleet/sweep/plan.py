@@ -97,6 +97,7 @@ def plan_sweep(
     tokens_per_s: float | None = None,
     rate_from: Path | None = None,
 ) -> SweepPlan:
+    refuse_drawn_trials(spec)
     fleet = spec.fleet
     dtype = dtype or training_dtype(fleet)
     admission = planning_admission(fleet, budget_gb, dtype)
@@ -116,6 +117,18 @@ def plan_sweep(
         tokens_per_s=tokens_per_s,
         rate_source=source,
     )
+
+
+def refuse_drawn_trials(spec: SweepSpec) -> None:
+    """A TPE department's trials are drawn while the sweep runs, so neither their ranks (the peak)
+    nor their number in the fleet are known before it starts."""
+    for department, search in spec.departments.items():
+        if search.sampler == "tpe":
+            raise ConfigError(
+                f"--plan: department {department!r} draws its trials with sampler: tpe while the sweep runs, "
+                "so the plan cannot know them; plan the same space with sampler: random (the same trials "
+                "count; the peak assumes its heaviest draws)"
+            )
 
 
 def department_spend(search: DepartmentSearch, spec: SweepSpec, admission: Admission) -> DepartmentSpend:
