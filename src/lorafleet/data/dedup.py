@@ -36,8 +36,7 @@ from datasketch import MinHash, MinHashLSH
 from PIL import Image
 
 from lorafleet.data.join import relocated
-from lorafleet.data.records import ChatRecord, parse_record, read_jsonl_lines
-from lorafleet.data.redact import write_atomically
+from lorafleet.data.records import ChatRecord, parse_record, read_jsonl_lines, write_atomically
 from lorafleet.errors import DataError
 from lorafleet.governance.lineage import sha256_file
 

@@ -9,8 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from lorafleet.data.records import read_jsonl_lines
-from lorafleet.data.redact import image_fields, write_atomically
+from lorafleet.data.records import image_fields, read_jsonl_lines, write_atomically
 
 
 def join_jsonl(sources: list[Path], out: Path) -> Path:

@@ -18,6 +18,7 @@ import base64
 import binascii
 import io
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,3 +303,32 @@ def _check(record: ChatRecord) -> None:
 
 def _describe(image: Path | bytes) -> str:
     return str(image) if isinstance(image, Path) else f"(data URL, {len(image)} bytes)"
+
+
+def image_fields(raw: dict) -> Iterator[tuple[dict | list, str | int]]:
+    """(container, key) of every image reference of a raw record: InternVL's `image` (a path or a
+    list of paths) and the `url` of OpenAI image_url parts (a path or a data URL)."""
+    image = raw.get("image")
+    if isinstance(image, str):
+        yield raw, "image"
+    for index in range(len(image)) if isinstance(image, list) else []:
+        yield image, index
+    for message in raw.get("messages") or []:
+        content = message.get("content")
+        for part in content if isinstance(content, list) else []:
+            if part.get("type") == "image_url":
+                yield part["image_url"], "url"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write beside `path` and rename over it: a reader sees the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with partial.open("w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -25,7 +24,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from lorafleet.data.pii import Finding, PiiDetector, email_address
-from lorafleet.data.records import decode_data_url, parse_record, read_jsonl_lines
+from lorafleet.data.records import decode_data_url, image_fields, parse_record, read_jsonl_lines, write_atomically
 from lorafleet.errors import DataError
 from lorafleet.governance.lineage import sha256_file
 
@@ -79,21 +78,6 @@ def text_fields(raw: dict) -> Iterator[tuple[dict | list, str | int]]:
                 yield part, "text"
         for call in message.get("tool_calls") or []:
             yield from _strings(call.get("function") or {}, "arguments")
-
-
-def image_fields(raw: dict) -> Iterator[tuple[dict | list, str | int]]:
-    """(container, key) of every image reference of a raw record: InternVL's `image` (a path or a
-    list of paths) and the `url` of OpenAI image_url parts (a path or a data URL)."""
-    image = raw.get("image")
-    if isinstance(image, str):
-        yield raw, "image"
-    for index in range(len(image)) if isinstance(image, list) else []:
-        yield image, index
-    for message in raw.get("messages") or []:
-        content = message.get("content")
-        for part in content if isinstance(content, list) else []:
-            if part.get("type") == "image_url":
-                yield part["image_url"], "url"
 
 
 def _strings(container: dict | list, key: str | int) -> Iterator[tuple[dict | list, str | int]]:
@@ -182,20 +166,6 @@ def redact_record(raw: dict, detector: PiiDetector, counts: Counter[str]) -> boo
         changed |= redacted != container[key]
         container[key] = redacted
     return changed
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write beside `path` and rename over it: a reader sees the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        with partial.open("w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 class ImageRewriter:

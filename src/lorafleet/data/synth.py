@@ -31,8 +31,8 @@ from lorafleet.config import read_yaml
 from lorafleet.data.dedup import DuplicateIndex, normalise
 from lorafleet.data.language import STOPWORDS, detect_language
 from lorafleet.data.pii import PiiDetector
-from lorafleet.data.records import parse_record
-from lorafleet.data.redact import Placeholders, redact_text, write_atomically
+from lorafleet.data.records import parse_record, write_atomically
+from lorafleet.data.redact import Placeholders, redact_text
 from lorafleet.errors import ConfigError, DataError
 from lorafleet.governance.lineage import sha256_file
 
