@@ -157,12 +157,14 @@ def final_eval_losses(output: str) -> dict[str, float]:
     return finals
 
 
-def timed(base: FrozenBase, run) -> float:
+def timed(base: FrozenBase, run) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all its threads) of `run`: on a CPU shared with
+    other work the second moves far less than the first."""
     synchronize(base)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     run()
     synchronize(base)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu
 
 
 def main() -> None:
@@ -188,10 +190,14 @@ def main() -> None:
         marketing = sweep.departments["marketing"]
         every = sweep_spec_from_dict(sweep_file(str(base.path), data, root / "fleet", args), where).fleet
         peft_finals = {}
-        peft_s = timed(base, lambda: peft_finals.update(peft_one_after_another(base, every.adapters, data[1])))
-        fleet_s = timed(base, lambda: FleetTrainer(every, base=base, progress=False).run())
+        peft_s, peft_cpu = timed(
+            base, lambda: peft_finals.update(peft_one_after_another(base, every.adapters, data[1]))
+        )
+        fleet_s, fleet_cpu = timed(base, lambda: FleetTrainer(every, base=base, progress=False).run())
         result = {}
-        sweep_s = timed(base, lambda: result.update(outcome=run_sweep(sweep, progress=False, base=base)["marketing"]))
+        sweep_s, sweep_cpu = timed(
+            base, lambda: result.update(outcome=run_sweep(sweep, progress=False, base=base)["marketing"])
+        )
         grid = final_eval_losses(every.output)
         best, best_with_peft = min(grid, key=grid.get), min(peft_finals, key=peft_finals.get)
         outcome = result["outcome"]
@@ -203,8 +209,10 @@ def main() -> None:
             "steps": args.steps,
             "rungs": marketing.rungs.steps(),
             "wall_s": {"peft_one_after_another": peft_s, "fleet_no_stopping": fleet_s, "sweep": sweep_s},
+            "cpu_s": {"peft_one_after_another": peft_cpu, "fleet_no_stopping": fleet_cpu, "sweep": sweep_cpu},
             "speedup_vs_peft": peft_s / sweep_s,
             "speedup_vs_fleet": fleet_s / sweep_s,
+            "cpu_ratio_vs_peft": peft_cpu / sweep_cpu,
             "stopped": sum(t.stopped_at is not None for t in outcome.trials),
             # its held-out loss in the sweep, and the same configuration's in the fleet that stops none
             "winner": {"trial": winner.name, "values": winner.values, "eval_loss": winner.final},
