@@ -100,10 +100,12 @@ def synchronize(base: FrozenBase) -> None:
 
 def peft_one_after_another(base: FrozenBase, adapters: list[AdapterSpec], held_out: Path) -> dict[str, float]:
     """Each configuration alone with peft on the shared base, one after another; its final held-out
-    loss (the mean over every held-out answer token, as the fleet's eval_loss)."""
+    loss (the mean over every held-out answer token, as the fleet's eval_loss). The data is read
+    once for all configurations, as the sweep reads it once for all its trials."""
     finals = {}
+    examples, _ = load_examples(adapters[0].data, base)
+    held_out_examples, _ = load_examples(held_out, base)
     for spec in adapters:
-        examples, _ = load_examples(spec.data, base)
         config = LoraConfig(
             r=spec.rank,
             lora_alpha=spec.alpha,
@@ -128,16 +130,15 @@ def peft_one_after_another(base: FrozenBase, adapters: list[AdapterSpec], held_o
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             loss.item()  # a loop that logs its loss reads it every step, as the fleet does
-        finals[spec.name] = held_out_loss(model, base, held_out, spec.micro_batch_size)
+        finals[spec.name] = held_out_loss(model, base, held_out_examples, spec.micro_batch_size)
         base.model = model.unload()
     synchronize(base)
     return finals
 
 
 @torch.no_grad()
-def held_out_loss(model, base: FrozenBase, path: Path, batch_size: int) -> float:
+def held_out_loss(model, base: FrozenBase, examples: list, batch_size: int) -> float:
     model.eval()
-    examples, _ = load_examples(path, base)
     total, tokens = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size], base.tokenizer.pad_token_id).to(base.device)
