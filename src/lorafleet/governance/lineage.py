@@ -17,6 +17,7 @@ two evaluations.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -239,8 +240,11 @@ def software() -> dict:
     }
 
 
+@functools.cache
 def git_commit(directory: Path) -> str | None:
-    """The commit lorafleet runs from, "+dirty" with uncommitted changes; None outside a checkout."""
+    """The commit lorafleet runs from, "+dirty" with uncommitted changes; None outside a checkout.
+    Asked once per process: the code running is the code imported, whatever the checkout holds
+    later (and a sweep saving many trials would otherwise start two git processes per trial)."""
     try:
         commit = subprocess.run(
             ["git", "-C", str(directory), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
