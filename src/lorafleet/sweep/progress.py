@@ -74,7 +74,7 @@ class SweepProgress:
     def stepped(self, job: AdapterJob, record: dict, elapsed: float) -> None:
         department = next(name for name, search in self.departments.items() if job.name in search.trials)
         value, best = record.get(self.metric[department]), self.best[department]
-        if value is not None and (best is None or value < best.value):
+        if value is not None and (best is None or self._better(department, value, best.value)):
             self.best[department] = Best(value, job.name, record["step"])
         if record.get("stopped") or job.done:
             self.running.discard(job.name)
@@ -84,6 +84,9 @@ class SweepProgress:
                 self.finished_trials += 1
             self.bar.update(1)
         self.bar.set_postfix_str(self.status(), refresh=False)
+
+    def _better(self, department: str, value: float, best: float) -> bool:
+        return value > best if self.departments[department].higher_is_better else value < best
 
     def stopped(self, job: AdapterJob) -> None:
         """`job` diverged (its loss was no longer a number): stopped, though at no rung."""

@@ -12,8 +12,9 @@ one hands every department's trials over in turn as slots open (sweep/tpe.py).
 
 The trials are a fleet of their own in `<output>/trials/` (their adapters, metrics.jsonl, registry
 and audit log), so that the output's `adapters/` holds the winners alone and `lorafleet serve
---fleet <output>` serves them, not every trial. A department's winner is its trial with the lowest
-final metric among those that trained their whole budget. Its weights are copied to
+--fleet <output>` serves them, not every trial. A department's winner is its trial with the best
+final metric (the lowest loss, or the highest reward) among those that trained their whole budget.
+Its weights are copied to
 `<output>/adapters/<department>/`, and its lineage (under the department's name, in the output's
 registry) records the sweep: the space, every trial with its values, its metric curve and where
 it stopped, why the winner won and where the trial lies. `sweep.json` in the output holds the
@@ -112,7 +113,10 @@ def run_sweep(
     if distributed.launched():  # every process would run the whole sweep and crown its own winner
         raise ConfigError("lorafleet sweep runs on one process; start it without torchrun")
     output, trials_fleet = FleetDir(spec.output), FleetDir(spec.fleet.output)
-    halvings = {department: SuccessiveHalving(search.rungs) for department, search in spec.departments.items()}
+    halvings = {
+        department: SuccessiveHalving(search.rungs, search.higher_is_better)
+        for department, search in spec.departments.items()
+    }
     studies = {d: TPETrials(search) for d, search in spec.departments.items() if search.sampler == "tpe"}
     decide = per_department(spec, halvings, studies)
     if resume:
@@ -314,18 +318,20 @@ def read_trials(spec: DepartmentSearch, metrics: Path) -> list[Trial]:
 
 
 def choose_winner(trials: list[Trial], spec: DepartmentSearch) -> Trial:
-    """The lowest final metric among the trials that trained their whole budget (ties: the first
-    queued); a diverged trial stopped, so it never wins."""
+    """The best final metric (the lowest, or the highest for a reward) among the trials that
+    trained their whole budget (ties: the first queued); a diverged trial stopped, so it never wins."""
     finished = [t for t in trials if t.stopped_at is None and t.final is not None]
     if not finished:
         raise TrainingError(f"sweep of {spec.department!r}: no trial trained its whole budget; see metrics.jsonl")
-    return min(finished, key=lambda t: t.final)
+    best = max if spec.higher_is_better else min
+    return best(finished, key=lambda t: t.final)
 
 
 def sweep_record(spec: DepartmentSearch, trials: list[Trial], winner: Trial, halving: SuccessiveHalving) -> dict:
     finished = [t for t in trials if t.stopped_at is None]
     why = (
-        f"lowest final {spec.metric} ({winner.final:.6g}) after the full budget of {spec.rungs.budget} steps "
+        f"{'highest' if spec.higher_is_better else 'lowest'} final {spec.metric} ({winner.final:.6g}) "
+        f"after the full budget of {spec.rungs.budget} steps "
         f"({len(finished)} of {len(trials)} trials reached it; the others stopped at rungs "
         f"{spec.rungs.steps()}, reduction factor {spec.rungs.reduction_factor})"
     )

@@ -42,10 +42,14 @@ from lorafleet.config import (
 )
 from lorafleet.errors import ConfigError
 from lorafleet.fleet_dir import FleetDir
+from lorafleet.train.objectives import objective_for
 
 SAMPLERS = ("grid", "random", "tpe")
 KINDS = ("choice", "log_uniform", "uniform")
-METRICS = ("eval_loss",)
+# What a sweep can rank trials on: the numbers the held-out pass reports (train/held_out.py), and
+# whether a trial is better with the number lower or higher. SFT reports eval_loss; DPO and MPO
+# also their reward margin and accuracy (the chosen answer preferred over the rejected one).
+METRICS = {"eval_loss": "lower", "eval_reward_margin": "higher", "eval_reward_accuracy": "higher"}
 SEARCH_FIELDS = ("adapter", "space", "sampler", "trials", "seed", "metric", "asha", "startup_trials")  # per department
 FIELDS = ("base", "output", "department", "departments", "fleet", *SEARCH_FIELDS)
 
@@ -103,6 +107,10 @@ class DepartmentSearch:
 
     def describe_space(self) -> dict:
         return {d.name: {d.kind: list(d.values)} for d in self.space}
+
+    @property
+    def higher_is_better(self) -> bool:
+        return METRICS[self.metric] == "higher"
 
 
 @dataclass
@@ -215,8 +223,20 @@ def _department_search(
     elif "startup_trials" in fields:
         raise ConfigError(f"{where}: startup_trials is for sampler: tpe only; leave it out")
     adapters = [_trial_fields(adapter, rungs, name, values) for name, values in trials.items()]
-    fleet_spec_from_dict({"base": raw["base"], "output": raw["output"], "adapters": adapters}, where)
+    checked = fleet_spec_from_dict({"base": raw["base"], "output": raw["output"], "adapters": adapters}, where)
+    _check_metric_reported(metric, checked.adapters, where)
     return search, adapters
+
+
+def _check_metric_reported(metric: str, adapters: list[AdapterSpec], where: str) -> None:
+    """Every trial's held-out pass reports the metric (a reward needs a preference objective)."""
+    for adapter in adapters:
+        reported = objective_for(adapter).held_out_names
+        if metric not in reported:
+            raise ConfigError(
+                f"{where}: metric {metric!r} is not reported for {adapter.name} (objective: {adapter.objective}); "
+                f"its held-out pass reports {', '.join(reported)}"
+            )
 
 
 def _trial_fields(adapter: dict, rungs: Rungs, name: str, values: dict) -> dict:

@@ -44,7 +44,8 @@ class TPETrials:
         optuna = require_optuna(f"sweep of {spec.department!r}")
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own lines
         sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.startup_trials)
-        self.study = optuna.create_study(direction="minimize", sampler=sampler)
+        direction = "maximize" if spec.higher_is_better else "minimize"
+        self.study = optuna.create_study(direction=direction, sampler=sampler)
         self.spec = spec
         self.distributions = {d.name: _distribution(optuna, d) for d in spec.space}
         self.running: dict[str, optuna.Trial] = {}
