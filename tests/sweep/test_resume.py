@@ -1,6 +1,7 @@
 """A sweep killed with SIGKILL after a checkpoint and continued with --resume ends as the same
 sweep run straight through: the same trials, rung decisions and winner, and the same weights
-(both run as `lorafleet sweep` processes in float32: the same process layout, so bitwise equal)."""
+(both run as `lorafleet sweep` processes in float32: the same process layout, so bitwise equal).
+A TPE sweep, too: the trials its study draws after the kill are those an uninterrupted sweep draws."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 
 from lorafleet.cli import main
 from lorafleet.fleet_dir import FleetDir, checkpoint_step
+from lorafleet.train.checkpoint import load_checkpoint
 from tests.conftest import write_text_dataset
 
 
@@ -39,6 +41,18 @@ def sweep_file(root: Path, base: Path, output: str) -> dict:
         "asha": {"min_steps": 2, "reduction_factor": 2},  # rungs at 2, 4, 8; a checkpoint every 2 fleet steps
         "fleet": {"max_concurrent": 3},
     }
+
+
+def tpe_sweep_file(root: Path, base: Path, output: str) -> dict:
+    """Six trials, two at a time, the first two drawn at random: the study draws four more as slots open."""
+    tpe = {"sampler": "tpe", "trials": 6, "startup_trials": 2, "seed": 3}
+    tpe["space"] = {"learning_rate": {"log_uniform": [3e-4, 3e-2]}, "rank": {"choice": [2, 4]}}
+    fleet = {"max_concurrent": 2}
+    return (
+        sweep_file(root, base, output)
+        | tpe
+        | {"adapter": sweep_file(root, base, output)["adapter"] | {"steps": 8}, "fleet": fleet}
+    )
 
 
 def lorafleet(*args: str, cwd: Path) -> subprocess.Popen:
@@ -71,6 +85,20 @@ def kill_after_a_checkpoint(process: subprocess.Popen, output: Path, at_least: i
     assert not (output / "sweep.json").exists(), "the sweep finished before it was killed; this test checks nothing"
 
 
+def same_sweep(killed: Path, straight: Path, keys: tuple[str, ...]) -> None:
+    """The resumed sweep's record and every weight (the department's and each trial's) equal the uninterrupted one's."""
+    (expected,) = json.loads((straight / "sweep.json").read_text())["departments"]
+    (resumed,) = json.loads((killed / "sweep.json").read_text())["departments"]
+    assert any(not d["continues"] for d in expected["decisions"]), "no trial stopped: the rungs are not tested"
+    for key in keys:
+        assert resumed[key] == expected[key], key
+    ours, theirs = weights(killed), weights(straight)
+    assert ours.keys() == theirs.keys()
+    for name, tensors in theirs.items():
+        for key, tensor in tensors.items():
+            assert ours[name][key].equal(tensor), (name, key)
+
+
 def weights(output: Path) -> dict[str, dict]:
     directories = [FleetDir(output).adapter("finance"), *sorted(FleetDir(output / "trials").adapters.iterdir())]
     return {d.name: load_file(d / "adapter_model.safetensors") for d in directories}
@@ -83,6 +111,7 @@ def sweep_dir(tiny_lm_dir, tmp_path_factory) -> Path:
     write_text_dataset(root / "eval.jsonl", 6, seed=1)
     for name in ("straight", "killed"):
         (root / f"{name}.yaml").write_text(yaml.safe_dump(sweep_file(root, tiny_lm_dir, name)))
+        (root / f"tpe-{name}.yaml").write_text(yaml.safe_dump(tpe_sweep_file(root, tiny_lm_dir, f"tpe-{name}")))
     return root
 
 
@@ -100,16 +129,7 @@ def test_a_killed_sweep_resumes_to_the_same_trials_decisions_winner_and_weights(
     printed = finished(lorafleet("sweep", "killed.yaml", "--resume", "--no-progress", cwd=sweep_dir))
     assert "winner: finance-trial" in printed
 
-    (expected,) = json.loads((sweep_dir / "straight/sweep.json").read_text())["departments"]
-    (resumed,) = json.loads((sweep_dir / "killed/sweep.json").read_text())["departments"]
-    assert any(not d["continues"] for d in expected["decisions"]), "no trial stopped: the rungs are not tested"
-    for key in ("trials", "decisions", "winner"):
-        assert resumed[key] == expected[key], key
-    ours, theirs = weights(sweep_dir / "killed"), weights(sweep_dir / "straight")
-    assert ours.keys() == theirs.keys()
-    for name, tensors in theirs.items():
-        for key, tensor in tensors.items():
-            assert ours[name][key].equal(tensor), (name, key)
+    same_sweep(sweep_dir / "killed", sweep_dir / "straight", ("trials", "decisions", "winner"))
 
 
 def refused_before_training(sweep_dir: Path, base: Path, capsys) -> None:
@@ -135,3 +155,21 @@ def test_resume_without_a_checkpoint_is_refused(sweep_dir, tiny_lm_dir, capsys):
     assert main(["sweep", str(sweep_dir / "fresh.yaml"), "--resume", "--no-progress"]) == 2
     assert "no checkpoint of a sweep" in capsys.readouterr().err
     assert not (sweep_dir / "never-started").exists()
+
+
+@pytest.mark.slow  # three lorafleet processes, each loading torch, optuna and the base: about 30 s on 2 cores
+def test_a_killed_tpe_sweep_resumes_to_the_same_draws_decisions_winner_and_weights(sweep_dir):
+    pytest.importorskip("optuna")
+    finished(lorafleet("sweep", "tpe-straight.yaml", "--no-progress", cwd=sweep_dir))
+    killed = lorafleet("sweep", "tpe-killed.yaml", "--no-progress", cwd=sweep_dir)
+    kill_after_a_checkpoint(killed, sweep_dir / "tpe-killed", at_least=4)
+    checkpointed = load_checkpoint(FleetDir(sweep_dir / "tpe-killed/trials").checkpoint_files()[-1])
+    handed = {adapter["name"] for adapter in checkpointed["spec"]}  # the trials drawn before the checkpoint
+    finished(lorafleet("sweep", "tpe-killed.yaml", "--resume", "--no-progress", cwd=sweep_dir))
+
+    (expected,) = json.loads((sweep_dir / "tpe-straight/sweep.json").read_text())["departments"]
+    informed_by = expected["tpe"]["informed_by"]
+    drawn_after = [name for name in informed_by if name not in handed]
+    # the kill fell where the study still had trials to draw, modelled on rungs it was told (TPE proper)
+    assert any(len(informed_by[name]) >= 2 for name in drawn_after), (checkpointed["fleet_step"], informed_by)
+    same_sweep(sweep_dir / "tpe-killed", sweep_dir / "tpe-straight", ("trials", "decisions", "winner", "tpe"))

@@ -220,14 +220,6 @@ def test_a_diverged_trial_is_told_to_its_study_as_failed_before_the_next_draw(ti
     assert result.record["tpe"]["informed_by"]["legal-trial01"] == ["legal-trial00"]
 
 
-def test_resuming_a_sweep_with_a_tpe_department_is_refused_naming_it(tiny_lm_dir, tmp_path):
-    data = write_text_dataset(tmp_path / "train.jsonl", 12, seed=0)
-    eval_data = write_text_dataset(tmp_path / "eval.jsonl", 4, seed=1)
-    spec = sweep_spec_from_dict(mixed_departments(data, eval_data, tmp_path / "out", tiny_lm_dir), "sweep.yaml")
-    with pytest.raises(ConfigError, match=r"--resume: department 'legal' draws its trials with sampler: tpe"):
-        run_sweep(spec, progress=False, resume=True)
-
-
 def test_planning_a_sweep_with_a_tpe_department_is_refused_naming_it(tiny_lm_dir, tmp_path):
     data = write_text_dataset(tmp_path / "train.jsonl", 12, seed=0)
     eval_data = write_text_dataset(tmp_path / "eval.jsonl", 4, seed=1)

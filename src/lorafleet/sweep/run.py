@@ -27,7 +27,11 @@ A sweep resumes (`--resume`) from the trials' fleet checkpoints (train/checkpoin
 trials are finished there like any other. Successive halving's state is not in a checkpoint; it is
 rebuilt by replaying the metrics.jsonl lines up to the checkpoint's fleet step, a fleet step at a
 time in the order the trials ran, through the same rule, so the decisions are the same by
-construction (each replayed decision is checked against the `stopped` mark of its line). The sweep
+construction (each replayed decision is checked against the `stopped` mark of its line). A sweep
+drawing its trials as slots open keeps the drawing in each checkpoint (the TPE studies whole, with
+their samplers' random state, and whose turn is next: sweep/tpe.py) and continues it, the trials
+handed over by then back in the fleet in the order they joined; the restored studies were told
+up to the checkpoint already, so the replay is not told to them again. The sweep
 the trials started from is kept in `trials/sweep-spec.json`; resuming under a changed sweep file
 is refused.
 """
@@ -120,13 +124,15 @@ def run_sweep(
     studies = {d: TPETrials(search) for d, search in spec.departments.items() if search.sampler == "tpe"}
     decide = per_department(spec, halvings, studies)
     if resume:
-        refuse_resuming_tpe(spec)
-        replay_decisions(decide, spec)
+        latest = checkpoint_to_resume(spec)
+        drawn = resumed_drawing(spec, studies, latest)
+        # the studies were restored as they had been told: the replay rebuilds the halvings alone
+        replay_decisions(per_department(spec, halvings, {}), spec, latest)
         for department in spec.departments:  # a crowning the kill cut short
             shutil.rmtree(output.adapter(department), ignore_errors=True)
     else:
         start_fresh(spec)
-    drawn = DrawnTrials(spec, studies) if studies else None
+        drawn = DrawnTrials(spec, studies) if studies else None
 
     def stops_early(evaluated: list[tuple[AdapterJob, dict[str, float]]]) -> set[str]:
         finished = {job.name for job, _ in evaluated if job.done}
@@ -145,7 +151,8 @@ def run_sweep(
         stops_early=stops_early,
         stops_diverged=True,
         display=display,
-        next_adapter=next_adapter if drawn else None,
+        next_adapter=next_adapter if drawn and not drawn.exhausted else None,
+        checkpoint_extra=drawn.saved if drawn else None,
     )
     trainer.run(resume=resume)
     fail_diverged(studies, trainer.result.diverged)  # those after the last draw
@@ -192,18 +199,6 @@ def start_fresh(spec: SweepSpec) -> None:
     (Path(spec.fleet.output) / SPEC_FILE).write_text(json.dumps(started_from(spec), indent=2) + "\n")
 
 
-def refuse_resuming_tpe(spec: SweepSpec) -> None:
-    """A TPE department's study lives only in the killed process (what it was asked and told, and its
-    sampler's random state), so a sweep with one cannot continue the same draws."""
-    for department, search in spec.departments.items():
-        if search.sampler == "tpe":
-            raise ConfigError(
-                f"--resume: department {department!r} draws its trials with sampler: tpe, whose study is not "
-                "checkpointed; start the sweep again in another output (or search it with grid or random to "
-                "resume)"
-            )
-
-
 def fail_diverged(studies: dict[str, TPETrials], diverged: list[str]) -> None:
     """Tell each TPE study its trials whose loss broke as failed (they never reach a rung decision)."""
     for study in studies.values():
@@ -245,10 +240,8 @@ def check_same_sweep(started: dict, now: dict) -> None:
         )
 
 
-def replay_decisions(decide: Callable[..., set[str]], spec: SweepSpec) -> None:
-    """Rebuild the successive halvings behind `decide` as they stood at the last checkpoint: the
-    metrics.jsonl lines up to its fleet step (those a resumed trainer keeps), a fleet step at a
-    time in the order the trials ran."""
+def checkpoint_to_resume(spec: SweepSpec) -> Path:
+    """The trials' last checkpoint, once the sweep is known to be unfinished and unchanged since it started."""
     trials = FleetDir(spec.fleet.output)
     if (spec.output / SWEEP_FILE).exists():
         raise ConfigError(f"--resume: the sweep in {spec.output} finished already; its result is {SWEEP_FILE}")
@@ -259,6 +252,30 @@ def replay_decisions(decide: Callable[..., set[str]], spec: SweepSpec) -> None:
             f"{spec.fleet.checkpoint_every} fleet steps); start it again without --resume"
         )
     check_same_sweep(json.loads((trials.root / SPEC_FILE).read_text()), started_from(spec))
+    return latest
+
+
+def resumed_drawing(spec: SweepSpec, studies: dict[str, TPETrials], latest: Path) -> DrawnTrials | None:
+    """A sweep drawing its trials as slots open continues the drawing kept in its checkpoint
+    `latest` (sweep/tpe.py), the trials it had handed over back in the fleet as the checkpoint holds them."""
+    if not studies:
+        return None
+    state = checkpoint.load_checkpoint(latest)
+    if "extra" not in state:
+        raise ConfigError(
+            f"--resume: {latest} does not keep the sweep's TPE studies (it was written by an older lorafleet); "
+            "start the sweep again in another output"
+        )
+    drawn = DrawnTrials(spec, studies)
+    drawn.restore(state["extra"], handed=[adapter["name"] for adapter in state["spec"]])
+    return drawn
+
+
+def replay_decisions(decide: Callable[..., set[str]], spec: SweepSpec, latest: Path) -> None:
+    """Rebuild the successive halvings behind `decide` as they stood at the checkpoint `latest`:
+    the metrics.jsonl lines up to its fleet step (those a resumed trainer keeps), a fleet step at a
+    time in the order the trials ran."""
+    trials = FleetDir(spec.fleet.output)
     metric_of = {trial: search.metric for search in spec.departments.values() for trial in search.trials}
     upto, by_step = checkpoint_step(latest), {}
     for line in trials.metrics.read_text().splitlines():

@@ -18,6 +18,12 @@ listed trial and a TPE department a trial asked of its study. A sweep of listed 
 thus queues in the same order with or without a TPE department beside it, and no department waits
 for another's trials to be drawn first.
 
+A resumed sweep continues the very draws: each trainer checkpoint keeps the drawing as it stood at
+its fleet step (`DrawnTrials.saved`), pickled: every study whole (its in-memory storage and its
+sampler with the sampler's random state, and the trials asked but not yet told), whose turn is
+next and which listed trials are still to hand over. Telling a fresh study the numbers again would
+not do: TPE's random state would differ, and so would every trial drawn after the resume.
+
 A choice dimension is a categorical over the positions of its values: a choice may list lists
 (target modules), which Optuna's categoricals do not hold. optuna is an optional extra
 (`pip install 'lorafleet[sweep]'`), imported only when a TPE sweep starts.
@@ -26,8 +32,8 @@ A choice dimension is a categorical over the positions of its values: a choice m
 from __future__ import annotations
 
 import math
+import pickle
 from collections import deque
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from lorafleet.config import AdapterSpec
@@ -91,6 +97,18 @@ class TPETrials:
             if name in self.running:
                 self._finish(name, state=TrialState.FAIL)
 
+    def saved(self) -> dict:
+        """What a checkpoint keeps of the department's study (pickled with every other study by
+        `DrawnTrials.saved`, so that each asked trial still points at its study)."""
+        kept = ("study", "running", "told", "informed_by")
+        return {key: getattr(self, key) for key in kept} | {"trials": dict(self.spec.trials)}
+
+    def restore(self, saved: dict) -> None:
+        """Continue as the study stood when `saved` was taken: asked, told and drawn alike."""
+        self.study, self.running = saved["study"], saved["running"]
+        self.told, self.informed_by = saved["told"], saved["informed_by"]
+        self.spec.trials.update(saved["trials"])
+
     def describe(self) -> dict:
         """What the sweep record keeps of the sampler: its random start and what each trial was drawn from."""
         return {"startup_trials": self.spec.startup_trials, "informed_by": self.informed_by}
@@ -116,13 +134,12 @@ class DrawnTrials:
     another in turn: a listed department's next trial, or a TPE department's asked of its study."""
 
     def __init__(self, spec: SweepSpec, studies: dict[str, TPETrials]) -> None:
-        self.sources: dict[str, Callable[[], AdapterSpec | None]] = {}
-        for department, search in spec.departments.items():
-            if department in studies:
-                self.sources[department] = studies[department].next_adapter
-            else:
-                listed = deque(adapter for adapter in spec.fleet.adapters if adapter.name in search.trials)
-                self.sources[department] = lambda listed=listed: listed.popleft() if listed else None
+        self.spec, self.studies = spec, studies
+        self.listed = {
+            department: deque(adapter for adapter in spec.fleet.adapters if adapter.name in search.trials)
+            for department, search in spec.departments.items()
+            if department not in studies
+        }
         spec.fleet.adapters = []  # every trial joins as it is handed over (the trainer adds it here)
         self.turns = deque(spec.departments)  # departments with trials left, the next one's turn first
 
@@ -130,8 +147,48 @@ class DrawnTrials:
         """The trial of the next department in turn that has one left; None when none has."""
         while self.turns:
             department = self.turns.popleft()
-            adapter = self.sources[department]()
+            adapter = self._draw(department)
             if adapter is not None:
                 self.turns.append(department)
                 return adapter
         return None
+
+    @property
+    def exhausted(self) -> bool:
+        """Every trial is handed over: the trainer asks no more."""
+        return not self.turns
+
+    def saved(self) -> bytes:
+        """The drawing as it stands, pickled for a checkpoint: whose turn is next, the listed trials
+        still to hand over, and every study (storage, sampler and its random state, asked trials)."""
+        return pickle.dumps(
+            {
+                "turns": list(self.turns),
+                "listed": {department: [a.name for a in listed] for department, listed in self.listed.items()},
+                "studies": {department: study.saved() for department, study in self.studies.items()},
+            }
+        )
+
+    def restore(self, saved: bytes, handed: list[str]) -> None:
+        """Continue the drawing from `saved`, the trials `handed` over by then (in the order they
+        were) back in the fleet's adapters, as the checkpoint holds them."""
+        state = pickle.loads(saved)
+        for department, study in self.studies.items():
+            study.restore(state["studies"][department])
+        by_name = {adapter.name: adapter for queue in self.listed.values() for adapter in queue}
+        self.listed = {
+            department: deque(by_name[name] for name in names) for department, names in state["listed"].items()
+        }
+        self.turns = deque(state["turns"])
+        self.spec.fleet.adapters = [by_name.get(name) or self._drawn_trial(name) for name in handed]
+
+    def _draw(self, department: str) -> AdapterSpec | None:
+        if department in self.studies:
+            return self.studies[department].next_adapter()
+        listed = self.listed[department]
+        return listed.popleft() if listed else None
+
+    def _drawn_trial(self, name: str) -> AdapterSpec:
+        """The adapter spec of a trial a study drew, from the values it drew."""
+        search = next(self.spec.departments[d] for d in self.studies if name in self.spec.departments[d].trials)
+        return search.new_trial(name, search.trials[name])

@@ -62,6 +62,7 @@ class FleetTrainer:
         stops_diverged: bool = False,
         display: ProgressDisplay | None = None,
         next_adapter: Callable[[], AdapterSpec | None] | None = None,
+        checkpoint_extra: Callable[[], bytes] | None = None,
     ) -> None:
         """`stops_early(evaluated)`: given the adapters evaluated on their held-out data in a step,
         each with its numbers, in the order they run (those that have just finished too: stopping
@@ -72,7 +73,9 @@ class FleetTrainer:
         progress instead of one bar per adapter (a sweep's running, queued and stopped trials).
         `next_adapter()`: asked for one more adapter when none is queued and a slot is free, after
         the step's `stops_early` (a sweep drawing each trial from the rungs decided so far); None
-        when there are no more. A drawn adapter joins `spec.adapters`."""
+        when there are no more. A drawn adapter joins `spec.adapters`. `checkpoint_extra()`: what
+        else each checkpoint keeps, under its `extra` key, asked as it is written (a sweep's drawing
+        of its trials as it stood at that fleet step); the checkpoint and it are written as one file."""
         self.parallel = parallel_mode(group)
         if next_adapter is not None and self.parallel.world > 1:
             raise ConfigError("adapters drawn while the fleet trains (a sweep's trials) need one process")
@@ -105,6 +108,7 @@ class FleetTrainer:
             raise ConfigError("stopping diverged adapters alone runs on one process; start it without torchrun")
         self.stops_diverged = stops_diverged
         self.next_adapter = next_adapter
+        self.checkpoint_extra = checkpoint_extra
         self.result = FleetResult()
         # each adapter's objective, target modules, training items and held-out items (_take_in)
         self.objectives, self.targets, self.examples, held_out = {}, {}, {}, {}
@@ -388,7 +392,10 @@ class FleetTrainer:
         active = {job.name: job.state_dict() for job in self.active}
         finished, losses = list(self.result.adapters) + self.result.diverged, self.result.losses
         state = checkpoint.fleet_state(self.fleet_step, self.spec, finished, losses, active, self.references.saved())
-        return state | {"diverged": list(self.result.diverged)}
+        state["diverged"] = list(self.result.diverged)
+        if self.checkpoint_extra is not None:
+            state["extra"] = self.checkpoint_extra()
+        return state
 
     def save_checkpoint(self, state: dict) -> None:
         path = checkpoint.save_checkpoint(self.output, state, self.spec.keep_checkpoints)
