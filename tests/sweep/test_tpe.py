@@ -9,12 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from lorafleet.errors import ConfigError
 from lorafleet.fleet_dir import FleetDir
 from lorafleet.sweep.plan import plan_sweep
 from lorafleet.sweep.run import run_sweep
 from lorafleet.sweep.space import sweep_spec_from_dict
+from lorafleet.train.checkpoint import load_checkpoint
 from tests.conftest import write_text_dataset
 
 pytest.importorskip("optuna")
@@ -218,6 +220,42 @@ def test_a_diverged_trial_is_told_to_its_study_as_failed_before_the_next_draw(ti
     assert states == {"legal-trial00": "FAIL", "legal-trial01": "COMPLETE"}
     # told before the next trial was asked: TPE drew it knowing the wild one failed
     assert result.record["tpe"]["informed_by"]["legal-trial01"] == ["legal-trial00"]
+
+
+def test_a_sweep_mixing_samplers_resumed_from_a_checkpoint_before_its_last_draws_ends_as_it_did(tiny_lm_dir, tmp_path):
+    """What a kill after an early checkpoint leaves (its later checkpoints and sweep.json gone),
+    resumed: the listed department and both studies take the same turns and draw the same trials."""
+    data = write_text_dataset(tmp_path / "train.jsonl", 12, seed=0)
+    eval_data = write_text_dataset(tmp_path / "eval.jsonl", 4, seed=1)
+    raw = mixed_departments(data, eval_data, tmp_path / "out", tiny_lm_dir)
+    raw["fleet"]["keep_checkpoints"] = 0  # every one: the test resumes from an early one
+    straight = sweep_spec_from_dict(raw, "sweep.yaml")
+    run_sweep(straight, progress=False)
+    trials = FleetDir(straight.fleet.output)
+    expected, theirs = (tmp_path / "out/sweep.json").read_text(), trial_weights(trials)
+    every_trial = [adapter.name for adapter in straight.fleet.adapters]
+    # the last checkpoint with both studies' second trials still to draw (TPE proper: startup_trials is 1)
+    for path in trials.checkpoint_files():
+        if len(load_checkpoint(path)["spec"]) < len(every_trial) - 1:
+            resumed_from = path
+    for later in trials.checkpoint_files():
+        if later > resumed_from:
+            later.unlink()
+    (tmp_path / "out/sweep.json").unlink()
+
+    resumed = sweep_spec_from_dict(raw, "sweep.yaml")
+    run_sweep(resumed, progress=False, resume=True)
+    assert [adapter.name for adapter in resumed.fleet.adapters] == every_trial
+    assert json.loads((tmp_path / "out/sweep.json").read_text()) == json.loads(expected)
+    ours = trial_weights(trials)
+    assert ours.keys() == theirs.keys()
+    for name, tensors in theirs.items():
+        for key, tensor in tensors.items():
+            assert ours[name][key].equal(tensor), (name, key)
+
+
+def trial_weights(trials: FleetDir) -> dict[str, dict]:
+    return {d.name: load_file(d / "adapter_model.safetensors") for d in sorted(trials.adapters.iterdir())}
 
 
 def test_planning_a_sweep_with_a_tpe_department_is_refused_naming_it(tiny_lm_dir, tmp_path):
