@@ -5,7 +5,7 @@
 # a kill still returns what finished, and a one-line summary per row in summary.txt (also printed).
 #
 #   OUT=/tmp/out benchmarks/gpu_suite.sh              # from the repository root, on a CUDA machine
-#   ROWS="tests t-1.5b-4x1" benchmarks/gpu_suite.sh   # only some rows
+#   ROWS="tests t-1.5b-4x1" benchmarks/gpu_suite.sh   # only some rows (SKIP_ROWS: all but some)
 #
 # Wheels in .whl/ (if any) are installed to /tmp/site first: for a machine whose transformers/peft
 # are older than the suite needs (pip download them elsewhere, carry the folder).
@@ -35,7 +35,7 @@ print(torch.__version__, transformers.__version__, peft.__version__, device)" >$
 cat $R/versions.txt
 
 pack() { tar -czf "$OUT/gpu-results.tgz" -C "$(dirname "$R")" "$(basename "$R")" 2>/dev/null; }
-wanted() { [ -z "${ROWS:-}" ] || [[ " $ROWS " == *" $1 "* ]]; }
+wanted() { { [ -z "${ROWS:-}" ] || [[ " $ROWS " == *" $1 "* ]]; } && [[ " ${SKIP_ROWS:-} " != *" $1 "* ]]; }
 row() {  # row NAME MAXSECONDS COMMAND...
     local name=$1 max=$2
     shift 2

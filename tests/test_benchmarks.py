@@ -42,6 +42,9 @@ SMALLEST_SUITE = {
     "--micro-batch-size 2",
     "TEST_ARGS": "-m gpu",  # the GPU tests (skipped here); the others in these files run in this suite
     "TIME_FACTOR": "4",  # the rows' time limits are a GPU's; a shared 2-core machine is slower
+    # With both models tiny these rows run another row's command again: t-7b-4x1 is t-1.5b-4x1 (its
+    # steps overridden by TRAIN_ARGS), serve-7b is serve-1.5b-32-adapters with fewer adapters
+    "SKIP_ROWS": "t-7b-4x1 serve-7b",
     "DEADLINE": "1500",
 }
 
@@ -170,7 +173,7 @@ def test_the_gpu_suite_runs_end_to_end_on_the_cpu_without_the_packages_the_gpu_i
     done = subprocess.run(["bash", str(GPU_SUITE)], env=env, capture_output=True, text=True, timeout=1600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     summary = {line.split(":")[0]: line for line in (results / "summary.txt").read_text().splitlines()}
-    rows = suite_rows()
+    rows = {name: row for name, row in suite_rows().items() if name not in SMALLEST_SUITE["SKIP_ROWS"].split()}
     assert set(rows) <= set(summary), f"rows without a summary line:\n{done.stdout}"
     failed = {name: (results / f"{name}.log").read_text()[-3000:] for name in rows if " rc=0 " not in summary[name]}
     assert not failed, "\n\n".join(f"{summary[name]}\n{log}" for name, log in failed.items())
