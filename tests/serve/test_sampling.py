@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from lorafleet.serve.engine.device_sampling import finite_rows, sample_rows
+from lorafleet.serve.engine.device_sampling import allowed_tokens, finite_rows, sample_rows
 
 
 def draw(logits: torch.Tensor, temperature: float, top_p: float, seeds: range, position: int = 7) -> torch.Tensor:
@@ -50,6 +50,33 @@ def test_a_draw_depends_on_seed_and_position_only():
     among_others = draw(logits, 1.0, 0.95, range(0, 64), position=40)[5:6]
     assert torch.equal(alone, among_others)
     assert len(set(draw(logits, 1.0, 1.0, range(1), position=p).item() for p in range(30))) > 10
+
+
+# Seed 45640 at position 0 draws for token 21 the top of the 24-bit uniform range, (2**24 - 0.5) / 2**24:
+# found by searching the counter hash, and held below by the flat-logits draw that picks it.
+EDGE_SEED, EDGE_POSITION, EDGE_TOKEN = 45640, 0, 21
+
+
+def edge_draw(logits: torch.Tensor, top_p: float = 1.0, allowed: torch.Tensor | None = None) -> int:
+    mode = "nucleus" if top_p < 1.0 else "sample"
+    one = lambda value: torch.tensor([value])  # noqa: E731
+    return sample_rows(logits[None], one(1.0), one(top_p), one(EDGE_SEED), one(EDGE_POSITION), mode, allowed).item()
+
+
+def test_the_top_of_the_uniform_range_never_overrides_the_mask_nor_the_logits():
+    """The largest uniform a draw can have is just below 1; in float32 it rounded to 1.0 and its
+    Gumbel noise to +inf, so the token took it whatever its logit, and a masked token (-inf + inf =
+    NaN, which argmax takes) was drawn against its grammar's mask."""
+    vocab = 32
+    flat = torch.zeros(vocab)
+    assert edge_draw(flat) == EDGE_TOKEN  # the constants do hit the top of the range
+    only_token_3 = torch.zeros(1, 1, dtype=torch.int32) | (1 << 3)  # a grammar row's bitmask: token 3 alone
+    assert edge_draw(flat, allowed=allowed_tokens(only_token_3, vocab)) == 3
+    # Outside the nucleus (top_p keeps tokens 0 and 1 only), it stays out.
+    peaked = torch.full((vocab,), -10.0).index_fill(0, torch.tensor([0, 1]), 5.0)
+    assert edge_draw(peaked, top_p=0.9) in (0, 1)
+    # A logit 50 below the others loses: Gumbel noise is at most -log(-log(1 - 2**-25)) ~ 17.3.
+    assert edge_draw(flat.index_fill(0, torch.tensor([EDGE_TOKEN]), -50.0)) != EDGE_TOKEN
 
 
 def test_rows_with_non_finite_logits_are_flagged():

@@ -94,8 +94,19 @@ def _gumbel(seeds: torch.Tensor, positions: torch.Tensor, vocab: int, device: to
     x = _mix(seeds[:, None] & _MASK32)
     x = _mix(x ^ (positions[:, None] & _MASK32))
     x = _mix(x ^ token[None, :])
-    uniform = ((x >> 8).to(torch.float32) + 0.5) / float(1 << 24)  # in (0, 1), 24 random bits
-    return -torch.log(-torch.log(uniform))
+    return -torch.log(_minus_log_uniform(x >> 8))
+
+
+def _minus_log_uniform(bits: torch.Tensor) -> torch.Tensor:
+    """-log(u) for u = (bits + 0.5) / 2**24 (24 random bits: u strictly inside (0, 1)), never 0.
+
+    float32 holds u exactly only below 1/2: above, bits + 0.5 rounds, and the largest u to 1.0,
+    whose -log(-log u) is +inf: that token was drawn whatever its logit, and one a grammar masks
+    (-inf + inf = NaN, which argmax takes) was drawn against the mask. Above 1/2 this takes
+    -log1p(-(1 - u)) instead: 1 - u = (2**24 - 1 - bits + 0.5) / 2**24 is exact there."""
+    low = (bits.to(torch.float32) + 0.5) / float(1 << 24)
+    high = (((1 << 24) - 1 - bits).to(torch.float32) + 0.5) / float(1 << 24)  # 1 - u
+    return torch.where(bits < (1 << 23), -torch.log(low), -torch.log1p(-high))
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
