@@ -42,7 +42,7 @@ from lorafleet.governance.lineage import (
     weight_hashes,
     write_lineage,
 )
-from lorafleet.governance.registry import Registry
+from lorafleet.governance.registry import register
 from lorafleet.models.loading import FrozenBase, load_base
 from lorafleet.models.quantized import QuantizedLinear, scheme_named
 
@@ -181,11 +181,7 @@ def record_lineage(options: CompressOptions, report: dict, started: str, example
     fleet = registered_in(options)
     write_lineage(lineage, options.out, fleet)
     if fleet is not None:
-        registry = Registry(fleet)
-        try:
-            registry.add(lineage)
-        finally:
-            registry.close()
+        register(fleet, lineage)
         AuditLog(fleet).append(
             "compress.finish",
             {"out": lineage.directory, "lineage_id": lineage.id, "parents": parents, "plan": report["plan"]}

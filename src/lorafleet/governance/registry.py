@@ -152,6 +152,15 @@ class Registry:
         self._db.close()
 
 
+def register(fleet_dir: str | Path, lineage: Lineage) -> None:
+    """Record `lineage` in the registry of `fleet_dir` (made if it has none)."""
+    registry = Registry(fleet_dir)
+    try:
+        registry.add(lineage)
+    finally:
+        registry.close()
+
+
 def withdrawn_weights(fleet_dir: str | Path) -> dict[str, dict]:
     """The withdrawn weights of a fleet by lineage id (none when it has no registry); never
     creates a registry, so serving a plain model directory leaves it as it was."""

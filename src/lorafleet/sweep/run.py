@@ -53,7 +53,7 @@ from lorafleet.errors import ConfigError, TrainingError
 from lorafleet.fleet_dir import SWEEP, FleetDir, checkpoint_step
 from lorafleet.governance.audit import AuditLog
 from lorafleet.governance.lineage import read_lineage, sha256_file, write_lineage
-from lorafleet.governance.registry import Registry
+from lorafleet.governance.registry import register
 from lorafleet.models.loading import FrozenBase
 from lorafleet.sweep.asha import SuccessiveHalving
 from lorafleet.sweep.progress import SweepProgress
@@ -417,11 +417,7 @@ def crown(spec: SweepSpec, department: str, winner: Trial, record: dict, source:
         read_lineage(source), name=department, directory=str(destination.resolve()), sweep=record
     )
     write_lineage(lineage, destination, output)
-    registry = Registry(output)
-    try:
-        registry.add(lineage)
-    finally:
-        registry.close()
+    register(output, lineage)
     AuditLog(output).append(
         "sweep.winner",
         {

@@ -31,7 +31,7 @@ from lorafleet.governance.lineage import (
     weight_hashes,
     write_lineage,
 )
-from lorafleet.governance.registry import Registry
+from lorafleet.governance.registry import register
 from lorafleet.governance.retention import apply_retention, set_retention
 from lorafleet.models.loading import FrozenBase
 from lorafleet.train.job import AdapterJob
@@ -119,11 +119,7 @@ class TrainingProvenance:
             parents=[parent_link(spec.init_from, "init_from")] if spec.init_from else [],
         )
         write_lineage(lineage, directory, self.output)
-        registry = Registry(self.output)
-        try:
-            registry.add(lineage)
-        finally:
-            registry.close()
+        register(self.output, lineage)
         self.audit.append(
             "train.adapter_saved",
             {
